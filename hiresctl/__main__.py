@@ -1,0 +1,3 @@
+from hiresctl.cli import main
+
+main()

@@ -1,0 +1,245 @@
+"""Typer application: ``hiresctl synth | tile | info`` (training commands register themselves)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from hiresctl import __version__
+from storage.errors import HiresError, UsageError
+
+app = typer.Typer(
+    name="hiresctl",
+    help="Tile gigapixel images into OME-Zarr stores and train memory-bounded patch models on them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+
+IMAGE_SUFFIXES = {
+    ".tif", ".tiff", ".btf", ".tf8", ".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif",
+    ".svslide", ".png", ".jpg", ".jpeg",
+}  # fmt: skip
+
+
+class Codec(StrEnum):
+    zstd = "zstd"
+    jpeg = "jpeg"
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """One line on stderr, then exit."""
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"hiresctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """hiresctl: synth → tile → train → eval, memory-bounded at every step."""
+
+
+# ------------------------------------------------------------------------------------- synth
+
+
+@app.command()
+def synth(
+    kind: Annotated[str, typer.Argument(help="What to synthesize: ultramnist, megapixel-mnist.")],
+    out: Annotated[Path, typer.Argument(help="Output folder (images/ and labels.csv).")],
+    count: Annotated[int, typer.Option(help="Number of images.")] = 16,
+    size: Annotated[int | None, typer.Option(help="Canvas side in pixels (default per kind).")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed; same seed, same images.")] = 0,
+    task: Annotated[
+        str, typer.Option(help="megapixel-mnist label: majority, max, top, multi-label.")
+    ] = "majority",
+    classes: Annotated[int, typer.Option(help="ultramnist classes: 28 (sums 0-27) or 10.")] = 28,
+) -> None:
+    """Write synthetic benchmark images and a labels CSV ready for `hiresctl tile`."""
+    from storage.synth import synthesize
+
+    options: dict[str, Any] = {}
+    if kind == "megapixel-mnist":
+        options["task"] = task
+    if kind == "ultramnist":
+        options["classes"] = classes
+    with err.status(f"synthesizing {count} {kind} images"):
+        labels = synthesize(kind, out, count=count, size=size, seed=seed, **options)
+    err.print(f"wrote {count} images to {out / 'images'} and labels to {labels}")
+
+
+# -------------------------------------------------------------------------------------- tile
+
+
+def _expand_sources(sources: list[str]) -> list[str]:
+    paths: list[str] = []
+    for src in sources:
+        if src == "-":
+            paths += [line.strip() for line in sys.stdin if line.strip()]
+            continue
+        p = Path(src)
+        if p.is_dir():
+            found = sorted(
+                str(f) for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+            )
+            if not found:
+                paths.append(src)  # reported as a failed input, not silently ignored
+            paths += found
+        else:
+            paths.append(src)
+    return paths
+
+
+@app.command()
+def tile(
+    sources: Annotated[
+        list[str], typer.Argument(help="Image files or folders; '-' reads paths from stdin.")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Dataset store to create or extend.")],
+    labels: Annotated[
+        Path | None, typer.Option(help="CSV with columns source,label[,split].")
+    ] = None,
+    mosaic: Annotated[
+        str | None, typer.Option(help="Tile all SOURCES as one GeoTIFF mosaic with this name.")
+    ] = None,
+    chunk: Annotated[int, typer.Option(help="Chunk side (the patch grid), a power of two.")] = 256,
+    block_size: Annotated[
+        int, typer.Option(help="Pixels per task side (memory per worker thread ∝ its square).")
+    ] = 4096,
+    codec: Annotated[Codec, typer.Option(help="zstd (lossless) or jpeg (8-bit, lossy).")] = Codec.zstd,
+    jpeg_quality: Annotated[int, typer.Option(help="JPEG quality for --codec jpeg.")] = 90,
+    thumbnail_size: Annotated[int, typer.Option(help="Longest side of the global thumbnail.")] = 1024,
+    mpp: Annotated[float | None, typer.Option(help="Resample to this pixel size (µm).")] = None,
+    mag: Annotated[float | None, typer.Option(help="Resample to this magnification.")] = None,
+    source_mpp: Annotated[
+        float | None, typer.Option(help="Pixel size of the sources (overrides the files).")
+    ] = None,
+    max_pixels: Annotated[
+        int, typer.Option(help="Refuse sources with more level-0 pixels (decompression bombs).")
+    ] = 2**37,
+    split_seed: Annotated[int, typer.Option(help="Seed of the train/val/test split.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Re-tile images that are already complete.")] = False,
+    workers: Annotated[int | None, typer.Option(help="Threads for the local dask scheduler.")] = None,
+    scheduler: Annotated[
+        str | None, typer.Option(help="dask.distributed scheduler address, e.g. tcp://host:8786.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON line per image on stdout.")] = False,
+) -> None:
+    """Tile sources into a chunked OME-Zarr dataset store (resumable; bad inputs fail alone)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from storage.tiler import LabelTable, SourceSpec, TileOptions
+    from storage.tiler import tile as run_tile
+
+    if workers is not None and workers < 1:
+        raise UsageError(f"--workers must be ≥ 1, got {workers}")
+    paths = _expand_sources(sources)
+    if not paths:
+        raise UsageError("no sources given")
+    specs = [SourceSpec(tuple(paths), mosaic=mosaic)] if mosaic else [SourceSpec((p,)) for p in paths]
+    options = TileOptions(
+        chunk=chunk, block_size=block_size, codec=codec.value, jpeg_quality=jpeg_quality, thumbnail_size=thumbnail_size,
+        mpp=mpp, mag=mag, source_mpp=source_mpp, max_pixels=max_pixels, split_seed=split_seed,
+        overwrite=overwrite, workers=workers, scheduler=scheduler,
+    )  # fmt: skip
+    options.validate()
+    table = LabelTable(labels) if labels else None
+    failed = []
+
+    with Progress(
+        TextColumn("tiling"), BarColumn(), TextColumn("{task.completed}/{task.total} blocks"),
+        TimeRemainingColumn(), console=err, transient=True,
+    ) as progress:  # fmt: skip
+        bar = progress.add_task("tile", total=None)
+
+        def on_block(done: int, total: int) -> None:
+            progress.update(bar, completed=done, total=total)
+
+        def on_result(result: Any) -> None:
+            if as_json:
+                typer.echo(json.dumps(result.to_json()))
+            if result.status == "failed":
+                failed.append(result)
+                progress.console.print(
+                    f"[red]failed[/] {result.source}: {result.error}", highlight=False, soft_wrap=True
+                )
+            elif not as_json:
+                progress.console.print(
+                    f"[green]{result.status}[/] {result.source} → {result.id} "
+                    f"{result.shape} {result.levels} levels ({result.seconds:.1f} s)",
+                    highlight=False,
+                )
+
+        results = run_tile(specs, out, options, table, on_result=on_result, on_block=on_block)
+    ok = len(results) - len(failed)
+    err.print(f"{ok} of {len(results)} images in {out}" + (f"; {len(failed)} failed" if failed else ""))
+    if failed:
+        raise typer.Exit(1)
+
+
+# -------------------------------------------------------------------------------------- info
+
+
+@app.command()
+def info(
+    dataset: Annotated[Path, typer.Argument(help="Dataset store.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+) -> None:
+    """Describe a dataset store: images, shapes, levels, labels, splits, status."""
+    from storage.store import Dataset
+
+    ds = Dataset(dataset)
+    summary = ds.summary()
+    if as_json:
+        typer.echo(json.dumps(summary))
+        return
+    table = Table(title=f"{dataset} (format {ds.format_version})")
+    for col in ("id", "shape (c,y,x)", "levels", "mpp", "label", "split", "status"):
+        table.add_column(col)
+    for row in summary["images"]:
+        table.add_row(
+            row["id"], "×".join(str(v) for v in row["shape"]), str(row["levels"]),
+            f"{row['mpp']:.3g}" if row["mpp"] else "-", str(row["label"] or "-"), row["split"],
+            row["status"] if row["status"] == "complete" else f"[yellow]{row['status']}[/]",
+        )  # fmt: skip
+    Console().print(table)
+
+
+def _register_extra_commands() -> None:
+    """Training-side commands live in their own modules (they import torch lazily)."""
+    try:
+        from hiresctl.cli import train_commands  # noqa: F401
+    except ImportError as exc:  # pragma: no cover - only when the module is absent
+        if "train_commands" not in str(exc):
+            raise
+
+
+_register_extra_commands()
+
+
+def main() -> None:
+    """Console entry point: typed errors become one line and an exit code (usage: 2, input: 1)."""
+    try:
+        app()  # standalone: click reports its own usage errors and exits with 2
+    except UsageError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except HiresError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(1)

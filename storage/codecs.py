@@ -1,0 +1,58 @@
+"""The lossy JPEG chunk codec of the store (Zarr v3 array→bytes codec ``hiresctl.jpeg``).
+
+Used only when asked for (``--codec jpeg``), for 8-bit gray or RGB sources that were JPEG
+already: storing such a slide losslessly makes it 5-10x larger for no gain. Each chunk
+``(c, y, x)`` becomes one baseline JPEG (libjpeg-turbo through imagecodecs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import imagecodecs
+import numpy as np
+from zarr.abc.codec import ArrayBytesCodec
+from zarr.core.buffer import Buffer, NDBuffer
+from zarr.registry import register_codec
+
+if TYPE_CHECKING:
+    from zarr.core.array_spec import ArraySpec
+
+__all__ = ["JPEG_CODEC_NAME", "JpegCodec"]
+
+JPEG_CODEC_NAME = "hiresctl.jpeg"
+
+
+@dataclass(frozen=True)
+class JpegCodec(ArrayBytesCodec):
+    """JPEG-encode each (c, y, x) uint8 chunk, c in {1, 3}."""
+
+    is_fixed_size = False
+    quality: int = 90
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> JpegCodec:
+        return cls(quality=int(data.get("configuration", {}).get("quality", 90)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": JPEG_CODEC_NAME, "configuration": {"quality": self.quality}}
+
+    async def _decode_single(self, chunk_bytes: Buffer, chunk_spec: ArraySpec) -> NDBuffer:
+        pixels = imagecodecs.jpeg8_decode(chunk_bytes.to_bytes())
+        chw = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+        return chunk_spec.prototype.nd_buffer.from_ndarray_like(
+            np.ascontiguousarray(chw).reshape(chunk_spec.shape)
+        )
+
+    async def _encode_single(self, chunk_array: NDBuffer, chunk_spec: ArraySpec) -> Buffer | None:
+        chw = chunk_array.as_numpy_array()
+        hwc = chw[0] if chw.shape[0] == 1 else np.ascontiguousarray(chw.transpose(1, 2, 0))
+        encoded = imagecodecs.jpeg8_encode(hwc, level=self.quality)
+        return chunk_spec.prototype.buffer.from_bytes(encoded)
+
+    def compute_encoded_size(self, input_byte_length: int, chunk_spec: ArraySpec) -> int:
+        raise NotImplementedError  # variable size
+
+
+register_codec(JPEG_CODEC_NAME, JpegCodec)

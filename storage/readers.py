@@ -1,0 +1,636 @@
+"""Source readers: one interface over TIFF/OME-TIFF, OpenSlide formats, PNG/JPEG and GeoTIFF mosaics.
+
+Every reader answers ``read_region(level, y, x, height, width)`` with a channel-first
+``(c, height, width)`` array and never decodes more of the file than the region needs (tiled and
+striped TIFFs decode only the tiles or strips the region touches). Regions that reach past the
+image edge are padded with the reader's ``fill_value``.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from storage.errors import SourceError
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "ImageFileReader",
+    "MosaicReader",
+    "OpenSlideReader",
+    "ResampledReader",
+    "SourceReader",
+    "TiffReader",
+    "open_source",
+]
+
+#: Refuse sources whose level 0 has more pixels than this (decompression bombs); 2**37 ≈ 137
+#: gigapixels, larger than any scanner writes. Override with ``max_pixels``.
+DEFAULT_MAX_PIXELS = 2**37
+#: Formats without tiles are decoded whole, so they get a much smaller limit.
+MAX_UNTILED_PIXELS = 2**29
+
+OPENSLIDE_SUFFIXES = {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".tif"}
+
+
+@dataclass(frozen=True, slots=True)
+class SourceInfo:
+    """What a reader knows about its source, independent of the format."""
+
+    path: str
+    channels: int
+    dtype: str
+    level_shapes: tuple[tuple[int, int], ...]  # (height, width) per level, level 0 first
+    mpp: float | None  # µm per pixel at level 0, when the file says
+    fill_value: int
+    extra: dict[str, Any] = field(default_factory=dict)  # CRS, geotransform, vendor, ...
+
+
+class SourceReader(abc.ABC):
+    """Region access to one source image, channel first."""
+
+    info: SourceInfo
+
+    @abc.abstractmethod
+    def _read(self, level: int, y: int, x: int, height: int, width: int) -> np.ndarray:
+        """Read an in-bounds region as (c, height, width)."""
+
+    def read_region(self, level: int, y: int, x: int, height: int, width: int) -> np.ndarray:
+        """Read a region of ``level``; parts outside the image are ``fill_value``."""
+        level_h, level_w = self.info.level_shapes[level]
+        out = np.full(
+            (self.info.channels, height, width), self.info.fill_value, dtype=self.info.dtype
+        )
+        y0, x0 = max(y, 0), max(x, 0)
+        y1, x1 = min(y + height, level_h), min(x + width, level_w)
+        if y1 <= y0 or x1 <= x0:
+            return out
+        try:
+            data = self._read(level, y0, x0, y1 - y0, x1 - x0)
+        except SourceError:
+            raise
+        except Exception as exc:  # decoder errors from codecs: name the file and the region
+            raise SourceError(
+                self.info.path,
+                f"corrupt or truncated image data at level {level}, region y={y0} x={x0} "
+                f"({y1 - y0}x{x1 - x0}): {type(exc).__name__}: {exc}",
+            ) from exc
+        out[:, y0 - y : y1 - y, x0 - x : x1 - x] = data
+        return out
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release file handles."""
+
+    def __enter__(self) -> SourceReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _check_size(path: str, height: int, width: int, limit: int) -> None:
+    if height <= 0 or width <= 0:
+        raise SourceError(path, f"image has no pixels ({height}x{width})")
+    if height * width > limit:
+        raise SourceError(
+            path,
+            f"refusing {height}x{width} = {height * width:,} pixels: over the limit of "
+            f"{limit:,} (a decompression bomb or a corrupt header; raise --max-pixels if real)",
+        )
+
+
+# --------------------------------------------------------------------------------------- TIFF
+
+
+def _tiff_resolution_mpp(page: Any) -> float | None:
+    """Pixel size from XResolution/ResolutionUnit (µm), if the file states a real one."""
+    try:
+        res = page.tags["XResolution"].value
+        unit = int(page.tags["ResolutionUnit"].value)
+    except KeyError:
+        return None
+    num, den = res if isinstance(res, tuple) else (res, 1)
+    if not num or not den:
+        return None
+    per_unit = num / den
+    um_per_unit = {2: 25400.0, 3: 10000.0}.get(unit)  # inch, centimetre
+    if um_per_unit is None or per_unit <= 1:
+        return None  # unit "none" or the 72-dpi default of image editors
+    mpp = um_per_unit / per_unit
+    return mpp if 0.01 < mpp < 1e6 else None
+
+
+def _svs_mpp(description: str) -> float | None:
+    for part in description.split("|"):
+        key, _, value = part.partition("=")
+        if key.strip() == "MPP":
+            try:
+                return float(value)
+            except ValueError:
+                return None
+    return None
+
+
+def _geokeys(page: Any) -> dict[str, Any]:
+    """Georeferencing of a GeoTIFF page: tiepoint, pixel scale, CRS (EPSG code when given)."""
+    tags = page.tags
+    if "ModelPixelScaleTag" not in tags or "ModelTiepointTag" not in tags:
+        return {}
+    scale = [float(v) for v in tags["ModelPixelScaleTag"].value]
+    tie = [float(v) for v in tags["ModelTiepointTag"].value]
+    geo: dict[str, Any] = {"pixel_scale": scale[:2], "tiepoint": tie[:6]}
+    keys = tags.get("GeoKeyDirectoryTag")
+    if keys is not None:
+        values = list(keys.value)
+        for i in range(4, len(values) - 3, 4):
+            key_id, location, _count, value = values[i : i + 4]
+            if location == 0 and key_id in (3072, 2048) and value not in (0, 32767):
+                geo["crs"] = f"EPSG:{value}"
+                if key_id == 3072:
+                    break
+    return geo
+
+
+class TiffReader(SourceReader):
+    """TIFF, BigTIFF, OME-TIFF and GeoTIFF through tifffile: pyramidal or flat, tiled or striped.
+
+    Regions are read through tifffile's Zarr view of each level, which decodes only the tiles
+    or strips a region touches.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        import tifffile
+        import zarr
+
+        self.path = str(path)
+        try:
+            self._tif = tifffile.TiffFile(self.path)
+            series = self._tif.series[0]
+        except Exception as exc:
+            raise SourceError(self.path, f"not a readable TIFF: {exc}") from exc
+        axes = series.axes
+        self._axes = axes
+        keep = set("YXSC")
+        for ax, n in zip(axes, series.shape, strict=True):
+            if ax not in keep and n > 1:
+                raise SourceError(
+                    self.path,
+                    f"has a {ax} axis of size {n} (axes {axes}); only 2-D images with channels "
+                    "are supported: export one plane",
+                )
+        if "Y" not in axes or "X" not in axes:
+            raise SourceError(self.path, f"has no Y/X axes (axes {axes})")
+        if "S" in axes and "C" in axes and series.shape[axes.index("C")] > 1:
+            raise SourceError(self.path, f"has both sample and channel axes (axes {axes})")
+        self._check_truncation(series)
+        levels = list(series.levels)
+        shapes: list[tuple[int, int]] = []
+        for lvl in levels:
+            shape = dict(zip(lvl.axes, lvl.shape, strict=True))
+            shapes.append((int(shape["Y"]), int(shape["X"])))
+        _check_size(self.path, *shapes[0], max_pixels)
+        # Fast path: one contiguous page per level, decoded segment by segment with pread.
+        # Anything else (planar channels, one page per channel) goes through tifffile's Zarr view.
+        self._pages: list[Any] = []
+        self._arrays: list[Any] = []
+        for i, lvl in enumerate(levels):
+            page = lvl.keyframe
+            fast = len(lvl.pages) == 1 and (page.planarconfig == 1 or page.samplesperpixel == 1)
+            if fast and len(page.chunked) == 3 and page.chunked[2] == 1:
+                self._pages.append(page)
+                self._arrays.append(None)
+            else:
+                try:
+                    self._arrays.append(zarr.open_array(series.aszarr(level=i), mode="r"))
+                except Exception as exc:
+                    raise SourceError(self.path, f"cannot map TIFF data: {exc}") from exc
+                self._pages.append(None)
+        self._fd = os.open(self.path, os.O_RDONLY)
+        # Drop levels that do not shrink (some writers repeat the base as a "level").
+        good = [0] + [i for i in range(1, len(shapes)) if shapes[i][0] < shapes[0][0]]
+        self._arrays = [self._arrays[i] for i in good]
+        self._pages = [self._pages[i] for i in good]
+        shapes = [shapes[i] for i in good]
+        channel_axis = "S" if "S" in axes else ("C" if "C" in axes else None)
+        channels = int(series.shape[axes.index(channel_axis)]) if channel_axis else 1
+        self._channel_axis = channel_axis
+        page = series.pages[0] if series.pages else self._tif.pages[0]
+        mpp = self._mpp(page)
+        extra: dict[str, Any] = {"format": "tiff"}
+        geo = _geokeys(page)
+        if geo:
+            extra["geo"] = geo
+        if series.kind:
+            extra["tiff_kind"] = series.kind
+        dtype = np.dtype(series.dtype)
+        if dtype.kind not in "ui" or dtype.itemsize > 2:
+            raise SourceError(self.path, f"pixel type {dtype} is not supported (8/16-bit only)")
+        self.info = SourceInfo(
+            path=self.path,
+            channels=channels,
+            dtype=dtype.str,
+            level_shapes=tuple(shapes),
+            mpp=mpp,
+            fill_value=0,
+            extra=extra,
+        )
+        self._lock = threading.Lock()
+
+    def _check_truncation(self, series: Any) -> None:
+        size = os.path.getsize(self.path)
+        for page in series.pages:
+            if page is None:
+                continue
+            offsets, counts = page.dataoffsets, page.databytecounts
+            if not offsets:
+                continue
+            end = max(o + c for o, c in zip(offsets, counts, strict=True))
+            if end > size:
+                raise SourceError(
+                    self.path,
+                    f"truncated: image data runs to byte {end:,} but the file has {size:,} bytes",
+                )
+
+    def _mpp(self, page: Any) -> float | None:
+        tif = self._tif
+        if tif.is_ome and tif.ome_metadata:
+            import re
+
+            m = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tif.ome_metadata)
+            unit = re.search(r'PhysicalSizeXUnit="([^"]+)"', tif.ome_metadata)
+            if m:
+                value = float(m.group(1))
+                scale = {"nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}.get(
+                    unit.group(1) if unit else "µm", 1.0
+                )
+                return value * scale
+        if tif.is_svs:
+            return _svs_mpp(page.description)
+        return _tiff_resolution_mpp(page)
+
+    def _read(self, level: int, y: int, x: int, height: int, width: int) -> np.ndarray:
+        page = self._pages[level]
+        if page is not None:
+            return self._read_segments(page, y, x, height, width)
+        arr = self._arrays[level]
+        index: list[Any] = []
+        for ax in self._axes:
+            if ax == "Y":
+                index.append(slice(y, y + height))
+            elif ax == "X":
+                index.append(slice(x, x + width))
+            elif ax == self._channel_axis:
+                index.append(slice(None))
+            else:
+                index.append(0)
+        data = np.asarray(arr[tuple(index)])
+        kept = [ax for ax in self._axes if ax in ("Y", "X", self._channel_axis)]
+        if self._channel_axis is None:
+            return data[None]
+        return np.transpose(data, (kept.index(self._channel_axis), kept.index("Y"), kept.index("X")))
+
+    def _read_segments(self, page: Any, y: int, x: int, height: int, width: int) -> np.ndarray:
+        """Decode only the tiles/strips that intersect the region (thread-safe: pread)."""
+        seg_h, seg_w = int(page.chunks[0]), int(page.chunks[1])
+        n_cols = int(page.chunked[1])
+        out = np.zeros((height, width, self.info.channels), dtype=self.info.dtype)
+        for row in range(y // seg_h, (y + height - 1) // seg_h + 1):
+            for col in range(x // seg_w, (x + width - 1) // seg_w + 1):
+                index = row * n_cols + col
+                offset, count = page.dataoffsets[index], page.databytecounts[index]
+                if count == 0:
+                    continue  # sparse file: segment never written, reads as zeros
+                data = os.pread(self._fd, count, offset)
+                if len(data) != count:
+                    raise SourceError(self.path, f"truncated: segment {index} is cut short")
+                seg, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
+                seg = seg.reshape(seg.shape[-3:])
+                top, left = row * seg_h, col * seg_w
+                y0, x0 = max(y, top), max(x, left)
+                y1 = min(y + height, top + seg.shape[0])
+                x1 = min(x + width, left + seg.shape[1])
+                out[y0 - y : y1 - y, x0 - x : x1 - x] = seg[y0 - top : y1 - top, x0 - left : x1 - left]
+        return out.transpose(2, 0, 1)
+
+    def close(self) -> None:
+        self._tif.close()
+        os.close(self._fd)
+
+
+# ---------------------------------------------------------------------------------- OpenSlide
+
+
+class OpenSlideReader(SourceReader):
+    """Vendor whole-slide formats (SVS, NDPI, MRXS, SCN, ...) through openslide-python.
+
+    OpenSlide returns premultiplied RGBA; transparent (unscanned) areas become white, the
+    background of a slide.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        import openslide
+
+        self.path = str(path)
+        try:
+            self._slide = openslide.OpenSlide(self.path)
+        except Exception as exc:
+            raise SourceError(self.path, f"OpenSlide cannot open it: {exc}") from exc
+        dims = self._slide.level_dimensions
+        shapes = tuple((int(h), int(w)) for w, h in dims)
+        _check_size(self.path, *shapes[0], max_pixels)
+        props = self._slide.properties
+        mpp: float | None
+        try:
+            mpp = float(props["openslide.mpp-x"])
+        except (KeyError, ValueError):
+            mpp = None
+        self._downsamples = self._slide.level_downsamples
+        self.info = SourceInfo(
+            path=self.path,
+            channels=3,
+            dtype="|u1",
+            level_shapes=shapes,
+            mpp=mpp,
+            fill_value=255,
+            extra={
+                "format": "openslide",
+                "vendor": props.get("openslide.vendor", ""),
+                "objective_power": props.get("openslide.objective-power"),
+            },
+        )
+
+    def _read(self, level: int, y: int, x: int, height: int, width: int) -> np.ndarray:
+        ds = self._downsamples[level]
+        # read_region takes level-0 coordinates for the top-left corner
+        region = self._slide.read_region(
+            (round(x * ds), round(y * ds)), level, (width, height)
+        )
+        rgba = np.asarray(region)
+        alpha = rgba[..., 3:4].astype(np.uint16)
+        # premultiplied: composite onto white
+        rgb = rgba[..., :3].astype(np.uint16) + (255 - alpha)
+        return np.clip(rgb, 0, 255).astype(np.uint8).transpose(2, 0, 1)
+
+    def close(self) -> None:
+        self._slide.close()
+
+
+# ------------------------------------------------------------------------------------ PNG/JPEG
+
+
+class ImageFileReader(SourceReader):
+    """PNG, JPEG and other untiled formats through Pillow; decoded whole, so size-limited."""
+
+    def __init__(self, path: str | os.PathLike[str], max_pixels: int = MAX_UNTILED_PIXELS) -> None:
+        from PIL import Image
+
+        self.path = str(path)
+        try:
+            with Image.open(self.path) as probe:
+                width, height = probe.size
+                mode = probe.mode
+        except Exception as exc:
+            raise SourceError(self.path, f"not a readable image: {exc}") from exc
+        _check_size(self.path, height, width, min(max_pixels, MAX_UNTILED_PIXELS))
+        self._mode = {"1": "L", "P": "RGBA", "LA": "RGBA", "CMYK": "RGB", "YCbCr": "RGB"}.get(
+            mode, mode
+        )
+        if self._mode not in ("L", "RGB", "RGBA", "I;16", "I"):
+            raise SourceError(self.path, f"pixel mode {mode} is not supported")
+        self._pixels: np.ndarray | None = None
+        self._lock = threading.Lock()
+        channels = {"L": 1, "RGB": 3, "RGBA": 4, "I;16": 1, "I": 1}[self._mode]
+        dtype = "|u1" if self._mode in ("L", "RGB", "RGBA") else "<u2"
+        self.info = SourceInfo(
+            path=self.path,
+            channels=channels,
+            dtype=dtype,
+            level_shapes=((height, width),),
+            mpp=None,
+            fill_value=0,
+            extra={"format": "image"},
+        )
+
+    def _decode(self) -> np.ndarray:
+        from PIL import Image
+
+        with self._lock:
+            if self._pixels is None:
+                Image.MAX_IMAGE_PIXELS = None  # size already checked against our own limit
+                with Image.open(self.path) as img:
+                    img = img.convert(self._mode) if img.mode != self._mode else img
+                    arr = np.asarray(img)
+                if self._mode in ("I", "I;16"):
+                    arr = arr.astype(np.uint16)
+                self._pixels = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+            return self._pixels
+
+    def _read(self, level: int, y: int, x: int, height: int, width: int) -> np.ndarray:
+        return self._decode()[:, y : y + height, x : x + width]
+
+
+# -------------------------------------------------------------------------------------- mosaic
+
+
+class MosaicReader(SourceReader):
+    """GeoTIFF tiles placed on one canvas by their georeferencing (ModelTiepoint/PixelScale).
+
+    All tiles must share the pixel scale and CRS. The canvas's geotransform (GDAL order:
+    origin x, pixel width, 0, origin y, 0, -pixel height) and CRS are kept in ``info.extra``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        paths: Sequence[str | os.PathLike[str]],
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        if not paths:
+            raise SourceError(name, "mosaic has no tiles")
+        self.path = name
+        self._tiles: list[tuple[TiffReader, int, int]] = []
+        readers = [TiffReader(p, max_pixels) for p in paths]
+        geos = []
+        for r in readers:
+            geo = r.info.extra.get("geo")
+            if not geo:
+                raise SourceError(r.path, "mosaic tile has no georeferencing (ModelTiepoint)")
+            geos.append(geo)
+        scale = geos[0]["pixel_scale"]
+        crs = geos[0].get("crs")
+        for r, g in zip(readers, geos, strict=True):
+            if not np.allclose(g["pixel_scale"], scale, rtol=1e-6):
+                raise SourceError(
+                    r.path, f"pixel scale {g['pixel_scale']} differs from the mosaic's {scale}"
+                )
+            if g.get("crs") != crs:
+                raise SourceError(r.path, f"CRS {g.get('crs')} differs from the mosaic's {crs}")
+            if r.info.channels != readers[0].info.channels or r.info.dtype != readers[0].info.dtype:
+                raise SourceError(r.path, "channels or pixel type differ from the first tile")
+        sx, sy = scale
+        # World coordinate of each tile's top-left pixel corner
+        origins = []
+        for g in geos:
+            i, j, _k, wx, wy, _wz = g["tiepoint"]
+            origins.append((wx - i * sx, wy + j * sy))
+        min_x = min(o[0] for o in origins)
+        max_y = max(o[1] for o in origins)
+        height = width = 0
+        for r, (ox, oy) in zip(readers, origins, strict=True):
+            col = round((ox - min_x) / sx)
+            row = round((max_y - oy) / sy)
+            h, w = r.info.level_shapes[0]
+            self._tiles.append((r, row, col))
+            height, width = max(height, row + h), max(width, col + w)
+        _check_size(name, height, width, max_pixels)
+        first = readers[0].info
+        self.info = SourceInfo(
+            path=name,
+            channels=first.channels,
+            dtype=first.dtype,
+            level_shapes=((height, width),),
+            mpp=None,
+            fill_value=0,
+            extra={
+                "format": "geotiff-mosaic",
+                "tiles": [r.path for r in readers],
+                "crs": crs,
+                "geotransform": [min_x, sx, 0.0, max_y, 0.0, -sy],
+            },
+        )
+
+    def _read(self, level: int, y: int, x: int, height: int, width: int) -> np.ndarray:
+        out = np.full((self.info.channels, height, width), 0, dtype=self.info.dtype)
+        for reader, row, col in self._tiles:
+            th, tw = reader.info.level_shapes[0]
+            y0, x0 = max(y, row), max(x, col)
+            y1, x1 = min(y + height, row + th), min(x + width, col + tw)
+            if y1 > y0 and x1 > x0:
+                out[:, y0 - y : y1 - y, x0 - x : x1 - x] = reader.read_region(
+                    0, y0 - row, x0 - col, y1 - y0, x1 - x0
+                )
+        return out
+
+    def close(self) -> None:
+        for reader, _, _ in self._tiles:
+            reader.close()
+
+
+# --------------------------------------------------------------------------------- resampling
+
+
+class ResampledReader(SourceReader):
+    """A source seen at another pixel size: reads the finest level at or finer than the target
+    and resizes (area averaging), region by region."""
+
+    def __init__(self, base: SourceReader, target_mpp: float, base_mpp: float) -> None:
+        if target_mpp <= 0 or base_mpp <= 0:
+            raise SourceError(base.info.path, "pixel sizes must be positive")
+        self.base = base
+        shapes = base.info.level_shapes
+        h0, w0 = shapes[0]
+        level_mpps = [base_mpp * (h0 / h) for h, _ in shapes]
+        # finest level whose pixels are not coarser than the target
+        candidates = [i for i, m in enumerate(level_mpps) if m <= target_mpp * (1 + 1e-6)]
+        self.level = max(candidates) if candidates else 0
+        self.factor = target_mpp / level_mpps[self.level]  # source pixels per output pixel
+        lh, lw = shapes[self.level]
+        height, width = max(1, round(lh / self.factor)), max(1, round(lw / self.factor))
+        self.info = SourceInfo(
+            path=base.info.path,
+            channels=base.info.channels,
+            dtype=base.info.dtype,
+            level_shapes=((height, width),),
+            mpp=target_mpp,
+            fill_value=base.info.fill_value,
+            extra={**base.info.extra, "resampled_from_mpp": base_mpp, "read_level": self.level},
+        )
+
+    def _read(self, level: int, y: int, x: int, height: int, width: int) -> np.ndarray:
+        f = self.factor
+        if abs(f - 1) < 1e-9:
+            return self.base.read_region(self.level, y, x, height, width)
+        sy0, sx0 = math.floor(y * f), math.floor(x * f)
+        sy1, sx1 = math.ceil((y + height) * f), math.ceil((x + width) * f)
+        src = self.base.read_region(self.level, sy0, sx0, sy1 - sy0, sx1 - sx0)
+        return _resize_region(src, (y * f - sy0, x * f - sx0), f, height, width)
+
+    def close(self) -> None:
+        self.base.close()
+
+
+def _resize_region(
+    src: np.ndarray, offset: tuple[float, float], factor: float, height: int, width: int
+) -> np.ndarray:
+    """Resample ``src`` (c, h, w) so output pixel (i, j) covers source pixels starting at
+    offset + (i, j) * factor; integer factors use exact box averaging."""
+    if factor == int(factor) and offset == (0.0, 0.0):
+        k = int(factor)
+        c = src.shape[0]
+        block = src[:, : height * k, : width * k].astype(np.float32)
+        out = block.reshape(c, height, k, width, k).mean(axis=(2, 4))
+        return np.rint(out).astype(src.dtype)
+    from skimage.transform import resize
+
+    c = src.shape[0]
+    sh = round(height * factor)
+    sw = round(width * factor)
+    oy, ox = round(offset[0]), round(offset[1])
+    crop = src[:, oy : oy + sh, ox : ox + sw]
+    out = resize(
+        crop.transpose(1, 2, 0),
+        (height, width),
+        order=1,
+        anti_aliasing=factor > 1,
+        preserve_range=True,
+    )
+    return np.rint(out).astype(src.dtype).transpose(2, 0, 1).reshape(c, height, width)
+
+
+# ------------------------------------------------------------------------------------- opening
+
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+_PIL_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"BM", b"GIF8", b"RIFF")
+
+
+def open_source(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> SourceReader:
+    """Open any supported source file, choosing the reader from its content, not its name."""
+    p = Path(path)
+    if not p.exists():
+        raise SourceError(p, "file not found")
+    if p.is_dir():
+        raise SourceError(p, "is a folder (give image files, or use --mosaic for GeoTIFF tiles)")
+    size = p.stat().st_size
+    if size == 0:
+        raise SourceError(p, "empty file (0 bytes)")
+    with open(p, "rb") as fh:
+        head = fh.read(16)
+    vendor = _openslide_vendor(p)
+    if vendor is not None and vendor != "generic-tiff":
+        return OpenSlideReader(p, max_pixels)
+    if head[:4] in _TIFF_MAGIC:
+        return TiffReader(p, max_pixels)
+    if head.startswith(_PIL_MAGIC):
+        return ImageFileReader(p, max_pixels)
+    raise SourceError(
+        p, "not a supported image format (expected TIFF/OME-TIFF/BigTIFF, SVS, NDPI, MRXS, PNG, JPEG)"
+    )
+
+
+def _openslide_vendor(path: Path) -> str | None:
+    if path.suffix.lower() not in OPENSLIDE_SUFFIXES:
+        return None
+    try:
+        import openslide
+
+        return openslide.OpenSlide.detect_format(str(path))
+    except Exception:  # no OpenSlide library, or a file it does not know
+        return None

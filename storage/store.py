@@ -1,0 +1,202 @@
+"""The dataset store: one Zarr v3 group per dataset, one OME-NGFF 0.5 image group per source.
+
+See ``storage/FORMAT.md`` for the written, versioned specification. This module owns the layout
+(paths, attribute names, NGFF metadata) and reading; ``storage.tiler`` writes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+import storage.codecs  # noqa: F401  (registers the JPEG chunk codec for reading)
+from storage.errors import StoreError
+
+__all__ = [
+    "FORMAT_VERSION",
+    "Dataset",
+    "ImageEntry",
+    "image_multiscales",
+    "label_multiscales",
+]
+
+#: Version of the layout in FORMAT.md; readers refuse a newer major version.
+FORMAT_VERSION = "1.0"
+NGFF_VERSION = "0.5"
+IMAGES = "images"
+THUMBNAIL = "thumbnail"
+FOREGROUND = "labels/foreground"
+
+
+def _axes(unit: str | None) -> list[dict[str, str]]:
+    space: dict[str, str] = {"type": "space"}
+    if unit:
+        space["unit"] = unit
+    return [{"name": "c", "type": "channel"}, {"name": "y", **space}, {"name": "x", **space}]
+
+
+def image_multiscales(
+    name: str, level_scales: list[tuple[float, float]], mpp: float | None
+) -> dict[str, Any]:
+    """NGFF 0.5 ``ome`` attribute of an image group: one scale transform per level.
+
+    ``level_scales`` holds (y, x) pixel sizes of each level relative to level 0; they are
+    multiplied by ``mpp`` (µm) when the source states a pixel size, else kept in pixels.
+    """
+    unit = "micrometer" if mpp else None
+    base = mpp or 1.0
+    datasets = [
+        {
+            "path": str(i),
+            "coordinateTransformations": [
+                {"type": "scale", "scale": [1.0, sy * base, sx * base]}
+            ],
+        }
+        for i, (sy, sx) in enumerate(level_scales)
+    ]
+    return {
+        "version": NGFF_VERSION,
+        "multiscales": [{"name": name, "axes": _axes(unit), "datasets": datasets}],
+    }
+
+
+def label_multiscales(
+    name: str, scale: tuple[float, float], mpp: float | None, colors: dict[int, list[int]]
+) -> dict[str, Any]:
+    """NGFF 0.5 ``ome`` attribute of a one-level label image (e.g. the foreground mask)."""
+    meta = image_multiscales(name, [scale], mpp)
+    meta["image-label"] = {
+        "version": NGFF_VERSION,
+        "colors": [{"label-value": k, "rgba": v} for k, v in colors.items()],
+    }
+    return meta
+
+
+@dataclass(frozen=True, slots=True)
+class ImageEntry:
+    """One manifest row: an image of the dataset and what the store knows of it."""
+
+    id: str
+    group: str  # group path relative to the dataset root
+    source: str
+    fingerprint: str
+    shape: tuple[int, int, int]  # (c, y, x) of level 0
+    levels: int
+    mpp: float | None
+    label: str | None
+    split: str
+    status: str  # "complete" only when every array of the image is written
+    dtype: str = "|u1"
+    fill_value: int = 0
+    chunk: int = 256
+    codec: str = "zstd"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        return self.status == "complete"
+
+    def to_json(self) -> dict[str, Any]:
+        row = asdict(self)
+        row["shape"] = list(self.shape)
+        return row
+
+
+class Dataset:
+    """Read access to a dataset store (a local folder or any fsspec URL zarr accepts)."""
+
+    def __init__(self, path: str | Path, mode: str = "r") -> None:
+        self.path = str(path)
+        try:
+            self.root = zarr.open_group(self.path, mode=mode)  # type: ignore[arg-type]
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
+            raise StoreError(self.path, "no dataset store here (run `hiresctl tile` first)") from exc
+        except Exception as exc:
+            raise StoreError(self.path, f"not a readable Zarr store: {exc}") from exc
+        meta = self.root.attrs.get("hiresctl")
+        if not isinstance(meta, dict) or meta.get("kind") != "dataset":
+            raise StoreError(self.path, "is a Zarr group but not a hiresctl dataset")
+        version = str(meta.get("format_version", "0"))
+        if version.split(".")[0] != FORMAT_VERSION.split(".")[0]:
+            raise StoreError(
+                self.path,
+                f"store format {version} is not readable by this hiresctl (format {FORMAT_VERSION})",
+            )
+        self.format_version = version
+        self.meta = meta
+
+    def image_ids(self) -> list[str]:
+        if IMAGES not in self.root:
+            return []
+        return sorted(self.root[IMAGES].group_keys())  # type: ignore[union-attr]
+
+    def entry(self, image_id: str) -> ImageEntry:
+        group = self.image_group(image_id)
+        attrs = group.attrs.get("hiresctl")
+        if not isinstance(attrs, dict):
+            raise StoreError(f"{self.path}/{IMAGES}/{image_id}", "image group without metadata")
+        return ImageEntry(
+            id=image_id,
+            group=f"{IMAGES}/{image_id}",
+            source=attrs.get("source", ""),
+            fingerprint=attrs.get("fingerprint", ""),
+            shape=tuple(attrs.get("shape", (0, 0, 0))),  # type: ignore[arg-type]
+            levels=int(attrs.get("levels", 0)),
+            mpp=attrs.get("mpp"),
+            label=attrs.get("label"),
+            split=attrs.get("split", "train"),
+            status=attrs.get("status", "incomplete"),
+            dtype=attrs.get("dtype", "|u1"),
+            fill_value=int(attrs.get("fill_value", 0)),
+            chunk=int(attrs.get("tiling", {}).get("chunk", 256)),
+            codec=attrs.get("tiling", {}).get("codec", "zstd"),
+            extra={k: attrs[k] for k in ("geo", "format", "vendor") if k in attrs},
+        )
+
+    def entries(self, split: str | None = None, complete_only: bool = False) -> list[ImageEntry]:
+        rows = [self.entry(i) for i in self.image_ids()]
+        if complete_only:
+            rows = [r for r in rows if r.complete]
+        if split is not None:
+            rows = [r for r in rows if r.split == split]
+        return rows
+
+    def image_group(self, image_id: str) -> zarr.Group:
+        try:
+            return self.root[f"{IMAGES}/{image_id}"]  # type: ignore[return-value]
+        except KeyError as exc:
+            raise StoreError(self.path, f"no image {image_id!r} in this dataset") from exc
+
+    def level(self, image_id: str, level: int = 0) -> zarr.Array:
+        """The (c, y, x) array of one pyramid level."""
+        return self.image_group(image_id)[str(level)]  # type: ignore[return-value]
+
+    def thumbnail(self, image_id: str) -> np.ndarray:
+        return np.asarray(self.image_group(image_id)[THUMBNAIL][...])
+
+    def foreground(self, image_id: str) -> np.ndarray:
+        """Foreground mask (1, th, tw) at thumbnail resolution; 1 = tissue/object."""
+        return np.asarray(self.image_group(image_id)[f"{FOREGROUND}/0"][...])
+
+    def manifest(self) -> list[dict[str, Any]]:
+        return [e.to_json() for e in self.entries()]
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "format_version": self.format_version,
+            "provenance": self.meta.get("provenance", {}),
+            "images": self.manifest(),
+        }
+
+    def __repr__(self) -> str:
+        return f"Dataset({self.path!r}, images={len(self.image_ids())})"
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=False, default=str)

@@ -1,0 +1,229 @@
+"""Synthetic benchmark images, built only from data that packages ship.
+
+No public image set can be downloaded here, so digits come from scikit-learn's bundled
+handwritten digits (``sklearn.datasets.load_digits``: 1,797 samples of 8x8, upscaled) instead of
+MNIST. Train images draw digits from one part of those samples and val/test images from the
+other, so no digit sample appears on both sides of a split.
+
+Each synthesizer writes ``OUT/images/*.tiff`` (tiled, deflate) and ``OUT/labels.csv``
+(``source,label,split``) ready for ``hiresctl tile``, plus ``OUT/synth.json`` with everything
+needed to check the labels (digit positions, values, scales). Output is a function of the seed.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from storage.errors import UsageError
+
+__all__ = ["SYNTHESIZERS", "synthesize"]
+
+MAX_SIDE = 32768
+SPLIT_FRACTIONS = (("train", 0.7), ("val", 0.15), ("test", 0.15))
+
+
+@dataclass(frozen=True, slots=True)
+class _Digits:
+    images: np.ndarray  # (n, 8, 8) float in [0, 1]
+    labels: np.ndarray
+
+    @classmethod
+    def load(cls, part: str) -> _Digits:
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        cut = int(len(d.target) * 0.7)
+        sl = slice(0, cut) if part == "train" else slice(cut, None)
+        return cls(d.images[sl] / 16.0, d.target[sl])
+
+    def sample(self, rng: np.random.Generator, digit: int, side: int) -> np.ndarray:
+        """One handwritten ``digit`` as a uint8 image of ``side`` pixels, white on black."""
+        from skimage.transform import resize
+
+        choices = np.flatnonzero(self.labels == digit)
+        img = self.images[rng.choice(choices)]
+        padded = np.pad(img, 1)  # a margin so upscaling does not cut strokes
+        big = resize(padded, (side, side), order=1, anti_aliasing=False)
+        return np.clip(big * 255, 0, 255).astype(np.uint8)
+
+
+def _splits(count: int) -> list[str]:
+    """Exact proportions, deterministic order: the first 70% train, then val, then test."""
+    out: list[str] = []
+    for name, frac in SPLIT_FRACTIONS:
+        out += [name] * round(count * frac)
+    out = out[:count] + ["train"] * max(0, count - len(out))
+    if count >= 3 and "test" not in out:
+        out[-1] = "test"
+    if count >= 3 and "val" not in out:
+        out[-2] = "val"
+    return out
+
+
+def _place(rng: np.random.Generator, size: int, sides: list[int], tries: int = 2000) -> list[tuple[int, int]] | None:
+    """Top-left corners for squares of ``sides`` with no overlapping boxes, or None."""
+    boxes: list[tuple[int, int, int]] = []
+    for side in sides:
+        for _ in range(tries):
+            y, x = (int(v) for v in rng.integers(0, size - side + 1, size=2))
+            if all(y + side <= by or by + bs <= y or x + side <= bx or bx + bs <= x for by, bx, bs in boxes):
+                boxes.append((y, x, side))
+                break
+        else:
+            return None
+    return [(y, x) for y, x, _ in boxes]
+
+
+def _write_tiff(path: Path, image: np.ndarray) -> None:
+    import tifffile
+
+    tile = 256 if min(image.shape[:2]) >= 256 else None
+    tifffile.imwrite(path, image, tile=(tile, tile) if tile else None, compression="zlib")
+
+
+def ultramnist(
+    out: Path, count: int, size: int, seed: int, classes: int = 28, **_: Any
+) -> list[dict[str, Any]]:
+    """UltraMNIST: 3-5 digits whose sum is the label, each scaled x1-9 (V-shaped), no overlap.
+
+    ``classes`` is 28 (sums 0-27) or 10 (sums 0-9). Digits are 28 px at scale 1 on a 4096
+    canvas and shrink proportionally on smaller canvases.
+    """
+    if classes not in (10, 28):
+        raise UsageError(f"ultramnist --classes must be 10 or 28, got {classes}")
+    rng = np.random.default_rng(seed)
+    unit = max(4, round(28 * size / 4096 * 2))  # scale-1 digit side; x2 keeps small canvases legible
+    scales = np.arange(1, 10)
+    v_shape = np.abs(scales - 5) + 1.0
+    v_shape /= v_shape.sum()
+    pools = {"train": _Digits.load("train"), "held-out": _Digits.load("held-out")}
+    rows = []
+    for index, split in enumerate(_splits(count)):
+        pool = pools["train" if split == "train" else "held-out"]
+        while True:
+            n = int(rng.integers(3, 6))
+            target = int(rng.integers(0, classes))
+            digits = _digits_with_sum(rng, n, target)
+            if digits is None:
+                continue
+            sides = [int(min(unit * s, size // 3)) for s in rng.choice(scales, size=n, p=v_shape)]
+            corners = _place(rng, size, sides)
+            if corners is not None:
+                break
+        canvas = np.zeros((size, size), dtype=np.uint8)
+        objects = []
+        for digit, side, (y, x) in zip(digits, sides, corners, strict=True):
+            canvas[y : y + side, x : x + side] = np.maximum(
+                canvas[y : y + side, x : x + side], pool.sample(rng, digit, side)
+            )
+            objects.append({"digit": digit, "box": [x, y, side, side]})
+        name = f"ultramnist_{index:05d}.tiff"
+        _write_tiff(out / "images" / name, canvas)
+        rows.append({"source": name, "label": sum(digits), "split": split, "objects": objects})
+    return rows
+
+
+def _digits_with_sum(rng: np.random.Generator, n: int, target: int) -> list[int] | None:
+    if target > 9 * n:
+        return None
+    digits = []
+    remaining = target
+    for i in range(n):
+        left = n - i - 1
+        low, high = max(0, remaining - 9 * left), min(9, remaining)
+        d = int(rng.integers(low, high + 1))
+        digits.append(d)
+        remaining -= d
+    order = rng.permutation(n)
+    return [digits[i] for i in order]
+
+
+def megapixel_mnist(
+    out: Path, count: int, size: int, seed: int, task: str = "majority", noise: int = 50, **_: Any
+) -> list[dict[str, Any]]:
+    """Megapixel MNIST: 5 digits (3 of the target class, 2 others) over line-scribble noise.
+
+    Labels for every task are kept in synth.json; ``task`` chooses the CSV label:
+    ``majority`` (the class present 3 times), ``max`` (largest digit), ``top`` (the digit
+    nearest the top edge) or ``multi-label`` (the digits present, ';'-separated).
+    """
+    tasks = ("majority", "max", "top", "multi-label")
+    if task not in tasks:
+        raise UsageError(f"megapixel-mnist --task must be one of {tasks}, got {task!r}")
+    from skimage.draw import line_aa
+
+    rng = np.random.default_rng(seed)
+    side = max(8, round(28 * size / 1500 * 2))
+    pools = {"train": _Digits.load("train"), "held-out": _Digits.load("held-out")}
+    rows = []
+    for index, split in enumerate(_splits(count)):
+        pool = pools["train" if split == "train" else "held-out"]
+        target = int(rng.integers(0, 10))
+        others = [int(d) for d in rng.choice([d for d in range(10) if d != target], 2, replace=False)]
+        digits = [target] * 3 + others
+        corners = None
+        while corners is None:
+            corners = _place(rng, size, [side] * 5)
+        canvas = np.zeros((size, size), dtype=np.uint8)
+        for _ in range(noise):  # scribbles under the digits
+            points = rng.integers(0, size, size=(4, 2))
+            for (y0, x0), (y1, x1) in zip(points[:-1], points[1:], strict=True):
+                rr, cc, val = line_aa(int(y0), int(x0), int(y1), int(x1))
+                canvas[rr, cc] = np.maximum(canvas[rr, cc], (val * 160).astype(np.uint8))
+        objects = []
+        for digit, (y, x) in zip(digits, corners, strict=True):
+            patch = pool.sample(rng, digit, side)
+            canvas[y : y + side, x : x + side] = np.maximum(canvas[y : y + side, x : x + side], patch)
+            objects.append({"digit": digit, "box": [x, y, side, side]})
+        labels = {
+            "majority": target,
+            "max": max(digits),
+            "top": min(objects, key=lambda o: o["box"][1])["digit"],
+            "multi-label": ";".join(str(d) for d in sorted(set(digits))),
+        }
+        name = f"megapixel_mnist_{index:05d}.tiff"
+        _write_tiff(out / "images" / name, canvas)
+        rows.append({"source": name, "label": labels[task], "split": split, "objects": objects, "labels": labels})
+    return rows
+
+
+Synthesizer = Callable[..., list[dict[str, Any]]]
+
+#: name → (function, default canvas size)
+SYNTHESIZERS: dict[str, tuple[Synthesizer, int]] = {
+    "ultramnist": (ultramnist, 4096),
+    "megapixel-mnist": (megapixel_mnist, 1500),
+}
+
+
+def synthesize(
+    kind: str, out: str | Path, count: int = 16, size: int | None = None, seed: int = 0, **options: Any
+) -> Path:
+    """Write ``count`` images of ``kind`` and their labels into ``out``; returns the labels CSV."""
+    if kind not in SYNTHESIZERS:
+        raise UsageError(f"unknown synthesizer {kind!r}; valid: {', '.join(sorted(SYNTHESIZERS))}")
+    func, default_size = SYNTHESIZERS[kind]
+    size = size or default_size
+    if not 64 <= size <= MAX_SIDE:
+        raise UsageError(f"--size must be between 64 and {MAX_SIDE}, got {size}")
+    if count < 1:
+        raise UsageError(f"--count must be ≥ 1, got {count}")
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rows = func(out, count=count, size=size, seed=seed, **options)
+    labels = out / "labels.csv"
+    with open(labels, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["source", "label", "split"])
+        for row in rows:
+            writer.writerow([row["source"], row["label"], row["split"]])
+    meta = {"kind": kind, "count": count, "size": size, "seed": seed, "options": options, "images": rows}
+    (out / "synth.json").write_text(json.dumps(meta, indent=1))
+    return labels

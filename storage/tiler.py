@@ -1,0 +1,785 @@
+"""Tiling: sources → dataset store, streamed block by block, in parallel with dask.
+
+How it works (memory is bounded by blocks, never by image size):
+
+* Level 0 is cut into square **blocks** of ``block = chunk * 2**m`` pixels (4096 by default).
+  One dask task reads one block from the source, writes it, then halves it ``m`` times and
+  writes each result: one task produces the same block footprint in every level it covers.
+* Each level's shards are exactly the footprint a task writes, so no two tasks ever touch the
+  same storage object (no read-modify-write races), on threads or on a dask.distributed cluster.
+* Levels beyond ``m`` are built by a further pass that reads level ``m`` back from the store
+  with the same block scheme; passes repeat until the longest side is ≤ the thumbnail size.
+* Every finished block sets one cell of a small progress array; a killed run resumes by
+  redoing only unfinished blocks. The image is marked ``complete`` (and given its NGFF
+  metadata) only after every array, the thumbnail and the foreground mask are written.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import math
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import ZstdCodec
+
+from storage.codecs import JpegCodec
+from storage.errors import SourceError, StoreError, UsageError
+from storage.readers import (
+    DEFAULT_MAX_PIXELS,
+    MosaicReader,
+    ResampledReader,
+    SourceReader,
+    open_source,
+)
+from storage.store import (
+    FOREGROUND,
+    FORMAT_VERSION,
+    IMAGES,
+    THUMBNAIL,
+    image_multiscales,
+    label_multiscales,
+)
+
+__all__ = [
+    "ImageResult",
+    "LabelTable",
+    "SourceSpec",
+    "TileOptions",
+    "tile",
+]
+
+BLOCK_TARGET = 4096  # level-0 pixels per block side (rounded to chunk * 2**m)
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True, slots=True)
+class TileOptions:
+    """Tiling parameters. Everything here is recorded in the store as provenance."""
+
+    chunk: int = 256
+    block_size: int = BLOCK_TARGET
+    codec: str = "zstd"
+    jpeg_quality: int = 90
+    zstd_level: int = 3
+    thumbnail_size: int = 1024
+    mpp: float | None = None
+    mag: float | None = None
+    source_mpp: float | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    split_seed: int = 0
+    overwrite: bool = False
+    workers: int | None = None
+    scheduler: str | None = None
+
+    def validate(self) -> None:
+        if self.chunk < 16 or self.chunk & (self.chunk - 1):
+            raise UsageError(f"--chunk must be a power of two ≥ 16, got {self.chunk}")
+        if self.block_size < self.chunk or self.block_size & (self.block_size - 1):
+            raise UsageError(
+                f"--block-size must be a power of two ≥ --chunk ({self.chunk}), got {self.block_size}"
+            )
+        if self.codec not in ("zstd", "jpeg"):
+            raise UsageError(f"--codec must be zstd or jpeg, got {self.codec!r}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise UsageError(f"--jpeg-quality must be 1..100, got {self.jpeg_quality}")
+        if self.thumbnail_size < 16:
+            raise UsageError(f"--thumbnail-size must be ≥ 16, got {self.thumbnail_size}")
+        for name, value in (("--mpp", self.mpp), ("--mag", self.mag), ("--source-mpp", self.source_mpp)):
+            if value is not None and not value > 0:
+                raise UsageError(f"{name} must be positive, got {value}")
+        if self.mpp is not None and self.mag is not None:
+            raise UsageError("give --mpp or --mag, not both")
+        if abs(sum(self.split_fractions) - 1) > 1e-6 or min(self.split_fractions) < 0:
+            raise UsageError(f"split fractions must be ≥ 0 and sum to 1, got {self.split_fractions}")
+
+    def tiling_key(self) -> dict[str, Any]:
+        """The parameters that change the pixels written (a change means re-tiling)."""
+        return {
+            "chunk": self.chunk,
+            "block_size": self.block_size,
+            "codec": self.codec,
+            "jpeg_quality": self.jpeg_quality if self.codec == "jpeg" else None,
+            "thumbnail_size": self.thumbnail_size,
+            "mpp": self.mpp,
+            "mag": self.mag,
+            "source_mpp": self.source_mpp,
+            "format_version": FORMAT_VERSION,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class SourceSpec:
+    """One source to tile: a file, or a mosaic of GeoTIFF tiles under one name."""
+
+    paths: tuple[str, ...]
+    mosaic: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.mosaic or self.paths[0]
+
+    def open(self, options: TileOptions) -> SourceReader:
+        if self.mosaic:
+            reader: SourceReader = MosaicReader(self.mosaic, self.paths, options.max_pixels)
+        else:
+            reader = open_source(self.paths[0], options.max_pixels)
+        return _resample(reader, options)
+
+
+@dataclass
+class ImageResult:
+    """What happened to one source (one JSON line of ``hiresctl tile --json``)."""
+
+    source: str
+    id: str | None = None
+    status: str = "failed"  # written | resumed | skipped | failed
+    error: str | None = None
+    shape: list[int] | None = None
+    levels: int | None = None
+    blocks: int | None = None  # blocks computed in this run (fewer than all when resuming)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+class LabelTable:
+    """``source,label[,split]`` rows; ``source`` matches a file name or a path."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = str(path)
+        self.rows: dict[str, dict[str, str]] = {}
+        try:
+            with open(path, newline="") as fh:
+                reader = csv.DictReader(fh)
+                fields = reader.fieldnames or []
+                if "source" not in fields or "label" not in fields:
+                    raise UsageError(
+                        f"{path}: labels CSV needs columns 'source' and 'label' (found {fields})"
+                    )
+                for line, row in enumerate(reader, start=2):
+                    source = (row.get("source") or "").strip()
+                    if not source:
+                        raise UsageError(f"{path}:{line}: empty 'source'")
+                    split = (row.get("split") or "").strip()
+                    if split and split not in SPLITS:
+                        raise UsageError(f"{path}:{line}: split {split!r} is not one of {SPLITS}")
+                    self.rows[source] = {"label": (row.get("label") or "").strip(), "split": split}
+        except OSError as exc:
+            raise UsageError(f"{path}: cannot read labels CSV: {exc.strerror}") from exc
+
+    def lookup(self, spec: SourceSpec) -> dict[str, str] | None:
+        candidates = [spec.name, Path(spec.name).name, str(Path(spec.name).resolve())]
+        for key in candidates:
+            if key in self.rows:
+                return self.rows[key]
+        return None
+
+
+# ----------------------------------------------------------------------------------- helpers
+
+
+def _resample(reader: SourceReader, options: TileOptions) -> SourceReader:
+    if options.mpp is None and options.mag is None:
+        if options.source_mpp is not None:
+            reader.info = replace(reader.info, mpp=options.source_mpp)
+        return reader
+    base_mpp = options.source_mpp or reader.info.mpp
+    if base_mpp is None:
+        raise SourceError(
+            reader.info.path, "the file states no pixel size; give --source-mpp to use --mpp/--mag"
+        )
+    if options.mpp is not None:
+        target = options.mpp
+    else:
+        assert options.mag is not None
+        power = reader.info.extra.get("objective_power")
+        try:
+            target = base_mpp * float(power) / options.mag
+        except (TypeError, ValueError):
+            target = 10.0 / options.mag  # the usual convention: 40x ≈ 0.25 µm/px
+    return ResampledReader(reader, target, base_mpp)
+
+
+def fingerprint(spec: SourceSpec) -> str:
+    """Content fingerprint: size plus the first and last MiB of every file (fast on huge files)."""
+    h = hashlib.sha256()
+    for path in spec.paths:
+        size = os.path.getsize(path)
+        h.update(str(size).encode())
+        with open(path, "rb") as fh:
+            h.update(fh.read(1 << 20))
+            if size > 2 << 20:
+                fh.seek(-(1 << 20), os.SEEK_END)
+                h.update(fh.read())
+    return h.hexdigest()[:32]
+
+
+def image_id_for(spec: SourceSpec) -> str:
+    name = spec.mosaic or Path(spec.paths[0]).name
+    for suffix in (".ome.tiff", ".ome.tif", ".ome.btf"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    else:
+        name = Path(name).stem if not spec.mosaic else name
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "image"
+
+
+def split_for(image_id: str, seed: int, fractions: Sequence[float]) -> str:
+    """A split that depends only on the image id and the seed: adding images never moves others."""
+    digest = hashlib.sha256(f"{seed}:{image_id}".encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    edge = 0.0
+    for name, frac in zip(SPLITS, fractions, strict=True):
+        edge += frac
+        if u < edge:
+            return name
+    return SPLITS[-1]
+
+
+def level_shapes(height: int, width: int, thumbnail: int) -> list[tuple[int, int]]:
+    """Halve until the longest side is ≤ the thumbnail size."""
+    shapes = [(height, width)]
+    while max(shapes[-1]) > thumbnail:
+        h, w = shapes[-1]
+        shapes.append((math.ceil(h / 2), math.ceil(w / 2)))
+    return shapes
+
+
+def halve(block: np.ndarray) -> np.ndarray:
+    """2x2 mean (rounded), replicating the last row/column of odd sizes."""
+    c, h, w = block.shape
+    if h % 2:
+        block = np.concatenate([block, block[:, -1:]], axis=1)
+    if w % 2:
+        block = np.concatenate([block, block[:, :, -1:]], axis=2)
+    acc = block[:, 0::2, 0::2].astype(np.uint32)
+    acc += block[:, 1::2, 0::2]
+    acc += block[:, 0::2, 1::2]
+    acc += block[:, 1::2, 1::2]
+    acc += 2
+    acc >>= 2
+    return acc.astype(block.dtype)
+
+
+# ------------------------------------------------------------------------------- block tasks
+
+
+@dataclass(frozen=True, slots=True)
+class BlockJob:
+    """One task: one block footprint through the levels of one pass. Picklable for dask."""
+
+    store: str
+    group: str
+    spec: SourceSpec
+    options: TileOptions
+    pass_index: int
+    base_level: int  # level read (0: the source; else a level in the store)
+    top_level: int  # last level written by this pass
+    block: int  # block side in base-level pixels
+    row: int
+    col: int
+
+
+_cache_lock = threading.Lock()
+_readers: dict[tuple[SourceSpec, TileOptions], SourceReader] = {}
+_arrays: dict[tuple[str, str], zarr.Array] = {}
+
+
+def _reader(spec: SourceSpec, options: TileOptions) -> SourceReader:
+    key = (spec, options)
+    with _cache_lock:
+        if key not in _readers:
+            _readers[key] = spec.open(options)
+        return _readers[key]
+
+
+def _array(store: str, path: str) -> zarr.Array:
+    key = (store, path)
+    with _cache_lock:
+        if key not in _arrays:
+            _arrays[key] = zarr.open_array(store, path=path, mode="r+")
+        return _arrays[key]
+
+
+def forget_cached(store: str | None = None) -> None:
+    """Close cached readers and arrays (between runs in one process, e.g. tests)."""
+    with _cache_lock:
+        for reader in _readers.values():
+            reader.close()
+        _readers.clear()
+        for key in [k for k in _arrays if store is None or k[0] == store]:
+            del _arrays[key]
+
+
+def run_block(job: BlockJob) -> str | None:
+    """Do one block; return None, or the error message (tasks never raise: one bad image must
+    not cancel the others' tasks)."""
+    try:
+        _run_block(job)
+        return None
+    except SourceError as exc:
+        return exc.problem
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+def _run_block(job: BlockJob) -> None:
+    base = _array(job.store, f"{job.group}/{job.base_level}")
+    _, base_h, base_w = base.shape
+    y, x = job.row * job.block, job.col * job.block
+    h, w = min(job.block, base_h - y), min(job.block, base_w - x)
+    if job.pass_index == 0:
+        data = _reader(job.spec, job.options).read_region(0, y, x, h, w)
+        base[:, y : y + h, x : x + w] = data
+    else:
+        data = np.asarray(base[:, y : y + h, x : x + w])
+    side = job.block
+    for level in range(job.base_level + 1, job.top_level + 1):
+        data = halve(data)
+        side //= 2
+        arr = _array(job.store, f"{job.group}/{level}")
+        ly, lx = job.row * side, job.col * side
+        arr[:, ly : ly + data.shape[1], lx : lx + data.shape[2]] = data
+    progress = _array(job.store, f"{job.group}/_progress_{job.pass_index}")
+    progress[job.row, job.col] = 1
+
+
+# ----------------------------------------------------------------------------------- planning
+
+
+@dataclass
+class _Plan:
+    spec: SourceSpec
+    result: ImageResult
+    group: str = ""
+    shapes: list[tuple[int, int]] = field(default_factory=list)
+    passes: list[tuple[int, int, int]] = field(default_factory=list)  # (base, top, block)
+    reader: SourceReader | None = None
+    failed: bool = False
+    started: float = 0.0
+
+
+def _passes(n_levels: int, chunk: int, block_size: int) -> tuple[int, list[tuple[int, int, int]]]:
+    m = max(0, int(math.log2(max(1, block_size // chunk))))
+    block = chunk << m
+    passes = []
+    base = 0
+    while True:
+        top = min(base + m, n_levels - 1)
+        passes.append((base, top, block))
+        if top >= n_levels - 1:
+            break
+        base = top
+    return block, passes
+
+
+def _codecs(options: TileOptions, channels: int, dtype: np.dtype) -> dict[str, Any]:
+    if options.codec == "jpeg":
+        if dtype != np.uint8 or channels not in (1, 3):
+            raise SourceError(
+                "", f"--codec jpeg needs 8-bit gray or RGB; this image is {channels}-channel {dtype}"
+            )
+        return {"serializer": JpegCodec(quality=options.jpeg_quality), "compressors": None}
+    return {"compressors": [ZstdCodec(level=options.zstd_level)]}
+
+
+def _prepare(
+    root: zarr.Group, store: str, spec: SourceSpec, options: TileOptions, labels: LabelTable | None,
+    taken: set[str],
+) -> _Plan:
+    plan = _Plan(spec=spec, result=ImageResult(source=spec.name), started=time.perf_counter())
+    reader = spec.open(options)
+    plan.reader = reader
+    info = reader.info
+    label_row = labels.lookup(spec) if labels else None
+    if labels is not None and (label_row is None or not label_row["label"]):
+        raise SourceError(spec.name, f"no label for this image in {labels.path}")
+    image_id = image_id_for(spec)
+    if image_id in taken:
+        image_id = f"{image_id}-{hashlib.sha256(spec.name.encode()).hexdigest()[:6]}"
+    taken.add(image_id)
+    plan.result.id = image_id
+    plan.group = f"{IMAGES}/{image_id}"
+    height, width = info.level_shapes[0]
+    plan.shapes = level_shapes(height, width, options.thumbnail_size)
+    _, plan.passes = _passes(len(plan.shapes), options.chunk, options.block_size)
+    plan.result.shape = [info.channels, height, width]
+    plan.result.levels = len(plan.shapes)
+    fp = fingerprint(spec)
+    split = (label_row or {}).get("split") or split_for(
+        image_id, options.split_seed, options.split_fractions
+    )
+    identity = {
+        "source": spec.name,
+        "fingerprint": fp,
+        "tiling": options.tiling_key(),
+    }
+    existing = root.get(plan.group)
+    if existing is not None and not options.overwrite:
+        attrs = dict(existing.attrs.get("hiresctl", {}))
+        same = all(attrs.get(k) == v for k, v in identity.items())
+        if same:
+            # label and split may change without re-tiling
+            attrs.update({"label": (label_row or {}).get("label", attrs.get("label")), "split": split})
+            existing.attrs["hiresctl"] = attrs
+            if attrs.get("status") == "complete":
+                plan.result.status = "skipped"
+                return plan
+            plan.result.status = "resumed"
+            return plan
+    if existing is not None:
+        del root[plan.group]
+    plan.result.status = "written"
+    dtype = np.dtype(info.dtype)
+    codecs = _codecs(options, info.channels, dtype)
+    group = root.require_group(plan.group)
+    group.attrs["hiresctl"] = {
+        **identity,
+        "status": "incomplete",
+        "shape": [info.channels, height, width],
+        "levels": len(plan.shapes),
+        "dtype": dtype.str,
+        "mpp": info.mpp,
+        "fill_value": int(info.fill_value),
+        "label": (label_row or {}).get("label"),
+        "split": split,
+        **{k: v for k, v in info.extra.items() if k not in ("tiles",)},
+    }
+    for level, (lh, lw) in enumerate(plan.shapes):
+        shard = _shard_side(level, plan.passes, options.chunk)
+        chunks = (info.channels, options.chunk, options.chunk)
+        group.create_array(
+            str(level),
+            shape=(info.channels, lh, lw),
+            dtype=dtype,
+            chunks=chunks,
+            shards=(info.channels, shard, shard) if shard > options.chunk else None,
+            fill_value=info.fill_value,
+            dimension_names=("c", "y", "x"),
+            **codecs,
+        )
+    for index, (base, _top, block) in enumerate(plan.passes):
+        bh, bw = plan.shapes[base]
+        group.create_array(
+            f"_progress_{index}",
+            shape=(math.ceil(bh / block), math.ceil(bw / block)),
+            dtype="uint8",
+            chunks=(1, 1),
+            fill_value=0,
+        )
+    return plan
+
+
+def _shard_side(level: int, passes: list[tuple[int, int, int]], chunk: int) -> int:
+    """A level's shard is the footprint one task writes in it."""
+    for base, top, block in passes:
+        if base < level <= top or (level == 0 and base == 0):
+            return block >> (level - base)
+    return chunk
+
+
+def _jobs(store: str, plan: _Plan, pass_index: int, options: TileOptions, root: zarr.Group) -> list[BlockJob]:
+    base, top, block = plan.passes[pass_index]
+    done = np.asarray(root[f"{plan.group}/_progress_{pass_index}"][...])
+    return [
+        BlockJob(store, plan.group, plan.spec, options, pass_index, base, top, block, r, c)
+        for r, c in zip(*np.nonzero(done == 0), strict=True)
+    ]
+
+
+# --------------------------------------------------------------------------------- execution
+
+
+def _execute(
+    jobs: list[BlockJob], options: TileOptions, on_done: Callable[[BlockJob, str | None], None]
+) -> None:
+    if not jobs:
+        return
+    if options.scheduler:
+        from distributed import Client, as_completed
+
+        try:
+            client = Client(options.scheduler, timeout="20s", set_as_default=False)
+        except Exception as exc:
+            raise UsageError(f"cannot reach dask scheduler {options.scheduler}: {exc}") from exc
+        with client:
+            futures = client.map(run_block, jobs, pure=False)
+            index = {f.key: j for f, j in zip(futures, jobs, strict=True)}
+            for future in as_completed(futures):
+                on_done(index[future.key], future.result())
+        return
+    import dask
+    from dask.callbacks import Callback
+
+    tasks = [dask.delayed(run_block, pure=False)(j, dask_key_name=f"block-{i}") for i, j in enumerate(jobs)]
+    by_key = {f"block-{i}": j for i, j in enumerate(jobs)}
+
+    class _Progress(Callback):  # type: ignore[misc]
+        def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
+            if key in by_key:
+                on_done(by_key[key], result)
+
+    with _Progress():
+        dask.compute(*tasks, scheduler="threads", num_workers=options.workers or os.cpu_count())
+
+
+# ---------------------------------------------------------------------------------- finishing
+
+
+def _finalize(root: zarr.Group, plan: _Plan, options: TileOptions) -> None:
+    group = root[plan.group]
+    assert isinstance(group, zarr.Group)
+    attrs = dict(group.attrs["hiresctl"])
+    channels, height, width = attrs["shape"]
+    # Thumbnail: from the smallest level whose longest side is ≥ the thumbnail size.
+    t = options.thumbnail_size
+    src_level = max(i for i, s in enumerate(plan.shapes) if max(s) >= t) if max(plan.shapes[0]) >= t else 0
+    src = np.asarray(group[str(src_level)][...])
+    scale = min(1.0, t / max(height, width))
+    th, tw = max(1, round(height * scale)), max(1, round(width * scale))
+    thumb = _resize(src, th, tw)
+    dtype = np.dtype(attrs["dtype"])
+    if THUMBNAIL in group:
+        del group[THUMBNAIL]
+    arr = group.create_array(
+        THUMBNAIL, shape=thumb.shape, dtype=dtype, chunks=thumb.shape, dimension_names=("c", "y", "x"),
+        compressors=[ZstdCodec(level=3)],
+    )
+    arr[...] = thumb
+    arr.attrs["scale"] = [1.0, height / th, width / tw]
+    mask = foreground_mask(thumb, attrs["fill_value"])
+    labels = group.require_group("labels")
+    labels.attrs["ome"] = {"version": "0.5", "labels": ["foreground"]}
+    if "foreground" in labels:
+        del labels["foreground"]
+    fg = labels.create_group("foreground")
+    fg.attrs["ome"] = label_multiscales(
+        "foreground", (height / th, width / tw), attrs.get("mpp"), {0: [0, 0, 0, 0], 1: [255, 0, 0, 128]}
+    )
+    level = fg.create_array(
+        "0", shape=mask.shape, dtype="uint8", chunks=mask.shape, dimension_names=("c", "y", "x"),
+        compressors=[ZstdCodec(level=3)],
+    )
+    level[...] = mask
+    for index in range(len(plan.passes)):
+        name = f"_progress_{index}"
+        if name in group:
+            del group[name]
+    group.attrs["ome"] = image_multiscales(
+        plan.result.id or "",
+        [(height / lh, width / lw) for lh, lw in plan.shapes],
+        attrs.get("mpp"),
+    )
+    attrs["status"] = "complete"
+    attrs["foreground_fraction"] = float(mask.mean())
+    group.attrs["hiresctl"] = attrs  # completion is the last write
+
+
+def _resize(src: np.ndarray, height: int, width: int) -> np.ndarray:
+    if src.shape[1:] == (height, width):
+        return src
+    from skimage.transform import resize
+
+    out = resize(src.transpose(1, 2, 0), (height, width), order=1, anti_aliasing=True, preserve_range=True)
+    return np.rint(out).astype(src.dtype).transpose(2, 0, 1)
+
+
+def foreground_mask(thumb: np.ndarray, fill_value: int) -> np.ndarray:
+    """Otsu on the thumbnail's intensity (and saturation for colour); the side that differs from
+    the image border is foreground. Returns (1, h, w) uint8 in {0, 1}."""
+    from skimage.filters import threshold_otsu
+
+    img = thumb.astype(np.float32)
+    gray = img.mean(axis=0)
+    signal = gray
+    if thumb.shape[0] >= 3:
+        sat = img[:3].max(axis=0) - img[:3].min(axis=0)
+        # tissue is coloured; a white or black background is not
+        if sat.std() > gray.std() * 0.5:
+            signal = sat
+    if float(signal.max() - signal.min()) < 1e-6:
+        return np.ones((1, *gray.shape), dtype=np.uint8)
+    threshold = threshold_otsu(signal)
+    above = signal > threshold
+    border = np.concatenate([above[0], above[-1], above[:, 0], above[:, -1]])
+    fg = ~above if border.mean() > 0.5 else above
+    return fg[None].astype(np.uint8)
+
+
+def _write_manifest(root: zarr.Group) -> None:
+    rows = []
+    if IMAGES in root:
+        images = root[IMAGES]
+        assert isinstance(images, zarr.Group)
+        for key in sorted(images.group_keys()):
+            a = images[key].attrs.get("hiresctl", {})
+            rows.append(
+                {
+                    "id": key,
+                    "source": a.get("source"),
+                    "fingerprint": a.get("fingerprint"),
+                    "shape": a.get("shape"),
+                    "mpp": a.get("mpp"),
+                    "label": a.get("label"),
+                    "split": a.get("split"),
+                    "status": a.get("status"),
+                }
+            )
+    meta = dict(root.attrs["hiresctl"])
+    meta["manifest"] = rows
+    root.attrs["hiresctl"] = meta
+
+
+def _open_root(store: str, options: TileOptions) -> zarr.Group:
+    path = Path(store)
+    if "://" not in store and path.exists() and not path.is_dir():
+        raise UsageError(f"{store}: --out exists and is not a folder")
+    try:
+        root = zarr.open_group(store, mode="a")
+    except Exception as exc:
+        raise StoreError(store, f"cannot open or create a Zarr store: {exc}") from exc
+    meta = root.attrs.get("hiresctl")
+    if meta is None:
+        if len(list(root.keys())) > 0:
+            raise StoreError(store, "is a Zarr group with other content, not a hiresctl dataset")
+        root.attrs["hiresctl"] = {
+            "kind": "dataset",
+            "format_version": FORMAT_VERSION,
+            "provenance": _provenance(options),
+        }
+    elif meta.get("kind") != "dataset":
+        raise StoreError(store, "is a Zarr group but not a hiresctl dataset")
+    return root
+
+
+def _provenance(options: TileOptions) -> dict[str, Any]:
+    import importlib.metadata as md
+
+    versions = {}
+    for pkg in ("hiresctl", "zarr", "tifffile", "imagecodecs", "openslide-python", "dask", "numpy"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = None
+    return {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": versions,
+        "tiling": options.tiling_key(),
+        "split_seed": options.split_seed,
+        "split_fractions": list(options.split_fractions),
+    }
+
+
+# --------------------------------------------------------------------------------------- API
+
+
+def tile(
+    sources: Iterable[SourceSpec],
+    out: str | os.PathLike[str],
+    options: TileOptions | None = None,
+    labels: LabelTable | None = None,
+    on_result: Callable[[ImageResult], None] | None = None,
+    on_block: Callable[[int, int], None] | None = None,
+) -> list[ImageResult]:
+    """Tile every source into the dataset at ``out``; bad sources fail alone.
+
+    Args:
+        sources: files or mosaics to tile.
+        out: the dataset store (created if missing).
+        options: tiling parameters.
+        labels: class labels; with a table, an image without a row fails.
+        on_result: called once per source as it finishes (for ``--json`` lines).
+        on_block: called as (done, total) blocks progress.
+
+    Returns:
+        One result per source, in order.
+    """
+    options = options or TileOptions()
+    options.validate()
+    store = str(out)
+    root = _open_root(store, options)
+    plans: list[_Plan] = []
+    taken: set[str] = set()
+    emit = on_result or (lambda r: None)
+    for spec in sources:
+        try:
+            plan = _prepare(root, store, spec, options, labels, taken)
+        except SourceError as exc:
+            plan = _Plan(spec=spec, result=ImageResult(source=spec.name, error=exc.problem), failed=True)
+        except Exception as exc:  # an unexpected problem with one file must not stop the others
+            plan = _Plan(
+                spec=spec,
+                result=ImageResult(source=spec.name, error=f"{type(exc).__name__}: {exc}"),
+                failed=True,
+            )
+        plans.append(plan)
+        if plan.failed or plan.result.status == "skipped":
+            plan.result.seconds = round(time.perf_counter() - plan.started, 3) if plan.started else 0.0
+            emit(plan.result)
+    active = [p for p in plans if not p.failed and p.result.status != "skipped"]
+    by_group = {p.group: p for p in active}
+    max_passes = max((len(p.passes) for p in active), default=0)
+    total = sum(
+        int(np.prod([math.ceil(s / b) for s in p.shapes[base]]))
+        for p in active
+        for base, _, b in p.passes
+    )
+    done = [0]
+    lock = threading.Lock()
+
+    def on_done(job: BlockJob, error: str | None) -> None:
+        with lock:
+            done[0] += 1
+            plan = by_group[job.group]
+            plan.result.blocks = (plan.result.blocks or 0) + 1
+            if error and not plan.failed:
+                plan.failed = True
+                plan.result.status = "failed"
+                plan.result.error = error
+            if on_block:
+                on_block(done[0], total)
+
+    for pass_index in range(max_passes):
+        jobs = [
+            job
+            for p in active
+            if not p.failed and pass_index < len(p.passes)
+            for job in _jobs(store, p, pass_index, options, root)
+        ]
+        done[0] += sum(
+            int(np.prod([math.ceil(s / p.passes[pass_index][2]) for s in p.shapes[p.passes[pass_index][0]]]))
+            for p in active
+            if not p.failed and pass_index < len(p.passes)
+        ) - len(jobs)
+        _execute(jobs, options, on_done)
+    for plan in active:
+        if not plan.failed:
+            try:
+                _finalize(root, plan, options)
+            except Exception as exc:
+                plan.failed = True
+                plan.result.status = "failed"
+                plan.result.error = f"finishing the image failed: {type(exc).__name__}: {exc}"
+        plan.result.seconds = round(time.perf_counter() - plan.started, 3)
+        if plan.failed:
+            plan.result.status = "failed"
+        emit(plan.result)
+    for plan in plans:
+        if plan.reader is not None:
+            plan.reader.close()
+    forget_cached(store)
+    _write_manifest(root)
+    return [p.result for p in plans]
