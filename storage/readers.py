@@ -9,6 +9,7 @@ image edge are padded with the reader's ``fill_value``.
 from __future__ import annotations
 
 import abc
+import logging
 import math
 import os
 import threading
@@ -37,6 +38,9 @@ __all__ = [
 DEFAULT_MAX_PIXELS = 2**37
 #: Formats without tiles are decoded whole, so they get a much smaller limit.
 MAX_UNTILED_PIXELS = 2**29
+
+# tifffile logs what it can still recover from; our errors name the file and the problem instead
+logging.getLogger("tifffile").setLevel(logging.CRITICAL)
 
 OPENSLIDE_SUFFIXES = {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".tif"}
 
@@ -250,8 +254,8 @@ class TiffReader(SourceReader):
             if page is None:
                 continue
             offsets, counts = page.dataoffsets, page.databytecounts
-            if not offsets:
-                continue
+            if not offsets or len(offsets) != len(counts):
+                raise SourceError(self.path, "truncated or corrupt: the image data offsets are missing")
             end = max(o + c for o, c in zip(offsets, counts, strict=True))
             if end > size:
                 raise SourceError(

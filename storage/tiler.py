@@ -512,14 +512,14 @@ def _execute(
         from distributed import Client, as_completed
 
         try:
-            client = Client(options.scheduler, timeout="20s", set_as_default=False)
+            client = Client(options.scheduler, timeout="20s")
         except Exception as exc:
             raise UsageError(f"cannot reach dask scheduler {options.scheduler}: {exc}") from exc
         with client:
             futures = client.map(run_block, jobs, pure=False)
             index = {f.key: j for f, j in zip(futures, jobs, strict=True)}
-            for future in as_completed(futures):
-                on_done(index[future.key], future.result())
+            for future, result in as_completed(futures, with_results=True):
+                on_done(index[future.key], result)
         return
     import dask
     from dask.callbacks import Callback
