@@ -41,9 +41,8 @@ class JpegCodec(ArrayBytesCodec):
     async def _decode_single(self, chunk_bytes: Buffer, chunk_spec: ArraySpec) -> NDBuffer:
         pixels = imagecodecs.jpeg8_decode(chunk_bytes.to_bytes())
         chw = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
-        return chunk_spec.prototype.nd_buffer.from_ndarray_like(
-            np.ascontiguousarray(chw).reshape(chunk_spec.shape)
-        )
+        chunk: Any = np.ascontiguousarray(chw).reshape(chunk_spec.shape)
+        return chunk_spec.prototype.nd_buffer.from_ndarray_like(chunk)
 
     async def _encode_single(self, chunk_array: NDBuffer, chunk_spec: ArraySpec) -> Buffer | None:
         chw = chunk_array.as_numpy_array()

@@ -226,10 +226,10 @@ class TiffReader(SourceReader):
         channel_axis = "S" if "S" in axes else ("C" if "C" in axes else None)
         channels = int(series.shape[axes.index(channel_axis)]) if channel_axis else 1
         self._channel_axis = channel_axis
-        page = series.pages[0] if series.pages else self._tif.pages[0]
-        mpp = self._mpp(page)
+        first: Any = series.pages[0] if series.pages else self._tif.pages[0]
+        mpp = self._mpp(first)
         extra: dict[str, Any] = {"format": "tiff"}
-        geo = _geokeys(page)
+        geo = _geokeys(first)
         if geo:
             extra["geo"] = geo
         if series.kind:
@@ -255,7 +255,9 @@ class TiffReader(SourceReader):
                 continue
             offsets, counts = page.dataoffsets, page.databytecounts
             if not offsets or len(offsets) != len(counts):
-                raise SourceError(self.path, "truncated or corrupt: the image data offsets are missing")
+                raise SourceError(
+                    self.path, "truncated or corrupt: the image data offsets are missing"
+                )
             end = max(o + c for o, c in zip(offsets, counts, strict=True))
             if end > size:
                 raise SourceError(
@@ -299,7 +301,9 @@ class TiffReader(SourceReader):
         kept = [ax for ax in self._axes if ax in ("Y", "X", self._channel_axis)]
         if self._channel_axis is None:
             return data[None]
-        return np.transpose(data, (kept.index(self._channel_axis), kept.index("Y"), kept.index("X")))
+        return np.transpose(
+            data, (kept.index(self._channel_axis), kept.index("Y"), kept.index("X"))
+        )
 
     def _read_segments(self, page: Any, y: int, x: int, height: int, width: int) -> np.ndarray:
         """Decode only the tiles/strips that intersect the region (thread-safe: pread)."""
@@ -321,7 +325,9 @@ class TiffReader(SourceReader):
                 y0, x0 = max(y, top), max(x, left)
                 y1 = min(y + height, top + seg.shape[0])
                 x1 = min(x + width, left + seg.shape[1])
-                out[y0 - y : y1 - y, x0 - x : x1 - x] = seg[y0 - top : y1 - top, x0 - left : x1 - left]
+                out[y0 - y : y1 - y, x0 - x : x1 - x] = seg[
+                    y0 - top : y1 - top, x0 - left : x1 - left
+                ]
         return out.transpose(2, 0, 1)
 
     def close(self) -> None:
@@ -374,9 +380,7 @@ class OpenSlideReader(SourceReader):
     def _read(self, level: int, y: int, x: int, height: int, width: int) -> np.ndarray:
         ds = self._downsamples[level]
         # read_region takes level-0 coordinates for the top-left corner
-        region = self._slide.read_region(
-            (round(x * ds), round(y * ds)), level, (width, height)
-        )
+        region = self._slide.read_region((round(x * ds), round(y * ds)), level, (width, height))
         rgba = np.asarray(region)
         alpha = rgba[..., 3:4].astype(np.uint16)
         # premultiplied: composite onto white
@@ -430,8 +434,8 @@ class ImageFileReader(SourceReader):
             if self._pixels is None:
                 Image.MAX_IMAGE_PIXELS = None  # size already checked against our own limit
                 with Image.open(self.path) as img:
-                    img = img.convert(self._mode) if img.mode != self._mode else img
-                    arr = np.asarray(img)
+                    decoded = img.convert(self._mode) if img.mode != self._mode else img
+                    arr = np.asarray(decoded)
                 if self._mode in ("I", "I;16"):
                     arr = arr.astype(np.uint16)
                 self._pixels = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
@@ -540,7 +544,7 @@ class ResampledReader(SourceReader):
             raise SourceError(base.info.path, "pixel sizes must be positive")
         self.base = base
         shapes = base.info.level_shapes
-        h0, w0 = shapes[0]
+        h0, _w0 = shapes[0]
         level_mpps = [base_mpp * (h0 / h) for h, _ in shapes]
         # finest level whose pixels are not coarser than the target
         candidates = [i for i, m in enumerate(level_mpps) if m <= target_mpp * (1 + 1e-6)]
@@ -625,7 +629,8 @@ def open_source(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXE
     if head.startswith(_PIL_MAGIC):
         return ImageFileReader(p, max_pixels)
     raise SourceError(
-        p, "not a supported image format (expected TIFF/OME-TIFF/BigTIFF, SVS, NDPI, MRXS, PNG, JPEG)"
+        p,
+        "not a supported image format (expected TIFF/OME-TIFF/BigTIFF, SVS, NDPI, MRXS, PNG, JPEG)",
     )
 
 

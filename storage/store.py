@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import zarr
@@ -21,6 +21,7 @@ __all__ = [
     "FORMAT_VERSION",
     "Dataset",
     "ImageEntry",
+    "hires_attrs",
     "image_multiscales",
     "label_multiscales",
 ]
@@ -53,9 +54,7 @@ def image_multiscales(
     datasets = [
         {
             "path": str(i),
-            "coordinateTransformations": [
-                {"type": "scale", "scale": [1.0, sy * base, sx * base]}
-            ],
+            "coordinateTransformations": [{"type": "scale", "scale": [1.0, sy * base, sx * base]}],
         }
         for i, (sy, sx) in enumerate(level_scales)
     ]
@@ -110,16 +109,18 @@ class ImageEntry:
 class Dataset:
     """Read access to a dataset store (a local folder or any fsspec URL zarr accepts)."""
 
-    def __init__(self, path: str | Path, mode: str = "r") -> None:
+    def __init__(self, path: str | Path, mode: Literal["r", "r+", "a"] = "r") -> None:
         self.path = str(path)
         try:
-            self.root = zarr.open_group(self.path, mode=mode)  # type: ignore[arg-type]
+            self.root = zarr.open_group(self.path, mode=mode)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
-            raise StoreError(self.path, "no dataset store here (run `hiresctl tile` first)") from exc
+            raise StoreError(
+                self.path, "no dataset store here (run `hiresctl tile` first)"
+            ) from exc
         except Exception as exc:
             raise StoreError(self.path, f"not a readable Zarr store: {exc}") from exc
-        meta = self.root.attrs.get("hiresctl")
-        if not isinstance(meta, dict) or meta.get("kind") != "dataset":
+        meta = hires_attrs(self.root)
+        if meta.get("kind") != "dataset":
             raise StoreError(self.path, "is a Zarr group but not a hiresctl dataset")
         version = str(meta.get("format_version", "0"))
         if version.split(".")[0] != FORMAT_VERSION.split(".")[0]:
@@ -137,15 +138,15 @@ class Dataset:
 
     def entry(self, image_id: str) -> ImageEntry:
         group = self.image_group(image_id)
-        attrs = group.attrs.get("hiresctl")
-        if not isinstance(attrs, dict):
+        attrs = hires_attrs(group)
+        if not attrs:
             raise StoreError(f"{self.path}/{IMAGES}/{image_id}", "image group without metadata")
         return ImageEntry(
             id=image_id,
             group=f"{IMAGES}/{image_id}",
             source=attrs.get("source", ""),
             fingerprint=attrs.get("fingerprint", ""),
-            shape=tuple(attrs.get("shape", (0, 0, 0))),  # type: ignore[arg-type]
+            shape=tuple(attrs.get("shape", (0, 0, 0))),
             levels=int(attrs.get("levels", 0)),
             mpp=attrs.get("mpp"),
             label=attrs.get("label"),
@@ -177,11 +178,13 @@ class Dataset:
         return self.image_group(image_id)[str(level)]  # type: ignore[return-value]
 
     def thumbnail(self, image_id: str) -> np.ndarray:
-        return np.asarray(self.image_group(image_id)[THUMBNAIL][...])
+        thumb: Any = self.image_group(image_id)[THUMBNAIL]
+        return np.asarray(thumb[...])
 
     def foreground(self, image_id: str) -> np.ndarray:
         """Foreground mask (1, th, tw) at thumbnail resolution; 1 = tissue/object."""
-        return np.asarray(self.image_group(image_id)[f"{FOREGROUND}/0"][...])
+        mask: Any = self.image_group(image_id)[f"{FOREGROUND}/0"]
+        return np.asarray(mask[...])
 
     def manifest(self) -> list[dict[str, Any]]:
         return [e.to_json() for e in self.entries()]
@@ -196,6 +199,12 @@ class Dataset:
 
     def __repr__(self) -> str:
         return f"Dataset({self.path!r}, images={len(self.image_ids())})"
+
+
+def hires_attrs(node: zarr.Group | zarr.Array) -> dict[str, Any]:
+    """A copy of the ``hiresctl`` attributes of a group or array (empty when absent)."""
+    value: Any = node.attrs.get("hiresctl")
+    return dict(value) if isinstance(value, dict) else {}
 
 
 def dumps(obj: Any) -> str:

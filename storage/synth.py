@@ -13,6 +13,7 @@ needed to check the labels (digit positions, values, scales). Output is a functi
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -67,13 +68,18 @@ def _splits(count: int) -> list[str]:
     return out
 
 
-def _place(rng: np.random.Generator, size: int, sides: list[int], tries: int = 2000) -> list[tuple[int, int]] | None:
+def _place(
+    rng: np.random.Generator, size: int, sides: list[int], tries: int = 2000
+) -> list[tuple[int, int]] | None:
     """Top-left corners for squares of ``sides`` with no overlapping boxes, or None."""
     boxes: list[tuple[int, int, int]] = []
     for side in sides:
         for _ in range(tries):
             y, x = (int(v) for v in rng.integers(0, size - side + 1, size=2))
-            if all(y + side <= by or by + bs <= y or x + side <= bx or bx + bs <= x for by, bx, bs in boxes):
+            if all(
+                y + side <= by or by + bs <= y or x + side <= bx or bx + bs <= x
+                for by, bx, bs in boxes
+            ):
                 boxes.append((y, x, side))
                 break
         else:
@@ -99,7 +105,9 @@ def ultramnist(
     if classes not in (10, 28):
         raise UsageError(f"ultramnist --classes must be 10 or 28, got {classes}")
     rng = np.random.default_rng(seed)
-    unit = max(4, round(28 * size / 4096 * 2))  # scale-1 digit side; x2 keeps small canvases legible
+    unit = max(
+        4, round(28 * size / 4096 * 2)
+    )  # scale-1 digit side; x2 keeps small canvases legible
     scales = np.arange(1, 10)
     v_shape = np.abs(scales - 5) + 1.0
     v_shape /= v_shape.sum()
@@ -166,23 +174,27 @@ def megapixel_mnist(
     for index, split in enumerate(_splits(count)):
         pool = pools["train" if split == "train" else "held-out"]
         target = int(rng.integers(0, 10))
-        others = [int(d) for d in rng.choice([d for d in range(10) if d != target], 2, replace=False)]
+        others = [
+            int(d) for d in rng.choice([d for d in range(10) if d != target], 2, replace=False)
+        ]
         digits = [target] * 3 + others
         corners = None
         while corners is None:
             corners = _place(rng, size, [side] * 5)
         canvas = np.zeros((size, size), dtype=np.uint8)
-        for _ in range(noise):  # scribbles under the digits
+        for _scribble in range(noise):  # scribbles under the digits
             points = rng.integers(0, size, size=(4, 2))
-            for (y0, x0), (y1, x1) in zip(points[:-1], points[1:], strict=True):
+            for (y0, x0), (y1, x1) in itertools.pairwise(points):
                 rr, cc, val = line_aa(int(y0), int(x0), int(y1), int(x1))
                 canvas[rr, cc] = np.maximum(canvas[rr, cc], (val * 160).astype(np.uint8))
-        objects = []
+        objects: list[dict[str, Any]] = []
         for digit, (y, x) in zip(digits, corners, strict=True):
             patch = pool.sample(rng, digit, side)
-            canvas[y : y + side, x : x + side] = np.maximum(canvas[y : y + side, x : x + side], patch)
+            canvas[y : y + side, x : x + side] = np.maximum(
+                canvas[y : y + side, x : x + side], patch
+            )
             objects.append({"digit": digit, "box": [x, y, side, side]})
-        labels = {
+        labels: dict[str, Any] = {
             "majority": target,
             "max": max(digits),
             "top": min(objects, key=lambda o: o["box"][1])["digit"],
@@ -190,7 +202,15 @@ def megapixel_mnist(
         }
         name = f"megapixel_mnist_{index:05d}.tiff"
         _write_tiff(out / "images" / name, canvas)
-        rows.append({"source": name, "label": labels[task], "split": split, "objects": objects, "labels": labels})
+        rows.append(
+            {
+                "source": name,
+                "label": labels[task],
+                "split": split,
+                "objects": objects,
+                "labels": labels,
+            }
+        )
     return rows
 
 
@@ -204,7 +224,12 @@ SYNTHESIZERS: dict[str, tuple[Synthesizer, int]] = {
 
 
 def synthesize(
-    kind: str, out: str | Path, count: int = 16, size: int | None = None, seed: int = 0, **options: Any
+    kind: str,
+    out: str | Path,
+    count: int = 16,
+    size: int | None = None,
+    seed: int = 0,
+    **options: Any,
 ) -> Path:
     """Write ``count`` images of ``kind`` and their labels into ``out``; returns the labels CSV."""
     if kind not in SYNTHESIZERS:
@@ -224,6 +249,13 @@ def synthesize(
         writer.writerow(["source", "label", "split"])
         for row in rows:
             writer.writerow([row["source"], row["label"], row["split"]])
-    meta = {"kind": kind, "count": count, "size": size, "seed": seed, "options": options, "images": rows}
+    meta = {
+        "kind": kind,
+        "count": count,
+        "size": size,
+        "seed": seed,
+        "options": options,
+        "images": rows,
+    }
     (out / "synth.json").write_text(json.dumps(meta, indent=1))
     return labels

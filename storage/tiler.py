@@ -42,10 +42,10 @@ from storage.readers import (
     open_source,
 )
 from storage.store import (
-    FOREGROUND,
     FORMAT_VERSION,
     IMAGES,
     THUMBNAIL,
+    hires_attrs,
     image_multiscales,
     label_multiscales,
 )
@@ -95,13 +95,19 @@ class TileOptions:
             raise UsageError(f"--jpeg-quality must be 1..100, got {self.jpeg_quality}")
         if self.thumbnail_size < 16:
             raise UsageError(f"--thumbnail-size must be ≥ 16, got {self.thumbnail_size}")
-        for name, value in (("--mpp", self.mpp), ("--mag", self.mag), ("--source-mpp", self.source_mpp)):
+        for name, value in (
+            ("--mpp", self.mpp),
+            ("--mag", self.mag),
+            ("--source-mpp", self.source_mpp),
+        ):
             if value is not None and not value > 0:
                 raise UsageError(f"{name} must be positive, got {value}")
         if self.mpp is not None and self.mag is not None:
             raise UsageError("give --mpp or --mag, not both")
         if abs(sum(self.split_fractions) - 1) > 1e-6 or min(self.split_fractions) < 0:
-            raise UsageError(f"split fractions must be ≥ 0 and sum to 1, got {self.split_fractions}")
+            raise UsageError(
+                f"split fractions must be ≥ 0 and sum to 1, got {self.split_fractions}"
+            )
 
     def tiling_key(self) -> dict[str, Any]:
         """The parameters that change the pixels written (a change means re-tiling)."""
@@ -206,7 +212,7 @@ def _resample(reader: SourceReader, options: TileOptions) -> SourceReader:
         assert options.mag is not None
         power = reader.info.extra.get("objective_power")
         try:
-            target = base_mpp * float(power) / options.mag
+            target = base_mpp * float(power or "") / options.mag
         except (TypeError, ValueError):
             target = 10.0 / options.mag  # the usual convention: 40x ≈ 0.25 µm/px
     return ResampledReader(reader, target, base_mpp)
@@ -260,7 +266,7 @@ def level_shapes(height: int, width: int, thumbnail: int) -> list[tuple[int, int
 
 def halve(block: np.ndarray) -> np.ndarray:
     """2x2 mean (rounded), replicating the last row/column of odd sizes."""
-    c, h, w = block.shape
+    _c, h, w = block.shape
     if h % 2:
         block = np.concatenate([block, block[:, -1:]], axis=1)
     if w % 2:
@@ -390,14 +396,19 @@ def _codecs(options: TileOptions, channels: int, dtype: np.dtype) -> dict[str, A
     if options.codec == "jpeg":
         if dtype != np.uint8 or channels not in (1, 3):
             raise SourceError(
-                "", f"--codec jpeg needs 8-bit gray or RGB; this image is {channels}-channel {dtype}"
+                "",
+                f"--codec jpeg needs 8-bit gray or RGB; this image is {channels}-channel {dtype}",
             )
         return {"serializer": JpegCodec(quality=options.jpeg_quality), "compressors": None}
     return {"compressors": [ZstdCodec(level=options.zstd_level)]}
 
 
 def _prepare(
-    root: zarr.Group, store: str, spec: SourceSpec, options: TileOptions, labels: LabelTable | None,
+    root: zarr.Group,
+    store: str,
+    spec: SourceSpec,
+    options: TileOptions,
+    labels: LabelTable | None,
     taken: set[str],
 ) -> _Plan:
     plan = _Plan(spec=spec, result=ImageResult(source=spec.name), started=time.perf_counter())
@@ -429,11 +440,13 @@ def _prepare(
     }
     existing = root.get(plan.group)
     if existing is not None and not options.overwrite:
-        attrs = dict(existing.attrs.get("hiresctl", {}))
+        attrs = hires_attrs(existing)
         same = all(attrs.get(k) == v for k, v in identity.items())
         if same:
             # label and split may change without re-tiling
-            attrs.update({"label": (label_row or {}).get("label", attrs.get("label")), "split": split})
+            attrs.update(
+                {"label": (label_row or {}).get("label", attrs.get("label")), "split": split}
+            )
             existing.attrs["hiresctl"] = attrs
             if attrs.get("status") == "complete":
                 plan.result.status = "skipped"
@@ -446,7 +459,7 @@ def _prepare(
     dtype = np.dtype(info.dtype)
     codecs = _codecs(options, info.channels, dtype)
     group = root.require_group(plan.group)
-    group.attrs["hiresctl"] = {
+    meta: dict[str, Any] = {
         **identity,
         "status": "incomplete",
         "shape": [info.channels, height, width],
@@ -458,6 +471,7 @@ def _prepare(
         "split": split,
         **{k: v for k, v in info.extra.items() if k not in ("tiles",)},
     }
+    group.attrs["hiresctl"] = meta
     for level, (lh, lw) in enumerate(plan.shapes):
         shard = _shard_side(level, plan.passes, options.chunk)
         chunks = (info.channels, options.chunk, options.chunk)
@@ -491,9 +505,12 @@ def _shard_side(level: int, passes: list[tuple[int, int, int]], chunk: int) -> i
     return chunk
 
 
-def _jobs(store: str, plan: _Plan, pass_index: int, options: TileOptions, root: zarr.Group) -> list[BlockJob]:
+def _jobs(
+    store: str, plan: _Plan, pass_index: int, options: TileOptions, root: zarr.Group
+) -> list[BlockJob]:
     base, top, block = plan.passes[pass_index]
-    done = np.asarray(root[f"{plan.group}/_progress_{pass_index}"][...])
+    progress: Any = root[f"{plan.group}/_progress_{pass_index}"]
+    done = np.asarray(progress[...])
     return [
         BlockJob(store, plan.group, plan.spec, options, pass_index, base, top, block, r, c)
         for r, c in zip(*np.nonzero(done == 0), strict=True)
@@ -524,10 +541,13 @@ def _execute(
     import dask
     from dask.callbacks import Callback
 
-    tasks = [dask.delayed(run_block, pure=False)(j, dask_key_name=f"block-{i}") for i, j in enumerate(jobs)]
+    tasks = [
+        dask.delayed(run_block, pure=False)(j, dask_key_name=f"block-{i}")
+        for i, j in enumerate(jobs)
+    ]
     by_key = {f"block-{i}": j for i, j in enumerate(jobs)}
 
-    class _Progress(Callback):  # type: ignore[misc]
+    class _Progress(Callback):
         def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
             if key in by_key:
                 on_done(by_key[key], result)
@@ -542,12 +562,15 @@ def _execute(
 def _finalize(root: zarr.Group, plan: _Plan, options: TileOptions) -> None:
     group = root[plan.group]
     assert isinstance(group, zarr.Group)
-    attrs = dict(group.attrs["hiresctl"])
-    channels, height, width = attrs["shape"]
+    attrs = hires_attrs(group)
+    _channels, height, width = attrs["shape"]
     # Thumbnail: from the smallest level whose longest side is ≥ the thumbnail size.
     t = options.thumbnail_size
-    src_level = max(i for i, s in enumerate(plan.shapes) if max(s) >= t) if max(plan.shapes[0]) >= t else 0
-    src = np.asarray(group[str(src_level)][...])
+    src_level = (
+        max(i for i, s in enumerate(plan.shapes) if max(s) >= t) if max(plan.shapes[0]) >= t else 0
+    )
+    level_array: Any = group[str(src_level)]
+    src = np.asarray(level_array[...])
     scale = min(1.0, t / max(height, width))
     th, tw = max(1, round(height * scale)), max(1, round(width * scale))
     thumb = _resize(src, th, tw)
@@ -555,7 +578,11 @@ def _finalize(root: zarr.Group, plan: _Plan, options: TileOptions) -> None:
     if THUMBNAIL in group:
         del group[THUMBNAIL]
     arr = group.create_array(
-        THUMBNAIL, shape=thumb.shape, dtype=dtype, chunks=thumb.shape, dimension_names=("c", "y", "x"),
+        THUMBNAIL,
+        shape=thumb.shape,
+        dtype=dtype,
+        chunks=thumb.shape,
+        dimension_names=("c", "y", "x"),
         compressors=[ZstdCodec(level=3)],
     )
     arr[...] = thumb
@@ -567,10 +594,17 @@ def _finalize(root: zarr.Group, plan: _Plan, options: TileOptions) -> None:
         del labels["foreground"]
     fg = labels.create_group("foreground")
     fg.attrs["ome"] = label_multiscales(
-        "foreground", (height / th, width / tw), attrs.get("mpp"), {0: [0, 0, 0, 0], 1: [255, 0, 0, 128]}
+        "foreground",
+        (height / th, width / tw),
+        attrs.get("mpp"),
+        {0: [0, 0, 0, 0], 1: [255, 0, 0, 128]},
     )
     level = fg.create_array(
-        "0", shape=mask.shape, dtype="uint8", chunks=mask.shape, dimension_names=("c", "y", "x"),
+        "0",
+        shape=mask.shape,
+        dtype="uint8",
+        chunks=mask.shape,
+        dimension_names=("c", "y", "x"),
         compressors=[ZstdCodec(level=3)],
     )
     level[...] = mask
@@ -593,7 +627,9 @@ def _resize(src: np.ndarray, height: int, width: int) -> np.ndarray:
         return src
     from skimage.transform import resize
 
-    out = resize(src.transpose(1, 2, 0), (height, width), order=1, anti_aliasing=True, preserve_range=True)
+    out = resize(
+        src.transpose(1, 2, 0), (height, width), order=1, anti_aliasing=True, preserve_range=True
+    )
     return np.rint(out).astype(src.dtype).transpose(2, 0, 1)
 
 
@@ -625,7 +661,7 @@ def _write_manifest(root: zarr.Group) -> None:
         images = root[IMAGES]
         assert isinstance(images, zarr.Group)
         for key in sorted(images.group_keys()):
-            a = images[key].attrs.get("hiresctl", {})
+            a = hires_attrs(images[key])
             rows.append(
                 {
                     "id": key,
@@ -638,7 +674,7 @@ def _write_manifest(root: zarr.Group) -> None:
                     "status": a.get("status"),
                 }
             )
-    meta = dict(root.attrs["hiresctl"])
+    meta = hires_attrs(root)
     meta["manifest"] = rows
     root.attrs["hiresctl"] = meta
 
@@ -651,8 +687,8 @@ def _open_root(store: str, options: TileOptions) -> zarr.Group:
         root = zarr.open_group(store, mode="a")
     except Exception as exc:
         raise StoreError(store, f"cannot open or create a Zarr store: {exc}") from exc
-    meta = root.attrs.get("hiresctl")
-    if meta is None:
+    meta = hires_attrs(root)
+    if not meta:
         if len(list(root.keys())) > 0:
             raise StoreError(store, "is a Zarr group with other content, not a hiresctl dataset")
         root.attrs["hiresctl"] = {
@@ -668,7 +704,7 @@ def _open_root(store: str, options: TileOptions) -> zarr.Group:
 def _provenance(options: TileOptions) -> dict[str, Any]:
     import importlib.metadata as md
 
-    versions = {}
+    versions: dict[str, str | None] = {}
     for pkg in ("hiresctl", "zarr", "tifffile", "imagecodecs", "openslide-python", "dask", "numpy"):
         try:
             versions[pkg] = md.version(pkg)
@@ -718,7 +754,9 @@ def tile(
         try:
             plan = _prepare(root, store, spec, options, labels, taken)
         except SourceError as exc:
-            plan = _Plan(spec=spec, result=ImageResult(source=spec.name, error=exc.problem), failed=True)
+            plan = _Plan(
+                spec=spec, result=ImageResult(source=spec.name, error=exc.problem), failed=True
+            )
         except Exception as exc:  # an unexpected problem with one file must not stop the others
             plan = _Plan(
                 spec=spec,
@@ -727,7 +765,9 @@ def tile(
             )
         plans.append(plan)
         if plan.failed or plan.result.status == "skipped":
-            plan.result.seconds = round(time.perf_counter() - plan.started, 3) if plan.started else 0.0
+            plan.result.seconds = (
+                round(time.perf_counter() - plan.started, 3) if plan.started else 0.0
+            )
             emit(plan.result)
     active = [p for p in plans if not p.failed and p.result.status != "skipped"]
     by_group = {p.group: p for p in active}
@@ -760,7 +800,14 @@ def tile(
             for job in _jobs(store, p, pass_index, options, root)
         ]
         done[0] += sum(
-            int(np.prod([math.ceil(s / p.passes[pass_index][2]) for s in p.shapes[p.passes[pass_index][0]]]))
+            int(
+                np.prod(
+                    [
+                        math.ceil(s / p.passes[pass_index][2])
+                        for s in p.shapes[p.passes[pass_index][0]]
+                    ]
+                )
+            )
             for p in active
             if not p.failed and pass_index < len(p.passes)
         ) - len(jobs)

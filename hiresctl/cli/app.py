@@ -64,7 +64,9 @@ def synth(
     kind: Annotated[str, typer.Argument(help="What to synthesize: ultramnist, megapixel-mnist.")],
     out: Annotated[Path, typer.Argument(help="Output folder (images/ and labels.csv).")],
     count: Annotated[int, typer.Option(help="Number of images.")] = 16,
-    size: Annotated[int | None, typer.Option(help="Canvas side in pixels (default per kind).")] = None,
+    size: Annotated[
+        int | None, typer.Option(help="Canvas side in pixels (default per kind).")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Random seed; same seed, same images.")] = 0,
     task: Annotated[
         str, typer.Option(help="megapixel-mnist label: majority, max, top, multi-label.")
@@ -122,9 +124,13 @@ def tile(
     block_size: Annotated[
         int, typer.Option(help="Pixels per task side (memory per worker thread ∝ its square).")
     ] = 4096,
-    codec: Annotated[Codec, typer.Option(help="zstd (lossless) or jpeg (8-bit, lossy).")] = Codec.zstd,
+    codec: Annotated[
+        Codec, typer.Option(help="zstd (lossless) or jpeg (8-bit, lossy).")
+    ] = Codec.zstd,
     jpeg_quality: Annotated[int, typer.Option(help="JPEG quality for --codec jpeg.")] = 90,
-    thumbnail_size: Annotated[int, typer.Option(help="Longest side of the global thumbnail.")] = 1024,
+    thumbnail_size: Annotated[
+        int, typer.Option(help="Longest side of the global thumbnail.")
+    ] = 1024,
     mpp: Annotated[float | None, typer.Option(help="Resample to this pixel size (µm).")] = None,
     mag: Annotated[float | None, typer.Option(help="Resample to this magnification.")] = None,
     source_mpp: Annotated[
@@ -134,12 +140,18 @@ def tile(
         int, typer.Option(help="Refuse sources with more level-0 pixels (decompression bombs).")
     ] = 2**37,
     split_seed: Annotated[int, typer.Option(help="Seed of the train/val/test split.")] = 0,
-    overwrite: Annotated[bool, typer.Option(help="Re-tile images that are already complete.")] = False,
-    workers: Annotated[int | None, typer.Option(help="Threads for the local dask scheduler.")] = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="Re-tile images that are already complete.")
+    ] = False,
+    workers: Annotated[
+        int | None, typer.Option(help="Threads for the local dask scheduler.")
+    ] = None,
     scheduler: Annotated[
         str | None, typer.Option(help="dask.distributed scheduler address, e.g. tcp://host:8786.")
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON line per image on stdout.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON line per image on stdout.")
+    ] = False,
 ) -> None:
     """Tile sources into a chunked OME-Zarr dataset store (resumable; bad inputs fail alone)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -152,7 +164,9 @@ def tile(
     paths = _expand_sources(sources)
     if not paths:
         raise UsageError("no sources given")
-    specs = [SourceSpec(tuple(paths), mosaic=mosaic)] if mosaic else [SourceSpec((p,)) for p in paths]
+    specs = (
+        [SourceSpec(tuple(paths), mosaic=mosaic)] if mosaic else [SourceSpec((p,)) for p in paths]
+    )
     options = TileOptions(
         chunk=chunk, block_size=block_size, codec=codec.value, jpeg_quality=jpeg_quality, thumbnail_size=thumbnail_size,
         mpp=mpp, mag=mag, source_mpp=source_mpp, max_pixels=max_pixels, split_seed=split_seed,
@@ -177,7 +191,9 @@ def tile(
             if result.status == "failed":
                 failed.append(result)
                 progress.console.print(
-                    f"[red]failed[/] {result.source}: {result.error}", highlight=False, soft_wrap=True
+                    f"[red]failed[/] {result.source}: {result.error}",
+                    highlight=False,
+                    soft_wrap=True,
                 )
             elif not as_json:
                 progress.console.print(
@@ -188,7 +204,9 @@ def tile(
 
         results = run_tile(specs, out, options, table, on_result=on_result, on_block=on_block)
     ok = len(results) - len(failed)
-    err.print(f"{ok} of {len(results)} images in {out}" + (f"; {len(failed)} failed" if failed else ""))
+    err.print(
+        f"{ok} of {len(results)} images in {out}" + (f"; {len(failed)} failed" if failed else "")
+    )
     if failed:
         raise typer.Exit(1)
 
@@ -199,7 +217,9 @@ def tile(
 @app.command()
 def info(
     dataset: Annotated[Path, typer.Argument(help="Dataset store.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object on stdout.")
+    ] = False,
 ) -> None:
     """Describe a dataset store: images, shapes, levels, labels, splits, status."""
     from storage.store import Dataset
@@ -219,18 +239,6 @@ def info(
             row["status"] if row["status"] == "complete" else f"[yellow]{row['status']}[/]",
         )  # fmt: skip
     Console().print(table)
-
-
-def _register_extra_commands() -> None:
-    """Training-side commands live in their own modules (they import torch lazily)."""
-    try:
-        from hiresctl.cli import train_commands  # noqa: F401
-    except ImportError as exc:  # pragma: no cover - only when the module is absent
-        if "train_commands" not in str(exc):
-            raise
-
-
-_register_extra_commands()
 
 
 def main() -> None:

@@ -66,7 +66,9 @@ def test_pyramidal_ome_tiff_levels_and_pixel_size(tmp_path: Path) -> None:
     reader = open_source(path)
     assert reader.info.level_shapes == ((1024, 768), (512, 384))
     assert reader.info.mpp == pytest.approx(0.25)
-    np.testing.assert_array_equal(reader.read_region(1, 10, 20, 50, 60), _expect(pixels[::2, ::2], 10, 20, 50, 60))
+    np.testing.assert_array_equal(
+        reader.read_region(1, 10, 20, 50, 60), _expect(pixels[::2, ::2], 10, 20, 50, 60)
+    )
 
 
 def test_png_and_jpeg(tmp_path: Path) -> None:

@@ -62,7 +62,9 @@ def test_store_is_valid_ome_ngff_read_by_ome_zarr(tmp_path: Path) -> None:
     nodes = list(Reader(parse_url(str(tmp_path / "ds.zarr" / "images" / "coord")))())
     image = nodes[0]
     assert len(image.data) == len(level_shapes(300, 200, 64))
-    np.testing.assert_array_equal(np.asarray(image.data[0]), coord_pixels(300, 200).transpose(2, 0, 1))
+    np.testing.assert_array_equal(
+        np.asarray(image.data[0]), coord_pixels(300, 200).transpose(2, 0, 1)
+    )
     scales = [d["coordinateTransformations"][0]["scale"] for d in ome["multiscales"][0]["datasets"]]
     assert scales[1] == [1.0, 2.0, 2.0]
 
@@ -102,7 +104,11 @@ def test_jpeg_codec_store_is_close_and_smaller(tmp_path: Path) -> None:
 
 def test_jpeg_codec_refuses_16_bit(tmp_path: Path) -> None:
     src = _tiff(tmp_path / "g16.tif", coord_pixels(64, 64, 1, "uint16")[..., 0])
-    [result] = tile([SourceSpec((str(src),))], tmp_path / "ds.zarr", TileOptions(codec="jpeg", chunk=32, block_size=64))
+    [result] = tile(
+        [SourceSpec((str(src),))],
+        tmp_path / "ds.zarr",
+        TileOptions(codec="jpeg", chunk=32, block_size=64),
+    )
     assert result.status == "failed" and "8-bit" in (result.error or "")
 
 
@@ -126,7 +132,9 @@ def test_labels_csv_and_missing_label(tmp_path: Path) -> None:
     b = _tiff(tmp_path / "b.tif", coord_pixels(64, 64))
     csv = tmp_path / "labels.csv"
     csv.write_text("source,label,split\na.tif,tumor,test\n")
-    results = tile([SourceSpec((str(a),)), SourceSpec((str(b),))], tmp_path / "ds.zarr", SMALL, LabelTable(csv))
+    results = tile(
+        [SourceSpec((str(a),)), SourceSpec((str(b),))], tmp_path / "ds.zarr", SMALL, LabelTable(csv)
+    )
     assert results[0].status == "written"
     assert results[1].status == "failed" and "no label" in (results[1].error or "")
     entry = Dataset(tmp_path / "ds.zarr").entry("a")
@@ -139,7 +147,7 @@ def test_labels_csv_errors_are_usage_errors(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="needs columns 'source' and 'label'"):
         LabelTable(bad)
     bad.write_text("source,label,split\nx,1,holdout\n")
-    with pytest.raises(UsageError, match="bad.csv:2: split 'holdout'"):
+    with pytest.raises(UsageError, match=r"bad\.csv:2: split 'holdout'"):
         LabelTable(bad)
 
 
@@ -148,7 +156,14 @@ def test_rerun_skips_complete_images_and_retiles_changed_ones(tmp_path: Path) ->
     out = tmp_path / "ds.zarr"
     assert tile([SourceSpec((str(src),))], out, SMALL)[0].status == "written"
     assert tile([SourceSpec((str(src),))], out, SMALL)[0].status == "skipped"
-    assert tile([SourceSpec((str(src),))], out, TileOptions(chunk=32, block_size=128, thumbnail_size=64, overwrite=True))[0].status == "written"
+    assert (
+        tile(
+            [SourceSpec((str(src),))],
+            out,
+            TileOptions(chunk=32, block_size=128, thumbnail_size=64, overwrite=True),
+        )[0].status
+        == "written"
+    )
     changed = coord_pixels(100, 100)[::-1].copy()
     _tiff(src, changed)
     assert tile([SourceSpec((str(src),))], out, SMALL)[0].status == "written"
@@ -170,7 +185,11 @@ def test_resample_to_coarser_pixel_size(tmp_path: Path) -> None:
 
 def test_mpp_without_pixel_size_names_the_fix(tmp_path: Path) -> None:
     src = _tiff(tmp_path / "a.tif", coord_pixels(64, 64))
-    [result] = tile([SourceSpec((str(src),))], tmp_path / "ds.zarr", TileOptions(mpp=1.0, chunk=32, block_size=64))
+    [result] = tile(
+        [SourceSpec((str(src),))],
+        tmp_path / "ds.zarr",
+        TileOptions(mpp=1.0, chunk=32, block_size=64),
+    )
     assert result.status == "failed" and "--source-mpp" in (result.error or "")
 
 
@@ -208,7 +227,9 @@ def test_resume_after_sigkill_redoes_only_missing_blocks(tmp_path: Path) -> None
     assert 50 <= done < 32 * 32, "the kill must land mid-tiling"
     entry = Dataset(out).entry("big")
     assert entry.status == "incomplete"
-    assert "ome" not in zarr.open_group(out / "images" / "big", mode="r").attrs  # not an NGFF image yet
+    assert (
+        "ome" not in zarr.open_group(out / "images" / "big", mode="r").attrs
+    )  # not an NGFF image yet
     rerun = subprocess.run([*args, "--json"], capture_output=True, text=True, check=True)
     result = json.loads(rerun.stdout.splitlines()[0])
     assert result["status"] == "resumed"
@@ -235,7 +256,9 @@ def test_dask_distributed_local_cluster(tmp_path: Path) -> None:
         opts = TileOptions(chunk=32, block_size=64, thumbnail_size=64, scheduler=address)
         [result] = tile([SourceSpec((str(src),))], tmp_path / "ds.zarr", opts)
     assert result.status == "written", result.error
-    np.testing.assert_array_equal(Dataset(tmp_path / "ds.zarr").level("a", 0)[...], pixels.transpose(2, 0, 1))
+    np.testing.assert_array_equal(
+        Dataset(tmp_path / "ds.zarr").level("a", 0)[...], pixels.transpose(2, 0, 1)
+    )
 
 
 def test_storage_never_imports_torch() -> None:
@@ -244,4 +267,6 @@ def test_storage_never_imports_torch() -> None:
         "bad = [m for m in ('torch', 'hiresctl') if m in sys.modules]\n"
         "assert not bad, bad"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    subprocess.run(
+        [sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": os.getcwd()}
+    )

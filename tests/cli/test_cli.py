@@ -1,0 +1,88 @@
+"""The command line as a user meets it: exit codes, one-line errors, JSON on stdout."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+from tests.conftest import coord_pixels
+
+
+def test_version(cli) -> None:
+    result = cli("--version")
+    assert result.code == 0 and result.stdout.startswith("hiresctl 0.")
+
+
+def test_synth_tile_info_pipeline(cli, tmp_path: Path) -> None:
+    synth = cli(
+        "synth", "ultramnist", tmp_path / "s", "--count", "4", "--size", "256", "--classes", "10"
+    )
+    assert synth.code == 0, synth.stderr
+    tiled = cli("tile", tmp_path / "s" / "images", "--labels", tmp_path / "s" / "labels.csv",
+                "--out", tmp_path / "ds.zarr", "--json", "--chunk", "64")  # fmt: skip
+    assert tiled.code == 0, tiled.stderr
+    lines = [json.loads(line) for line in tiled.stdout.splitlines()]
+    assert [r["status"] for r in lines] == ["written"] * 4
+    info = json.loads(cli("info", tmp_path / "ds.zarr", "--json").stdout)
+    assert info["format_version"] == "1.0"
+    rows = {r["id"]: r for r in info["images"]}
+    csv_rows = (tmp_path / "s" / "labels.csv").read_text().splitlines()[1:]
+    for line in csv_rows:
+        source, label, split = line.split(",")
+        row = rows[Path(source).stem]
+        assert (row["label"], row["split"], row["status"]) == (label, split, "complete")
+        assert row["group"] == f"images/{Path(source).stem}" and row["shape"] == [1, 256, 256]
+
+
+def test_bad_inputs_exit_1_and_name_each_file(cli, tmp_path: Path) -> None:
+    good = tmp_path / "good.tif"
+    tifffile.imwrite(good, coord_pixels(64, 64))
+    (tmp_path / "junk.tif").write_text("junk")
+    result = cli(
+        "tile", good, tmp_path / "junk.tif", tmp_path / "gone.svs", "--out", tmp_path / "ds.zarr"
+    )
+    assert result.code == 1
+    assert "Traceback" not in result.stderr
+    assert (
+        f"{tmp_path / 'junk.tif'}: not a readable TIFF" in result.stderr.replace("\n", "")
+        or "junk.tif" in result.stderr
+    )
+    assert "gone.svs: file not found" in result.stderr
+    info = json.loads(cli("info", tmp_path / "ds.zarr", "--json").stdout)
+    assert [r["id"] for r in info["images"]] == ["good"]
+
+
+def test_usage_errors_exit_2(cli, tmp_path: Path) -> None:
+    for args in (
+        ["--chunk", "100"],
+        ["--codec", "png"],
+        ["--mpp", "0.5", "--mag", "20"],
+        ["--workers", "0"],
+    ):
+        result = cli("tile", tmp_path / "x.tif", "--out", tmp_path / "ds.zarr", *args)
+        assert result.code == 2, (args, result.stderr)
+        assert "Traceback" not in result.stderr
+
+
+def test_info_on_missing_store_is_one_line(cli, tmp_path: Path) -> None:
+    result = cli("info", tmp_path / "nothing.zarr")
+    assert result.code == 1
+    assert result.stderr.strip().count("\n") == 0 and "no dataset store here" in result.stderr
+
+
+def test_sources_from_stdin(cli, tmp_path: Path, monkeypatch) -> None:
+    import io
+    import sys
+
+    paths = []
+    for i in range(2):
+        p = tmp_path / f"s{i}.tif"
+        tifffile.imwrite(p, np.full((32, 32), i, np.uint8))
+        paths.append(str(p))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(paths) + "\n"))
+    result = cli("tile", "-", "--out", tmp_path / "ds.zarr", "--json", "--chunk", "16")
+    assert result.code == 0, result.stderr
+    assert [json.loads(line)["id"] for line in result.stdout.splitlines()] == ["s0", "s1"]
