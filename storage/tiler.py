@@ -505,6 +505,12 @@ def _shard_side(level: int, passes: list[tuple[int, int, int]], chunk: int) -> i
     return chunk
 
 
+def _pass_blocks(plan: _Plan, pass_index: int) -> int:
+    base, _top, block = plan.passes[pass_index]
+    height, width = plan.shapes[base]
+    return math.ceil(height / block) * math.ceil(width / block)
+
+
 def _jobs(
     store: str, plan: _Plan, pass_index: int, options: TileOptions, root: zarr.Group
 ) -> list[BlockJob]:
@@ -772,11 +778,7 @@ def tile(
     active = [p for p in plans if not p.failed and p.result.status != "skipped"]
     by_group = {p.group: p for p in active}
     max_passes = max((len(p.passes) for p in active), default=0)
-    total = sum(
-        int(np.prod([math.ceil(s / b) for s in p.shapes[base]]))
-        for p in active
-        for base, _, b in p.passes
-    )
+    total = sum(_pass_blocks(p, i) for p in active for i in range(len(p.passes)))
     done = [0]
     lock = threading.Lock()
 
@@ -799,15 +801,9 @@ def tile(
             if not p.failed and pass_index < len(p.passes)
             for job in _jobs(store, p, pass_index, options, root)
         ]
+        # blocks finished by an earlier, interrupted run count as done
         done[0] += sum(
-            int(
-                np.prod(
-                    [
-                        math.ceil(s / p.passes[pass_index][2])
-                        for s in p.shapes[p.passes[pass_index][0]]
-                    ]
-                )
-            )
+            _pass_blocks(p, pass_index)
             for p in active
             if not p.failed and pass_index < len(p.passes)
         ) - len(jobs)

@@ -1,0 +1,197 @@
+"""Tiling benchmarks T1-T3 of PERFORMANCE.md, side by side in one run.
+
+    python benchmarks/tiling.py [--side 16384] [--big-side 40960] [--repeats 3]
+
+T1  hiresctl tile --codec jpeg    vs  vips tiffsave --tile --pyramid --compression jpeg --Q 90
+T2  hiresctl tile (zstd)          vs  a hand-written tifffile + dask + zarr route
+T3  peak RSS of hiresctl tile on a --big-side source (and on the --side one, to show it is flat)
+
+Inputs are WSI-like pyramidal JPEG TIFFs generated from scikit-image's immunohistochemistry
+photograph (tissue on about half the area, white background); they go to benchmarks/data/
+(ignored by git). Results are appended as a table to BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE / "data"
+TILE = 256
+
+
+def make_slide(path: Path, side: int) -> Path:
+    """A pyramidal JPEG TIFF written tile by tile (never the whole image in memory)."""
+    import tifffile
+    from skimage.data import immunohistochemistry
+
+    if path.exists():
+        return path
+    texture = immunohistochemistry()  # 512x512 RGB stained tissue
+    rng = np.random.default_rng(0)
+    center, radius = side / 2, side * 0.4  # disc covering ~50% of the square
+
+    def tiles(level_side: int, scale: int):
+        for ty in range(0, level_side, TILE):
+            for tx in range(0, level_side, TILE):
+                yy, xx = np.mgrid[ty : ty + TILE, tx : tx + TILE] * scale
+                inside = (yy - center) ** 2 + (xx - center) ** 2 < radius**2
+                oy, ox = rng.integers(0, 512 - TILE, size=2)
+                tile = texture[oy : oy + TILE, ox : ox + TILE].copy()
+                if rng.random() < 0.5:
+                    tile = tile[::-1]
+                tile[~inside] = 245
+                yield tile
+
+    tmp = path.with_suffix(".partial")
+    levels = []
+    s = side
+    while s >= TILE * 2:
+        levels.append(s)
+        s //= 2
+    with tifffile.TiffWriter(tmp, bigtiff=True) as tw:
+        for i, level_side in enumerate(levels):
+            tw.write(
+                tiles(level_side, side // level_side),
+                shape=(level_side, level_side, 3),
+                dtype="uint8",
+                tile=(TILE, TILE),
+                compression="jpeg",
+                compressionargs={"level": 90},
+                photometric="rgb",
+                subifds=len(levels) - 1 if i == 0 else None,
+                subfiletype=1 if i else 0,
+                resolution=(1e4 / 0.25, 1e4 / 0.25),
+                resolutionunit="CENTIMETER",
+            )
+    tmp.rename(path)
+    return path
+
+
+def run_timed(cmd: list[str]) -> tuple[float, float]:
+    """Wall seconds and peak RSS (GB) of a command and its children, polled every 20 ms."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    peak = 0
+    ps = psutil.Process(proc.pid)
+    while proc.poll() is None:
+        try:
+            rss = ps.memory_info().rss + sum(c.memory_info().rss for c in ps.children(recursive=True))
+            peak = max(peak, rss)
+        except psutil.Error:
+            pass
+        time.sleep(0.02)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd[:3]} failed: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}")
+    return seconds, peak / 1e9
+
+
+HANDWRITTEN = r"""
+import sys, dask.array as da, tifffile, zarr
+from zarr.codecs import ZstdCodec
+src, out = sys.argv[1], sys.argv[2]
+store = tifffile.imread(src, aszarr=True, level=0)
+arr = da.from_zarr(zarr.open_array(store, mode="r")).rechunk((256, 256, 3))
+root = zarr.open_group(out, mode="w")
+level = 0
+while True:
+    target = root.create_array(str(level), shape=arr.shape, chunks=(256, 256, 3), dtype="uint8",
+                               compressors=[ZstdCodec(level=3)])
+    da.store(arr, target, lock=False)
+    if max(arr.shape[:2]) <= 1024:
+        break
+    src_level = da.from_zarr(target)
+    h, w = (s - s % 2 for s in src_level.shape[:2])
+    arr = da.coarsen(lambda x, axis: x.mean(axis=axis), src_level[:h, :w].astype("f4"), {0: 2, 1: 2}).astype("uint8").rechunk((256, 256, 3))
+    level += 1
+"""
+
+
+def bench(name: str, cmd_factory, repeats: int, out: Path) -> tuple[float, float]:
+    times, peaks = [], []
+    for _ in range(repeats):
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        seconds, peak = run_timed(cmd_factory())
+        times.append(seconds)
+        peaks.append(peak)
+        print(f"  {name}: {seconds:.2f} s, peak RSS {peak:.2f} GB", flush=True)
+    return statistics.median(times), max(peaks)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--side", type=int, default=16384)
+    parser.add_argument("--big-side", type=int, default=40960)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip-big", action="store_true")
+    args = parser.parse_args()
+    DATA.mkdir(exist_ok=True)
+    hires = [sys.executable, "-m", "hiresctl", "tile"]
+    print(f"generating {args.side}² slide", flush=True)
+    slide = make_slide(DATA / f"slide_{args.side}.tif", args.side)
+    rows = []
+    out = DATA / "out"
+    vips = shutil.which("vips")
+    if vips is None:
+        sys.exit("vips not found: apt-get install libvips-tools")
+
+    print("T1: JPEG store vs vips tiffsave", flush=True)
+    t_h, m_h = bench("hiresctl --codec jpeg", lambda: [*hires, str(slide), "--out", str(out / "h.zarr"), "--codec", "jpeg", "--jpeg-quality", "90"], args.repeats, out)
+    t_v, m_v = bench("vips tiffsave", lambda: [vips, "tiffsave", str(slide), str(out / "v.tif"), "--tile", "--pyramid", "--compression", "jpeg", "--Q", "90", "--tile-width", "256", "--tile-height", "256"], args.repeats, out)  # fmt: skip
+    rows.append(("T1", f"{args.side}² JPEG → JPEG pyramid", "vips tiffsave --tile --pyramid", t_h, t_v, m_h, m_v, "≤ 1.0×"))
+
+    print("T2: lossless store vs hand-written tifffile+dask+zarr", flush=True)
+    t_h2, m_h2 = bench("hiresctl (zstd)", lambda: [*hires, str(slide), "--out", str(out / "h.zarr")], args.repeats, out)
+    script = DATA / "handwritten.py"
+    script.write_text(HANDWRITTEN)
+    t_p, m_p = bench("tifffile+dask+zarr", lambda: [sys.executable, str(script), str(slide), str(out / "p.zarr")], args.repeats, out)
+    rows.append(("T2", f"{args.side}² JPEG → lossless pyramid", "tifffile+dask+zarr by hand", t_h2, t_p, m_h2, m_p, "≥ 5× faster"))
+
+    if not args.skip_big:
+        print(f"T3: peak RSS on a {args.big_side}² source", flush=True)
+        big = make_slide(DATA / f"slide_{args.big_side}.tif", args.big_side)
+        t_b, m_b = bench("hiresctl (zstd) big", lambda: [*hires, str(big), "--out", str(out / "h.zarr")], 1, out)
+        rows.append(("T3", f"{args.big_side}² JPEG → lossless pyramid", "—", t_b, float("nan"), m_b, float("nan"), "< 1.5 GB, flat"))
+    shutil.rmtree(out, ignore_errors=True)
+    write_table(rows, args)
+
+
+def write_table(rows, args) -> None:
+    cpu = f"{os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, {platform.processor() or platform.machine()}"
+    lines = [
+        f"\n## Tiling (T1–T3), {time.strftime('%Y-%m-%d')}, {cpu}\n",
+        f"Command: `python benchmarks/tiling.py --side {args.side} --big-side {args.big_side} --repeats {args.repeats}`; "
+        f"median of {args.repeats} runs, peak RSS includes child processes.\n",
+        "| row | input | peer | hiresctl s | peer s | peer/hiresctl (speed-up) | hiresctl peak GB | peer peak GB | target |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row, what, peer, t_h, t_p, m_h, m_p, target in rows:
+        ratio = t_p / t_h if t_p == t_p else float("nan")
+        lines.append(
+            f"| {row} | {what} | {peer} | {t_h:.2f} | {t_p:.2f} | {ratio:.2f}× | {m_h:.2f} | {m_p:.2f} | {target} |"
+        )
+    text = "\n".join(lines) + "\n"
+    print(text)
+    bench_md = HERE.parent / "BENCHMARKS.md"
+    if not bench_md.exists():
+        bench_md.write_text("# Benchmarks\n\nSide-by-side measurements (see ../shared/PERFORMANCE.md for the rows).\n")
+    with open(bench_md, "a") as fh:
+        fh.write(text)
+
+
+if __name__ == "__main__":
+    main()
