@@ -20,7 +20,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -88,19 +87,23 @@ def run_timed(cmd: list[str]) -> tuple[float, float]:
     ps = psutil.Process(proc.pid)
     while proc.poll() is None:
         try:
-            rss = ps.memory_info().rss + sum(c.memory_info().rss for c in ps.children(recursive=True))
+            rss = ps.memory_info().rss + sum(
+                c.memory_info().rss for c in ps.children(recursive=True)
+            )
             peak = max(peak, rss)
         except psutil.Error:
             pass
         time.sleep(0.02)
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
-        raise RuntimeError(f"{cmd[:3]} failed: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}")
+        raise RuntimeError(
+            f"{cmd[:3]} failed: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}"
+        )
     return seconds, peak / 1e9
 
 
 HANDWRITTEN = r"""
-import sys, dask.array as da, tifffile, zarr
+import sys, dask.array as da, numpy as np, tifffile, zarr
 from zarr.codecs import ZstdCodec
 src, out = sys.argv[1], sys.argv[2]
 store = tifffile.imread(src, aszarr=True, level=0)
@@ -115,7 +118,7 @@ while True:
         break
     src_level = da.from_zarr(target)
     h, w = (s - s % 2 for s in src_level.shape[:2])
-    arr = da.coarsen(lambda x, axis: x.mean(axis=axis), src_level[:h, :w].astype("f4"), {0: 2, 1: 2}).astype("uint8").rechunk((256, 256, 3))
+    arr = da.coarsen(np.mean, src_level[:h, :w].astype("f4"), {0: 2, 1: 2}).round().astype("uint8").rechunk((256, 256, 3))
     level += 1
 """
 
@@ -133,7 +136,9 @@ def bench(name: str, cmd_factory, repeats: int, out: Path) -> tuple[float, float
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--side", type=int, default=16384)
     parser.add_argument("--big-side", type=int, default=40960)
     parser.add_argument("--repeats", type=int, default=3)
@@ -150,22 +155,81 @@ def main() -> None:
         sys.exit("vips not found: apt-get install libvips-tools")
 
     print("T1: JPEG store vs vips tiffsave", flush=True)
-    t_h, m_h = bench("hiresctl --codec jpeg", lambda: [*hires, str(slide), "--out", str(out / "h.zarr"), "--codec", "jpeg", "--jpeg-quality", "90"], args.repeats, out)
+    t_h, m_h = bench(
+        "hiresctl --codec jpeg",
+        lambda: [
+            *hires,
+            str(slide),
+            "--out",
+            str(out / "h.zarr"),
+            "--codec",
+            "jpeg",
+            "--jpeg-quality",
+            "90",
+        ],
+        args.repeats,
+        out,
+    )
     t_v, m_v = bench("vips tiffsave", lambda: [vips, "tiffsave", str(slide), str(out / "v.tif"), "--tile", "--pyramid", "--compression", "jpeg", "--Q", "90", "--tile-width", "256", "--tile-height", "256"], args.repeats, out)  # fmt: skip
-    rows.append(("T1", f"{args.side}² JPEG → JPEG pyramid", "vips tiffsave --tile --pyramid", t_h, t_v, m_h, m_v, "≤ 1.0×"))
+    rows.append(
+        (
+            "T1",
+            f"{args.side}² JPEG → JPEG pyramid",
+            "vips tiffsave --tile --pyramid",
+            t_h,
+            t_v,
+            m_h,
+            m_v,
+            "≤ 1.0×",
+        )
+    )
 
     print("T2: lossless store vs hand-written tifffile+dask+zarr", flush=True)
-    t_h2, m_h2 = bench("hiresctl (zstd)", lambda: [*hires, str(slide), "--out", str(out / "h.zarr")], args.repeats, out)
+    t_h2, m_h2 = bench(
+        "hiresctl (zstd)",
+        lambda: [*hires, str(slide), "--out", str(out / "h.zarr")],
+        args.repeats,
+        out,
+    )
     script = DATA / "handwritten.py"
     script.write_text(HANDWRITTEN)
-    t_p, m_p = bench("tifffile+dask+zarr", lambda: [sys.executable, str(script), str(slide), str(out / "p.zarr")], args.repeats, out)
-    rows.append(("T2", f"{args.side}² JPEG → lossless pyramid", "tifffile+dask+zarr by hand", t_h2, t_p, m_h2, m_p, "≥ 5× faster"))
+    t_p, m_p = bench(
+        "tifffile+dask+zarr",
+        lambda: [sys.executable, str(script), str(slide), str(out / "p.zarr")],
+        args.repeats,
+        out,
+    )
+    rows.append(
+        (
+            "T2",
+            f"{args.side}² JPEG → lossless pyramid",
+            "tifffile+dask+zarr by hand",
+            t_h2,
+            t_p,
+            m_h2,
+            m_p,
+            "≥ 5× faster",
+        )
+    )
 
     if not args.skip_big:
         print(f"T3: peak RSS on a {args.big_side}² source", flush=True)
         big = make_slide(DATA / f"slide_{args.big_side}.tif", args.big_side)
-        t_b, m_b = bench("hiresctl (zstd) big", lambda: [*hires, str(big), "--out", str(out / "h.zarr")], 1, out)
-        rows.append(("T3", f"{args.big_side}² JPEG → lossless pyramid", "—", t_b, float("nan"), m_b, float("nan"), "< 1.5 GB, flat"))
+        t_b, m_b = bench(
+            "hiresctl (zstd) big", lambda: [*hires, str(big), "--out", str(out / "h.zarr")], 1, out
+        )
+        rows.append(
+            (
+                "T3",
+                f"{args.big_side}² JPEG → lossless pyramid",
+                "—",
+                t_b,
+                float("nan"),
+                m_b,
+                float("nan"),
+                "< 1.5 GB, flat",
+            )
+        )
     shutil.rmtree(out, ignore_errors=True)
     write_table(rows, args)
 
@@ -188,7 +252,9 @@ def write_table(rows, args) -> None:
     print(text)
     bench_md = HERE.parent / "BENCHMARKS.md"
     if not bench_md.exists():
-        bench_md.write_text("# Benchmarks\n\nSide-by-side measurements (see ../shared/PERFORMANCE.md for the rows).\n")
+        bench_md.write_text(
+            "# Benchmarks\n\nSide-by-side measurements (see ../shared/PERFORMANCE.md for the rows).\n"
+        )
     with open(bench_md, "a") as fh:
         fh.write(text)
 
