@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import numpy as np
 import zarr
+import zarr.abc.store
 
 import storage.codecs  # noqa: F401  (registers the JPEG chunk codec for reading)
 from storage.errors import StoreError
@@ -109,10 +110,14 @@ class ImageEntry:
 class Dataset:
     """Read access to a dataset store (a local folder or any fsspec URL zarr accepts)."""
 
-    def __init__(self, path: str | Path, mode: Literal["r", "r+", "a"] = "r") -> None:
+    def __init__(
+        self, path: str | Path | zarr.abc.store.Store, mode: Literal["r", "r+", "a"] = "r"
+    ) -> None:
         self.path = str(path)
         try:
-            self.root = zarr.open_group(self.path, mode=mode)
+            # A Store object (e.g. a wrapper that counts reads) is used as given.
+            target = path if isinstance(path, zarr.abc.store.Store) else self.path
+            self.root = zarr.open_group(target, mode=mode)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
             raise StoreError(
                 self.path, "no dataset store here (run `hiresctl tile` first)"

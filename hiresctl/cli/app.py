@@ -1,4 +1,4 @@
-"""Typer application: ``hiresctl synth | tile | info`` (training commands register themselves)."""
+"""Typer application: ``hiresctl synth | tile | info | train | eval``."""
 
 from __future__ import annotations
 
@@ -239,6 +239,140 @@ def info(
             row["status"] if row["status"] == "complete" else f"[yellow]{row['status']}[/]",
         )  # fmt: skip
     Console().print(table)
+
+
+# ------------------------------------------------------------------------------------- train
+
+
+class Task(StrEnum):
+    cls = "cls"
+    det = "det"
+    seg = "seg"
+
+
+class DeviceChoice(StrEnum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Option("--data", help="Dataset store (from `hiresctl tile`).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to create (or resume).")],
+    task: Annotated[
+        Task, typer.Option(help="cls (classification); det and seg are coming.")
+    ] = Task.cls,
+    recipe: Annotated[
+        Path | None, typer.Option(help="YAML recipe; optional, each task × method has defaults.")
+    ] = None,
+    method: Annotated[
+        str | None,
+        typer.Option(help="patchgd-global (default), patchgd, ips, downsample, full."),
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a recipe key: --set lr=1e-4 (repeatable)."),
+    ] = None,
+    memory_budget: Annotated[
+        str | None,
+        typer.Option(help="e.g. 4GiB: choose patches per step, batch and accumulation to fit."),
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue the run in --out from its last checkpoint.")
+    ] = False,
+    device: Annotated[
+        DeviceChoice, typer.Option(help="auto picks CUDA when present.")
+    ] = DeviceChoice.auto,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the run summary as JSON on stdout.")
+    ] = False,
+) -> None:
+    """Train a memory-bounded model on a dataset store (torchrun-ready)."""
+    from hiresctl.train import Trainer, load_recipe, parse_set
+
+    if task is not Task.cls:
+        raise UsageError(f"--task {task.value}: not available yet in this version; use --task cls")
+    overrides = parse_set(set_ or [])
+    if memory_budget is not None:
+        overrides["memory_budget"] = memory_budget
+    resolved = load_recipe(recipe, task=task.value, method=method, overrides=overrides)
+
+    def log(message: str) -> None:
+        err.print(message, highlight=False, soft_wrap=True)
+
+    trainer = Trainer(data, out, resolved, resume=resume, device=device.value, log=log)
+    for problem in trainer.problems:
+        err.print(f"[yellow]skipped[/] {problem}", highlight=False, soft_wrap=True)
+    if trainer.world.main:
+        r = trainer.recipe
+        log(
+            f"training {r.method} ({r.backbone}, patch {r.patch_size}) on {len(trainer.train_images)} "
+            f"images, validating on {len(trainer.val_images)}, {r.epochs} epochs, device {trainer.device}"
+        )
+    result = trainer.fit()
+    if trainer.world.main:
+        s = result.summary
+        log(
+            f"done: {s['steps']} steps, peak memory {s['peak_memory_gb']:.2f} GB ({s['peak_memory_kind']}), "
+            f"{s['images_per_second'] or 0:.2f} images/s → {out}"
+        )
+        if as_json:
+            typer.echo(json.dumps(s))
+    if result.problems:
+        raise typer.Exit(1)
+
+
+# -------------------------------------------------------------------------------------- eval
+
+
+@app.command("eval")
+def eval_(
+    run: Annotated[Path, typer.Argument(help="Run folder written by `hiresctl train`.")],
+    data: Annotated[Path, typer.Option("--data", help="Dataset store to evaluate on.")],
+    split: Annotated[str, typer.Option(help="Which split of the store.")] = "test",
+    checkpoint: Annotated[str, typer.Option(help="best or last.")] = "best",
+    device: Annotated[
+        DeviceChoice, typer.Option(help="auto picks CUDA when present.")
+    ] = DeviceChoice.auto,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object on stdout.")
+    ] = False,
+) -> None:
+    """Measure a trained run: quality metrics, peak memory and throughput."""
+    from hiresctl.eval import evaluate_classification
+
+    if checkpoint not in ("best", "last"):
+        raise UsageError(f"--checkpoint {checkpoint!r}: choose best or last")
+    result = evaluate_classification(run, data, split, device.value, checkpoint)
+    for problem in result["skipped"]:
+        err.print(f"[yellow]skipped[/] {problem}", highlight=False, soft_wrap=True)
+    if as_json:
+        typer.echo(json.dumps(result))
+    else:
+        table = Table(
+            title=f"{run} on {data} [{split}] ({result['count']} images, {result['method']})"
+        )
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for key, value in result["metrics"].items():
+            table.add_row(key, f"{value:.4f}")
+        table.add_row(
+            "peak memory (GB)", f"{result['peak_memory_gb']:.3f} ({result['peak_memory_kind']})"
+        )
+        table.add_row("images/s", f"{result['images_per_second']:.2f}")
+        Console().print(table)
+        matrix = result["confusion_matrix"]
+        if matrix and len(matrix) <= 30:
+            cm = Table(title="confusion matrix (rows: true, columns: predicted)")
+            cm.add_column("")
+            for name in result["classes"]:
+                cm.add_column(str(name), justify="right")
+            for name, row in zip(result["classes"], matrix, strict=True):
+                cm.add_row(str(name), *(str(v) for v in row))
+            Console().print(cm)
+    if result["skipped"]:
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -1,0 +1,27 @@
+"""Patch sampling and streaming: locations in, tensors out, never a whole level in memory."""
+
+from hiresctl.data.grid import PatchGrid
+from hiresctl.data.images import LabelledImage, class_names, labelled_images, require_images
+from hiresctl.data.reader import PatchReader, normalize, to_tensor, to_unit_rgb
+from hiresctl.data.samplers import GridSampler, RandomPatchSampler, foreground_fraction
+from hiresctl.data.stream import PatchStream, ReadRequest
+from hiresctl.data.transforms import AUGMENTATIONS, PatchAugment
+
+__all__ = [
+    "AUGMENTATIONS",
+    "GridSampler",
+    "LabelledImage",
+    "PatchAugment",
+    "PatchGrid",
+    "PatchReader",
+    "PatchStream",
+    "RandomPatchSampler",
+    "ReadRequest",
+    "class_names",
+    "foreground_fraction",
+    "labelled_images",
+    "normalize",
+    "require_images",
+    "to_tensor",
+    "to_unit_rgb",
+]

@@ -1,0 +1,60 @@
+"""The patch grid of one image: row-major, padded (never cropped) to whole patches."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class PatchGrid:
+    """Square patches of side ``patch_size`` (p) every ``stride`` (s) pixels of one level.
+
+    ``rows = ceil((height - p) / s) + 1`` (at least 1): the image is padded with the store's
+    fill value up to whole patches, so no pixel is dropped. Patch ``idx = row * cols + col``
+    covers ``[row*s, row*s + p) × [col*s, col*s + p)`` and its feature lives at
+    ``latent[b, :, row, col]``.
+    """
+
+    height: int
+    width: int
+    patch_size: int
+    stride: int
+
+    @classmethod
+    def of(cls, height: int, width: int, patch_size: int, stride: int | None = None) -> PatchGrid:
+        return cls(height, width, patch_size, stride or patch_size)
+
+    @property
+    def rows(self) -> int:
+        return _count(self.height, self.patch_size, self.stride)
+
+    @property
+    def cols(self) -> int:
+        return _count(self.width, self.patch_size, self.stride)
+
+    @property
+    def num_patches(self) -> int:
+        """N: patches in the image."""
+        return self.rows * self.cols
+
+    def position(self, index: int | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(row, col) of patch indices (row-major)."""
+        index = np.asarray(index)
+        return index // self.cols, index % self.cols
+
+    def index(self, row: int | np.ndarray, col: int | np.ndarray) -> np.ndarray:
+        return np.asarray(row) * self.cols + np.asarray(col)
+
+    def origin(self, index: int) -> tuple[int, int]:
+        """Top-left pixel (y, x) of patch ``index``."""
+        row, col = divmod(int(index), self.cols)
+        return row * self.stride, col * self.stride
+
+
+def _count(side: int, patch_size: int, stride: int) -> int:
+    if side <= patch_size:
+        return 1
+    return math.ceil((side - patch_size) / stride) + 1

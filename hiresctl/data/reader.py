@@ -1,0 +1,179 @@
+"""Turn patch locations into pixels with chunk-aligned reads from a dataset store."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from hiresctl.data.grid import PatchGrid
+from storage import Dataset, ImageEntry, StoreError
+
+# Backbones expect ImageNet-normalised RGB; stores hold 1, 3 or 4 channels of uint8/uint16.
+_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+
+
+def to_unit_rgb(pixels: np.ndarray) -> torch.Tensor:
+    """(…, c, h, w) store pixels → float32 RGB in [0, 1] (grey repeated, alpha dropped)."""
+    if pixels.dtype == np.uint8:
+        scale = 255.0
+    elif pixels.dtype == np.uint16:
+        scale = 65535.0
+    else:
+        scale = 1.0
+    tensor = torch.from_numpy(np.ascontiguousarray(pixels)).float().div_(scale)
+    channels = tensor.shape[-3]
+    if channels == 1:
+        tensor = tensor.expand(*tensor.shape[:-3], 3, *tensor.shape[-2:])
+    elif channels == 2:  # grey + alpha
+        tensor = tensor[..., :1, :, :].expand(*tensor.shape[:-3], 3, *tensor.shape[-2:])
+    elif channels >= 4:  # drop alpha / extra bands
+        tensor = tensor[..., :3, :, :]
+    return tensor.contiguous()
+
+
+def normalize(tensor: torch.Tensor) -> torch.Tensor:
+    """[0, 1] RGB → ImageNet-normalised (what the backbones expect)."""
+    return (tensor - _MEAN) / _STD
+
+
+def to_tensor(pixels: np.ndarray) -> torch.Tensor:
+    """(…, c, h, w) store pixels → float32 RGB, ImageNet-normalised."""
+    return normalize(to_unit_rgb(pixels))
+
+
+class PatchReader:
+    """Reads patches and global patches of the images of one dataset store.
+
+    Reads are aligned to the store's chunks when ``patch_size`` is a multiple of the chunk and
+    the stride equals the patch size, so one patch costs whole-chunk decodes only. Patches that
+    reach past the image edge are padded with the store's fill value. Thread-safe; counts what
+    it reads (``patches_read``, ``pixels_read``) so tests and benchmarks can check that a step
+    reads only what it needs.
+    """
+
+    def __init__(self, dataset: Dataset | str, level: int = 0, threads: int = 4) -> None:
+        self.dataset = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
+        self.level = level
+        self._entries: dict[str, ImageEntry] = {}
+        self._arrays: dict[tuple[str, int], Any] = {}
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max(1, threads)) if threads > 1 else None
+        self.patches_read = 0
+        self.pixels_read = 0
+
+    # Pickled into DataLoader workers: each worker reopens the store lazily.
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.dataset.path, "level": self.level, "threads": 1}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["path"], state["level"], state["threads"])  # type: ignore[misc]
+
+    def entry(self, image_id: str) -> ImageEntry:
+        with self._lock:
+            if image_id not in self._entries:
+                self._entries[image_id] = self.dataset.entry(image_id)
+            return self._entries[image_id]
+
+    def array(self, image_id: str, level: int | None = None) -> Any:
+        key = (image_id, self.level if level is None else level)
+        with self._lock:
+            if key not in self._arrays:
+                try:
+                    self._arrays[key] = self.dataset.level(*key)
+                except KeyError as exc:
+                    raise StoreError(
+                        f"{self.dataset.path}/images/{image_id}",
+                        f"has no pyramid level {key[1]}",
+                    ) from exc
+            return self._arrays[key]
+
+    def shape(self, image_id: str) -> tuple[int, int, int]:
+        """(c, h, w) of the level patches are read from."""
+        return tuple(self.array(image_id).shape)
+
+    def grid(self, image_id: str, patch_size: int, stride: int | None = None) -> PatchGrid:
+        _, height, width = self.shape(image_id)
+        return PatchGrid.of(height, width, patch_size, stride)
+
+    def read_region(self, image_id: str, y: int, x: int, size: int) -> np.ndarray:
+        """(c, size, size) pixels at (y, x) of the read level, padded past the edges."""
+        array = self.array(image_id)
+        channels, height, width = array.shape
+        y1, x1 = min(y + size, height), min(x + size, width)
+        if y >= 0 and x >= 0 and y1 - y == size and x1 - x == size:
+            out = np.asarray(array[:, y:y1, x:x1])
+        else:
+            out = np.full((channels, size, size), self.entry(image_id).fill_value, array.dtype)
+            if y1 > y and x1 > x:
+                out[:, : y1 - y, : x1 - x] = array[:, y:y1, x:x1]
+        with self._lock:
+            self.patches_read += 1
+            self.pixels_read += size * size
+        return out
+
+    def read_patches(
+        self, image_id: str, grid: PatchGrid, indices: Sequence[int] | np.ndarray
+    ) -> torch.Tensor:
+        """(n, 3, p, p) normalised float patches at the given row-major grid indices."""
+        return normalize(self.read_patches_unit(image_id, grid, indices))
+
+    def read_patches_unit(
+        self, image_id: str, grid: PatchGrid, indices: Sequence[int] | np.ndarray
+    ) -> torch.Tensor:
+        """(n, 3, p, p) RGB patches in [0, 1] (before normalisation, for augmentation)."""
+        origins = [grid.origin(int(i)) for i in indices]
+        if not origins:
+            return torch.empty(0, 3, grid.patch_size, grid.patch_size)
+
+        def one(origin: tuple[int, int]) -> np.ndarray:
+            return self.read_region(image_id, origin[0], origin[1], grid.patch_size)
+
+        if self._pool is not None and len(origins) > 1:
+            pixels = list(self._pool.map(one, origins))
+        else:
+            pixels = [one(o) for o in origins]
+        return to_unit_rgb(np.stack(pixels))
+
+    def read_global(self, image_id: str, size: int) -> torch.Tensor:
+        """(3, size, size) normalised global patch; see :meth:`read_global_unit`."""
+        return normalize(self.read_global_unit(image_id, size))
+
+    def read_global_unit(self, image_id: str, size: int) -> torch.Tensor:
+        """(3, size, size): the whole image, letterboxed to a square and resized to ``size``.
+
+        The padding goes right and below, like the patch grid's, so the global patch and the
+        grid see the same geometry.
+
+        Read from the coarsest pyramid level (or the thumbnail) that is still at least ``size``
+        on its longest side, so level 0 is never loaded.
+        """
+        entry = self.entry(image_id)
+        group = self.dataset.image_group(image_id)
+        candidates: list[Any] = [group[str(level)] for level in range(entry.levels)]
+        if "thumbnail" in group:
+            candidates.append(group["thumbnail"])
+        chosen = candidates[0]
+        for candidate in candidates:
+            if max(candidate.shape[1:]) >= size and candidate.size < chosen.size:
+                chosen = candidate
+        pixels = np.asarray(chosen[...])
+        channels, height, width = pixels.shape
+        side = max(height, width)
+        square = np.full((channels, side, side), entry.fill_value, pixels.dtype)
+        square[:, :height, :width] = pixels
+        tensor = to_unit_rgb(square).unsqueeze(0)
+        resized = F.interpolate(
+            tensor, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+        )
+        return resized[0].clamp_(0.0, 1.0)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)

@@ -1,0 +1,93 @@
+"""Samplers yield patch *locations* (grid indices), never pixels.
+
+They are ``torch.utils.data.Sampler``s over the patch grid of one image and take a seedable
+``torch.Generator``, so a run with the same seed visits the same patches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+
+from hiresctl.data.grid import PatchGrid
+
+
+class GridSampler(Sampler[int]):
+    """Every patch of the grid (or of ``indices``), in row-major order."""
+
+    def __init__(self, grid: PatchGrid, indices: np.ndarray | None = None) -> None:
+        self.indices = np.arange(grid.num_patches) if indices is None else np.asarray(indices)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(int(i) for i in self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class RandomPatchSampler(Sampler[int]):
+    """``num_samples`` distinct random patches, optionally weighted (e.g. by foreground).
+
+    Patches with zero weight are never drawn; when fewer patches have weight than asked for,
+    all of them are returned.
+    """
+
+    def __init__(
+        self,
+        grid: PatchGrid,
+        num_samples: int,
+        weights: np.ndarray | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        self.grid = grid
+        self.num_samples = num_samples
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+        self.generator = generator
+
+    def __iter__(self) -> Iterator[int]:
+        count = self.grid.num_patches
+        if self.weights is None:
+            order = torch.randperm(count, generator=self.generator)[: self.num_samples]
+        else:
+            available = int((self.weights > 0).sum())
+            take = min(self.num_samples, available)
+            if take == 0:
+                return iter(())
+            order = torch.multinomial(
+                self.weights, take, replacement=False, generator=self.generator
+            )
+        return iter(int(i) for i in order)
+
+    def __len__(self) -> int:
+        if self.weights is None:
+            return min(self.num_samples, self.grid.num_patches)
+        return min(self.num_samples, int((self.weights > 0).sum()))
+
+
+def foreground_fraction(mask: np.ndarray, grid: PatchGrid) -> np.ndarray:
+    """Fraction of foreground in each patch (row-major), from a low-resolution mask.
+
+    ``mask`` is the store's foreground label (1, h, w) at thumbnail resolution; it covers the
+    whole level, so each patch maps to a box of mask pixels (at least one).
+    """
+    plane = np.asarray(mask).reshape(mask.shape[-2], mask.shape[-1]) > 0
+    mask_h, mask_w = plane.shape
+    scale_y, scale_x = mask_h / grid.height, mask_w / grid.width
+    out = np.zeros(grid.num_patches, dtype=np.float64)
+    # Integral image: O(1) per patch whatever the grid size.
+    integral = np.pad(plane.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    rows, cols = grid.position(np.arange(grid.num_patches))
+    y0 = np.clip(np.floor(rows * grid.stride * scale_y).astype(int), 0, mask_h - 1)
+    x0 = np.clip(np.floor(cols * grid.stride * scale_x).astype(int), 0, mask_w - 1)
+    y1 = np.clip(
+        np.ceil((rows * grid.stride + grid.patch_size) * scale_y).astype(int), y0 + 1, mask_h
+    )
+    x1 = np.clip(
+        np.ceil((cols * grid.stride + grid.patch_size) * scale_x).astype(int), x0 + 1, mask_w
+    )
+    total = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
+    out[:] = total / ((y1 - y0) * (x1 - x0))
+    return out

@@ -1,0 +1,129 @@
+"""Backbone registry: per-patch feature extractors that separate features from heads.
+
+Every backbone maps (B, 3, h, w) to pooled features (B, ``num_features``) with
+``forward_features``. Nothing is downloaded: ``pretrained`` is a local path to a state dict
+(torchvision or timm layout; a ``module.`` prefix from DDP is stripped).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from storage import UsageError
+
+
+class Backbone(nn.Module):
+    """A feature extractor with ``num_features`` pooled outputs."""
+
+    num_features: int
+
+    def __init__(self, body: nn.Module, num_features: int) -> None:
+        super().__init__()
+        self.body = body
+        self.num_features = num_features
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, F, h', w') spatial features."""
+        return self.body(x)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, F) pooled features."""
+        return self.pool(self.body(x)).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x)
+
+
+def _tiny() -> Backbone:
+    """A four-conv CNN (about 30k parameters) so tests and the demo train on a CPU in seconds."""
+
+    def block(cin: int, cout: int) -> list[nn.Module]:
+        return [
+            nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+        ]
+
+    body = nn.Sequential(*block(3, 16), *block(16, 32), *block(32, 48), *block(48, 64))
+    return Backbone(body, 64)
+
+
+def _resnet(name: str) -> Callable[[], Backbone]:
+    def build() -> Backbone:
+        net = getattr(torchvision.models, name)(weights=None)
+        body = nn.Sequential(*list(net.children())[:-2])  # drop avgpool and fc
+        return Backbone(body, net.fc.in_features)
+
+    return build
+
+
+def _mobilenet_v2() -> Backbone:
+    net = torchvision.models.mobilenet_v2(weights=None)
+    return Backbone(net.features, net.last_channel)
+
+
+BACKBONES: dict[str, Callable[[], Backbone]] = {
+    "tiny": _tiny,
+    "resnet18": _resnet("resnet18"),
+    "resnet34": _resnet("resnet34"),
+    "resnet50": _resnet("resnet50"),
+    "mobilenet_v2": _mobilenet_v2,
+}
+
+
+def create_backbone(name: str, pretrained: str | Path | None = None) -> Backbone:
+    """Build a registered backbone, optionally loading local weights."""
+    if name not in BACKBONES:
+        raise UsageError(f"unknown backbone {name!r}; valid: {', '.join(BACKBONES)}")
+    backbone = BACKBONES[name]()
+    if pretrained:
+        load_pretrained(backbone, pretrained)
+    return backbone
+
+
+def load_pretrained(backbone: Backbone, path: str | Path) -> None:
+    """Load a torchvision/timm-style state dict from ``path`` into ``backbone``'s body."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{path}: pretrained weights not found (give a local .pt/.pth file)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UsageError(f"{path}: not a readable torch state dict ({exc})") from exc
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise UsageError(f"{path}: expected a state dict, found {type(state).__name__}")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    body = backbone.body
+    own = body.state_dict()
+    matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not matched:
+        # torchvision names ("layer1.0.conv1.weight") differ from the headless body's
+        # ("4.0.conv1.weight") but come in the same order with the same shapes.
+        matched = _by_order(state, own)
+    if not matched:
+        raise UsageError(f"{path}: no tensor matches the backbone's layers (wrong architecture?)")
+    body.load_state_dict(matched, strict=False)
+
+
+def _by_order(
+    state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Match a torchvision full-model state dict to the headless body by order and shape."""
+    source = [(k, v) for k, v in state.items() if not k.startswith(("fc.", "classifier."))]
+    if len(source) < len(own):
+        return {}
+    out = {}
+    for (own_key, own_value), (_, value) in zip(own.items(), source, strict=False):
+        if own_value.shape != value.shape:
+            return {}
+        out[own_key] = value
+    return out

@@ -1,0 +1,128 @@
+"""PatchGD parts: the patch encoder, the latent head and global-patch fusion (METHODS.md §1–2)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hiresctl.models.backbones import Backbone
+from storage import UsageError
+
+FUSIONS = ("add", "concat")
+
+
+class PatchEncoder(nn.Module):
+    """θ1: backbone features of a patch projected to ``latent_dim`` (D) by a Linear."""
+
+    def __init__(self, backbone: Backbone, latent_dim: int = 256) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.project = nn.Linear(backbone.num_features, latent_dim)
+        self.latent_dim = latent_dim
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        return self.project(self.backbone.forward_features(patches))
+
+
+class GridBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm that normalises with its running statistics when a training batch has a single
+    value per channel (one image whose grid has shrunk to 1×1), where batch statistics do not
+    exist. Large images are often trained one per batch, so this case is ordinary here."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.shape[0] * x.shape[2] * x.shape[3] == 1:
+            return nn.functional.batch_norm(
+                x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+            )
+        return super().forward(x)
+
+
+def _head_block(cin: int, cout: int, stride: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride=stride, padding=1),
+        nn.ReLU(inplace=True),
+        GridBatchNorm2d(cout),
+        nn.Dropout2d(dropout),
+    )
+
+
+class PatchGDHead(nn.Module):
+    """θ2: [Conv3×3 → ReLU → BN → Dropout2d] at stride 1, three more at stride 2, pool, Linear.
+
+    Global pooling (not a flatten) so one head serves any grid size.
+    """
+
+    def __init__(
+        self, in_dim: int, num_classes: int, width: int = 256, dropout: float = 0.2
+    ) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(
+            _head_block(in_dim, width, 1, dropout),
+            _head_block(width, width, 2, dropout),
+            _head_block(width, width, 2, dropout),
+            _head_block(width, width, 2, dropout),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(width, num_classes)
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.pool(self.blocks(latent)).flatten(1))
+
+
+class PatchGDClassifier(nn.Module):
+    """PatchGD (``use_global=False``) or PatchGD + global patch (the default method).
+
+    ``classify(latent, global_feature)`` fuses the same way in training and evaluation:
+    ``add`` broadcasts g over the grid (``latent + g[:, :, None, None]``), ``concat`` appends
+    it as D extra channels.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        num_classes: int,
+        latent_dim: int = 256,
+        head_width: int = 256,
+        dropout: float = 0.2,
+        use_global: bool = True,
+        fusion: str = "add",
+    ) -> None:
+        super().__init__()
+        if fusion not in FUSIONS:
+            raise UsageError(f"unknown fusion {fusion!r}; valid: {', '.join(FUSIONS)}")
+        self.encoder = PatchEncoder(backbone, latent_dim)
+        self.use_global = use_global
+        self.fusion = fusion
+        in_dim = 2 * latent_dim if use_global and fusion == "concat" else latent_dim
+        self.head = PatchGDHead(in_dim, num_classes, head_width, dropout)
+
+    @property
+    def latent_dim(self) -> int:
+        return self.encoder.latent_dim
+
+    def fuse(self, latent: torch.Tensor, global_feature: torch.Tensor | None) -> torch.Tensor:
+        if not self.use_global:
+            return latent
+        if global_feature is None:
+            raise ValueError("this model fuses a global patch; pass its feature")
+        grid = global_feature[:, :, None, None].expand(-1, -1, *latent.shape[-2:])
+        if self.fusion == "add":
+            return latent + grid
+        return torch.cat([latent, grid], dim=1)
+
+    def classify(
+        self, latent: torch.Tensor, global_feature: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.head(self.fuse(latent, global_feature))
+
+
+class ImageClassifier(nn.Module):
+    """The baselines' model: one image (downsampled or full) → backbone → Linear."""
+
+    def __init__(self, backbone: Backbone, num_classes: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.classifier = nn.Linear(backbone.num_features, num_classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.backbone.forward_features(images))

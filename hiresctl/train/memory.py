@@ -1,0 +1,143 @@
+"""Peak-memory accounting (CUDA: peak allocated; CPU: peak RSS) and ``--memory-budget`` planning."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import resource
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class PeakMemory:
+    """Peak memory since the last :meth:`reset`: CUDA peak allocated, or the process's peak RSS.
+
+    On Linux the RSS high-water mark is reset through ``/proc/self/clear_refs`` so a
+    measurement covers only what ran after ``reset()``.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.kind = "cuda_allocated" if device.type == "cuda" else "cpu_rss"
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        # Not Linux: the peak then covers the whole process.
+        with contextlib.suppress(OSError):
+            Path("/proc/self/clear_refs").write_text("5")
+
+    def peak_bytes(self) -> int:
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        return peak_rss_bytes()
+
+
+def peak_rss_bytes() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def current_rss_bytes() -> int:
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return peak_rss_bytes()
+
+
+def activation_bytes(module: nn.Module, sample: torch.Tensor) -> int:
+    """Bytes of every leaf module's output for one forward of ``sample`` (≈ what backward keeps)."""
+    total = 0
+
+    def hook(_: nn.Module, __: object, output: object) -> None:
+        nonlocal total
+        if isinstance(output, torch.Tensor):
+            total += output.numel() * output.element_size()
+
+    handles = [m.register_forward_hook(hook) for m in module.modules() if not list(m.children())]
+    try:
+        with torch.enable_grad():
+            module(sample)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total
+
+
+def parameter_bytes(module: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """What ``--memory-budget`` chose and the estimate behind it."""
+
+    budget: int
+    batch_size: int
+    accumulation_steps: int
+    patches_per_step: int | None  # PatchGD k; None for methods without it
+    estimate: int
+
+    def describe(self) -> str:
+        parts = [f"batch_size={self.batch_size}", f"accumulation_steps={self.accumulation_steps}"]
+        if self.patches_per_step is not None:
+            parts.append(f"patches_per_step={self.patches_per_step}")
+        return (
+            f"memory budget {self.budget / 2**30:.2f} GiB → {', '.join(parts)} "
+            f"(estimated step peak {self.estimate / 2**30:.2f} GiB)"
+        )
+
+
+def plan_memory(
+    budget: int,
+    *,
+    baseline: int,
+    fixed: int,
+    per_patch: int,
+    per_image: int,
+    batch_size: int,
+    accumulation_steps: int,
+    patches_wanted: int | None,
+    patches_min: int = 1,
+) -> MemoryPlan:
+    """Largest step that fits: first shrink the batch (raising accumulation), then patches/step.
+
+    ``baseline`` is what the process holds before training (libraries, CUDA context), ``fixed``
+    the model's weights, gradients and optimizer state, ``per_patch`` the activations of one
+    patch encoded with gradient, ``per_image`` what one image costs besides its patches (latent
+    grid and head activations, or the whole image for ``full``).
+    """
+    from storage import UsageError
+
+    effective = batch_size * accumulation_steps
+    for batch in range(batch_size, 0, -1):
+        room = budget - baseline - fixed - batch * per_image
+        if patches_wanted is None:
+            need = batch * per_patch
+            if room >= need:
+                return MemoryPlan(
+                    budget, batch, math.ceil(effective / batch), None, budget - room + need
+                )
+            continue
+        fit = room // max(1, batch * per_patch)
+        if fit >= max(patches_min, min(patches_wanted, patches_min)):
+            chosen = int(min(patches_wanted, fit))
+            estimate = baseline + fixed + batch * (per_image + chosen * per_patch)
+            return MemoryPlan(budget, batch, math.ceil(effective / batch), chosen, estimate)
+    smallest = baseline + fixed + per_image + per_patch * (patches_min if patches_wanted else 1)
+    raise UsageError(
+        f"memory budget {budget / 2**30:.2f} GiB is too small for this model: one image with "
+        f"{patches_min} patch(es) needs about {smallest / 2**30:.2f} GiB "
+        "(use a smaller backbone, patch_size or latent_dim, or raise the budget)"
+    )

@@ -1,0 +1,475 @@
+"""The training methods: what one image batch reads and computes (METHODS.md §1–3, §6).
+
+A method plans the reads of an image batch (so the DataLoader can read ahead), then consumes
+the pixels in the same order. The shared loop (``trainer.py``) owns the optimizer, schedule,
+accumulation, precision, checkpoints and logging; a method calls ``ctx.backward(loss)`` and
+``ctx.step()``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hiresctl.data import PatchGrid, PatchReader, ReadRequest, foreground_fraction
+from hiresctl.models import (
+    Backbone,
+    ImageClassifier,
+    IPSClassifier,
+    PatchGDClassifier,
+    create_backbone,
+)
+from hiresctl.train.recipe import Recipe
+from storage import UsageError
+
+Reads = Iterable[tuple[ReadRequest, torch.Tensor]]
+
+
+@dataclass
+class StepContext:
+    """What a method needs from the loop."""
+
+    model: nn.Module
+    device: torch.device
+    autocast: Callable[[], AbstractContextManager[Any]]
+    backward: Callable[[torch.Tensor], None]  # scales by 1/accumulation, checks for NaN
+    step: Callable[[], None]  # optimizer step (gradients averaged across ranks first)
+    read: Callable[[ReadRequest], torch.Tensor]  # a read the plan could not know in advance
+    accumulation_steps: int = 1  # [ε] backward calls per optimizer step
+    micro_steps: int = 0  # backward calls since the last optimizer step
+    patches_with_grad: int = 0
+
+
+@dataclass
+class BatchOutput:
+    loss: float
+    logits: torch.Tensor  # (B, classes), detached, on CPU
+    inner_steps: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Method:
+    """Base: the patch grid of each image (foreground-filtered) and the shared helpers."""
+
+    name = ""
+
+    def __init__(self, recipe: Recipe, num_classes: int, reader: PatchReader) -> None:
+        self.recipe = recipe
+        self.num_classes = num_classes
+        self.reader = reader
+        self._patches: dict[str, tuple[PatchGrid, np.ndarray]] = {}
+
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def patches(self, image_id: str) -> tuple[PatchGrid, np.ndarray]:
+        """The grid of ``image_id`` and the row-major indices of the patches used (N of them)."""
+        if image_id not in self._patches:
+            grid = self.reader.grid(image_id, self.recipe.patch_size, self.recipe.stride)
+            kept = np.arange(grid.num_patches)
+            if self.recipe.foreground_threshold > 0:
+                fraction = foreground_fraction(self.reader.dataset.foreground(image_id), grid)
+                selected = kept[fraction >= self.recipe.foreground_threshold]
+                kept = selected if len(selected) else kept  # an all-background image keeps all
+            self._patches[image_id] = (grid, kept)
+        return self._patches[image_id]
+
+    def plan(self, image_ids: list[str], seed: int, train: bool) -> list[ReadRequest]:
+        raise NotImplementedError
+
+    def train_batch(
+        self, ctx: StepContext, image_ids: list[str], targets: torch.Tensor, reads: Reads
+    ) -> BatchOutput:
+        raise NotImplementedError
+
+    def predict(self, ctx: StepContext, image_ids: list[str], reads: Reads) -> torch.Tensor:
+        raise NotImplementedError
+
+    def backbone(self) -> Backbone:
+        return create_backbone(self.recipe.backbone, self.recipe.pretrained)
+
+
+def _chunks(indices: np.ndarray, size: int) -> list[np.ndarray]:
+    return [indices[i : i + size] for i in range(0, len(indices), size)] or [indices[:0]]
+
+
+class PatchGD(Method):
+    """PatchGD (§1); with ``use_global`` the seed paper's PatchGD + global patch (§2)."""
+
+    name = "patchgd"
+    use_global = False
+
+    def build_model(self) -> nn.Module:
+        r = self.recipe
+        return PatchGDClassifier(
+            self.backbone(),
+            self.num_classes,
+            latent_dim=r.latent_dim,
+            head_width=r.head_width,
+            dropout=r.dropout,
+            use_global=self.use_global,
+            fusion=r.fusion,
+        )
+
+    def patches_per_step(self, count: int) -> int:
+        """k = ceil(N·ρ), or the recipe's ``patches_per_step``."""
+        if self.recipe.patches_per_step:
+            return max(1, min(count, self.recipe.patches_per_step))
+        return max(1, math.ceil(count * self.recipe.sample_fraction))
+
+    def plan(self, image_ids: list[str], seed: int, train: bool) -> list[ReadRequest]:
+        rng = np.random.default_rng(seed)
+        requests: list[ReadRequest] = []
+        for b, image_id in enumerate(image_ids):
+            grid, kept = self.patches(image_id)
+            for chunk in _chunks(kept, self.recipe.fill_batch):
+                requests.append(ReadRequest(image_id, "patches", grid, chunk, ("fill", b)))
+        if self.use_global:
+            for b, image_id in enumerate(image_ids):
+                requests.append(
+                    ReadRequest(image_id, "global", self.patches(image_id)[0], tag=("global", b))
+                )
+        if not train:
+            return requests
+        orders, sizes, groups = [], [], []
+        for image_id in image_ids:
+            _, kept = self.patches(image_id)
+            k = self.patches_per_step(len(kept))
+            orders.append(rng.permutation(kept))
+            sizes.append(k)
+            groups.append(math.ceil(len(kept) / k))
+        inner = self.recipe.inner_steps or max(groups)
+        for j in range(inner):
+            members = []
+            for b, image_id in enumerate(image_ids):
+                g = j % groups[b]  # with more inner steps than groups, start over
+                indices = orders[b][g * sizes[b] : (g + 1) * sizes[b]]
+                members.append(
+                    ReadRequest(
+                        image_id,
+                        "patches",
+                        self.patches(image_id)[0],
+                        indices,
+                        ["group", b, j, False],
+                    )
+                )
+            members[-1].tag[3] = True  # the last read of inner step j
+            requests.extend(members)
+        return requests
+
+    def _latent(self, image_ids: list[str], device: torch.device, dim: int) -> torch.Tensor:
+        rows = max(self.patches(i)[0].rows for i in image_ids)
+        cols = max(self.patches(i)[0].cols for i in image_ids)
+        return torch.zeros(len(image_ids), dim, rows, cols, device=device)
+
+    @staticmethod
+    def _write(
+        latent: torch.Tensor,
+        b: int | torch.Tensor,
+        grid: PatchGrid,
+        indices: np.ndarray,
+        features: torch.Tensor,
+    ) -> None:
+        rows, cols = grid.position(indices)
+        rows_t = torch.as_tensor(rows, device=latent.device)
+        cols_t = torch.as_tensor(cols, device=latent.device)
+        batch = (
+            torch.as_tensor(b, device=latent.device).expand(len(indices))
+            if not isinstance(b, torch.Tensor)
+            else b
+        )
+        latent[batch, :, rows_t, cols_t] = features.to(latent.dtype)
+
+    def _fill(
+        self,
+        ctx: StepContext,
+        model: PatchGDClassifier,
+        latent: torch.Tensor,
+        request: ReadRequest,
+        pixels: torch.Tensor,
+        train: bool,
+    ) -> None:
+        if len(request.indices) == 0:
+            return
+        encoder_mode = train and self.recipe.fill_mode == "train"
+        model.encoder.train(encoder_mode)
+        with torch.no_grad(), ctx.autocast():
+            features = model.encoder(pixels.to(ctx.device, non_blocking=True))
+        self._write(latent, request.tag[1], request.grid, request.indices, features)
+
+    def train_batch(
+        self, ctx: StepContext, image_ids: list[str], targets: torch.Tensor, reads: Reads
+    ) -> BatchOutput:
+        model: PatchGDClassifier = ctx.model  # type: ignore[assignment]
+        targets = targets.to(ctx.device)
+        latent = self._latent(image_ids, ctx.device, model.latent_dim)
+        global_pixels: list[torch.Tensor | None] = [None] * len(image_ids)
+        group: list[tuple[ReadRequest, torch.Tensor]] = []
+        losses: list[float] = []
+        logits = torch.zeros(len(image_ids), self.num_classes)
+        inner = 0
+        for request, pixels in reads:
+            kind = request.tag[0]
+            if kind == "fill":
+                self._fill(ctx, model, latent, request, pixels, train=True)
+                continue
+            if kind == "global":
+                global_pixels[request.tag[1]] = pixels
+                continue
+            group.append((request, pixels))
+            if not request.tag[3]:
+                continue
+            # Inner iteration j: re-encode this group with gradient, write it in place.
+            model.train()
+            latent = latent.detach()
+            with ctx.autocast():
+                members = [(r, p) for r, p in group if len(r.indices)]
+                if members:
+                    features = model.encoder(
+                        torch.cat([p for _, p in members]).to(ctx.device, non_blocking=True)
+                    )
+                    start = 0
+                    for r, _ in members:
+                        self._write(
+                            latent,
+                            r.tag[1],
+                            r.grid,
+                            r.indices,
+                            features[start : start + len(r.indices)],
+                        )
+                        start += len(r.indices)
+                    ctx.patches_with_grad += start
+                g = None
+                if self.use_global:
+                    batch_global = torch.stack([p for p in global_pixels if p is not None]).to(
+                        ctx.device
+                    )
+                    g = model.encoder(batch_global)
+                out = model.classify(latent, g)
+                loss = F.cross_entropy(out.float(), targets)
+            ctx.backward(loss)
+            if ctx.micro_steps >= ctx.accumulation_steps:
+                ctx.step()
+            losses.append(float(loss.detach()))
+            logits = out.detach().float().cpu()
+            group = []
+            inner += 1
+        if ctx.micro_steps:  # flush what is left of this batch's accumulation
+            ctx.step()
+        return BatchOutput(float(np.mean(losses)) if losses else float("nan"), logits, inner)
+
+    def predict(self, ctx: StepContext, image_ids: list[str], reads: Reads) -> torch.Tensor:
+        model: PatchGDClassifier = ctx.model  # type: ignore[assignment]
+        model.eval()
+        latent = self._latent(image_ids, ctx.device, model.latent_dim)
+        global_pixels: list[torch.Tensor | None] = [None] * len(image_ids)
+        for request, pixels in reads:
+            if request.tag[0] == "fill":
+                self._fill(ctx, model, latent, request, pixels, train=False)
+            else:
+                global_pixels[request.tag[1]] = pixels
+        with torch.no_grad(), ctx.autocast():
+            g = None
+            if self.use_global:
+                g = model.encoder(
+                    torch.stack([p for p in global_pixels if p is not None]).to(ctx.device)
+                )
+            return model.classify(latent, g).float().cpu()
+
+
+class PatchGDGlobal(PatchGD):
+    name = "patchgd-global"
+    use_global = True
+
+
+class IPS(Method):
+    """Iterative Patch Selection (§3): select M of N patches without gradient, train on them."""
+
+    name = "ips"
+
+    def build_model(self) -> nn.Module:
+        r = self.recipe
+        return IPSClassifier(
+            self.backbone(),
+            self.num_classes,
+            latent_dim=r.latent_dim,
+            heads=r.heads,
+            dim_key=r.dim_key,
+            dim_value=r.dim_value,
+            dim_inner=r.dim_inner,
+            dropout=r.dropout,
+            positional=r.positional,
+        )
+
+    def plan(self, image_ids: list[str], seed: int, train: bool) -> list[ReadRequest]:
+        rng = np.random.default_rng(seed)
+        memory, step = self.recipe.memory_size, self.recipe.iter_size
+        requests: list[ReadRequest] = []
+        for b, image_id in enumerate(image_ids):
+            grid, kept = self.patches(image_id)
+            order = rng.permutation(kept)  # ties break at random
+            parts = (
+                [order[:memory], *_chunks(order[memory:], step)] if len(order) > memory else [order]
+            )
+            parts = [p for p in parts if len(p)]
+            for i, part in enumerate(parts):
+                requests.append(
+                    ReadRequest(image_id, "patches", grid, part, ("select", b, i == len(parts) - 1))
+                )
+        return requests
+
+    def _select(
+        self, ctx: StepContext, reads: Reads, count: int
+    ) -> list[tuple[ReadRequest, torch.Tensor]]:
+        """Per image, the M best-scoring patches' indices; pixels read again from the store."""
+        model: IPSClassifier = ctx.model  # type: ignore[assignment]
+        model.eval()
+        selected: list[tuple[ReadRequest, torch.Tensor]] = []
+        memory_emb: torch.Tensor | None = None
+        memory_idx: torch.Tensor | None = None
+        for request, pixels in reads:
+            indices = torch.as_tensor(request.indices, device=ctx.device)
+            with torch.no_grad(), ctx.autocast():
+                emb = model.encoder(pixels.to(ctx.device, non_blocking=True)).float()
+                emb = model.with_positions(emb, indices, request.grid.cols)
+                if memory_emb is None or memory_idx is None:
+                    memory_emb, memory_idx = emb, indices
+                else:
+                    candidates = torch.cat([memory_emb, emb])
+                    candidate_idx = torch.cat([memory_idx, indices])
+                    scores = model.scores(candidates.unsqueeze(0))[0]
+                    top = scores.topk(min(self.recipe.memory_size, len(scores))).indices
+                    memory_emb, memory_idx = candidates[top], candidate_idx[top]
+            if request.tag[2]:  # last read of this image: selection done
+                assert memory_idx is not None
+                chosen = np.sort(memory_idx.cpu().numpy())
+                again = ReadRequest(
+                    request.image_id, "patches", request.grid, chosen, ("selected", request.tag[1])
+                )
+                selected.append((again, ctx.read(again)))
+                memory_emb = memory_idx = None
+        if len(selected) != count:
+            raise RuntimeError(f"selection produced {len(selected)} of {count} images")
+        return selected
+
+    def _logits(
+        self, ctx: StepContext, selected: list[tuple[ReadRequest, torch.Tensor]]
+    ) -> torch.Tensor:
+        model: IPSClassifier = ctx.model  # type: ignore[assignment]
+        pixels = torch.cat([p for _, p in selected]).to(ctx.device, non_blocking=True)
+        emb = model.encoder(pixels).float()
+        out, start = [], 0
+        for request, p in selected:
+            part = emb[start : start + len(p)]
+            start += len(p)
+            indices = torch.as_tensor(request.indices, device=ctx.device)
+            out.append(
+                model.classify(model.with_positions(part, indices, request.grid.cols).unsqueeze(0))
+            )
+        return torch.cat(out)
+
+    def train_batch(
+        self, ctx: StepContext, image_ids: list[str], targets: torch.Tensor, reads: Reads
+    ) -> BatchOutput:
+        selected = self._select(ctx, reads, len(image_ids))
+        ctx.model.train()
+        with ctx.autocast():
+            logits = self._logits(ctx, selected)
+            loss = F.cross_entropy(logits.float(), targets.to(ctx.device))
+        ctx.patches_with_grad += sum(len(p) for _, p in selected)
+        ctx.backward(loss)
+        if ctx.micro_steps >= ctx.accumulation_steps:
+            ctx.step()
+        return BatchOutput(float(loss.detach()), logits.detach().float().cpu())
+
+    def predict(self, ctx: StepContext, image_ids: list[str], reads: Reads) -> torch.Tensor:
+        selected = self._select(ctx, reads, len(image_ids))
+        ctx.model.eval()
+        with torch.no_grad(), ctx.autocast():
+            return self._logits(ctx, selected).float().cpu()
+
+
+class WholeImage(Method):
+    """Baselines that see the whole image at once: ``downsample`` (§6) and ``full``."""
+
+    def build_model(self) -> nn.Module:
+        return ImageClassifier(self.backbone(), self.num_classes)
+
+    def request(self, image_id: str, b: int) -> ReadRequest:
+        raise NotImplementedError
+
+    def plan(self, image_ids: list[str], seed: int, train: bool) -> list[ReadRequest]:
+        return [self.request(image_id, b) for b, image_id in enumerate(image_ids)]
+
+    def _forward(self, ctx: StepContext, reads: Reads) -> torch.Tensor:
+        images = [p for _, p in reads]
+        if len({tuple(p.shape) for p in images}) == 1:
+            return ctx.model(torch.stack(images).to(ctx.device, non_blocking=True))
+        return torch.cat([ctx.model(p.unsqueeze(0).to(ctx.device)) for p in images])
+
+    def train_batch(
+        self, ctx: StepContext, image_ids: list[str], targets: torch.Tensor, reads: Reads
+    ) -> BatchOutput:
+        ctx.model.train()
+        with ctx.autocast():
+            logits = self._forward(ctx, reads)
+            loss = F.cross_entropy(logits.float(), targets.to(ctx.device))
+        ctx.backward(loss)
+        if ctx.micro_steps >= ctx.accumulation_steps:
+            ctx.step()
+        return BatchOutput(float(loss.detach()), logits.detach().float().cpu())
+
+    def predict(self, ctx: StepContext, image_ids: list[str], reads: Reads) -> torch.Tensor:
+        ctx.model.eval()
+        with torch.no_grad(), ctx.autocast():
+            return self._forward(ctx, reads).float().cpu()
+
+
+class Downsample(WholeImage):
+    """The whole image resized to ``input_size`` (default ``patch_size``), read from the pyramid."""
+
+    name = "downsample"
+
+    def request(self, image_id: str, b: int) -> ReadRequest:
+        _, height, width = self.reader.shape(image_id)
+        size = self.recipe.input_size or self.recipe.patch_size
+        return ReadRequest(image_id, "global", PatchGrid.of(height, width, size), tag=("image", b))
+
+
+class Full(WholeImage):
+    """The whole level at full resolution (padded square); refuses images over ``full_max_pixels``."""
+
+    name = "full"
+
+    def request(self, image_id: str, b: int) -> ReadRequest:
+        _, height, width = self.reader.shape(image_id)
+        side = max(height, width)
+        if side * side > self.recipe.full_max_pixels:
+            raise UsageError(
+                f"image {image_id} ({height}×{width}) is too large for method `full` "
+                f"(full_max_pixels={self.recipe.full_max_pixels}); use patchgd-global or ips"
+            )
+        grid = PatchGrid.of(height, width, side)
+        return ReadRequest(image_id, "patches", grid, np.zeros(1, dtype=np.int64), ("image", b))
+
+    def _forward(self, ctx: StepContext, reads: Reads) -> torch.Tensor:
+        return super()._forward(ctx, ((r, p[0]) for r, p in reads))
+
+
+METHOD_CLASSES: dict[str, type[Method]] = {
+    cls.name: cls for cls in (PatchGDGlobal, PatchGD, IPS, Downsample, Full)
+}
+
+
+def create_method(recipe: Recipe, num_classes: int, reader: PatchReader) -> Method:
+    if recipe.method not in METHOD_CLASSES:
+        raise UsageError(f"unknown method {recipe.method!r}; valid: {', '.join(METHOD_CLASSES)}")
+    return METHOD_CLASSES[recipe.method](recipe, num_classes, reader)

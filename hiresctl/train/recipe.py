@@ -1,0 +1,256 @@
+"""Recipes: every training setting in one frozen dataclass, loaded from YAML and ``--set``.
+
+Each task × method has defaults (so ``--recipe`` is optional); a YAML file overrides them and
+``--set key=value`` overrides the file. Unknown keys are errors that name the nearest valid key.
+The resolved recipe is saved into the run folder and every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from storage import UsageError
+
+TASKS = ("cls", "det", "seg")
+METHODS = ("patchgd-global", "patchgd", "ips", "downsample", "full")
+SCHEDULES = ("linear", "cosine", "constant")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """All settings of a training run. Paper symbols in brackets (METHODS.md)."""
+
+    task: str = "cls"
+    method: str = "patchgd-global"
+    # data
+    patch_size: int = 256  # [p] side of a patch, pixels of `level`
+    stride: int | None = None  # [s] step between patches; None = patch_size
+    level: int = 0  # pyramid level patches are read from
+    input_size: int | None = None  # downsample: side of the resized image; None = patch_size
+    foreground_threshold: float = 0.0  # skip patches with less foreground than this (0 = keep all)
+    augment: str = "none"  # none | color | stain (per-image consistent, photometric)
+    num_workers: int = 0  # DataLoader worker processes reading ahead of compute
+    train_split: str = "train"
+    val_split: str = "val"
+    # model
+    backbone: str = "resnet18"
+    pretrained: str | None = None  # local path to backbone weights; nothing is downloaded
+    latent_dim: int = 256  # [D] feature size of a patch
+    head_width: int = 256
+    dropout: float = 0.2
+    fusion: str = "add"  # patchgd-global: add | concat
+    # PatchGD inner loop
+    sample_fraction: float = 0.25  # [ρ] fraction of patches re-encoded with gradient per inner step
+    patches_per_step: int | None = None  # [k] overrides sample_fraction when set
+    inner_steps: int | None = None  # [J] None = ceil(N / k): every patch updated once per batch
+    fill_batch: int = 64  # patches per no-grad forward while filling the latent
+    fill_mode: str = "train"  # BatchNorm mode of the fill pass: train | eval
+    # IPS
+    memory_size: int = 100  # [M] patches kept
+    iter_size: int = 100  # [I] patches scored per selection iteration
+    heads: int = 8
+    dim_key: int = 16
+    dim_value: int = 16
+    dim_inner: int = 512
+    positional: str = "1d"  # none | 1d | 2d
+    # optimisation
+    epochs: int = 10
+    batch_size: int = 4
+    accumulation_steps: int = 1  # [ε]
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    schedule: str = "linear"  # warm-up then linear | cosine | constant
+    warmup: float = 0.1  # fraction of the run spent warming up
+    min_lr_ratio: float = 0.0  # final lr / peak lr
+    max_grad_norm: float | None = None
+    precision: str = "auto"  # auto = mixed precision on CUDA, fp32 on CPU
+    seed: int = 0
+    memory_budget: str | None = None  # e.g. "4GiB": choose patches/step, batch, accumulation
+    checkpoint_every: int = 0  # also checkpoint every N image batches (0 = end of epoch only)
+    full_max_pixels: int = 2**26  # `full` refuses larger images (it holds them whole)
+    notes: str = ""  # free text: where the settings come from
+
+    def replace(self, **changes: Any) -> Recipe:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Per task × method defaults, from the papers (METHODS.md §3, §7).
+_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
+    ("cls", "ips"): {
+        "latent_dim": 128,
+        "patch_size": 50,
+        "weight_decay": 0.1,
+        "schedule": "cosine",
+        "min_lr_ratio": 1e-3,
+        "dropout": 0.1,
+    },
+    ("cls", "patchgd-global"): {"accumulation_steps": 1},
+    ("det", "patchgd-global"): {"accumulation_steps": 10},
+    ("seg", "patchgd-global"): {"lr": 1e-4, "accumulation_steps": 2},
+}
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "task": TASKS,
+    "method": METHODS,
+    "schedule": SCHEDULES,
+    "precision": PRECISIONS,
+    "fusion": ("add", "concat"),
+    "fill_mode": ("train", "eval"),
+    "positional": ("none", "1d", "2d"),
+}
+
+_FIELDS = {f.name: f for f in fields(Recipe)}
+
+
+def valid_keys() -> list[str]:
+    return list(_FIELDS)
+
+
+def _nearest(key: str) -> str:
+    close = difflib.get_close_matches(key, list(_FIELDS), n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(_FIELDS)}"
+
+
+def _coerce(key: str, value: Any, where: str) -> Any:
+    hint = typing.get_type_hints(Recipe)[key]
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None:
+        if type(None) in allowed:
+            return None
+        raise UsageError(f"{where}: {key} cannot be empty")
+    for kind in allowed:
+        if kind is type(None):
+            continue
+        if kind in (int, float) and isinstance(value, str):
+            # YAML 1.1 reads "1e-4" (no dot) as a string; users write it that way.
+            try:
+                value = kind(value)
+            except ValueError:
+                continue
+        if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind is str and isinstance(value, str | int | float) and not isinstance(value, bool):
+            return str(value)
+        if kind is bool and isinstance(value, bool):
+            return value
+    names = " or ".join(getattr(k, "__name__", str(k)) for k in allowed)
+    raise UsageError(f"{where}: {key} must be {names}, got {value!r}")
+
+
+def _check(recipe: Recipe, where: str) -> None:
+    for key, choices in _CHOICES.items():
+        if getattr(recipe, key) not in choices:
+            raise UsageError(
+                f"{where}: {key} {getattr(recipe, key)!r} is not one of {', '.join(choices)}"
+            )
+    positive = ("patch_size", "epochs", "batch_size", "accumulation_steps", "fill_batch")
+    for key in (*positive, "memory_size", "iter_size", "latent_dim", "head_width"):
+        if getattr(recipe, key) < 1:
+            raise UsageError(f"{where}: {key} must be at least 1, got {getattr(recipe, key)}")
+    if not 0 < recipe.sample_fraction <= 1:
+        raise UsageError(
+            f"{where}: sample_fraction must be in (0, 1], got {recipe.sample_fraction}"
+        )
+    if recipe.lr <= 0:
+        raise UsageError(f"{where}: lr must be positive, got {recipe.lr}")
+    if recipe.memory_budget is not None:
+        parse_bytes(recipe.memory_budget, where)
+
+
+def parse_bytes(text: str, where: str = "memory budget") -> int:
+    """'4GiB', '512MB', '2e9' → bytes."""
+    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]i?B?|B)?\s*", str(text))
+    if not match:
+        raise UsageError(f"{where}: cannot read {text!r} as a size (e.g. 4GiB, 512MB)")
+    number = float(match.group(1))
+    unit = (match.group(2) or "B").upper().rstrip("B") or "B"
+    scale = {
+        "B": 1,
+        "K": 1e3,
+        "M": 1e6,
+        "G": 1e9,
+        "T": 1e12,
+        "KI": 2**10,
+        "MI": 2**20,
+        "GI": 2**30,
+        "TI": 2**40,
+    }[unit]
+    return int(number * scale)
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """``["lr=1e-4", "backbone=tiny"]`` → values typed by YAML rules."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--set {item!r}: expected key=value")
+        out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+    return out
+
+
+def load_recipe(
+    path: str | Path | None = None,
+    task: str = "cls",
+    method: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Recipe:
+    """Defaults for (task, method) ← the YAML file ← ``overrides``; validated."""
+    layers: list[tuple[str, dict[str, Any]]] = []
+    if path is not None:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise UsageError(f"{path}: recipe not found") from None
+        except yaml.YAMLError as exc:
+            raise UsageError(f"{path}: not valid YAML ({exc})") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise UsageError(f"{path}: a recipe is a mapping of key: value")
+        layers.append((str(path), data))
+    if overrides:
+        layers.append(("--set", dict(overrides)))
+    for where, data in layers:
+        for key in data:
+            if key not in _FIELDS:
+                raise UsageError(f"{where}: unknown recipe key {key!r}{_nearest(key)}")
+    chosen_task = task
+    chosen_method = method
+    for _, data in layers:
+        chosen_task = data.get("task", chosen_task)
+        if method is None:
+            chosen_method = data.get("method", chosen_method)
+    chosen_method = chosen_method or "patchgd-global"
+    values: dict[str, Any] = {"task": chosen_task, "method": chosen_method}
+    values.update(_DEFAULTS.get((chosen_task, chosen_method), {}))
+    for where, data in layers:
+        for key, value in data.items():
+            if key in ("task", "method"):
+                continue
+            values[key] = _coerce(key, value, where)
+    values["task"] = _coerce("task", chosen_task, "recipe")
+    values["method"] = _coerce("method", chosen_method, "recipe")
+    recipe = Recipe(**values)
+    _check(recipe, str(path) if path else "recipe")
+    return recipe
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)

@@ -1,0 +1,105 @@
+"""Patch grid, reader, samplers: exact pixels, row-major positions, reads bounded by need."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from zarr.storage import LocalStore, WrapperStore
+
+from hiresctl.data import (
+    GridSampler,
+    PatchAugment,
+    PatchGrid,
+    PatchReader,
+    RandomPatchSampler,
+    foreground_fraction,
+    to_unit_rgb,
+)
+from storage import Dataset
+from tests.conftest import coord_pixels
+from tests.stores import make_store
+
+
+def test_grid_is_row_major_and_padded() -> None:
+    grid = PatchGrid.of(100, 70, 32)
+    assert (grid.rows, grid.cols) == (4, 3)  # 100 → 4 patches (padded), 70 → 3
+    rows, cols = grid.position(np.arange(grid.num_patches))
+    assert list(rows[:4]) == [0, 0, 0, 1] and list(cols[:4]) == [0, 1, 2, 0]
+    assert grid.origin(5) == (32, 64)
+    overlap = PatchGrid.of(64, 64, 32, stride=16)
+    assert (overlap.rows, overlap.cols) == (3, 3)
+
+
+def test_reader_returns_exact_patches_padded_with_fill(tmp_path: Path) -> None:
+    pixels = coord_pixels(100, 70)
+    store = make_store(tmp_path, {"a": pixels})
+    reader = PatchReader(store)
+    grid = reader.grid("a", 32)
+    got = reader.read_patches_unit("a", grid, [5, 11])  # (1, 2) and (3, 2)
+    expect = np.zeros((2, 32, 32, 3), np.uint8)
+    expect[0] = pixels[32:64, 64:96] if pixels[32:64, 64:96].shape[1] == 32 else 0
+    expect[0, :, :6] = pixels[32:64, 64:70]
+    expect[1, :4, :6] = pixels[96:100, 64:70]
+    assert torch.equal(got, to_unit_rgb(expect.transpose(0, 3, 1, 2)))
+    assert reader.patches_read == 2
+
+
+_READ_KEYS: list[str] = []
+
+
+class _CountingStore(WrapperStore[LocalStore]):
+    """Records the keys zarr reads (zarr may copy the store object, so the list is global)."""
+
+    async def get(self, key, prototype, byte_range=None):  # type: ignore[no-untyped-def, override]
+        _READ_KEYS.append(key)
+        return await self._store.get(key, prototype, byte_range)
+
+
+def test_global_patch_comes_from_the_pyramid_not_level_0(tmp_path: Path) -> None:
+    pixels = coord_pixels(512, 384)
+    store = make_store(tmp_path, {"a": pixels}, chunk=64, thumbnail_size=64)
+    counting = _CountingStore(LocalStore(str(store)))
+    _READ_KEYS.clear()
+    reader = PatchReader(Dataset(counting))  # type: ignore[arg-type]
+    image = reader.read_global_unit("a", 32)
+    assert image.shape == (3, 32, 32)
+    level0 = [k for k in _READ_KEYS if k.startswith("images/a/0/c")]
+    assert level0 == []
+    assert any(k.startswith(("images/a/thumbnail/c", "images/a/3/c")) for k in _READ_KEYS)
+    # letterboxed right: the last columns are fill (0), the image occupies 384/512 of the width
+    assert float(image[:, :, -3:].abs().sum()) == 0.0
+
+
+def test_samplers_are_seeded_and_respect_weights() -> None:
+    grid = PatchGrid.of(128, 128, 32)  # 16 patches
+    first = list(RandomPatchSampler(grid, 5, generator=torch.Generator().manual_seed(3)))
+    again = list(RandomPatchSampler(grid, 5, generator=torch.Generator().manual_seed(3)))
+    assert first == again and len(set(first)) == 5
+    weights = np.zeros(16)
+    weights[[2, 7, 9]] = 1.0
+    drawn = list(RandomPatchSampler(grid, 10, weights, torch.Generator().manual_seed(0)))
+    assert sorted(drawn) == [2, 7, 9]
+    assert list(GridSampler(grid)) == list(range(16))
+
+
+def test_foreground_fraction_maps_mask_to_patches() -> None:
+    grid = PatchGrid.of(128, 128, 32)  # 4×4 patches
+    mask = np.zeros((1, 16, 16), np.uint8)  # thumbnail-resolution mask, 8 px per... 4 px per patch
+    mask[0, :4, :4] = 1  # exactly patch (0, 0)
+    mask[0, 8:10, 12:16] = 1  # half of patch (2, 3)
+    fraction = foreground_fraction(mask, grid)
+    assert fraction[0] == 1.0 and fraction[grid.index(2, 3)] == 0.5
+    assert fraction.sum() == pytest.approx(1.5)
+
+
+def test_augmentation_is_identical_for_every_patch_of_an_image() -> None:
+    augment = PatchAugment("color", seed=1)
+    patches = torch.full((2, 3, 8, 8), 0.5)
+    out_a = augment(patches, "image-a")
+    glob = augment(torch.full((3, 8, 8), 0.5), "image-a")
+    assert torch.allclose(out_a[0], out_a[1]) and torch.allclose(out_a[0], glob)
+    augment.epoch = 1
+    assert not torch.allclose(augment(patches, "image-a"), out_a)

@@ -1,0 +1,172 @@
+"""The trainers compute what METHODS.md specifies: gradients reach the encoder, the latent is
+row-major, IPS keeps the patch that carries the signal, a step reads only what it needs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from hiresctl.data import PatchStream, ReadRequest
+from hiresctl.train import Recipe, build_run, step_context
+from hiresctl.train.trainer import _PlannedReads
+from storage import Dataset
+from tests.conftest import coord_pixels
+from tests.stores import make_store
+
+TINY = {"backbone": "tiny", "patch_size": 32, "latent_dim": 16, "head_width": 16, "batch_size": 2}
+
+
+@pytest.fixture
+def coord_store(tmp_path: Path) -> Path:
+    images = {"a": coord_pixels(128, 96), "b": coord_pixels(96, 128)[::-1].copy()}
+    return make_store(tmp_path, images, {"a": ("0", "train"), "b": ("1", "train")})
+
+
+def _run(store: Path, **changes: object):  # type: ignore[no-untyped-def]
+    recipe = Recipe(**{**TINY, **changes})  # type: ignore[arg-type]
+    return build_run(recipe, Dataset(store), ["0", "1"], torch.device("cpu"))
+
+
+def _reads(run, image_ids: list[str], train: bool, seed: int = 0):  # type: ignore[no-untyped-def]
+    plan = run.method.plan(image_ids, seed, train)
+    return _PlannedReads(PatchStream(run.reader), iter([plan])).batch()
+
+
+def test_latent_position_holds_that_patchs_feature(coord_store: Path) -> None:
+    run = _run(coord_store, method="patchgd")
+    model = run.model.eval()
+    ctx = step_context(run, None, None, 1)
+    captured: dict[str, torch.Tensor] = {}
+    original = model.classify
+
+    def spy(latent: torch.Tensor, g: torch.Tensor | None = None) -> torch.Tensor:
+        captured["latent"] = latent.clone()
+        return original(latent, g)
+
+    model.classify = spy  # type: ignore[method-assign]
+    run.method.predict(ctx, ["a"], _reads(run, ["a"], train=False))
+    latent = captured["latent"]
+    grid, _ = run.method.patches("a")
+    assert latent.shape == (1, 16, grid.rows, grid.cols) == (1, 16, 4, 3)
+    with torch.no_grad():
+        for index in range(grid.num_patches):
+            row, col = divmod(index, grid.cols)
+            expect = model.encoder(run.reader.read_patches("a", grid, [index]))[0]
+            assert torch.allclose(latent[0, :, row, col], expect, atol=1e-5), (row, col)
+
+
+def test_encoder_receives_gradients_and_changes(coord_store: Path) -> None:
+    run = _run(coord_store, method="patchgd-global", sample_fraction=0.5)
+    model = run.model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ctx = step_context(run, optimizer, None, 1)
+    encoder_params = list(model.encoder.parameters())
+    before = [p.detach().clone() for p in encoder_params]
+    grad_norms: list[float] = []
+    step = ctx.step
+
+    def recording_step() -> None:
+        grad_norms.append(
+            sum(float(p.grad.abs().sum()) for p in encoder_params if p.grad is not None)
+        )
+        step()
+
+    ctx.step = recording_step
+    targets = torch.tensor([0, 1])
+    output = run.method.train_batch(ctx, ["a", "b"], targets, _reads(run, ["a", "b"], train=True))
+    assert output.inner_steps == 2  # ρ = 0.5 → J = 2
+    assert len(grad_norms) == 2 and all(n > 0 for n in grad_norms)
+    changed = [not torch.equal(a, b.detach()) for a, b in zip(before, encoder_params, strict=True)]
+    assert all(changed)
+
+
+def test_patchgd_step_reads_each_patch_for_the_fill_and_only_k_per_inner_step(
+    coord_store: Path,
+) -> None:
+    run = _run(coord_store, method="patchgd-global", patches_per_step=3, inner_steps=1)
+    optimizer = torch.optim.AdamW(run.model.parameters())
+    ctx = step_context(run, optimizer, None, 1)
+    _, kept = run.method.patches("a")
+    run.method.train_batch(ctx, ["a"], torch.tensor([0]), _reads(run, ["a"], train=True))
+    assert run.reader.patches_read == len(kept) + 3  # fill N, then k = 3 with gradient
+    assert ctx.patches_with_grad == 3
+
+
+def test_downsample_reads_no_level_0_patch(coord_store: Path) -> None:
+    run = _run(coord_store, method="downsample")
+    ctx = step_context(run, None, None, 1)
+    logits = run.method.predict(ctx, ["a", "b"], _reads(run, ["a", "b"], train=False))
+    assert logits.shape == (2, 2)
+    assert run.reader.patches_read == 0
+
+
+class _Brightness(nn.Module):
+    """Embedding = (mean brightness, 0, …): lets a test know which patch must score highest."""
+
+    latent_dim = 8
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(len(patches), 8)
+        out[:, 0] = patches.mean(dim=(1, 2, 3))
+        return out
+
+
+def test_ips_keeps_the_patch_that_carries_the_signal(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 40, (32 * 8, 32 * 8, 3), dtype=np.uint8)
+    pixels[5 * 32 : 6 * 32, 6 * 32 : 7 * 32] = 250  # the signal: patch (5, 6)
+    store = make_store(tmp_path, {"p": pixels}, {"p": ("1", "train")})
+    run = _run(
+        store,
+        method="ips",
+        memory_size=1,
+        iter_size=7,
+        positional="none",
+        latent_dim=8,
+        heads=1,
+        dim_key=8,
+        dim_value=8,
+    )
+    model = run.model
+    model.encoder = _Brightness()
+    with torch.no_grad():  # score ∝ key·query = brightness
+        model.aggregator.queries.zero_()
+        model.aggregator.queries[0, 0, 0] = 1.0
+        model.aggregator.w_q.weight.copy_(torch.eye(8))
+        model.aggregator.w_k.weight.copy_(torch.eye(8) * 50)
+    ctx = step_context(run, None, None, 1)
+    selected = run.method._select(ctx, _reads(run, ["p"], train=False), 1)
+    request, patch = selected[0]
+    grid = run.method.patches("p")[0]
+    assert list(request.indices) == [grid.index(5, 6)]
+    # 64 patches: memory of 1 + ceil(63 / 7) = 9 streamed iterations, then the re-read of 1
+    assert run.reader.patches_read == 64 + 1
+    assert float(patch.mean()) > 1.0
+
+
+def test_fusion_is_the_same_in_training_and_evaluation(coord_store: Path) -> None:
+    run = _run(coord_store, method="patchgd-global", fusion="add", dropout=0.0)
+    model = run.model
+    latent = torch.randn(1, 16, 3, 3)
+    g = torch.randn(1, 16)
+    fused = model.fuse(latent, g)
+    assert torch.allclose(fused, latent + g[:, :, None, None])
+    model.train()
+    train_out = model.head.blocks[0][0](model.fuse(latent, g))
+    model.eval()
+    assert torch.allclose(train_out, model.head.blocks[0][0](model.fuse(latent, g)))
+    concat = _run(coord_store, method="patchgd-global", fusion="concat").model
+    assert concat.fuse(latent, g).shape == (1, 32, 3, 3)
+
+
+def test_read_request_plan_covers_every_patch_once_per_batch(coord_store: Path) -> None:
+    run = _run(coord_store, method="patchgd", sample_fraction=0.25)
+    plan = run.method.plan(["a"], seed=0, train=True)
+    groups = [r for r in plan if r.tag[0] == "group"]
+    covered = np.concatenate([r.indices for r in groups])
+    assert sorted(covered) == list(range(12)) and len(groups) == 4
+    assert all(isinstance(r, ReadRequest) for r in plan)

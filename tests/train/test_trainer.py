@@ -1,0 +1,261 @@
+"""`hiresctl train` / `eval` end to end on tiny stores: learning, resume, NaN, recipes, DDP."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from hiresctl.train import load_recipe
+from storage import UsageError
+from tests.stores import make_store, planted_images
+
+TINY = [
+    "--set",
+    "backbone=tiny",
+    "--set",
+    "patch_size=32",
+    "--set",
+    "latent_dim=32",
+    "--set",
+    "head_width=32",
+]
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("planted")
+    images, labels = planted_images(
+        40, 128, 32, seed=0, split_of=lambda i: "val" if i >= 30 else "train"
+    )
+    return make_store(root, images, labels)
+
+
+def test_patchgd_global_learns_a_planted_signal(
+    planted: Path, tmp_path: Path, cli: Callable
+) -> None:
+    result = cli("train", "--data", planted, "--out", tmp_path / "run", *TINY,
+                 "--set", "epochs=8", "--set", "lr=3e-3", "--set", "batch_size=4", "--set", "warmup=0.05", "--json")  # fmt: skip
+    assert result.code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["method"] == "patchgd-global" and summary["steps"] == 8 * 8
+    evaluated = cli("eval", tmp_path / "run", "--data", planted, "--split", "val", "--json")
+    report = json.loads(evaluated.stdout)
+    # 10 balanced validation images: chance is 0.5
+    assert report["metrics"]["accuracy"] >= 0.8, report
+    assert {"balanced_accuracy", "macro_f1", "kappa_quadratic", "auc"} <= set(report["metrics"])
+    assert report["peak_memory_gb"] > 0 and report["images_per_second"] > 0
+    assert len(report["confusion_matrix"]) == 2
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 8 and "val_accuracy" in json.loads(lines[-1])
+    assert any((tmp_path / "run" / "tensorboard").iterdir())
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+
+
+def test_resume_continues_steps_and_optimizer_state(
+    planted: Path, tmp_path: Path, cli: Callable, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    args = [
+        "--data",
+        planted,
+        *TINY,
+        "--set",
+        "batch_size=8",
+        "--set",
+        "epochs=2",
+        "--set",
+        "checkpoint_every=2",
+    ]
+    straight = cli("train", "--out", tmp_path / "straight", *args)
+    assert straight.code == 0, straight.stderr
+
+    import hiresctl.train.methods as methods
+
+    original = methods.PatchGDGlobal.train_batch
+    calls = []
+
+    def dies_in_epoch_2(self, *a, **k):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) == 7:  # epoch 2, third batch: after the mid-epoch checkpoint of batch 2
+            raise RuntimeError("power cut")
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(methods.PatchGDGlobal, "train_batch", dies_in_epoch_2)
+    with pytest.raises(RuntimeError, match="power cut"):
+        cli("train", "--out", tmp_path / "split", *args)
+    saved = torch.load(tmp_path / "split/checkpoints/last.pt", weights_only=False)
+    assert (saved["epoch"], saved["batch"], saved["step"]) == (1, 2, 6)
+    monkeypatch.setattr(methods.PatchGDGlobal, "train_batch", original)
+    again = cli("train", "--out", tmp_path / "split", *args)
+    assert again.code == 2 and "--resume" in again.stderr  # never overwrites a run
+    resumed = cli("train", "--out", tmp_path / "split", *args, "--resume")
+    assert resumed.code == 0, resumed.stderr
+    assert "resuming" in resumed.stderr and "batch 2, step 6" in resumed.stderr
+    done = torch.load(tmp_path / "split/checkpoints/last.pt", weights_only=False)
+    assert done["step"] == 2 * 4 and done["epoch"] == 2
+    # ρ = 0.25 → 4 inner iterations, each an optimizer step: 2 epochs × 4 batches × 4
+    assert max(int(s["step"]) for s in done["optimizer"]["state"].values()) == 32
+    reference = _weights(tmp_path / "straight/checkpoints/last.pt")
+    for key, value in done["model"].items():
+        assert torch.allclose(value.float(), reference[key].float(), atol=1e-5), key
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
+    planted: Path, tmp_path: Path, cli: Callable, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = tmp_path / "run"
+    assert (
+        cli(
+            "train",
+            "--data",
+            planted,
+            "--out",
+            run,
+            *TINY,
+            "--set",
+            "epochs=1",
+            "--set",
+            "batch_size=8",
+        ).code
+        == 0
+    )
+    last = run / "checkpoints" / "last.pt"
+    digest = hashlib.sha256(last.read_bytes()).hexdigest()
+    import hiresctl.train.methods as methods
+
+    def nan_loss(*args: object, **kwargs: object) -> torch.Tensor:
+        return torch.tensor(float("nan"), requires_grad=True)
+
+    monkeypatch.setattr(methods.F, "cross_entropy", nan_loss)
+    result = cli("train", "--data", planted, "--out", run, *TINY, "--set", "epochs=2", "--resume")
+    assert result.code == 1
+    assert "not finite" in result.stderr and "last good checkpoint" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert hashlib.sha256(last.read_bytes()).hexdigest() == digest
+
+
+@pytest.mark.parametrize("method", ["ips", "downsample", "full", "patchgd"])
+def test_every_method_trains_and_evaluates(
+    method: str, planted: Path, tmp_path: Path, cli: Callable
+) -> None:
+    extra = ["--set", "memory_size=4", "--set", "iter_size=4"] if method == "ips" else []
+    result = cli(
+        "train",
+        "--data",
+        planted,
+        "--out",
+        tmp_path / method,
+        "--method",
+        method,
+        *TINY,
+        *extra,
+        "--set",
+        "epochs=1",
+        "--set",
+        "batch_size=8",
+    )
+    assert result.code == 0, result.stderr
+    report = json.loads(
+        cli("eval", tmp_path / method, "--data", planted, "--split", "val", "--json").stdout
+    )
+    assert report["method"] == method and report["count"] == 10
+
+
+def test_recipe_errors_name_the_nearest_key(tmp_path: Path, cli: Callable) -> None:
+    with pytest.raises(UsageError, match="did you mean 'patch_size'"):
+        load_recipe(overrides={"patchsize": 64})
+    with pytest.raises(UsageError, match="lr must be float"):
+        load_recipe(overrides={"lr": "fast"})
+    with pytest.raises(UsageError, match="method 'ipx' is not one of"):
+        load_recipe(overrides={"method": "ipx"})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochs: 3\nbackbon: tiny\n")
+    with pytest.raises(
+        UsageError, match=r"bad.yaml: unknown recipe key 'backbon'; did you mean 'backbone'"
+    ):
+        load_recipe(bad)
+    assert load_recipe(method="ips").weight_decay == 0.1  # task × method defaults
+    result = cli("train", "--data", tmp_path, "--out", tmp_path / "r", "--recipe", bad)
+    assert result.code == 2 and "backbon" in result.stderr
+
+
+def test_shipped_recipes_load() -> None:
+    recipes = sorted(Path(__file__).parents[2].joinpath("recipes").glob("*.yaml"))
+    assert len(recipes) >= 3
+    for path in recipes:
+        load_recipe(path)
+
+
+def test_memory_budget_chooses_and_says_so(planted: Path, tmp_path: Path, cli: Callable) -> None:
+    result = cli(
+        "train",
+        "--data",
+        planted,
+        "--out",
+        tmp_path / "r",
+        *TINY,
+        "--set",
+        "epochs=1",
+        "--memory-budget",
+        "64GiB",
+    )
+    assert result.code == 0 and "memory budget 64.00 GiB → batch_size=4" in result.stderr
+    tiny = cli(
+        "train", "--data", planted, "--out", tmp_path / "s", *TINY, "--memory-budget", "1MiB"
+    )
+    assert tiny.code == 2 and "too small" in tiny.stderr
+
+
+def test_missing_labels_are_named_and_the_rest_trains(tmp_path: Path, cli: Callable) -> None:
+    images, labels = planted_images(6, 64, 32, seed=1)
+    unlabelled = {"im005": images.pop("im005")}
+    labels.pop("im005")
+    store = make_store(tmp_path, images, labels)
+    make_store(tmp_path, unlabelled)  # tiled later into the same store, without a labels CSV
+    result = cli("train", "--data", store, "--out", tmp_path / "r", *TINY, "--set", "epochs=1")
+    assert result.code == 1
+    assert "im005" in result.stderr and "has no class label" in result.stderr
+    assert (tmp_path / "r" / "checkpoints" / "last.pt").is_file()
+
+
+def test_ddp_two_gloo_ranks_hold_identical_weights(planted: Path, tmp_path: Path) -> None:
+    script = tmp_path / "ddp.py"
+    script.write_text(
+        textwrap.dedent(f"""
+        import os, torch
+        from hiresctl.train import Trainer, load_recipe
+        recipe = load_recipe(overrides=dict(backbone="tiny", patch_size=32, latent_dim=16, head_width=16,
+                                            epochs=1, batch_size=2, val_split="none"))
+        trainer = Trainer({str(planted)!r}, {str(tmp_path / "run")!r}, recipe, device="cpu", log=lambda m: None)
+        before = [p.detach().clone() for p in trainer.run.model.parameters()]
+        trainer.fit()
+        rank = int(os.environ["RANK"])
+        torch.save({{"after": trainer.run.model.state_dict(), "images": [i.image_id for i in trainer._shard(0)],
+                    "changed": any(not torch.equal(a, b) for a, b in zip(before, trainer.run.model.parameters()))}},
+                   {str(tmp_path)!r} + f"/rank{{rank}}.pt")
+    """)
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", str(script)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert ranks[0]["changed"] and ranks[1]["changed"]
+    assert not set(ranks[0]["images"]) & set(ranks[1]["images"])  # images sharded, not repeated
+    for key, value in ranks[0]["after"].items():
+        if "running" in key or "num_batches" in key:
+            continue  # BatchNorm statistics are per rank, like DDP's default
+        assert torch.equal(value, ranks[1]["after"][key]), key
