@@ -19,9 +19,17 @@ from zarr.registry import register_codec
 if TYPE_CHECKING:
     from zarr.core.array_spec import ArraySpec
 
-__all__ = ["JPEG_CODEC_NAME", "JpegCodec"]
+__all__ = ["JPEG_CODEC_NAME", "JpegCodec", "decode_jpeg_chunk"]
 
 JPEG_CODEC_NAME = "hiresctl.jpeg"
+
+
+def decode_jpeg_chunk(data: bytes, shape: tuple[int, ...]) -> np.ndarray:
+    """One stored JPEG chunk → its (c, y, x) uint8 array (a view on the decoded (y, x, c) pixels:
+    callers that stack or convert patches copy anyway, so no copy is made here)."""
+    pixels = imagecodecs.jpeg8_decode(data)
+    chw = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+    return chw if chw.shape == tuple(shape) else np.ascontiguousarray(chw).reshape(shape)
 
 
 @dataclass(frozen=True)
@@ -39,9 +47,9 @@ class JpegCodec(ArrayBytesCodec):
         return {"name": JPEG_CODEC_NAME, "configuration": {"quality": self.quality}}
 
     async def _decode_single(self, chunk_bytes: Buffer, chunk_spec: ArraySpec) -> NDBuffer:
-        pixels = imagecodecs.jpeg8_decode(chunk_bytes.to_bytes())
-        chw = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
-        chunk: Any = np.ascontiguousarray(chw).reshape(chunk_spec.shape)
+        chunk: Any = np.ascontiguousarray(
+            decode_jpeg_chunk(chunk_bytes.to_bytes(), chunk_spec.shape)
+        )
         return chunk_spec.prototype.nd_buffer.from_ndarray_like(chunk)
 
     async def _encode_single(self, chunk_array: NDBuffer, chunk_spec: ArraySpec) -> Buffer | None:

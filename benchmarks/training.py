@@ -1,0 +1,319 @@
+"""Patch-streaming and training benchmarks S1, S2, M1, L1 of PERFORMANCE.md, side by side.
+
+    python benchmarks/training.py [--rows S1,M1,L1] [--repeats 3] [--reads 400]
+
+S1  random 256² patch reads at level 0, 1 process: hiresctl's PatchReader on the store vs
+    openslide's read_region on the source (the 16384² pyramidal JPEG TIFF of tiling.py)
+S2  the same reads as a share of the codec's decode limit (decoding equivalent chunks alone)
+M1  peak memory of one training step (PatchGD+global, IPS) on 1k² → 64k² images (sparsely
+    written stores), next to the `full` baseline on the same images
+L1  data-wait fraction of a PatchGD+global training run (is training input-bound?)
+
+Inputs go to benchmarks/data/ (ignored by git). The results replace the "Training" section of
+BENCHMARKS.md. Each M1 measurement runs in a fresh process so its peak is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE / "data"
+sys.path.insert(0, str(HERE))
+START, END = "<!-- training:start -->", "<!-- training:end -->"
+
+
+def _hiresctl(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "hiresctl", *args], check=True, capture_output=True)
+
+
+def jpeg_store() -> tuple[Path, Path]:
+    from tiling import make_slide
+
+    source = make_slide(DATA / "slide_16384.tif", 16384)
+    store = DATA / "s1_jpeg.zarr"
+    if not store.exists():
+        _hiresctl(
+            "tile", str(source), "--out", str(store), "--codec", "jpeg", "--jpeg-quality", "90"
+        )
+    return source, store
+
+
+# ----------------------------------------------------------------------------------- S1 / S2
+
+
+def bench_reads(reads: int, repeats: int) -> list[tuple]:
+    import imagecodecs
+    import openslide
+
+    from hiresctl.data import PatchReader
+
+    source, store = jpeg_store()
+    reader = PatchReader(store, threads=1)
+    image_id = reader.dataset.image_ids()[0]
+    _, height, width = reader.shape(image_id)
+    slide = openslide.OpenSlide(str(source))
+    rates: dict[str, list[float]] = {"hiresctl": [], "openslide": [], "decode": []}
+    for repeat in range(repeats):
+        rng = np.random.default_rng(repeat)
+        ys = rng.integers(0, height // 256, reads) * 256
+        xs = rng.integers(0, width // 256, reads) * 256
+        start = time.perf_counter()
+        patches = [
+            reader.read_region(image_id, int(y), int(x), 256) for y, x in zip(ys, xs, strict=True)
+        ]
+        rates["hiresctl"].append(reads / (time.perf_counter() - start))
+        start = time.perf_counter()
+        for y, x in zip(ys, xs, strict=True):
+            np.asarray(slide.read_region((int(x), int(y)), 0, (256, 256)).convert("RGB"))
+        rates["openslide"].append(reads / (time.perf_counter() - start))
+        # The decode limit: the same patches as Q90 JPEG chunks, decoded alone (no I/O, no zarr).
+        encoded = [
+            imagecodecs.jpeg_encode(np.ascontiguousarray(np.moveaxis(p, 0, -1)), level=90)
+            for p in patches
+        ]
+        start = time.perf_counter()
+        for blob in encoded:
+            imagecodecs.jpeg_decode(blob)
+        rates["decode"].append(reads / (time.perf_counter() - start))
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    return [
+        ("S1", f"{reads} random 256² reads, level 0, 16384² JPEG slide, 1 process",
+         "`openslide.OpenSlide.read_region` (+ RGB array)", f"{med['hiresctl']:.0f} patches/s",
+         f"{med['openslide']:.0f} patches/s", f"{med['hiresctl'] / med['openslide']:.2f}×", "≥ 3× openslide"),
+        ("S2", "same reads vs decoding the chunks alone", "JPEG decode of the same 256² chunks",
+         f"{med['hiresctl']:.0f} patches/s", f"{med['decode']:.0f} patches/s",
+         f"{100 * med['hiresctl'] / med['decode']:.0f}% of the decode limit", "≥ 70%"),
+    ]  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------- M1
+
+
+def sparse_store(path: Path, sides: list[int]) -> Path:
+    """Images of the given sides in which only a few chunks are written (the rest is fill)."""
+    import zarr
+
+    from storage import FORMAT_VERSION
+
+    if path.exists():
+        return path
+    root = zarr.open_group(str(path), mode="w")
+    root.attrs["hiresctl"] = {"kind": "dataset", "format_version": FORMAT_VERSION}
+    images = root.create_group("images")
+    rng = np.random.default_rng(0)
+    for side in sides:
+        group = images.create_group(f"side{side}")
+        level, size = 0, side
+        while True:
+            array = group.create_array(
+                str(level),
+                shape=(3, size, size),
+                chunks=(3, 256, 256),
+                dtype="uint8",
+                fill_value=245,
+            )
+            array[:, :512, :512] = rng.integers(
+                0, 255, (3, min(512, size), min(512, size)), dtype=np.uint8
+            )
+            if size <= 1024:
+                break
+            level, size = level + 1, size // 2
+        thumb = group.create_array(
+            "thumbnail", shape=(3, 1024, 1024), chunks=(3, 256, 256), dtype="uint8", fill_value=245
+        )
+        thumb[:, :64, :64] = 30
+        mask = group.create_group("labels").create_group("foreground")
+        mask.create_array(
+            "0", shape=(1, 1024, 1024), chunks=(1, 256, 256), dtype="uint8", fill_value=1
+        )
+        group.attrs["hiresctl"] = {
+            "status": "complete", "shape": [3, side, side], "levels": level + 1, "label": "1",
+            "split": "train", "fill_value": 245, "dtype": "|u1", "tiling": {"chunk": 256},
+        }  # fmt: skip
+    return path
+
+
+STEP = """
+import json, sys, time, torch
+from hiresctl.data import PatchStream
+from hiresctl.train import Recipe, build_run, step_context
+from hiresctl.train.memory import PeakMemory, current_rss_bytes
+from hiresctl.train.trainer import _PlannedReads
+from storage import Dataset
+method, store, image = sys.argv[1], sys.argv[2], sys.argv[3]
+recipe = Recipe(method=method, backbone="tiny", patch_size=256, batch_size=1, patches_per_step=16,
+                inner_steps=1, memory_size=100, iter_size=100, full_max_pixels=2**40,
+                latent_dim=128 if method == "ips" else 256)
+run = build_run(recipe, Dataset(store), ["0", "1"], torch.device("cpu"))
+ctx = step_context(run, torch.optim.AdamW(run.model.parameters()), None, 1)
+peak = PeakMemory(torch.device("cpu"))
+base = current_rss_bytes()
+peak.reset()
+start = time.perf_counter()
+reads = _PlannedReads(PatchStream(run.reader), iter([run.method.plan([image], 0, True)]))
+run.method.train_batch(ctx, [image], torch.tensor([1]), reads.batch())
+print(json.dumps({"peak": peak.peak_bytes(), "base": base, "seconds": time.perf_counter() - start,
+                  "patches": run.reader.patches_read}))
+"""
+
+
+def bench_memory(sides: list[int], full_sides: list[int]) -> list[tuple]:
+    store = sparse_store(DATA / "m1_sparse.zarr", sides)
+    results: dict[tuple[str, int], dict] = {}
+    for method in ("patchgd-global", "ips", "full"):
+        for side in sides if method != "full" else full_sides:
+            proc = subprocess.run(
+                [sys.executable, "-c", STEP, method, str(store), f"side{side}"],
+                capture_output=True, text=True,
+            )  # fmt: skip
+            if proc.returncode:
+                raise RuntimeError(proc.stderr[-2000:])
+            results[(method, side)] = json.loads(proc.stdout.strip().splitlines()[-1])
+            print(method, side, results[(method, side)], flush=True)
+    rows = []
+    for method in ("patchgd-global", "ips", "full"):
+        measured = [s for s in (sides if method != "full" else full_sides)]
+        cells = []
+        for side in measured:
+            r = results[(method, side)]
+            cells.append(
+                f"{side // 1024}k²: {r['peak'] / 1e9:.2f} GB (+{(r['peak'] - r['base']) / 1e9:.2f}), {r['seconds']:.0f} s"
+            )
+        first, last = results[(method, measured[0])], results[(method, measured[-1])]
+        growth = last["peak"] / first["peak"]
+        above = (last["peak"] - last["base"]) / max(1, first["peak"] - first["base"])
+        rows.append(
+            (method, "; ".join(cells), f"{growth:.2f}× ({above:.1f}× above the process baseline)")
+        )
+    return rows
+
+
+# ---------------------------------------------------------------------------------------- L1
+
+
+def bench_data_wait(workers: list[int]) -> list[tuple]:
+    work = DATA / "l1"
+    store = work / "ds.zarr"
+    if not store.exists():
+        _hiresctl(
+            "synth",
+            "ultramnist",
+            str(work / "synth"),
+            "--count",
+            "12",
+            "--size",
+            "4096",
+            "--classes",
+            "10",
+        )
+        _hiresctl(
+            "tile",
+            str(work / "synth" / "images"),
+            "--labels",
+            str(work / "synth" / "labels.csv"),
+            "--out",
+            str(store),
+        )
+    rows = []
+    for count in workers:
+        out = work / f"run{count}"
+        subprocess.run(["rm", "-rf", str(out)], check=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "hiresctl", "train", "--data", str(store), "--out", str(out), "--json",
+             "--set", "backbone=tiny", "--set", "patch_size=256", "--set", "epochs=1",
+             "--set", f"num_workers={count}", "--set", "val_split=none", "--set", "train_split=train"],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        if proc.returncode not in (0, 1):
+            raise RuntimeError(proc.stderr[-2000:])
+        summary = json.loads(proc.stdout.strip().splitlines()[-1])
+        rows.append(
+            (
+                count,
+                summary["data_wait_fraction"],
+                summary["images_per_second"],
+                summary["train_images"],
+            )
+        )
+    return rows
+
+
+# ------------------------------------------------------------------------------------ report
+
+
+def write_section(text: str) -> None:
+    bench_md = HERE.parent / "BENCHMARKS.md"
+    current = bench_md.read_text() if bench_md.exists() else "# Benchmarks\n"
+    block = f"{START}\n{text.rstrip()}\n{END}\n"
+    if START in current and END in current:
+        head, rest = current.split(START, 1)
+        current = head + block + rest.split(END, 1)[1].lstrip("\n")
+    else:
+        current = current.rstrip() + "\n\n" + block
+    bench_md.write_text(current)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", default="S1,M1,L1")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--reads", type=int, default=400)
+    parser.add_argument("--sides", default="1024,4096,16384,65536")
+    parser.add_argument("--full-sides", default="1024,2048,4096,8192")
+    args = parser.parse_args()
+    rows = args.rows.split(",")
+    machine = f"{os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, {platform.machine()}, CPU only"
+    lines = [f"## Training (S1, S2, M1, L1), {time.strftime('%Y-%m-%d')}, {machine}", ""]
+    lines.append(
+        f"Command: `python benchmarks/training.py --rows {args.rows} --repeats {args.repeats} --reads {args.reads}`."
+    )
+    if "S1" in rows:
+        lines += [
+            "",
+            "| row | what | peer | hiresctl | peer | ratio | target |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for row in bench_reads(args.reads, args.repeats):
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append(
+            f"\nMedians of {args.repeats} runs of different random positions (aligned to the 256 grid, which is how the trainers read). The store was tiled with `--codec jpeg --jpeg-quality 90`."
+        )
+    if "M1" in rows:
+        sides = [int(s) for s in args.sides.split(",")]
+        full_sides = [int(s) for s in args.full_sides.split(",")]
+        lines += [
+            "",
+            "M1: peak RSS of one training step (one image, batch 1, tiny CNN, patch 256, 16 patches with gradient, "
+            "IPS M = I = 100), each in a fresh process; in brackets the part above the process's RSS before the step "
+            "(torch and the libraries hold about 1 GB). Stores are sparsely written; every patch is still read and encoded.",
+            "",
+            "| method | per image side | growth first → last side | target |",
+            "|---|---|---|---|",
+        ]
+        for method, cells, growth in bench_memory(sides, full_sides):
+            target = "∝ pixels (the comparison)" if method == "full" else "≤ 1.2× from 1k² to 64k²"
+            lines.append(f"| {method} | {cells} | {growth} | {target} |")
+    if "L1" in rows:
+        lines += ["", "L1: one epoch of `patchgd-global` (tiny CNN, patch 256) on 4096² UltraMNIST images (JPEG-free zstd store).", "",
+                  "| DataLoader workers | data-wait fraction | images/s | images | target |", "|---|---|---|---|---|"]  # fmt: skip
+        for count, wait, speed, images in bench_data_wait([0, 1]):
+            lines.append(f"| {count} | {wait:.1%} | {speed:.2f} | {images} | ≤ 10% |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    write_section(text)
+
+
+if __name__ == "__main__":
+    main()

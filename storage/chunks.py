@@ -1,0 +1,190 @@
+"""Direct chunk reads for chunk-aligned patches: one ``pread`` and one decode per chunk.
+
+Reading a 256² patch through zarr's generic pipeline costs about 2 ms of Python and event-loop
+overhead for a 0.3 ms JPEG decode. The trainers read chunk-aligned patches by design, so for
+the layouts the tiler writes (Zarr v3, optionally sharded with the index at the end, inner
+codecs ``bytes``, ``bytes`` + ``zstd`` or ``hiresctl.jpeg``, on a local disk) this reader goes
+straight to the bytes: each shard's index is read once and cached, then a chunk is one
+positional read and one decode. Anything else returns ``None`` from :meth:`DirectChunks.open`
+and callers use zarr.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numcodecs
+import numpy as np
+import zarr
+from zarr.codecs import BytesCodec, ShardingCodec, ZstdCodec
+from zarr.codecs.sharding import ShardingCodecIndexLocation
+from zarr.storage import LocalStore
+
+from storage.codecs import JpegCodec, decode_jpeg_chunk
+
+__all__ = ["DirectChunks"]
+
+_MISSING = 2**64 - 1
+_MAX_FDS = 256  # per array; beyond this a read opens and closes its shard
+
+
+def _stored_dtype(raw: BytesCodec, dtype: np.dtype) -> np.dtype:
+    little = getattr(raw.endian, "value", "little") == "little"
+    return dtype.newbyteorder("<" if little else ">")
+
+
+def _decoder(
+    codecs: tuple[Any, ...], dtype: np.dtype, shape: tuple[int, ...]
+) -> Callable[[bytes], np.ndarray] | None:
+    match codecs:
+        case (JpegCodec(),):
+            return lambda data: decode_jpeg_chunk(data, shape)
+        case (BytesCodec() as raw,):
+            stored = _stored_dtype(raw, dtype)
+            return lambda data: np.frombuffer(data, stored).reshape(shape)
+        case (BytesCodec() as raw, ZstdCodec() as zstd) if not zstd.checksum:
+            stored = _stored_dtype(raw, dtype)
+            codec = numcodecs.Zstd()
+            return lambda data: np.frombuffer(codec.decode(data), stored).reshape(shape)
+    return None
+
+
+class DirectChunks:
+    """Whole-chunk reads of one local Zarr v3 array, bypassing zarr's pipeline."""
+
+    def __init__(
+        self,
+        root: Path,
+        array: zarr.Array,
+        chunk: tuple[int, ...],
+        per_shard: tuple[int, ...] | None,
+        decode: Callable[[bytes], np.ndarray],
+    ) -> None:
+        self.array = array
+        self.root = root
+        self.chunk = chunk  # (c, cy, cx) of one inner chunk
+        self.per_shard = per_shard  # inner chunks per shard along (c, y, x); None = unsharded
+        self.decode = decode
+        self.fill = array.metadata.fill_value
+        self._indices: OrderedDict[tuple[int, ...], np.ndarray | None] = OrderedDict()
+        self._fds: dict[tuple[int, ...], int] = {}  # open shard files, kept up to _MAX_FDS
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, array: zarr.Array) -> DirectChunks | None:
+        """A direct reader for ``array``, or None when its layout is not one this reader knows."""
+        store = array.store
+        metadata = array.metadata
+        if not isinstance(store, LocalStore) or metadata.zarr_format != 3 or array.ndim != 3:
+            return None
+        codecs = tuple(metadata.codecs)
+        dtype = np.dtype(array.dtype)
+        if len(codecs) == 1 and isinstance(codecs[0], ShardingCodec):
+            sharding = codecs[0]
+            index_ok = sharding.index_location == ShardingCodecIndexLocation.end and [
+                type(c).__name__ for c in sharding.index_codecs
+            ] == ["BytesCodec", "Crc32cCodec"]
+            inner = tuple(sharding.chunk_shape)
+            decode = _decoder(tuple(sharding.codecs), dtype, inner)
+            if not index_ok or decode is None:
+                return None
+            shard = tuple(metadata.chunk_grid.chunk_shape)  # type: ignore[attr-defined]
+            per_shard = tuple(s // c for s, c in zip(shard, inner, strict=True))
+            return cls(Path(store.root), array, inner, per_shard, decode)
+        inner = tuple(metadata.chunk_grid.chunk_shape)  # type: ignore[attr-defined]
+        decode = _decoder(codecs, dtype, inner)
+        if decode is None:
+            return None
+        return cls(Path(store.root), array, inner, None, decode)
+
+    def _path(self, grid_coords: tuple[int, ...]) -> Path:
+        key = self.array.metadata.encode_chunk_key(grid_coords)
+        return self.root / self.array.path / key
+
+    def _index(self, shard: tuple[int, ...]) -> np.ndarray | None:
+        with self._lock:
+            if shard in self._indices:
+                self._indices.move_to_end(shard)
+                return self._indices[shard]
+        assert self.per_shard is not None
+        count = int(np.prod(self.per_shard))
+        size = count * 16 + 4
+        try:
+            with open(self._path(shard), "rb") as handle:
+                handle.seek(-size, os.SEEK_END)
+                raw = handle.read(size)
+            index: np.ndarray | None = np.frombuffer(raw[:-4], "<u8").reshape(count, 2)
+        except FileNotFoundError:
+            index = None  # shard never written: every chunk is fill
+        with self._lock:
+            self._indices[shard] = index
+            while len(self._indices) > 4096:
+                self._indices.popitem(last=False)
+        return index
+
+    def read_chunk(self, coords: tuple[int, ...]) -> np.ndarray:
+        """The decoded inner chunk at chunk-grid ``coords`` (fill when never written)."""
+        if self.per_shard is None:
+            try:
+                data = self._path(coords).read_bytes()
+            except FileNotFoundError:
+                return np.full(self.chunk, self.fill, self.array.dtype)
+            return self.decode(data)
+        shard = tuple(c // n for c, n in zip(coords, self.per_shard, strict=True))
+        local = tuple(c % n for c, n in zip(coords, self.per_shard, strict=True))
+        index = self._index(shard)
+        if index is None:
+            return np.full(self.chunk, self.fill, self.array.dtype)
+        flat = (local[0] * self.per_shard[1] + local[1]) * self.per_shard[2] + local[2]
+        offset, nbytes = (int(v) for v in index[flat])
+        if offset == _MISSING:
+            return np.full(self.chunk, self.fill, self.array.dtype)
+        fd = self._fds.get(shard)
+        if fd is not None:
+            return self.decode(os.pread(fd, nbytes, offset))
+        fd = os.open(self._path(shard), os.O_RDONLY)
+        with self._lock:
+            if len(self._fds) < _MAX_FDS and shard not in self._fds:
+                self._fds[shard] = fd
+                keep = True
+            else:
+                keep = False
+        try:
+            return self.decode(os.pread(fd, nbytes, offset))
+        finally:
+            if not keep:
+                os.close(fd)
+
+    def close(self) -> None:
+        with self._lock:
+            fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            os.close(fd)
+
+    def __del__(self) -> None:
+        self.close()
+
+    def read_region(self, y: int, x: int, height: int, width: int) -> np.ndarray | None:
+        """(c, height, width) at (y, x) when the region is whole chunks inside the array, else None."""
+        channels, cy, cx = self.chunk
+        _, full_h, full_w = self.array.shape
+        if (
+            channels != self.array.shape[0]
+            or y % cy or x % cx or height % cy or width % cx
+            or y < 0 or x < 0 or y + height > full_h or x + width > full_w
+        ):  # fmt: skip
+            return None
+        if height == cy and width == cx:
+            return self.read_chunk((0, y // cy, x // cx))
+        out = np.empty((channels, height, width), self.array.dtype)
+        for row in range(height // cy):
+            for col in range(width // cx):
+                out[:, row * cy : (row + 1) * cy, col * cx : (col + 1) * cx] = self.read_chunk(
+                    (0, y // cy + row, x // cx + col)
+                )
+        return out
