@@ -237,26 +237,25 @@ def main() -> None:
 def write_table(rows, args) -> None:
     cpu = f"{os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, {platform.processor() or platform.machine()}"
     lines = [
-        f"\n## Tiling (T1–T3), {time.strftime('%Y-%m-%d')}, {cpu}\n",
+        f"## Tiling (T1–T3), {time.strftime('%Y-%m-%d')}, {cpu}\n",
         f"Command: `python benchmarks/tiling.py --side {args.side} --big-side {args.big_side} --repeats {args.repeats}`; "
         f"median of {args.repeats} runs, peak RSS includes child processes.\n",
         "| row | input | peer | hiresctl s | peer s | peer/hiresctl (speed-up) | hiresctl peak GB | peer peak GB | target |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row, what, peer, t_h, t_p, m_h, m_p, target in rows:
-        ratio = t_p / t_h if t_p == t_p else float("nan")
+        has_peer = t_p == t_p  # NaN when the row has no peer
+        ratio = f"{t_p / t_h:.2f}×" if has_peer else "—"
+        peer_s = f"{t_p:.2f}" if has_peer else "—"
+        peer_m = f"{m_p:.2f}" if m_p == m_p else "—"
         lines.append(
-            f"| {row} | {what} | {peer} | {t_h:.2f} | {t_p:.2f} | {ratio:.2f}× | {m_h:.2f} | {m_p:.2f} | {target} |"
+            f"| {row} | {what} | {peer} | {t_h:.2f} | {peer_s} | {ratio} | {m_h:.2f} | {peer_m} | {target} |"
         )
     text = "\n".join(lines) + "\n"
     print(text)
-    bench_md = HERE.parent / "BENCHMARKS.md"
-    if not bench_md.exists():
-        bench_md.write_text(
-            "# Benchmarks\n\nSide-by-side measurements (see ../shared/PERFORMANCE.md for the rows).\n"
-        )
-    with open(bench_md, "a") as fh:
-        fh.write(text)
+    from training import write_section
+
+    write_section(text, "tiling")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ import psutil
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data"
 sys.path.insert(0, str(HERE))
-START, END = "<!-- training:start -->", "<!-- training:end -->"
 
 
 def _hiresctl(*args: str) -> None:
@@ -154,7 +153,7 @@ from hiresctl.train.trainer import _PlannedReads
 from storage import Dataset
 method, store, image = sys.argv[1], sys.argv[2], sys.argv[3]
 recipe = Recipe(method=method, backbone="tiny", patch_size=256, batch_size=1, patches_per_step=16,
-                inner_steps=1, memory_size=100, iter_size=100, full_max_pixels=2**40,
+                inner_steps=1, memory_size=16, iter_size=16, full_max_pixels=2**40,
                 latent_dim=128 if method == "ips" else 256)
 run = build_run(recipe, Dataset(store), ["0", "1"], torch.device("cpu"))
 ctx = step_context(run, torch.optim.AdamW(run.model.parameters()), None, 1)
@@ -170,7 +169,8 @@ print(json.dumps({"peak": peak.peak_bytes(), "base": base, "seconds": time.perf_
 
 
 def bench_memory(sides: list[int], full_sides: list[int]) -> list[tuple]:
-    store = sparse_store(DATA / "m1_sparse.zarr", sides)
+    every = sorted(set(sides) | set(full_sides))
+    store = sparse_store(DATA / f"m1_sparse_{'_'.join(map(str, every))}.zarr", every)
     results: dict[tuple[str, int], dict] = {}
     for method in ("patchgd-global", "ips", "full"):
         for side in sides if method != "full" else full_sides:
@@ -253,13 +253,15 @@ def bench_data_wait(workers: list[int]) -> list[tuple]:
 # ------------------------------------------------------------------------------------ report
 
 
-def write_section(text: str) -> None:
+def write_section(text: str, name: str = "training") -> None:
+    """Replace the ``name`` section of BENCHMARKS.md (between its markers) with ``text``."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     bench_md = HERE.parent / "BENCHMARKS.md"
     current = bench_md.read_text() if bench_md.exists() else "# Benchmarks\n"
-    block = f"{START}\n{text.rstrip()}\n{END}\n"
-    if START in current and END in current:
-        head, rest = current.split(START, 1)
-        current = head + block + rest.split(END, 1)[1].lstrip("\n")
+    block = f"{start}\n{text.rstrip()}\n{end}\n"
+    if start in current and end in current:
+        head, rest = current.split(start, 1)
+        current = head + block + rest.split(end, 1)[1].lstrip("\n")
     else:
         current = current.rstrip() + "\n\n" + block
     bench_md.write_text(current)
@@ -296,7 +298,7 @@ def main() -> None:
         lines += [
             "",
             "M1: peak RSS of one training step (one image, batch 1, tiny CNN, patch 256, 16 patches with gradient, "
-            "IPS M = I = 100), each in a fresh process; in brackets the part above the process's RSS before the step "
+            "IPS M = I = 16, so every size has at least M patches), each in a fresh process; in brackets the part above the process's RSS before the step "
             "(torch and the libraries hold about 1 GB). Stores are sparsely written; every patch is still read and encoded.",
             "",
             "| method | per image side | growth first → last side | target |",

@@ -31,6 +31,7 @@ __all__ = ["DirectChunks"]
 
 _MISSING = 2**64 - 1
 _MAX_FDS = 256  # per array; beyond this a read opens and closes its shard
+_DECODED_CACHE_BYTES = 16 * 2**20  # per array: decoded chunks kept for sub-chunk reads
 
 
 def _stored_dtype(raw: BytesCodec, dtype: np.dtype) -> np.dtype:
@@ -73,6 +74,9 @@ class DirectChunks:
         self.fill = array.metadata.fill_value
         self._indices: OrderedDict[tuple[int, ...], np.ndarray | None] = OrderedDict()
         self._fds: dict[tuple[int, ...], int] = {}  # open shard files, kept up to _MAX_FDS
+        self._decoded: OrderedDict[tuple[int, ...], np.ndarray] = OrderedDict()
+        chunk_bytes = int(np.prod(chunk)) * np.dtype(array.dtype).itemsize
+        self._decoded_capacity = max(8, _DECODED_CACHE_BYTES // max(1, chunk_bytes))
         self._lock = threading.Lock()
 
     @classmethod
@@ -169,22 +173,42 @@ class DirectChunks:
     def __del__(self) -> None:
         self.close()
 
+    def _cached_chunk(self, coords: tuple[int, ...]) -> np.ndarray:
+        """A decoded chunk through a small LRU cache (patches smaller than a chunk, or not
+        aligned to it, reuse the chunks their neighbours just decoded)."""
+        with self._lock:
+            chunk = self._decoded.get(coords)
+            if chunk is not None:
+                self._decoded.move_to_end(coords)
+                return chunk
+        chunk = self.read_chunk(coords)
+        with self._lock:
+            self._decoded[coords] = chunk
+            while len(self._decoded) > self._decoded_capacity:
+                self._decoded.popitem(last=False)
+        return chunk
+
     def read_region(self, y: int, x: int, height: int, width: int) -> np.ndarray | None:
-        """(c, height, width) at (y, x) when the region is whole chunks inside the array, else None."""
+        """(c, height, width) at (y, x), or None when the region reaches outside the array."""
         channels, cy, cx = self.chunk
         _, full_h, full_w = self.array.shape
         if (
             channels != self.array.shape[0]
-            or y % cy or x % cx or height % cy or width % cx
-            or y < 0 or x < 0 or y + height > full_h or x + width > full_w
-        ):  # fmt: skip
+            or y < 0
+            or x < 0
+            or y + height > full_h
+            or x + width > full_w
+        ):
             return None
-        if height == cy and width == cx:
-            return self.read_chunk((0, y // cy, x // cx))
+        if height == cy and width == cx and y % cy == 0 and x % cx == 0:
+            return self.read_chunk((0, y // cy, x // cx))  # the trainers' usual read: no cache
         out = np.empty((channels, height, width), self.array.dtype)
-        for row in range(height // cy):
-            for col in range(width // cx):
-                out[:, row * cy : (row + 1) * cy, col * cx : (col + 1) * cx] = self.read_chunk(
-                    (0, y // cy + row, x // cx + col)
-                )
+        for row in range(y // cy, (y + height - 1) // cy + 1):
+            for col in range(x // cx, (x + width - 1) // cx + 1):
+                chunk = self._cached_chunk((0, row, col))
+                top, left = max(y, row * cy), max(x, col * cx)
+                bottom, right = min(y + height, (row + 1) * cy), min(x + width, (col + 1) * cx)
+                out[:, top - y : bottom - y, left - x : right - x] = chunk[
+                    :, top - row * cy : bottom - row * cy, left - col * cx : right - col * cx
+                ]
         return out

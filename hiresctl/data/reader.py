@@ -118,17 +118,20 @@ class PatchReader:
         """(c, size, size) pixels at (y, x) of the read level, padded past the edges."""
         array = self.array(image_id)
         channels, height, width = array.shape
+        y0, x0 = max(y, 0), max(x, 0)
         y1, x1 = min(y + size, height), min(x + size, width)
-        direct = self.direct(image_id)
-        fast = direct.read_region(y, x, size, size) if direct is not None else None
-        if fast is not None:
-            out = fast
-        elif y >= 0 and x >= 0 and y1 - y == size and x1 - x == size:
-            out = np.asarray(array[:, y:y1, x:x1])
-        else:
+        if y1 <= y0 or x1 <= x0:  # wholly outside the image
             out = np.full((channels, size, size), self.entry(image_id).fill_value, array.dtype)
-            if y1 > y and x1 > x:
-                out[:, : y1 - y, : x1 - x] = array[:, y:y1, x:x1]
+        else:
+            direct = self.direct(image_id)
+            inside = direct.read_region(y0, x0, y1 - y0, x1 - x0) if direct is not None else None
+            if inside is None:
+                inside = np.asarray(array[:, y0:y1, x0:x1])
+            if inside.shape[1:] == (size, size):
+                out = inside
+            else:  # padded past the edges with the store's fill value
+                out = np.full((channels, size, size), self.entry(image_id).fill_value, array.dtype)
+                out[:, y0 - y : y1 - y, x0 - x : x1 - x] = inside
         with self._lock:
             self.patches_read += 1
             self.pixels_read += size * size

@@ -42,9 +42,12 @@ def test_direct_reads_equal_zarr_reads(tmp_path: Path, codec: str) -> None:
                 ), (level, y, x)
         two = direct.read_region(128, 256, 256, 256)
         assert two is not None and np.array_equal(two, array[:, 128:384, 256:512])
-        # past the edge or unaligned: not for the direct path
+        # unaligned and smaller than a chunk: assembled from the chunks it touches
+        for y, x, size in [(5, 0, 128), (100, 77, 50), (130, 250, 300)]:
+            got = direct.read_region(y, x, size, size)
+            assert got is not None and np.array_equal(got, array[:, y : y + size, x : x + size])
+        # past the edge: not for the direct path (the caller pads with the fill value)
         assert direct.read_region(height - 100, 0, 128, 128) is None
-        assert direct.read_region(5, 0, 128, 128) is None
 
 
 def test_unwritten_chunks_read_as_fill(tmp_path: Path) -> None:

@@ -1,0 +1,28 @@
+"""Every runnable example in examples/ runs end to end (slow: a minute or two each)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_quickstart_runs_synth_tile_train_eval(tmp_path: Path) -> None:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    assert shutil.which("hiresctl", path=env["PATH"])
+    proc = subprocess.run(
+        ["bash", str(ROOT / "examples" / "quickstart.sh"), str(tmp_path / "demo")],
+        capture_output=True, text=True, env=env, timeout=1200,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "demo" / "run" / "summary.json").read_text())
+    assert summary["method"] == "patchgd-global" and summary["steps"] > 0
+    assert "accuracy" in proc.stdout  # the evaluation table
