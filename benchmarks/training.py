@@ -277,29 +277,32 @@ def main() -> None:
     args = parser.parse_args()
     rows = args.rows.split(",")
     machine = f"{os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, {platform.machine()}, CPU only"
-    lines = [f"## Training (S1, S2, M1, L1), {time.strftime('%Y-%m-%d')}, {machine}", ""]
-    lines.append(
-        f"Command: `python benchmarks/training.py --rows {args.rows} --repeats {args.repeats} --reads {args.reads}`."
-    )
+    stamp = f"{time.strftime('%Y-%m-%d')}, {machine}"
+    # Each row group has its own section in BENCHMARKS.md, so one can be re-run alone.
     if "S1" in rows:
-        lines += [
+        lines = [
+            f"## Patch reads (S1, S2), {stamp}",
+            "",
+            f"Command: `python benchmarks/training.py --rows S1 --repeats {args.repeats} --reads {args.reads}`. "
+            f"Medians of {args.repeats} runs of different random positions (aligned to the 256 grid, which is "
+            "how the trainers read). The store was tiled with `--codec jpeg --jpeg-quality 90`.",
             "",
             "| row | what | peer | hiresctl | peer | ratio | target |",
             "|---|---|---|---|---|---|---|",
         ]
-        for row in bench_reads(args.reads, args.repeats):
-            lines.append("| " + " | ".join(row) + " |")
-        lines.append(
-            f"\nMedians of {args.repeats} runs of different random positions (aligned to the 256 grid, which is how the trainers read). The store was tiled with `--codec jpeg --jpeg-quality 90`."
-        )
+        lines += ["| " + " | ".join(row) + " |" for row in bench_reads(args.reads, args.repeats)]
+        _publish(lines, "reads")
     if "M1" in rows:
         sides = [int(s) for s in args.sides.split(",")]
         full_sides = [int(s) for s in args.full_sides.split(",")]
-        lines += [
+        lines = [
+            f"## Training-step memory (M1), {stamp}",
             "",
-            "M1: peak RSS of one training step (one image, batch 1, tiny CNN, patch 256, 16 patches with gradient, "
-            "IPS M = I = 16, so every size has at least M patches), each in a fresh process; in brackets the part above the process's RSS before the step "
-            "(torch and the libraries hold about 1 GB). Stores are sparsely written; every patch is still read and encoded.",
+            f"Command: `python benchmarks/training.py --rows M1 --sides {args.sides} --full-sides {args.full_sides}`. "
+            "Peak RSS of one training step (one image, batch 1, tiny CNN, patch 256, 16 patches with gradient, "
+            "IPS M = I = 16, so every size has at least M patches), each in a fresh process; in brackets the part "
+            "above the process's RSS before the step (torch and the libraries hold about 1 GB). Stores are "
+            "sparsely written; every patch is still read and encoded.",
             "",
             "| method | per image side | growth first → last side | target |",
             "|---|---|---|---|",
@@ -307,14 +310,27 @@ def main() -> None:
         for method, cells, growth in bench_memory(sides, full_sides):
             target = "∝ pixels (the comparison)" if method == "full" else "≤ 1.2× from 1k² to 64k²"
             lines.append(f"| {method} | {cells} | {growth} | {target} |")
+        _publish(lines, "memory")
     if "L1" in rows:
-        lines += ["", "L1: one epoch of `patchgd-global` (tiny CNN, patch 256) on 4096² UltraMNIST images (JPEG-free zstd store).", "",
-                  "| DataLoader workers | data-wait fraction | images/s | images | target |", "|---|---|---|---|---|"]  # fmt: skip
+        lines = [
+            f"## Data wait (L1), {stamp}",
+            "",
+            "Command: `python benchmarks/training.py --rows L1`: one epoch of `patchgd-global` (tiny CNN, "
+            "patch 256) on 12 UltraMNIST images of 4096² (zstd store); the fraction of the epoch spent "
+            "waiting for pixels.",
+            "",
+            "| DataLoader workers | data-wait fraction | images/s | images | target |",
+            "|---|---|---|---|---|",
+        ]
         for count, wait, speed, images in bench_data_wait([0, 1]):
             lines.append(f"| {count} | {wait:.1%} | {speed:.2f} | {images} | ≤ 10% |")
+        _publish(lines, "wait")
+
+
+def _publish(lines: list[str], name: str) -> None:
     text = "\n".join(lines) + "\n"
-    print(text)
-    write_section(text)
+    print(text, flush=True)
+    write_section(text, name)
 
 
 if __name__ == "__main__":
