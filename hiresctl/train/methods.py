@@ -93,8 +93,34 @@ class Method:
     def predict(self, ctx: StepContext, image_ids: list[str], reads: Reads) -> torch.Tensor:
         raise NotImplementedError
 
+    def calibrate(self, ctx: StepContext, batches: list[list[str]]) -> None:
+        """Called by the loop after the last batch of an epoch, before validation."""
+
     def backbone(self) -> Backbone:
         return create_backbone(self.recipe.backbone, self.recipe.pretrained)
+
+
+def recalibrate_batchnorm(module: nn.Module, inputs: list[torch.Tensor]) -> None:
+    """Recompute the running statistics of ``module``'s BatchNorm layers as the plain average
+    over ``inputs`` (dropout off, no gradients); a no-op without inputs or BatchNorm."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not inputs or not norms:
+        return
+    was_training = module.training
+    momenta = [m.momentum for m in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average over the calibration batches
+    module.train()
+    for m in module.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            m.eval()
+    with torch.no_grad():
+        for x in inputs:
+            module(x)
+    for norm, momentum in zip(norms, momenta, strict=True):
+        norm.momentum = momentum
+    module.train(was_training)
 
 
 def _chunks(indices: np.ndarray, size: int) -> list[np.ndarray]:
@@ -102,10 +128,26 @@ def _chunks(indices: np.ndarray, size: int) -> list[np.ndarray]:
 
 
 class PatchGD(Method):
-    """PatchGD (§1); with ``use_global`` the seed paper's PatchGD + global patch (§2)."""
+    """PatchGD (§1); with ``use_global`` the seed paper's PatchGD + global patch (§2).
+
+    The head's BatchNorm sees a few images per step on grids that shrink to 1×1, so its running
+    statistics trail what the head computes and evaluation drifts from training. At the end of
+    each epoch the head's statistics are recomputed ("precise BatchNorm") over the latents of
+    ``calibration_batches`` training batches, filled exactly as evaluation fills them.
+    """
 
     name = "patchgd"
     use_global = False
+
+    def calibrate(self, ctx: StepContext, batches: list[list[str]]) -> None:
+        model: PatchGDClassifier = ctx.model  # type: ignore[assignment]
+        fused = []
+        for index, image_ids in enumerate(batches):
+            plan = self.plan(image_ids, index, train=False)
+            latent, g = self._eval_latent(ctx, image_ids, ((r, ctx.read(r)) for r in plan))
+            fused.append(model.fuse(latent, g))
+        recalibrate_batchnorm(model.head, fused)
+        model.train()
 
     def build_model(self) -> nn.Module:
         r = self.recipe
@@ -232,27 +274,25 @@ class PatchGD(Method):
             latent = latent.detach()
             with ctx.autocast():
                 members = [(r, p) for r, p in group if len(r.indices)]
-                if members:
-                    features = model.encoder(
-                        torch.cat([p for _, p in members]).to(ctx.device, non_blocking=True)
-                    )
-                    start = 0
-                    for r, _ in members:
-                        self._write(
-                            latent,
-                            r.tag[1],
-                            r.grid,
-                            r.indices,
-                            features[start : start + len(r.indices)],
-                        )
-                        start += len(r.indices)
-                    ctx.patches_with_grad += start
-                g = None
+                pieces = [p for _, p in members]
                 if self.use_global:
-                    batch_global = torch.stack([p for p in global_pixels if p is not None]).to(
-                        ctx.device
+                    pieces.append(torch.stack([p for p in global_pixels if p is not None]))
+                # Patches and global patches go through the encoder as one batch: BatchNorm then
+                # sees one mixture in training, whose running statistics suit evaluation too
+                # (separate batches would leave running statistics half of downsampled images).
+                features = model.encoder(torch.cat(pieces).to(ctx.device, non_blocking=True))
+                start = 0
+                for r, _ in members:
+                    self._write(
+                        latent,
+                        r.tag[1],
+                        r.grid,
+                        r.indices,
+                        features[start : start + len(r.indices)],
                     )
-                    g = model.encoder(batch_global)
+                    start += len(r.indices)
+                ctx.patches_with_grad += start
+                g = features[start:] if self.use_global else None
                 out = model.classify(latent, g)
                 loss = F.cross_entropy(out.float(), targets)
             ctx.backward(loss)
@@ -266,7 +306,10 @@ class PatchGD(Method):
             ctx.step()
         return BatchOutput(float(np.mean(losses)) if losses else float("nan"), logits, inner)
 
-    def predict(self, ctx: StepContext, image_ids: list[str], reads: Reads) -> torch.Tensor:
+    def _eval_latent(
+        self, ctx: StepContext, image_ids: list[str], reads: Reads
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The latent and global feature as evaluation computes them (eval mode, no gradient)."""
         model: PatchGDClassifier = ctx.model  # type: ignore[assignment]
         model.eval()
         latent = self._latent(image_ids, ctx.device, model.latent_dim)
@@ -276,12 +319,17 @@ class PatchGD(Method):
                 self._fill(ctx, model, latent, request, pixels, train=False)
             else:
                 global_pixels[request.tag[1]] = pixels
+        g = None
+        if self.use_global:
+            with torch.no_grad(), ctx.autocast():
+                batch = torch.stack([p for p in global_pixels if p is not None])
+                g = model.encoder(batch.to(ctx.device)).float()
+        return latent, g
+
+    def predict(self, ctx: StepContext, image_ids: list[str], reads: Reads) -> torch.Tensor:
+        model: PatchGDClassifier = ctx.model  # type: ignore[assignment]
+        latent, g = self._eval_latent(ctx, image_ids, reads)
         with torch.no_grad(), ctx.autocast():
-            g = None
-            if self.use_global:
-                g = model.encoder(
-                    torch.stack([p for p in global_pixels if p is not None]).to(ctx.device)
-                )
             return model.classify(latent, g).float().cpu()
 
 

@@ -54,7 +54,11 @@ class Recipe:
     patches_per_step: int | None = None  # [k] overrides sample_fraction when set
     inner_steps: int | None = None  # [J] None = ceil(N / k): every patch updated once per batch
     fill_batch: int = 64  # patches per no-grad forward while filling the latent
-    fill_mode: str = "train"  # BatchNorm mode of the fill pass: train | eval
+    # BatchNorm mode of the no-grad fill pass. "train" (the reference) normalises each fill batch
+    # (the patches of one image) by its own statistics, which makes features image-relative in
+    # training but not in evaluation; "eval" uses the running statistics both times.
+    fill_mode: str = "eval"
+    calibration_batches: int = 8  # training batches that re-estimate the head's BatchNorm per epoch
     # IPS
     memory_size: int = 100  # [M] patches kept
     iter_size: int = 100  # [I] patches scored per selection iteration

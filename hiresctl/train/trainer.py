@@ -530,6 +530,11 @@ class Trainer:
                         and index + 1 < len(batches)
                     ):
                         self._save(LAST, state(epoch, index + 1))
+                if recipe.calibration_batches:
+                    run.method.calibrate(
+                        ctx,
+                        [[im.image_id for im in b] for b in batches[: recipe.calibration_batches]],
+                    )
                 seconds = time.perf_counter() - epoch_start
                 train_seconds += seconds
                 wait_seconds += reads.wait_seconds
