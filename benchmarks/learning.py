@@ -2,9 +2,10 @@
 
     python benchmarks/learning.py [--side 512] [--count 200] [--epochs 10]
 
-Data: noise images in which class 1 holds a 32² one-pixel checkerboard (0/180) and class 0 a
-flat 32² square of the same mean (90), at a random place. Downsampling averages the
-checkerboard into the flat square, so the classes differ only at full resolution. Every method
+Data: `hiresctl synth fine-detail`: noise images in which class 1 holds a 32² one-pixel
+checkerboard (0/180) and class 0 a flat 32² square of the same mean (90), at a random place.
+Downsampling averages the checkerboard into the flat square, so the classes differ only at
+full resolution. Every method
 trains with the same tiny CNN, patch size, epochs and seed on the same store; the test split
 is evaluated with `hiresctl eval`. Results replace the "learning" section of BENCHMARKS.md.
 """
@@ -12,15 +13,11 @@ is evaluated with `hiresctl eval`. Results replace the "learning" section of BEN
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import subprocess
 import sys
 import time
 from pathlib import Path
-
-import numpy as np
-import tifffile
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -31,30 +28,23 @@ METHODS = ("patchgd-global", "patchgd", "downsample")
 
 def make_dataset(root: Path, side: int, count: int, seed: int = 3) -> Path:
     store = root / "ds.zarr"
-    if store.exists():
-        return store
-    images = root / "images"
-    images.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:32, 0:32]
-    checker = np.where((yy + xx) % 2 == 0, 0, 180).astype(np.uint8)
-    rows = []
-    for i in range(count):
-        pixels = rng.integers(60, 120, (side, side, 3), dtype=np.uint8)
-        label = i % 2
-        y, x = rng.integers(0, side - 32, 2)
-        pixels[y : y + 32, x : x + 32] = checker[..., None] if label else 90
-        tifffile.imwrite(images / f"im{i:04d}.tif", pixels, photometric="rgb")
-        split = "train" if i < count * 0.6 else ("val" if i < count * 0.8 else "test")
-        rows.append((f"im{i:04d}.tif", label, split))
-    with open(root / "labels.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["source", "label", "split"])
-        writer.writerows(rows)
-    subprocess.run(
-        [sys.executable, "-m", "hiresctl", "tile", str(images), "--labels", str(root / "labels.csv"), "--out", str(store)],
-        check=True, capture_output=True,
-    )  # fmt: skip
+    if not store.exists():
+        hiresctl = [sys.executable, "-m", "hiresctl"]
+        synth = [*hiresctl, "synth", "fine-detail", str(root / "synth"), "--count", str(count)]
+        subprocess.run(
+            [*synth, "--size", str(side), "--seed", str(seed)], check=True, capture_output=True
+        )
+        labels = str(root / "synth" / "labels.csv")
+        tile = [
+            *hiresctl,
+            "tile",
+            str(root / "synth" / "images"),
+            "--labels",
+            labels,
+            "--out",
+            str(store),
+        ]
+        subprocess.run(tile, check=True, capture_output=True)
     return store
 
 
@@ -95,7 +85,7 @@ def main() -> None:
         f"## Learning where detail matters, {time.strftime('%Y-%m-%d')}, CPU",
         "",
         f"Command: `python benchmarks/learning.py --side {args.side} --count {args.count} --epochs {args.epochs}`: "
-        f"{args.count} images of {args.side}² (60/20/20% train/val/test); class 1 holds a 32² one-pixel "
+        f"`hiresctl synth fine-detail`, {args.count} images of {args.side}² (70/15/15% train/val/test); class 1 holds a 32² one-pixel "
         "checkerboard, class 0 a flat square of the same mean, so downsampling erases the difference. "
         f"Same tiny CNN, patch {args.patch_size}, {args.epochs} epochs, seed 0 for every method; test split, "
         "best-validation checkpoint.",

@@ -216,10 +216,43 @@ def megapixel_mnist(
 
 Synthesizer = Callable[..., list[dict[str, Any]]]
 
+
 #: name → (function, default canvas size)
+def fine_detail(
+    out: Path, count: int, size: int, seed: int, square: int = 32, **_: Any
+) -> list[dict[str, Any]]:
+    """Binary task that only full resolution can solve: RGB noise with one ``square``² region,
+    a one-pixel checkerboard (0/180) in class 1 and a flat square of the same mean (90) in
+    class 0, at a random place. Any downsampling by 2 or more averages the checkerboard into
+    the flat square, so a method that sees only a downsampled image stays at chance. Classes
+    alternate, so every split is balanced.
+    """
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:square, 0:square]
+    checker = np.where((yy + xx) % 2 == 0, 0, 180).astype(np.uint8)
+    rows = []
+    for index, split in enumerate(_splits(count)):
+        label = index % 2
+        pixels = rng.integers(60, 120, (size, size, 3), dtype=np.uint8)
+        y, x = (int(v) for v in rng.integers(0, size - square + 1, size=2))
+        pixels[y : y + square, x : x + square] = checker[..., None] if label else 90
+        name = f"fine_detail_{index:05d}.tiff"
+        _write_tiff(out / "images" / name, pixels)
+        rows.append(
+            {
+                "source": name,
+                "label": label,
+                "split": split,
+                "objects": [{"box": [x, y, square, square]}],
+            }
+        )
+    return rows
+
+
 SYNTHESIZERS: dict[str, tuple[Synthesizer, int]] = {
     "ultramnist": (ultramnist, 4096),
     "megapixel-mnist": (megapixel_mnist, 1500),
+    "fine-detail": (fine_detail, 512),
 }
 
 

@@ -61,7 +61,9 @@ def _root(
 
 @app.command()
 def synth(
-    kind: Annotated[str, typer.Argument(help="What to synthesize: ultramnist, megapixel-mnist.")],
+    kind: Annotated[
+        str, typer.Argument(help="What to synthesize: ultramnist, megapixel-mnist, fine-detail.")
+    ],
     out: Annotated[Path, typer.Argument(help="Output folder (images/ and labels.csv).")],
     count: Annotated[int, typer.Option(help="Number of images.")] = 16,
     size: Annotated[

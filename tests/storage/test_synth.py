@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -56,5 +57,19 @@ def test_megapixel_mnist_tasks(tmp_path: Path) -> None:
 
 
 def test_unknown_kind_lists_valid_ones(tmp_path: Path) -> None:
-    with pytest.raises(UsageError, match="valid: megapixel-mnist, ultramnist"):
+    with pytest.raises(UsageError, match="valid: fine-detail, megapixel-mnist, ultramnist"):
         synthesize("mnist", tmp_path)
+
+
+def test_fine_detail_differs_only_at_full_resolution(tmp_path: Path) -> None:
+    labels = synthesize("fine-detail", tmp_path / "fd", count=10, size=128, seed=1)
+    rows = list(csv.DictReader(labels.open()))
+    assert [r["label"] for r in rows] == ["0", "1"] * 5
+    meta = json.loads((tmp_path / "fd" / "synth.json").read_text())
+    for row, image in zip(rows, meta["images"], strict=True):
+        x, y, side, _ = image["objects"][0]["box"]
+        pixels = tifffile.imread(tmp_path / "fd" / "images" / row["source"])
+        region = pixels[y : y + side, x : x + side, 0].astype(float)
+        halved = region.reshape(side // 2, 2, side // 2, 2).mean(axis=(1, 3))
+        assert np.all(halved == 90.0)  # identical for both classes after 2× downsampling
+        assert (region.std() > 80) == (row["label"] == "1")  # different at full resolution
