@@ -8,7 +8,10 @@ them in the same order while the next requests are already being read.
 
 from __future__ import annotations
 
+import itertools
+from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,12 +52,31 @@ class _RequestDataset(Dataset[tuple[ReadRequest, torch.Tensor]]):
         return 0
 
 
+def _threaded_reads(
+    dataset: _RequestDataset, plan: Iterable[ReadRequest], ahead: int
+) -> Iterator[tuple[ReadRequest, torch.Tensor]]:
+    """Read ``ahead`` requests in a background thread while the caller computes (the decoders
+    release the GIL), yielding in plan order."""
+    requests = iter(plan)
+    with ThreadPoolExecutor(1, thread_name_prefix="hiresctl-read") as pool:
+        pending: deque[Future[tuple[ReadRequest, torch.Tensor]]] = deque()
+        for request in itertools.islice(requests, ahead):
+            pending.append(pool.submit(dataset.__getitem__, request))
+        while pending:
+            done = pending.popleft().result()
+            following = next(requests, None)
+            if following is not None:
+                pending.append(pool.submit(dataset.__getitem__, following))
+            yield done
+
+
 def _identity(item: Any) -> Any:
     return item
 
 
 class PatchStream:
-    """Reads a sequence of :class:`ReadRequest` in order, ``num_workers`` processes ahead."""
+    """Reads a sequence of :class:`ReadRequest` in order, ahead of the consumer: in a background
+    thread of this process (``num_workers=0``) or in ``num_workers`` DataLoader processes."""
 
     def __init__(
         self, reader: PatchReader, num_workers: int = 0, prefetch: int = 4, augment: Any = None
@@ -64,10 +86,12 @@ class PatchStream:
         self.prefetch = prefetch
         self.dataset = _RequestDataset(reader, augment)
 
+    def _threaded(self, plan: Iterable[ReadRequest]) -> Iterator[tuple[ReadRequest, torch.Tensor]]:
+        return _threaded_reads(self.dataset, plan, self.prefetch)
+
     def __call__(self, plan: Iterable[ReadRequest]) -> Iterator[tuple[ReadRequest, torch.Tensor]]:
         if self.num_workers == 0:
-            for request in plan:
-                yield self.dataset[request]
+            yield from self._threaded(plan)
             return
         loader = DataLoader(
             self.dataset,
