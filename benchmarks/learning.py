@@ -21,7 +21,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from training import write_section  # noqa: E402
+from training import publish  # noqa: E402
 
 METHODS = ("patchgd-global", "patchgd", "downsample")
 
@@ -99,9 +99,7 @@ def main() -> None:
             f"| {method} | {m['accuracy']:.3f} | {m.get('auc', float('nan')):.3f} | {summary['peak_memory_gb']:.2f} | "
             f"{report['peak_memory_gb']:.2f} | {summary['images_per_second']:.2f} | {seconds:.0f} |"
         )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    write_section(text, "learning")
+    publish(lines, "learning")
 
 
 if __name__ == "__main__":

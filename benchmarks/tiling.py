@@ -251,11 +251,9 @@ def write_table(rows, args) -> None:
         lines.append(
             f"| {row} | {what} | {peer} | {t_h:.2f} | {peer_s} | {ratio} | {m_h:.2f} | {peer_m} | {target} |"
         )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    from training import write_section
+    from training import publish
 
-    write_section(text, "tiling")
+    publish(lines, "tiling")
 
 
 if __name__ == "__main__":

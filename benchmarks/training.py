@@ -291,7 +291,7 @@ def main() -> None:
             "|---|---|---|---|---|---|---|",
         ]
         lines += ["| " + " | ".join(row) + " |" for row in bench_reads(args.reads, args.repeats)]
-        _publish(lines, "reads")
+        publish(lines, "reads")
     if "M1" in rows:
         sides = [int(s) for s in args.sides.split(",")]
         full_sides = [int(s) for s in args.full_sides.split(",")]
@@ -310,7 +310,7 @@ def main() -> None:
         for method, cells, growth in bench_memory(sides, full_sides):
             target = "∝ pixels (the comparison)" if method == "full" else "≤ 1.2× from 1k² to 64k²"
             lines.append(f"| {method} | {cells} | {growth} | {target} |")
-        _publish(lines, "memory")
+        publish(lines, "memory")
     if "L1" in rows:
         lines = [
             f"## Data wait (L1), {stamp}",
@@ -329,10 +329,11 @@ def main() -> None:
                 else f"{count} DataLoader process(es) ({count})"
             )
             lines.append(f"| {how} | {wait:.1%} | {speed:.2f} | {images} | ≤ 10% |")
-        _publish(lines, "wait")
+        publish(lines, "wait")
 
 
-def _publish(lines: list[str], name: str) -> None:
+def publish(lines: list[str], name: str) -> None:
+    """Print a table and make it the ``name`` section of BENCHMARKS.md."""
     text = "\n".join(lines) + "\n"
     print(text, flush=True)
     write_section(text, name)
