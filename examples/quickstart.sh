@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # The main job on a small built-in example: synthesize → tile → train → eval.
 # Usage: examples/quickstart.sh [WORKDIR]   (default: ./hiresctl-demo)
-# About two minutes on 2 CPU cores. The data is `fine-detail`: a 32² patch of one-pixel
+# About three minutes on 2 CPU cores. The data is `fine-detail`: a 32² patch of one-pixel
 # checkerboard (class 1) or of flat grey with the same mean (class 0) somewhere in 512² noise,
 # so only full resolution tells the classes apart; the recipe is recipes/cls-demo-patchgd-global.yaml.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 work="${1:-hiresctl-demo}"
 mkdir -p "$work"
-echo "== synthesize 80 fine-detail images (512²) into $work/synth"
-hiresctl synth fine-detail "$work/synth" --count 80 --size 512 --seed 0
+echo "== synthesize 200 fine-detail images (512²) into $work/synth"
+hiresctl synth fine-detail "$work/synth" --count 200 --size 512 --seed 0
 echo "== tile them into the dataset store $work/dataset.zarr"
 hiresctl tile "$work/synth/images" --labels "$work/synth/labels.csv" --out "$work/dataset.zarr"
 hiresctl info "$work/dataset.zarr"
