@@ -339,11 +339,11 @@ class Trainer:
         log: Callable[[str], None] = print,
     ) -> None:
         self.out = Path(out)
-        self.log = log
         self.resume = resume
         self.world = distributed.init_world(
             "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"
         )
+        self.log = log if self.world.main else (lambda message: None)  # rank 0 speaks for all
         self.device = resolve_device(device, self.world)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
