@@ -155,10 +155,9 @@ def test_fusion_is_the_same_in_training_and_evaluation(coord_store: Path) -> Non
     g = torch.randn(1, 16)
     fused = model.fuse(latent, g)
     assert torch.allclose(fused, latent + g[:, :, None, None])
-    model.train()
-    train_out = model.head.blocks[0][0](model.fuse(latent, g))
+    # classify() is what both train_batch and predict call: it must be head(fuse(...))
     model.eval()
-    assert torch.allclose(train_out, model.head.blocks[0][0](model.fuse(latent, g)))
+    assert torch.allclose(model.classify(latent, g), model.head(latent + g[:, :, None, None]))
     concat = _run(coord_store, method="patchgd-global", fusion="concat").model
     assert concat.fuse(latent, g).shape == (1, 32, 3, 3)
 
