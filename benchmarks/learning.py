@@ -23,7 +23,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from training import publish  # noqa: E402
 
-METHODS = ("patchgd-global", "patchgd", "downsample")
+METHODS = ("patchgd-global", "patchgd", "ips", "downsample")
+EXTRA = {"ips": ["--set", "memory_size=8", "--set", "iter_size=16", "--set", "heads=4"]}
 
 
 def make_dataset(root: Path, side: int, count: int, seed: int = 3) -> Path:
@@ -67,7 +68,7 @@ def main() -> None:
         subprocess.run(["rm", "-rf", str(out)], check=True)
         start = time.perf_counter()
         train = subprocess.run(
-            [sys.executable, "-m", "hiresctl", "train", "--data", str(store), "--out", str(out), "--method", method, "--json", *common],
+            [sys.executable, "-m", "hiresctl", "train", "--data", str(store), "--out", str(out), "--method", method, "--json", *common, *EXTRA.get(method, [])],
             capture_output=True, text=True,
         )  # fmt: skip
         if train.returncode:
@@ -87,8 +88,8 @@ def main() -> None:
         f"Command: `python benchmarks/learning.py --side {args.side} --count {args.count} --epochs {args.epochs}`: "
         f"`hiresctl synth fine-detail`, {args.count} images of {args.side}² (70/15/15% train/val/test); class 1 holds a 32² one-pixel "
         "checkerboard, class 0 a flat square of the same mean, so downsampling erases the difference. "
-        f"Same tiny CNN, patch {args.patch_size}, {args.epochs} epochs, seed 0 for every method; test split, "
-        "best-validation checkpoint.",
+        f"Same tiny CNN, patch {args.patch_size}, {args.epochs} epochs, seed 0 for every method (IPS keeps "
+        "M = 8 of the 64 patches, scoring I = 16 at a time, 4 heads); test split, best-validation checkpoint.",
         "",
         "| method | test accuracy | test AUC | training peak RSS GB | eval peak RSS GB | train images/s | train s |",
         "|---|---|---|---|---|---|---|",

@@ -59,6 +59,17 @@ def test_patchgd_global_learns_a_planted_signal(
     assert any((tmp_path / "run" / "tensorboard").iterdir())
 
 
+def test_ips_learns_a_planted_signal(planted: Path, tmp_path: Path, cli: Callable) -> None:
+    result = cli("train", "--data", planted, "--out", tmp_path / "run", "--method", "ips", *TINY,
+                 "--set", "memory_size=4", "--set", "iter_size=4", "--set", "heads=4",
+                 "--set", "epochs=8", "--set", "lr=3e-3", "--set", "batch_size=4")  # fmt: skip
+    assert result.code == 0, result.stderr
+    report = json.loads(
+        cli("eval", tmp_path / "run", "--data", planted, "--split", "val", "--json").stdout
+    )
+    assert report["metrics"]["accuracy"] >= 0.8, report  # chance is 0.5
+
+
 def _weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=False)["model"]
 
