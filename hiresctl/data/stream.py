@@ -8,7 +8,6 @@ them in the same order while the next requests are already being read.
 
 from __future__ import annotations
 
-import itertools
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -52,21 +51,42 @@ class _RequestDataset(Dataset[tuple[ReadRequest, torch.Tensor]]):
         return 0
 
 
+def _request_bytes(request: ReadRequest) -> int:
+    """Float32 bytes of a request's pixels (what it holds while it waits to be consumed)."""
+    count = 1 if request.kind == "global" else max(1, len(request.indices))
+    return count * 3 * request.grid.patch_size**2 * 4
+
+
 def _threaded_reads(
-    dataset: _RequestDataset, plan: Iterable[ReadRequest], ahead: int
+    dataset: _RequestDataset, plan: Iterable[ReadRequest], ahead_bytes: int
 ) -> Iterator[tuple[ReadRequest, torch.Tensor]]:
-    """Read ``ahead`` requests in a background thread while the caller computes (the decoders
-    release the GIL), yielding in plan order."""
+    """Read ahead in a background thread while the caller computes (the decoders release the
+    GIL), yielding in plan order. At most ``ahead_bytes`` of pixels wait (and always one
+    request), so reading ahead never costs more memory than that, however large the requests."""
     requests = iter(plan)
     with ThreadPoolExecutor(1, thread_name_prefix="hiresctl-read") as pool:
-        pending: deque[Future[tuple[ReadRequest, torch.Tensor]]] = deque()
-        for request in itertools.islice(requests, ahead):
-            pending.append(pool.submit(dataset.__getitem__, request))
-        while pending:
-            done = pending.popleft().result()
-            following = next(requests, None)
-            if following is not None:
-                pending.append(pool.submit(dataset.__getitem__, following))
+        pending: deque[tuple[int, Future[tuple[ReadRequest, torch.Tensor]]]] = deque()
+        waiting = 0
+
+        def submit() -> bool:
+            nonlocal waiting
+            request = next(requests, None)
+            if request is None:
+                return False
+            size = _request_bytes(request)
+            pending.append((size, pool.submit(dataset.__getitem__, request)))
+            waiting += size
+            return True
+
+        more = True
+        while True:
+            while more and (not pending or waiting < ahead_bytes):
+                more = submit()
+            if not pending:
+                return
+            size, future = pending.popleft()
+            done = future.result()
+            waiting -= size
             yield done
 
 
@@ -79,15 +99,21 @@ class PatchStream:
     thread of this process (``num_workers=0``) or in ``num_workers`` DataLoader processes."""
 
     def __init__(
-        self, reader: PatchReader, num_workers: int = 0, prefetch: int = 4, augment: Any = None
+        self,
+        reader: PatchReader,
+        num_workers: int = 0,
+        prefetch: int = 2,
+        augment: Any = None,
+        ahead_bytes: int = 32 * 2**20,
     ) -> None:
         self.reader = reader
         self.num_workers = num_workers
-        self.prefetch = prefetch
+        self.prefetch = prefetch  # requests per DataLoader worker
+        self.ahead_bytes = ahead_bytes  # pixels the background thread may hold ahead
         self.dataset = _RequestDataset(reader, augment)
 
     def _threaded(self, plan: Iterable[ReadRequest]) -> Iterator[tuple[ReadRequest, torch.Tensor]]:
-        return _threaded_reads(self.dataset, plan, self.prefetch)
+        return _threaded_reads(self.dataset, plan, self.ahead_bytes)
 
     def __call__(self, plan: Iterable[ReadRequest]) -> Iterator[tuple[ReadRequest, torch.Tensor]]:
         if self.num_workers == 0:

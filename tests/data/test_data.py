@@ -103,3 +103,20 @@ def test_augmentation_is_identical_for_every_patch_of_an_image() -> None:
     assert torch.allclose(out_a[0], out_a[1]) and torch.allclose(out_a[0], glob)
     augment.epoch = 1
     assert not torch.allclose(augment(patches, "image-a"), out_a)
+
+
+@pytest.mark.parametrize("ahead_bytes", [1, 2**30])
+def test_stream_yields_every_request_in_plan_order(tmp_path: Path, ahead_bytes: int) -> None:
+    from hiresctl.data import PatchStream, ReadRequest
+
+    store = make_store(tmp_path, {"a": coord_pixels(128, 96)})
+    reader = PatchReader(store)
+    grid = reader.grid("a", 32)
+    plan = [
+        ReadRequest("a", "patches", grid, np.array([i, (i + 5) % 12]), tag=i) for i in range(12)
+    ]
+    plan.append(ReadRequest("a", "global", grid, tag=12))
+    got = list(PatchStream(reader, ahead_bytes=ahead_bytes)(plan))
+    assert [request.tag for request, _ in got] == list(range(13))
+    for request, pixels in got[:-1]:
+        assert torch.equal(pixels, reader.read_patches("a", grid, request.indices))
