@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from hiresctl.models.backbones import Backbone
 from storage import UsageError
@@ -69,10 +68,6 @@ class PatchGDHead(nn.Module):
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.pool(self.blocks(latent)).flatten(1))
 
-    def forward_after_first(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The head from the output of its first (stride-1) block on."""
-        return self.classifier(self.pool(self.blocks[1:](hidden)).flatten(1))
-
 
 class PatchGDClassifier(nn.Module):
     """PatchGD (``use_global=False``) or PatchGD + global patch (the default method).
@@ -115,24 +110,10 @@ class PatchGDClassifier(nn.Module):
             return latent + grid
         return torch.cat([latent, grid], dim=1)
 
-    # Grids with at least this many cells recompute the fusion and the head's stride-1 block
-    # in backward instead of keeping their grid-sized activations (about a third of the step's
-    # memory on a 256×256 grid).
-    checkpoint_min_cells = 64 * 64
-
     def classify(
         self, latent: torch.Tensor, global_feature: torch.Tensor | None = None
     ) -> torch.Tensor:
-        cells = latent.shape[-2] * latent.shape[-1]
-        if torch.is_grad_enabled() and self.training and cells >= self.checkpoint_min_cells:
-            first = checkpoint(self._fused_first_block, latent, global_feature, use_reentrant=False)
-            return self.head.forward_after_first(first)
         return self.head(self.fuse(latent, global_feature))
-
-    def _fused_first_block(
-        self, latent: torch.Tensor, global_feature: torch.Tensor | None
-    ) -> torch.Tensor:
-        return self.head.blocks[0](self.fuse(latent, global_feature))
 
 
 class ImageClassifier(nn.Module):
