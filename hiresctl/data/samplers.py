@@ -76,7 +76,6 @@ def foreground_fraction(mask: np.ndarray, grid: PatchGrid) -> np.ndarray:
     plane = np.asarray(mask).reshape(mask.shape[-2], mask.shape[-1]) > 0
     mask_h, mask_w = plane.shape
     scale_y, scale_x = mask_h / grid.height, mask_w / grid.width
-    out = np.zeros(grid.num_patches, dtype=np.float64)
     # Integral image: O(1) per patch whatever the grid size.
     integral = np.pad(plane.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
     rows, cols = grid.position(np.arange(grid.num_patches))
@@ -89,5 +88,4 @@ def foreground_fraction(mask: np.ndarray, grid: PatchGrid) -> np.ndarray:
         np.ceil((cols * grid.stride + grid.patch_size) * scale_x).astype(int), x0 + 1, mask_w
     )
     total = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
-    out[:] = total / ((y1 - y0) * (x1 - x0))
-    return out
+    return (total / ((y1 - y0) * (x1 - x0))).astype(np.float64)

@@ -77,12 +77,7 @@ def batch_seed(*parts: int) -> int:
 def autocast_factory(
     device: torch.device, precision: str
 ) -> Callable[[], contextlib.AbstractContextManager[Any]]:
-    if precision == "auto":
-        precision = (
-            "fp32"
-            if device.type == "cpu"
-            else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
-        )
+    precision = effective_precision(device, precision)
     if precision == "fp32":
         return contextlib.nullcontext
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
@@ -582,7 +577,7 @@ class Trainer:
             "device": str(self.device),
             "precision": precision,
             "world_size": self.world.size,
-            "val": {k: v for k, v in last_val.items()},
+            "val": dict(last_val),
             "best_val_accuracy": best,
             "memory_plan": self.memory_plan.describe() if self.memory_plan else None,
             "skipped": self.problems,
