@@ -397,7 +397,12 @@ class OpenSlideReader(SourceReader):
 class ImageFileReader(SourceReader):
     """PNG, JPEG and other untiled formats through Pillow; decoded whole, so size-limited."""
 
-    def __init__(self, path: str | os.PathLike[str], max_pixels: int = MAX_UNTILED_PIXELS) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        max_pixels: int = MAX_UNTILED_PIXELS,
+        labels: bool = False,
+    ) -> None:
         from PIL import Image
 
         self.path = str(path)
@@ -411,12 +416,14 @@ class ImageFileReader(SourceReader):
         self._mode = {"1": "L", "P": "RGBA", "LA": "RGBA", "CMYK": "RGB", "YCbCr": "RGB"}.get(
             mode, mode
         )
-        if self._mode not in ("L", "RGB", "RGBA", "I;16", "I"):
+        if labels and mode == "P":  # a label image keeps its palette indices as the labels
+            self._mode = "P"
+        if self._mode not in ("L", "RGB", "RGBA", "I;16", "I", "P"):
             raise SourceError(self.path, f"pixel mode {mode} is not supported")
         self._pixels: np.ndarray | None = None
         self._lock = threading.Lock()
-        channels = {"L": 1, "RGB": 3, "RGBA": 4, "I;16": 1, "I": 1}[self._mode]
-        dtype = "|u1" if self._mode in ("L", "RGB", "RGBA") else "<u2"
+        channels = {"L": 1, "P": 1, "RGB": 3, "RGBA": 4, "I;16": 1, "I": 1}[self._mode]
+        dtype = "|u1" if self._mode in ("L", "P", "RGB", "RGBA") else "<u2"
         self.info = SourceInfo(
             path=self.path,
             channels=channels,
@@ -537,12 +544,16 @@ class MosaicReader(SourceReader):
 
 class ResampledReader(SourceReader):
     """A source seen at another pixel size: reads the finest level at or finer than the target
-    and resizes (area averaging), region by region."""
+    and resizes (area averaging; ``nearest`` for label images, whose values must not mix),
+    region by region."""
 
-    def __init__(self, base: SourceReader, target_mpp: float, base_mpp: float) -> None:
+    def __init__(
+        self, base: SourceReader, target_mpp: float, base_mpp: float, nearest: bool = False
+    ) -> None:
         if target_mpp <= 0 or base_mpp <= 0:
             raise SourceError(base.info.path, "pixel sizes must be positive")
         self.base = base
+        self.nearest = nearest
         shapes = base.info.level_shapes
         h0, _w0 = shapes[0]
         level_mpps = [base_mpp * (h0 / h) for h, _ in shapes]
@@ -569,6 +580,14 @@ class ResampledReader(SourceReader):
         sy0, sx0 = math.floor(y * f), math.floor(x * f)
         sy1, sx1 = math.ceil((y + height) * f), math.ceil((x + width) * f)
         src = self.base.read_region(self.level, sy0, sx0, sy1 - sy0, sx1 - sx0)
+        if self.nearest:  # the source pixel under each output pixel's centre
+            rows = np.minimum(
+                np.floor((np.arange(y, y + height) + 0.5) * f).astype(int) - sy0, src.shape[1] - 1
+            )
+            cols = np.minimum(
+                np.floor((np.arange(x, x + width) + 0.5) * f).astype(int) - sx0, src.shape[2] - 1
+            )
+            return src[:, rows[:, None], cols[None, :]]
         return _resize_region(src, (y * f - sy0, x * f - sx0), f, height, width)
 
     def close(self) -> None:
@@ -609,8 +628,12 @@ _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _PIL_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"BM", b"GIF8", b"RIFF")
 
 
-def open_source(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> SourceReader:
-    """Open any supported source file, choosing the reader from its content, not its name."""
+def open_source(
+    path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS, labels: bool = False
+) -> SourceReader:
+    """Open any supported source file, choosing the reader from its content, not its name.
+
+    With ``labels`` the file is a label image: palette images keep their indices."""
     p = Path(path)
     if not p.exists():
         raise SourceError(p, "file not found")
@@ -627,7 +650,7 @@ def open_source(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXE
     if head[:4] in _TIFF_MAGIC:
         return TiffReader(p, max_pixels)
     if head.startswith(_PIL_MAGIC):
-        return ImageFileReader(p, max_pixels)
+        return ImageFileReader(p, max_pixels, labels=labels)
     raise SourceError(
         p,
         "not a supported image format (expected TIFF/OME-TIFF/BigTIFF, SVS, NDPI, MRXS, PNG, JPEG)",

@@ -33,6 +33,7 @@ NGFF_VERSION = "0.5"
 IMAGES = "images"
 THUMBNAIL = "thumbnail"
 FOREGROUND = "labels/foreground"
+MASK = "mask"  # the segmentation mask: NGFF label image labels/mask, levels like the image
 
 
 def _axes(unit: str | None) -> list[dict[str, str]]:
@@ -95,6 +96,7 @@ class ImageEntry:
     fill_value: int = 0
     chunk: int = 256
     codec: str = "zstd"
+    mask: dict[str, Any] | None = None  # {"source", "values", "pixels"} when a mask was tiled
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -161,6 +163,7 @@ class Dataset:
             fill_value=int(attrs.get("fill_value", 0)),
             chunk=int(attrs.get("tiling", {}).get("chunk", 256)),
             codec=attrs.get("tiling", {}).get("codec", "zstd"),
+            mask=attrs.get("mask"),
             extra={k: attrs[k] for k in ("geo", "format", "vendor") if k in attrs},
         )
 
@@ -190,6 +193,30 @@ class Dataset:
         """Foreground mask (1, th, tw) at thumbnail resolution; 1 = tissue/object."""
         mask: Any = self.image_group(image_id)[f"{FOREGROUND}/0"]
         return np.asarray(mask[...])
+
+    def mask(self, image_id: str, level: int = 0) -> zarr.Array:
+        """The (1, y, x) segmentation mask of one pyramid level (labels by 2x2 mode)."""
+        try:
+            return self.image_group(image_id)[f"labels/{MASK}/{level}"]  # type: ignore[return-value]
+        except KeyError as exc:
+            raise StoreError(
+                f"{self.path}/{IMAGES}/{image_id}",
+                "has no segmentation mask (tile with --masks DIR)",
+            ) from exc
+
+    def mask_classes(self) -> dict[int, str]:
+        """Class names of mask values: every value seen in a complete image's mask, named by the
+        ``--mask-classes`` CSV where it gave a name (else the value itself)."""
+        names: dict[int, str] = {}
+        for entry in self.entries(complete_only=True):
+            if not entry.mask:
+                continue
+            given = hires_attrs(self.image_group(entry.id)[f"labels/{MASK}"]).get("classes", {})
+            for value in entry.mask.get("values", []):
+                names.setdefault(int(value), str(value))
+            for value, name in given.items():
+                names[int(value)] = name
+        return dict(sorted(names.items()))
 
     def manifest(self) -> list[dict[str, Any]]:
         return [e.to_json() for e in self.entries()]

@@ -44,6 +44,7 @@ from storage.readers import (
 from storage.store import (
     FORMAT_VERSION,
     IMAGES,
+    MASK,
     THUMBNAIL,
     hires_attrs,
     image_multiscales,
@@ -53,6 +54,7 @@ from storage.store import (
 __all__ = [
     "ImageResult",
     "LabelTable",
+    "MaskSet",
     "SourceSpec",
     "TileOptions",
     "tile",
@@ -130,6 +132,8 @@ class SourceSpec:
 
     paths: tuple[str, ...]
     mosaic: str | None = None
+    labels: bool = False  # a label image (mask): palette indices kept, resampled by nearest
+    reference_mpp: float | None = None  # a mask's pixel size is its image's
 
     @property
     def name(self) -> str:
@@ -139,8 +143,10 @@ class SourceSpec:
         if self.mosaic:
             reader: SourceReader = MosaicReader(self.mosaic, self.paths, options.max_pixels)
         else:
-            reader = open_source(self.paths[0], options.max_pixels)
-        return _resample(reader, options)
+            reader = open_source(self.paths[0], options.max_pixels, labels=self.labels)
+        if self.labels and self.reference_mpp is not None and options.source_mpp is None:
+            reader.info = replace(reader.info, mpp=self.reference_mpp)
+        return _resample(reader, options, nearest=self.labels)
 
 
 @dataclass
@@ -193,10 +199,80 @@ class LabelTable:
         return None
 
 
+MASK_SUFFIXES = ("", "_mask", "-mask", "_masks", "_label", "_labels", "_gt", "_annotation")
+
+
+class MaskSet:
+    """Mask images in a folder, matched to sources by file name: the same name, or the same stem
+    with any image suffix, optionally followed by ``_mask``, ``_label(s)``, ``_gt``...
+
+    Values are class labels (0 = background by convention) and are stored unchanged. An
+    optional ``value,name`` CSV names the classes.
+    """
+
+    def __init__(
+        self, folder: str | os.PathLike[str], classes: str | os.PathLike[str] | None = None
+    ) -> None:
+        self.folder = str(folder)
+        if not Path(folder).is_dir():
+            raise UsageError(f"--masks {folder}: not a folder")
+        self.files: dict[str, str] = {}
+        for path in sorted(Path(folder).iterdir()):
+            if path.is_file() and not path.name.startswith("."):
+                self.files.setdefault(path.name.lower(), str(path))
+                self.files.setdefault(_stem(path.name).lower(), str(path))
+        self.classes: dict[int, str] = {}
+        if classes is not None:
+            self.classes = _read_classes(classes)
+
+    def lookup(self, spec: SourceSpec) -> str | None:
+        name = Path(spec.name).name
+        if name.lower() in self.files:
+            return self.files[name.lower()]
+        stem = _stem(name).lower()
+        for suffix in MASK_SUFFIXES:
+            if stem + suffix in self.files:
+                return self.files[stem + suffix]
+        return None
+
+
+def _stem(name: str) -> str:
+    lower = name.lower()
+    for suffix in (".ome.tiff", ".ome.tif", ".ome.btf"):
+        if lower.endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
+def _read_classes(path: str | os.PathLike[str]) -> dict[int, str]:
+    classes: dict[int, str] = {}
+    try:
+        with open(path, newline="") as fh:
+            reader = csv.DictReader(fh)
+            fields = reader.fieldnames or []
+            if "value" not in fields or "name" not in fields:
+                raise UsageError(
+                    f"{path}: mask classes CSV needs columns 'value' and 'name' (found {fields})"
+                )
+            for line, row in enumerate(reader, start=2):
+                try:
+                    value = int((row.get("value") or "").strip())
+                except ValueError:
+                    raise UsageError(
+                        f"{path}:{line}: value {row.get('value')!r} is not an integer"
+                    ) from None
+                if value < 0 or value in classes:
+                    raise UsageError(f"{path}:{line}: value {value} is negative or repeated")
+                classes[value] = (row.get("name") or "").strip() or str(value)
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read mask classes CSV: {exc.strerror}") from exc
+    return classes
+
+
 # ----------------------------------------------------------------------------------- helpers
 
 
-def _resample(reader: SourceReader, options: TileOptions) -> SourceReader:
+def _resample(reader: SourceReader, options: TileOptions, nearest: bool = False) -> SourceReader:
     if options.mpp is None and options.mag is None:
         if options.source_mpp is not None:
             reader.info = replace(reader.info, mpp=options.source_mpp)
@@ -215,7 +291,7 @@ def _resample(reader: SourceReader, options: TileOptions) -> SourceReader:
             target = base_mpp * float(power or "") / options.mag
         except (TypeError, ValueError):
             target = 10.0 / options.mag  # the usual convention: 40x ≈ 0.25 µm/px
-    return ResampledReader(reader, target, base_mpp)
+    return ResampledReader(reader, target, base_mpp, nearest=nearest)
 
 
 def fingerprint(spec: SourceSpec) -> str:
@@ -280,6 +356,25 @@ def halve(block: np.ndarray) -> np.ndarray:
     return acc.astype(block.dtype)
 
 
+def halve_mode(block: np.ndarray) -> np.ndarray:
+    """2x2 mode for label images (values never mix; a tie goes to the earliest of top-left,
+    top-right, bottom-left, bottom-right), replicating the last row/column of odd sizes."""
+    _c, h, w = block.shape
+    if h % 2:
+        block = np.concatenate([block, block[:, -1:]], axis=1)
+    if w % 2:
+        block = np.concatenate([block, block[:, :, -1:]], axis=2)
+    quad = [block[:, 0::2, 0::2], block[:, 0::2, 1::2], block[:, 1::2, 0::2], block[:, 1::2, 1::2]]
+    votes = [sum((q == other).astype(np.uint8) for other in quad) for q in quad]
+    out = quad[0].copy()
+    best = votes[0]
+    for q, v in zip(quad[1:], votes[1:], strict=True):
+        better = v > best
+        out[better] = q[better]
+        best = np.maximum(best, v)
+    return out
+
+
 # ------------------------------------------------------------------------------- block tasks
 
 
@@ -297,6 +392,7 @@ class BlockJob:
     block: int  # block side in base-level pixels
     row: int
     col: int
+    labels: bool = False  # a label image: levels by 2x2 mode, not mean
 
 
 _cache_lock = threading.Lock()
@@ -353,8 +449,9 @@ def _run_block(job: BlockJob) -> None:
     else:
         data = np.asarray(base[:, y : y + h, x : x + w])
     side = job.block
+    shrink = halve_mode if job.labels else halve
     for level in range(job.base_level + 1, job.top_level + 1):
-        data = halve(data)
+        data = shrink(data)
         side //= 2
         arr = _array(job.store, f"{job.group}/{level}")
         ly, lx = job.row * side, job.col * side
@@ -376,6 +473,12 @@ class _Plan:
     reader: SourceReader | None = None
     failed: bool = False
     started: float = 0.0
+    mask: SourceSpec | None = None  # the mask image tiled beside the image
+    classes: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def mask_group(self) -> str:
+        return f"{self.group}/labels/{MASK}"
 
 
 def _passes(n_levels: int, chunk: int, block_size: int) -> tuple[int, list[tuple[int, int, int]]]:
@@ -410,6 +513,7 @@ def _prepare(
     options: TileOptions,
     labels: LabelTable | None,
     taken: set[str],
+    masks: MaskSet | None = None,
 ) -> _Plan:
     plan = _Plan(spec=spec, result=ImageResult(source=spec.name), started=time.perf_counter())
     reader = spec.open(options)
@@ -418,6 +522,9 @@ def _prepare(
     label_row = labels.lookup(spec) if labels else None
     if labels is not None and (label_row is None or not label_row["label"]):
         raise SourceError(spec.name, f"no label for this image in {labels.path}")
+    mask_path = masks.lookup(spec) if masks is not None else None
+    if masks is not None and mask_path is None:
+        raise SourceError(spec.name, f"no mask for this image in {masks.folder}")
     image_id = image_id_for(spec)
     if image_id in taken:
         image_id = f"{image_id}-{hashlib.sha256(spec.name.encode()).hexdigest()[:6]}"
@@ -433,11 +540,17 @@ def _prepare(
     split = (label_row or {}).get("split") or split_for(
         image_id, options.split_seed, options.split_fractions
     )
-    identity = {
+    identity: dict[str, Any] = {
         "source": spec.name,
         "fingerprint": fp,
         "tiling": options.tiling_key(),
     }
+    if mask_path is not None:
+        assert masks is not None
+        plan.mask = _check_mask(mask_path, info, options)
+        plan.classes = masks.classes
+        identity["mask_source"] = mask_path
+        identity["mask_fingerprint"] = fingerprint(plan.mask)
     existing = root.get(plan.group)
     if existing is not None and not options.overwrite:
         attrs = hires_attrs(existing)
@@ -448,6 +561,8 @@ def _prepare(
                 {"label": (label_row or {}).get("label", attrs.get("label")), "split": split}
             )
             existing.attrs["hiresctl"] = attrs
+            if mask_path is not None and masks is not None and masks.classes:
+                _name_classes(existing, masks.classes)  # names may change without re-tiling
             if attrs.get("status") == "complete":
                 plan.result.status = "skipped"
                 return plan
@@ -472,16 +587,34 @@ def _prepare(
         **{k: v for k, v in info.extra.items() if k not in ("tiles",)},
     }
     group.attrs["hiresctl"] = meta
+    _create_levels(group, plan, options, info.channels, dtype, info.fill_value, codecs)
+    if plan.mask is not None:
+        mask_group = group.require_group("labels").require_group(MASK)
+        mask_dtype = np.dtype(_reader(plan.mask, options).info.dtype)
+        zstd = {"compressors": [ZstdCodec(level=options.zstd_level)]}
+        _create_levels(mask_group, plan, options, 1, mask_dtype, 0, zstd)
+    return plan
+
+
+def _create_levels(
+    group: zarr.Group,
+    plan: _Plan,
+    options: TileOptions,
+    channels: int,
+    dtype: np.dtype,
+    fill_value: int,
+    codecs: dict[str, Any],
+) -> None:
+    """The pyramid's arrays (chunked and sharded as the tasks write them) and progress cells."""
     for level, (lh, lw) in enumerate(plan.shapes):
         shard = _shard_side(level, plan.passes, options.chunk)
-        chunks = (info.channels, options.chunk, options.chunk)
         group.create_array(
             str(level),
-            shape=(info.channels, lh, lw),
+            shape=(channels, lh, lw),
             dtype=dtype,
-            chunks=chunks,
-            shards=(info.channels, shard, shard) if shard > options.chunk else None,
-            fill_value=info.fill_value,
+            chunks=(channels, options.chunk, options.chunk),
+            shards=(channels, shard, shard) if shard > options.chunk else None,
+            fill_value=fill_value,
             dimension_names=("c", "y", "x"),
             **codecs,
         )
@@ -494,7 +627,43 @@ def _prepare(
             chunks=(1, 1),
             fill_value=0,
         )
-    return plan
+
+
+def _check_mask(path: str, info: Any, options: TileOptions) -> SourceSpec:
+    """The mask's source spec, after checking it can label this image (one integer channel,
+    the image's size once resampled like it)."""
+    base_mpp = info.extra.get("resampled_from_mpp", info.mpp)
+    spec = SourceSpec((path,), labels=True, reference_mpp=base_mpp)
+    try:
+        reader = spec.open(options)
+    except SourceError as exc:
+        raise SourceError(info.path, f"mask {path}: {exc.problem}") from None
+    try:
+        mask = reader.info
+        if mask.channels != 1 or np.dtype(mask.dtype).kind not in "ui":
+            raise SourceError(
+                info.path,
+                f"mask {path}: must be one channel of integer labels (gray or palette), "
+                f"found {mask.channels} channel(s) of {np.dtype(mask.dtype)}",
+            )
+        (mh, mw), (h, w) = mask.level_shapes[0], info.level_shapes[0]
+        if abs(mh - h) > 1 or abs(mw - w) > 1:  # one pixel: rounding when both are resampled
+            raise SourceError(
+                info.path, f"mask {path} is {mh}×{mw} pixels but the image is {h}×{w}"
+            )
+    finally:
+        reader.close()
+    return spec
+
+
+def _name_classes(group: Any, classes: dict[int, str]) -> None:
+    labels = group.get("labels")
+    if labels is None or MASK not in labels:
+        return
+    mask = labels[MASK]
+    attrs = hires_attrs(mask)
+    attrs["classes"] = {str(k): v for k, v in classes.items()}
+    mask.attrs["hiresctl"] = attrs
 
 
 def _shard_side(level: int, passes: list[tuple[int, int, int]], chunk: int) -> int:
@@ -508,19 +677,27 @@ def _shard_side(level: int, passes: list[tuple[int, int, int]], chunk: int) -> i
 def _pass_blocks(plan: _Plan, pass_index: int) -> int:
     base, _top, block = plan.passes[pass_index]
     height, width = plan.shapes[base]
-    return math.ceil(height / block) * math.ceil(width / block)
+    layers = 2 if plan.mask is not None else 1
+    return layers * math.ceil(height / block) * math.ceil(width / block)
 
 
 def _jobs(
     store: str, plan: _Plan, pass_index: int, options: TileOptions, root: zarr.Group
 ) -> list[BlockJob]:
+    """The unfinished blocks of one pass: the image's, then its mask's."""
     base, top, block = plan.passes[pass_index]
-    progress: Any = root[f"{plan.group}/_progress_{pass_index}"]
-    done = np.asarray(progress[...])
-    return [
-        BlockJob(store, plan.group, plan.spec, options, pass_index, base, top, block, r, c)
-        for r, c in zip(*np.nonzero(done == 0), strict=True)
-    ]
+    layers = [(plan.group, plan.spec, False)]
+    if plan.mask is not None:
+        layers.append((plan.mask_group, plan.mask, True))
+    jobs = []
+    for group, spec, labels in layers:
+        progress: Any = root[f"{group}/_progress_{pass_index}"]
+        done = np.asarray(progress[...])
+        jobs += [
+            BlockJob(store, group, spec, options, pass_index, base, top, block, r, c, labels)
+            for r, c in zip(*np.nonzero(done == 0), strict=True)
+        ]
+    return jobs
 
 
 # --------------------------------------------------------------------------------- execution
@@ -595,7 +772,6 @@ def _finalize(root: zarr.Group, plan: _Plan, options: TileOptions) -> None:
     arr.attrs["scale"] = [1.0, height / th, width / tw]
     mask = foreground_mask(thumb, attrs["fill_value"])
     labels = group.require_group("labels")
-    labels.attrs["ome"] = {"version": "0.5", "labels": ["foreground"]}
     if "foreground" in labels:
         del labels["foreground"]
     fg = labels.create_group("foreground")
@@ -614,18 +790,73 @@ def _finalize(root: zarr.Group, plan: _Plan, options: TileOptions) -> None:
         compressors=[ZstdCodec(level=3)],
     )
     level[...] = mask
+    level_scales = [(height / lh, width / lw) for lh, lw in plan.shapes]
+    names = ["foreground"]
+    if plan.mask is not None:
+        mask_group: Any = labels[MASK]
+        attrs["mask"] = _finalize_mask(mask_group, plan, level_scales, attrs.get("mpp"))
+        names.append(MASK)
+        for index in range(len(plan.passes)):
+            if f"_progress_{index}" in mask_group:
+                del mask_group[f"_progress_{index}"]
+    labels.attrs["ome"] = {"version": "0.5", "labels": names}
     for index in range(len(plan.passes)):
         name = f"_progress_{index}"
         if name in group:
             del group[name]
-    group.attrs["ome"] = image_multiscales(
-        plan.result.id or "",
-        [(height / lh, width / lw) for lh, lw in plan.shapes],
-        attrs.get("mpp"),
-    )
+    group.attrs["ome"] = image_multiscales(plan.result.id or "", level_scales, attrs.get("mpp"))
     attrs["status"] = "complete"
     attrs["foreground_fraction"] = float(mask.mean())
     group.attrs["hiresctl"] = attrs  # completion is the last write
+
+
+_PALETTE = [
+    [0, 0, 0, 0],
+    [255, 64, 64, 160],
+    [64, 160, 255, 160],
+    [255, 200, 0, 160],
+    [160, 64, 255, 160],
+    [0, 200, 120, 160],
+    [255, 120, 200, 160],
+    [120, 120, 120, 160],
+]
+
+
+def _finalize_mask(
+    group: Any, plan: _Plan, level_scales: list[tuple[float, float]], mpp: float | None
+) -> dict[str, Any]:
+    """NGFF label metadata of the mask; returns its summary (values and their pixel counts,
+    counted over level 0 block by block: coarse levels lose thin structures)."""
+    level0 = group["0"]
+    _, height, width = level0.shape
+    step = max(level0.chunks[1], 2048)
+    counts: dict[int, int] = {}
+    for y in range(0, height, step):
+        for x in range(0, width, step):
+            block = np.asarray(level0[0, y : y + step, x : x + step])
+            values, n = np.unique(block, return_counts=True)
+            for v, c in zip(values.tolist(), n.tolist(), strict=True):
+                counts[v] = counts.get(v, 0) + c
+    values = sorted(counts)
+    meta = image_multiscales(MASK, level_scales, mpp)
+    colors = {v: _PALETTE[i % len(_PALETTE)] for i, v in enumerate(values)}
+    meta["image-label"] = {
+        "version": "0.5",
+        "colors": [{"label-value": v, "rgba": c} for v, c in colors.items()],
+        "properties": [{"label-value": v, "class": plan.classes.get(v, str(v))} for v in values],
+        "source": {"image": "../../"},
+    }
+    group.attrs["ome"] = meta
+    summary = {
+        "source": plan.mask.name if plan.mask else None,
+        "values": values,
+        "pixels": [counts[v] for v in values],
+    }
+    group.attrs["hiresctl"] = {
+        **summary,
+        "classes": {str(k): v for k, v in plan.classes.items()},
+    }
+    return summary
 
 
 def _resize(src: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -735,6 +966,7 @@ def tile(
     labels: LabelTable | None = None,
     on_result: Callable[[ImageResult], None] | None = None,
     on_block: Callable[[int, int], None] | None = None,
+    masks: MaskSet | None = None,
 ) -> list[ImageResult]:
     """Tile every source into the dataset at ``out``; bad sources fail alone.
 
@@ -743,6 +975,8 @@ def tile(
         out: the dataset store (created if missing).
         options: tiling parameters.
         labels: class labels; with a table, an image without a row fails.
+        masks: segmentation masks, tiled beside each image as the NGFF label image
+            ``labels/mask``; with a folder, an image without a mask fails.
         on_result: called once per source as it finishes (for ``--json`` lines).
         on_block: called as (done, total) blocks progress.
 
@@ -758,7 +992,7 @@ def tile(
     emit = on_result or (lambda r: None)
     for spec in sources:
         try:
-            plan = _prepare(root, store, spec, options, labels, taken)
+            plan = _prepare(root, store, spec, options, labels, taken, masks)
         except SourceError as exc:
             plan = _Plan(
                 spec=spec, result=ImageResult(source=spec.name, error=exc.problem), failed=True
@@ -776,7 +1010,7 @@ def tile(
             )
             emit(plan.result)
     active = [p for p in plans if not p.failed and p.result.status != "skipped"]
-    by_group = {p.group: p for p in active}
+    by_group = {p.group: p for p in active} | {p.mask_group: p for p in active if p.mask}
     max_passes = max((len(p.passes) for p in active), default=0)
     total = sum(_pass_blocks(p, i) for p in active for i in range(len(p.passes)))
     done = [0]

@@ -119,6 +119,13 @@ def tile(
     labels: Annotated[
         Path | None, typer.Option(help="CSV with columns source,label[,split].")
     ] = None,
+    masks: Annotated[
+        Path | None,
+        typer.Option(help="Folder of segmentation masks, matched to sources by file name."),
+    ] = None,
+    mask_classes: Annotated[
+        Path | None, typer.Option(help="CSV with columns value,name naming the mask values.")
+    ] = None,
     mosaic: Annotated[
         str | None, typer.Option(help="Tile all SOURCES as one GeoTIFF mosaic with this name.")
     ] = None,
@@ -158,7 +165,7 @@ def tile(
     """Tile sources into a chunked OME-Zarr dataset store (resumable; bad inputs fail alone)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from storage.tiler import LabelTable, SourceSpec, TileOptions
+    from storage.tiler import LabelTable, MaskSet, SourceSpec, TileOptions
     from storage.tiler import tile as run_tile
 
     if workers is not None and workers < 1:
@@ -176,6 +183,9 @@ def tile(
     )  # fmt: skip
     options.validate()
     table = LabelTable(labels) if labels else None
+    if mask_classes and not masks:
+        raise UsageError("--mask-classes needs --masks")
+    mask_set = MaskSet(masks, mask_classes) if masks else None
     failed = []
 
     with Progress(
@@ -204,7 +214,9 @@ def tile(
                     highlight=False,
                 )
 
-        results = run_tile(specs, out, options, table, on_result=on_result, on_block=on_block)
+        results = run_tile(
+            specs, out, options, table, on_result=on_result, on_block=on_block, masks=mask_set
+        )
     ok = len(results) - len(failed)
     err.print(
         f"{ok} of {len(results)} images in {out}" + (f"; {len(failed)} failed" if failed else "")

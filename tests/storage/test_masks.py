@@ -1,0 +1,151 @@
+"""Segmentation masks are tiled beside their images as exact, mode-downsampled NGFF labels."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import zarr
+from PIL import Image
+
+from storage.errors import UsageError
+from storage.store import Dataset
+from storage.tiler import MaskSet, SourceSpec, TileOptions, halve_mode, level_shapes, tile
+from tests.conftest import coord_pixels
+
+SMALL = TileOptions(chunk=32, block_size=64, thumbnail_size=64, workers=1)
+
+
+def _pair(folder: Path, name: str, height: int, width: int, seed: int = 0) -> np.ndarray:
+    """An image ``name.tif`` in folder/src and a random 0..3 mask ``name_mask.png`` in
+    folder/masks; returns the mask."""
+    (folder / "src").mkdir(exist_ok=True)
+    (folder / "masks").mkdir(exist_ok=True)
+    tifffile.imwrite(folder / "src" / f"{name}.tif", coord_pixels(height, width), photometric="rgb")
+    mask = np.random.default_rng(seed).integers(0, 4, (height, width), dtype=np.uint8)
+    Image.fromarray(mask).save(folder / "masks" / f"{name}_mask.png")
+    return mask
+
+
+def test_halve_mode_takes_the_majority_and_never_mixes_values() -> None:
+    block = np.array([[[1, 1, 3, 0], [1, 3, 1, 3]]], dtype=np.uint8)
+    # left 2x2: 1,1,1,3 → 1; right: 3,0,1,3 → 3 (a mean would give 2, a value never present)
+    np.testing.assert_array_equal(halve_mode(block), [[[1, 3]]])
+    tie = np.array([[[2, 5], [5, 2]]], dtype=np.uint8)
+    assert halve_mode(tie)[0, 0, 0] == 2  # ties go to the top-left value
+    odd = np.arange(9, dtype=np.uint16).reshape(1, 3, 3)
+    assert halve_mode(odd).shape == (1, 2, 2)
+    values = np.random.default_rng(1).integers(0, 7, (1, 33, 47), dtype=np.uint8)
+    halved = halve_mode(values)
+    for y in range(halved.shape[1]):
+        for x in range(halved.shape[2]):
+            window = values[0, 2 * y : 2 * y + 2, 2 * x : 2 * x + 2].ravel()
+            counts = np.bincount(window)
+            assert counts[halved[0, y, x]] == counts.max()
+
+
+def test_mask_round_trips_exactly_with_mode_levels_and_ngff_metadata(tmp_path: Path) -> None:
+    mask = _pair(tmp_path, "scan", 301, 203)
+    [result] = tile(
+        [SourceSpec((str(tmp_path / "src" / "scan.tif"),))],
+        tmp_path / "ds.zarr",
+        SMALL,
+        masks=MaskSet(tmp_path / "masks"),
+    )
+    assert result.status == "written", result.error
+    ds = Dataset(tmp_path / "ds.zarr")
+    entry = ds.entry("scan")
+    assert entry.complete
+    values, counts = np.unique(mask, return_counts=True)
+    assert entry.mask is not None
+    assert entry.mask["values"] == values.tolist()
+    assert entry.mask["pixels"] == counts.tolist()
+    expected = mask[None]
+    for level, shape in enumerate(level_shapes(301, 203, 64)):
+        stored = ds.mask("scan", level)
+        assert stored.shape == (1, *shape)
+        np.testing.assert_array_equal(stored[...], expected, err_msg=f"level {level}")
+        expected = halve_mode(expected)
+    group = zarr.open_group(tmp_path / "ds.zarr" / "images" / "scan" / "labels", mode="r")
+    assert group.attrs["ome"]["labels"] == ["foreground", "mask"]
+    label = group["mask"].attrs["ome"]
+    assert [c["label-value"] for c in label["image-label"]["colors"]] == values.tolist()
+    assert len(label["multiscales"][0]["datasets"]) == len(level_shapes(301, 203, 64))
+    assert not [k for k in group["mask"].keys() if k.startswith("_progress")]
+
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+
+    nodes = list(Reader(parse_url(str(tmp_path / "ds.zarr" / "images" / "scan")))())
+    labels = [n for n in nodes if "image-label" in n.metadata or n.zarr.path.endswith("mask")]
+    assert labels, "ome-zarr finds the label image"
+
+
+def test_mask_classes_csv_names_the_values(tmp_path: Path) -> None:
+    _pair(tmp_path, "a", 64, 64)
+    classes = tmp_path / "classes.csv"
+    with open(classes, "w", newline="") as fh:
+        csv.writer(fh).writerows([["value", "name"], [0, "background"], [1, "road"], [5, "lake"]])
+    tile(
+        [SourceSpec((str(tmp_path / "src" / "a.tif"),))],
+        tmp_path / "ds.zarr",
+        SMALL,
+        masks=MaskSet(tmp_path / "masks", classes),
+    )
+    names = Dataset(tmp_path / "ds.zarr").mask_classes()
+    assert names == {0: "background", 1: "road", 2: "2", 3: "3", 5: "lake"}
+    bad = tmp_path / "bad.csv"
+    bad.write_text("value,name\nx,road\n")
+    with pytest.raises(UsageError, match="not an integer"):
+        MaskSet(tmp_path / "masks", bad)
+
+
+def test_palette_masks_keep_their_indices(tmp_path: Path) -> None:
+    (tmp_path / "src").mkdir()
+    (tmp_path / "masks").mkdir()
+    tifffile.imwrite(tmp_path / "src" / "p.tif", coord_pixels(40, 40), photometric="rgb")
+    indices = np.zeros((40, 40), dtype=np.uint8)
+    indices[10:20, 5:30] = 2
+    indices[30:, :] = 1
+    palette = Image.fromarray(indices, mode="P")
+    palette.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0] + [0] * (256 * 3 - 9))
+    palette.save(tmp_path / "masks" / "p.png")
+    tile([SourceSpec((str(tmp_path / "src" / "p.tif"),))], tmp_path / "ds.zarr", SMALL,
+         masks=MaskSet(tmp_path / "masks"))  # fmt: skip
+    np.testing.assert_array_equal(Dataset(tmp_path / "ds.zarr").mask("p")[0], indices)
+
+
+def test_mask_follows_resampling_by_nearest_label(tmp_path: Path) -> None:
+    mask = _pair(tmp_path, "r", 128, 96)
+    options = TileOptions(chunk=32, block_size=64, thumbnail_size=32, source_mpp=0.5, mpp=1.0)
+    [result] = tile([SourceSpec((str(tmp_path / "src" / "r.tif"),))], tmp_path / "ds.zarr",
+                    options, masks=MaskSet(tmp_path / "masks"))  # fmt: skip
+    assert result.status == "written", result.error
+    ds = Dataset(tmp_path / "ds.zarr")
+    assert ds.level("r").shape == (3, 64, 48)
+    # each output pixel takes the source label under its centre: source pixel 2i+1
+    np.testing.assert_array_equal(ds.mask("r")[0], mask[1::2, 1::2])
+
+
+def test_bad_masks_fail_their_image_alone(tmp_path: Path) -> None:
+    _pair(tmp_path, "good", 64, 64)
+    _pair(tmp_path, "small", 64, 64)
+    Image.fromarray(np.zeros((32, 64), np.uint8)).save(tmp_path / "masks" / "small_mask.png")
+    _pair(tmp_path, "colour", 64, 64)
+    (tmp_path / "masks" / "colour_mask.png").unlink()
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "masks" / "colour.png")
+    tifffile.imwrite(tmp_path / "src" / "orphan.tif", coord_pixels(64, 64), photometric="rgb")
+    specs = [SourceSpec((str(tmp_path / "src" / f"{n}.tif"),))
+             for n in ("good", "small", "colour", "orphan")]  # fmt: skip
+    results = {r.id or r.source: r for r in tile(specs, tmp_path / "ds.zarr", SMALL,
+                                                 masks=MaskSet(tmp_path / "masks"))}  # fmt: skip
+    assert results["good"].status == "written"
+    errors = {Path(r.source).stem: r.error for r in results.values() if r.status == "failed"}
+    assert set(errors) == {"small", "colour", "orphan"}
+    assert "small_mask.png is 32×64 pixels but the image is 64×64" in (errors["small"] or "")
+    assert "one channel of integer labels" in (errors["colour"] or "")
+    assert "no mask for this image" in (errors["orphan"] or "")
+    assert Dataset(tmp_path / "ds.zarr").image_ids() == ["good"]
