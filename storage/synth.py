@@ -6,7 +6,8 @@ MNIST. Train images draw digits from one part of those samples and val/test imag
 other, so no digit sample appears on both sides of a split.
 
 Each synthesizer writes ``OUT/images/*.tiff`` (tiled, deflate) and ``OUT/labels.csv``
-(``source,label,split``) ready for ``hiresctl tile``, plus ``OUT/synth.json`` with everything
+(``source,label,split``) ready for ``hiresctl tile``; segmentation kinds also write
+``OUT/masks/*.tiff`` and ``OUT/classes.csv`` for ``--masks`` and ``--mask-classes``; plus ``OUT/synth.json`` with everything
 needed to check the labels (digit positions, values, scales). Output is a function of the seed.
 """
 
@@ -249,10 +250,177 @@ def fine_detail(
     return rows
 
 
+# ------------------------------------------------------------------------------ segmentation
+
+
+def _write_mask(out: Path, name: str, mask: np.ndarray) -> None:
+    """Masks go to ``OUT/masks/<image name>`` (one uint8 channel), matched by ``tile --masks``."""
+    (out / "masks").mkdir(exist_ok=True)
+    _write_tiff(out / "masks" / name, mask)
+
+
+def _write_classes(out: Path, names: list[str]) -> None:
+    with open(out / "classes.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["value", "name"])
+        writer.writerows(enumerate(names))
+
+
+def _smooth_noise(rng: np.random.Generator, size: int, scale: float) -> np.ndarray:
+    """Smooth random field in [0, 1] with features about ``scale`` pixels wide."""
+    from skimage.transform import resize
+
+    coarse = max(2, round(size / scale))
+    field = resize(rng.random((coarse, coarse)), (size, size), order=3, mode="reflect")
+    low, high = field.min(), field.max()
+    return ((field - low) / max(high - low, 1e-6)).astype(np.float32)
+
+
+def _draw_paths(
+    size: int, paths: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rasterise thick paths at once: each path is (points (n, 2) as y, x one pixel apart,
+    widths (n,), values (n,)). Returns (covered bool mask, value of the nearest centre pixel):
+    a pixel is covered when it lies within half the width of its nearest centre pixel."""
+    from scipy.ndimage import distance_transform_edt
+
+    width = np.zeros((size, size), dtype=np.float32)
+    value = np.zeros((size, size), dtype=np.float32)
+    for points, widths, values in paths:
+        rows = np.clip(np.rint(points[:, 0]).astype(int), 0, size - 1)
+        cols = np.clip(np.rint(points[:, 1]).astype(int), 0, size - 1)
+        wider = widths > width[rows, cols]
+        width[rows[wider], cols[wider]] = widths[wider]
+        value[rows[wider], cols[wider]] = values[wider]
+    distance, (ny, nx) = distance_transform_edt(width == 0, return_indices=True)
+    covered = distance <= np.maximum(width[ny, nx] / 2, 0.5)
+    return covered, np.where(covered, value[ny, nx], 0)
+
+
+def seg_vessels(out: Path, count: int, size: int, seed: int) -> list[dict[str, Any]]:
+    """DRIVE-like retinal images: a tree of thin, branching, tapering dark vessels (1 px at the
+    finest, about size/90 at the root) over a textured orange fundus with vignetting and an
+    optic disc. Mask: 1 = vessel, 0 = background. Thin vessels vanish when the image is
+    downsampled, so a model must look at full resolution to find them."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    _write_classes(out, ["background", "vessel"])
+    for index, split in enumerate(_splits(count)):
+        disc = np.array([rng.uniform(0.3, 0.7) * size, rng.uniform(0.25, 0.75) * size])
+        root_width = max(2.0, size / 90)
+        first = rng.uniform(0, 2 * np.pi)
+        stack = [(disc.copy(), first + k * np.pi / 2, root_width, 0) for k in range(4)]
+        paths = []
+        while stack:
+            start, angle, width, generation = stack.pop()
+            n = max(2, int(rng.uniform(0.15, 0.35) * size / (1 + 0.5 * generation)))
+            turns = np.cumsum(rng.normal(0, 0.03, n)) + angle
+            points = start + np.cumsum(np.stack([np.sin(turns), np.cos(turns)], axis=1), axis=0)
+            inside = (points >= 0).all(1) & (points < size).all(1)
+            if not inside.any():
+                continue
+            last = int(np.flatnonzero(inside)[-1]) + 1
+            points, turns = points[:last], turns[:last]
+            taper = np.linspace(width, max(1.0, width * 0.75), len(points))
+            strength = 0.35 + 0.35 * np.minimum(1.0, taper / root_width)
+            paths.append((points, taper, strength))
+            if width * 0.65 >= 1.0 and generation < 12:
+                for cut in rng.choice(len(points), size=min(2, len(points)), replace=False):
+                    bend = rng.choice([-1, 1]) * rng.uniform(0.4, 1.1)
+                    stack.append((points[cut], turns[cut] + bend, width * 0.65, generation + 1))
+        covered, contrast = _draw_paths(size, paths)
+        mask = covered.astype(np.uint8)
+        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+        vignette = np.clip(1.15 - 1.6 * ((yy - 0.5) ** 2 + (xx - 0.5) ** 2), 0, 1)
+        texture = 0.75 + 0.25 * _smooth_noise(rng, size, size / 12)
+        glow = np.exp(
+            -((yy * size - disc[0]) ** 2 + (xx * size - disc[1]) ** 2) / (2 * (size / 25) ** 2)
+        )
+        base = (vignette * texture + 0.6 * glow)[..., None] * np.array([210, 110, 50], np.float32)
+        pixels = base * (1 - contrast[..., None] * np.array([0.5, 0.8, 0.8], np.float32))
+        pixels += rng.normal(0, 4, pixels.shape).astype(np.float32)
+        pixels = np.clip(pixels, 0, 255).astype(np.uint8)
+        name = f"seg_vessels_{index:05d}.tiff"
+        _write_tiff(out / "images" / name, pixels)
+        _write_mask(out, name, mask)
+        rows.append({"source": name, "label": "vessels", "split": split,
+                     "vessel_fraction": float(mask.mean())})  # fmt: skip
+    return rows
+
+
+def _texture(
+    rng: np.random.Generator, name: str, size: int, tint: tuple[int, int, int]
+) -> np.ndarray:
+    """A (size, size, 3) float texture: random flips of a scikit-image sample photo, tinted."""
+    from skimage import data
+
+    photo = getattr(data, name)().astype(np.float32) / 255.0
+    tiles = -(-size // photo.shape[0])
+    rows = []
+    for _ in range(tiles):
+        row = [photo[:: rng.choice([-1, 1]), :: rng.choice([-1, 1])] for _ in range(tiles)]
+        rows.append(np.concatenate(row, axis=1))
+    gray = np.concatenate(rows, axis=0)[:size, :size]
+    return (0.55 + 0.45 * gray)[..., None] * np.array(tint, np.float32)
+
+
+def seg_aerial(out: Path, count: int, size: int, seed: int) -> list[dict[str, Any]]:
+    """Aerial-like scenes: a road network (curved, 0.6–1.6% of the side wide) and buildings
+    (rectangles of 1.5–7% of the side with shadows) over vegetation and bare-ground textures from
+    scikit-image's sample photographs (grass, gravel, brick). Mask: 0 background, 1 road,
+    2 building (``classes.csv`` names them)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    _write_classes(out, ["background", "road", "building"])
+    for index, split in enumerate(_splits(count)):
+        ground = _smooth_noise(rng, size, size / 4)[..., None]
+        pixels = ground * _texture(rng, "grass", size, (90, 140, 70)) + (1 - ground) * _texture(
+            rng, "gravel", size, (150, 135, 110)
+        )
+        mask = np.zeros((size, size), dtype=np.uint8)
+        roads = []
+        for _ in range(int(rng.integers(2, 5))):
+            width = rng.uniform(0.006, 0.016) * size
+            horizontal = rng.random() < 0.5
+            t = np.arange(size, dtype=np.float64)
+            offset = rng.uniform(0.1, 0.9) * size
+            bend = rng.uniform(-0.15, 0.15) * size * np.sin(t / size * np.pi * rng.uniform(0.5, 2))
+            line = (
+                np.stack([offset + bend, t], 1) if horizontal else np.stack([t, offset + bend], 1)
+            )
+            roads.append((line, np.full(size, width), np.ones(size)))
+        covered, _ = _draw_paths(size, roads)
+        road = covered.astype(np.uint8)
+        pixels[road == 1] = np.array([95, 95, 100], np.float32) * (
+            0.9 + 0.2 * rng.random((int(road.sum()), 1))
+        )
+        mask[road == 1] = 1
+        roof = _texture(rng, "brick", size, (170, 90, 70))
+        for _ in range(int(rng.integers(6, 16))):
+            h, w = (int(v) for v in rng.uniform(0.015, 0.07, 2) * size)
+            y, x = (int(v) for v in rng.integers(0, size - max(h, w) - 1, 2))
+            if road[y : y + h, x : x + w].any():
+                continue
+            shadow = max(1, h // 6)
+            pixels[y + shadow : y + h + shadow, x + shadow : x + w + shadow] *= 0.55
+            pixels[y : y + h, x : x + w] = roof[y : y + h, x : x + w] * rng.uniform(0.7, 1.2)
+            mask[y : y + h, x : x + w] = 2
+        pixels += rng.normal(0, 3, pixels.shape).astype(np.float32)
+        pixels = np.clip(pixels, 0, 255).astype(np.uint8)
+        name = f"seg_aerial_{index:05d}.tiff"
+        _write_tiff(out / "images" / name, pixels)
+        _write_mask(out, name, mask)
+        rows.append({"source": name, "label": "aerial", "split": split,
+                     "class_fractions": np.bincount(mask.ravel(), minlength=3).tolist()})  # fmt: skip
+    return rows
+
+
 SYNTHESIZERS: dict[str, tuple[Synthesizer, int]] = {
     "ultramnist": (ultramnist, 4096),
     "megapixel-mnist": (megapixel_mnist, 1500),
     "fine-detail": (fine_detail, 512),
+    "seg-vessels": (seg_vessels, 4096),
+    "seg-aerial": (seg_aerial, 4096),
 }
 
 

@@ -62,7 +62,11 @@ def _root(
 @app.command()
 def synth(
     kind: Annotated[
-        str, typer.Argument(help="What to synthesize: ultramnist, megapixel-mnist, fine-detail.")
+        str,
+        typer.Argument(
+            help="What to synthesize: ultramnist, megapixel-mnist, fine-detail (classification); "
+            "seg-vessels, seg-aerial (segmentation: also masks/ and classes.csv)."
+        ),
     ],
     out: Annotated[Path, typer.Argument(help="Output folder (images/ and labels.csv).")],
     count: Annotated[int, typer.Option(help="Number of images.")] = 16,
@@ -86,6 +90,8 @@ def synth(
     with err.status(f"synthesizing {count} {kind} images"):
         labels = synthesize(kind, out, count=count, size=size, seed=seed, **options)
     err.print(f"wrote {count} images to {out / 'images'} and labels to {labels}")
+    if (out / "masks").is_dir():
+        err.print(f"masks in {out / 'masks'}, class names in {out / 'classes.csv'}")
 
 
 # -------------------------------------------------------------------------------------- tile

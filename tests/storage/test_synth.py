@@ -57,7 +57,7 @@ def test_megapixel_mnist_tasks(tmp_path: Path) -> None:
 
 
 def test_unknown_kind_lists_valid_ones(tmp_path: Path) -> None:
-    with pytest.raises(UsageError, match="valid: fine-detail, megapixel-mnist, ultramnist"):
+    with pytest.raises(UsageError, match="valid: fine-detail, megapixel-mnist, seg-aerial, seg-vessels, ultramnist"):
         synthesize("mnist", tmp_path)
 
 
@@ -73,3 +73,41 @@ def test_fine_detail_differs_only_at_full_resolution(tmp_path: Path) -> None:
         halved = region.reshape(side // 2, 2, side // 2, 2).mean(axis=(1, 3))
         assert np.all(halved == 90.0)  # identical for both classes after 2× downsampling
         assert (region.std() > 80) == (row["label"] == "1")  # different at full resolution
+
+
+@pytest.mark.parametrize("kind", ["seg-vessels", "seg-aerial"])
+def test_segmentation_synth_writes_matching_masks_reproducibly(tmp_path: Path, kind: str) -> None:
+    import tifffile
+
+    from storage.store import Dataset
+    from storage.tiler import MaskSet, SourceSpec, TileOptions, tile
+
+    synthesize(kind, tmp_path / "a", count=2, size=256, seed=3)
+    synthesize(kind, tmp_path / "b", count=2, size=256, seed=3)
+    names = sorted(p.name for p in (tmp_path / "a" / "images").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "a" / "masks").iterdir())
+    for name in names:
+        for part in ("images", "masks"):
+            np.testing.assert_array_equal(
+                tifffile.imread(tmp_path / "a" / part / name),
+                tifffile.imread(tmp_path / "b" / part / name),
+            )
+    mask = tifffile.imread(tmp_path / "a" / "masks" / names[0])
+    classes = (tmp_path / "a" / "classes.csv").read_text().splitlines()
+    assert set(np.unique(mask)) == set(range(len(classes) - 1))  # every class appears
+    specs = [SourceSpec((str(tmp_path / "a" / "images" / n),)) for n in names]
+    results = tile(specs, tmp_path / "ds.zarr", TileOptions(chunk=64, thumbnail_size=64),
+                   masks=MaskSet(tmp_path / "a" / "masks", tmp_path / "a" / "classes.csv"))  # fmt: skip
+    assert all(r.status == "written" for r in results)
+    assert len(Dataset(tmp_path / "ds.zarr").mask_classes()) == len(classes) - 1
+
+
+def test_vessels_are_thin_enough_that_downsampling_loses_them(tmp_path: Path) -> None:
+    import tifffile
+
+    synthesize("seg-vessels", tmp_path, count=1, size=512, seed=0)
+    mask = tifffile.imread(next((tmp_path / "masks").iterdir())).astype(bool)
+    coarse = mask.reshape(128, 4, 128, 4).mean(axis=(1, 3)) >= 0.5  # 4x down, majority
+    recovered = np.repeat(np.repeat(coarse, 4, 0), 4, 1)
+    lost = (mask & ~recovered).sum() / mask.sum()
+    assert lost > 0.3, f"only {lost:.0%} of vessel pixels vanish at 4x downsampling"
