@@ -281,14 +281,17 @@ def train(
     data: Annotated[Path, typer.Option("--data", help="Dataset store (from `hiresctl tile`).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to create (or resume).")],
     task: Annotated[
-        Task, typer.Option(help="cls (classification); det and seg are coming.")
+        Task, typer.Option(help="cls (classification) or seg (segmentation); det is coming.")
     ] = Task.cls,
     recipe: Annotated[
         Path | None, typer.Option(help="YAML recipe; optional, each task × method has defaults.")
     ] = None,
     method: Annotated[
         str | None,
-        typer.Option(help="patchgd-global (default), patchgd, ips, downsample, full."),
+        typer.Option(
+            help="patchgd-global (default); cls: patchgd, ips, downsample, full; "
+            "seg: tiled, downsample, full."
+        ),
     ] = None,
     set_: Annotated[
         list[str] | None,
@@ -311,8 +314,8 @@ def train(
     """Train a memory-bounded model on a dataset store (torchrun-ready)."""
     from hiresctl.train import Trainer, load_recipe, parse_set
 
-    if task is not Task.cls:
-        raise UsageError(f"--task {task.value}: not available yet in this version; use --task cls")
+    if task is Task.det:
+        raise UsageError("--task det: not available yet in this version; use --task cls or seg")
     overrides = parse_set(set_ or [])
     if memory_budget is not None:
         overrides["memory_budget"] = memory_budget
@@ -360,11 +363,11 @@ def eval_(
     ] = False,
 ) -> None:
     """Measure a trained run: quality metrics, peak memory and throughput."""
-    from hiresctl.eval import evaluate_classification
+    from hiresctl.eval import evaluate
 
     if checkpoint not in ("best", "last"):
         raise UsageError(f"--checkpoint {checkpoint!r}: choose best or last")
-    result = evaluate_classification(run, data, split, device.value, checkpoint)
+    result = evaluate(run, data, split, device.value, checkpoint)
     for problem in result["skipped"]:
         err.print(f"[yellow]skipped[/] {problem}", highlight=False, soft_wrap=True)
     if as_json:
@@ -377,6 +380,9 @@ def eval_(
         table.add_column("value", justify="right")
         for key, value in result["metrics"].items():
             table.add_row(key, f"{value:.4f}")
+        for name, values in (result.get("per_class") or {}).items():
+            iou = values.get("iou")
+            table.add_row(f"IoU {name}", "—" if iou is None else f"{iou:.4f}")
         table.add_row(
             "peak memory (GB)", f"{result['peak_memory_gb']:.3f} ({result['peak_memory_kind']})"
         )

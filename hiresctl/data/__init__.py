@@ -1,7 +1,13 @@
 """Patch sampling and streaming: locations in, tensors out, never a whole level in memory."""
 
 from hiresctl.data.grid import PatchGrid
-from hiresctl.data.images import LabelledImage, class_names, labelled_images, require_images
+from hiresctl.data.images import (
+    LabelledImage,
+    class_names,
+    labelled_images,
+    require_images,
+    segmentation_images,
+)
 from hiresctl.data.reader import PatchReader, normalize, to_tensor, to_unit_rgb
 from hiresctl.data.samplers import GridSampler, RandomPatchSampler, foreground_fraction
 from hiresctl.data.stream import PatchStream, ReadRequest
@@ -22,6 +28,7 @@ __all__ = [
     "labelled_images",
     "normalize",
     "require_images",
+    "segmentation_images",
     "to_tensor",
     "to_unit_rgb",
 ]

@@ -44,10 +44,28 @@ def labelled_images(
     return images, problems
 
 
+def segmentation_images(
+    dataset: Dataset, split: str, classes: list[str]
+) -> tuple[list[LabelledImage], list[str]]:
+    """The complete images of ``split`` that have a segmentation mask (target unused)."""
+    images: list[LabelledImage] = []
+    problems: list[str] = []
+    for entry in dataset.entries(split=split):
+        where = f"{dataset.path}/images/{entry.id} ({entry.source})"
+        if not entry.complete:
+            problems.append(f"{where}: tiling did not finish (status {entry.status}); skipped")
+        elif not entry.mask:
+            problems.append(f"{where}: has no segmentation mask; skipped")
+        else:
+            images.append(LabelledImage(entry.id, 0))
+    return images, problems
+
+
 def require_images(images: list[LabelledImage], dataset: Dataset, split: str) -> None:
     if not images:
         raise StoreError(
             dataset.path,
             f"no labelled, completely tiled images in split {split!r} "
-            "(tile with --labels CSV, or choose another split)",
+            "(tile with --labels CSV for classification or --masks DIR for segmentation, "
+            "or choose another split)",
         )

@@ -60,9 +60,21 @@ class PatchReader:
     reads only what it needs.
     """
 
-    def __init__(self, dataset: Dataset | str, level: int = 0, threads: int = 4) -> None:
+    def __init__(
+        self,
+        dataset: Dataset | str,
+        level: int = 0,
+        threads: int = 4,
+        mask_values: Sequence[int] | None = None,
+    ) -> None:
         self.dataset = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
         self.level = level
+        self.mask_values = list(mask_values) if mask_values is not None else None
+        self._lut: np.ndarray | None = None
+        if self.mask_values is not None:
+            # mask value → class index; values outside the run's classes are ignored (-1)
+            self._lut = np.full(max(self.mask_values, default=0) + 1, -1, dtype=np.int64)
+            self._lut[self.mask_values] = np.arange(len(self.mask_values))
         self._entries: dict[str, ImageEntry] = {}
         self._arrays: dict[tuple[str, int], Any] = {}
         self._direct: dict[tuple[str, int], DirectChunks | None] = {}
@@ -73,10 +85,11 @@ class PatchReader:
 
     # Pickled into DataLoader workers: each worker reopens the store lazily.
     def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.dataset.path, "level": self.level, "threads": 1}
+        return {"path": self.dataset.path, "level": self.level, "threads": 1,
+                "mask_values": self.mask_values}  # fmt: skip
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["path"], state["level"], state["threads"])  # type: ignore[misc]
+        self.__init__(state["path"], state["level"], state["threads"], state["mask_values"])  # type: ignore[misc]
 
     def entry(self, image_id: str) -> ImageEntry:
         with self._lock:
@@ -97,11 +110,20 @@ class PatchReader:
                     ) from exc
             return self._arrays[key]
 
-    def direct(self, image_id: str) -> DirectChunks | None:
+    def mask_array(self, image_id: str, level: int | None = None) -> Any:
+        """The segmentation mask of one level (``labels/mask``)."""
+        key = (f"{image_id}\0mask", self.level if level is None else level)
+        with self._lock:
+            if key not in self._arrays:
+                self._arrays[key] = self.dataset.mask(image_id, key[1])
+            return self._arrays[key]
+
+    def direct(self, image_id: str, mask: bool = False) -> DirectChunks | None:
         """The fast whole-chunk reader of the read level, when the store's layout allows one."""
-        key = (image_id, self.level)
+        key = (f"{image_id}\0mask" if mask else image_id, self.level)
         if key not in self._direct:
-            found = DirectChunks.open(self.array(image_id))
+            array = self.mask_array(image_id) if mask else self.array(image_id)
+            found = DirectChunks.open(array)
             with self._lock:
                 self._direct[key] = found
         return self._direct[key]
@@ -114,28 +136,66 @@ class PatchReader:
         _, height, width = self.shape(image_id)
         return PatchGrid.of(height, width, patch_size, stride)
 
-    def read_region(self, image_id: str, y: int, x: int, size: int) -> np.ndarray:
-        """(c, size, size) pixels at (y, x) of the read level, padded past the edges."""
-        array = self.array(image_id)
-        channels, height, width = array.shape
-        y0, x0 = max(y, 0), max(x, 0)
-        y1, x1 = min(y + size, height), min(x + size, width)
-        if y1 <= y0 or x1 <= x0:  # wholly outside the image
-            out = np.full((channels, size, size), self.entry(image_id).fill_value, array.dtype)
-        else:
-            direct = self.direct(image_id)
-            inside = direct.read_region(y0, x0, y1 - y0, x1 - x0) if direct is not None else None
-            if inside is None:
-                inside = np.asarray(array[:, y0:y1, x0:x1])
-            if inside.shape[1:] == (size, size):
-                out = inside
-            else:  # padded past the edges with the store's fill value
-                out = np.full((channels, size, size), self.entry(image_id).fill_value, array.dtype)
-                out[:, y0 - y : y1 - y, x0 - x : x1 - x] = inside
+    def read_region(
+        self, image_id: str, y: int, x: int, size: int, height: int | None = None
+    ) -> np.ndarray:
+        """(c, size, size) pixels at (y, x) of the read level, padded past the edges with the
+        store's fill value (``height`` rows instead of ``size`` when given)."""
+        out = _padded_region(
+            self.array(image_id), self.direct(image_id), y, x, height or size, size,
+            self.entry(image_id).fill_value,
+        )  # fmt: skip
         with self._lock:
             self.patches_read += 1
-            self.pixels_read += size * size
+            self.pixels_read += size * (height or size)
         return out
+
+    def read_mask_region(
+        self, image_id: str, y: int, x: int, size: int, height: int | None = None
+    ) -> np.ndarray:
+        """(height, size) class indices of the mask at (y, x); -1 past the edges and for mask
+        values that are not classes of the run."""
+        if self._lut is None:
+            raise RuntimeError("this reader was built without mask classes (mask_values)")
+        values = _padded_region(
+            self.mask_array(image_id), self.direct(image_id, mask=True), y, x, height or size,
+            size, -1,
+        )[0]  # fmt: skip
+        return self._classes(values)
+
+    def _classes(self, values: np.ndarray) -> np.ndarray:
+        """Mask values → class indices (-1 for padding and values that are not classes)."""
+        assert self._lut is not None
+        out = np.full(values.shape, -1, dtype=np.int64)
+        known = (values >= 0) & (values < len(self._lut))
+        out[known] = self._lut[values[known]]
+        return out
+
+    def read_mask_patches(
+        self, image_id: str, grid: PatchGrid, indices: Sequence[int] | np.ndarray
+    ) -> torch.Tensor:
+        """(n, p, p) int64 class indices of the mask under the given patches (-1: ignore)."""
+        p = grid.patch_size
+        masks = [self.read_mask_region(image_id, *grid.origin(int(i)), p) for i in indices]
+        return (
+            torch.from_numpy(np.stack(masks)) if masks else torch.empty(0, p, p, dtype=torch.long)
+        )
+
+    def read_mask_global(self, image_id: str, size: int) -> torch.Tensor:
+        """(size, size) class indices: the whole mask letterboxed like :meth:`read_global_unit`
+        and resized by nearest label, from the coarsest mask level still ≥ ``size``."""
+        entry = self.entry(image_id)
+        chosen = 0
+        for level in range(entry.levels):
+            if max(self.mask_array(image_id, level).shape[1:]) >= size:
+                chosen = level
+        array = self.mask_array(image_id, chosen)
+        _, height, width = array.shape
+        labels = self._classes(np.asarray(array[0]))
+        side = max(height, width)
+        square = torch.full((1, 1, side, side), -1.0)
+        square[0, 0, :height, :width] = torch.from_numpy(labels).float()
+        return F.interpolate(square, size=(size, size), mode="nearest")[0, 0].long()
 
     def read_patches(
         self, image_id: str, grid: PatchGrid, indices: Sequence[int] | np.ndarray
@@ -196,3 +256,24 @@ class PatchReader:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False)
+
+
+def _padded_region(
+    array: Any, direct: DirectChunks | None, y: int, x: int, height: int, width: int, fill: int
+) -> np.ndarray:
+    """(c, height, width) of ``array`` at (y, x), ``fill`` past the edges (fill may be -1 for
+    labels: the result is then widened to int64 only where padding is needed)."""
+    channels, full_h, full_w = array.shape
+    y0, x0 = max(y, 0), max(x, 0)
+    y1, x1 = min(y + height, full_h), min(x + width, full_w)
+    dtype = array.dtype if fill >= 0 else np.int64
+    if y1 <= y0 or x1 <= x0:  # wholly outside the image
+        return np.full((channels, height, width), fill, dtype)
+    inside = direct.read_region(y0, x0, y1 - y0, x1 - x0) if direct is not None else None
+    if inside is None:
+        inside = np.asarray(array[:, y0:y1, x0:x1])
+    if inside.shape[1:] == (height, width):
+        return inside
+    out = np.full((channels, height, width), fill, dtype)
+    out[:, y0 - y : y1 - y, x0 - x : x1 - x] = inside
+    return out

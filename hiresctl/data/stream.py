@@ -27,7 +27,7 @@ class ReadRequest:
     """One read: ``indices`` of ``grid`` of ``image_id`` (kind "patches"), or its global patch."""
 
     image_id: str
-    kind: str  # "patches" | "global"
+    kind: str  # "patches" | "global" | "mask" (labels under patches) | "mask_global"
     grid: PatchGrid
     indices: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     tag: Any = None  # the trainer's own bookkeeping (e.g. which inner iteration)
@@ -39,6 +39,12 @@ class _RequestDataset(Dataset[tuple[ReadRequest, torch.Tensor]]):
         self.augment = augment
 
     def __getitem__(self, request: ReadRequest) -> tuple[ReadRequest, torch.Tensor]:
+        if request.kind == "mask":  # labels are not augmented (augmentation is photometric)
+            return request, self.reader.read_mask_patches(
+                request.image_id, request.grid, request.indices
+            )
+        if request.kind == "mask_global":
+            return request, self.reader.read_mask_global(request.image_id, request.grid.patch_size)
         if request.kind == "global":
             pixels = self.reader.read_global_unit(request.image_id, request.grid.patch_size)
         else:
@@ -53,8 +59,9 @@ class _RequestDataset(Dataset[tuple[ReadRequest, torch.Tensor]]):
 
 def _request_bytes(request: ReadRequest) -> int:
     """Float32 bytes of a request's pixels (what it holds while it waits to be consumed)."""
-    count = 1 if request.kind == "global" else max(1, len(request.indices))
-    return count * 3 * request.grid.patch_size**2 * 4
+    count = 1 if request.kind in ("global", "mask_global") else max(1, len(request.indices))
+    channels = 2 if request.kind.startswith("mask") else 3  # int64 labels: 8 bytes a pixel
+    return count * channels * request.grid.patch_size**2 * 4
 
 
 def _threaded_reads(

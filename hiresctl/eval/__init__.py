@@ -1,5 +1,33 @@
 """Evaluation: metrics of a trained run on a split of a dataset store."""
 
-from hiresctl.eval.classification import evaluate_classification
+from __future__ import annotations
 
-__all__ = ["evaluate_classification"]
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hiresctl.eval.classification import evaluate_classification
+from hiresctl.eval.segmentation import evaluate_segmentation
+from storage import StoreError
+
+
+def run_task(run_dir: str | Path) -> str:
+    """The task a run folder was trained for (from its saved recipe)."""
+    path = Path(run_dir) / "recipe.yaml"
+    try:
+        recipe = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise StoreError(str(run_dir), "not a run folder (no recipe.yaml); train first") from None
+    return str(recipe.get("task", "cls"))
+
+
+def evaluate(run_dir: str | Path, data: str | Path, split: str = "test", device: str = "auto",
+             checkpoint: str = "best") -> dict[str, Any]:  # fmt: skip
+    """Evaluate a run with its task's metrics."""
+    if run_task(run_dir) == "seg":
+        return evaluate_segmentation(run_dir, data, split, device, checkpoint)
+    return evaluate_classification(run_dir, data, split, device, checkpoint)
+
+
+__all__ = ["evaluate", "evaluate_classification", "evaluate_segmentation", "run_task"]

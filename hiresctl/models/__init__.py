@@ -1,6 +1,12 @@
-"""Models: backbones (registry), PatchGD head and fusion, the IPS aggregator."""
+"""Models: backbones (registry), PatchGD head and fusion, the IPS aggregator, segmenters."""
 
-from hiresctl.models.backbones import BACKBONES, Backbone, create_backbone, load_pretrained
+from hiresctl.models.backbones import (
+    BACKBONES,
+    Backbone,
+    create_backbone,
+    load_pretrained,
+    load_weights,
+)
 from hiresctl.models.ips import (
     POSITIONAL_ENCODINGS,
     CrossAttentionAggregator,
@@ -14,11 +20,19 @@ from hiresctl.models.patchgd import (
     PatchGDClassifier,
     PatchGDHead,
 )
+from hiresctl.models.segmentation import (
+    SEG_NETWORKS,
+    PatchSegmenter,
+    UNet,
+    create_seg_network,
+    upsample_region,
+)
 
 __all__ = [
     "BACKBONES",
     "FUSIONS",
     "POSITIONAL_ENCODINGS",
+    "SEG_NETWORKS",
     "Backbone",
     "CrossAttentionAggregator",
     "IPSClassifier",
@@ -26,7 +40,12 @@ __all__ = [
     "PatchEncoder",
     "PatchGDClassifier",
     "PatchGDHead",
+    "PatchSegmenter",
+    "UNet",
     "create_backbone",
+    "create_seg_network",
     "load_pretrained",
+    "load_weights",
     "sinusoidal",
+    "upsample_region",
 ]

@@ -89,6 +89,11 @@ def create_backbone(name: str, pretrained: str | Path | None = None) -> Backbone
 
 def load_pretrained(backbone: Backbone, path: str | Path) -> None:
     """Load a torchvision/timm-style state dict from ``path`` into ``backbone``'s body."""
+    load_weights(backbone.body, path)
+
+
+def load_weights(body: nn.Module, path: str | Path) -> None:
+    """Load the tensors of a local state dict that fit ``body`` (by name, else by order)."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{path}: pretrained weights not found (give a local .pt/.pth file)")
@@ -102,7 +107,6 @@ def load_pretrained(backbone: Backbone, path: str | Path) -> None:
     if not isinstance(state, dict):
         raise UsageError(f"{path}: expected a state dict, found {type(state).__name__}")
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    body = backbone.body
     own = body.state_dict()
     matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if not matched:

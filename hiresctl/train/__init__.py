@@ -21,8 +21,10 @@ from hiresctl.train.trainer import (
     classification_metrics,
     load_run,
     predict_images,
+    predict_segmentation,
     resolve_device,
     step_context,
+    task_classes,
 )
 
 __all__ = [
@@ -49,7 +51,9 @@ __all__ = [
     "parse_set",
     "peak_rss_bytes",
     "predict_images",
+    "predict_segmentation",
     "resolve_device",
     "step_context",
+    "task_classes",
     "valid_keys",
 ]

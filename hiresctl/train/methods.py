@@ -181,6 +181,12 @@ class PatchGD(Method):
                 )
         if not train:
             return requests
+        return requests + self.inner_groups(image_ids, rng)
+
+    def inner_groups(self, image_ids: list[str], rng: np.random.Generator) -> list[ReadRequest]:
+        """The reads of the inner iterations: J groups of k patches per image, each patch of an
+        image once before any repeats, tagged ``["group", b, j, last read of step j]``."""
+        requests: list[ReadRequest] = []
         orders, sizes, groups = [], [], []
         for image_id in image_ids:
             _, kept = self.patches(image_id)
@@ -518,6 +524,15 @@ METHOD_CLASSES: dict[str, type[Method]] = {
 
 
 def create_method(recipe: Recipe, num_classes: int, reader: PatchReader) -> Method:
-    if recipe.method not in METHOD_CLASSES:
-        raise UsageError(f"unknown method {recipe.method!r}; valid: {', '.join(METHOD_CLASSES)}")
-    return METHOD_CLASSES[recipe.method](recipe, num_classes, reader)
+    """The method of ``recipe.task`` named ``recipe.method``."""
+    if recipe.task == "seg":
+        from hiresctl.train.segmentation import SEG_METHOD_CLASSES
+
+        classes: dict[str, type[Method]] = dict(SEG_METHOD_CLASSES)
+    else:
+        classes = METHOD_CLASSES
+    if recipe.method not in classes:
+        raise UsageError(
+            f"method {recipe.method!r} is not a {recipe.task} method; valid: {', '.join(classes)}"
+        )
+    return classes[recipe.method](recipe, num_classes, reader)

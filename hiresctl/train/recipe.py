@@ -21,7 +21,12 @@ import yaml
 from storage import UsageError
 
 TASKS = ("cls", "det", "seg")
-METHODS = ("patchgd-global", "patchgd", "ips", "downsample", "full")
+METHODS = ("patchgd-global", "patchgd", "ips", "downsample", "full", "tiled")
+TASK_METHODS = {
+    "cls": ("patchgd-global", "patchgd", "ips", "downsample", "full"),
+    "det": ("patchgd-global", "patchgd", "downsample", "sliced"),
+    "seg": ("patchgd-global", "tiled", "downsample", "full"),
+}
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -91,6 +96,22 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
+# Per task defaults (METHODS.md §5, §7): segmentation's θ1 is a U-Net with 8 output channels,
+# its inner loop J=4, k=4, accumulation 2, lr 1e-4 (the seed paper's DRIVE setting).
+_TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "seg": {
+        "backbone": "unet",
+        "latent_dim": 8,
+        "patch_size": 128,
+        "lr": 1e-4,
+        "accumulation_steps": 2,
+        "inner_steps": 4,
+        "patches_per_step": 4,
+        "fill_batch": 16,
+        "calibration_batches": 0,
+    },
+}
+
 # Per task × method defaults, from the papers (METHODS.md §3, §7).
 _DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     ("cls", "ips"): {  # patch 50 is the Megapixel MNIST setting: see its recipe
@@ -102,7 +123,6 @@ _DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     },
     ("cls", "patchgd-global"): {"accumulation_steps": 1},
     ("det", "patchgd-global"): {"accumulation_steps": 10},
-    ("seg", "patchgd-global"): {"lr": 1e-4, "accumulation_steps": 2},
 }
 
 _CHOICES: dict[str, tuple[str, ...]] = {
@@ -156,6 +176,11 @@ def _coerce(key: str, value: Any, where: str) -> Any:
 
 
 def _check(recipe: Recipe, where: str) -> None:
+    if recipe.task in TASK_METHODS and recipe.method not in TASK_METHODS[recipe.task]:
+        raise UsageError(
+            f"{where}: method {recipe.method!r} is not a {recipe.task} method; "
+            f"valid: {', '.join(TASK_METHODS[recipe.task])}"
+        )
     for key, choices in _CHOICES.items():
         if getattr(recipe, key) not in choices:
             raise UsageError(
@@ -242,6 +267,7 @@ def load_recipe(
             chosen_method = data.get("method", chosen_method)
     chosen_method = chosen_method or "patchgd-global"
     values: dict[str, Any] = {"task": chosen_task, "method": chosen_method}
+    values.update(_TASK_DEFAULTS.get(chosen_task, {}))
     values.update(_DEFAULTS.get((chosen_task, chosen_method), {}))
     for where, data in layers:
         for key, value in data.items():

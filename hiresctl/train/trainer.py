@@ -31,6 +31,7 @@ from hiresctl.data import (
     class_names,
     labelled_images,
     require_images,
+    segmentation_images,
 )
 from hiresctl.train import distributed
 from hiresctl.train.checkpoint import atomic_save, load_checkpoint
@@ -44,6 +45,7 @@ from hiresctl.train.memory import (
 )
 from hiresctl.train.methods import Method, StepContext, create_method
 from hiresctl.train.recipe import Recipe, dump_recipe, parse_bytes
+from hiresctl.train.segmentation import monitor_key, segmentation_metrics
 from storage import Dataset, HiresError, StoreError, UsageError
 
 CHECKPOINTS = "checkpoints"
@@ -120,6 +122,7 @@ class Run:
     device: torch.device
     reader: PatchReader
     world: distributed.World = field(default_factory=distributed.World)
+    mask_values: list[int] | None = None  # segmentation: the mask value of each class
 
 
 def build_run(
@@ -128,12 +131,14 @@ def build_run(
     classes: list[str],
     device: torch.device,
     world: distributed.World | None = None,
+    mask_values: list[int] | None = None,
 ) -> Run:
-    reader = PatchReader(dataset, level=recipe.level)
+    reader = PatchReader(dataset, level=recipe.level, mask_values=mask_values)
     method = create_method(recipe, len(classes), reader)
     seed_all(recipe.seed)
     model = method.build_model().to(device)
-    return Run(recipe, classes, method, model, device, reader, world or distributed.World())
+    return Run(recipe, classes, method, model, device, reader, world or distributed.World(),
+               mask_values)  # fmt: skip
 
 
 class _PlannedReads:
@@ -198,6 +203,48 @@ def predict_images(
     return torch.cat(logits), torch.cat(targets), stats
 
 
+def predict_segmentation(
+    run: Run,
+    images: list[LabelledImage],
+    num_workers: int = 0,
+    on_tile: Callable[[str, int, int, torch.Tensor, np.ndarray], None] | None = None,
+    with_targets: bool = True,
+) -> tuple[list[np.ndarray], dict[str, float]]:
+    """Segment ``images`` tile by tile at full resolution; per image, the confusion matrix
+    against the store's mask (streamed tile by tile too), with timing and peak memory.
+    ``on_tile(image_id, y, x, logits, classes)`` sees every tile (e.g. to write predictions)."""
+    from hiresctl.train.segmentation import confusion, predicted_classes
+
+    method = run.method
+    stream = PatchStream(run.reader, num_workers=num_workers)
+    reads = _PlannedReads(stream, (method.plan_image(im.image_id) for im in images))  # type: ignore[attr-defined]
+    ctx = step_context(run, optimizer=None, scaler=None, accumulation=1)
+    peak = PeakMemory(run.device)
+    peak.reset()
+    start = time.perf_counter()
+    classes = len(run.classes)
+    matrices = []
+    for image in images:
+        matrix = np.zeros((classes, classes), dtype=np.int64)
+        for y, x, logits in method.predict_tiles(ctx, image.image_id, reads.batch()):  # type: ignore[attr-defined]
+            pred = predicted_classes(logits).numpy()
+            if with_targets:
+                height, width = pred.shape
+                truth = run.reader.read_mask_region(image.image_id, y, x, width, height)
+                matrix += confusion(pred, truth, classes)
+            if on_tile is not None:
+                on_tile(image.image_id, y, x, logits, pred)
+        matrices.append(matrix)
+    seconds = time.perf_counter() - start
+    stats = {
+        "seconds": seconds,
+        "images_per_second": len(images) / seconds if seconds else 0.0,
+        "peak_memory_gb": peak.peak_bytes() / 1e9,
+        "data_wait_fraction": reads.wait_seconds / seconds if seconds else 0.0,
+    }
+    return matrices, stats
+
+
 def step_context(
     run: Run, optimizer: torch.optim.Optimizer | None, scaler: Any, accumulation: int
 ) -> StepContext:
@@ -253,7 +300,18 @@ def _memory_plan(run: Run, budget_text: str, images: list[LabelledImage]) -> Mem
     baseline = current_rss_bytes() if run.device.type == "cpu" else 0
     per_image = 0
     patches_wanted: int | None = None
-    if recipe.method in ("patchgd", "patchgd-global"):
+    if recipe.task == "seg" and recipe.method in ("tiled", "patchgd-global"):
+        biggest = max((run.method.patches(im.image_id) for im in images), key=lambda g: len(g[1]))
+        grid, kept = biggest
+        pixels = grid.rows * grid.cols * size * size
+        outputs = getattr(model, "outputs", 1)
+        # latent, its copy with gradient, the global latent, their concatenation, the logits and
+        # the loss's temporaries (per output), the int64 target
+        per_image = pixels * (4 * recipe.latent_dim * 4 + 3 * outputs * 4 + 8)
+        if recipe.method == "patchgd-global":
+            per_image += per_patch
+        patches_wanted = run.method.patches_per_step(len(kept))  # type: ignore[attr-defined]
+    elif recipe.method in ("patchgd", "patchgd-global"):
         biggest = max((run.method.patches(im.image_id) for im in images), key=lambda g: len(g[1]))
         grid, kept = biggest
         latent = recipe.latent_dim * grid.rows * grid.cols * 4
@@ -282,6 +340,25 @@ def _memory_plan(run: Run, budget_text: str, images: list[LabelledImage]) -> Mem
         accumulation_steps=recipe.accumulation_steps,
         patches_wanted=patches_wanted,
     )
+
+
+def task_classes(dataset: Dataset, task: str) -> tuple[list[str], list[int] | None]:
+    """Class names of a new run, and for segmentation the mask value of each class."""
+    if task == "seg":
+        named = dataset.mask_classes()
+        if len(named) < 2:
+            raise StoreError(
+                dataset.path,
+                f"needs masks with at least 2 label values to train a segmenter, found "
+                f"{list(named) or 'no masks'} (tile with --masks DIR)",
+            )
+        return list(named.values()), list(named)
+    classes = class_names(dataset)
+    if len(classes) < 2:
+        raise StoreError(
+            dataset.path, f"needs at least 2 classes to train a classifier, found {classes}"
+        )
+    return classes, None
 
 
 def classification_metrics(
@@ -359,25 +436,21 @@ class Trainer:
             }
             recipe = saved.replace(**changed)
             classes = list(self.checkpoint["classes"])
+            mask_values = self.checkpoint.get("mask_values")
         else:
             if last.is_file():
                 raise UsageError(
                     f"{self.out}: already holds a run; pass --resume to continue it or choose another --out"
                 )
-            classes = class_names(self.dataset)
-            if len(classes) < 2:
-                raise StoreError(
-                    self.dataset.path,
-                    f"needs at least 2 classes to train a classifier, found {classes}",
-                )
+            classes, mask_values = task_classes(self.dataset, recipe.task)
         self.recipe = recipe
-        self.train_images, self.problems = labelled_images(
-            self.dataset, recipe.train_split, classes
-        )
+        select = segmentation_images if recipe.task == "seg" else labelled_images
+        self.train_images, self.problems = select(self.dataset, recipe.train_split, classes)
         require_images(self.train_images, self.dataset, recipe.train_split)
-        self.val_images, val_problems = labelled_images(self.dataset, recipe.val_split, classes)
+        self.val_images, val_problems = select(self.dataset, recipe.val_split, classes)
         self.problems += val_problems
-        self.run = build_run(recipe, self.dataset, classes, self.device, self.world)
+        self.monitor = monitor_key(len(classes)) if recipe.task == "seg" else "accuracy"
+        self.run = build_run(recipe, self.dataset, classes, self.device, self.world, mask_values)
         self.memory_plan: MemoryPlan | None = None
         if recipe.memory_budget and not resume:
             self.memory_plan = _memory_plan(self.run, recipe.memory_budget, self.train_images)
@@ -479,6 +552,7 @@ class Trainer:
                 "best": best,
                 "recipe": recipe.to_dict(),
                 "classes": self.run.classes,
+                "mask_values": self.run.mask_values,
                 "rng": {"torch": torch.get_rng_state()},
             }
 
@@ -497,7 +571,7 @@ class Trainer:
                     if index >= first
                 )
                 reads = _PlannedReads(stream, plans)
-                losses, correct, count = [], 0, 0
+                losses, correct, count, judged = [], 0, 0, 0
                 epoch_start = time.perf_counter()
                 for index in range(first, len(batches)):
                     batch = batches[index]
@@ -514,7 +588,12 @@ class Trainer:
                     scheduler.step()
                     global_step += 1
                     losses.append(output.loss)
-                    correct += int((output.logits.argmax(1) == targets).sum())
+                    if "correct" in output.extra:  # segmentation: pixels
+                        correct += output.extra["correct"]
+                        judged += output.extra["pixels"]
+                    else:
+                        correct += int((output.logits.argmax(1) == targets).sum())
+                        judged += len(batch)
                     count += len(batch)
                     if writer is not None:
                         writer.add_scalar("train/loss", output.loss, global_step)
@@ -539,16 +618,20 @@ class Trainer:
                     "step": global_step,
                     "lr": scheduler.get_last_lr()[0],
                     "train_loss": float(np.mean(losses)) if losses else None,
-                    "train_accuracy": correct / count if count else None,
+                    "train_accuracy": correct / judged if judged else None,
                     "images_per_second": count * self.world.size / seconds if seconds else None,
                     "data_wait_fraction": reads.wait_seconds / seconds if seconds else None,
                     "peak_memory_gb": peak.peak_bytes() / 1e9,
                 }
                 last_val = self._validate()
-                row.update({f"val_{k}": v for k, v in last_val.items() if k != "confusion_matrix"})
-                improved = "accuracy" in last_val and (best is None or last_val["accuracy"] >= best)
+                row.update(
+                    {f"val_{k}": v for k, v in last_val.items()
+                     if isinstance(v, int | float) and not isinstance(v, bool)}
+                )  # fmt: skip
+                score = last_val.get(self.monitor)
+                improved = score is not None and (best is None or score >= best)
                 if improved:
-                    best = last_val["accuracy"]
+                    best = score
                 self._save(LAST, state(epoch + 1, 0))
                 if improved or not self.val_images:
                     self._save(BEST, state(epoch + 1, 0))
@@ -557,7 +640,7 @@ class Trainer:
                     for key, value in row.items():
                         if isinstance(value, float) and key not in ("epoch", "step"):
                             writer.add_scalar(key.replace("_", "/", 1), value, global_step)
-                self.log(_describe_epoch(row, recipe.epochs))
+                self.log(_describe_epoch(row, recipe.epochs, self.monitor))
         finally:
             if writer is not None:
                 writer.close()
@@ -578,7 +661,9 @@ class Trainer:
             "precision": precision,
             "world_size": self.world.size,
             "val": dict(last_val),
-            "best_val_accuracy": best,
+            "monitor": self.monitor,
+            "best_val": best,
+            "best_val_accuracy": best if self.monitor == "accuracy" else None,
             "memory_plan": self.memory_plan.describe() if self.memory_plan else None,
             "skipped": self.problems,
         }
@@ -590,6 +675,11 @@ class Trainer:
         if not self.val_images:
             return {}
         share = self.val_images[self.world.rank :: self.world.size]
+        if self.recipe.task == "seg":
+            matrices, _ = predict_segmentation(self.run, share)
+            gathered = distributed.gather_objects(matrices, self.world)
+            every = [m for part in gathered for m in part]  # type: ignore[attr-defined]
+            return segmentation_metrics(every, self.run.classes)
         logits, targets, _ = predict_images(self.run, share, self.recipe.batch_size)
         gathered = distributed.gather_objects((logits, targets), self.world)
         all_logits = torch.cat([g[0] for g in gathered])  # type: ignore[index]
@@ -613,10 +703,10 @@ class Trainer:
         return SummaryWriter(str(self.out / "tensorboard"))
 
 
-def _describe_epoch(row: dict[str, Any], epochs: int) -> str:
+def _describe_epoch(row: dict[str, Any], epochs: int, monitor: str = "accuracy") -> str:
     parts = [f"epoch {row['epoch']}/{epochs}", f"loss {row['train_loss']:.4f}"]
-    if row.get("val_accuracy") is not None:
-        parts.append(f"val accuracy {row['val_accuracy']:.3f}")
+    if row.get(f"val_{monitor}") is not None:
+        parts.append(f"val {monitor.replace('_', ' ')} {row[f'val_{monitor}']:.3f}")
     if row.get("images_per_second"):
         parts.append(f"{row['images_per_second']:.2f} images/s")
     parts.append(f"peak {row['peak_memory_gb']:.2f} GB")
@@ -637,7 +727,8 @@ def load_run(
         )
     state = load_checkpoint(path)
     recipe = Recipe(**state["recipe"]).replace(pretrained=None)
-    run = build_run(recipe, dataset, list(state["classes"]), device)
+    run = build_run(recipe, dataset, list(state["classes"]), device,
+                    mask_values=state.get("mask_values"))  # fmt: skip
     run.model.load_state_dict(state["model"])
     run.model.eval()
     return run
@@ -652,5 +743,7 @@ __all__ = [
     "classification_metrics",
     "load_run",
     "predict_images",
+    "predict_segmentation",
     "resolve_device",
+    "task_classes",
 ]

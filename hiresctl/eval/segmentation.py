@@ -1,0 +1,72 @@
+"""Evaluate a segmentation run: full-resolution predictions against full-resolution masks, both
+streamed tile by tile from the store (METHODS.md §8)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hiresctl.data import require_images, segmentation_images
+from hiresctl.train import load_run, predict_segmentation, resolve_device
+from hiresctl.train.memory import PeakMemory
+from hiresctl.train.segmentation import binary_image_metrics, segmentation_metrics
+from storage import Dataset
+
+
+def evaluate_segmentation(
+    run_dir: str | Path,
+    data: str | Path,
+    split: str = "test",
+    device: str = "auto",
+    checkpoint: str = "best",
+) -> dict[str, Any]:
+    """Metrics of ``run_dir``'s model on ``split``; also written to ``RUN/eval-<split>.json``."""
+    dataset = Dataset(data)
+    torch_device = resolve_device(device)
+    run = load_run(run_dir, dataset, torch_device, checkpoint)
+    images, problems = segmentation_images(dataset, split, run.classes)
+    require_images(images, dataset, split)
+    matrices, stats = predict_segmentation(run, images)
+    metrics = segmentation_metrics(matrices, run.classes)
+    binary = len(run.classes) == 2
+    per_image = []
+    for image, matrix in zip(images, matrices, strict=True):
+        row: dict[str, Any] = {"id": image.image_id, "pixels": int(matrix.sum())}
+        if binary:
+            row.update({k: (None if not np.isfinite(v) else v)
+                        for k, v in binary_image_metrics(matrix).items()})  # fmt: skip
+        else:
+            t = np.diag(matrix).astype(float)
+            union = matrix.sum(0) + matrix.sum(1) - t
+            row["mean_iou"] = (
+                float((t[union > 0] / union[union > 0]).mean()) if (union > 0).any() else 0.0
+            )
+        per_image.append(row)
+    scalars = {k: v for k, v in metrics.items()
+               if isinstance(v, float) and k not in ("count",)}  # fmt: skip
+    result: dict[str, Any] = {
+        "task": "seg",
+        "method": run.recipe.method,
+        "run": str(run_dir),
+        "data": str(data),
+        "split": split,
+        "count": len(images),
+        "classes": run.classes,
+        "metrics": scalars,
+        "undefined": metrics.get("undefined", {}),
+        "nan_policy": metrics.get("nan_policy"),
+        "pooled": metrics.get("pooled"),
+        "per_class": metrics.get("per_class"),
+        "per_image": per_image,
+        "confusion_matrix": np.sum(matrices, axis=0).tolist() if matrices else [],
+        "peak_memory_gb": stats["peak_memory_gb"],
+        "peak_memory_kind": PeakMemory(torch_device).kind,
+        "images_per_second": stats["images_per_second"],
+        "device": str(torch_device),
+        "skipped": problems,
+    }
+    Path(run_dir, f"eval-{split}.json").write_text(json.dumps(result, indent=2))
+    return result
