@@ -401,6 +401,46 @@ def eval_(
         raise typer.Exit(1)
 
 
+# ------------------------------------------------------------------------------------ predict
+
+
+@app.command()
+def predict(
+    run: Annotated[Path, typer.Argument(help="Run folder written by `hiresctl train`.")],
+    data: Annotated[Path, typer.Argument(help="Dataset store whose images to predict.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Zarr store for the predictions.")],
+    split: Annotated[
+        str | None, typer.Option(help="Only this split (default: every complete image).")
+    ] = None,
+    probabilities: Annotated[
+        bool, typer.Option(help="Also write class probabilities (float16).")
+    ] = False,
+    checkpoint: Annotated[str, typer.Option(help="best or last.")] = "best",
+    device: Annotated[
+        DeviceChoice, typer.Option(help="auto picks CUDA when present.")
+    ] = DeviceChoice.auto,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON line per image on stdout.")
+    ] = False,
+) -> None:
+    """Segment whole images into OME-NGFF label images, tile by tile (segmentation runs)."""
+    from hiresctl.eval.predict import predict_masks
+
+    if checkpoint not in ("best", "last"):
+        raise UsageError(f"--checkpoint {checkpoint!r}: choose best or last")
+
+    def on_image(row: dict[str, Any]) -> None:
+        if as_json:
+            typer.echo(json.dumps(row))
+        else:
+            score = f" F1 {row['f1']:.3f}" if row.get("f1") is not None else ""
+            err.print(f"[green]predicted[/] {row['id']} {row['shape']}{score} → {row['output']} "
+                      f"({row['seconds']:.1f} s)", highlight=False)  # fmt: skip
+
+    rows = predict_masks(run, data, out, split, device.value, checkpoint, probabilities, on_image)
+    err.print(f"{len(rows)} images predicted into {out}")
+
+
 def main() -> None:
     """Console entry point: typed errors become one line and an exit code (usage: 2, input: 1)."""
     try:
