@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-from storage.tiler import LabelTable, SourceSpec, TileOptions, tile
+from storage.tiler import LabelTable, MaskSet, SourceSpec, TileOptions, tile
 
 
 def make_store(
@@ -18,10 +18,11 @@ def make_store(
     labels: dict[str, tuple[str, str]] | None = None,
     chunk: int = 32,
     thumbnail_size: int = 64,
+    masks: dict[str, np.ndarray] | None = None,
 ) -> Path:
     """Write ``images`` (name → (h, w, c) uint8) as TIFFs and tile them into ``root/ds.zarr``.
 
-    ``labels`` maps name → (label, split).
+    ``labels`` maps name → (label, split); ``masks`` name → (h, w) uint8 label image.
     """
     sources = root / "sources"
     sources.mkdir(parents=True, exist_ok=True)
@@ -38,11 +39,18 @@ def make_store(
             for name, (label, split) in labels.items():
                 writer.writerow([f"{name}.tif", label, split])
         table = LabelTable(csv_path)
+    mask_set = None
+    if masks:
+        (root / "masks").mkdir(exist_ok=True)
+        for name, mask in masks.items():
+            tifffile.imwrite(root / "masks" / f"{name}.tif", mask)
+        mask_set = MaskSet(root / "masks")
     out = root / "ds.zarr"
     specs = [SourceSpec((str(sources / f"{name}.tif"),)) for name in images]
     results = tile(
-        specs, out, TileOptions(chunk=chunk, thumbnail_size=thumbnail_size, workers=1), table
-    )
+        specs, out, TileOptions(chunk=chunk, thumbnail_size=thumbnail_size, workers=1), table,
+        masks=mask_set,
+    )  # fmt: skip
     failed = [r for r in results if r.status == "failed"]
     if failed:
         raise RuntimeError(f"tiling failed: {[r.error for r in failed]}")

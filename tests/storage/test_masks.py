@@ -74,7 +74,7 @@ def test_mask_round_trips_exactly_with_mode_levels_and_ngff_metadata(tmp_path: P
     label = group["mask"].attrs["ome"]
     assert [c["label-value"] for c in label["image-label"]["colors"]] == values.tolist()
     assert len(label["multiscales"][0]["datasets"]) == len(level_shapes(301, 203, 64))
-    assert not [k for k in group["mask"].keys() if k.startswith("_progress")]
+    assert not [k for k in group["mask"] if k.startswith("_progress")]
 
     from ome_zarr.io import parse_url
     from ome_zarr.reader import Reader

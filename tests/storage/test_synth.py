@@ -57,7 +57,9 @@ def test_megapixel_mnist_tasks(tmp_path: Path) -> None:
 
 
 def test_unknown_kind_lists_valid_ones(tmp_path: Path) -> None:
-    with pytest.raises(UsageError, match="valid: fine-detail, megapixel-mnist, seg-aerial, seg-vessels, ultramnist"):
+    with pytest.raises(
+        UsageError, match="valid: fine-detail, megapixel-mnist, seg-aerial, seg-vessels, ultramnist"
+    ):
         synthesize("mnist", tmp_path)
 
 
