@@ -886,8 +886,8 @@ def _finalize_mask(
     for y in range(0, height, step):
         for x in range(0, width, step):
             block = np.asarray(level0[0, y : y + step, x : x + step])
-            values, n = np.unique(block, return_counts=True)
-            for v, c in zip(values.tolist(), n.tolist(), strict=True):
+            found, n = np.unique(block, return_counts=True)
+            for v, c in zip(found.tolist(), n.tolist(), strict=True):
                 counts[v] = counts.get(v, 0) + c
     values = sorted(counts)
     group.attrs["ome"] = label_image_attrs(MASK, level_scales, mpp, values, plan.classes)
