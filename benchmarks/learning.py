@@ -49,6 +49,26 @@ def make_dataset(root: Path, side: int, count: int, seed: int = 3) -> Path:
     return store
 
 
+def train_and_evaluate(store: Path, out: Path, options: list[str]) -> tuple[dict, dict, float]:
+    """``hiresctl train`` into a fresh ``out`` then ``hiresctl eval`` on the test split:
+    (eval report, training summary, training seconds)."""
+    subprocess.run(["rm", "-rf", str(out)], check=True)
+    start = time.perf_counter()
+    train = subprocess.run(
+        [sys.executable, "-m", "hiresctl", "train", "--data", str(store), "--out", str(out), "--json", *options],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    if train.returncode:
+        raise RuntimeError(train.stderr[-2000:])
+    seconds = time.perf_counter() - start
+    summary = json.loads(train.stdout.strip().splitlines()[-1])
+    evaluated = subprocess.run(
+        [sys.executable, "-m", "hiresctl", "eval", str(out), "--data", str(store), "--split", "test", "--json"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return json.loads(evaluated.stdout), summary, seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--side", type=int, default=512)
@@ -64,22 +84,9 @@ def main() -> None:
     ]  # fmt: skip
     rows = []
     for method in METHODS:
-        out = root / f"run-{method}"
-        subprocess.run(["rm", "-rf", str(out)], check=True)
-        start = time.perf_counter()
-        train = subprocess.run(
-            [sys.executable, "-m", "hiresctl", "train", "--data", str(store), "--out", str(out), "--method", method, "--json", *common, *EXTRA.get(method, [])],
-            capture_output=True, text=True,
-        )  # fmt: skip
-        if train.returncode:
-            raise RuntimeError(train.stderr[-2000:])
-        seconds = time.perf_counter() - start
-        summary = json.loads(train.stdout.strip().splitlines()[-1])
-        evaluated = subprocess.run(
-            [sys.executable, "-m", "hiresctl", "eval", str(out), "--data", str(store), "--split", "test", "--json"],
-            capture_output=True, text=True, check=True,
-        )  # fmt: skip
-        report = json.loads(evaluated.stdout)
+        report, summary, seconds = train_and_evaluate(
+            store, root / f"run-{method}", ["--method", method, *common, *EXTRA.get(method, [])]
+        )
         rows.append((method, report, summary, seconds))
         print(method, report["metrics"], flush=True)
     lines = [

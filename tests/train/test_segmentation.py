@@ -207,3 +207,49 @@ def test_cli_trains_evaluates_and_predicts_multiclass_masks(tmp_path: Path, cli)
                 "--out", tmp_path / "run2")  # fmt: skip
     assert wrong.code == 2 and "not a seg method" in wrong.stderr
     assert math.isfinite(summary["peak_memory_gb"])
+
+
+@pytest.mark.slow
+def test_predicting_a_20k_image_holds_tiles_not_the_image(tmp_path: Path) -> None:
+    """20000² pixels: the mask alone would be 400 MB as uint8 and the logits 1.6 GB as float32;
+    prediction (read, segment, write the label pyramid) must hold only tiles."""
+    import tifffile
+
+    from hiresctl.eval.predict import predict_masks
+    from hiresctl.train import atomic_save
+    from hiresctl.train.memory import PeakMemory, current_rss_bytes
+    from storage.tiler import MaskSet, SourceSpec, TileOptions, tile
+
+    side, step = 20000, 1000
+
+    def stripes(value_of_row):  # written strip by strip: the test never holds the image either
+        for y in range(0, side, step):
+            yield np.full((min(step, side - y), side), value_of_row(y), dtype=np.uint8)
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "masks").mkdir()
+    tifffile.imwrite(tmp_path / "src" / "big.tif", stripes(lambda y: 40 + (y // step) % 2 * 180),
+                     shape=(side, side), dtype=np.uint8, rowsperstrip=step, compression="zlib")  # fmt: skip
+    tifffile.imwrite(tmp_path / "masks" / "big.tif", stripes(lambda y: (y // step) % 2),
+                     shape=(side, side), dtype=np.uint8, rowsperstrip=step, compression="zlib")  # fmt: skip
+    [result] = tile([SourceSpec((str(tmp_path / "src" / "big.tif"),))], tmp_path / "ds.zarr",
+                    TileOptions(chunk=512, thumbnail_size=512), masks=MaskSet(tmp_path / "masks"))  # fmt: skip
+    assert result.status == "written", result.error
+    recipe = _recipe("downsample", patch_size=512)
+    run = build_run(recipe, Dataset(tmp_path / "ds.zarr"), ["0", "1"], torch.device("cpu"),
+                    mask_values=[0, 1])  # fmt: skip
+    folder = tmp_path / "run"
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "recipe.yaml").write_text("task: seg\n")
+    atomic_save({"recipe": recipe.to_dict(), "classes": ["0", "1"], "mask_values": [0, 1],
+                 "model": run.model.state_dict()}, folder / "checkpoints" / "best.pt")  # fmt: skip
+    del run
+    peak = PeakMemory(torch.device("cpu"))
+    before = current_rss_bytes()
+    peak.reset()
+    [row] = predict_masks(folder, tmp_path / "ds.zarr", tmp_path / "pred.zarr", device="cpu")
+    grown = peak.peak_bytes() - before
+    assert row["shape"] == [side, side] and row["levels"] > 5
+    assert grown < 350e6, f"prediction grew resident memory by {grown / 1e6:.0f} MB"
+    level0 = zarr.open_array(tmp_path / "pred.zarr" / "big" / "0", mode="r")
+    assert level0.shape == (1, side, side)
