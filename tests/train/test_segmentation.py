@@ -220,18 +220,19 @@ def test_predicting_a_20k_image_holds_tiles_not_the_image(tmp_path: Path) -> Non
     from hiresctl.train.memory import PeakMemory, current_rss_bytes
     from storage.tiler import MaskSet, SourceSpec, TileOptions, tile
 
-    side, step = 20000, 1000
+    side, step = 20000, 512
 
-    def stripes(value_of_row):  # written strip by strip: the test never holds the image either
+    def tiles(value_of_row):  # written tile by tile: the test never holds the image either
         for y in range(0, side, step):
-            yield np.full((min(step, side - y), side), value_of_row(y), dtype=np.uint8)
+            for _x in range(0, side, step):
+                yield np.full((step, step), value_of_row(y), dtype=np.uint8)
 
     (tmp_path / "src").mkdir()
     (tmp_path / "masks").mkdir()
-    tifffile.imwrite(tmp_path / "src" / "big.tif", stripes(lambda y: 40 + (y // step) % 2 * 180),
-                     shape=(side, side), dtype=np.uint8, rowsperstrip=step, compression="zlib")  # fmt: skip
-    tifffile.imwrite(tmp_path / "masks" / "big.tif", stripes(lambda y: (y // step) % 2),
-                     shape=(side, side), dtype=np.uint8, rowsperstrip=step, compression="zlib")  # fmt: skip
+    for path, value_of_row in ((tmp_path / "src" / "big.tif", lambda y: 40 + (y // step) % 2 * 180),
+                               (tmp_path / "masks" / "big.tif", lambda y: (y // step) % 2)):  # fmt: skip
+        tifffile.imwrite(path, tiles(value_of_row), shape=(side, side), dtype=np.uint8,
+                         tile=(step, step), compression="zlib")  # fmt: skip
     [result] = tile([SourceSpec((str(tmp_path / "src" / "big.tif"),))], tmp_path / "ds.zarr",
                     TileOptions(chunk=512, thumbnail_size=512), masks=MaskSet(tmp_path / "masks"))  # fmt: skip
     assert result.status == "written", result.error
