@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from hiresctl.data import labelled_images, require_images
+from hiresctl.eval.common import result_header, save_result
 from hiresctl.train import classification_metrics, load_run, predict_images, resolve_device
-from hiresctl.train.memory import PeakMemory
 from storage import Dataset
 
 
@@ -30,21 +29,6 @@ def evaluate_classification(
     metrics = classification_metrics(logits, targets, len(run.classes))
     matrix = metrics.pop("confusion_matrix", [])
     count = metrics.pop("count", 0)
-    result: dict[str, Any] = {
-        "task": run.recipe.task,
-        "method": run.recipe.method,
-        "run": str(run_dir),
-        "data": str(data),
-        "split": split,
-        "count": count,
-        "classes": run.classes,
-        "metrics": metrics,
-        "confusion_matrix": matrix,
-        "peak_memory_gb": stats["peak_memory_gb"],
-        "peak_memory_kind": PeakMemory(torch_device).kind,
-        "images_per_second": stats["images_per_second"],
-        "device": str(torch_device),
-        "skipped": problems,
-    }
-    Path(run_dir, f"eval-{split}.json").write_text(json.dumps(result, indent=2))
-    return result
+    result = result_header(run, run_dir, data, split, count, stats, torch_device)
+    result.update({"metrics": metrics, "confusion_matrix": matrix, "skipped": problems})
+    return save_result(run_dir, split, result)

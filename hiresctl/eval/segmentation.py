@@ -3,15 +3,14 @@ streamed tile by tile from the store (METHODS.md §8)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from hiresctl.data import require_images, segmentation_images
+from hiresctl.eval.common import result_header, save_result
 from hiresctl.train import load_run, predict_segmentation, resolve_device
-from hiresctl.train.memory import PeakMemory
 from hiresctl.train.segmentation import binary_image_metrics, segmentation_metrics
 from storage import Dataset
 
@@ -47,14 +46,8 @@ def evaluate_segmentation(
         per_image.append(row)
     scalars = {k: v for k, v in metrics.items()
                if isinstance(v, float) and k not in ("count",)}  # fmt: skip
-    result: dict[str, Any] = {
-        "task": "seg",
-        "method": run.recipe.method,
-        "run": str(run_dir),
-        "data": str(data),
-        "split": split,
-        "count": len(images),
-        "classes": run.classes,
+    result = result_header(run, run_dir, data, split, len(images), stats, torch_device)
+    result.update({
         "metrics": scalars,
         "undefined": metrics.get("undefined", {}),
         "nan_policy": metrics.get("nan_policy"),
@@ -62,11 +55,6 @@ def evaluate_segmentation(
         "per_class": metrics.get("per_class"),
         "per_image": per_image,
         "confusion_matrix": np.sum(matrices, axis=0).tolist() if matrices else [],
-        "peak_memory_gb": stats["peak_memory_gb"],
-        "peak_memory_kind": PeakMemory(torch_device).kind,
-        "images_per_second": stats["images_per_second"],
-        "device": str(torch_device),
         "skipped": problems,
-    }
-    Path(run_dir, f"eval-{split}.json").write_text(json.dumps(result, indent=2))
-    return result
+    })  # fmt: skip
+    return save_result(run_dir, split, result)

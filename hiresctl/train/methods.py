@@ -279,26 +279,7 @@ class PatchGD(Method):
             model.train()
             latent = latent.detach()
             with ctx.autocast():
-                members = [(r, p) for r, p in group if len(r.indices)]
-                pieces = [p for _, p in members]
-                if self.use_global:
-                    pieces.append(torch.stack([p for p in global_pixels if p is not None]))
-                # Patches and global patches go through the encoder as one batch: BatchNorm then
-                # sees one mixture in training, whose running statistics suit evaluation too
-                # (separate batches would leave running statistics half of downsampled images).
-                features = model.encoder(torch.cat(pieces).to(ctx.device, non_blocking=True))
-                start = 0
-                for r, _ in members:
-                    self._write(
-                        latent,
-                        r.tag[1],
-                        r.grid,
-                        r.indices,
-                        features[start : start + len(r.indices)],
-                    )
-                    start += len(r.indices)
-                ctx.patches_with_grad += start
-                g = features[start:] if self.use_global else None
+                g = self.encode_group(ctx, model.encoder, latent, group, global_pixels, self._write)
                 out = model.classify(latent, g)
                 loss = F.cross_entropy(out.float(), targets)
             ctx.backward(loss)
@@ -311,6 +292,33 @@ class PatchGD(Method):
         if ctx.micro_steps:  # flush what is left of this batch's accumulation
             ctx.step()
         return BatchOutput(float(np.mean(losses)) if losses else float("nan"), logits, inner)
+
+    def encode_group(
+        self,
+        ctx: StepContext,
+        encoder: nn.Module,
+        latent: torch.Tensor,
+        group: list[tuple[ReadRequest, torch.Tensor]],
+        global_pixels: list[torch.Tensor | None],
+        write: Callable[[torch.Tensor, Any, PatchGrid, np.ndarray, torch.Tensor], None],
+    ) -> torch.Tensor | None:
+        """One inner iteration's encode: the group's patches with gradient, each written in
+        place into ``latent`` by ``write``; returns the global patches' encodings (or None).
+
+        Patches and global patches go through the encoder as one batch: BatchNorm then sees one
+        mixture in training, whose running statistics suit evaluation too (separate batches
+        would leave running statistics half of downsampled images)."""
+        members = [(r, p) for r, p in group if len(r.indices)]
+        pieces = [p for _, p in members]
+        if self.use_global:
+            pieces.append(torch.stack([p for p in global_pixels if p is not None]))
+        features = encoder(torch.cat(pieces).to(ctx.device, non_blocking=True))
+        start = 0
+        for r, _ in members:
+            write(latent, r.tag[1], r.grid, r.indices, features[start : start + len(r.indices)])
+            start += len(r.indices)
+        ctx.patches_with_grad += start
+        return features[start:] if self.use_global else None
 
     def _eval_latent(
         self, ctx: StepContext, image_ids: list[str], reads: Reads

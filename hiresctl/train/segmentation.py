@@ -289,25 +289,9 @@ class SegTiled(SegmentationMethod, PatchGD):
             model.train()
             latent = latent.detach()
             with ctx.autocast():
-                members = [(r, p) for r, p in group if len(r.indices)]
-                pieces = [p for _, p in members]
-                if self.use_global:
-                    pieces.append(torch.stack([p for p in global_pixels if p is not None]))
-                features = model.encoder(torch.cat(pieces).to(ctx.device, non_blocking=True))
-                start = 0
-                for r, _ in members:
-                    self._place(
-                        latent,
-                        r.tag[1],
-                        r.grid,
-                        r.indices,
-                        features[start : start + len(r.indices)],
-                    )
-                    start += len(r.indices)
-                ctx.patches_with_grad += start
-                g = None
-                if self.use_global:
-                    g = self._global_latent(features[start:], image_ids, height, width)
+                g = self.encode_group(ctx, model.encoder, latent, group, global_pixels, self._place)
+                if g is not None:
+                    g = self._global_latent(g, image_ids, height, width)
                 logits = model.segment(latent, g)
                 loss = segmentation_loss(logits, target)
             ctx.backward(loss)

@@ -169,6 +169,17 @@ class _PlannedReads:
             yield self._next()
 
 
+def _timing(
+    images: int, seconds: float, peak: PeakMemory, reads: _PlannedReads
+) -> dict[str, float]:
+    return {
+        "seconds": seconds,
+        "images_per_second": images / seconds if seconds else 0.0,
+        "peak_memory_gb": peak.peak_bytes() / 1e9,
+        "data_wait_fraction": reads.wait_seconds / seconds if seconds else 0.0,
+    }
+
+
 def predict_images(
     run: Run, images: list[LabelledImage], batch_size: int, num_workers: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
@@ -191,13 +202,7 @@ def predict_images(
     for batch in batches:
         logits.append(run.method.predict(ctx, [im.image_id for im in batch], reads.batch()))
         targets.append(torch.tensor([im.target for im in batch]))
-    seconds = time.perf_counter() - start
-    stats = {
-        "seconds": seconds,
-        "images_per_second": len(images) / seconds if seconds else 0.0,
-        "peak_memory_gb": peak.peak_bytes() / 1e9,
-        "data_wait_fraction": reads.wait_seconds / seconds if seconds else 0.0,
-    }
+    stats = _timing(len(images), time.perf_counter() - start, peak, reads)
     if not logits:
         return torch.zeros(0, len(run.classes)), torch.zeros(0, dtype=torch.long), stats
     return torch.cat(logits), torch.cat(targets), stats
@@ -235,13 +240,7 @@ def predict_segmentation(
             if on_tile is not None:
                 on_tile(image.image_id, y, x, logits, pred)
         matrices.append(matrix)
-    seconds = time.perf_counter() - start
-    stats = {
-        "seconds": seconds,
-        "images_per_second": len(images) / seconds if seconds else 0.0,
-        "peak_memory_gb": peak.peak_bytes() / 1e9,
-        "data_wait_fraction": reads.wait_seconds / seconds if seconds else 0.0,
-    }
+    stats = _timing(len(images), time.perf_counter() - start, peak, reads)
     return matrices, stats
 
 
