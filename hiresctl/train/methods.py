@@ -2,8 +2,8 @@
 
 A method plans the reads of an image batch (so the DataLoader can read ahead), then consumes
 the pixels in the same order. The shared loop (``trainer.py``) owns the optimizer, schedule,
-accumulation, precision, checkpoints and logging; a method calls ``ctx.backward(loss)`` and
-``ctx.step()``.
+accumulation, precision, checkpoints and logging; a method calls ``ctx.learn(loss)``
+(backward, then an optimizer step once ``accumulation_steps`` backwards have run).
 """
 
 from __future__ import annotations
@@ -46,6 +46,12 @@ class StepContext:
     accumulation_steps: int = 1  # [ε] backward calls per optimizer step
     micro_steps: int = 0  # backward calls since the last optimizer step
     patches_with_grad: int = 0
+
+    def learn(self, loss: torch.Tensor) -> None:
+        """Backward, then an optimizer step once ``accumulation_steps`` backwards have run."""
+        self.backward(loss)
+        if self.micro_steps >= self.accumulation_steps:
+            self.step()
 
 
 @dataclass
@@ -239,19 +245,23 @@ class PatchGD(Method):
     def _fill(
         self,
         ctx: StepContext,
-        model: PatchGDClassifier,
+        model: nn.Module,
         latent: torch.Tensor,
         request: ReadRequest,
         pixels: torch.Tensor,
         train: bool,
+        write: Callable[[torch.Tensor, Any, PatchGrid, np.ndarray, torch.Tensor], None]
+        | None = None,
     ) -> None:
+        """No-grad encode of a fill read, written into ``latent`` (by ``write``, default the
+        classification latent's one cell per patch)."""
         if len(request.indices) == 0:
             return
-        encoder_mode = train and self.recipe.fill_mode == "train"
-        model.encoder.train(encoder_mode)
+        encoder: nn.Module = model.encoder  # type: ignore[assignment]
+        encoder.train(train and self.recipe.fill_mode == "train")
         with torch.no_grad(), ctx.autocast():
-            features = model.encoder(pixels.to(ctx.device, non_blocking=True))
-        self._write(latent, request.tag[1], request.grid, request.indices, features)
+            features = encoder(pixels.to(ctx.device, non_blocking=True))
+        (write or self._write)(latent, request.tag[1], request.grid, request.indices, features)
 
     def train_batch(
         self, ctx: StepContext, image_ids: list[str], targets: torch.Tensor, reads: Reads
@@ -282,9 +292,7 @@ class PatchGD(Method):
                 g = self.encode_group(ctx, model.encoder, latent, group, global_pixels, self._write)
                 out = model.classify(latent, g)
                 loss = F.cross_entropy(out.float(), targets)
-            ctx.backward(loss)
-            if ctx.micro_steps >= ctx.accumulation_steps:
-                ctx.step()
+            ctx.learn(loss)
             losses.append(float(loss.detach()))
             logits = out.detach().float().cpu()
             group = []
@@ -447,9 +455,7 @@ class IPS(Method):
             logits = self._logits(ctx, selected)
             loss = F.cross_entropy(logits.float(), targets.to(ctx.device))
         ctx.patches_with_grad += sum(len(p) for _, p in selected)
-        ctx.backward(loss)
-        if ctx.micro_steps >= ctx.accumulation_steps:
-            ctx.step()
+        ctx.learn(loss)
         return BatchOutput(float(loss.detach()), logits.detach().float().cpu())
 
     def predict(self, ctx: StepContext, image_ids: list[str], reads: Reads) -> torch.Tensor:
@@ -484,9 +490,7 @@ class WholeImage(Method):
         with ctx.autocast():
             logits = self._forward(ctx, reads)
             loss = F.cross_entropy(logits.float(), targets.to(ctx.device))
-        ctx.backward(loss)
-        if ctx.micro_steps >= ctx.accumulation_steps:
-            ctx.step()
+        ctx.learn(loss)
         return BatchOutput(float(loss.detach()), logits.detach().float().cpu())
 
     def predict(self, ctx: StepContext, image_ids: list[str], reads: Reads) -> torch.Tensor:

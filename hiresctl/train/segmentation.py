@@ -270,10 +270,7 @@ class SegTiled(SegmentationMethod, PatchGD):
         for request, pixels in reads:
             kind = request.tag[0]
             if kind == "fill":
-                model.encoder.train(self.recipe.fill_mode == "train")
-                with torch.no_grad(), ctx.autocast():
-                    tiles = model.encoder(pixels.to(ctx.device, non_blocking=True))
-                self._place(latent, request.tag[1], request.grid, request.indices, tiles)
+                self._fill(ctx, model, latent, request, pixels, train=True, write=self._place)
                 continue
             if kind == "mask":
                 self._place(
@@ -294,9 +291,7 @@ class SegTiled(SegmentationMethod, PatchGD):
                     g = self._global_latent(g, image_ids, height, width)
                 logits = model.segment(latent, g)
                 loss = segmentation_loss(logits, target)
-            ctx.backward(loss)
-            if ctx.micro_steps >= ctx.accumulation_steps:
-                ctx.step()
+            ctx.learn(loss)
             losses.append(float(loss.detach()))
             score = self._score(logits, target)
             group = []
@@ -381,9 +376,7 @@ class SegWholeImage(SegmentationMethod):
         with ctx.autocast():
             logits = ctx.model(torch.stack(images).to(ctx.device, non_blocking=True))
             loss = segmentation_loss(logits, target)
-        ctx.backward(loss)
-        if ctx.micro_steps >= ctx.accumulation_steps:
-            ctx.step()
+        ctx.learn(loss)
         return BatchOutput(float(loss.detach()), torch.zeros(len(image_ids), 0), 1,
                            self._score(logits, target))  # fmt: skip
 
