@@ -351,10 +351,19 @@ def train(
 
 @app.command("eval")
 def eval_(
-    run: Annotated[Path, typer.Argument(help="Run folder written by `hiresctl train`.")],
+    runs: Annotated[
+        list[Path], typer.Argument(help="Run folders written by `hiresctl train` (one or more).")
+    ],
     data: Annotated[Path, typer.Option("--data", help="Dataset store to evaluate on.")],
     split: Annotated[str, typer.Option(help="Which split of the store.")] = "test",
     checkpoint: Annotated[str, typer.Option(help="best or last.")] = "best",
+    report: Annotated[
+        bool, typer.Option("--report", help="Write report.html, report.md and metrics.json.")
+    ] = False,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Report folder (default: FIRST_RUN/report-SPLIT)."),
+    ] = None,
     device: Annotated[
         DeviceChoice, typer.Option(help="auto picks CUDA when present.")
     ] = DeviceChoice.auto,
@@ -362,42 +371,99 @@ def eval_(
         bool, typer.Option("--json", help="Print one JSON object on stdout.")
     ] = False,
 ) -> None:
-    """Measure a trained run: quality metrics, peak memory and throughput."""
+    """Measure trained runs: quality metrics, peak memory and throughput; several runs side by
+    side, and with --report a self-contained HTML report (plus Markdown and metrics.json)."""
     from hiresctl.eval import evaluate
 
     if checkpoint not in ("best", "last"):
         raise UsageError(f"--checkpoint {checkpoint!r}: choose best or last")
-    result = evaluate(run, data, split, device.value, checkpoint)
+    if out is not None and not report:
+        raise UsageError("--out names the report folder; add --report")
+    if report or len(runs) > 1:
+        _eval_side_by_side(runs, data, split, checkpoint, device.value, report, out, as_json)
+        return
+    result = evaluate(runs[0], data, split, device.value, checkpoint)
     for problem in result["skipped"]:
         err.print(f"[yellow]skipped[/] {problem}", highlight=False, soft_wrap=True)
     if as_json:
         typer.echo(json.dumps(result))
     else:
-        table = Table(
-            title=f"{run} on {data} [{split}] ({result['count']} images, {result['method']})"
-        )
-        table.add_column("metric")
-        table.add_column("value", justify="right")
-        for key, value in result["metrics"].items():
-            table.add_row(key, f"{value:.4f}")
-        for name, values in (result.get("per_class") or {}).items():
+        _print_result(runs[0], data, split, result)
+    if result["skipped"]:
+        raise typer.Exit(1)
+
+
+def _print_result(run: Path, data: Path, split: str, result: dict[str, Any]) -> None:
+    table = Table(title=f"{run} on {data} [{split}] ({result['count']} images, {result['method']})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in result["metrics"].items():
+        table.add_row(key, f"{value:.4f}")
+    for name, values in (result.get("per_class") or {}).items():
+        if "iou" in values:
             iou = values.get("iou")
             table.add_row(f"IoU {name}", "—" if iou is None else f"{iou:.4f}")
-        table.add_row(
-            "peak memory (GB)", f"{result['peak_memory_gb']:.3f} ({result['peak_memory_kind']})"
-        )
-        table.add_row("images/s", f"{result['images_per_second']:.2f}")
+    table.add_row(
+        "peak memory (GB)", f"{result['peak_memory_gb']:.3f} ({result['peak_memory_kind']})"
+    )
+    table.add_row("images/s", f"{result['images_per_second']:.2f}")
+    Console().print(table)
+    matrix = result["confusion_matrix"]
+    if matrix and len(matrix) <= 30:
+        cm = Table(title="confusion matrix (rows: true, columns: predicted)")
+        cm.add_column("")
+        for name in result["classes"]:
+            cm.add_column(str(name), justify="right")
+        for name, row in zip(result["classes"], matrix, strict=True):
+            cm.add_row(str(name), *(str(v) for v in row))
+        Console().print(cm)
+
+
+def _eval_side_by_side(
+    runs: list[Path], data: Path, split: str, checkpoint: str, device: str, report: bool,
+    out: Path | None, as_json: bool,
+) -> None:  # fmt: skip
+    """Several runs (or a report): one table, the best of each column marked."""
+    from hiresctl.report.build import METRIC_NAMES, build_report
+
+    with err.status("evaluating…") as status:
+
+        def log(message: str) -> None:
+            status.update(message)
+            err.print(f"[dim]{message}[/]", highlight=False)
+
+        if report:
+            metrics = build_report(runs, data, split, out, device, checkpoint, log)
+        else:
+            metrics = build_report(runs, data, split, out, device, checkpoint, log, write=False)
+    skipped = [p for r in metrics["runs"] for p in r["evaluation"]["skipped"]]
+    for problem in dict.fromkeys(skipped):
+        err.print(f"[yellow]skipped[/] {problem}", highlight=False, soft_wrap=True)
+    if as_json:
+        typer.echo(json.dumps(metrics, default=str))
+    else:
+        table = Table(title=f"{len(runs)} run(s) on {data} [{split}] (★ best)")
+        names = [entry["name"] for entry in metrics["runs"]]
+        table.add_column("")
+        for entry in metrics["runs"]:
+            table.add_column(f"{entry['name']}\n{entry['method']}", justify="right")
+        rows = metrics["table"]
+        for column in next(iter(rows.values())):
+            values = [rows[name].get(column) for name in names]
+            if all(v is None for v in values):
+                continue
+            digits = 2 if column.startswith(("train_", "eval_")) else 4
+            cells = []
+            for name, value in zip(names, values, strict=True):
+                text = "—" if value is None else f"{value:.{digits}f}"
+                won = name in metrics["best"].get(column, [])
+                cells.append(f"[bold green]{text} ★[/]" if won else text)
+            table.add_row(METRIC_NAMES.get(column, column), *cells)
         Console().print(table)
-        matrix = result["confusion_matrix"]
-        if matrix and len(matrix) <= 30:
-            cm = Table(title="confusion matrix (rows: true, columns: predicted)")
-            cm.add_column("")
-            for name in result["classes"]:
-                cm.add_column(str(name), justify="right")
-            for name, row in zip(result["classes"], matrix, strict=True):
-                cm.add_row(str(name), *(str(v) for v in row))
-            Console().print(cm)
-    if result["skipped"]:
+        err.print(metrics["verdict"], highlight=False, soft_wrap=True)
+        if report:
+            err.print(f"[green]report[/] {metrics['report']}", highlight=False)
+    if skipped:
         raise typer.Exit(1)
 
 

@@ -23,10 +23,10 @@ def run_task(run_dir: str | Path) -> str:
 
 
 def evaluate(run_dir: str | Path, data: str | Path, split: str = "test", device: str = "auto",
-             checkpoint: str = "best") -> dict[str, Any]:  # fmt: skip
-    """Evaluate a run with its task's metrics."""
+             checkpoint: str = "best", on_tile: Any = None) -> dict[str, Any]:  # fmt: skip
+    """Evaluate a run with its task's metrics (``on_tile``: segmentation's tile hook)."""
     if run_task(run_dir) == "seg":
-        return evaluate_segmentation(run_dir, data, split, device, checkpoint)
+        return evaluate_segmentation(run_dir, data, split, device, checkpoint, on_tile=on_tile)
     return evaluate_classification(run_dir, data, split, device, checkpoint)
 
 

@@ -95,7 +95,7 @@ def predict_masks(
 
         def write(
             image_id: str, y: int, x: int, logits: torch.Tensor, pred: np.ndarray,
-            level0: Any = level0, probs: Any = probs,
+            truth: np.ndarray | None, level0: Any = level0, probs: Any = probs,
         ) -> None:  # fmt: skip
             h, w = pred.shape
             level0[0, y : y + h, x : x + w] = values[pred].astype(dtype)

@@ -3,10 +3,12 @@ streamed tile by tile from the store (METHODS.md §8)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from hiresctl.data import require_images, segmentation_images
 from hiresctl.eval.common import result_header, save_result
@@ -21,14 +23,17 @@ def evaluate_segmentation(
     split: str = "test",
     device: str = "auto",
     checkpoint: str = "best",
+    on_tile: Callable[[str, int, int, torch.Tensor, np.ndarray, np.ndarray | None], None]
+    | None = None,
 ) -> dict[str, Any]:
-    """Metrics of ``run_dir``'s model on ``split``; also written to ``RUN/eval-<split>.json``."""
+    """Metrics of ``run_dir``'s model on ``split``; also written to ``RUN/eval-<split>.json``.
+    ``on_tile`` sees every predicted tile with its truth (see ``predict_segmentation``)."""
     dataset = Dataset(data)
     torch_device = resolve_device(device)
     run = load_run(run_dir, dataset, torch_device, checkpoint)
     images, problems = segmentation_images(dataset, split, run.classes)
     require_images(images, dataset, split)
-    matrices, stats = predict_segmentation(run, images)
+    matrices, stats = predict_segmentation(run, images, on_tile=on_tile)
     metrics = segmentation_metrics(matrices, run.classes)
     binary = len(run.classes) == 2
     per_image = []

@@ -2,7 +2,7 @@
 
 from hiresctl.train.checkpoint import atomic_save, load_checkpoint
 from hiresctl.train.memory import MemoryPlan, PeakMemory, peak_rss_bytes
-from hiresctl.train.methods import METHOD_CLASSES, Method, StepContext, create_method
+from hiresctl.train.methods import METHOD_CLASSES, Heatmap, Method, StepContext, create_method
 from hiresctl.train.recipe import (
     METHODS,
     TASKS,
@@ -31,6 +31,7 @@ __all__ = [
     "METHODS",
     "METHOD_CLASSES",
     "TASKS",
+    "Heatmap",
     "MemoryPlan",
     "Method",
     "PeakMemory",

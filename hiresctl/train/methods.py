@@ -55,6 +55,19 @@ class StepContext:
 
 
 @dataclass
+class Heatmap:
+    """Where a classifier looked in one image: ``scores`` on a grid of square cells of ``cell``
+    pixels of the run's level, from the level's top-left corner (the grid may run past the
+    image's right and bottom edges, like the patch grid's padding). ``kind`` says what a score is.
+    """
+
+    image_id: str
+    scores: np.ndarray  # (rows, cols) float32, ≥ 0
+    cell: float
+    kind: str
+
+
+@dataclass
 class BatchOutput:
     loss: float
     logits: torch.Tensor  # (B, classes), detached, on CPU
@@ -98,6 +111,12 @@ class Method:
 
     def predict(self, ctx: StepContext, image_ids: list[str], reads: Reads) -> torch.Tensor:
         raise NotImplementedError
+
+    def explain(
+        self, ctx: StepContext, image_ids: list[str], reads: Reads
+    ) -> tuple[torch.Tensor, list[Heatmap]]:
+        """Logits as :meth:`predict` computes them, and per image where the model looked."""
+        raise UsageError(f"method {self.name} has no patch-score heatmaps")
 
     def calibrate(self, ctx: StepContext, batches: list[list[str]]) -> None:
         """Called by the loop after the last batch of an epoch, before validation."""
@@ -354,6 +373,26 @@ class PatchGD(Method):
         with torch.no_grad(), ctx.autocast():
             return model.classify(latent, g).float().cpu()
 
+    def explain(
+        self, ctx: StepContext, image_ids: list[str], reads: Reads
+    ) -> tuple[torch.Tensor, list[Heatmap]]:
+        """Gradient × input on the latent grid: each patch cell's contribution to the predicted
+        class's logit (negative contributions clipped), one backward through θ2 only."""
+        model: PatchGDClassifier = ctx.model  # type: ignore[assignment]
+        latent, g = self._eval_latent(ctx, image_ids, reads)
+        latent = latent.float().requires_grad_(True)
+        with torch.enable_grad():
+            out = model.classify(latent, g)
+            chosen = out.gather(1, out.argmax(1, keepdim=True)).sum()
+            (grad,) = torch.autograd.grad(chosen, latent)
+        cam = (grad * latent).sum(1).clamp_min(0).detach().cpu().numpy()
+        maps = []
+        for b, image_id in enumerate(image_ids):
+            grid = self.patches(image_id)[0]
+            maps.append(Heatmap(image_id, cam[b, : grid.rows, : grid.cols].astype(np.float32),
+                                float(grid.patch_size), "patch contribution (gradient × latent)"))  # fmt: skip
+        return out.detach().float().cpu(), maps
+
 
 class PatchGDGlobal(PatchGD):
     name = "patchgd-global"
@@ -464,6 +503,29 @@ class IPS(Method):
         with torch.no_grad(), ctx.autocast():
             return self._logits(ctx, selected).float().cpu()
 
+    def explain(
+        self, ctx: StepContext, image_ids: list[str], reads: Reads
+    ) -> tuple[torch.Tensor, list[Heatmap]]:
+        """The M selected patches, scored by the aggregator's attention; unselected patches 0."""
+        model: IPSClassifier = ctx.model  # type: ignore[assignment]
+        selected = self._select(ctx, reads, len(image_ids))
+        model.eval()
+        maps = []
+        with torch.no_grad(), ctx.autocast():
+            logits = self._logits(ctx, selected).float().cpu()
+            for request, pixels in selected:
+                indices = torch.as_tensor(request.indices, device=ctx.device)
+                emb = model.encoder(pixels.to(ctx.device)).float()
+                emb = model.with_positions(emb, indices, request.grid.cols)
+                attention = model.scores(emb.unsqueeze(0))[0].float().cpu().numpy()
+                grid = request.grid
+                scores = np.zeros((grid.rows, grid.cols), dtype=np.float32)
+                rows, cols = grid.position(request.indices)
+                scores[rows, cols] = attention
+                maps.append(Heatmap(request.image_id, scores, float(grid.patch_size),
+                                    "selected patches (attention)"))  # fmt: skip
+        return logits, maps
+
 
 class WholeImage(Method):
     """Baselines that see the whole image at once: ``downsample`` (§6) and ``full``."""
@@ -498,6 +560,31 @@ class WholeImage(Method):
         with torch.no_grad(), ctx.autocast():
             return self._forward(ctx, reads).float().cpu()
 
+    def input_side(self, image_id: str) -> tuple[int, int]:
+        """(side of the square the model sees, side of the level square it covers)."""
+        raise NotImplementedError
+
+    def explain(
+        self, ctx: StepContext, image_ids: list[str], reads: Reads
+    ) -> tuple[torch.Tensor, list[Heatmap]]:
+        """Gradient × input saliency of the predicted class on the input, pooled to ≤ 32²."""
+        ctx.model.eval()
+        logits, maps = [], []
+        for request, pixels in reads:
+            image = pixels[0] if pixels.dim() == 4 else pixels
+            x = image.unsqueeze(0).to(ctx.device).float().requires_grad_(True)
+            with torch.enable_grad():
+                out = ctx.model(x)
+                (grad,) = torch.autograd.grad(out[0, out[0].argmax()], x)
+            saliency = (grad * x).abs().sum(1, keepdim=True)
+            seen, covered = self.input_side(request.image_id)
+            pool = max(1, seen // 32)
+            scores = F.avg_pool2d(saliency, pool, ceil_mode=True)[0, 0].cpu().numpy()
+            maps.append(Heatmap(request.image_id, scores.astype(np.float32),
+                                covered * pool / seen, "input saliency (gradient × input)"))  # fmt: skip
+            logits.append(out.detach().float().cpu())
+        return torch.cat(logits), maps
+
 
 class Downsample(WholeImage):
     """The whole image resized to ``input_size`` (default ``patch_size``), read from the pyramid."""
@@ -508,6 +595,10 @@ class Downsample(WholeImage):
         _, height, width = self.reader.shape(image_id)
         size = self.recipe.input_size or self.recipe.patch_size
         return ReadRequest(image_id, "global", PatchGrid.of(height, width, size), tag=("image", b))
+
+    def input_side(self, image_id: str) -> tuple[int, int]:
+        _, height, width = self.reader.shape(image_id)
+        return self.recipe.input_size or self.recipe.patch_size, max(height, width)
 
 
 class Full(WholeImage):
@@ -528,6 +619,10 @@ class Full(WholeImage):
 
     def _forward(self, ctx: StepContext, reads: Reads) -> torch.Tensor:
         return super()._forward(ctx, ((r, p[0]) for r, p in reads))
+
+    def input_side(self, image_id: str) -> tuple[int, int]:
+        _, height, width = self.reader.shape(image_id)
+        return max(height, width), max(height, width)
 
 
 METHOD_CLASSES: dict[str, type[Method]] = {

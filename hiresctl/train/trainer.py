@@ -43,7 +43,7 @@ from hiresctl.train.memory import (
     parameter_bytes,
     plan_memory,
 )
-from hiresctl.train.methods import Method, StepContext, create_method
+from hiresctl.train.methods import Heatmap, Method, StepContext, create_method
 from hiresctl.train.recipe import Recipe, dump_recipe, parse_bytes
 from hiresctl.train.segmentation import monitor_key, segmentation_metrics
 from storage import Dataset, HiresError, StoreError, UsageError
@@ -181,9 +181,14 @@ def _timing(
 
 
 def predict_images(
-    run: Run, images: list[LabelledImage], batch_size: int, num_workers: int = 0
+    run: Run,
+    images: list[LabelledImage],
+    batch_size: int,
+    num_workers: int = 0,
+    heatmaps: list[Heatmap] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-    """Logits and targets of ``images`` (this rank's share), with timing and peak memory."""
+    """Logits and targets of ``images`` (this rank's share), with timing and peak memory;
+    given a ``heatmaps`` list, also where the model looked in each image (appended to it)."""
     recipe = run.recipe
     stream = PatchStream(run.reader, num_workers=num_workers)
     batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
@@ -200,7 +205,13 @@ def predict_images(
     start = time.perf_counter()
     logits, targets = [], []
     for batch in batches:
-        logits.append(run.method.predict(ctx, [im.image_id for im in batch], reads.batch()))
+        ids = [im.image_id for im in batch]
+        if heatmaps is None:
+            logits.append(run.method.predict(ctx, ids, reads.batch()))
+        else:
+            out, maps = run.method.explain(ctx, ids, reads.batch())
+            logits.append(out)
+            heatmaps.extend(maps)
         targets.append(torch.tensor([im.target for im in batch]))
     stats = _timing(len(images), time.perf_counter() - start, peak, reads)
     if not logits:
@@ -212,12 +223,14 @@ def predict_segmentation(
     run: Run,
     images: list[LabelledImage],
     num_workers: int = 0,
-    on_tile: Callable[[str, int, int, torch.Tensor, np.ndarray], None] | None = None,
+    on_tile: Callable[[str, int, int, torch.Tensor, np.ndarray, np.ndarray | None], None]
+    | None = None,
     with_targets: bool = True,
 ) -> tuple[list[np.ndarray], dict[str, float]]:
     """Segment ``images`` tile by tile at full resolution; per image, the confusion matrix
     against the store's mask (streamed tile by tile too), with timing and peak memory.
-    ``on_tile(image_id, y, x, logits, classes)`` sees every tile (e.g. to write predictions)."""
+    ``on_tile(image_id, y, x, logits, classes, truth)`` sees every tile (e.g. to write
+    predictions); ``truth`` is the tile's class indices (-1 unknown), None without targets."""
     from hiresctl.train.segmentation import confusion, predicted_classes
 
     method = run.method
@@ -233,12 +246,13 @@ def predict_segmentation(
         matrix = np.zeros((classes, classes), dtype=np.int64)
         for y, x, logits in method.predict_tiles(ctx, image.image_id, reads.batch()):  # type: ignore[attr-defined]
             pred = predicted_classes(logits).numpy()
+            truth = None
             if with_targets:
                 height, width = pred.shape
                 truth = run.reader.read_mask_region(image.image_id, y, x, width, height)
                 matrix += confusion(pred, truth, classes)
             if on_tile is not None:
-                on_tile(image.image_id, y, x, logits, pred)
+                on_tile(image.image_id, y, x, logits, pred, truth)
         matrices.append(matrix)
     stats = _timing(len(images), time.perf_counter() - start, peak, reads)
     return matrices, stats

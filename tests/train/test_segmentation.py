@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -90,8 +91,11 @@ def test_patch_and_global_outputs_land_in_place(tmp_path: Path, method: str) -> 
     run.model = _brightness_model(use_global=method == "patchgd-global")
     canvas = np.full(truth.shape, -1)
 
-    def on_tile(image_id: str, y: int, x: int, logits: torch.Tensor, pred: np.ndarray) -> None:
+    def on_tile(
+        image_id: str, y: int, x: int, logits: torch.Tensor, pred: np.ndarray, tile_truth: Any
+    ) -> None:
         canvas[y : y + pred.shape[0], x : x + pred.shape[1]] = pred
+        np.testing.assert_array_equal(tile_truth, truth[y : y + pred.shape[0], x : x + pred.shape[1]])
 
     [matrix], _ = predict_segmentation(run, [LabelledImage("sq", 0)], on_tile=on_tile)
     assert (canvas >= 0).all(), "tiles cover the image"

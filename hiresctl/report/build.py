@@ -1,0 +1,404 @@
+"""Collect what a report shows: each run's settings, curves, training summary, evaluation and
+figures (heatmaps of where classifiers looked, segmentation overlays), and which run is best."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from hiresctl.data import LabelledImage
+from hiresctl.eval import evaluate, run_task
+from hiresctl.report import figures
+from hiresctl.train import Heatmap, Run, load_run, predict_images, resolve_device
+from storage import Dataset, StoreError, UsageError
+
+SHOWN = 6  # worst images shown per run
+THUMB = 320  # longest side of a shown thumbnail
+CROP = 192  # side of a full-resolution segmentation crop
+
+# Per task: the metrics of the comparison table, in order; the first is the one that decides.
+# Every one is better higher.
+TABLE_METRICS = {
+    "cls": ("accuracy", "balanced_accuracy", "macro_f1", "auc", "kappa_quadratic"),
+    "seg": ("f1", "iou", "mean_iou", "accuracy", "balanced_accuracy", "plr", "nlr"),
+}
+LOWER_IS_BETTER = {"nlr", "train_peak_gb", "eval_peak_gb"}
+METRIC_NAMES = {
+    "accuracy": "Accuracy", "pixel_accuracy": "Pixel accuracy", "balanced_accuracy": "Balanced acc.", "macro_f1": "Macro F1",
+    "auc": "AUC", "kappa_quadratic": "Quadratic κ", "f1": "F1", "iou": "IoU",
+    "mean_iou": "Mean IoU", "plr": "PLR", "nlr": "NLR", "train_peak_gb": "Train peak GB",
+    "eval_peak_gb": "Eval peak GB", "train_images_per_second": "Train images/s",
+    "eval_images_per_second": "Eval images/s",
+}  # fmt: skip
+
+
+@dataclass
+class Figure:
+    """A PNG written under the report folder; ``uri`` embeds it in the HTML."""
+
+    path: str  # relative to the report folder
+    uri: str
+    caption: str
+    link: str | None = None  # relative path of a larger or plainer version
+
+
+@dataclass
+class RunReport:
+    name: str
+    folder: Path
+    recipe: dict[str, Any]
+    summary: dict[str, Any]
+    curves: list[dict[str, Any]]
+    result: dict[str, Any]
+    setting: dict[str, str]  # input, patch, sampling, sees
+    shown: list[Figure] = field(default_factory=list)
+    roc: dict[str, Any] | None = None
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError as exc:
+        raise StoreError(str(path), f"is not valid JSON ({exc.msg}, line {exc.lineno})") from None
+
+
+def _curves(folder: Path) -> list[dict[str, Any]]:
+    path = folder / "metrics.jsonl"
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut by an interrupted run
+    return rows
+
+
+def _names(folders: list[Path]) -> list[str]:
+    names = [f.name for f in folders]
+    if len(set(names)) < len(names):
+        names = [f"{f.parent.name}/{f.name}" for f in folders]
+    if len(set(names)) < len(names):
+        names = [str(f) for f in folders]
+    return names
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "run"
+
+
+def describe_setting(run: Run, image_id: str) -> dict[str, str]:
+    """What the method sees of an image: input size, patch, sampling and resolution, as the
+    seed paper's tables state them."""
+    recipe, method = run.recipe, run.method
+    _, height, width = run.reader.shape(image_id)
+    level = f" (level {recipe.level})" if recipe.level else ""
+    out = {"input": f"{height}×{width}{level}", "patch": f"{recipe.patch_size}²"}
+    name = recipe.method
+    if name in ("downsample",):
+        size = getattr(recipe, "input_size", None) or recipe.patch_size
+        side = max(height, width)
+        out.update(patch="—", sampling=f"whole image resized to {size}²",
+                   sees=f"1/{side / size:.3g} resolution ({side}→{size} px per side)")  # fmt: skip
+    elif name == "full":
+        out.update(patch="—", sampling="whole image at once", sees="full resolution")
+    elif name == "ips":
+        _, kept = method.patches(image_id)
+        out.update(sampling=f"M={recipe.memory_size} of N={len(kept)} patches, I={recipe.iter_size}",
+                   sees="full resolution, selected patches")  # fmt: skip
+    else:  # the PatchGD family (classification and segmentation)
+        _, kept = method.patches(image_id)
+        count = len(kept)
+        k = method.patches_per_step(count)  # type: ignore[attr-defined]
+        inner = recipe.inner_steps or math.ceil(count / k)
+        sampling = f"k={k} of N={count} patches per inner step, J={inner}"
+        if getattr(method, "use_global", False):
+            sampling += f", + global patch {recipe.patch_size}²"
+        out.update(sampling=sampling, sees="full resolution, every patch")
+    return out
+
+
+# ------------------------------------------------------------------------ classification
+
+
+def _classification_figures(report: RunReport, run: Run, dataset: Dataset, out: Path) -> None:
+    rows = report.result["per_image"]
+    worst = sorted(rows, key=lambda r: (r["correct"], r["p_target"]))[:SHOWN]
+    images = [LabelledImage(r["id"], run.classes.index(r["target"])) for r in worst]
+    maps: list[Heatmap] = []
+    if images:
+        try:
+            predict_images(run, images, run.recipe.batch_size, heatmaps=maps)
+        except UsageError:
+            maps = []
+    by_id = {m.image_id: m for m in maps}
+    folder = Path("figures") / _slug(report.name)
+    for row in worst:
+        thumb = figures.to_rgb8(dataset.thumbnail(row["id"]))
+        plain = figures.fit(thumb, THUMB)
+        link = folder / f"{_slug(row['id'])}-thumbnail.png"
+        figures.save_png(out / link, thumb)
+        heat = by_id.get(row["id"])
+        shown = plain
+        if heat is not None:
+            _, height, width = run.reader.shape(row["id"])
+            shown = figures.heatmap_overlay(plain, heat.scores, heat.cell, (height, width))
+        path = folder / f"{_slug(row['id'])}.png"
+        png = figures.save_png(out / path, shown)
+        verdict = "correct" if row["correct"] else "wrong"
+        caption = (f"{row['id']}: true {row['target']}, predicted {row['predicted']} ({verdict}, "
+                   f"p(true) {row['p_target']:.2f})")  # fmt: skip
+        if heat is not None:
+            caption += f"; {heat.kind}"
+        report.shown.append(
+            Figure(path.as_posix(), figures.data_uri(png), caption, link.as_posix())
+        )
+    classes = report.result["classes"]
+    if len(classes) == 2 and rows:
+        targets = np.array([classes.index(r["target"]) for r in rows])
+        if len(set(targets.tolist())) == 2:
+            scores = np.array([r["probabilities"][1] for r in rows])
+            fpr, tpr, auc = figures.roc_curve(targets, scores)
+            report.roc = {"fpr": fpr.tolist(), "tpr": tpr.tolist(), "auc": auc,
+                          "positive": classes[1]}  # fmt: skip
+
+
+# -------------------------------------------------------------------------- segmentation
+
+
+class OverlayCollector:
+    """Sees every predicted tile during evaluation and keeps, per image, the prediction and the
+    truth subsampled to ≤ ``THUMB`` pixels a side, and the ``CROP``² full-resolution window with
+    the most wrong pixels: a few hundred KB whatever the image size."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self.small: dict[str, tuple[int, np.ndarray, np.ndarray]] = {}
+        self.crops: dict[str, tuple[int, int, int, np.ndarray, np.ndarray]] = {}
+
+    def __call__(
+        self, image_id: str, y: int, x: int, logits: torch.Tensor, pred: np.ndarray,
+        truth: np.ndarray | None,
+    ) -> None:  # fmt: skip
+        if truth is None:
+            return
+        if image_id not in self.small:
+            _, height, width = self.run.reader.shape(image_id)
+            step = max(1, math.ceil(max(height, width) / THUMB))
+            shape = (math.ceil(height / step), math.ceil(width / step))
+            self.small[image_id] = (step, np.full(shape, -1), np.full(shape, -1))
+        step, small_pred, small_truth = self.small[image_id]
+        oy, ox = (-y) % step, (-x) % step
+        sub_p, sub_t = pred[oy::step, ox::step], truth[oy::step, ox::step]
+        ty, tx = (y + oy) // step, (x + ox) // step
+        h = min(sub_p.shape[0], small_pred.shape[0] - ty)
+        w = min(sub_p.shape[1], small_pred.shape[1] - tx)
+        if h > 0 and w > 0:
+            small_pred[ty : ty + h, tx : tx + w] = sub_p[:h, :w]
+            small_truth[ty : ty + h, tx : tx + w] = sub_t[:h, :w]
+        wrong = (pred != truth) & (truth >= 0)
+        count = int(wrong.sum())
+        if count and count > self.crops.get(image_id, (-1,))[0]:
+            ys, xs = np.nonzero(wrong)
+            cy = int(np.clip(ys.mean() - CROP // 2, 0, max(0, pred.shape[0] - CROP)))
+            cx = int(np.clip(xs.mean() - CROP // 2, 0, max(0, pred.shape[1] - CROP)))
+            self.crops[image_id] = (count, y + cy, x + cx,
+                                    pred[cy : cy + CROP, cx : cx + CROP].copy(),
+                                    truth[cy : cy + CROP, cx : cx + CROP].copy())  # fmt: skip
+
+
+def _segmentation_figures(
+    report: RunReport, run: Run, dataset: Dataset, collector: OverlayCollector, out: Path
+) -> None:
+    rows = report.result["per_image"]
+    key = "f1" if len(run.classes) == 2 else "mean_iou"
+    worst = sorted(rows, key=lambda r: r.get(key) if r.get(key) is not None else -1.0)[:SHOWN]
+    folder = Path("figures") / _slug(report.name)
+    for row in worst:
+        image_id = row["id"]
+        if image_id not in collector.small:
+            continue
+        _, small_pred, small_truth = collector.small[image_id]
+        thumb = figures.to_rgb8(dataset.thumbnail(image_id))
+        link = folder / f"{_slug(image_id)}-thumbnail.png"
+        figures.save_png(out / link, thumb)
+        import cv2
+
+        base = cv2.resize(thumb, small_pred.shape[::-1], interpolation=cv2.INTER_AREA)
+        overlay = figures.segmentation_overlay(base, small_pred, small_truth)
+        path = folder / f"{_slug(image_id)}.png"
+        png = figures.save_png(out / path, overlay)
+        score = row.get(key)
+        caption = f"{image_id}: {key} {score:.3f}" if score is not None else image_id
+        report.shown.append(Figure(path.as_posix(), figures.data_uri(png),
+                                   caption + " (green TP, red FP, blue FN)", link.as_posix()))  # fmt: skip
+        if image_id in collector.crops:
+            count, y, x, pred, truth = collector.crops[image_id]
+            region = run.reader.read_region(image_id, y, x, CROP)
+            pixels = figures.to_rgb8(np.asarray(region))[: pred.shape[0], : pred.shape[1]]
+            crop = figures.segmentation_overlay(pixels, pred, truth)
+            crop_path = folder / f"{_slug(image_id)}-crop.png"
+            png = figures.save_png(out / crop_path, cv2.resize(crop, (CROP * 2, CROP * 2),
+                                                               interpolation=cv2.INTER_NEAREST))  # fmt: skip
+            report.shown.append(Figure(
+                crop_path.as_posix(), figures.data_uri(png),
+                f"{image_id}: full resolution at y={y}, x={x} ({count} wrong pixels in its tile)",
+            ))  # fmt: skip
+
+
+# ------------------------------------------------------------------------------ the report
+
+
+def _table_row(report: RunReport) -> dict[str, Any]:
+    metrics = report.result["metrics"]
+    row = {k: metrics.get(k) for k in TABLE_METRICS[report.result["task"]]}
+    row.update({
+        "train_peak_gb": report.summary.get("peak_memory_gb"),
+        "train_images_per_second": report.summary.get("images_per_second"),
+        "eval_peak_gb": report.result.get("peak_memory_gb"),
+        "eval_images_per_second": report.result.get("images_per_second"),
+    })  # fmt: skip
+    return row
+
+
+def best_runs(rows: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
+    """Per column, the run(s) with the best value (ties share), for columns ≥ 2 runs have."""
+    best: dict[str, list[str]] = {}
+    columns = {k for row in rows.values() for k in row}
+    for column in columns:
+        values = {n: r[column] for n, r in rows.items()
+                  if isinstance(r.get(column), int | float) and math.isfinite(r[column])}  # fmt: skip
+        if len(values) < 2:
+            continue
+        pick = min if column in LOWER_IS_BETTER else max
+        target = pick(values.values())
+        best[column] = [n for n, v in values.items() if math.isclose(v, target, rel_tol=1e-9)]
+    return best
+
+
+def verdict(task: str, rows: dict[str, dict[str, Any]], reports: list[RunReport]) -> str:
+    """One paragraph: which run won on the deciding metric, by how much, at what cost, and
+    what each run saw of the images."""
+    key = TABLE_METRICS[task][0]
+    scored: list[tuple[RunReport, float]] = [
+        (r, float(rows[r.name][key])) for r in reports if rows[r.name].get(key) is not None
+    ]
+    if not scored:
+        return "No run has a value for the deciding metric."
+    scored.sort(key=lambda p: p[1], reverse=True)
+    top, value = scored[0]
+    name = METRIC_NAMES.get(key, key)
+    lead = "has the best" if len(scored) > 1 else "reaches"
+    text = (f"{top.name} ({top.result['method']}) {lead} {name}: {value:.3f}, at "
+            f"{rows[top.name]['train_peak_gb'] or 0:.2f} GB peak training memory and "
+            f"{rows[top.name]['eval_images_per_second'] or 0:.2f} images/s in evaluation; "
+            f"it sees {top.setting['sees']}.")  # fmt: skip
+    for other, score in scored[1:]:
+        text += (f" {other.name} ({other.result['method']}) reaches {score:.3f} "
+                 f"({score - value:+.3f}) at {rows[other.name]['train_peak_gb'] or 0:.2f} GB; "
+                 f"it sees {other.setting['sees']}.")  # fmt: skip
+    return text
+
+
+def build_report(
+    runs: list[Path],
+    data: Path,
+    split: str = "test",
+    out: Path | None = None,
+    device: str = "auto",
+    checkpoint: str = "best",
+    log: Callable[[str], None] = lambda message: None,
+    write: bool = True,
+) -> dict[str, Any]:
+    """Evaluate ``runs`` on ``split`` of ``data`` and write ``report.html``, ``report.md`` and
+    ``metrics.json`` (plus ``figures/``) into ``out``; returns the metrics object. Without
+    ``write``, only the metrics object (no figures are drawn)."""
+    from hiresctl.report.render import charts, render_html, render_markdown
+
+    if not runs:
+        raise UsageError("give at least one run folder")
+    tasks = {str(run): run_task(run) for run in runs}
+    if len(set(tasks.values())) > 1:
+        raise UsageError(f"runs of different tasks cannot share a report: {tasks}")
+    task = next(iter(tasks.values()))
+    if task not in TABLE_METRICS:
+        raise UsageError(f"task {task!r} has no report yet")
+    out = Path(out) if out is not None else (runs[0] / f"report-{split}")
+    if write:
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"{out}: --out exists and is not a folder")
+        out.mkdir(parents=True, exist_ok=True)
+    dataset = Dataset(data)
+    torch_device = resolve_device(device)
+    reports: list[RunReport] = []
+    for name, folder in zip(_names(runs), runs, strict=True):
+        log(f"evaluating {name} on {data} [{split}]")
+        run = load_run(folder, dataset, torch_device, checkpoint)
+        collector = OverlayCollector(run) if task == "seg" and write else None
+        result = evaluate(folder, data, split, device, checkpoint, on_tile=collector)
+        recipe = yaml.safe_load((folder / "recipe.yaml").read_text()) or {}
+        first = result["per_image"][0]["id"] if result.get("per_image") else None
+        setting = describe_setting(run, first) if first else {}
+        report = RunReport(name, folder, recipe, _read_json(folder / "summary.json") or {},
+                           _curves(folder), result, setting)  # fmt: skip
+        if write and task == "cls":
+            log(f"drawing {name}'s figures")
+            _classification_figures(report, run, dataset, out)
+        elif collector is not None:
+            _segmentation_figures(report, run, dataset, collector, out)
+        reports.append(report)
+    rows = {r.name: _table_row(r) for r in reports}
+    best = best_runs(rows)
+    entries = dataset.entries(complete_only=True)
+    splits: dict[str, int] = {}
+    for entry in entries:
+        splits[entry.split] = splits.get(entry.split, 0) + 1
+    shapes = sorted(((entry.shape[1], entry.shape[2]) for entry in entries),
+                    key=lambda shape: shape[0] * shape[1])  # fmt: skip
+    dataset_summary = {
+        "path": str(data),
+        "images": len(entries),
+        "splits": splits,
+        "classes": reports[0].result["classes"],
+        "smallest": list(shapes[0]) if shapes else None,
+        "largest": list(shapes[-1]) if shapes else None,
+        "mpp": sorted({e.mpp for e in entries if e.mpp is not None}),
+    }
+    metrics = {
+        "task": task,
+        "data": str(data),
+        "split": split,
+        "dataset": dataset_summary,
+        "deciding_metric": TABLE_METRICS[task][0],
+        "verdict": verdict(task, rows, reports),
+        "table": rows,
+        "best": best,
+        "runs": [
+            {"name": r.name, "run": str(r.folder), "method": r.result["method"],
+             "setting": r.setting, "recipe": r.recipe, "training": r.summary,
+             "evaluation": r.result, "roc_auc": r.roc["auc"] if r.roc else None}
+            for r in reports
+        ],
+    }  # fmt: skip
+    if not write:
+        return metrics
+    log(f"writing the report into {out}")
+    for stem, _, svg in charts(metrics, reports):
+        (out / "figures").mkdir(exist_ok=True)
+        (out / "figures" / f"{stem}.svg").write_text(svg)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    (out / "report.md").write_text(render_markdown(metrics, reports))
+    (out / "report.html").write_text(render_html(metrics, reports))
+    metrics["report"] = str(out / "report.html")
+    return metrics

@@ -1,0 +1,406 @@
+"""The report as one self-contained HTML page (figures embedded, no script, no network) and
+its Markdown twin (figures as files under ``figures/``)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import html
+import math
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from hiresctl import __version__
+from hiresctl.report import figures
+from hiresctl.report.build import METRIC_NAMES, TABLE_METRICS
+
+if TYPE_CHECKING:
+    from hiresctl.report.build import RunReport
+
+TASK_NAMES = {"cls": "classification", "seg": "segmentation", "det": "detection"}
+SETTING_COLUMNS = (("input", "Input"), ("patch", "Patch"), ("sampling", "Sampling"))
+COST_COLUMNS = (
+    "train_peak_gb",
+    "train_images_per_second",
+    "eval_peak_gb",
+    "eval_images_per_second",
+)
+RECIPE_KEYS = (
+    "task",
+    "method",
+    "backbone",
+    "network",
+    "pretrained",
+    "patch_size",
+    "level",
+    "latent_dim",
+    "batch_size",
+    "accumulation_steps",
+    "lr",
+    "epochs",
+    "precision",
+    "seed",
+)
+METHOD_KEYS = {  # the sampling keys that mean something for a method
+    "patchgd": ("sample_fraction", "patches_per_step", "inner_steps"),
+    "patchgd-global": ("sample_fraction", "patches_per_step", "inner_steps", "fusion"),
+    "tiled": ("patches_per_step", "inner_steps"),
+    "ips": ("memory_size", "iter_size", "positional"),
+    "downsample": ("input_size",),
+}  # fmt: skip
+
+
+def recipe_settings(recipe: dict[str, Any]) -> dict[str, Any]:
+    """The recipe keys worth a glance for this run's method (the rest sit in the full recipe)."""
+    keys = RECIPE_KEYS + METHOD_KEYS.get(str(recipe.get("method")), ())
+    return {k: recipe[k] for k in keys if recipe.get(k) is not None}
+
+
+CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;margin:0;
+ color:#1d2430;background:#f6f7f9;line-height:1.45}
+main{max-width:1180px;margin:0 auto;padding:24px 28px 60px}
+h1{font-size:1.6em;margin:.2em 0}h2{margin-top:1.8em;border-bottom:2px solid #d8dde5;
+ padding-bottom:.2em}h3{margin-top:1.4em}
+.meta{color:#5a6473;font-size:.92em}.verdict{background:#fff;border-left:5px solid #0072B2;
+ padding:12px 16px;margin:16px 0;box-shadow:0 1px 2px #0001}
+table{border-collapse:collapse;margin:8px 0 16px;background:#fff;font-size:.92em}
+th,td{border:1px solid #d8dde5;padding:5px 9px;text-align:right;vertical-align:top}
+th{background:#eef1f5}td.l,th.l{text-align:left}td.best{font-weight:700;background:#e3f3e8}
+.charts,.gallery{display:flex;flex-wrap:wrap;gap:14px}.chart{background:#fff;padding:6px;
+ box-shadow:0 1px 2px #0001}.chart svg{font-size:11px;fill:#1d2430}
+.chart .plot{fill:#fbfcfd;stroke:#c9d0da}.chart .grid{stroke:#e4e8ee}
+.chart .diagonal{stroke:#999;stroke-dasharray:4 3}.chart .chart-title{font-weight:600;font-size:12px}
+figure{margin:0;background:#fff;padding:8px;max-width:340px;box-shadow:0 1px 2px #0001}
+figure img{max-width:320px;display:block;image-rendering:pixelated}
+figcaption{font-size:.82em;color:#3b4554;margin-top:4px}
+details{margin:6px 0}pre{background:#fff;padding:10px;overflow:auto;font-size:.85em}
+.legend span{display:inline-block;width:12px;height:12px;margin:0 4px -1px 10px}
+"""
+
+
+def _num(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return "—"
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _digits(column: str) -> int:
+    return 2 if column in COST_COLUMNS else 4
+
+
+def charts(metrics: dict[str, Any], reports: list[RunReport]) -> list[tuple[str, str, str]]:
+    """(file stem, title, SVG) of every chart: curves across runs, and each run's ROC."""
+    task = metrics["task"]
+    monitor = reports[0].summary.get("monitor") or TABLE_METRICS[task][0]
+    wanted = [("train_loss", "Training loss"), (f"val_{monitor}",
+              f"Validation {METRIC_NAMES.get(monitor, monitor)}")]  # fmt: skip
+    if any("val_loss" in row for r in reports for row in r.curves):
+        wanted.insert(1, ("val_loss", "Validation loss"))
+    wanted.append(
+        ("train_accuracy", "Training accuracy" if task == "cls" else "Training pixel accuracy")
+    )
+    out = []
+    for key, title in wanted:
+        series = {r.name: [(row["epoch"], row.get(key)) for row in r.curves if "epoch" in row]
+                  for r in reports}  # fmt: skip
+        if any(y is not None for s in series.values() for _, y in s):
+            out.append((f"curve-{key}", title, figures.line_chart(series, title, "epoch")))
+    for r in reports:
+        if r.roc:
+            series = {f"AUC {r.roc['auc']:.3f}": list(zip(r.roc["fpr"], r.roc["tpr"], strict=True))}
+            title = f"ROC of {r.name} (positive: {r.roc['positive']})"
+            svg = figures.line_chart(series, title, "false positive rate", "true positive rate",
+                                     limits=(0.0, 1.0), diagonal=True)  # fmt: skip
+            out.append((f"roc-{figures_slug(r.name)}", title, svg))
+    return out
+
+
+def figures_slug(name: str) -> str:
+    from hiresctl.report.build import _slug
+
+    return _slug(name)
+
+
+def _comparison_columns(metrics: dict[str, Any]) -> list[str]:
+    rows = metrics["table"].values()
+    present = [k for k in TABLE_METRICS[metrics["task"]] if any(r.get(k) is not None for r in rows)]
+    return present + list(COST_COLUMNS)
+
+
+def _headline(metrics: dict[str, Any]) -> str:
+    task = TASK_NAMES.get(metrics["task"], metrics["task"])
+    count = len(metrics["runs"])
+    return f"{task.capitalize()}: {count} run{'s' if count > 1 else ''} on {metrics['data']} [{metrics['split']}]"
+
+
+# -------------------------------------------------------------------------------- HTML
+
+
+def _h(text: Any) -> str:
+    return html.escape(str(text))
+
+
+def _html_table(head: list[str] | None, rows: list[list[tuple[str, str]]], left: int = 1) -> str:
+    """``rows`` of (text, css class) cells; the first ``left`` columns align left."""
+    out = ["<table>"]
+    if head:
+        out.append("<thead><tr>")
+        out += [f'<th class="{"l" if i < left else ""}">{_h(c)}</th>' for i, c in enumerate(head)]
+        out.append("</tr></thead>")
+    out.append("<tbody>")
+    for row in rows:
+        out.append("<tr>")
+        for i, (text, css) in enumerate(row):
+            classes = " ".join(c for c in ("l" if i < left else "", css) if c)
+            out.append(f'<td class="{classes}">{text}</td>')
+        out.append("</tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def _confusion_html(matrix: list[list[int]], classes: list[str]) -> str:
+    if not matrix or len(matrix) > 40:
+        return ""
+    top = max((max(row) for row in matrix), default=0) or 1
+    out = ['<table><thead><tr><th class="l">true ↓ / predicted →</th>']
+    out += [f"<th>{_h(c)}</th>" for c in classes]
+    out.append("</tr></thead><tbody>")
+    for j, (name, row) in enumerate(zip(classes, matrix, strict=True)):
+        out.append(f'<tr><th class="l">{_h(name)}</th>')
+        for i, value in enumerate(row):
+            strength = value / top
+            colour = f"rgba(0,114,178,{0.08 + 0.8 * strength:.2f})" if value else "#fff"
+            ink = "#fff" if strength > 0.55 else "#1d2430"
+            weight = "font-weight:700;" if i == j else ""
+            out.append(f'<td style="background:{colour};color:{ink};{weight}">{value}</td>')
+        out.append("</tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def _run_section_html(r: RunReport, svgs: dict[str, str]) -> str:
+    result = r.result
+    out = [f'<h2 id="run-{_h(figures_slug(r.name))}">{_h(r.name)} — {_h(result["method"])}</h2>']
+    shown = recipe_settings(r.recipe)
+    out.append(
+        _html_table(["setting", "value"], [[(_h(k), ""), (_h(v), "")] for k, v in shown.items()], 2)
+    )
+    out.append("<details><summary>The whole resolved recipe</summary><pre>"
+               f"{_h(yaml.safe_dump(r.recipe, sort_keys=False))}</pre></details>")  # fmt: skip
+    train = r.summary
+    if train:
+        out.append(f'<p class="meta">Trained {train.get("epochs")} epochs ({train.get("steps")} steps) '
+                   f'on {train.get("train_images")} images, {_h(train.get("device"))}, '
+                   f'{_h(train.get("precision"))}; peak memory {_num(train.get("peak_memory_gb"), 2)} GB '
+                   f'({_h(train.get("peak_memory_kind"))}), {_num(train.get("images_per_second"), 2)} '
+                   f'images/s, data wait {_num((train.get("data_wait_fraction") or 0) * 100, 0)}%. '
+                   f'Best validation {_h(train.get("monitor") or "accuracy")}: '
+                   f'{_num(train.get("best_val", train.get("best_val_accuracy")))}.</p>')  # fmt: skip
+    out.append(f"<h3>Metrics on {_h(result['split'])} ({result['count']} images)</h3>")
+    rows = [[(_h(METRIC_NAMES.get(k, k)), ""), (_num(v), "")] for k, v in result["metrics"].items()]
+    rows.append(
+        [
+            ("Peak memory (GB)", ""),
+            (f"{_num(result['peak_memory_gb'], 3)} ({_h(result['peak_memory_kind'])})", ""),
+        ]
+    )
+    rows.append([("Images/s", ""), (_num(result["images_per_second"], 2), "")])
+    out.append(_html_table(["metric", "value"], rows))
+    if result.get("undefined"):
+        undefined = ", ".join(f"{k}: {v}" for k, v in result["undefined"].items() if v)
+        if undefined:
+            out.append(
+                f'<p class="meta">Images where a metric is undefined (counted as 0): {_h(undefined)}.</p>'
+            )
+    per_class = result.get("per_class") or {}
+    if per_class:
+        out.append("<h3>Per class</h3>")
+        head = ["class", *next(iter(per_class.values())).keys()]
+        out.append(_html_table(head, [[(_h(n), ""), *((_num(v), "") for v in vals.values())]
+                                      for n, vals in per_class.items()]))  # fmt: skip
+    if result.get("confusion_matrix"):
+        what = "images" if result["task"] == "cls" else "pixels"
+        out.append(f"<h3>Confusion matrix ({what})</h3>")
+        out.append(_confusion_html(result["confusion_matrix"], result["classes"]))
+    roc = svgs.get(f"roc-{figures_slug(r.name)}")
+    if roc:
+        out.append(f'<h3>ROC</h3><div class="chart">{roc}</div>')
+    if r.shown:
+        title = (
+            "Worst images: where the model looked" if result["task"] == "cls" else "Worst images"
+        )
+        out.append(f"<h3>{title}</h3>")
+        if result["task"] == "seg":
+            out.append('<p class="legend">'
+                       f'<span style="background:rgb{figures.TP}"></span>true positive'
+                       f'<span style="background:rgb{figures.FP}"></span>false positive'
+                       f'<span style="background:rgb{figures.FN}"></span>false negative</p>')  # fmt: skip
+        out.append('<div class="gallery">')
+        for fig in r.shown:
+            img = f'<img src="{fig.uri}" alt="{_h(fig.caption)}">'
+            if fig.link:
+                img = f'<a href="{_h(fig.link)}">{img}</a>'
+            out.append(f"<figure>{img}<figcaption>{_h(fig.caption)}</figcaption></figure>")
+        out.append("</div>")
+    if result.get("skipped"):
+        out.append(f'<p class="meta">Skipped: {_h("; ".join(result["skipped"]))}</p>')
+    return "".join(out)
+
+
+def render_html(metrics: dict[str, Any], reports: list[RunReport]) -> str:
+    svgs = {stem: svg for stem, _, svg in charts(metrics, reports)}
+    columns = _comparison_columns(metrics)
+    best = metrics["best"]
+    head = [
+        "Run",
+        "Method",
+        *(t for _, t in SETTING_COLUMNS),
+        *(METRIC_NAMES.get(c, c) for c in columns),
+    ]
+    rows = []
+    for r in reports:
+        row = metrics["table"][r.name]
+        cells = [(f'<a href="#run-{_h(figures_slug(r.name))}">{_h(r.name)}</a>', ""),
+                 (_h(r.result["method"]), "")]  # fmt: skip
+        cells += [(_h(r.setting.get(k, "—")), "") for k, _ in SETTING_COLUMNS]
+        for c in columns:
+            won = r.name in best.get(c, [])
+            cells.append(
+                (_num(row.get(c), _digits(c)) + (" ★" if won else ""), "best" if won else "")
+            )
+        rows.append(cells)
+    data = metrics["dataset"]
+    size = (f'{data["smallest"][0]}×{data["smallest"][1]} to {data["largest"][0]}×{data["largest"][1]}'
+            if data["smallest"] else "—")  # fmt: skip
+    splits = ", ".join(f"{k}: {v}" for k, v in sorted(data["splits"].items()))
+    curves = "".join(f'<div class="chart">{svg}</div>' for stem, _, svg in charts(metrics, reports)
+                     if stem.startswith("curve-"))  # fmt: skip
+    created = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    body = [
+        f"<h1>{_h(_headline(metrics))}</h1>",
+        f'<p class="meta">hiresctl {__version__} · {created} · deciding metric: '
+        f"{_h(METRIC_NAMES.get(metrics['deciding_metric'], metrics['deciding_metric']))} · "
+        "★ marks the best value of a column (lowest for memory and NLR)</p>",
+        f'<div class="verdict">{_h(metrics["verdict"])}</div>',
+        "<h2>Runs side by side</h2>",
+        '<div style="overflow-x:auto">',
+        _html_table(head, rows, left=2 + len(SETTING_COLUMNS)),
+        "</div>",
+        "<h2>Training</h2>",
+        f'<div class="charts">{curves}</div>' if curves else "<p>No training curves recorded.</p>",
+        "<h2>Dataset</h2>",
+        _html_table(
+            None,
+            [
+                [("store", ""), (_h(data["path"]), "")],
+                [("images (complete)", ""), (str(data["images"]), "")],
+                [("splits", ""), (_h(splits), "")],
+                [("classes", ""), (_h(", ".join(map(str, data["classes"]))), "")],
+                [("image size (level 0)", ""), (_h(size), "")],
+                [("pixel size (µm)", ""), (_h(", ".join(map(str, data["mpp"])) or "—"), "")],
+            ],
+            left=2,
+        ),
+    ]
+    body += [_run_section_html(r, svgs) for r in reports]
+    body.append(
+        '<p class="meta">Numbers: metrics.json beside this page. '
+        "Images link to their full thumbnails under figures/.</p>"
+    )
+    return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{_h(_headline(metrics))}</title><meta name=\"viewport\" "
+            f"content=\"width=device-width, initial-scale=1\"><style>{CSS}</style></head>"
+            f"<body><main>{''.join(body)}</main></body></html>\n")  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- Markdown
+
+
+def _md_table(head: list[str], rows: list[list[str]]) -> str:
+    def clean(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(clean(h) for h in head) + " |",
+             "|" + "|".join("---" for _ in head) + "|"]  # fmt: skip
+    lines += ["| " + " | ".join(clean(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def render_markdown(metrics: dict[str, Any], reports: list[RunReport]) -> str:
+    columns = _comparison_columns(metrics)
+    best = metrics["best"]
+    out = [f"# {_headline(metrics)}\n",
+           f"Deciding metric: {METRIC_NAMES.get(metrics['deciding_metric'])}; **bold ★** marks the "
+           "best value of a column (lowest for memory and NLR).\n",
+           f"> {metrics['verdict']}\n", "## Runs side by side\n"]  # fmt: skip
+    rows = []
+    for r in reports:
+        row = metrics["table"][r.name]
+        cells = [r.name, r.result["method"], *(r.setting.get(k, "—") for k, _ in SETTING_COLUMNS)]
+        for c in columns:
+            text = _num(row.get(c), _digits(c))
+            cells.append(f"**{text} ★**" if r.name in best.get(c, []) else text)
+        rows.append(cells)
+    head = [
+        "Run",
+        "Method",
+        *(t for _, t in SETTING_COLUMNS),
+        *(METRIC_NAMES.get(c, c) for c in columns),
+    ]
+    out.append(_md_table(head, rows))
+    out.append("## Training\n")
+    for stem, title, _ in charts(metrics, reports):
+        if stem.startswith("curve-"):
+            out.append(f"![{title}](figures/{stem}.svg)\n")
+    data = metrics["dataset"]
+    out.append("## Dataset\n")
+    out.append(f"{data['path']}: {data['images']} complete images "
+               f"({', '.join(f'{k} {v}' for k, v in sorted(data['splits'].items()))}); classes "
+               f"{', '.join(map(str, data['classes']))}.\n")  # fmt: skip
+    for r in reports:
+        result = r.result
+        out.append(f"## {r.name} — {result['method']}\n")
+        shown = recipe_settings(r.recipe)
+        out.append(_md_table(["setting", "value"], [[k, str(v)] for k, v in shown.items()]))
+        out.append(f"### Metrics on {result['split']} ({result['count']} images)\n")
+        rows = [[METRIC_NAMES.get(k, k), _num(v)] for k, v in result["metrics"].items()]
+        rows.append(
+            [
+                "Peak memory (GB)",
+                f"{_num(result['peak_memory_gb'], 3)} ({result['peak_memory_kind']})",
+            ]
+        )
+        rows.append(["Images/s", _num(result["images_per_second"], 2)])
+        out.append(_md_table(["metric", "value"], rows))
+        per_class = result.get("per_class") or {}
+        if per_class:
+            out.append("### Per class\n")
+            head = ["class", *next(iter(per_class.values())).keys()]
+            out.append(
+                _md_table(
+                    head, [[n, *(_num(v) for v in vals.values())] for n, vals in per_class.items()]
+                )
+            )
+        matrix = result.get("confusion_matrix")
+        if matrix and len(matrix) <= 40:
+            out.append("### Confusion matrix (rows: true, columns: predicted)\n")
+            out.append(_md_table(["", *map(str, result["classes"])],
+                                 [[str(n), *map(str, row)] for n, row in zip(result["classes"], matrix, strict=True)]))  # fmt: skip
+        if r.roc:
+            out.append(f"![ROC](figures/roc-{figures_slug(r.name)}.svg)\n")
+        if r.shown:
+            out.append("### Worst images\n")
+            for fig in r.shown:
+                link = f" ([thumbnail]({fig.link}))" if fig.link else ""
+                out.append(f"![{fig.caption}]({fig.path})  \n{fig.caption}{link}\n")
+    out.append("Numbers: `metrics.json` beside this file.\n")
+    return "\n".join(out)
