@@ -473,14 +473,34 @@ def _eval_side_by_side(
 @app.command()
 def predict(
     run: Annotated[Path, typer.Argument(help="Run folder written by `hiresctl train`.")],
-    data: Annotated[Path, typer.Argument(help="Dataset store whose images to predict.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Zarr store for the predictions.")],
+    inputs: Annotated[
+        list[str],
+        typer.Argument(
+            help="A dataset store, or source files/folders (`-`: paths on stdin) tiled on the fly."
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the predictions.")],
     split: Annotated[
-        str | None, typer.Option(help="Only this split (default: every complete image).")
+        str | None, typer.Option(help="Only this split of the store (default: every image).")
+    ] = None,
+    formats: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--format",
+            "-f",
+            help="ngff, geojson (seg), csv, json, png; repeat or "
+            "comma-separate (default: all the task writes).",
+        ),
     ] = None,
     probabilities: Annotated[
-        bool, typer.Option(help="Also write class probabilities (float16).")
+        bool, typer.Option(help="Segmentation: also write class probabilities (float16).")
     ] = False,
+    mpp: Annotated[
+        float | None, typer.Option(help="Sources: resample to this µm/pixel while tiling.")
+    ] = None,
+    source_mpp: Annotated[
+        float | None, typer.Option(help="Sources: their pixel size, where files lack it.")
+    ] = None,
     checkpoint: Annotated[str, typer.Option(help="best or last.")] = "best",
     device: Annotated[
         DeviceChoice, typer.Option(help="auto picks CUDA when present.")
@@ -489,22 +509,43 @@ def predict(
         bool, typer.Option("--json", help="One JSON line per image on stdout.")
     ] = False,
 ) -> None:
-    """Segment whole images into OME-NGFF label images, tile by tile (segmentation runs)."""
-    from hiresctl.eval.predict import predict_masks
+    """Apply a trained run: class predictions and heatmaps, or segmentation masks (NGFF) and
+    polygons (QuPath GeoJSON), with PNG overlays and a CSV/JSON row per image."""
+    from hiresctl.eval.predict import STORE
+    from hiresctl.eval.predict import predict as run_predict
+    from storage.tiler import TileOptions
 
     if checkpoint not in ("best", "last"):
         raise UsageError(f"--checkpoint {checkpoint!r}: choose best or last")
+    chosen = [f.strip() for value in formats or [] for f in value.split(",") if f.strip()]
+    is_store = len(inputs) == 1 and (Path(inputs[0]) / "zarr.json").is_file()
+    paths = inputs if is_store else _expand_sources(inputs)
 
     def on_image(row: dict[str, Any]) -> None:
         if as_json:
             typer.echo(json.dumps(row))
+            return
+        if "predicted" in row:
+            what = f"{row['predicted']} ({row['confidence']:.2f})"
         else:
-            score = f" F1 {row['f1']:.3f}" if row.get("f1") is not None else ""
-            err.print(f"[green]predicted[/] {row['id']} {row['shape']}{score} → {row['output']} "
-                      f"({row['seconds']:.1f} s)", highlight=False)  # fmt: skip
+            what = f"{row['shape']}" + (f" F1 {row['f1']:.3f}" if row.get("f1") is not None else "")
+            if "polygons" in row:
+                what += f", {row['polygons']} polygons"
+        err.print(
+            f"[green]predicted[/] {row['id']} {what} ({row['seconds']:.1f} s)", highlight=False
+        )
 
-    rows = predict_masks(run, data, out, split, device.value, checkpoint, probabilities, on_image)
-    err.print(f"{len(rows)} images predicted into {out}")
+    result = run_predict(
+        run, paths, out, split, device.value, checkpoint, chosen or None, probabilities,
+        TileOptions(mpp=mpp, source_mpp=source_mpp), on_image,
+    )  # fmt: skip
+    for problem in result.problems:
+        err.print(f"[bold red]failed[/] {problem}", highlight=False, soft_wrap=True)
+    written = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    err.print(f"{len(result.rows)} images predicted into {out} ({', '.join(written)})"
+              + (f"; NGFF in {out / STORE}" if STORE in written else ""), highlight=False)  # fmt: skip
+    if result.problems:
+        raise typer.Exit(1)
 
 
 def main() -> None:

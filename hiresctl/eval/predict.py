@@ -1,18 +1,32 @@
-"""``hiresctl predict`` for segmentation: whole-image masks written as OME-NGFF label images,
-tile by tile, so a gigapixel prediction never exists as one in-memory array.
+"""``hiresctl predict``: a trained run applied to a dataset store, or to sources tiled on the
+fly, with outputs other tools open.
 
-Output: a Zarr v3 group ``OUT`` with one NGFF multiscale label image per image at ``OUT/<id>``
-(levels 0, 1, … by 2×2 mode, ``image-label`` colours and class names, mask values as in the
-training masks) and, with ``probabilities``, ``OUT/<id>/probabilities`` (float16, one channel
-per output: the foreground probability for binary runs, else the class probabilities).
-An image is marked ``complete`` last; a rerun redoes incomplete images.
+``OUT`` is a folder:
+
+* ``predictions.zarr``: OME-NGFF, one group per image. Segmentation: a multiscale label image
+  (levels by 2×2 mode, ``image-label`` colours and class names, mask values as in the training
+  masks; with ``probabilities`` also ``<id>/probabilities``, float16). Classification: the patch
+  score heatmap as a one-level float32 image whose scale maps its cells onto level 0.
+  Written tile by tile, so a gigapixel prediction never exists as one in-memory array; an image
+  is marked ``complete`` last and a rerun redoes incomplete images.
+* ``predictions.csv`` / ``predictions.json``: one row per image (classification: predicted
+  class, confidence, class probabilities; segmentation: pixels per class, metrics when the
+  store has the mask).
+* ``geojson/<id>.geojson``: segmentation polygons (QuPath-compatible annotations in level-0
+  pixels: ``objectType``, ``classification`` with name and colour, holes kept).
+* ``overlays/<id>.png``: the prediction (or heatmap) drawn over the image's thumbnail.
 """
 
 from __future__ import annotations
 
+import csv
+import json
 import math
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +36,27 @@ import zarr
 from zarr.codecs import ZstdCodec
 
 from hiresctl.data import LabelledImage
-from hiresctl.train import load_run, predict_segmentation, resolve_device
+from hiresctl.eval import run_task
+from hiresctl.report import figures
+from hiresctl.train import (
+    Heatmap,
+    Run,
+    load_run,
+    predict_images,
+    predict_segmentation,
+    resolve_device,
+)
 from hiresctl.train.segmentation import PREDICT_TILE, binary_image_metrics
 from storage import Dataset, StoreError, UsageError
-from storage.store import hires_attrs
-from storage.tiler import label_image_attrs, label_pyramid
+from storage.store import hires_attrs, image_multiscales
+from storage.tiler import _PALETTE, label_image_attrs, label_pyramid
+
+STORE = "predictions.zarr"
+FORMATS = {  # what each task can write; all of them by default
+    "cls": ("ngff", "csv", "json", "png"),
+    "seg": ("ngff", "geojson", "csv", "json", "png"),
+}
+GEOJSON_MAX_SIDE = 8192  # polygons are traced on the finest prediction level at most this big
 
 
 def _open_out(out: str | Path, meta: dict[str, Any]) -> zarr.Group:
@@ -93,11 +123,16 @@ def predict_masks(
                 compressors=[ZstdCodec(level=3)],
             )  # fmt: skip
 
+        counts = np.zeros(len(values), dtype=np.int64)
+
         def write(
             image_id: str, y: int, x: int, logits: torch.Tensor, pred: np.ndarray,
             truth: np.ndarray | None, level0: Any = level0, probs: Any = probs,
+            counts: np.ndarray = counts, bottom: int = height, right: int = width,
         ) -> None:  # fmt: skip
             h, w = pred.shape
+            inside = pred[: max(0, min(h, bottom - y)), : max(0, min(w, right - x))]
+            counts += np.bincount(inside.ravel(), minlength=len(values))[: len(values)]
             level0[0, y : y + h, x : x + w] = values[pred].astype(dtype)
             if probs is not None:
                 p = logits.sigmoid() if logits.shape[0] == 1 else logits.softmax(0)
@@ -114,6 +149,7 @@ def predict_masks(
                                                run.mask_values, classes, source)  # fmt: skip
         row: dict[str, Any] = {"id": entry.id, "source": entry.source, "shape": [height, width],
                                "levels": len(shapes), "output": f"{out}/{entry.id}"}  # fmt: skip
+        row["pixels"] = {name: int(c) for name, c in zip(run.classes, counts, strict=True)}
         if has_mask and len(run.classes) == 2:
             row.update({k: (v if np.isfinite(v) else None)
                         for k, v in binary_image_metrics(matrix).items()})  # fmt: skip
@@ -124,3 +160,269 @@ def predict_masks(
         if on_image is not None:
             on_image(row)
     return results
+
+
+# ------------------------------------------------------------------------ classification
+
+
+def _heatmap_image(
+    group: zarr.Group, heat: Heatmap, scale: tuple[float, float], mpp: float | None
+) -> None:
+    """A one-level float32 NGFF image of a heatmap; ``scale``: level-0 pixels per cell."""
+    rows, cols = heat.scores.shape
+    array = group.create_array("0", shape=(1, rows, cols), dtype="float32", chunks=(1, rows, cols),
+                               fill_value=0, dimension_names=("c", "y", "x"))  # fmt: skip
+    array[0] = heat.scores
+    group.attrs["ome"] = image_multiscales("heatmap", [scale], mpp)
+
+
+def classify_images(
+    run: Run, dataset: Dataset, entries: list[Any], root: zarr.Group | None, out: Path,
+    formats: set[str], on_image: Callable[[dict[str, Any]], None] | None,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Predict each image's class and where the model looked (batch by batch)."""
+    rows = []
+    size = run.recipe.batch_size
+    for start in range(0, len(entries), size):
+        batch = entries[start : start + size]
+        began = time.perf_counter()
+        maps: list[Heatmap] = []
+        try:
+            logits, _, stats = predict_images(
+                run, [LabelledImage(e.id, 0) for e in batch], size, heatmaps=maps
+            )
+        except UsageError:  # a method without heatmaps
+            logits, _, stats = predict_images(run, [LabelledImage(e.id, 0) for e in batch], size)
+        by_id = {m.image_id: m for m in maps}
+        seconds = (time.perf_counter() - began) / len(batch)
+        for entry, scores in zip(batch, logits.softmax(1), strict=True):
+            best = int(scores.argmax())
+            row: dict[str, Any] = {"id": entry.id, "source": entry.source, "predicted": run.classes[best],
+                                   "confidence": round(float(scores[best]), 6)}  # fmt: skip
+            row.update(
+                {
+                    f"p_{name}": round(float(v), 6)
+                    for name, v in zip(run.classes, scores, strict=True)
+                }
+            )
+            if entry.label is not None:
+                row["label"] = entry.label
+                row["correct"] = entry.label == run.classes[best]
+            heat = by_id.get(entry.id)
+            _, height, width = run.reader.shape(entry.id)
+            _, h0, w0 = entry.shape
+            if heat is not None:
+                row["heatmap"] = heat.kind
+                if root is not None:
+                    if entry.id in root:
+                        del root[entry.id]
+                    group = root.create_group(entry.id)
+                    group.attrs["hiresctl"] = {"status": "incomplete", "source": entry.source}
+                    cell = (heat.cell * h0 / height, heat.cell * w0 / width)
+                    _heatmap_image(group, heat, cell, entry.mpp)
+                    group.attrs["hiresctl"] = {"status": "complete", **row}
+                    row["output"] = f"{out / STORE}/{entry.id}"
+                if "png" in formats:
+                    thumb = figures.fit(figures.to_rgb8(dataset.thumbnail(entry.id)), 512)
+                    overlay = figures.heatmap_overlay(
+                        thumb, heat.scores, heat.cell, (height, width)
+                    )
+                    figures.save_png(out / "overlays" / f"{entry.id}.png", overlay)
+            row["seconds"] = round(seconds, 3)
+            row["peak_memory_gb"] = stats["peak_memory_gb"]
+            rows.append(row)
+            if on_image is not None:
+                on_image(row)
+    return rows
+
+
+# -------------------------------------------------------------------------- segmentation
+
+
+def _rgb(value_index: int) -> list[int]:
+    colour = _PALETTE[value_index % len(_PALETTE)]
+    return list(colour[:3]) if value_index else [128, 128, 128]
+
+
+def mask_polygons(
+    labels: np.ndarray, values: list[int], names: dict[int, str], scale: tuple[float, float],
+    offset: tuple[float, float] = (0.0, 0.0),
+) -> list[dict[str, Any]]:  # fmt: skip
+    """GeoJSON Features (QuPath annotations) of every non-background class region of a
+    (h, w) mask of ``values``: outer rings with their holes, in pixel coordinates multiplied by
+    ``scale`` (y, x) and shifted by ``offset``. Value index 0 is the background."""
+    import cv2
+
+    features = []
+    for index, value in enumerate(values):
+        if index == 0:
+            continue
+        binary = (labels == value).astype(np.uint8)
+        if not binary.any():
+            continue
+        contours, hierarchy = cv2.findContours(binary, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+        if hierarchy is None:
+            continue
+        links = hierarchy[0]
+
+        def ring(contour: np.ndarray) -> list[list[float]]:
+            # Pixel centres → the pixel's corner grid, then to level-0 coordinates.
+            points = [[round((float(x) + 0.5) * scale[1] + offset[1], 2),
+                       round((float(y) + 0.5) * scale[0] + offset[0], 2)] for x, y in contour[:, 0]]  # fmt: skip
+            return [*points, points[0]]
+
+        for i, contour in enumerate(contours):
+            if links[i][3] != -1 or len(contour) < 3:
+                continue  # holes are added to their outer ring below; specks have no area
+            rings = [ring(contour)]
+            child = links[i][2]
+            while child != -1:
+                if len(contours[child]) >= 3:
+                    rings.append(ring(contours[child]))
+                child = links[child][0]
+            features.append({
+                "type": "Feature",
+                "geometry": {"type": "Polygon", "coordinates": rings},
+                "properties": {
+                    "objectType": "annotation",
+                    "classification": {"name": names.get(value, str(value)), "color": _rgb(index)},
+                    "value": int(value),
+                },
+            })  # fmt: skip
+    return features
+
+
+def _segmentation_outputs(
+    root: zarr.Group, dataset: Dataset, row: dict[str, Any], values: list[int],
+    names: dict[int, str], out: Path, formats: set[str],
+) -> None:  # fmt: skip
+    """GeoJSON polygons and the PNG overlay of one predicted image, from its label pyramid."""
+    group: Any = root[row["id"]]
+    levels = [group[str(i)] for i in range(row["levels"])]
+    _, h0, w0 = dataset.entry(row["id"]).shape
+    if "geojson" in formats:
+        chosen = next((a for a in levels if max(a.shape[1:]) <= GEOJSON_MAX_SIDE), levels[-1])
+        _, h, w = chosen.shape
+        features = mask_polygons(np.asarray(chosen[0]), values, names, (h0 / h, w0 / w))
+        path = out / "geojson" / f"{row['id']}.geojson"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+        row["geojson"] = str(path)
+        row["polygons"] = len(features)
+    if "png" in formats:
+        import cv2
+
+        small = np.asarray(levels[-1][0])
+        thumb = figures.to_rgb8(dataset.thumbnail(row["id"]))
+        base = cv2.resize(thumb, small.shape[::-1], interpolation=cv2.INTER_AREA).astype(np.float32)
+        for index, value in enumerate(values):
+            if index:
+                where = small == value
+                base[where] = base[where] * 0.4 + np.asarray(_rgb(index), np.float32) * 0.6
+        figures.save_png(out / "overlays" / f"{row['id']}.png", base.astype(np.uint8))
+
+
+# -------------------------------------------------------------------------------- predict
+
+
+@dataclass
+class PredictResult:
+    rows: list[dict[str, Any]]
+    problems: list[str]  # sources that could not be tiled, each with its reason
+    out: Path
+
+
+def _tile_sources(sources: list[str], folder: str, options: Any, problems: list[str]) -> Path:
+    from storage.tiler import SourceSpec, tile
+
+    store = Path(folder) / "sources.zarr"
+    for result in tile([SourceSpec((s,)) for s in sources], store, options):
+        if result.error:
+            problems.append(f"{result.source}: {result.error}")
+    return store
+
+
+def predict(
+    run_dir: str | Path,
+    inputs: list[str],
+    out: str | Path,
+    split: str | None = None,
+    device: str = "auto",
+    checkpoint: str = "best",
+    formats: list[str] | None = None,
+    probabilities: bool = False,
+    tile_options: Any = None,
+    on_image: Callable[[dict[str, Any]], None] | None = None,
+) -> PredictResult:
+    """Apply a run to one dataset store (``inputs == [store]``) or to source files, tiled into a
+    temporary store first (bad sources are named in ``problems``; the others are predicted)."""
+    task = run_task(run_dir)
+    if task not in FORMATS:
+        raise UsageError(f"{run_dir}: predict does not handle {task!r} runs yet")
+    wanted = set(formats or FORMATS[task])
+    unknown = wanted - set(FORMATS[task])
+    if unknown:
+        raise UsageError(f"--format {', '.join(sorted(unknown))}: a {task} run writes "
+                         f"{', '.join(FORMATS[task])}")  # fmt: skip
+    folder = Path(out)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{out}: --out exists and is not a folder")
+    if (folder / "zarr.json").exists():
+        raise UsageError(
+            f"{out}: --out is a Zarr store; give a folder (predictions go to OUT/{STORE})"
+        )
+    if not inputs:
+        raise UsageError("give a dataset store or source files to predict")
+    problems: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="hiresctl-predict-") as scratch:
+        is_store = len(inputs) == 1 and (Path(inputs[0]) / "zarr.json").is_file()
+        data = (
+            Path(inputs[0]) if is_store else _tile_sources(inputs, scratch, tile_options, problems)
+        )
+        if not is_store and split is not None:
+            raise UsageError("--split selects images of a dataset store, not of source files")
+        folder.mkdir(parents=True, exist_ok=True)
+        if task == "seg":
+            dataset = Dataset(data)
+            store = folder / STORE
+
+            def finish(row: dict[str, Any]) -> None:
+                root = zarr.open_group(str(store), mode="r")
+                names = {int(v): str(n) for v, n in hires_attrs(root)["classes"].items()}
+                _segmentation_outputs(root, dataset, row, list(names), names, folder, wanted)
+                if "ngff" not in wanted:
+                    row.pop("output", None)
+                if on_image is not None:
+                    on_image(row)
+
+            rows = predict_masks(run_dir, data, store, split, device, checkpoint, probabilities,
+                                 on_image=finish)  # fmt: skip
+        else:
+            dataset = Dataset(data)
+            torch_device = resolve_device(device)
+            run = load_run(run_dir, dataset, torch_device, checkpoint)
+            entries = [e for e in dataset.entries(split=split) if e.complete]
+            if not entries and not problems:
+                raise StoreError(dataset.path, "no completely tiled images to predict")
+            root = _open_out(folder / STORE, {"run": str(run_dir), "data": str(data), "task": task,
+                                              "method": run.recipe.method}) if "ngff" in wanted else None  # fmt: skip
+            rows = classify_images(run, dataset, entries, root, folder, wanted, on_image)
+    _write_rows(rows, folder, wanted)
+    if task == "seg" and "ngff" not in wanted:
+        shutil.rmtree(folder / STORE, ignore_errors=True)
+    return PredictResult(rows, problems, folder)
+
+
+def _write_rows(rows: list[dict[str, Any]], folder: Path, formats: set[str]) -> None:
+    flat = [
+        {k: (json.dumps(v) if isinstance(v, dict | list) else v) for k, v in row.items()}
+        for row in rows
+    ]
+    if "json" in formats:
+        (folder / "predictions.json").write_text(json.dumps(rows, indent=2))
+    if "csv" in formats:
+        columns = list(dict.fromkeys(k for row in flat for k in row))
+        with open(folder / "predictions.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(flat)

@@ -53,7 +53,7 @@ def line_chart(
 ) -> str:
     """An inline SVG line chart: one polyline (with points) per named series."""
     left, right, top, bottom = 52, 12, 28, 40
-    legend_rows = math.ceil(len(series) / 3)
+    legend_rows = math.ceil(len(series) / 2)
     height += 14 * legend_rows + 4
     plot_w, plot_h = width - left - right, height - top - bottom - 14 * legend_rows - 4
     points = [(x, y) for values in series.values() for x, y in values
@@ -110,10 +110,10 @@ def line_chart(
         if len(clean) <= 60:
             out.extend(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="{colour}"/>'
                        for x, y in clean)  # fmt: skip
-        lx = left + (i % 3) * (plot_w // 3)
-        ly = top + plot_h + 50 + 14 * (i // 3)
+        lx = left + (i % 2) * (plot_w // 2)
+        ly = top + plot_h + 50 + 14 * (i // 2)
         out.append(f'<rect x="{lx}" y="{ly - 9}" width="10" height="10" fill="{colour}"/>'
-                   f'<text x="{lx + 14}" y="{ly}">{html.escape(name[:22])}</text>')  # fmt: skip
+                   f'<text x="{lx + 14}" y="{ly}">{html.escape(name[:28])}</text>')  # fmt: skip
     out.append("</svg>")
     return "".join(out)
 

@@ -133,6 +133,8 @@ def figures_slug(name: str) -> str:
 def _comparison_columns(metrics: dict[str, Any]) -> list[str]:
     rows = metrics["table"].values()
     present = [k for k in TABLE_METRICS[metrics["task"]] if any(r.get(k) is not None for r in rows)]
+    if "auc" in present and "kappa_quadratic" in present:  # binary: κ adds nothing to AUC here
+        present.remove("kappa_quadratic")
     return present + list(COST_COLUMNS)
 
 

@@ -95,7 +95,9 @@ def test_patch_and_global_outputs_land_in_place(tmp_path: Path, method: str) -> 
         image_id: str, y: int, x: int, logits: torch.Tensor, pred: np.ndarray, tile_truth: Any
     ) -> None:
         canvas[y : y + pred.shape[0], x : x + pred.shape[1]] = pred
-        np.testing.assert_array_equal(tile_truth, truth[y : y + pred.shape[0], x : x + pred.shape[1]])
+        np.testing.assert_array_equal(
+            tile_truth, truth[y : y + pred.shape[0], x : x + pred.shape[1]]
+        )
 
     [matrix], _ = predict_segmentation(run, [LabelledImage("sq", 0)], on_tile=on_tile)
     assert (canvas >= 0).all(), "tiles cover the image"
@@ -192,11 +194,12 @@ def test_cli_trains_evaluates_and_predicts_multiclass_masks(tmp_path: Path, cli)
     assert 0 <= result["metrics"]["mean_iou"] <= 1
     assert sum(map(sum, result["confusion_matrix"])) == 128 * 128 * result["count"]
     predicted = cli("predict", tmp_path / "run", tmp_path / "ds.zarr", "--out",
-                    tmp_path / "pred.zarr", "--probabilities", "--json")  # fmt: skip
+                    tmp_path / "pred", "--probabilities", "--json")  # fmt: skip
     assert predicted.code == 0, predicted.stderr
     rows = [json.loads(line) for line in predicted.stdout.splitlines()]
     assert len(rows) == 6
-    group = zarr.open_group(tmp_path / "pred.zarr" / rows[0]["id"], mode="r")
+    store = tmp_path / "pred" / "predictions.zarr"
+    group = zarr.open_group(store / rows[0]["id"], mode="r")
     assert group.attrs["hiresctl"]["status"] == "complete"
     labels = np.asarray(group["0"][...])
     assert labels.shape == (1, 128, 128) and set(np.unique(labels)) <= {0, 1, 2}
@@ -205,8 +208,12 @@ def test_cli_trains_evaluates_and_predicts_multiclass_masks(tmp_path: Path, cli)
     np.testing.assert_array_equal(probs.argmax(0), labels[0])
     names = [p["class"] for p in group.attrs["ome"]["image-label"]["properties"]]
     assert names == ["background", "road", "building"]
-    nodes = list(Reader(parse_url(str(tmp_path / "pred.zarr" / rows[0]["id"])))())
+    nodes = list(Reader(parse_url(str(store / rows[0]["id"])))())
     assert nodes and len(nodes[0].data) >= 1
+    assert sum(rows[0]["pixels"].values()) == 128 * 128  # pixels per predicted class
+    for name in ("predictions.csv", "predictions.json", f"geojson/{rows[0]['id']}.geojson",
+                 f"overlays/{rows[0]['id']}.png"):  # fmt: skip
+        assert (tmp_path / "pred" / name).is_file(), name
     wrong = cli("train", "--task", "seg", "--method", "ips", "--data", tmp_path / "ds.zarr",
                 "--out", tmp_path / "run2")  # fmt: skip
     assert wrong.code == 2 and "not a seg method" in wrong.stderr

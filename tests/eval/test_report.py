@@ -1,0 +1,183 @@
+"""`hiresctl eval --report`: the numbers in the report are metrics.json's, the best run is
+marked, the figures are embedded, classifiers' heatmaps point at what decides, and the page
+renders in a real browser."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hiresctl.data import LabelledImage
+from hiresctl.train import load_run, predict_images
+from storage import Dataset
+from tests.stores import make_store, planted_images
+
+TINY = {"backbone": "tiny", "patch_size": 32, "latent_dim": 32, "head_width": 32, "batch_size": 4,
+        "lr": 3e-3}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, np.ndarray]]:
+    root = tmp_path_factory.mktemp("planted")
+    images, labels = planted_images(
+        40, 128, 32, seed=0, split_of=lambda i: "val" if i >= 30 else "train"
+    )
+    return make_store(root, images, labels), images
+
+
+@pytest.fixture(scope="module")
+def runs(
+    planted: tuple[Path, dict[str, np.ndarray]], tmp_path_factory: pytest.TempPathFactory
+) -> list[Path]:
+    """A PatchGD run that learns the planted square (no global patch: its only evidence is the
+    patches), and a 2-epoch downsample run."""
+    from hiresctl.train import Trainer, load_recipe
+
+    store, _ = planted
+    root = tmp_path_factory.mktemp("runs")
+    out = []
+    for method, epochs in (("patchgd", 8), ("downsample", 2)):
+        recipe = load_recipe(None, "cls", method, {**TINY, "epochs": epochs, "warmup": 0.05})
+        Trainer(store, root / method, recipe, device="cpu", log=lambda m: None).fit()
+        out.append(root / method)
+    return out
+
+
+def test_report_numbers_equal_metrics_json_and_the_best_is_marked(
+    planted: tuple[Path, dict[str, np.ndarray]], runs: list[Path], tmp_path: Path, cli: Callable
+) -> None:
+    store, _ = planted
+    result = cli("eval", *runs, "--data", store, "--split", "val", "--report",
+                 "--out", tmp_path / "report", "--json")  # fmt: skip
+    assert result.code == 0, result.stderr
+    printed = json.loads(result.stdout)
+    saved = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    printed.pop("report")
+    assert json.loads(json.dumps(printed, default=str)) == saved
+    html = (tmp_path / "report" / "report.html").read_text()
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    for section in ("Runs side by side", "Training", "Dataset", "Confusion matrix",
+                    "Per class", "ROC", "Worst images", "The whole resolved recipe"):  # fmt: skip
+        assert section in html, section
+    names = [r["name"] for r in saved["runs"]]
+    assert names == ["patchgd", "downsample"]
+    for name in names:  # every number of the comparison table, as printed, in both twins
+        for column, value in saved["table"][name].items():
+            if value is None:
+                continue
+            text = f"{value:.2f}" if column.startswith(("train_", "eval_")) else f"{value:.4f}"
+            assert text in html and text in markdown, (name, column, text)
+    accuracy = {n: saved["table"][n]["accuracy"] for n in names}
+    winner = max(accuracy, key=lambda n: accuracy[n])
+    assert winner in saved["best"]["accuracy"]
+    assert f"{accuracy[winner]:.4f} ★" in html and f"**{accuracy[winner]:.4f} ★**" in markdown
+    assert saved["verdict"].startswith(winner)
+    # Figures: embedded in the page (it opens offline), and files for the Markdown twin.
+    assert not re.search(r'src="(?!data:)', html), "every image is embedded"
+    assert "http://" not in html.replace("http://www.w3.org/2000/svg", "")
+    shown = re.findall(r"!\[[^\]]*\]\((figures/[^)]+)\)", markdown)
+    assert len(shown) >= 4 and all((tmp_path / "report" / f).is_file() for f in shown)
+    assert html.count("data:image/png;base64,") >= len(
+        saved["runs"][0]["evaluation"]["per_image"][:6]
+    )
+
+
+def test_patchgd_heatmap_points_at_the_planted_square(
+    planted: tuple[Path, dict[str, np.ndarray]], runs: list[Path]
+) -> None:
+    store, images = planted
+    dataset = Dataset(store)
+    run = load_run(runs[0], dataset, torch.device("cpu"))
+    positives = [e.id for e in dataset.entries(split="val") if e.label == "1"]
+    maps: list = []
+    logits, _, _ = predict_images(run, [LabelledImage(i, 1) for i in positives], 4, heatmaps=maps)
+    plain, _, _ = predict_images(run, [LabelledImage(i, 1) for i in positives], 4)
+    torch.testing.assert_close(logits, plain)  # explaining does not change the prediction
+    hits = 0
+    for heat in maps:
+        ys, xs = np.nonzero(images[heat.image_id][..., 0] == 255)
+        planted_cell = (int(ys.min() // heat.cell), int(xs.min() // heat.cell))
+        assert heat.scores.shape == (4, 4) and (heat.scores >= 0).all()
+        hits += np.unravel_index(heat.scores.argmax(), heat.scores.shape) == planted_cell
+    assert hits >= 0.8 * len(maps), f"{hits} of {len(maps)} heatmaps peak at the planted patch"
+
+
+def test_ips_heatmap_marks_the_selected_patches(
+    planted: tuple[Path, dict[str, np.ndarray]], tmp_path: Path
+) -> None:
+    from hiresctl.train import build_run, load_recipe
+
+    store, _ = planted
+    dataset = Dataset(store)
+    recipe = load_recipe(None, "cls", "ips", {"backbone": "tiny", "patch_size": 32, "latent_dim": 32,
+                                              "memory_size": 3, "iter_size": 4, "heads": 2})  # fmt: skip
+    run = build_run(recipe, dataset, ["0", "1"], torch.device("cpu"))
+    maps: list = []
+    predict_images(run, [LabelledImage("im031", 1), LabelledImage("im033", 1)], 2, heatmaps=maps)
+    for heat in maps:
+        assert (heat.scores > 0).sum() == 3  # M of the 16 patches
+        assert heat.scores.sum() == pytest.approx(1.0, abs=1e-4)  # attention over them
+
+
+def test_segmentation_report_has_overlays_and_crops(tmp_path: Path, cli: Callable) -> None:
+    assert cli("synth", "seg-vessels", tmp_path / "syn", "--count", "6", "--size", "128").code == 0
+    tiled = cli("tile", tmp_path / "syn" / "images", "--out", tmp_path / "ds.zarr",
+                "--labels", tmp_path / "syn" / "labels.csv", "--masks", tmp_path / "syn" / "masks",
+                "--chunk", "32")  # fmt: skip
+    assert tiled.code == 0, tiled.stderr
+    trained = cli("train", "--task", "seg", "--method", "tiled", "--data", tmp_path / "ds.zarr",
+                  "--out", tmp_path / "run", "--set", "backbone=unet-tiny", "--set", "patch_size=32",
+                  "--set", "epochs=1")  # fmt: skip
+    assert trained.code == 0, trained.stderr
+    split = Dataset(tmp_path / "ds.zarr").entries()[0].split
+    result = cli("eval", tmp_path / "run", "--data", tmp_path / "ds.zarr", "--split", split,
+                 "--report", "--out", tmp_path / "report", "--json")  # fmt: skip
+    assert result.code == 0, result.stderr
+    saved = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    evaluation = saved["runs"][0]["evaluation"]
+    html = (tmp_path / "report" / "report.html").read_text()
+    for key in ("f1", "iou", "accuracy", "balanced_accuracy"):
+        assert f"{evaluation['metrics'][key]:.4f}" in html, key
+    assert "false negative" in html and "full resolution at y=" in html
+    assert evaluation["confusion_matrix"] and sum(map(sum, evaluation["confusion_matrix"])) == (
+        128 * 128 * evaluation["count"]
+    )
+    overlays = list((tmp_path / "report" / "figures").rglob("*.png"))
+    assert len(overlays) >= 2 * evaluation["count"]
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium")
+def test_report_renders_in_headless_chromium(
+    planted: tuple[Path, dict[str, np.ndarray]], runs: list[Path], tmp_path: Path
+) -> None:
+    import cv2
+
+    from hiresctl.report import build_report
+
+    store, _ = planted
+    out = tmp_path / "report"
+    build_report(runs, store, "val", out, device="cpu")
+    page = (out / "report.html").resolve().as_uri()
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+             f"--user-data-dir={tmp_path / 'profile'}"]  # fmt: skip
+    dom = subprocess.run(["chromium", *flags, "--dump-dom", page],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert "Runs side by side" in dom.stdout and "<svg" in dom.stdout
+    shot = tmp_path / "shot.png"
+    taken = subprocess.run(["chromium", *flags, "--window-size=1280,1600",
+                            f"--screenshot={shot}", page],
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert taken.returncode == 0 and shot.is_file(), taken.stderr[-2000:]
+    pixels = cv2.imread(str(shot))
+    assert pixels is not None and pixels.shape[:2] == (1600, 1280)
+    assert pixels.std() > 20, "the screenshot is not blank"
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50  # text, tables, charts, images
