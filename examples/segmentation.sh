@@ -16,8 +16,10 @@ for method in patchgd-global downsample; do
   rm -rf "$work/run-$method"
   hiresctl train --task seg --method "$method" --data "$work/dataset.zarr" \
     --recipe "$here/recipes/seg-demo-patchgd-global.yaml" --out "$work/run-$method"
-  echo "== evaluate $method on the test split"
-  hiresctl eval "$work/run-$method" --data "$work/dataset.zarr" --split test
 done
-echo "== predict test masks into $work/predictions.zarr (NGFF label images)"
-hiresctl predict "$work/run-patchgd-global" "$work/dataset.zarr" --split test --out "$work/predictions.zarr"
+echo "== evaluate both on the test split and write the report into $work/report"
+hiresctl eval "$work/run-patchgd-global" "$work/run-downsample" --data "$work/dataset.zarr" --split test \
+  --report --out "$work/report"
+echo "== predict test masks into $work/predictions (NGFF label images, QuPath GeoJSON, overlays)"
+rm -rf "$work/predictions"
+hiresctl predict "$work/run-patchgd-global" "$work/dataset.zarr" --split test --out "$work/predictions"

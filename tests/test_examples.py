@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_quickstart_runs_synth_tile_train_eval(tmp_path: Path) -> None:
+def test_quickstart_runs_synth_tile_train_eval_report(tmp_path: Path) -> None:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     assert shutil.which("hiresctl", path=env["PATH"])
     proc = subprocess.run(
@@ -23,6 +23,9 @@ def test_quickstart_runs_synth_tile_train_eval(tmp_path: Path) -> None:
         capture_output=True, text=True, env=env, timeout=1200,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((tmp_path / "demo" / "run" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "demo" / "run-patchgd-global" / "summary.json").read_text())
     assert summary["method"] == "patchgd-global" and summary["steps"] > 0
-    assert "accuracy" in proc.stdout  # the evaluation table
+    metrics = json.loads((tmp_path / "demo" / "report" / "metrics.json").read_text())
+    assert [r["method"] for r in metrics["runs"]] == ["patchgd-global", "downsample"]
+    assert (tmp_path / "demo" / "report" / "report.html").is_file()
+    assert "Accuracy" in proc.stdout  # the side-by-side table
