@@ -14,15 +14,29 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
-def test_quickstart_runs_synth_tile_train_eval_report(tmp_path: Path) -> None:
+def _example(name: str, folder: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     assert shutil.which("hiresctl", path=env["PATH"])
     proc = subprocess.run(
-        ["bash", str(ROOT / "examples" / "quickstart.sh"), str(tmp_path / "demo")],
+        ["bash", str(ROOT / "examples" / name), str(folder)],
         capture_output=True, text=True, env=env, timeout=1200,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_segmentation_example_reports_and_predicts(tmp_path: Path) -> None:
+    _example("segmentation.sh", tmp_path / "seg")
+    metrics = json.loads((tmp_path / "seg" / "report" / "metrics.json").read_text())
+    assert [r["method"] for r in metrics["runs"]] == ["patchgd-global", "downsample"]
+    rows = json.loads((tmp_path / "seg" / "predictions" / "predictions.json").read_text())
+    assert rows and all(Path(r["geojson"]).is_file() for r in rows)
+
+
+@pytest.mark.slow
+def test_quickstart_runs_synth_tile_train_eval_report(tmp_path: Path) -> None:
+    proc = _example("quickstart.sh", tmp_path / "demo")
     summary = json.loads((tmp_path / "demo" / "run-patchgd-global" / "summary.json").read_text())
     assert summary["method"] == "patchgd-global" and summary["steps"] > 0
     metrics = json.loads((tmp_path / "demo" / "report" / "metrics.json").read_text())
