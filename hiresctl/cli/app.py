@@ -65,7 +65,8 @@ def synth(
         str,
         typer.Argument(
             help="What to synthesize: ultramnist, megapixel-mnist, fine-detail (classification); "
-            "seg-vessels, seg-aerial (segmentation: also masks/ and classes.csv)."
+            "seg-vessels, seg-aerial (segmentation: also masks/ and classes.csv); "
+            "det-mosaic (detection: also annotations.json, COCO)."
         ),
     ],
     out: Annotated[Path, typer.Argument(help="Output folder (images/ and labels.csv).")],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 from pathlib import Path
 
@@ -58,7 +59,8 @@ def test_megapixel_mnist_tasks(tmp_path: Path) -> None:
 
 def test_unknown_kind_lists_valid_ones(tmp_path: Path) -> None:
     with pytest.raises(
-        UsageError, match="valid: fine-detail, megapixel-mnist, seg-aerial, seg-vessels, ultramnist"
+        UsageError,
+        match="valid: det-mosaic, fine-detail, megapixel-mnist, seg-aerial, seg-vessels, ultramnist",
     ):
         synthesize("mnist", tmp_path)
 
@@ -113,3 +115,29 @@ def test_vessels_are_thin_enough_that_downsampling_loses_them(tmp_path: Path) ->
     recovered = np.repeat(np.repeat(coarse, 4, 0), 4, 1)
     lost = (mask & ~recovered).sum() / mask.sum()
     assert lost > 0.3, f"only {lost:.0%} of vessel pixels vanish at 4x downsampling"
+
+
+def test_det_mosaic_writes_coco_boxes_around_small_separate_objects(tmp_path: Path) -> None:
+    from pycocotools.coco import COCO
+
+    synthesize("det-mosaic", tmp_path / "a", count=3, size=512, seed=5, objects=12)
+    synthesize("det-mosaic", tmp_path / "b", count=3, size=512, seed=5, objects=12)
+    first = (tmp_path / "a" / "annotations.json").read_text()
+    assert first == (tmp_path / "b" / "annotations.json").read_text()  # a function of the seed
+    coco = COCO(str(tmp_path / "a" / "annotations.json"))  # the reference reader accepts it
+    assert len(coco.getCatIds()) == 13 and len(coco.getImgIds()) == 3
+    for image_id in coco.getImgIds():
+        info = coco.loadImgs(image_id)[0]
+        pixels = tifffile.imread(tmp_path / "a" / "images" / info["file_name"]).astype(int)
+        boxes = [a["bbox"] for a in coco.loadAnns(coco.getAnnIds(imgIds=image_id))]
+        assert len(boxes) >= 8
+        for x, y, w, h in boxes:
+            assert x >= 0 and y >= 0 and x + w <= 512 and y + h <= 512
+            assert 4 <= max(w, h) <= 128
+            inside = pixels[y : y + h, x : x + w]
+            ring = np.concatenate([pixels[y - 2 : y - 1, x : x + w].reshape(-1, 3),
+                                   pixels[y + h + 1 : y + h + 2, x : x + w].reshape(-1, 3)])  # fmt: skip
+            # The object (bright colours) is inside its box, the background hugs it outside.
+            assert inside.max(axis=(0, 1)).max() > ring.max(axis=0).max() + 20
+        for (ax, ay, aw, ah), (bx, by, bw, bh) in itertools.combinations(boxes, 2):
+            assert ax + aw <= bx or bx + bw <= ax or ay + ah <= by or by + bh <= ay
