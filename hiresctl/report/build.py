@@ -330,7 +330,7 @@ def build_report(
         raise UsageError("give at least one run folder")
     tasks = {str(run): run_task(run) for run in runs}
     if len(set(tasks.values())) > 1:
-        raise UsageError(f"runs of different tasks cannot share a report: {tasks}")
+        raise UsageError(f"runs of different tasks cannot be compared side by side: {tasks}")
     task = next(iter(tasks.values()))
     if task not in TABLE_METRICS:
         raise UsageError(f"task {task!r} has no report yet")
