@@ -433,10 +433,7 @@ def _eval_side_by_side(
             status.update(message)
             err.print(f"[dim]{message}[/]", highlight=False)
 
-        if report:
-            metrics = build_report(runs, data, split, out, device, checkpoint, log)
-        else:
-            metrics = build_report(runs, data, split, out, device, checkpoint, log, write=False)
+        metrics = build_report(runs, data, split, out, device, checkpoint, log, write=report)
     skipped = [p for r in metrics["runs"] for p in r["evaluation"]["skipped"]]
     for problem in dict.fromkeys(skipped):
         err.print(f"[yellow]skipped[/] {problem}", highlight=False, soft_wrap=True)

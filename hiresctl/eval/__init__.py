@@ -9,6 +9,7 @@ import yaml
 
 from hiresctl.eval.classification import evaluate_classification
 from hiresctl.eval.segmentation import evaluate_segmentation
+from hiresctl.train import Run
 from storage import StoreError
 
 
@@ -23,11 +24,14 @@ def run_task(run_dir: str | Path) -> str:
 
 
 def evaluate(run_dir: str | Path, data: str | Path, split: str = "test", device: str = "auto",
-             checkpoint: str = "best", on_tile: Any = None) -> dict[str, Any]:  # fmt: skip
-    """Evaluate a run with its task's metrics (``on_tile``: segmentation's tile hook)."""
+             checkpoint: str = "best", on_tile: Any = None, run: Run | None = None,
+             ) -> dict[str, Any]:  # fmt: skip
+    """Evaluate a run with its task's metrics (``on_tile``: segmentation's tile hook; ``run``:
+    the run already loaded from ``run_dir``, else it is loaded here)."""
     if run_task(run_dir) == "seg":
-        return evaluate_segmentation(run_dir, data, split, device, checkpoint, on_tile=on_tile)
-    return evaluate_classification(run_dir, data, split, device, checkpoint)
+        return evaluate_segmentation(run_dir, data, split, device, checkpoint, on_tile=on_tile,
+                                     run=run)  # fmt: skip
+    return evaluate_classification(run_dir, data, split, device, checkpoint, run=run)
 
 
 __all__ = ["evaluate", "evaluate_classification", "evaluate_segmentation", "run_task"]

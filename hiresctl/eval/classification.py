@@ -9,7 +9,7 @@ import numpy as np
 
 from hiresctl.data import labelled_images, require_images
 from hiresctl.eval.common import result_header, save_result
-from hiresctl.train import classification_metrics, load_run, predict_images, resolve_device
+from hiresctl.train import Run, classification_metrics, load_run, predict_images, resolve_device
 from storage import Dataset
 
 
@@ -36,11 +36,12 @@ def evaluate_classification(
     device: str = "auto",
     checkpoint: str = "best",
     batch_size: int | None = None,
+    run: Run | None = None,
 ) -> dict[str, Any]:
     """Metrics of ``run_dir``'s model on ``split``; also written to ``RUN/eval-<split>.json``."""
     dataset = Dataset(data)
     torch_device = resolve_device(device)
-    run = load_run(run_dir, dataset, torch_device, checkpoint)
+    run = run or load_run(run_dir, dataset, torch_device, checkpoint)
     images, problems = labelled_images(dataset, split, run.classes)
     require_images(images, dataset, split)
     logits, targets, stats = predict_images(run, images, batch_size or run.recipe.batch_size)

@@ -187,12 +187,8 @@ def classify_images(
         batch = entries[start : start + size]
         began = time.perf_counter()
         maps: list[Heatmap] = []
-        try:
-            logits, _, stats = predict_images(
-                run, [LabelledImage(e.id, 0) for e in batch], size, heatmaps=maps
-            )
-        except UsageError:  # a method without heatmaps
-            logits, _, stats = predict_images(run, [LabelledImage(e.id, 0) for e in batch], size)
+        images = [LabelledImage(e.id, 0) for e in batch]  # every cls method explains itself
+        logits, _, stats = predict_images(run, images, size, heatmaps=maps)
         by_id = {m.image_id: m for m in maps}
         seconds = (time.perf_counter() - began) / len(batch)
         for entry, scores in zip(batch, logits.softmax(1), strict=True):
@@ -310,11 +306,9 @@ def _segmentation_outputs(
         row["geojson"] = str(path)
         row["polygons"] = len(features)
     if "png" in formats:
-        import cv2
-
         small = np.asarray(levels[-1][0])
         thumb = figures.to_rgb8(dataset.thumbnail(row["id"]))
-        base = cv2.resize(thumb, small.shape[::-1], interpolation=cv2.INTER_AREA).astype(np.float32)
+        base = figures.resize(thumb, small.shape).astype(np.float32)
         for index, value in enumerate(values):
             if index:
                 where = small == value

@@ -12,7 +12,7 @@ import torch
 
 from hiresctl.data import require_images, segmentation_images
 from hiresctl.eval.common import result_header, save_result
-from hiresctl.train import load_run, predict_segmentation, resolve_device
+from hiresctl.train import Run, load_run, predict_segmentation, resolve_device
 from hiresctl.train.segmentation import binary_image_metrics, segmentation_metrics
 from storage import Dataset
 
@@ -25,12 +25,13 @@ def evaluate_segmentation(
     checkpoint: str = "best",
     on_tile: Callable[[str, int, int, torch.Tensor, np.ndarray, np.ndarray | None], None]
     | None = None,
+    run: Run | None = None,
 ) -> dict[str, Any]:
     """Metrics of ``run_dir``'s model on ``split``; also written to ``RUN/eval-<split>.json``.
     ``on_tile`` sees every predicted tile with its truth (see ``predict_segmentation``)."""
     dataset = Dataset(data)
     torch_device = resolve_device(device)
-    run = load_run(run_dir, dataset, torch_device, checkpoint)
+    run = run or load_run(run_dir, dataset, torch_device, checkpoint)
     images, problems = segmentation_images(dataset, split, run.classes)
     require_images(images, dataset, split)
     matrices, stats = predict_segmentation(run, images, on_tile=on_tile)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,10 +93,6 @@ def _names(folders: list[Path]) -> list[str]:
     return names
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "run"
-
-
 def describe_setting(run: Run, image_id: str) -> dict[str, str]:
     """What the method sees of an image: input size, patch, sampling and resolution, as the
     seed paper's tables state them."""
@@ -137,24 +132,21 @@ def _classification_figures(report: RunReport, run: Run, dataset: Dataset, out: 
     worst = sorted(rows, key=lambda r: (r["correct"], r["p_target"]))[:SHOWN]
     images = [LabelledImage(r["id"], run.classes.index(r["target"])) for r in worst]
     maps: list[Heatmap] = []
-    if images:
-        try:
-            predict_images(run, images, run.recipe.batch_size, heatmaps=maps)
-        except UsageError:
-            maps = []
+    if images:  # every classification method explains its predictions
+        predict_images(run, images, run.recipe.batch_size, heatmaps=maps)
     by_id = {m.image_id: m for m in maps}
-    folder = Path("figures") / _slug(report.name)
+    folder = Path("figures") / figures.slug(report.name)
     for row in worst:
         thumb = figures.to_rgb8(dataset.thumbnail(row["id"]))
         plain = figures.fit(thumb, THUMB)
-        link = folder / f"{_slug(row['id'])}-thumbnail.png"
+        link = folder / f"{figures.slug(row['id'])}-thumbnail.png"
         figures.save_png(out / link, thumb)
         heat = by_id.get(row["id"])
         shown = plain
         if heat is not None:
             _, height, width = run.reader.shape(row["id"])
             shown = figures.heatmap_overlay(plain, heat.scores, heat.cell, (height, width))
-        path = folder / f"{_slug(row['id'])}.png"
+        path = folder / f"{figures.slug(row['id'])}.png"
         png = figures.save_png(out / path, shown)
         verdict = "correct" if row["correct"] else "wrong"
         caption = (f"{row['id']}: true {row['target']}, predicted {row['predicted']} ({verdict}, "
@@ -224,20 +216,18 @@ def _segmentation_figures(
     rows = report.result["per_image"]
     key = "f1" if len(run.classes) == 2 else "mean_iou"
     worst = sorted(rows, key=lambda r: r.get(key) if r.get(key) is not None else -1.0)[:SHOWN]
-    folder = Path("figures") / _slug(report.name)
+    folder = Path("figures") / figures.slug(report.name)
     for row in worst:
         image_id = row["id"]
         if image_id not in collector.small:
             continue
         _, small_pred, small_truth = collector.small[image_id]
         thumb = figures.to_rgb8(dataset.thumbnail(image_id))
-        link = folder / f"{_slug(image_id)}-thumbnail.png"
+        link = folder / f"{figures.slug(image_id)}-thumbnail.png"
         figures.save_png(out / link, thumb)
-        import cv2
-
-        base = cv2.resize(thumb, small_pred.shape[::-1], interpolation=cv2.INTER_AREA)
+        base = figures.resize(thumb, small_pred.shape)
         overlay = figures.segmentation_overlay(base, small_pred, small_truth)
-        path = folder / f"{_slug(image_id)}.png"
+        path = folder / f"{figures.slug(image_id)}.png"
         png = figures.save_png(out / path, overlay)
         score = row.get(key)
         caption = f"{image_id}: {key} {score:.3f}" if score is not None else image_id
@@ -248,9 +238,9 @@ def _segmentation_figures(
             region = run.reader.read_region(image_id, y, x, CROP)
             pixels = figures.to_rgb8(np.asarray(region))[: pred.shape[0], : pred.shape[1]]
             crop = figures.segmentation_overlay(pixels, pred, truth)
-            crop_path = folder / f"{_slug(image_id)}-crop.png"
-            png = figures.save_png(out / crop_path, cv2.resize(crop, (CROP * 2, CROP * 2),
-                                                               interpolation=cv2.INTER_NEAREST))  # fmt: skip
+            crop_path = folder / f"{figures.slug(image_id)}-crop.png"
+            zoom = figures.resize(crop, (CROP * 2, CROP * 2), nearest=True)
+            png = figures.save_png(out / crop_path, zoom)
             report.shown.append(Figure(
                 crop_path.as_posix(), figures.data_uri(png),
                 f"{image_id}: full resolution at y={y}, x={x} ({count} wrong pixels in its tile)",
@@ -346,7 +336,7 @@ def build_report(
         log(f"evaluating {name} on {data} [{split}]")
         run = load_run(folder, dataset, torch_device, checkpoint)
         collector = OverlayCollector(run) if task == "seg" and write else None
-        result = evaluate(folder, data, split, device, checkpoint, on_tile=collector)
+        result = evaluate(folder, data, split, device, checkpoint, on_tile=collector, run=run)
         recipe = yaml.safe_load((folder / "recipe.yaml").read_text()) or {}
         first = result["per_image"][0]["id"] if result.get("per_image") else None
         setting = describe_setting(run, first) if first else {}

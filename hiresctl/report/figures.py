@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import html
 import math
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -164,6 +165,17 @@ def save_png(path: Path, rgb: np.ndarray) -> bytes:
 
 def data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def slug(text: str) -> str:
+    """A file-name-safe form of a run or image name."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "run"
+
+
+def resize(rgb: np.ndarray, shape: tuple[int, int], nearest: bool = False) -> np.ndarray:
+    """``rgb`` resized to (height, width): area filter, or nearest neighbour (labels, zooms)."""
+    mode = cv2.INTER_NEAREST if nearest else cv2.INTER_AREA
+    return cv2.resize(rgb, (shape[1], shape[0]), interpolation=mode)
 
 
 def fit(rgb: np.ndarray, longest: int) -> np.ndarray:

@@ -120,14 +120,8 @@ def charts(metrics: dict[str, Any], reports: list[RunReport]) -> list[tuple[str,
             title = f"ROC of {r.name} (positive: {r.roc['positive']})"
             svg = figures.line_chart(series, title, "false positive rate", "true positive rate",
                                      limits=(0.0, 1.0), diagonal=True)  # fmt: skip
-            out.append((f"roc-{figures_slug(r.name)}", title, svg))
+            out.append((f"roc-{figures.slug(r.name)}", title, svg))
     return out
-
-
-def figures_slug(name: str) -> str:
-    from hiresctl.report.build import _slug
-
-    return _slug(name)
 
 
 def _comparison_columns(metrics: dict[str, Any]) -> list[str]:
@@ -191,7 +185,7 @@ def _confusion_html(matrix: list[list[int]], classes: list[str]) -> str:
 
 def _run_section_html(r: RunReport, svgs: dict[str, str]) -> str:
     result = r.result
-    out = [f'<h2 id="run-{_h(figures_slug(r.name))}">{_h(r.name)} — {_h(result["method"])}</h2>']
+    out = [f'<h2 id="run-{_h(figures.slug(r.name))}">{_h(r.name)} — {_h(result["method"])}</h2>']
     shown = recipe_settings(r.recipe)
     out.append(
         _html_table(["setting", "value"], [[(_h(k), ""), (_h(v), "")] for k, v in shown.items()], 2)
@@ -233,7 +227,7 @@ def _run_section_html(r: RunReport, svgs: dict[str, str]) -> str:
         what = "images" if result["task"] == "cls" else "pixels"
         out.append(f"<h3>Confusion matrix ({what})</h3>")
         out.append(_confusion_html(result["confusion_matrix"], result["classes"]))
-    roc = svgs.get(f"roc-{figures_slug(r.name)}")
+    roc = svgs.get(f"roc-{figures.slug(r.name)}")
     if roc:
         out.append(f'<h3>ROC</h3><div class="chart">{roc}</div>')
     if r.shown:
@@ -271,7 +265,7 @@ def render_html(metrics: dict[str, Any], reports: list[RunReport]) -> str:
     rows = []
     for r in reports:
         row = metrics["table"][r.name]
-        cells = [(f'<a href="#run-{_h(figures_slug(r.name))}">{_h(r.name)}</a>', ""),
+        cells = [(f'<a href="#run-{_h(figures.slug(r.name))}">{_h(r.name)}</a>', ""),
                  (_h(r.result["method"]), "")]  # fmt: skip
         cells += [(_h(r.setting.get(k, "—")), "") for k, _ in SETTING_COLUMNS]
         for c in columns:
@@ -398,7 +392,7 @@ def render_markdown(metrics: dict[str, Any], reports: list[RunReport]) -> str:
             out.append(_md_table(["", *map(str, result["classes"])],
                                  [[str(n), *map(str, row)] for n, row in zip(result["classes"], matrix, strict=True)]))  # fmt: skip
         if r.roc:
-            out.append(f"![ROC](figures/roc-{figures_slug(r.name)}.svg)\n")
+            out.append(f"![ROC](figures/roc-{figures.slug(r.name)}.svg)\n")
         if r.shown:
             out.append("### Worst images\n")
             for fig in r.shown:
