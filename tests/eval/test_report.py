@@ -75,10 +75,17 @@ def test_report_numbers_equal_metrics_json_and_the_best_is_marked(
                 continue
             text = f"{value:.2f}" if column.startswith(("train_", "eval_")) else f"{value:.4f}"
             assert text in html and text in markdown, (name, column, text)
+    # Every column's best (highest; lowest for memory), ties shared, starred in both twins.
+    for column in saved["table"][names[0]]:
+        values = {n: saved["table"][n][column] for n in names}
+        pick = min if column.endswith("_gb") else max
+        expected = [n for n in names if values[n] == pick(values.values())]
+        assert saved["best"][column] == expected, column
+        digits = 2 if column.startswith(("train_", "eval_")) else 4
+        text = f"{values[expected[0]]:.{digits}f}"
+        assert f"{text} ★" in html and f"**{text} ★**" in markdown, column
     accuracy = {n: saved["table"][n]["accuracy"] for n in names}
-    winner = max(accuracy, key=lambda n: accuracy[n])
-    assert winner in saved["best"]["accuracy"]
-    assert f"{accuracy[winner]:.4f} ★" in html and f"**{accuracy[winner]:.4f} ★**" in markdown
+    winner = max(names, key=lambda n: accuracy[n])  # the first of a tie, as the verdict says
     assert saved["verdict"].startswith(winner)
     # Figures: embedded in the page (it opens offline), and files for the Markdown twin.
     assert not re.search(r'src="(?!data:)', html), "every image is embedded"
