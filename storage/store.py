@@ -19,6 +19,7 @@ import storage.codecs  # noqa: F401  (registers the JPEG chunk codec for reading
 from storage.errors import StoreError
 
 __all__ = [
+    "ANNOTATIONS",
     "FORMAT_VERSION",
     "Dataset",
     "ImageEntry",
@@ -34,6 +35,8 @@ IMAGES = "images"
 THUMBNAIL = "thumbnail"
 FOREGROUND = "labels/foreground"
 MASK = "mask"  # the segmentation mask: NGFF label image labels/mask, levels like the image
+EXTRA_KEYS = ("geo", "format", "vendor", "boxes", "crs", "geotransform")
+ANNOTATIONS = "annotations"  # detection: boxes (n, 4) x0, y0, x1, y1 level-0 px; labels (n,)
 
 
 def _axes(unit: str | None) -> list[dict[str, str]]:
@@ -164,7 +167,7 @@ class Dataset:
             chunk=int(attrs.get("tiling", {}).get("chunk", 256)),
             codec=attrs.get("tiling", {}).get("codec", "zstd"),
             mask=attrs.get("mask"),
-            extra={k: attrs[k] for k in ("geo", "format", "vendor") if k in attrs},
+            extra={k: attrs[k] for k in EXTRA_KEYS if k in attrs},
         )
 
     def entries(self, split: str | None = None, complete_only: bool = False) -> list[ImageEntry]:
@@ -217,6 +220,32 @@ class Dataset:
             for value, name in given.items():
                 names[int(value)] = name
         return dict(sorted(names.items()))
+
+    def has_boxes(self, image_id: str) -> bool:
+        return ANNOTATIONS in self.image_group(image_id)
+
+    def boxes(self, image_id: str) -> tuple[np.ndarray, list[str]]:
+        """(n, 4) float32 boxes x0, y0, x1, y1 in level-0 pixels and each box's category name."""
+        try:
+            sub: Any = self.image_group(image_id)[ANNOTATIONS]
+        except KeyError as exc:
+            raise StoreError(
+                f"{self.path}/{IMAGES}/{image_id}",
+                "has no object annotations (tile with --coco FILE or --annotations PATH)",
+            ) from exc
+        categories = hires_attrs(sub).get("categories", [])
+        xyxy = np.asarray(sub["boxes"][...], dtype=np.float32).reshape(-1, 4)
+        labels = np.asarray(sub["labels"][...]).reshape(-1)
+        return xyxy, [categories[int(i)] for i in labels]
+
+    def box_classes(self) -> list[str]:
+        """Category names of the complete images' annotations, in the files' order."""
+        names: list[str] = []
+        for entry in self.entries(complete_only=True):
+            for name in entry.extra.get("boxes", {}).get("categories", []):
+                if name not in names:
+                    names.append(name)
+        return names
 
     def manifest(self) -> list[dict[str, Any]]:
         return [e.to_json() for e in self.entries()]

@@ -32,6 +32,7 @@ import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
+from storage.annotations import Annotations, ImageBoxes, geo_to_pixels, outside_problem
 from storage.codecs import JpegCodec
 from storage.errors import SourceError, StoreError, UsageError
 from storage.readers import (
@@ -42,6 +43,7 @@ from storage.readers import (
     open_source,
 )
 from storage.store import (
+    ANNOTATIONS,
     FORMAT_VERSION,
     IMAGES,
     MASK,
@@ -514,11 +516,13 @@ def _prepare(
     labels: LabelTable | None,
     taken: set[str],
     masks: MaskSet | None = None,
+    annotations: Annotations | None = None,
 ) -> _Plan:
     plan = _Plan(spec=spec, result=ImageResult(source=spec.name), started=time.perf_counter())
     reader = spec.open(options)
     plan.reader = reader
     info = reader.info
+    boxes = _boxes_for(spec, reader, annotations) if annotations is not None else None
     label_row = labels.lookup(spec) if labels else None
     if labels is not None and (label_row is None or not label_row["label"]):
         raise SourceError(spec.name, f"no label for this image in {labels.path}")
@@ -560,6 +564,10 @@ def _prepare(
             attrs.update(
                 {"label": (label_row or {}).get("label", attrs.get("label")), "split": split}
             )
+            if boxes is not None:
+                assert annotations is not None
+                assert isinstance(existing, zarr.Group)
+                attrs["boxes"] = _write_boxes(existing, boxes, annotations)
             existing.attrs["hiresctl"] = attrs
             if mask_path is not None and masks is not None and masks.classes:
                 _name_classes(existing, masks.classes)  # names may change without re-tiling
@@ -586,6 +594,9 @@ def _prepare(
         "split": split,
         **{k: v for k, v in info.extra.items() if k not in ("tiles",)},
     }
+    if boxes is not None:
+        assert annotations is not None
+        meta["boxes"] = _write_boxes(group, boxes, annotations)
     group.attrs["hiresctl"] = meta
     _create_levels(group, plan, options, info.channels, dtype, info.fill_value, codecs)
     if plan.mask is not None:
@@ -594,6 +605,57 @@ def _prepare(
         zstd = {"compressors": [ZstdCodec(level=options.zstd_level)]}
         _create_levels(mask_group, plan, options, 1, mask_dtype, 0, zstd)
     return plan
+
+
+def _boxes_for(
+    spec: SourceSpec, reader: SourceReader, annotations: Annotations
+) -> tuple[np.ndarray, np.ndarray]:
+    """The source's boxes in level-0 pixels of the store (after any resampling), checked
+    against the source's size, with their category indices."""
+    found = annotations.lookup(spec.name)
+    if found is None:
+        raise SourceError(spec.name, f"no entry for this image in {annotations.path}")
+    if found.problem:
+        raise SourceError(spec.name, found.problem)
+    base = reader.base if isinstance(reader, ResampledReader) else reader
+    source_h, source_w = base.info.level_shapes[0]
+    pixels = geo_to_pixels(found, base.info.extra, spec.name, annotations.path)
+    checked = ImageBoxes(pixels, found.labels, found.entries)
+    problem = outside_problem(checked, source_w, source_h, annotations.path)
+    if problem:
+        raise SourceError(spec.name, problem)
+    height, width = reader.info.level_shapes[0]
+    scale = np.array([width / source_w, height / source_h] * 2)
+    level0 = np.clip(pixels, 0, [source_w, source_h] * 2) * scale
+    return level0.astype(np.float32), found.labels.astype(np.int32)
+
+
+def _write_boxes(
+    group: zarr.Group, boxes: tuple[np.ndarray, np.ndarray], annotations: Annotations
+) -> dict[str, Any]:
+    """Write ``annotations/boxes`` (n, 4: x0, y0, x1, y1 in level-0 pixels) and
+    ``annotations/labels`` (n: index into the categories) into an image group."""
+    xyxy, labels = boxes
+    if ANNOTATIONS in group:
+        del group[ANNOTATIONS]
+    sub = group.create_group(ANNOTATIONS)
+    zstd = [ZstdCodec(level=3)]
+    count = len(xyxy)
+    box_array = sub.create_array("boxes", shape=(count, 4), dtype="float32",
+                                 chunks=(max(1, count), 4), compressors=zstd)  # fmt: skip
+    label_array = sub.create_array("labels", shape=(count,), dtype="int32",
+                                   chunks=(max(1, count),), compressors=zstd)  # fmt: skip
+    if count:
+        box_array[...] = xyxy
+        label_array[...] = labels
+    summary: dict[str, Any] = {
+        "source": annotations.path,
+        "format": annotations.kind,
+        "count": count,
+        "categories": annotations.categories,
+    }
+    sub.attrs["hiresctl"] = {**summary, "boxes": "x0, y0, x1, y1 in level-0 pixels"}
+    return summary
 
 
 def _create_levels(
@@ -1011,6 +1073,7 @@ def tile(
     on_result: Callable[[ImageResult], None] | None = None,
     on_block: Callable[[int, int], None] | None = None,
     masks: MaskSet | None = None,
+    annotations: Annotations | None = None,
 ) -> list[ImageResult]:
     """Tile every source into the dataset at ``out``; bad sources fail alone.
 
@@ -1021,6 +1084,9 @@ def tile(
         labels: class labels; with a table, an image without a row fails.
         masks: segmentation masks, tiled beside each image as the NGFF label image
             ``labels/mask``; with a folder, an image without a mask fails.
+        annotations: object boxes (COCO or GeoJSON), stored per image in level-0 pixels
+            (scaled with any resampling); an image without an entry, or whose entries are
+            bad, fails naming the entry.
         on_result: called once per source as it finishes (for ``--json`` lines).
         on_block: called as (done, total) blocks progress.
 
@@ -1036,7 +1102,7 @@ def tile(
     emit = on_result or (lambda r: None)
     for spec in sources:
         try:
-            plan = _prepare(root, store, spec, options, labels, taken, masks)
+            plan = _prepare(root, store, spec, options, labels, taken, masks, annotations)
         except SourceError as exc:
             plan = _Plan(
                 spec=spec, result=ImageResult(source=spec.name, error=exc.problem), failed=True

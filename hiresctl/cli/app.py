@@ -133,6 +133,17 @@ def tile(
     mask_classes: Annotated[
         Path | None, typer.Option(help="CSV with columns value,name naming the mask values.")
     ] = None,
+    coco: Annotated[
+        Path | None,
+        typer.Option(help="COCO JSON of object boxes, matched to sources by file_name."),
+    ] = None,
+    annotations: Annotated[
+        Path | None,
+        typer.Option(
+            help="QuPath/GeoJSON annotations: a folder of <image>.geojson, or one file; "
+            "coordinates in a CRS go through the mosaic's geotransform."
+        ),
+    ] = None,
     mosaic: Annotated[
         str | None, typer.Option(help="Tile all SOURCES as one GeoTIFF mosaic with this name.")
     ] = None,
@@ -172,6 +183,7 @@ def tile(
     """Tile sources into a chunked OME-Zarr dataset store (resumable; bad inputs fail alone)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from storage.annotations import Annotations
     from storage.tiler import LabelTable, MaskSet, SourceSpec, TileOptions
     from storage.tiler import tile as run_tile
 
@@ -193,6 +205,15 @@ def tile(
     if mask_classes and not masks:
         raise UsageError("--mask-classes needs --masks")
     mask_set = MaskSet(masks, mask_classes) if masks else None
+    if coco and annotations:
+        raise UsageError("give --coco or --annotations, not both")
+    boxes = (
+        Annotations.coco(coco)
+        if coco
+        else Annotations.geojson(annotations)
+        if annotations
+        else None
+    )
     failed = []
 
     with Progress(
@@ -222,8 +243,9 @@ def tile(
                 )
 
         results = run_tile(
-            specs, out, options, table, on_result=on_result, on_block=on_block, masks=mask_set
-        )
+            specs, out, options, table, on_result=on_result, on_block=on_block, masks=mask_set,
+            annotations=boxes,
+        )  # fmt: skip
     ok = len(results) - len(failed)
     err.print(
         f"{ok} of {len(results)} images in {out}" + (f"; {len(failed)} failed" if failed else "")
@@ -282,7 +304,8 @@ def train(
     data: Annotated[Path, typer.Option("--data", help="Dataset store (from `hiresctl tile`).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to create (or resume).")],
     task: Annotated[
-        Task, typer.Option(help="cls (classification) or seg (segmentation); det is coming.")
+        Task,
+        typer.Option(help="cls (classification), det (detection, FCOS) or seg (segmentation)."),
     ] = Task.cls,
     recipe: Annotated[
         Path | None, typer.Option(help="YAML recipe; optional, each task × method has defaults.")
@@ -291,7 +314,7 @@ def train(
         str | None,
         typer.Option(
             help="patchgd-global (default); cls: patchgd, ips, downsample, full; "
-            "seg: tiled, downsample, full."
+            "det: patchgd, downsample, sliced; seg: tiled, downsample, full."
         ),
     ] = None,
     set_: Annotated[
@@ -315,8 +338,6 @@ def train(
     """Train a memory-bounded model on a dataset store (torchrun-ready)."""
     from hiresctl.train import Trainer, load_recipe, parse_set
 
-    if task is Task.det:
-        raise UsageError("--task det: not available yet in this version; use --task cls or seg")
     overrides = parse_set(set_ or [])
     if memory_budget is not None:
         overrides["memory_budget"] = memory_budget
@@ -399,17 +420,19 @@ def _print_result(run: Path, data: Path, split: str, result: dict[str, Any]) -> 
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in result["metrics"].items():
-        table.add_row(key, f"{value:.4f}")
+        table.add_row(key, "-" if value is None else f"{value:.4f}")
     for name, values in (result.get("per_class") or {}).items():
-        if "iou" in values:
-            iou = values.get("iou")
-            table.add_row(f"IoU {name}", "—" if iou is None else f"{iou:.4f}")
+        for key in ("iou", "ap"):
+            if key in values:
+                value = values.get(key)
+                table.add_row(f"{key.upper() if key == 'ap' else 'IoU'} {name}",
+                              "—" if value is None else f"{value:.4f}")  # fmt: skip
     table.add_row(
         "peak memory (GB)", f"{result['peak_memory_gb']:.3f} ({result['peak_memory_kind']})"
     )
     table.add_row("images/s", f"{result['images_per_second']:.2f}")
     Console().print(table)
-    matrix = result["confusion_matrix"]
+    matrix = result.get("confusion_matrix")
     if matrix and len(matrix) <= 30:
         cm = Table(title="confusion matrix (rows: true, columns: predicted)")
         cm.add_column("")

@@ -4,6 +4,7 @@ from hiresctl.data.grid import PatchGrid
 from hiresctl.data.images import (
     LabelledImage,
     class_names,
+    detection_images,
     labelled_images,
     require_images,
     segmentation_images,
@@ -24,6 +25,7 @@ __all__ = [
     "RandomPatchSampler",
     "ReadRequest",
     "class_names",
+    "detection_images",
     "foreground_fraction",
     "labelled_images",
     "normalize",

@@ -61,11 +61,30 @@ def segmentation_images(
     return images, problems
 
 
+def detection_images(
+    dataset: Dataset, split: str, classes: list[str]
+) -> tuple[list[LabelledImage], list[str]]:
+    """The complete images of ``split`` that have object annotations (an image may have none
+    of its boxes, a negative example; target unused)."""
+    images: list[LabelledImage] = []
+    problems: list[str] = []
+    for entry in dataset.entries(split=split):
+        where = f"{dataset.path}/images/{entry.id} ({entry.source})"
+        if not entry.complete:
+            problems.append(f"{where}: tiling did not finish (status {entry.status}); skipped")
+        elif "boxes" not in entry.extra:
+            problems.append(f"{where}: has no object annotations; skipped")
+        else:
+            images.append(LabelledImage(entry.id, 0))
+    return images, problems
+
+
 def require_images(images: list[LabelledImage], dataset: Dataset, split: str) -> None:
     if not images:
         raise StoreError(
             dataset.path,
             f"no labelled, completely tiled images in split {split!r} "
-            "(tile with --labels CSV for classification or --masks DIR for segmentation, "
+            "(tile with --labels CSV for classification, --masks DIR for segmentation or "
+            "--coco FILE for detection, "
             "or choose another split)",
         )

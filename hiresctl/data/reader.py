@@ -66,10 +66,12 @@ class PatchReader:
         level: int = 0,
         threads: int = 4,
         mask_values: Sequence[int] | None = None,
+        box_classes: Sequence[str] | None = None,
     ) -> None:
         self.dataset = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
         self.level = level
         self.mask_values = list(mask_values) if mask_values is not None else None
+        self.box_classes = list(box_classes) if box_classes is not None else None
         self._lut: np.ndarray | None = None
         if self.mask_values is not None:
             # mask value → class index; values outside the run's classes are ignored (-1)
@@ -86,10 +88,11 @@ class PatchReader:
     # Pickled into DataLoader workers: each worker reopens the store lazily.
     def __getstate__(self) -> dict[str, Any]:
         return {"path": self.dataset.path, "level": self.level, "threads": 1,
-                "mask_values": self.mask_values}  # fmt: skip
+                "mask_values": self.mask_values, "box_classes": self.box_classes}  # fmt: skip
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["path"], state["level"], state["threads"], state["mask_values"])  # type: ignore[misc]
+        self.__init__(state["path"], state["level"], state["threads"], state["mask_values"],  # type: ignore[misc]
+                      state["box_classes"])  # fmt: skip
 
     def entry(self, image_id: str) -> ImageEntry:
         with self._lock:
@@ -196,6 +199,20 @@ class PatchReader:
         square = torch.full((1, 1, side, side), -1.0)
         square[0, 0, :height, :width] = torch.from_numpy(labels).float()
         return F.interpolate(square, size=(size, size), mode="nearest")[0, 0].long()
+
+    def boxes(self, image_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """(n, 4) float32 boxes x0, y0, x1, y1 in pixels of the read level and (n,) int64 class
+        indices into ``box_classes``; boxes of other categories and boxes without area are
+        left out."""
+        xyxy, names = self.dataset.boxes(image_id)
+        index = {name: i for i, name in enumerate(self.box_classes or [])}
+        _, height, width = self.shape(image_id)
+        _, height0, width0 = self.entry(image_id).shape
+        scale = np.array([width / width0, height / height0] * 2, dtype=np.float32)
+        boxes = xyxy * scale
+        labels = np.array([index.get(n, -1) for n in names], dtype=np.int64)
+        keep = (labels >= 0) & (boxes[:, 2] - boxes[:, 0] > 0) & (boxes[:, 3] - boxes[:, 1] > 0)
+        return boxes[keep].astype(np.float32), labels[keep]
 
     def read_patches(
         self, image_id: str, grid: PatchGrid, indices: Sequence[int] | np.ndarray

@@ -8,6 +8,7 @@ from typing import Any
 import yaml
 
 from hiresctl.eval.classification import evaluate_classification
+from hiresctl.eval.detection import evaluate_detection
 from hiresctl.eval.segmentation import evaluate_segmentation
 from hiresctl.train import Run
 from storage import StoreError
@@ -28,10 +29,19 @@ def evaluate(run_dir: str | Path, data: str | Path, split: str = "test", device:
              ) -> dict[str, Any]:  # fmt: skip
     """Evaluate a run with its task's metrics (``on_tile``: segmentation's tile hook; ``run``:
     the run already loaded from ``run_dir``, else it is loaded here)."""
-    if run_task(run_dir) == "seg":
+    task = run_task(run_dir)
+    if task == "det":
+        return evaluate_detection(run_dir, data, split, device, checkpoint, run=run)
+    if task == "seg":
         return evaluate_segmentation(run_dir, data, split, device, checkpoint, on_tile=on_tile,
                                      run=run)  # fmt: skip
     return evaluate_classification(run_dir, data, split, device, checkpoint, run=run)
 
 
-__all__ = ["evaluate", "evaluate_classification", "evaluate_segmentation", "run_task"]
+__all__ = [
+    "evaluate",
+    "evaluate_classification",
+    "evaluate_detection",
+    "evaluate_segmentation",
+    "run_task",
+]

@@ -29,6 +29,7 @@ CROP = 192  # side of a full-resolution segmentation crop
 TABLE_METRICS = {
     "cls": ("accuracy", "balanced_accuracy", "macro_f1", "auc", "kappa_quadratic"),
     "seg": ("f1", "iou", "mean_iou", "accuracy", "balanced_accuracy", "plr", "nlr"),
+    "det": ("ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large", "ar"),
 }
 LOWER_IS_BETTER = {"nlr", "train_peak_gb", "eval_peak_gb"}
 METRIC_NAMES = {
@@ -36,7 +37,8 @@ METRIC_NAMES = {
     "auc": "AUC", "kappa_quadratic": "Quadratic κ", "f1": "F1", "iou": "IoU",
     "mean_iou": "Mean IoU", "plr": "PLR", "nlr": "NLR", "train_peak_gb": "Train peak GB",
     "eval_peak_gb": "Eval peak GB", "train_images_per_second": "Train images/s",
-    "eval_images_per_second": "Eval images/s",
+    "eval_images_per_second": "Eval images/s", "ap": "AP", "ap50": "AP50", "ap75": "AP75",
+    "ap_small": "APs", "ap_medium": "APm", "ap_large": "APl", "ar": "AR",
 }  # fmt: skip
 
 
@@ -106,6 +108,13 @@ def describe_setting(run: Run, image_id: str) -> dict[str, str]:
         side = max(height, width)
         out.update(patch="—", sampling=f"whole image resized to {size}²",
                    sees=f"1/{side / size:.3g} resolution ({side}→{size} px per side)")  # fmt: skip
+    elif name == "sliced":
+        grid, kept = method.patches(image_id)
+        k = method.patches_per_step(len(kept))  # type: ignore[attr-defined]
+        out.update(sampling=f"windows {recipe.patch_size}² every {grid.stride} px "
+                            f"(overlap {recipe.overlap:.0%}), k={k} of N={len(kept)} per step; "
+                            "inference on every window, merged by NMS",
+                   sees="full resolution, one window at a time")  # fmt: skip
     elif name == "full":
         out.update(patch="—", sampling="whole image at once", sees="full resolution")
     elif name == "ips":

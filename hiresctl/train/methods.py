@@ -649,10 +649,15 @@ METHOD_CLASSES: dict[str, type[Method]] = {
 
 def create_method(recipe: Recipe, num_classes: int, reader: PatchReader) -> Method:
     """The method of ``recipe.task`` named ``recipe.method``."""
+    classes: dict[str, type[Method]]
     if recipe.task == "seg":
         from hiresctl.train.segmentation import SEG_METHOD_CLASSES
 
-        classes: dict[str, type[Method]] = dict(SEG_METHOD_CLASSES)
+        classes = dict(SEG_METHOD_CLASSES)
+    elif recipe.task == "det":
+        from hiresctl.train.detection import DET_METHOD_CLASSES
+
+        classes = dict(DET_METHOD_CLASSES)
     else:
         classes = METHOD_CLASSES
     if recipe.method not in classes:

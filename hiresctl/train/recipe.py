@@ -21,7 +21,7 @@ import yaml
 from storage import UsageError
 
 TASKS = ("cls", "det", "seg")
-METHODS = ("patchgd-global", "patchgd", "ips", "downsample", "full", "tiled")
+METHODS = ("patchgd-global", "patchgd", "ips", "downsample", "full", "tiled", "sliced")
 TASK_METHODS = {
     "cls": ("patchgd-global", "patchgd", "ips", "downsample", "full"),
     "det": ("patchgd-global", "patchgd", "downsample", "sliced"),
@@ -54,6 +54,10 @@ class Recipe:
     head_width: int = 256
     dropout: float = 0.2
     fusion: str = "add"  # patchgd-global: add | concat
+    # detection (FCOS): latent_dim is the FPN's channels
+    head_convs: int = 4  # conv layers of each FCOS head branch
+    max_detections: int = 100  # per image, after NMS (COCO evaluation's maxDets too)
+    overlap: float = 0.2  # sliced: fraction of a window shared with its neighbour
     # PatchGD inner loop
     sample_fraction: float = 0.25  # [ρ] fraction of patches re-encoded with gradient per inner step
     patches_per_step: int | None = None  # [k] overrides sample_fraction when set
@@ -99,6 +103,14 @@ class Recipe:
 # Per task defaults (METHODS.md §5, §7): segmentation's θ1 is a U-Net with 8 output channels,
 # its inner loop J=4, k=4, accumulation 2, lr 1e-4 (the seed paper's DRIVE setting).
 _TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    # detection (§4, §7): ResNet+FPN FCOS on 512-pixel patches, GroupNorm (no head BatchNorm
+    # to recalibrate), the global map fused by one conv over the concatenation
+    "det": {
+        "patch_size": 512,
+        "fusion": "concat",
+        "calibration_batches": 0,
+        "fill_batch": 16,
+    },
     "seg": {
         "backbone": "unet",
         "latent_dim": 8,
@@ -187,13 +199,16 @@ def _check(recipe: Recipe, where: str) -> None:
                 f"{where}: {key} {getattr(recipe, key)!r} is not one of {', '.join(choices)}"
             )
     positive = ("patch_size", "epochs", "batch_size", "accumulation_steps", "fill_batch")
-    for key in (*positive, "memory_size", "iter_size", "latent_dim", "head_width"):
+    for key in (*positive, "memory_size", "iter_size", "latent_dim", "head_width", "head_convs",
+                "max_detections"):  # fmt: skip
         if getattr(recipe, key) < 1:
             raise UsageError(f"{where}: {key} must be at least 1, got {getattr(recipe, key)}")
     if not 0 < recipe.sample_fraction <= 1:
         raise UsageError(
             f"{where}: sample_fraction must be in (0, 1], got {recipe.sample_fraction}"
         )
+    if not 0 <= recipe.overlap < 1:
+        raise UsageError(f"{where}: overlap must be in [0, 1), got {recipe.overlap}")
     if recipe.lr <= 0:
         raise UsageError(f"{where}: lr must be positive, got {recipe.lr}")
     if recipe.memory_budget is not None:

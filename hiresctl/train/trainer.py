@@ -29,6 +29,7 @@ from hiresctl.data import (
     PatchStream,
     ReadRequest,
     class_names,
+    detection_images,
     labelled_images,
     require_images,
     segmentation_images,
@@ -133,7 +134,9 @@ def build_run(
     world: distributed.World | None = None,
     mask_values: list[int] | None = None,
 ) -> Run:
-    reader = PatchReader(dataset, level=recipe.level, mask_values=mask_values)
+    box_classes = classes if recipe.task == "det" else None
+    reader = PatchReader(dataset, level=recipe.level, mask_values=mask_values,
+                         box_classes=box_classes)  # fmt: skip
     method = create_method(recipe, len(classes), reader)
     seed_all(recipe.seed)
     model = method.build_model().to(device)
@@ -258,6 +261,63 @@ def predict_segmentation(
     return matrices, stats
 
 
+def predict_detections(
+    run: Run,
+    images: list[LabelledImage],
+    num_workers: int = 0,
+    batch_size: int | None = None,
+) -> tuple[list[dict[str, torch.Tensor]], dict[str, float]]:
+    """Boxes (x0, y0, x1, y1 in level-0 pixels), scores and labels per image at the evaluation
+    score threshold, with timing and peak memory."""
+    method = run.method
+    size = batch_size or run.recipe.batch_size
+    batches = [images[i : i + size] for i in range(0, len(images), size)]
+    stream = PatchStream(run.reader, num_workers=num_workers)
+    reads = _PlannedReads(stream, (method.plan([im.image_id for im in batch], 0, train=False)
+                                   for batch in batches))  # fmt: skip
+    ctx = step_context(run, optimizer=None, scaler=None, accumulation=1)
+    peak = PeakMemory(run.device)
+    peak.reset()
+    start = time.perf_counter()
+    found: list[dict[str, torch.Tensor]] = []
+    for batch in batches:
+        ids = [im.image_id for im in batch]
+        for image_id, d in zip(ids, method.detect(ctx, ids, reads.batch()), strict=True):  # type: ignore[attr-defined]
+            _, height, width = run.reader.shape(image_id)
+            _, height0, width0 = run.reader.entry(image_id).shape
+            scale = torch.tensor([width0 / width, height0 / height] * 2)
+            found.append({**d, "boxes": d["boxes"] * scale})
+    stats = _timing(len(images), time.perf_counter() - start, peak, reads)
+    return found, stats
+
+
+def detection_metrics(
+    run: Run, images: list[LabelledImage], detections: list[dict[str, torch.Tensor]]
+) -> dict[str, Any]:
+    """COCO metrics of ``detections`` against the store's boxes (level-0 pixels)."""
+    from hiresctl.train.detection import coco_metrics, coco_results
+
+    truth = coco_truth(run, images)
+    return coco_metrics(truth, coco_results(detections), run.recipe.max_detections)
+
+
+def coco_truth(run: Run, images: list[LabelledImage]) -> dict[str, Any]:
+    """The COCO ground truth of ``images`` from the store, in level-0 pixels."""
+    from hiresctl.train.detection import coco_ground_truth
+
+    ids = [im.image_id for im in images]
+    sizes, truth = [], []
+    index = {name: i for i, name in enumerate(run.classes)}
+    for image_id in ids:
+        _, height, width = run.reader.entry(image_id).shape
+        sizes.append((height, width))
+        boxes, names = run.reader.dataset.boxes(image_id)
+        labels = np.array([index.get(n, -1) for n in names], dtype=np.int64)
+        keep = labels >= 0
+        truth.append((boxes[keep], labels[keep]))
+    return coco_ground_truth(ids, sizes, truth, run.classes)
+
+
 def step_context(
     run: Run, optimizer: torch.optim.Optimizer | None, scaler: Any, accumulation: int
 ) -> StepContext:
@@ -313,7 +373,9 @@ def _memory_plan(run: Run, budget_text: str, images: list[LabelledImage]) -> Mem
     baseline = current_rss_bytes() if run.device.type == "cpu" else 0
     per_image = 0
     patches_wanted: int | None = None
-    if recipe.task == "seg" and recipe.method in ("tiled", "patchgd-global"):
+    if recipe.task == "det":
+        per_image, per_patch, patches_wanted = _detection_memory(run, images, per_patch)
+    elif recipe.task == "seg" and recipe.method in ("tiled", "patchgd-global"):
         biggest = max((run.method.patches(im.image_id) for im in images), key=lambda g: len(g[1]))
         grid, kept = biggest
         pixels = grid.rows * grid.cols * size * size
@@ -355,6 +417,43 @@ def _memory_plan(run: Run, budget_text: str, images: list[LabelledImage]) -> Mem
     )
 
 
+def _detection_memory(
+    run: Run, images: list[LabelledImage], per_patch: int
+) -> tuple[int, int, int | None]:
+    """(per image, per patch, patches wanted) of a detection step: the FCOS head's activations
+    on the canvas it sees (stitched image, window or resized image), the stitched maps and
+    their gradient copies, and target matching (anchor points × boxes)."""
+    from hiresctl.models.detection import PatchFCOS
+    from hiresctl.train.detection import DetectionMethod
+    from hiresctl.train.methods import PatchGD
+
+    recipe, method, model = run.recipe, run.method, run.model
+    assert isinstance(method, DetectionMethod) and isinstance(model, PatchFCOS)
+    channels = recipe.latent_dim
+    head = channels * 4 * (6 * recipe.head_convs + 4)  # per anchor point: 2 branches, conv+GN+ReLU
+    most_boxes = max((len(method.targets(im.image_id)[0]) for im in images), default=0)
+    matching = 48 * max(1, most_boxes)
+
+    def cells(height: int, width: int) -> int:
+        return sum((height // s) * (width // s) for s in model.strides)
+
+    if not isinstance(method, PatchGD):  # downsample: one resized image
+        side = method.input_side()
+        scaled = int(per_patch * (side / recipe.patch_size) ** 2)
+        return 0, scaled + cells(side, side) * (head + matching), None
+    size = recipe.patch_size
+    grid, kept = max((method.patches(im.image_id) for im in images), key=lambda g: len(g[1]))
+    wanted = method.patches_per_step(len(kept))
+    if recipe.method == "sliced":
+        return 0, per_patch + cells(size, size) * (head + matching), wanted
+    canvas = cells(grid.rows * size, grid.cols * size)
+    maps = canvas * channels * 4 * (2 + (3 if method.use_global else 0))
+    per_image = maps + canvas * (head + matching)
+    if method.use_global:
+        per_image += per_patch  # the global patch, encoded with gradient every step
+    return per_image, per_patch, wanted
+
+
 def task_classes(dataset: Dataset, task: str) -> tuple[list[str], list[int] | None]:
     """Class names of a new run, and for segmentation the mask value of each class."""
     if task == "seg":
@@ -366,6 +465,15 @@ def task_classes(dataset: Dataset, task: str) -> tuple[list[str], list[int] | No
                 f"{list(named) or 'no masks'} (tile with --masks DIR)",
             )
         return list(named.values()), list(named)
+    if task == "det":
+        names = dataset.box_classes()
+        if not names:
+            raise StoreError(
+                dataset.path,
+                "has no object annotations to train a detector (tile with --coco FILE or "
+                "--annotations PATH)",
+            )
+        return names, None
     classes = class_names(dataset)
     if len(classes) < 2:
         raise StoreError(
@@ -457,12 +565,14 @@ class Trainer:
                 )
             classes, mask_values = task_classes(self.dataset, recipe.task)
         self.recipe = recipe
-        select = segmentation_images if recipe.task == "seg" else labelled_images
+        select = {"seg": segmentation_images, "det": detection_images}.get(
+            recipe.task, labelled_images
+        )
         self.train_images, self.problems = select(self.dataset, recipe.train_split, classes)
         require_images(self.train_images, self.dataset, recipe.train_split)
         self.val_images, val_problems = select(self.dataset, recipe.val_split, classes)
         self.problems += val_problems
-        self.monitor = monitor_key(len(classes)) if recipe.task == "seg" else "accuracy"
+        self.monitor = {"seg": monitor_key(len(classes)), "det": "ap"}.get(recipe.task, "accuracy")
         self.run = build_run(recipe, self.dataset, classes, self.device, self.world, mask_values)
         self.memory_plan: MemoryPlan | None = None
         if recipe.memory_budget and not resume:
@@ -688,6 +798,12 @@ class Trainer:
         if not self.val_images:
             return {}
         share = self.val_images[self.world.rank :: self.world.size]
+        if self.recipe.task == "det":
+            found, _ = predict_detections(self.run, share)
+            gathered = distributed.gather_objects((share, found), self.world)
+            images = [im for part in gathered for im in part[0]]  # type: ignore[index]
+            detections = [d for part in gathered for d in part[1]]  # type: ignore[index]
+            return detection_metrics(self.run, images, detections)
         if self.recipe.task == "seg":
             matrices, _ = predict_segmentation(self.run, share)
             gathered = distributed.gather_objects(matrices, self.world)
@@ -754,7 +870,10 @@ __all__ = [
     "TrainingDiverged",
     "build_run",
     "classification_metrics",
+    "coco_truth",
+    "detection_metrics",
     "load_run",
+    "predict_detections",
     "predict_images",
     "predict_segmentation",
     "resolve_device",

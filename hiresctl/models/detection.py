@@ -1,0 +1,239 @@
+"""FCOS on patches with stitched feature maps and a fused global patch (METHODS.md §4).
+
+Built from torchvision's FCOS parts: the anchor-point generator, the FCOS head (classification,
+box regression, centerness), its target matching (center sampling radius 1.5, scale ranges per
+level) and losses (focal α=0.25 γ=2, GIoU, centerness BCE, each normalised by the foreground
+count), and its post-processing (score threshold, top-k per level, class-wise NMS 0.6). What
+torchvision's ``FCOS.forward`` adds is left out on purpose: its transform resizes every image
+to 800 px, and the point here is full resolution.
+
+Per FPN level ``l`` every patch yields a map of ``patch_size / stride_l`` cells; the maps are
+stitched into the image grid in row-major patch order, so cell (i, j) of patch (r, c) lands at
+(r·h_l + i, c·w_l + j), which is where its anchor point lies in the image. With a global patch,
+one conv per level fuses the stitched map with the global patch's map upsampled to the grid.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.models.detection import FCOS
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.fcos import FCOSHead
+from torchvision.models.detection.image_list import ImageList
+from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelP6P7
+
+from hiresctl.models.backbones import load_weights
+from hiresctl.models.segmentation import upsample_region
+from storage import UsageError
+
+DET_BACKBONES = ("tiny", "resnet18", "resnet34", "resnet50")
+DET_FUSIONS = ("add", "concat")
+
+
+class FPNBackbone(nn.Module):
+    """A CNN body with a feature pyramid: ``forward`` returns one map per level, finest first,
+    all with ``out_channels`` channels; level ``l`` has stride ``strides[l]``."""
+
+    def __init__(
+        self,
+        body: nn.Module,
+        return_layers: dict[str, str],
+        in_channels: list[int],
+        out_channels: int,
+        strides: tuple[int, ...],
+        p6p7: bool,
+    ) -> None:
+        super().__init__()
+        self.body = IntermediateLayerGetter(body, return_layers=return_layers)
+        extra = LastLevelP6P7(out_channels, out_channels) if p6p7 else None
+        self.fpn = FeaturePyramidNetwork(in_channels, out_channels, extra_blocks=extra)
+        self.out_channels = out_channels
+        self.strides = strides
+
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        return self.fpn(self.body(x))
+
+
+def _group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(32, channels // 4) or 1, channels)
+
+
+def create_fpn_backbone(
+    name: str, channels: int = 256, pretrained: str | Path | None = None
+) -> FPNBackbone:
+    """ResNet + FPN with P3–P7 (strides 8–128), as torchvision's FCOS builds it, or ``tiny``
+    (five convs, P3–P5, strides 8–32) for tests and CPU demos. Normalisation is GroupNorm:
+    patches of one image are few per step, and batch statistics of so few would drift between
+    the no-gradient fill and the gradient steps. ``pretrained``: a local ResNet state dict."""
+    if name not in DET_BACKBONES:
+        raise UsageError(f"unknown detection backbone {name!r}; valid: {', '.join(DET_BACKBONES)}")
+    if channels % 16:
+        raise UsageError(f"latent_dim (FPN channels) must be a multiple of 16, got {channels}")
+    if name == "tiny":
+
+        def block(cin: int, cout: int) -> nn.Sequential:
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False),
+                _group_norm(cout),
+                nn.ReLU(inplace=True),
+            )
+
+        body = nn.Sequential(OrderedDict([
+            ("stem", block(3, 16)), ("c2", block(16, 32)), ("c3", block(32, 48)),
+            ("c4", block(48, 64)), ("c5", block(64, 96)),
+        ]))  # fmt: skip
+        layers = {"c3": "0", "c4": "1", "c5": "2"}
+        return FPNBackbone(body, layers, [48, 64, 96], channels, (8, 16, 32), p6p7=False)
+    net = getattr(torchvision.models, name)(weights=None, norm_layer=_group_norm)
+    if pretrained:
+        load_weights(net, pretrained)
+    body = nn.Sequential(OrderedDict(list(net.named_children())[:-2]))  # drop avgpool and fc
+    widths = [128, 256, 512] if name in ("resnet18", "resnet34") else [512, 1024, 2048]
+    layers = {"layer2": "0", "layer3": "1", "layer4": "2"}
+    return FPNBackbone(body, layers, widths, channels, (8, 16, 32, 64, 128), p6p7=True)
+
+
+class PatchFCOS(nn.Module):
+    """FCOS whose feature maps may come from stitched patches (and a fused global patch).
+
+    ``encode`` runs backbone + FPN on pixels (a batch of patches, a global patch, a crop or a
+    whole resized image); ``fuse`` adds the global patch through one conv per level; ``losses``
+    and ``detect`` run the FCOS head on maps that cover a canvas of (height, width) pixels.
+    """
+
+    def __init__(
+        self,
+        backbone: str,
+        num_classes: int,
+        channels: int = 256,
+        use_global: bool = False,
+        fusion: str = "concat",
+        head_convs: int = 4,
+        pretrained: str | Path | None = None,
+        max_detections: int = 100,
+    ) -> None:
+        super().__init__()
+        if fusion not in DET_FUSIONS:
+            raise UsageError(f"fusion {fusion!r}: valid for detection: {', '.join(DET_FUSIONS)}")
+        encoder = create_fpn_backbone(backbone, channels, pretrained)
+        anchors = AnchorGenerator(
+            tuple((s,) for s in encoder.strides), ((1.0,),) * len(encoder.strides)
+        )
+        head = FCOSHead(channels, 1, num_classes, num_convs=head_convs)
+        self.detector = FCOS(
+            encoder, num_classes, anchor_generator=anchors, head=head,
+            score_thresh=0.2, nms_thresh=0.6, detections_per_img=max_detections,
+        )  # fmt: skip
+        self.num_classes = num_classes
+        self.channels = channels
+        self.use_global = use_global
+        self.fusion_mode = fusion
+        self.fusion: nn.ModuleList | None = None
+        if use_global:
+            cin = 2 * channels if fusion == "concat" else channels
+            convs = []
+            for _ in encoder.strides:
+                conv = nn.Conv2d(cin, channels, 3, padding=1)
+                with torch.no_grad():  # start as the identity on the stitched map
+                    conv.weight.zero_()
+                    nn.init.dirac_(conv.weight[:, :channels])
+                    nn.init.zeros_(conv.bias)  # type: ignore[arg-type]
+                convs.append(conv)
+            self.fusion = nn.ModuleList(convs)
+
+    @property
+    def encoder(self) -> FPNBackbone:
+        backbone = self.detector.backbone
+        assert isinstance(backbone, FPNBackbone)
+        return backbone
+
+    @property
+    def strides(self) -> tuple[int, ...]:
+        return self.encoder.strides
+
+    @property
+    def max_stride(self) -> int:
+        return self.strides[-1]
+
+    def encode(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+        """(B, 3, h, w) → one (B, C, h/s, w/s) map per level; h, w multiples of the top stride."""
+        return list(self.encoder(pixels).values())
+
+    def fuse(
+        self,
+        stitched: list[torch.Tensor],
+        global_maps: list[torch.Tensor] | None,
+        sides: list[int],
+    ) -> list[torch.Tensor]:
+        """G_l(stitched_l, up(global_l)) per level. ``global_maps[l]`` (B, C, p/s, p/s) covers
+        the letterboxed square of ``sides[b]`` pixels from the image's top-left corner; it is
+        resampled onto the stitched grid (zero past the square)."""
+        if self.fusion is None or global_maps is None:
+            return stitched
+        out = []
+        for level, (maps, g, conv) in enumerate(
+            zip(stitched, global_maps, self.fusion, strict=True)
+        ):
+            stride = self.strides[level]
+            height, width = maps.shape[-2:]
+            up = torch.cat([
+                upsample_region(g[b : b + 1].float(), sides[b] / stride, 0, 0, height, width)  # type: ignore[arg-type]
+                for b in range(len(sides))
+            ]).to(maps.dtype)  # fmt: skip
+            joined = torch.cat([maps, up], 1) if self.fusion_mode == "concat" else maps + up
+            out.append(conv(joined))
+        return out
+
+    def _anchors(self, features: list[torch.Tensor], height: int, width: int) -> list[torch.Tensor]:
+        batch = features[0].shape[0]
+        shape_only = features[0].new_zeros(()).expand(batch, 3, height, width)
+        return self.detector.anchor_generator(
+            ImageList(shape_only, [(height, width)] * batch), features
+        )
+
+    def losses(
+        self, features: list[torch.Tensor], targets: list[dict[str, torch.Tensor]]
+    ) -> dict[str, torch.Tensor]:
+        """FCOS losses of maps covering a canvas of ``features[0]`` cells × stride pixels;
+        ``targets[b]``: ``boxes`` (n, 4) x0, y0, x1, y1 canvas pixels, ``labels`` (n,)."""
+        height = features[0].shape[-2] * self.strides[0]
+        width = features[0].shape[-1] * self.strides[0]
+        head = self.detector.head(features)
+        anchors = self._anchors(features, height, width)
+        counts = [f.shape[-2] * f.shape[-1] for f in features]
+        out: dict[str, torch.Tensor] = self.detector.compute_loss(targets, head, anchors, counts)
+        return out
+
+    def detect(
+        self,
+        features: list[torch.Tensor],
+        image_sizes: list[tuple[int, int]],
+        score_threshold: float = 0.05,
+    ) -> list[dict[str, torch.Tensor]]:
+        """Boxes (x0, y0, x1, y1 canvas pixels, clipped to each image's (height, width)),
+        scores and labels; at most ``max_detections`` per image after class-wise NMS."""
+        height = features[0].shape[-2] * self.strides[0]
+        width = features[0].shape[-1] * self.strides[0]
+        head = self.detector.head(features)
+        anchors = self._anchors(features, height, width)
+        counts = [f.shape[-2] * f.shape[-1] for f in features]
+        split = {k: list(v.float().split(counts, dim=1)) for k, v in head.items()}
+        per_level = [list(a.split(counts)) for a in anchors]
+        previous = self.detector.score_thresh
+        self.detector.score_thresh = score_threshold
+        try:
+            detections: list[dict[str, torch.Tensor]] = self.detector.postprocess_detections(
+                split, per_level, image_sizes
+            )
+        finally:
+            self.detector.score_thresh = previous
+        return detections
+
+
+__all__ = ["DET_BACKBONES", "DET_FUSIONS", "FPNBackbone", "PatchFCOS", "create_fpn_backbone"]

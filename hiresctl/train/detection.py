@@ -1,0 +1,514 @@
+"""Detection (METHODS.md §4): FCOS trained on patches, one loop and one checkpoint format with
+classification and segmentation, and COCO metrics by pycocotools.
+
+Methods, all on :class:`hiresctl.models.PatchFCOS`:
+
+- ``patchgd-global`` (the seed paper's): every patch's FPN maps are stitched per level into the
+  image grid without gradient; each inner step re-encodes k patches per image with gradient,
+  writes their maps in place, fuses the global patch's maps by one conv per level, and the FCOS
+  head and losses run on the whole stitched image (boxes in image coordinates). Backbone, FPN,
+  fusion and head all learn.
+- ``patchgd``: the same without the global patch.
+- ``downsample``: FCOS on the whole image letterboxed and resized to ``input_size``.
+- ``sliced``: the SAHI-style baseline: train on windows of ``patch_size`` (``overlap`` shared
+  with each neighbour), infer on every window and merge the boxes with class-wise NMS.
+
+Boxes are x0, y0, x1, y1 in pixels of the run's read level inside a method, level-0 pixels
+outside (:func:`hiresctl.train.trainer.predict_detections` scales them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from typing import Any
+
+import numpy as np
+import torch
+from torchvision.ops import batched_nms
+
+from hiresctl.data import PatchGrid, PatchReader, ReadRequest
+from hiresctl.models.detection import PatchFCOS
+from hiresctl.train.methods import BatchOutput, Method, PatchGD, Reads, StepContext, _chunks
+from hiresctl.train.recipe import Recipe
+from storage import UsageError
+
+EVAL_SCORE_THRESHOLD = 0.05  # METHODS.md §4: for mAP evaluation (0.2 when predicting)
+PREDICT_SCORE_THRESHOLD = 0.2
+NMS_THRESHOLD = 0.6
+MIN_VISIBLE = 0.5  # sliced training: a box cut by its window counts if this much of it is inside
+
+Detections = dict[str, torch.Tensor]  # boxes (n, 4), scores (n,), labels (n,)
+
+
+def top_stride(backbone: str) -> int:
+    """The coarsest FPN stride of a detection backbone (patch sides must be multiples)."""
+    return 32 if backbone == "tiny" else 128
+
+
+class DetectionMethod(Method):
+    """Shared parts: the model, the targets of an image, the side checks."""
+
+    task = "det"
+    use_global = False
+
+    def __init__(self, recipe: Recipe, num_classes: int, reader: PatchReader) -> None:
+        super().__init__(recipe, num_classes, reader)
+        stride = top_stride(recipe.backbone)
+        side = self.input_side()
+        if side % stride:
+            raise UsageError(
+                f"detection with backbone {recipe.backbone} needs "
+                f"{'input_size' if recipe.method == 'downsample' else 'patch_size'} to be a "
+                f"multiple of {stride} (its coarsest FPN stride), got {side}"
+            )
+        self._targets: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def input_side(self) -> int:
+        """Side of what the network sees at once."""
+        return self.recipe.patch_size
+
+    def build_model(self) -> PatchFCOS:
+        r = self.recipe
+        return PatchFCOS(r.backbone, self.num_classes, r.latent_dim, use_global=self.use_global,
+                         fusion=r.fusion, head_convs=r.head_convs, pretrained=r.pretrained,
+                         max_detections=r.max_detections)  # fmt: skip
+
+    def calibrate(self, ctx: StepContext, batches: list[list[str]]) -> None:
+        """GroupNorm only: nothing to re-estimate."""
+
+    def targets(self, image_id: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n, 4) float32 boxes in read-level pixels and (n,) int64 class indices."""
+        if image_id not in self._targets:
+            boxes, labels = self.reader.boxes(image_id)
+            self._targets[image_id] = (torch.from_numpy(boxes), torch.from_numpy(labels))
+        return self._targets[image_id]
+
+    def side(self, image_id: str) -> int:
+        _, height, width = self.reader.shape(image_id)
+        return max(height, width)
+
+    def size(self, image_id: str) -> tuple[int, int]:
+        _, height, width = self.reader.shape(image_id)
+        return height, width
+
+    def detect(self, ctx: StepContext, image_ids: list[str], reads: Reads) -> list[Detections]:
+        """Per image: boxes (read-level pixels), scores, labels; the evaluation threshold."""
+        raise NotImplementedError
+
+    def predict(self, ctx: StepContext, image_ids: list[str], reads: Reads) -> torch.Tensor:
+        raise UsageError("detection predicts boxes: use predict_detections")
+
+    @staticmethod
+    def _learn(ctx: StepContext, parts: dict[str, torch.Tensor]) -> float:
+        loss = sum(parts.values(), torch.zeros(()))
+        ctx.learn(loss)
+        return float(loss.detach())
+
+    @staticmethod
+    def _output(losses: list[float], batch: int, inner: int) -> BatchOutput:
+        # no per-image score while training: the loop's train accuracy stays empty
+        return BatchOutput(float(np.mean(losses)) if losses else float("nan"),
+                           torch.zeros(batch, 0), inner, {"correct": 0, "pixels": 0})  # fmt: skip
+
+
+class DetPatchGD(DetectionMethod, PatchGD):
+    """PatchGD for FCOS: stitched FPN maps per level, k patches per image re-encoded with
+    gradient per inner step, the head and losses on the whole stitched image."""
+
+    name = "patchgd"
+
+    def __init__(self, recipe: Recipe, num_classes: int, reader: PatchReader) -> None:
+        if recipe.stride not in (None, recipe.patch_size):
+            raise UsageError(
+                f"detection stitches patches edge to edge: stride must equal patch_size "
+                f"({recipe.patch_size}), got {recipe.stride}"
+            )
+        super().__init__(recipe, num_classes, reader)
+
+    def _maps(
+        self, model: PatchFCOS, image_ids: list[str], device: torch.device
+    ) -> list[torch.Tensor]:
+        grids = [self.patches(i)[0] for i in image_ids]
+        rows, cols = max(g.rows for g in grids), max(g.cols for g in grids)
+        p = self.recipe.patch_size
+        return [torch.zeros(len(image_ids), model.channels, rows * p // s, cols * p // s,
+                            device=device) for s in model.strides]  # fmt: skip
+
+    @staticmethod
+    def _stitch(
+        maps: list[torch.Tensor], b: int, grid: PatchGrid, indices: np.ndarray,
+        features: list[torch.Tensor],
+    ) -> None:  # fmt: skip
+        """Write each patch's map of every level at its place in the image grid: cell (i, j)
+        of patch (r, c) goes to (r·h + i, c·w + j), h = w = the patch's map side."""
+        rows, cols = grid.position(indices)
+        for level, patch_maps in zip(maps, features, strict=True):
+            side = patch_maps.shape[-1]
+            for k, (r, c) in enumerate(zip(rows.tolist(), cols.tolist(), strict=True)):
+                level[b, :, r * side : (r + 1) * side, c * side : (c + 1) * side] = patch_maps[
+                    k
+                ].to(level.dtype)
+
+    def _fill_maps(
+        self, ctx: StepContext, model: PatchFCOS, maps: list[torch.Tensor],
+        request: ReadRequest, pixels: torch.Tensor,
+    ) -> None:  # fmt: skip
+        if not len(request.indices):
+            return
+        with torch.no_grad(), ctx.autocast():
+            features = model.encode(pixels.to(ctx.device, non_blocking=True))
+        self._stitch(maps, request.tag[1], request.grid, request.indices, features)
+
+    def _global(
+        self, ctx: StepContext, model: PatchFCOS, pixels: list[torch.Tensor | None]
+    ) -> list[torch.Tensor] | None:
+        if not self.use_global:
+            return None
+        with torch.no_grad(), ctx.autocast():
+            return model.encode(torch.stack([p for p in pixels if p is not None]).to(ctx.device))
+
+    def train_batch(
+        self, ctx: StepContext, image_ids: list[str], targets: torch.Tensor, reads: Reads
+    ) -> BatchOutput:
+        model: PatchFCOS = ctx.model  # type: ignore[assignment]
+        model.train()
+        maps = self._maps(model, image_ids, ctx.device)
+        truth = [self._target_dict(i, ctx.device) for i in image_ids]
+        sides = [self.side(i) for i in image_ids]
+        global_pixels: list[torch.Tensor | None] = [None] * len(image_ids)
+        group: list[tuple[ReadRequest, torch.Tensor]] = []
+        losses: list[float] = []
+        inner = 0
+        for request, pixels in reads:
+            kind = request.tag[0]
+            if kind == "fill":
+                self._fill_maps(ctx, model, maps, request, pixels)
+                continue
+            if kind == "global":
+                global_pixels[request.tag[1]] = pixels
+                continue
+            group.append((request, pixels))
+            if not request.tag[3]:
+                continue
+            maps = [m.detach() for m in maps]
+            with ctx.autocast():
+                g = self._encode_group(ctx, model, maps, group, global_pixels)
+                parts = model.losses(model.fuse(maps, g, sides), truth)
+            losses.append(self._learn(ctx, parts))
+            group = []
+            inner += 1
+        if ctx.micro_steps:
+            ctx.step()
+        return self._output(losses, len(image_ids), inner)
+
+    def _target_dict(self, image_id: str, device: torch.device) -> dict[str, torch.Tensor]:
+        boxes, labels = self.targets(image_id)
+        return {"boxes": boxes.to(device), "labels": labels.to(device)}
+
+    def _encode_group(
+        self, ctx: StepContext, model: PatchFCOS, maps: list[torch.Tensor],
+        group: list[tuple[ReadRequest, torch.Tensor]], global_pixels: list[torch.Tensor | None],
+    ) -> list[torch.Tensor] | None:  # fmt: skip
+        """The group's patches (and the global patches) through backbone + FPN with gradient,
+        in one batch; the patches' maps written in place into the stitched maps."""
+        members = [(r, p) for r, p in group if len(r.indices)]
+        pieces = [p for _, p in members]
+        if self.use_global:
+            pieces.append(torch.stack([p for p in global_pixels if p is not None]))
+        features = model.encode(torch.cat(pieces).to(ctx.device, non_blocking=True))
+        start = 0
+        for r, _ in members:
+            count = len(r.indices)
+            self._stitch(maps, r.tag[1], r.grid, r.indices,
+                         [f[start : start + count] for f in features])  # fmt: skip
+            start += count
+        ctx.patches_with_grad += start
+        return [f[start:] for f in features] if self.use_global else None
+
+    def detect(self, ctx: StepContext, image_ids: list[str], reads: Reads) -> list[Detections]:
+        model: PatchFCOS = ctx.model  # type: ignore[assignment]
+        model.eval()
+        maps = self._maps(model, image_ids, ctx.device)
+        global_pixels: list[torch.Tensor | None] = [None] * len(image_ids)
+        for request, pixels in reads:
+            if request.tag[0] == "fill":
+                self._fill_maps(ctx, model, maps, request, pixels)
+            else:
+                global_pixels[request.tag[1]] = pixels
+        g = self._global(ctx, model, global_pixels)
+        with torch.no_grad(), ctx.autocast():
+            fused = model.fuse(maps, g, [self.side(i) for i in image_ids])
+            found = model.detect(fused, [self.size(i) for i in image_ids], EVAL_SCORE_THRESHOLD)
+        return [{k: v.float().cpu() if k != "labels" else v.cpu() for k, v in d.items()}
+                for d in found]  # fmt: skip
+
+
+class DetPatchGDGlobal(DetPatchGD):
+    name = "patchgd-global"
+    use_global = True
+
+
+class DetDownsample(DetectionMethod):
+    """FCOS on the whole image letterboxed to a square and resized to ``input_size``."""
+
+    name = "downsample"
+
+    def input_side(self) -> int:
+        return self.recipe.input_size or self.recipe.patch_size
+
+    def plan(self, image_ids: list[str], seed: int, train: bool) -> list[ReadRequest]:
+        side = self.input_side()
+        return [ReadRequest(i, "global", PatchGrid.of(*self.size(i), side), tag=("image", b))
+                for b, i in enumerate(image_ids)]  # fmt: skip
+
+    def _scale(self, image_id: str) -> float:
+        return self.input_side() / self.side(image_id)
+
+    def train_batch(
+        self, ctx: StepContext, image_ids: list[str], targets: torch.Tensor, reads: Reads
+    ) -> BatchOutput:
+        model: PatchFCOS = ctx.model  # type: ignore[assignment]
+        model.train()
+        pixels = torch.stack([p for _, p in reads]).to(ctx.device)
+        truth = []
+        for image_id in image_ids:
+            boxes, labels = self.targets(image_id)
+            truth.append({"boxes": (boxes * self._scale(image_id)).to(ctx.device),
+                          "labels": labels.to(ctx.device)})  # fmt: skip
+        with ctx.autocast():
+            parts = model.losses(model.encode(pixels), truth)
+        ctx.patches_with_grad += len(image_ids)
+        loss = self._learn(ctx, parts)
+        if ctx.micro_steps:
+            ctx.step()
+        return self._output([loss], len(image_ids), 1)
+
+    def detect(self, ctx: StepContext, image_ids: list[str], reads: Reads) -> list[Detections]:
+        model: PatchFCOS = ctx.model  # type: ignore[assignment]
+        model.eval()
+        pixels = torch.stack([p for _, p in reads]).to(ctx.device)
+        sizes = []
+        for image_id in image_ids:
+            height, width = self.size(image_id)
+            scale = self._scale(image_id)
+            sizes.append((max(1, round(height * scale)), max(1, round(width * scale))))
+        with torch.no_grad(), ctx.autocast():
+            found = model.detect(model.encode(pixels), sizes, EVAL_SCORE_THRESHOLD)
+        out = []
+        for image_id, d in zip(image_ids, found, strict=True):
+            boxes = d["boxes"].float().cpu() / self._scale(image_id)
+            out.append({"boxes": boxes, "scores": d["scores"].float().cpu(),
+                        "labels": d["labels"].cpu()})  # fmt: skip
+        return out
+
+
+class DetSliced(DetectionMethod, PatchGD):
+    """SAHI-style: windows of ``patch_size`` every ``patch_size·(1 − overlap)`` pixels. Training
+    visits every window of an image once per batch, k windows per image per step (boxes cut
+    by a window count when ≥ half of them is inside); inference detects in every window and
+    merges the boxes of all windows with class-wise NMS."""
+
+    name = "sliced"
+
+    def window_stride(self) -> int:
+        return max(1, round(self.recipe.patch_size * (1 - self.recipe.overlap)))
+
+    def patches(self, image_id: str) -> tuple[PatchGrid, np.ndarray]:
+        if image_id not in self._patches:
+            grid = self.reader.grid(image_id, self.recipe.patch_size, self.window_stride())
+            self._patches[image_id] = (grid, np.arange(grid.num_patches))
+        return self._patches[image_id]
+
+    def plan(self, image_ids: list[str], seed: int, train: bool) -> list[ReadRequest]:
+        if train:
+            return self.inner_groups(image_ids, np.random.default_rng(seed))
+        requests = []
+        for b, image_id in enumerate(image_ids):
+            grid, kept = self.patches(image_id)
+            for chunk in _chunks(kept, self.recipe.fill_batch):
+                requests.append(ReadRequest(image_id, "patches", grid, chunk, ("tile", b)))
+        return requests
+
+    def window_targets(
+        self, image_id: str, y: int, x: int, device: torch.device
+    ) -> dict[str, torch.Tensor]:
+        """The image's boxes inside the window at (y, x), clipped, in window pixels."""
+        boxes, labels = self.targets(image_id)
+        p = self.recipe.patch_size
+        shifted = boxes - torch.tensor([x, y, x, y], dtype=boxes.dtype)
+        clipped = shifted.clamp(0, p)
+        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        inside = (clipped[:, 2] - clipped[:, 0]) * (clipped[:, 3] - clipped[:, 1])
+        keep = inside >= MIN_VISIBLE * area.clamp_min(1e-6)
+        return {"boxes": clipped[keep].to(device), "labels": labels[keep].to(device)}
+
+    def train_batch(
+        self, ctx: StepContext, image_ids: list[str], targets: torch.Tensor, reads: Reads
+    ) -> BatchOutput:
+        model: PatchFCOS = ctx.model  # type: ignore[assignment]
+        model.train()
+        group: list[tuple[ReadRequest, torch.Tensor]] = []
+        losses: list[float] = []
+        inner = 0
+        for request, pixels in reads:
+            group.append((request, pixels))
+            if not request.tag[3]:
+                continue
+            crops, truth = [], []
+            for r, p in group:
+                for index, crop in zip(r.indices.tolist(), p, strict=True):
+                    y, x = r.grid.origin(index)
+                    crops.append(crop)
+                    truth.append(self.window_targets(r.image_id, y, x, ctx.device))
+            with ctx.autocast():
+                parts = model.losses(model.encode(torch.stack(crops).to(ctx.device)), truth)
+            ctx.patches_with_grad += len(crops)
+            losses.append(self._learn(ctx, parts))
+            group = []
+            inner += 1
+        if ctx.micro_steps:
+            ctx.step()
+        return self._output(losses, len(image_ids), inner)
+
+    def detect(self, ctx: StepContext, image_ids: list[str], reads: Reads) -> list[Detections]:
+        model: PatchFCOS = ctx.model  # type: ignore[assignment]
+        model.eval()
+        found: list[list[Detections]] = [[] for _ in image_ids]
+        p = self.recipe.patch_size
+        for request, pixels in reads:
+            if not len(request.indices):
+                continue
+            height, width = self.size(request.image_id)
+            origins = [request.grid.origin(int(i)) for i in request.indices]
+            sizes = [(min(p, height - y), min(p, width - x)) for y, x in origins]
+            with torch.no_grad(), ctx.autocast():
+                windows = model.detect(model.encode(pixels.to(ctx.device)), sizes,
+                                       EVAL_SCORE_THRESHOLD)  # fmt: skip
+            for (y, x), d in zip(origins, windows, strict=True):
+                offset = torch.tensor([x, y, x, y], dtype=torch.float32)
+                found[request.tag[1]].append({"boxes": d["boxes"].float().cpu() + offset,
+                                              "scores": d["scores"].float().cpu(),
+                                              "labels": d["labels"].cpu()})  # fmt: skip
+        return [merge_detections(parts, self.recipe.max_detections) for parts in found]
+
+
+def merge_detections(parts: list[Detections], limit: int) -> Detections:
+    """The boxes of overlapping windows as one set: class-wise NMS, best ``limit`` kept."""
+    if not parts:
+        return {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0),
+                "labels": torch.zeros(0, dtype=torch.int64)}  # fmt: skip
+    boxes = torch.cat([d["boxes"] for d in parts])
+    scores = torch.cat([d["scores"] for d in parts])
+    labels = torch.cat([d["labels"] for d in parts])
+    keep = batched_nms(boxes, scores, labels, NMS_THRESHOLD)[:limit]
+    return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
+
+
+DET_METHOD_CLASSES: dict[str, type[DetectionMethod]] = {
+    cls.name: cls for cls in (DetPatchGDGlobal, DetPatchGD, DetDownsample, DetSliced)
+}
+
+
+# ------------------------------------------------------------------------------- COCO metrics
+
+COCO_KEYS = ("ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large")
+RECALL_KEYS = ("ar1", "ar10", "ar", "ar_small", "ar_medium", "ar_large")
+
+
+def coco_ground_truth(
+    image_ids: list[str],
+    sizes: list[tuple[int, int]],
+    truth: list[tuple[np.ndarray, np.ndarray]],
+    classes: list[str],
+) -> dict[str, Any]:
+    """A COCO detection dataset (image ids 1..N in the given order, category ids 1..C in the
+    run's class order, boxes [x, y, w, h] in level-0 pixels)."""
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
+    for number, (image_id, (height, width), (boxes, labels)) in enumerate(
+        zip(image_ids, sizes, truth, strict=True), start=1
+    ):
+        images.append({"id": number, "file_name": image_id, "height": height, "width": width})
+        for box, label in zip(boxes.tolist(), labels.tolist(), strict=True):
+            w, h = box[2] - box[0], box[3] - box[1]
+            annotations.append({"id": len(annotations) + 1, "image_id": number,
+                                "category_id": int(label) + 1, "bbox": [box[0], box[1], w, h],
+                                "area": w * h, "iscrowd": 0})  # fmt: skip
+    categories = [{"id": i + 1, "name": n} for i, n in enumerate(classes)]
+    return {"images": images, "annotations": annotations, "categories": categories}
+
+
+def coco_results(detections: list[Detections]) -> list[dict[str, Any]]:
+    """COCO results: one {image_id, category_id, bbox [x, y, w, h], score} per box."""
+    out = []
+    for number, d in enumerate(detections, start=1):
+        for box, score, label in zip(d["boxes"].tolist(), d["scores"].tolist(),
+                                     d["labels"].tolist(), strict=True):  # fmt: skip
+            out.append({"image_id": number, "category_id": int(label) + 1,
+                        "bbox": [round(box[0], 2), round(box[1], 2), round(box[2] - box[0], 2),
+                                 round(box[3] - box[1], 2)],
+                        "score": round(float(score), 5)})  # fmt: skip
+    return out
+
+
+def coco_metrics(
+    ground_truth: dict[str, Any], results: list[dict[str, Any]], max_detections: int = 100
+) -> dict[str, Any]:
+    """COCO AP, AP50, AP75, APs/m/l, AR and per-class AP by pycocotools' COCOeval (bbox), with
+    ``maxDets = [1, 10, max_detections]``. Without any detection every value is 0."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    classes = [c["name"] for c in ground_truth["categories"]]
+    out: dict[str, Any] = {"count": len(ground_truth["images"]),
+                           "objects": len(ground_truth["annotations"]),
+                           "detections": len(results)}  # fmt: skip
+    if not results or not ground_truth["annotations"]:
+        out.update({k: 0.0 for k in (*COCO_KEYS, *RECALL_KEYS)})
+        out["per_class"] = {name: {"ap": None, "objects": 0} for name in classes}
+        return out
+    quiet = io.StringIO()
+    with contextlib.redirect_stdout(quiet):  # pycocotools prints its progress
+        truth = COCO()
+        truth.dataset = ground_truth
+        truth.createIndex()
+        found = truth.loadRes(results)
+        evaluation = COCOeval(truth, found, "bbox")
+        evaluation.params.maxDets = [1, 10, max_detections]
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+    stats = [float(v) for v in evaluation.stats]
+    # -1 means "no object of that size": reported as None
+    for key, value in zip((*COCO_KEYS, *RECALL_KEYS), stats, strict=True):
+        out[key] = None if value < 0 else value
+    precision = evaluation.eval["precision"]  # (iou, recall, class, area, maxDets)
+    counts = np.bincount([a["category_id"] - 1 for a in ground_truth["annotations"]],
+                         minlength=len(classes))  # fmt: skip
+    per_class = {}
+    for k, name in enumerate(classes):
+        values = precision[:, :, k, 0, -1]
+        values = values[values > -1]
+        per_class[name] = {"ap": float(values.mean()) if len(values) else None,
+                           "objects": int(counts[k])}  # fmt: skip
+    out["per_class"] = per_class
+    out["max_detections"] = max_detections
+    return out
+
+
+def monitor_key() -> str:
+    return "ap"
+
+
+__all__ = [
+    "COCO_KEYS",
+    "DET_METHOD_CLASSES",
+    "EVAL_SCORE_THRESHOLD",
+    "PREDICT_SCORE_THRESHOLD",
+    "DetectionMethod",
+    "coco_ground_truth",
+    "coco_metrics",
+    "coco_results",
+    "merge_detections",
+]
