@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import csv
+import json
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import tifffile
 
+from storage.annotations import Annotations
 from storage.tiler import LabelTable, MaskSet, SourceSpec, TileOptions, tile
 
 
@@ -19,10 +21,12 @@ def make_store(
     chunk: int = 32,
     thumbnail_size: int = 64,
     masks: dict[str, np.ndarray] | None = None,
+    coco: dict[str, object] | None = None,
 ) -> Path:
     """Write ``images`` (name → (h, w, c) uint8) as TIFFs and tile them into ``root/ds.zarr``.
 
-    ``labels`` maps name → (label, split); ``masks`` name → (h, w) uint8 label image.
+    ``labels`` maps name → (label, split); ``masks`` name → (h, w) uint8 label image;
+    ``coco`` a COCO detection dict whose file names are ``<name>.tif``.
     """
     sources = root / "sources"
     sources.mkdir(parents=True, exist_ok=True)
@@ -45,11 +49,15 @@ def make_store(
         for name, mask in masks.items():
             tifffile.imwrite(root / "masks" / f"{name}.tif", mask)
         mask_set = MaskSet(root / "masks")
+    boxes = None
+    if coco is not None:
+        (root / "coco.json").write_text(json.dumps(coco))
+        boxes = Annotations.coco(root / "coco.json")
     out = root / "ds.zarr"
     specs = [SourceSpec((str(sources / f"{name}.tif"),)) for name in images]
     results = tile(
         specs, out, TileOptions(chunk=chunk, thumbnail_size=thumbnail_size, workers=1), table,
-        masks=mask_set,
+        masks=mask_set, annotations=boxes,
     )  # fmt: skip
     failed = [r for r in results if r.status == "failed"]
     if failed:
@@ -82,3 +90,43 @@ def planted_images(
         images[name] = pixels
         labels[name] = (str(label), split_of(i) if split_of else "train")
     return images, labels
+
+
+def planted_objects(
+    count: int,
+    side: int,
+    seed: int,
+    split_of: Callable[[int], str] | None = None,
+    per_image: int = 3,
+) -> tuple[dict[str, np.ndarray], dict[str, tuple[str, str]], dict[str, object]]:
+    """Detection: ``per_image`` red or green squares of 20–40 px (classes "red", "green") on
+    dark noise, never overlapping; returns images, labels (for splits) and the COCO dict."""
+    rng = np.random.default_rng(seed)
+    images, labels = {}, {}
+    coco_images: list[dict[str, object]] = []
+    annotations: list[dict[str, object]] = []
+    for i in range(count):
+        pixels = rng.integers(30, 60, (side, side, 3), dtype=np.uint8)
+        placed: list[tuple[int, int, int]] = []
+        for _ in range(per_image):
+            for _attempt in range(100):
+                s = int(rng.integers(20, 41))
+                y, x = (int(v) for v in rng.integers(0, side - s, 2))
+                if all(x + s <= px or px + ps <= x or y + s <= py or py + ps <= y
+                       for py, px, ps in placed):  # fmt: skip
+                    break
+            else:
+                continue
+            placed.append((y, x, s))
+            category = int(rng.integers(0, 2))
+            pixels[y : y + s, x : x + s] = (230, 60, 60) if category == 0 else (60, 230, 60)
+            annotations.append({"id": len(annotations) + 1, "image_id": i + 1,
+                                "category_id": category + 1, "bbox": [x, y, s, s],
+                                "area": s * s, "iscrowd": 0})  # fmt: skip
+        name = f"ob{i:03d}"
+        images[name] = pixels
+        labels[name] = ("objects", split_of(i) if split_of else "train")
+        coco_images.append({"id": i + 1, "file_name": f"{name}.tif", "width": side, "height": side})
+    coco = {"images": coco_images, "annotations": annotations,
+            "categories": [{"id": 1, "name": "red"}, {"id": 2, "name": "green"}]}  # fmt: skip
+    return images, labels, coco

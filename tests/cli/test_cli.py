@@ -86,3 +86,38 @@ def test_sources_from_stdin(cli, tmp_path: Path, monkeypatch) -> None:
     result = cli("tile", "-", "--out", tmp_path / "ds.zarr", "--json", "--chunk", "16")
     assert result.code == 0, result.stderr
     assert [json.loads(line)["id"] for line in result.stdout.splitlines()] == ["s0", "s1"]
+
+
+def test_detection_from_synth_to_coco_metrics(cli, tmp_path: Path) -> None:
+    synth = cli("synth", "det-mosaic", tmp_path / "s", "--count", "4", "--size", "256")
+    assert synth.code == 0, synth.stderr
+    tiled = cli("tile", tmp_path / "s" / "images", "--coco", tmp_path / "s" / "annotations.json",
+                "--labels", tmp_path / "s" / "labels.csv", "--out", tmp_path / "ds.zarr",
+                "--chunk", "64")  # fmt: skip
+    assert tiled.code == 0, tiled.stderr
+    run = tmp_path / "run"
+    trained = cli("train", "--task", "det", "--data", tmp_path / "ds.zarr", "--out", run,
+                  "--set", "backbone=tiny", "--set", "latent_dim=32", "--set", "head_convs=1",
+                  "--set", "patch_size=128", "--set", "epochs=1", "--json")  # fmt: skip
+    assert trained.code == 0, trained.stderr
+    assert json.loads(trained.stdout)["task"] == "det"
+    split = json.loads(cli("info", tmp_path / "ds.zarr", "--json").stdout)["images"][-1]["split"]
+    result = cli("eval", run, "--data", tmp_path / "ds.zarr", "--split", split, "--json")
+    assert result.code == 0, result.stderr
+    metrics = json.loads(result.stdout)["metrics"]
+    assert set(metrics) >= {"ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large"}
+    assert (run / f"detections-{split}.json").is_file()
+
+
+def test_bad_coco_file_is_one_line_and_exit_2(cli, tmp_path: Path) -> None:
+    tifffile.imwrite(tmp_path / "a.tif", coord_pixels(32, 32))
+    (tmp_path / "ann.json").write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "a.tif"}], "categories": [{"id": 1, "name": "x"}],
+        "annotations": [{"id": 5, "image_id": 2, "category_id": 1, "bbox": [0, 0, 1, 1]}]}))  # fmt: skip
+    result = cli(
+        "tile", tmp_path / "a.tif", "--coco", tmp_path / "ann.json", "--out", tmp_path / "d"
+    )
+    assert result.code == 2
+    assert "annotations[0] (id 5): image_id 2 is not in images" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "d").exists()

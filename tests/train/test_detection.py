@@ -1,0 +1,190 @@
+"""Detection: stitched FCOS maps, the methods' training, COCO metrics equal to pycocotools'."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hiresctl.data import PatchReader, PatchStream, detection_images
+from hiresctl.eval import evaluate
+from hiresctl.train import Trainer, build_run, load_recipe, step_context
+from hiresctl.train.detection import DetPatchGD, DetSliced, merge_detections
+from storage import Dataset, UsageError
+from tests.stores import make_store, planted_objects
+
+SMALL = {"backbone": "tiny", "latent_dim": 32, "head_convs": 2, "patch_size": 64,
+         "batch_size": 4, "accumulation_steps": 1, "lr": 3e-3, "seed": 0}  # fmt: skip
+
+
+def _split(i: int) -> str:
+    return "train" if i < 10 else "test"
+
+
+@pytest.fixture(scope="module")
+def objects_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    images, labels, coco = planted_objects(14, 192, seed=3, split_of=_split)
+    return make_store(tmp_path_factory.mktemp("det"), images, labels, chunk=64, coco=coco)
+
+
+def _recipe(**changes: object):  # type: ignore[no-untyped-def]
+    return load_recipe(task="det", overrides={**SMALL, **changes})
+
+
+def test_stitched_maps_put_patch_r_c_at_its_place_in_the_image(tmp_path: Path) -> None:
+    # 2 rows × 3 columns of 64-pixel patches, each a different pattern: the stitched map of
+    # every level must equal, cell for cell, the maps of the patch read at (r·64, c·64).
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 255, (128, 192, 3), dtype=np.uint8)
+    coco = {"images": [{"id": 1, "file_name": "a.tif", "width": 192, "height": 128}],
+            "annotations": [], "categories": [{"id": 1, "name": "x"}]}  # fmt: skip
+    store = make_store(tmp_path, {"a": pixels}, chunk=64, coco=coco)
+    recipe = _recipe(method="patchgd")
+    run = build_run(recipe, Dataset(store), ["x"], torch.device("cpu"))
+    method = run.method
+    assert isinstance(method, DetPatchGD)
+    model = run.model.eval()
+    maps = method._maps(model, ["a"], torch.device("cpu"))  # type: ignore[attr-defined]
+    ctx = step_context(run, None, None, 1)
+    for request, patch_pixels in PatchStream(run.reader)(method.plan(["a"], 0, train=False)):
+        method._fill_maps(ctx, model, maps, request, patch_pixels)  # type: ignore[attr-defined]
+    reader = PatchReader(Dataset(store))
+    grid = reader.grid("a", 64)
+    with torch.no_grad():
+        for index in range(grid.num_patches):
+            r, c = divmod(index, grid.cols)
+            alone = model.encode(reader.read_patches("a", grid, [index]))
+            for level, stride in enumerate(model.strides):
+                side = 64 // stride
+                cell = maps[level][0, :, r * side : (r + 1) * side, c * side : (c + 1) * side]
+                torch.testing.assert_close(cell, alone[level][0], atol=1e-5, rtol=1e-5)
+    assert grid.rows == 2 and grid.cols == 3  # a transposed grid could not pass on 2 × 3
+
+
+def test_patchgd_global_learns_planted_objects_and_finds_them_in_place(
+    objects_store: Path, tmp_path: Path
+) -> None:
+    untrained = Trainer(objects_store, tmp_path / "untrained", _recipe(epochs=1, lr=1e-9,
+                        val_split="none"))  # fmt: skip
+    untrained.fit()
+    before = evaluate(tmp_path / "untrained", objects_store, "test", "cpu")["metrics"]
+    Trainer(objects_store, tmp_path / "run", _recipe(epochs=8, val_split="none")).fit()
+    result = evaluate(tmp_path / "run", objects_store, "test", "cpu")
+    after = result["metrics"]
+    assert after["ap50"] > 0.5, after
+    assert after["ap50"] > before["ap50"] + 0.3, (before, after)
+    # the confident boxes lie on the planted objects (in image coordinates, so in the right patch)
+    truth = json.loads(Path(result["files"]["ground_truth"]).read_text())
+    found = json.loads(Path(result["files"]["detections"]).read_text())
+    hits = 0
+    for ann in truth["annotations"]:
+        x, y, w, h = ann["bbox"]
+        mine = [d for d in found if d["image_id"] == ann["image_id"] and d["score"] > 0.3]
+        centres = [(d["bbox"][0] + d["bbox"][2] / 2, d["bbox"][1] + d["bbox"][3] / 2) for d in mine]
+        hits += any(x <= cx <= x + w and y <= cy <= y + h for cx, cy in centres)
+    assert hits >= 0.7 * len(truth["annotations"])
+
+
+def test_reported_ap_equals_pycocotools_on_the_written_files(
+    objects_store: Path, tmp_path: Path
+) -> None:
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    Trainer(objects_store, tmp_path / "run", _recipe(epochs=2, val_split="none")).fit()
+    result = evaluate(tmp_path / "run", objects_store, "test", "cpu")
+    with contextlib.redirect_stdout(io.StringIO()):
+        truth = COCO(result["files"]["ground_truth"])
+        found = truth.loadRes(result["files"]["detections"])
+        evaluation = COCOeval(truth, found, "bbox")
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+    keys = ("ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large")
+    expected = [None if v < 0 else float(v) for v in evaluation.stats[:6]]
+    assert [result["metrics"][k] for k in keys] == expected
+    assert result["metrics"]["ap50"] > 0  # a vacuous all-zero comparison would prove nothing
+    # per-class AP is pycocotools' precision averaged over IoUs and recall points
+    precision = evaluation.eval["precision"][:, :, 0, 0, -1]
+    assert result["per_class"]["red"]["ap"] == pytest.approx(
+        float(precision[precision > -1].mean())
+    )
+    assert result["objects"] == len(truth.getAnnIds())
+
+
+@pytest.mark.parametrize("method", ["patchgd", "downsample", "sliced"])
+def test_every_detection_method_trains_all_its_parts_and_evaluates(
+    objects_store: Path, tmp_path: Path, method: str
+) -> None:
+    recipe = _recipe(method=method, epochs=1, input_size=128, val_split="none")
+    trainer = Trainer(objects_store, tmp_path / method, recipe)
+    before = {k: v.clone() for k, v in trainer.run.model.state_dict().items()}
+    trainer.fit()
+    after = trainer.run.model.state_dict()
+    changed = {k.split(".")[1] for k in before if not torch.equal(before[k], after[k])}
+    # backbone, FPN and both head branches learn (not only the heads)
+    assert {"backbone", "head"} <= changed
+    assert any(not torch.equal(before[k], after[k]) for k in before if ".fpn." in k)
+    result = evaluate(tmp_path / method, objects_store, "test", "cpu")
+    assert result["method"] == method and result["count"] == 4
+    assert set(result["metrics"]) >= {"ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large"}
+
+
+def test_patchgd_global_trains_its_fusion_convs(objects_store: Path, tmp_path: Path) -> None:
+    trainer = Trainer(objects_store, tmp_path / "run", _recipe(epochs=1, val_split="none"))
+    fusion_before = [c.weight.detach().clone() for c in trainer.run.model.fusion]  # type: ignore[union-attr]
+    trainer.fit()
+    fusion_after = [c.weight.detach() for c in trainer.run.model.fusion]  # type: ignore[union-attr]
+    assert all(not torch.equal(a, b) for a, b in zip(fusion_before, fusion_after, strict=True))
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["patches_with_grad"] > 0 and summary["monitor"] == "ap"
+
+
+def test_sliced_windows_overlap_cut_boxes_and_merge_by_nms(objects_store: Path) -> None:
+    run = build_run(_recipe(method="sliced", overlap=0.5), Dataset(objects_store),
+                    ["red", "green"], torch.device("cpu"))  # fmt: skip
+    method = run.method
+    assert isinstance(method, DetSliced)
+    grid, kept = method.patches("ob000")
+    assert grid.stride == 32 and grid.rows == 5 and len(kept) == 25  # 192 px: 0, 32, …, 128
+    method._targets["ob000"] = (torch.tensor([[50.0, 10.0, 90.0, 30.0]]), torch.tensor([1]))
+    inside = method.window_targets("ob000", 0, 32, torch.device("cpu"))  # window x 32…96
+    torch.testing.assert_close(inside["boxes"], torch.tensor([[18.0, 10.0, 58.0, 30.0]]))
+    cut = method.window_targets("ob000", 0, 64, torch.device("cpu"))  # 26 of 40 px inside
+    assert len(cut["boxes"]) == 1 and cut["boxes"][0, 0] == 0
+    gone = method.window_targets("ob000", 0, 80, torch.device("cpu"))  # 10 of 40 px inside
+    assert len(gone["boxes"]) == 0
+    # the same object seen by two windows is one detection after merging
+    a = {"boxes": torch.tensor([[50.0, 10, 90, 30]]), "scores": torch.tensor([0.9]),
+         "labels": torch.tensor([1])}  # fmt: skip
+    b = {"boxes": torch.tensor([[51.0, 10, 90, 31]]), "scores": torch.tensor([0.7]),
+         "labels": torch.tensor([1])}  # fmt: skip
+    other = {"boxes": torch.tensor([[51.0, 10, 90, 31]]), "scores": torch.tensor([0.6]),
+             "labels": torch.tensor([0])}  # fmt: skip
+    merged = merge_detections([a, b, other], limit=100)
+    assert merged["scores"].tolist() == pytest.approx([0.9, 0.6])
+
+
+def test_detection_sides_must_fit_the_fpn_strides(objects_store: Path) -> None:
+    with pytest.raises(UsageError, match="multiple of 32"):
+        build_run(_recipe(patch_size=48), Dataset(objects_store), ["red"], torch.device("cpu"))
+    with pytest.raises(UsageError, match="stride must equal patch_size"):
+        build_run(_recipe(stride=32), Dataset(objects_store), ["red"], torch.device("cpu"))
+
+
+def test_memory_budget_picks_patches_per_step_for_detection(
+    objects_store: Path, tmp_path: Path
+) -> None:
+    images, _ = detection_images(Dataset(objects_store), "train", ["red", "green"])
+    assert len(images) == 10
+    small = Trainer(objects_store, tmp_path / "a", _recipe(memory_budget="1.6GB", batch_size=2))
+    large = Trainer(objects_store, tmp_path / "b", _recipe(memory_budget="8GB", batch_size=2))
+    assert small.memory_plan is not None and large.memory_plan is not None
+    assert small.recipe.patches_per_step is not None
+    assert large.recipe.patches_per_step == 3  # ceil(9 patches × ρ 0.25), all it wants
+    assert small.recipe.patches_per_step <= large.recipe.patches_per_step
