@@ -79,6 +79,10 @@ def synth(
         str, typer.Option(help="megapixel-mnist label: majority, max, top, multi-label.")
     ] = "majority",
     classes: Annotated[int, typer.Option(help="ultramnist classes: 28 (sums 0-27) or 10.")] = 28,
+    objects: Annotated[
+        int | None,
+        typer.Option(help="det-mosaic objects per image (default 150 per 4096², by area)."),
+    ] = None,
 ) -> None:
     """Write synthetic benchmark images and a labels CSV ready for `hiresctl tile`."""
     from storage.synth import synthesize
@@ -88,9 +92,17 @@ def synth(
         options["task"] = task
     if kind == "ultramnist":
         options["classes"] = classes
+    if objects is not None:
+        if kind != "det-mosaic":
+            raise UsageError("--objects is a det-mosaic option")
+        if objects < 1:
+            raise UsageError(f"--objects must be ≥ 1, got {objects}")
+        options["objects"] = objects
     with err.status(f"synthesizing {count} {kind} images"):
         labels = synthesize(kind, out, count=count, size=size, seed=seed, **options)
     err.print(f"wrote {count} images to {out / 'images'} and labels to {labels}")
+    if (out / "annotations.json").is_file():
+        err.print(f"object boxes in {out / 'annotations.json'} (COCO; tile with --coco)")
     if (out / "masks").is_dir():
         err.print(f"masks in {out / 'masks'}, class names in {out / 'classes.csv'}")
 
@@ -509,7 +521,7 @@ def predict(
         typer.Option(
             "--format",
             "-f",
-            help="ngff, geojson (seg), csv, json, png; repeat or "
+            help="ngff (cls, seg), geojson (seg, det), coco (det), csv, json, png; repeat or "
             "comma-separate (default: all the task writes).",
         ),
     ] = None,
@@ -548,6 +560,8 @@ def predict(
             return
         if "predicted" in row:
             what = f"{row['predicted']} ({row['confidence']:.2f})"
+        elif "detections" in row:
+            what = f"{row['detections']} boxes"
         else:
             what = f"{row['shape']}" + (f" F1 {row['f1']:.3f}" if row.get("f1") is not None else "")
             if "polygons" in row:

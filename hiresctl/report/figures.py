@@ -7,7 +7,7 @@ import base64
 import html
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import cv2
@@ -206,6 +206,25 @@ def heatmap_overlay(
     alpha = (canvas.astype(np.float32) / 255 * 0.7)[..., None]
     dimmed = thumb.astype(np.float32) * 0.55
     return (dimmed * (1 - alpha) + colours.astype(np.float32) * alpha).clip(0, 255).astype(np.uint8)
+
+
+def boxes_overlay(
+    thumbnail: np.ndarray,
+    level_shape: tuple[int, int],
+    boxes: np.ndarray,
+    labels: np.ndarray,
+    colour: Callable[[int], list[int]],
+    longest: int = 1024,
+) -> np.ndarray:
+    """The thumbnail (fitted to ``longest``) with level-0 ``boxes`` (x0, y0, x1, y1) outlined
+    in each label's ``colour(label + 1)``; boxes too small to see are drawn as 3-pixel marks."""
+    rgb = fit(to_rgb8(thumbnail), longest).copy()
+    sy, sx = rgb.shape[0] / level_shape[0], rgb.shape[1] / level_shape[1]
+    for (x0, y0, x1, y1), label in zip(boxes.tolist(), labels.tolist(), strict=True):
+        a = (int(x0 * sx), int(y0 * sy))
+        b = (max(a[0] + 2, round(x1 * sx)), max(a[1] + 2, round(y1 * sy)))
+        cv2.rectangle(rgb, a, b, tuple(int(v) for v in colour(int(label) + 1)), 1)
+    return rgb
 
 
 def segmentation_overlay(
