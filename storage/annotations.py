@@ -19,7 +19,14 @@ import numpy as np
 
 from storage.errors import SourceError, UsageError
 
-__all__ = ["BOX_TOLERANCE", "Annotations", "ImageBoxes", "geo_to_pixels", "outside_problem"]
+__all__ = [
+    "BOX_TOLERANCE",
+    "Annotations",
+    "ImageBoxes",
+    "geo_to_pixels",
+    "image_stem",
+    "outside_problem",
+]
 
 BOX_TOLERANCE = 1.0  # pixels a box may reach past the image edge (rounding); clipped
 GEOJSON_SUFFIXES = (".geojson", ".json")
@@ -165,7 +172,7 @@ class Annotations:
                 boxes.problem = f"{file}: {missing[0]} has no class (QuPath classification.name)"
             _fill(boxes, rows)
             out.images[file.name.lower()] = boxes
-            out.images.setdefault(_stem(file.name).lower(), boxes)
+            out.images.setdefault(image_stem(file.name).lower(), boxes)
         return out
 
     # ---------------------------------------------------------------- lookup
@@ -178,14 +185,14 @@ class Annotations:
         if self.single:
             return next(iter(self.images.values()))
         if self.kind == "geojson":
-            stem = _stem(base)
+            stem = image_stem(base)
             for suffix in ("", "_annotations", "-annotations", "_labels", "_boxes", "_gt"):
                 if stem + suffix in self.images:
                     return self.images[stem + suffix]
         return None
 
 
-def _stem(name: str) -> str:
+def image_stem(name: str) -> str:
     lower = name.lower()
     for suffix in (".ome.tiff", ".ome.tif", ".ome.btf"):
         if lower.endswith(suffix):

@@ -32,7 +32,13 @@ import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
-from storage.annotations import Annotations, ImageBoxes, geo_to_pixels, outside_problem
+from storage.annotations import (
+    Annotations,
+    ImageBoxes,
+    geo_to_pixels,
+    image_stem,
+    outside_problem,
+)
 from storage.codecs import JpegCodec
 from storage.errors import SourceError, StoreError, UsageError
 from storage.readers import (
@@ -222,7 +228,7 @@ class MaskSet:
         for path in sorted(Path(folder).iterdir()):
             if path.is_file() and not path.name.startswith("."):
                 self.files.setdefault(path.name.lower(), str(path))
-                self.files.setdefault(_stem(path.name).lower(), str(path))
+                self.files.setdefault(image_stem(path.name).lower(), str(path))
         self.classes: dict[int, str] = {}
         if classes is not None:
             self.classes = _read_classes(classes)
@@ -231,19 +237,11 @@ class MaskSet:
         name = Path(spec.name).name
         if name.lower() in self.files:
             return self.files[name.lower()]
-        stem = _stem(name).lower()
+        stem = image_stem(name).lower()
         for suffix in MASK_SUFFIXES:
             if stem + suffix in self.files:
                 return self.files[stem + suffix]
         return None
-
-
-def _stem(name: str) -> str:
-    lower = name.lower()
-    for suffix in (".ome.tiff", ".ome.tif", ".ome.btf"):
-        if lower.endswith(suffix):
-            return name[: -len(suffix)]
-    return Path(name).stem
 
 
 def _read_classes(path: str | os.PathLike[str]) -> dict[int, str]:

@@ -44,21 +44,28 @@ def labelled_images(
     return images, problems
 
 
-def segmentation_images(
-    dataset: Dataset, split: str, classes: list[str]
+def _annotated_images(
+    dataset: Dataset, split: str, has: str, missing: str
 ) -> tuple[list[LabelledImage], list[str]]:
-    """The complete images of ``split`` that have a segmentation mask (target unused)."""
+    """The complete images of ``split`` whose entry has ``has`` (target unused)."""
     images: list[LabelledImage] = []
     problems: list[str] = []
     for entry in dataset.entries(split=split):
         where = f"{dataset.path}/images/{entry.id} ({entry.source})"
         if not entry.complete:
             problems.append(f"{where}: tiling did not finish (status {entry.status}); skipped")
-        elif not entry.mask:
-            problems.append(f"{where}: has no segmentation mask; skipped")
+        elif not (entry.mask if has == "mask" else entry.extra.get(has)):
+            problems.append(f"{where}: has no {missing}; skipped")
         else:
             images.append(LabelledImage(entry.id, 0))
     return images, problems
+
+
+def segmentation_images(
+    dataset: Dataset, split: str, classes: list[str]
+) -> tuple[list[LabelledImage], list[str]]:
+    """The complete images of ``split`` that have a segmentation mask (target unused)."""
+    return _annotated_images(dataset, split, "mask", "segmentation mask")
 
 
 def detection_images(
@@ -66,17 +73,7 @@ def detection_images(
 ) -> tuple[list[LabelledImage], list[str]]:
     """The complete images of ``split`` that have object annotations (an image may have none
     of its boxes, a negative example; target unused)."""
-    images: list[LabelledImage] = []
-    problems: list[str] = []
-    for entry in dataset.entries(split=split):
-        where = f"{dataset.path}/images/{entry.id} ({entry.source})"
-        if not entry.complete:
-            problems.append(f"{where}: tiling did not finish (status {entry.status}); skipped")
-        elif "boxes" not in entry.extra:
-            problems.append(f"{where}: has no object annotations; skipped")
-        else:
-            images.append(LabelledImage(entry.id, 0))
-    return images, problems
+    return _annotated_images(dataset, split, "boxes", "object annotations")
 
 
 def require_images(images: list[LabelledImage], dataset: Dataset, split: str) -> None:

@@ -106,8 +106,11 @@ class DetectionMethod(Method):
         return float(loss.detach())
 
     @staticmethod
-    def _output(losses: list[float], batch: int, inner: int) -> BatchOutput:
-        # no per-image score while training: the loop's train accuracy stays empty
+    def _finish(ctx: StepContext, losses: list[float], batch: int, inner: int) -> BatchOutput:
+        """Flush the batch's accumulation; no per-image score while training (the loop's
+        train accuracy stays empty)."""
+        if ctx.micro_steps:
+            ctx.step()
         return BatchOutput(float(np.mean(losses)) if losses else float("nan"),
                            torch.zeros(batch, 0), inner, {"correct": 0, "pixels": 0})  # fmt: skip
 
@@ -177,30 +180,20 @@ class DetPatchGD(DetectionMethod, PatchGD):
         truth = [self._target_dict(i, ctx.device) for i in image_ids]
         sides = [self.side(i) for i in image_ids]
         global_pixels: list[torch.Tensor | None] = [None] * len(image_ids)
-        group: list[tuple[ReadRequest, torch.Tensor]] = []
         losses: list[float] = []
         inner = 0
-        for request, pixels in reads:
-            kind = request.tag[0]
-            if kind == "fill":
-                self._fill_maps(ctx, model, maps, request, pixels)
-                continue
-            if kind == "global":
-                global_pixels[request.tag[1]] = pixels
-                continue
-            group.append((request, pixels))
-            if not request.tag[3]:
-                continue
+
+        def fill(request: ReadRequest, pixels: torch.Tensor) -> None:
+            self._fill_maps(ctx, model, maps, request, pixels)
+
+        for group in self.inner_iterations(reads, fill, global_pixels):
             maps = [m.detach() for m in maps]
             with ctx.autocast():
                 g = self._encode_group(ctx, model, maps, group, global_pixels)
                 parts = model.losses(model.fuse(maps, g, sides), truth)
             losses.append(self._learn(ctx, parts))
-            group = []
             inner += 1
-        if ctx.micro_steps:
-            ctx.step()
-        return self._output(losses, len(image_ids), inner)
+        return self._finish(ctx, losses, len(image_ids), inner)
 
     def _target_dict(self, image_id: str, device: torch.device) -> dict[str, torch.Tensor]:
         boxes, labels = self.targets(image_id)
@@ -279,10 +272,7 @@ class DetDownsample(DetectionMethod):
         with ctx.autocast():
             parts = model.losses(model.encode(pixels), truth)
         ctx.patches_with_grad += len(image_ids)
-        loss = self._learn(ctx, parts)
-        if ctx.micro_steps:
-            ctx.step()
-        return self._output([loss], len(image_ids), 1)
+        return self._finish(ctx, [self._learn(ctx, parts)], len(image_ids), 1)
 
     def detect(self, ctx: StepContext, image_ids: list[str], reads: Reads) -> list[Detections]:
         model: PatchFCOS = ctx.model  # type: ignore[assignment]
@@ -348,13 +338,13 @@ class DetSliced(DetectionMethod, PatchGD):
     ) -> BatchOutput:
         model: PatchFCOS = ctx.model  # type: ignore[assignment]
         model.train()
-        group: list[tuple[ReadRequest, torch.Tensor]] = []
         losses: list[float] = []
         inner = 0
-        for request, pixels in reads:
-            group.append((request, pixels))
-            if not request.tag[3]:
-                continue
+
+        def unexpected(request: ReadRequest, pixels: torch.Tensor) -> None:
+            raise AssertionError(f"sliced training plans only windows, got {request.tag}")
+
+        for group in self.inner_iterations(reads, unexpected, []):
             crops, truth = [], []
             for r, p in group:
                 for index, crop in zip(r.indices.tolist(), p, strict=True):
@@ -365,11 +355,8 @@ class DetSliced(DetectionMethod, PatchGD):
                 parts = model.losses(model.encode(torch.stack(crops).to(ctx.device)), truth)
             ctx.patches_with_grad += len(crops)
             losses.append(self._learn(ctx, parts))
-            group = []
             inner += 1
-        if ctx.micro_steps:
-            ctx.step()
-        return self._output(losses, len(image_ids), inner)
+        return self._finish(ctx, losses, len(image_ids), inner)
 
     def detect(self, ctx: StepContext, image_ids: list[str], reads: Reads) -> list[Detections]:
         model: PatchFCOS = ctx.model  # type: ignore[assignment]

@@ -9,7 +9,7 @@ accumulation, precision, checkpoints and logging; a method calls ``ctx.learn(los
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
@@ -239,6 +239,28 @@ class PatchGD(Method):
             requests.extend(members)
         return requests
 
+    @staticmethod
+    def inner_iterations(
+        reads: Reads,
+        other: Callable[[ReadRequest, torch.Tensor], None],
+        global_pixels: list[torch.Tensor | None],
+    ) -> Iterator[list[tuple[ReadRequest, torch.Tensor]]]:
+        """Walk a training plan: global patches go into ``global_pixels``, every other read
+        that is not part of an inner step (the latent fill, segmentation's labels) to
+        ``other``; yields each inner step's group once its last read has arrived."""
+        group: list[tuple[ReadRequest, torch.Tensor]] = []
+        for request, pixels in reads:
+            kind = request.tag[0]
+            if kind == "global":
+                global_pixels[request.tag[1]] = pixels
+            elif kind != "group":
+                other(request, pixels)
+            else:
+                group.append((request, pixels))
+                if request.tag[3]:
+                    yield group
+                    group = []
+
     def _latent(self, image_ids: list[str], device: torch.device, dim: int) -> torch.Tensor:
         rows = max(self.patches(i)[0].rows for i in image_ids)
         cols = max(self.patches(i)[0].cols for i in image_ids)
@@ -290,21 +312,14 @@ class PatchGD(Method):
         targets = targets.to(ctx.device)
         latent = self._latent(image_ids, ctx.device, model.latent_dim)
         global_pixels: list[torch.Tensor | None] = [None] * len(image_ids)
-        group: list[tuple[ReadRequest, torch.Tensor]] = []
         losses: list[float] = []
         logits = torch.zeros(len(image_ids), self.num_classes)
         inner = 0
-        for request, pixels in reads:
-            kind = request.tag[0]
-            if kind == "fill":
-                self._fill(ctx, model, latent, request, pixels, train=True)
-                continue
-            if kind == "global":
-                global_pixels[request.tag[1]] = pixels
-                continue
-            group.append((request, pixels))
-            if not request.tag[3]:
-                continue
+
+        def fill(request: ReadRequest, pixels: torch.Tensor) -> None:
+            self._fill(ctx, model, latent, request, pixels, train=True)
+
+        for group in self.inner_iterations(reads, fill, global_pixels):
             # Inner iteration j: re-encode this group with gradient, write it in place.
             model.train()
             latent = latent.detach()
@@ -315,7 +330,6 @@ class PatchGD(Method):
             ctx.learn(loss)
             losses.append(float(loss.detach()))
             logits = out.detach().float().cpu()
-            group = []
             inner += 1
         if ctx.micro_steps:  # flush what is left of this batch's accumulation
             ctx.step()

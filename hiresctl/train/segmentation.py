@@ -263,26 +263,19 @@ class SegTiled(SegmentationMethod, PatchGD):
         latent = torch.zeros(batch, model.latent_dim, height, width, device=ctx.device)
         target = torch.full((batch, height, width), IGNORE, dtype=torch.long, device=ctx.device)
         global_pixels: list[torch.Tensor | None] = [None] * batch
-        group: list[tuple[ReadRequest, torch.Tensor]] = []
         losses: list[float] = []
         score = {"correct": 0, "pixels": 0}
         inner = 0
-        for request, pixels in reads:
-            kind = request.tag[0]
-            if kind == "fill":
-                self._fill(ctx, model, latent, request, pixels, train=True, write=self._place)
-                continue
-            if kind == "mask":
+
+        def fill_or_label(request: ReadRequest, pixels: torch.Tensor) -> None:
+            if request.tag[0] == "mask":
                 self._place(
                     target, request.tag[1], request.grid, request.indices, pixels.to(ctx.device)
                 )
-                continue
-            if kind == "global":
-                global_pixels[request.tag[1]] = pixels
-                continue
-            group.append((request, pixels))
-            if not request.tag[3]:
-                continue
+            else:
+                self._fill(ctx, model, latent, request, pixels, train=True, write=self._place)
+
+        for group in self.inner_iterations(reads, fill_or_label, global_pixels):
             model.train()
             latent = latent.detach()
             with ctx.autocast():
@@ -294,7 +287,6 @@ class SegTiled(SegmentationMethod, PatchGD):
             ctx.learn(loss)
             losses.append(float(loss.detach()))
             score = self._score(logits, target)
-            group = []
             inner += 1
         if ctx.micro_steps:
             ctx.step()

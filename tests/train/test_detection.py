@@ -188,3 +188,38 @@ def test_memory_budget_picks_patches_per_step_for_detection(
     assert small.recipe.patches_per_step is not None
     assert large.recipe.patches_per_step == 3  # ceil(9 patches × ρ 0.25), all it wants
     assert small.recipe.patches_per_step <= large.recipe.patches_per_step
+
+
+def test_predict_writes_coco_results_and_qupath_rectangles(
+    objects_store: Path, tmp_path: Path
+) -> None:
+    from hiresctl.eval.predict import predict
+
+    Trainer(objects_store, tmp_path / "run", _recipe(epochs=3, val_split="none")).fit()
+    result = predict(tmp_path / "run", [str(objects_store)], tmp_path / "out", split="test",
+                     device="cpu")  # fmt: skip
+    assert [row["id"] for row in result.rows] == ["ob010", "ob011", "ob012", "ob013"]
+    results = json.loads((tmp_path / "out" / "detections.json").read_text())
+    assert results and all(r["score"] >= 0.2 for r in results)
+    for row in result.rows:
+        mine = [r for r in results if r["image_id"] == row["coco_image_id"]]
+        assert len(mine) == row["detections"] == row["n_red"] + row["n_green"]
+        features = json.loads(Path(row["geojson"]).read_text())["features"]
+        assert len(features) == len(mine)
+        for feature, found in zip(features, mine, strict=True):
+            x, y, w, h = found["bbox"]
+            ring = np.array(feature["geometry"]["coordinates"][0])
+            assert ring[0].tolist() == ring[-1].tolist() and len(ring) == 5  # closed rectangle
+            np.testing.assert_allclose(ring.min(0), [x, y], atol=0.01)
+            np.testing.assert_allclose(ring.max(0), [x + w, y + h], atol=0.02)
+            assert feature["properties"]["objectType"] == "detection"
+            assert (
+                feature["properties"]["classification"]["name"]
+                == ["red", "green"][found["category_id"] - 1]
+            )
+        assert (tmp_path / "out" / "overlays" / f"{row['id']}.png").is_file()
+    only = predict(tmp_path / "run", [str(objects_store)], tmp_path / "only", split="test",
+                   device="cpu", formats=["coco"])  # fmt: skip
+    assert sorted(p.name for p in only.out.iterdir()) == ["detections.json"]
+    with pytest.raises(UsageError, match="a det run writes coco, geojson"):
+        predict(tmp_path / "run", [str(objects_store)], tmp_path / "bad", formats=["ngff"])
