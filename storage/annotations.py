@@ -159,12 +159,14 @@ class Annotations:
         else:
             raise UsageError(f"--annotations {root}: no such file or folder")
         out = cls(str(root), [], kind="geojson", single=root.is_file())
-        parsed = [(f, _features(f)) for f in files]
-        names = sorted({name for _, features in parsed for _, name, _ in features if name})
+        parsed = []
+        for file in files:
+            data = _load_json(str(file))  # parsed once: features and the CRS member
+            parsed.append((file, _features(file, data), _geojson_crs(data)))
+        names = sorted({name for _, features, _ in parsed for _, name, _ in features if name})
         out.categories = names
         index = {n: i for i, n in enumerate(names)}
-        for file, features in parsed:
-            crs = _geojson_crs(file)
+        for file, features, crs in parsed:
             rows = [(box, index[name], entry) for box, name, entry in features if name]
             boxes = ImageBoxes(np.zeros((0, 4)), np.zeros(0, np.int64), [], crs=crs)
             missing = [entry for _, name, entry in features if not name]
@@ -273,9 +275,8 @@ def _coordinates(geometry: Any) -> list[list[float]]:
     return out
 
 
-def _features(file: Path) -> list[tuple[list[float], str | None, str]]:
+def _features(file: Path, data: Any) -> list[tuple[list[float], str | None, str]]:
     """(x0, y0, x1, y1) bounds, class name, entry name of every feature of a GeoJSON file."""
-    data = _load_json(str(file))
     if isinstance(data, dict) and data.get("type") == "FeatureCollection":
         features = data.get("features")
     elif isinstance(data, dict) and data.get("type") == "Feature":
@@ -305,9 +306,8 @@ def _features(file: Path) -> list[tuple[list[float], str | None, str]]:
     return out
 
 
-def _geojson_crs(file: Path) -> str | None:
+def _geojson_crs(data: Any) -> str | None:
     """The CRS a GeoJSON file names (the 2008 ``crs`` member), as "EPSG:n" where possible."""
-    data = _load_json(str(file))
     crs = data.get("crs") if isinstance(data, dict) else None
     if not isinstance(crs, dict):
         return None
@@ -321,18 +321,27 @@ def _geojson_crs(file: Path) -> str | None:
     return name or None
 
 
+def geotransform(extra: dict[str, Any]) -> tuple[list[float], str | None] | None:
+    """(GDAL geotransform, CRS) of a georeferenced image from its reader's or store entry's
+    ``extra``: a mosaic's ``geotransform``, or a GeoTIFF's tiepoint and pixel scale."""
+    geo = extra.get("geo") or {}
+    crs = extra.get("crs") or geo.get("crs")
+    if extra.get("geotransform"):
+        return [float(v) for v in extra["geotransform"]], crs
+    if geo.get("tiepoint") and geo.get("pixel_scale"):
+        i, j, _k, x, y, _z = geo["tiepoint"]
+        sx, sy = geo["pixel_scale"]
+        return [x - i * sx, sx, 0.0, y + j * sy, 0.0, -sy], crs
+    return None
+
+
 def geo_to_pixels(boxes: ImageBoxes, extra: dict[str, Any], source: str, where: str) -> np.ndarray:
     """Boxes in the source's pixels: GeoJSON in a CRS goes through the source's geotransform
     (mosaics: ``geotransform``; single GeoTIFFs: tiepoint and pixel scale)."""
     if boxes.crs is None:
         return boxes.boxes
-    geo = extra.get("geo") or {}
-    transform = extra.get("geotransform")
-    crs = extra.get("crs") or geo.get("crs")
-    if transform is None and geo.get("tiepoint"):
-        i, j, _k, x, y, _z = geo["tiepoint"]
-        sx, sy = geo["pixel_scale"]
-        transform = [x - i * sx, sx, 0.0, y + j * sy, 0.0, -sy]
+    found = geotransform(extra)
+    transform, crs = found if found is not None else (None, None)
     if transform is None:
         raise SourceError(
             source, f"{where} gives coordinates in {boxes.crs} but the image is not georeferenced"

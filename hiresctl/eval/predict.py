@@ -55,6 +55,7 @@ from hiresctl.train import (
 )
 from hiresctl.train.segmentation import PREDICT_TILE, binary_image_metrics
 from storage import Dataset, StoreError, UsageError
+from storage.annotations import geotransform
 from storage.store import hires_attrs, image_multiscales
 from storage.tiler import _PALETTE, label_image_attrs, label_pyramid
 
@@ -243,19 +244,6 @@ def classify_images(
 # ----------------------------------------------------------------------------- detection
 
 
-def _geotransform(entry: Any) -> tuple[list[float], str | None] | None:
-    """(GDAL geotransform, CRS) of a georeferenced image, from its store attributes."""
-    extra = entry.extra
-    if extra.get("geotransform"):
-        return [float(v) for v in extra["geotransform"]], extra.get("crs")
-    geo = extra.get("geo") or {}
-    if geo.get("tiepoint") and geo.get("pixel_scale"):
-        i, j, _k, x, y, _z = geo["tiepoint"]
-        sx, sy = geo["pixel_scale"]
-        return [x - i * sx, sx, 0.0, y + j * sy, 0.0, -sy], geo.get("crs")
-    return None
-
-
 def box_features(
     boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, classes: list[str],
     transform: list[float] | None = None,
@@ -316,7 +304,7 @@ def detect_images(
                 path = folder / f"{entry.id}.geojson"
                 path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
                 row["geojson"] = str(path)
-                geo = _geotransform(entry)
+                geo = geotransform(entry.extra)
                 if geo is not None:
                     transform, crs = geo
                     collection: dict[str, Any] = {
