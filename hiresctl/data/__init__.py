@@ -1,6 +1,6 @@
 """Patch sampling and streaming: locations in, tensors out, never a whole level in memory."""
 
-from hiresctl.data.grid import PatchGrid
+from hiresctl.data.grid import NO_FLIP, Flip, PatchGrid
 from hiresctl.data.images import (
     LabelledImage,
     class_names,
@@ -12,10 +12,13 @@ from hiresctl.data.images import (
 from hiresctl.data.reader import PatchReader, normalize, to_tensor, to_unit_rgb
 from hiresctl.data.samplers import GridSampler, RandomPatchSampler, foreground_fraction
 from hiresctl.data.stream import PatchStream, ReadRequest
-from hiresctl.data.transforms import AUGMENTATIONS, PatchAugment
+from hiresctl.data.transforms import AUGMENTATIONS, GEOMETRIC, PatchAugment, flip_boxes
 
 __all__ = [
     "AUGMENTATIONS",
+    "GEOMETRIC",
+    "NO_FLIP",
+    "Flip",
     "GridSampler",
     "LabelledImage",
     "PatchAugment",
@@ -26,6 +29,7 @@ __all__ = [
     "ReadRequest",
     "class_names",
     "detection_images",
+    "flip_boxes",
     "foreground_fraction",
     "labelled_images",
     "normalize",

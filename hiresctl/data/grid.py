@@ -54,6 +54,38 @@ class PatchGrid:
         return row * self.stride, col * self.stride
 
 
+@dataclass(frozen=True, slots=True)
+class Flip:
+    """A mirror of a whole image (of one level): ``vertical`` maps row y to H − 1 − y,
+    ``horizontal`` column x to W − 1 − x. Training reads the mirrored image through it, so
+    every patch, global patch, mask and box of one image agrees on it (it is drawn per image,
+    not per patch)."""
+
+    vertical: bool = False
+    horizontal: bool = False
+
+    def __bool__(self) -> bool:
+        return self.vertical or self.horizontal
+
+    def source(
+        self, y: int, x: int, height: int, width: int, image_height: int, image_width: int
+    ) -> tuple[int, int]:
+        """Top-left (y, x) in the unflipped image of the region (``height`` × ``width``) at
+        (y, x) of the flipped one: read there, then :meth:`pixels`."""
+        return (
+            image_height - y - height if self.vertical else y,
+            image_width - x - width if self.horizontal else x,
+        )
+
+    def pixels(self, array: np.ndarray) -> np.ndarray:
+        """Mirror the last two axes (rows, columns) of ``array`` as this flip says."""
+        axes = tuple(a for a, on in ((-2, self.vertical), (-1, self.horizontal)) if on)
+        return np.ascontiguousarray(np.flip(array, axes)) if axes else array
+
+
+NO_FLIP = Flip()
+
+
 def _count(side: int, patch_size: int, stride: int) -> int:
     if side <= patch_size:
         return 1

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hiresctl.data.grid import PatchGrid
+from hiresctl.data.grid import NO_FLIP, Flip, PatchGrid
 from storage import Dataset, ImageEntry, StoreError
 from storage.chunks import DirectChunks
 
@@ -174,19 +174,36 @@ class PatchReader:
         out[known] = self._lut[values[known]]
         return out
 
-    def read_mask_patches(
-        self, image_id: str, grid: PatchGrid, indices: Sequence[int] | np.ndarray
-    ) -> torch.Tensor:
-        """(n, p, p) int64 class indices of the mask under the given patches (-1: ignore)."""
+    def _source(self, image_id: str, grid: PatchGrid, index: int, flip: Flip) -> tuple[int, int]:
+        """Where patch ``index`` of the (flipped) image lies in the stored image."""
+        y, x = grid.origin(index)
+        if not flip:
+            return y, x
+        _, height, width = self.shape(image_id)
         p = grid.patch_size
-        masks = [self.read_mask_region(image_id, *grid.origin(int(i)), p) for i in indices]
+        return flip.source(y, x, p, p, height, width)
+
+    def read_mask_patches(
+        self, image_id: str, grid: PatchGrid, indices: Sequence[int] | np.ndarray,
+        flip: Flip = NO_FLIP,
+    ) -> torch.Tensor:  # fmt: skip
+        """(n, p, p) int64 class indices of the mask under the given patches (-1: ignore), of
+        the image mirrored by ``flip``."""
+        p = grid.patch_size
+        masks = [
+            flip.pixels(
+                self.read_mask_region(image_id, *self._source(image_id, grid, int(i), flip), p)
+            )
+            for i in indices
+        ]
         return (
             torch.from_numpy(np.stack(masks)) if masks else torch.empty(0, p, p, dtype=torch.long)
         )
 
-    def read_mask_global(self, image_id: str, size: int) -> torch.Tensor:
-        """(size, size) class indices: the whole mask letterboxed like :meth:`read_global_unit`
-        and resized by nearest label, from the coarsest mask level still ≥ ``size``."""
+    def read_mask_global(self, image_id: str, size: int, flip: Flip = NO_FLIP) -> torch.Tensor:
+        """(size, size) class indices: the whole mask (mirrored by ``flip``) letterboxed like
+        :meth:`read_global_unit` and resized by nearest label, from the coarsest mask level
+        still ≥ ``size``."""
         entry = self.entry(image_id)
         chosen = 0
         for level in range(entry.levels):
@@ -194,7 +211,7 @@ class PatchReader:
                 chosen = level
         array = self.mask_array(image_id, chosen)
         _, height, width = array.shape
-        labels = self._classes(np.asarray(array[0]))
+        labels = flip.pixels(self._classes(np.asarray(array[0])))
         side = max(height, width)
         square = torch.full((1, 1, side, side), -1.0)
         square[0, 0, :height, :width] = torch.from_numpy(labels).float()
@@ -215,21 +232,24 @@ class PatchReader:
         return boxes[keep].astype(np.float32), labels[keep]
 
     def read_patches(
-        self, image_id: str, grid: PatchGrid, indices: Sequence[int] | np.ndarray
-    ) -> torch.Tensor:
+        self, image_id: str, grid: PatchGrid, indices: Sequence[int] | np.ndarray,
+        flip: Flip = NO_FLIP,
+    ) -> torch.Tensor:  # fmt: skip
         """(n, 3, p, p) normalised float patches at the given row-major grid indices."""
-        return normalize(self.read_patches_unit(image_id, grid, indices))
+        return normalize(self.read_patches_unit(image_id, grid, indices, flip))
 
     def read_patches_unit(
-        self, image_id: str, grid: PatchGrid, indices: Sequence[int] | np.ndarray
-    ) -> torch.Tensor:
-        """(n, 3, p, p) RGB patches in [0, 1] (before normalisation, for augmentation)."""
-        origins = [grid.origin(int(i)) for i in indices]
+        self, image_id: str, grid: PatchGrid, indices: Sequence[int] | np.ndarray,
+        flip: Flip = NO_FLIP,
+    ) -> torch.Tensor:  # fmt: skip
+        """(n, 3, p, p) RGB patches in [0, 1] (before normalisation, for augmentation) of the
+        image mirrored by ``flip`` (the grid is laid over the mirrored image)."""
+        origins = [self._source(image_id, grid, int(i), flip) for i in indices]
         if not origins:
             return torch.empty(0, 3, grid.patch_size, grid.patch_size)
 
         def one(origin: tuple[int, int]) -> np.ndarray:
-            return self.read_region(image_id, origin[0], origin[1], grid.patch_size)
+            return flip.pixels(self.read_region(image_id, origin[0], origin[1], grid.patch_size))
 
         if self._pool is not None and len(origins) > 1:
             pixels = list(self._pool.map(one, origins))
@@ -237,12 +257,13 @@ class PatchReader:
             pixels = [one(o) for o in origins]
         return to_unit_rgb(np.stack(pixels))
 
-    def read_global(self, image_id: str, size: int) -> torch.Tensor:
+    def read_global(self, image_id: str, size: int, flip: Flip = NO_FLIP) -> torch.Tensor:
         """(3, size, size) normalised global patch; see :meth:`read_global_unit`."""
-        return normalize(self.read_global_unit(image_id, size))
+        return normalize(self.read_global_unit(image_id, size, flip))
 
-    def read_global_unit(self, image_id: str, size: int) -> torch.Tensor:
-        """(3, size, size): the whole image, letterboxed to a square and resized to ``size``.
+    def read_global_unit(self, image_id: str, size: int, flip: Flip = NO_FLIP) -> torch.Tensor:
+        """(3, size, size): the whole image (mirrored by ``flip``), letterboxed to a square and
+        resized to ``size``.
 
         The padding goes right and below, like the patch grid's, so the global patch and the
         grid see the same geometry.
@@ -259,7 +280,7 @@ class PatchReader:
         for candidate in candidates:
             if max(candidate.shape[1:]) >= size and candidate.size < chosen.size:
                 chosen = candidate
-        pixels = np.asarray(chosen[...])
+        pixels = flip.pixels(np.asarray(chosen[...]))
         channels, height, width = pixels.shape
         side = max(height, width)
         square = np.full((channels, side, side), entry.fill_value, pixels.dtype)

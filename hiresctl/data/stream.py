@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from hiresctl.data.grid import PatchGrid
+from hiresctl.data.grid import NO_FLIP, PatchGrid
 from hiresctl.data.reader import PatchReader, normalize
 
 
@@ -39,18 +39,20 @@ class _RequestDataset(Dataset[tuple[ReadRequest, torch.Tensor]]):
         self.augment = augment
 
     def __getitem__(self, request: ReadRequest) -> tuple[ReadRequest, torch.Tensor]:
-        if request.kind == "mask":  # labels are not augmented (augmentation is photometric)
-            return request, self.reader.read_mask_patches(
-                request.image_id, request.grid, request.indices
-            )
+        image_id, grid = request.image_id, request.grid
+        # One mirror per image and epoch for pixels and labels alike; photometric changes
+        # touch pixels only.
+        flip = self.augment.flip(image_id) if self.augment is not None else NO_FLIP
+        if request.kind == "mask":
+            return request, self.reader.read_mask_patches(image_id, grid, request.indices, flip)
         if request.kind == "mask_global":
-            return request, self.reader.read_mask_global(request.image_id, request.grid.patch_size)
+            return request, self.reader.read_mask_global(image_id, grid.patch_size, flip)
         if request.kind == "global":
-            pixels = self.reader.read_global_unit(request.image_id, request.grid.patch_size)
+            pixels = self.reader.read_global_unit(image_id, grid.patch_size, flip)
         else:
-            pixels = self.reader.read_patches_unit(request.image_id, request.grid, request.indices)
+            pixels = self.reader.read_patches_unit(image_id, grid, request.indices, flip)
         if self.augment is not None:
-            pixels = self.augment(pixels, request.image_id)
+            pixels = self.augment(pixels, image_id)
         return request, normalize(pixels)
 
     def __len__(self) -> int:  # a plan has no fixed length; the sampler decides
@@ -118,6 +120,10 @@ class PatchStream:
         self.prefetch = prefetch  # requests per DataLoader worker
         self.ahead_bytes = ahead_bytes  # pixels the background thread may hold ahead
         self.dataset = _RequestDataset(reader, augment)
+
+    def read(self, request: ReadRequest) -> torch.Tensor:
+        """One request, read now in this thread (augmented as the stream's reads are)."""
+        return self.dataset[request][1]
 
     def _threaded(self, plan: Iterable[ReadRequest]) -> Iterator[tuple[ReadRequest, torch.Tensor]]:
         return _threaded_reads(self.dataset, plan, self.ahead_bytes)

@@ -1,9 +1,14 @@
-"""Per-image-consistent photometric augmentations (albumentations) for patches.
+"""Per-image-consistent augmentations (albumentations) for patches.
 
 Every patch of an image, and its global patch, gets the same randomly drawn transform in a
 given epoch: the parameters are seeded by (image, epoch), so patches read by different
-DataLoader workers still agree. Geometric transforms would have to move patches on the grid
-too, so the presets are photometric.
+DataLoader workers still agree.
+
+- photometric presets (``augment``: color, stain) change pixel values;
+- geometric ones (``geometric``: flip) mirror the whole image, not each patch: the reader lays
+  the patch grid over the mirrored image (:class:`hiresctl.data.grid.Flip`), masks are read
+  mirrored the same way and boxes follow through albumentations' bbox-aware flips
+  (:func:`flip_boxes`), so a patch's pixels, its place on the grid and its labels agree.
 """
 
 from __future__ import annotations
@@ -14,10 +19,13 @@ from typing import Any
 import albumentations as A
 import numpy as np
 import torch
+from albumentations.core.bbox_utils import denormalize_bboxes, normalize_bboxes
 
+from hiresctl.data.grid import NO_FLIP, Flip
 from storage import UsageError
 
 AUGMENTATIONS = ("none", "color", "stain")
+GEOMETRIC = ("none", "flip")
 
 
 def _preset(name: str) -> Any:
@@ -43,18 +51,35 @@ def _preset(name: str) -> Any:
 
 
 class PatchAugment:
-    """Callable ``(patches (n, 3, h, w) in [0, 1], image_id) -> patches``."""
+    """Callable ``(patches (n, 3, h, w) in [0, 1], image_id) -> patches`` (photometric), and
+    :meth:`flip` ``(image_id) -> Flip`` (geometric), both drawn per (seed, epoch, image)."""
 
-    def __init__(self, name: str, seed: int = 0) -> None:
+    def __init__(self, name: str, seed: int = 0, geometric: str = "none") -> None:
+        if geometric not in GEOMETRIC:
+            raise UsageError(
+                f"unknown geometric augmentation {geometric!r}; valid: {', '.join(GEOMETRIC)}"
+            )
         self.name = name
         self.seed = seed
+        self.geometric = geometric
         self.epoch = 0
         self.transform = None if name == "none" else _preset(name)
+
+    def _key(self, image_id: str, salt: str = "") -> int:
+        return zlib.crc32(f"{self.seed}:{self.epoch}:{image_id}{salt}".encode())
+
+    def flip(self, image_id: str) -> Flip:
+        """This epoch's mirror of ``image_id``: each of the four (none, horizontal, vertical,
+        both) equally likely."""
+        if self.geometric == "none":
+            return NO_FLIP
+        draw = self._key(image_id, ":flip") % 4
+        return Flip(vertical=bool(draw & 2), horizontal=bool(draw & 1))
 
     def __call__(self, patches: torch.Tensor, image_id: str) -> torch.Tensor:
         if self.transform is None:
             return patches
-        key = zlib.crc32(f"{self.seed}:{self.epoch}:{image_id}".encode())
+        key = self._key(image_id)
         batch = patches.unsqueeze(0) if patches.dim() == 3 else patches
         out = []
         for patch in batch:
@@ -63,3 +88,17 @@ class PatchAugment:
             out.append(torch.from_numpy(self.transform(image=hwc)["image"]).permute(2, 0, 1))
         result = torch.stack(out).clamp_(0.0, 1.0)
         return result[0] if patches.dim() == 3 else result
+
+
+def flip_boxes(boxes: np.ndarray, flip: Flip, height: int, width: int) -> np.ndarray:
+    """(n, 4) x0, y0, x1, y1 boxes of a ``height`` × ``width`` image → the same boxes in the
+    image mirrored by ``flip`` (albumentations' bbox-aware flips on normalised boxes)."""
+    if not flip or not len(boxes):
+        return boxes
+    shape = (height, width)
+    normal = normalize_bboxes(np.asarray(boxes, dtype=np.float32), shape)
+    if flip.horizontal:
+        normal = A.HorizontalFlip(p=1.0).apply_to_bboxes(normal)
+    if flip.vertical:
+        normal = A.VerticalFlip(p=1.0).apply_to_bboxes(normal)
+    return denormalize_bboxes(normal, shape).astype(np.float32)

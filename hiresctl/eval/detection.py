@@ -14,7 +14,14 @@ from typing import Any
 from hiresctl.data import detection_images, require_images
 from hiresctl.eval.common import result_header, save_result
 from hiresctl.train import Run, coco_truth, load_run, predict_detections, resolve_device
-from hiresctl.train.detection import COCO_KEYS, coco_metrics, coco_results
+from hiresctl.train.detection import (
+    COCO_KEYS,
+    PREDICT_SCORE_THRESHOLD,
+    coco_boxes,
+    coco_metrics,
+    coco_results,
+    match_detections,
+)
 from storage import Dataset
 
 
@@ -41,17 +48,28 @@ def evaluate_detection(
     (folder / f"detections-{split}.json").write_text(json.dumps(results))
     metrics = coco_metrics(truth, results, run.recipe.max_detections)
     per_image = []
-    for number, (image, d) in enumerate(zip(images, found, strict=True), start=1):
-        objects = sum(a["image_id"] == number for a in truth["annotations"])
-        confident = int((d["scores"] >= 0.5).sum()) if len(d["scores"]) else 0
-        per_image.append({"id": image.image_id, "objects": objects,
-                          "detections": len(d["scores"]), "confident": confident})  # fmt: skip
+    for image, d, (true_boxes, true_labels) in zip(images, found, coco_boxes(truth), strict=True):
+        # what a user of `hiresctl predict` would see: boxes scored ≥ its threshold, matched
+        # at IoU 0.5
+        keep = d["scores"].numpy() >= PREDICT_SCORE_THRESHOLD
+        hits, found_truth = match_detections(true_boxes, true_labels, d["boxes"].numpy()[keep],
+                                             d["scores"].numpy()[keep], d["labels"].numpy()[keep])  # fmt: skip
+        per_image.append({"id": image.image_id, "objects": len(true_boxes),
+                          "detections": len(d["scores"]), "shown": int(keep.sum()),
+                          "found": int(found_truth.sum()), "missed": int((~found_truth).sum()),
+                          "false_positives": int((~hits).sum()),
+                          "recall": float(found_truth.mean()) if len(true_boxes) else None})  # fmt: skip
     result = result_header(run, run_dir, data, split, len(images), stats, torch_device)
     result.update({
         "metrics": {k: metrics[k] for k in (*COCO_KEYS, "ar")},
         "recall": {k: metrics.get(k) for k in ("ar1", "ar10", "ar", "ar_small", "ar_medium",
                                                 "ar_large")},
         "per_class": metrics["per_class"],
+        "by_size": metrics["by_size"],
+        "pr_curve": metrics["pr_curve"],
+        "matching": {"iou": 0.5, "score_threshold": PREDICT_SCORE_THRESHOLD,
+                     "note": "per_image found/missed/false_positives: boxes scored at least "
+                             "score_threshold, matched to true boxes of their class at IoU ≥ iou"},
         "objects": metrics["objects"],
         "detections": metrics["detections"],
         "max_detections": run.recipe.max_detections,

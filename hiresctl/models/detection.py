@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torchvision
 from torch import nn
+from torch.utils.checkpoint import checkpoint_sequential
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.detection import FCOS
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -99,6 +100,59 @@ def create_fpn_backbone(
     return FPNBackbone(body, layers, widths, channels, (8, 16, 32, 64, 128), p6p7=True)
 
 
+class RecomputedTower(nn.Sequential):
+    """An FCOS head tower (conv, GroupNorm, ReLU per block) that, when training, keeps only
+    each block's input and recomputes the block in backward: on a stitched 4096² canvas the
+    towers' activations are the largest tensors of a step. Same parameters and state dict
+    keys as the plain ``nn.Sequential``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            return super().forward(x)
+        blocks = max(1, len(self) // 3)
+        out: torch.Tensor = checkpoint_sequential(self, blocks, x, use_reentrant=False)
+        return out
+
+
+MATCH_CHUNK = 32768  # anchors matched at once: bounds the (anchors × boxes × 4) temporaries
+
+
+def match_anchors(
+    anchors: torch.Tensor, boxes: torch.Tensor, counts: list[int], radius: float,
+    chunk: int = MATCH_CHUNK,
+) -> torch.Tensor:  # fmt: skip
+    """FCOS's assignment of true boxes to anchor points (torchvision's ``FCOS.compute_loss``
+    rule, the same result): a point takes the smallest box whose centre is within ``radius``
+    strides, that contains it and whose largest side distance suits the point's level; -1
+    where none does. Computed ``chunk`` anchors at a time, so a 4096² canvas (350k points)
+    with hundreds of boxes never holds the full pairwise tables."""
+    total = anchors.shape[0]
+    matched = torch.full((total,), -1, dtype=torch.int64, device=anchors.device)
+    if boxes.numel() == 0:
+        return matched
+    centres = (boxes[:, :2] + boxes[:, 2:]) / 2
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    first, last = counts[0], total - counts[-1]
+    for start in range(0, total, chunk):
+        part = anchors[start : start + chunk]
+        index = torch.arange(start, start + len(part), device=anchors.device)
+        points = (part[:, :2] + part[:, 2:]) / 2
+        sizes = part[:, 2] - part[:, 0]
+        near = (points[:, None, :] - centres[None]).abs_().amax(2) < radius * sizes[:, None]
+        x, y = points[:, 0:1], points[:, 1:2]
+        sides = torch.stack([x - boxes[:, 0], y - boxes[:, 1], boxes[:, 2] - x, boxes[:, 3] - y], 2)
+        near &= sides.amin(2) > 0
+        lower = torch.where(index < first, torch.zeros_like(sizes), sizes * 4)
+        upper = torch.where(index >= last, torch.full_like(sizes, float("inf")), sizes * 8)
+        reach = sides.amax(2)
+        near &= (reach > lower[:, None]) & (reach < upper[:, None])
+        score = near.to(torch.float32) * (1e8 - areas[None, :])
+        best, idx = score.max(1)
+        idx[best < 1e-5] = -1
+        matched[start : start + len(part)] = idx
+    return matched
+
+
 class PatchFCOS(nn.Module):
     """FCOS whose feature maps may come from stitched patches (and a fused global patch).
 
@@ -117,6 +171,7 @@ class PatchFCOS(nn.Module):
         head_convs: int = 4,
         pretrained: str | Path | None = None,
         max_detections: int = 100,
+        recompute_head: bool = True,
     ) -> None:
         super().__init__()
         if fusion not in DET_FUSIONS:
@@ -126,6 +181,9 @@ class PatchFCOS(nn.Module):
             tuple((s,) for s in encoder.strides), ((1.0,),) * len(encoder.strides)
         )
         head = FCOSHead(channels, 1, num_classes, num_convs=head_convs)
+        if recompute_head:
+            for branch in (head.classification_head, head.regression_head):
+                branch.conv = RecomputedTower(*branch.conv)
         self.detector = FCOS(
             encoder, num_classes, anchor_generator=anchors, head=head,
             score_thresh=0.2, nms_thresh=0.6, detections_per_img=max_detections,
@@ -207,7 +265,12 @@ class PatchFCOS(nn.Module):
         head = self.detector.head(features)
         anchors = self._anchors(features, height, width)
         counts = [f.shape[-2] * f.shape[-1] for f in features]
-        out: dict[str, torch.Tensor] = self.detector.compute_loss(targets, head, anchors, counts)
+        radius = self.detector.center_sampling_radius
+        matched = [match_anchors(a, t["boxes"], counts, radius)
+                   for a, t in zip(anchors, targets, strict=True)]  # fmt: skip
+        out: dict[str, torch.Tensor] = self.detector.head.compute_loss(
+            targets, head, anchors, matched
+        )
         return out
 
     def detect(
@@ -236,4 +299,11 @@ class PatchFCOS(nn.Module):
         return detections
 
 
-__all__ = ["DET_BACKBONES", "DET_FUSIONS", "FPNBackbone", "PatchFCOS", "create_fpn_backbone"]
+__all__ = [
+    "DET_BACKBONES",
+    "DET_FUSIONS",
+    "FPNBackbone",
+    "PatchFCOS",
+    "create_fpn_backbone",
+    "match_anchors",
+]

@@ -256,6 +256,103 @@ def _segmentation_figures(
             ))  # fmt: skip
 
 
+# ----------------------------------------------------------------------------- detection
+
+
+def _coco_files(result: dict[str, Any]) -> tuple[list[Any], list[Any]]:
+    """Per image of the evaluation (in its order): (true boxes, labels) and (boxes, scores,
+    labels) of the detections at or above the matching threshold, from the COCO files the
+    evaluation wrote."""
+    from hiresctl.train.detection import coco_boxes
+
+    truth = _read_json(Path(result["files"]["ground_truth"]))
+    found = _read_json(Path(result["files"]["detections"])) or []
+    threshold = result["matching"]["score_threshold"]
+    count = len(truth["images"])
+    per_image: list[list[Any]] = [[] for _ in range(count)]
+    for d in found:
+        if d["score"] >= threshold:
+            per_image[d["image_id"] - 1].append(d)
+    detections = []
+    for items in per_image:
+        boxes = np.array([[d["bbox"][0], d["bbox"][1], d["bbox"][0] + d["bbox"][2],
+                           d["bbox"][1] + d["bbox"][3]] for d in items], np.float32).reshape(-1, 4)  # fmt: skip
+        scores = np.array([d["score"] for d in items], np.float32)
+        labels = np.array([d["category_id"] - 1 for d in items], np.int64)
+        detections.append((boxes, scores, labels))
+    return coco_boxes(truth), detections
+
+
+def _focus(truth: np.ndarray, found: np.ndarray, boxes: np.ndarray, hits: np.ndarray) -> Any:
+    """The box a zoomed crop centres on: the smallest missed object, else the smallest object,
+    else the first false positive; None when the image has neither."""
+    areas = (truth[:, 2] - truth[:, 0]) * (truth[:, 3] - truth[:, 1])
+    if (~found).any():
+        missed = np.flatnonzero(~found)
+        return truth[missed[areas[missed].argmin()]]
+    if len(truth):
+        return truth[areas.argmin()]
+    if (~hits).any():
+        return boxes[np.flatnonzero(~hits)[0]]
+    return None
+
+
+def _detection_figures(report: RunReport, run: Run, dataset: Dataset, out: Path) -> None:
+    """The worst images (lowest recall at IoU 0.5, then most false positives): boxes on the
+    thumbnail and a full-resolution crop around the smallest object it missed."""
+    from hiresctl.train.detection import match_detections
+
+    result = report.result
+    rows = result["per_image"]
+    truths, detections = _coco_files(result)
+    order = sorted(range(len(rows)), key=lambda i: (
+        rows[i]["recall"] if rows[i]["recall"] is not None else 1.0, -rows[i]["false_positives"]))  # fmt: skip
+    folder = Path("figures") / figures.slug(report.name)
+    for i in order[:SHOWN]:
+        row = rows[i]
+        image_id = row["id"]
+        (truth, truth_labels), (boxes, scores, labels) = truths[i], detections[i]
+        hits, found = match_detections(truth, truth_labels, boxes, scores, labels)
+        thumb = figures.to_rgb8(dataset.thumbnail(image_id))
+        link = folder / f"{figures.slug(image_id)}-thumbnail.png"
+        figures.save_png(out / link, thumb)
+        plain = figures.fit(thumb, THUMB)
+        _, height, width = dataset.entry(image_id).shape
+        scale = (plain.shape[0] / height, plain.shape[1] / width)
+        shown = figures.detection_overlay(plain, scale, (0, 0), truth, found, boxes, hits)
+        path = folder / f"{figures.slug(image_id)}.png"
+        png = figures.save_png(out / path, shown)
+        caption = (f"{image_id}: found {row['found']} of {row['objects']} objects, "
+                   f"{row['false_positives']} false positives (boxes scored ≥ "
+                   f"{result['matching']['score_threshold']}, IoU ≥ 0.5)")  # fmt: skip
+        report.shown.append(
+            Figure(path.as_posix(), figures.data_uri(png), caption, link.as_posix())
+        )
+        focus = _focus(truth, found, boxes, hits)
+        if focus is None:
+            continue
+        # the crop is read at the run's level; boxes stay in level-0 pixels
+        _, read_h, _ = run.reader.shape(image_id)
+        ratio = read_h / height
+        cx, cy = (focus[0] + focus[2]) / 2, (focus[1] + focus[3]) / 2
+        side = CROP / ratio  # level-0 pixels the crop spans
+        x0 = float(np.clip(cx - side / 2, 0, max(0.0, width - side)))
+        y0 = float(np.clip(cy - side / 2, 0, max(0.0, height - side)))
+        region = run.reader.read_region(image_id, round(y0 * ratio), round(x0 * ratio), CROP)
+        zoom = 2
+        pixels = figures.resize(figures.to_rgb8(np.asarray(region)), (CROP * zoom, CROP * zoom),
+                                nearest=True)  # fmt: skip
+        crop = figures.detection_overlay(pixels, (ratio * zoom, ratio * zoom), (y0, x0),
+                                         truth, found, boxes, hits, thickness=2)  # fmt: skip
+        crop_path = folder / f"{figures.slug(image_id)}-crop.png"
+        png = figures.save_png(out / crop_path, crop)
+        size = f"{focus[2] - focus[0]:.0f}×{focus[3] - focus[1]:.0f} px"
+        report.shown.append(Figure(
+            crop_path.as_posix(), figures.data_uri(png),
+            f"{image_id}: ×{zoom} zoom at x={x0:.0f}, y={y0:.0f} around a {size} object",
+        ))  # fmt: skip
+
+
 # ------------------------------------------------------------------------------ the report
 
 
@@ -354,6 +451,9 @@ def build_report(
         if write and task == "cls":
             log(f"drawing {name}'s figures")
             _classification_figures(report, run, dataset, out)
+        elif write and task == "det":
+            log(f"drawing {name}'s figures")
+            _detection_figures(report, run, dataset, out)
         elif collector is not None:
             _segmentation_figures(report, run, dataset, collector, out)
         reports.append(report)

@@ -219,12 +219,39 @@ def boxes_overlay(
     """The thumbnail (fitted to ``longest``) with level-0 ``boxes`` (x0, y0, x1, y1) outlined
     in each label's ``colour(label + 1)``; boxes too small to see are drawn as 3-pixel marks."""
     rgb = fit(to_rgb8(thumbnail), longest).copy()
-    sy, sx = rgb.shape[0] / level_shape[0], rgb.shape[1] / level_shape[1]
-    for (x0, y0, x1, y1), label in zip(boxes.tolist(), labels.tolist(), strict=True):
-        a = (int(x0 * sx), int(y0 * sy))
-        b = (max(a[0] + 2, round(x1 * sx)), max(a[1] + 2, round(y1 * sy)))
-        cv2.rectangle(rgb, a, b, tuple(int(v) for v in colour(int(label) + 1)), 1)
+    scale = (rgb.shape[0] / level_shape[0], rgb.shape[1] / level_shape[1])
+    for box, label in zip(boxes.tolist(), labels.tolist(), strict=True):
+        _rectangle(rgb, box, scale, (0, 0), colour(int(label) + 1))
     return rgb
+
+
+def _rectangle(
+    rgb: np.ndarray, box: Sequence[float], scale: tuple[float, float],
+    origin: tuple[float, float], colour: Sequence[int], thickness: int = 1,
+) -> None:  # fmt: skip
+    """Outline level-0 ``box`` (x0, y0, x1, y1) on ``rgb``, which shows level 0 from ``origin``
+    (y, x) scaled by ``scale`` (y, x); boxes too small to see become 3-pixel marks."""
+    (sy, sx), (oy, ox) = scale, origin
+    x0, y0, x1, y1 = box
+    a = (int((x0 - ox) * sx), int((y0 - oy) * sy))
+    b = (max(a[0] + 2, round((x1 - ox) * sx)), max(a[1] + 2, round((y1 - oy) * sy)))
+    cv2.rectangle(rgb, a, b, tuple(int(v) for v in colour), thickness)
+
+
+def detection_overlay(
+    image: np.ndarray, scale: tuple[float, float], origin: tuple[float, float],
+    truth: np.ndarray, truth_found: np.ndarray, boxes: np.ndarray, hits: np.ndarray,
+    thickness: int = 1,
+) -> np.ndarray:  # fmt: skip
+    """``image`` (showing level 0 from ``origin`` (y, x) at ``scale``) with detections that
+    match a true box in green (TP), the others in red (FP), and true boxes no detection found
+    in blue (FN)."""
+    out = image.copy()
+    for box in truth[~truth_found].tolist():
+        _rectangle(out, box, scale, origin, FN, thickness)
+    for box, hit in zip(boxes.tolist(), hits.tolist(), strict=True):
+        _rectangle(out, box, scale, origin, TP if hit else FP, thickness)
+    return out
 
 
 def segmentation_overlay(

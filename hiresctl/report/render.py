@@ -50,6 +50,14 @@ METHOD_KEYS = {  # the sampling keys that mean something for a method
 }  # fmt: skip
 
 
+LEGENDS = {  # what the overlay colours (figures.TP, FP, FN) mean per task
+    "seg": ("true positive", "false positive", "false negative"),
+    "det": ("detection matching a true box (TP)", "detection matching none (FP)",
+            "true box no detection found (FN)"),
+}  # fmt: skip
+SIZE_RANGES = {"small": "area < 32²", "medium": "32² to 96²", "large": "≥ 96²"}
+
+
 def recipe_settings(recipe: dict[str, Any]) -> dict[str, Any]:
     """The recipe keys worth a glance for this run's method (the rest sit in the full recipe)."""
     keys = RECIPE_KEYS + METHOD_KEYS.get(str(recipe.get("method")), ())
@@ -114,6 +122,18 @@ def charts(metrics: dict[str, Any], reports: list[RunReport]) -> list[tuple[str,
                   for r in reports}  # fmt: skip
         if any(y is not None for s in series.values() for _, y in s):
             out.append((f"curve-{key}", title, figures.line_chart(series, title, "epoch")))
+    if task == "det":  # precision over recall, every run in one chart per IoU threshold
+        for key, iou in (("iou50", "0.5"), ("iou75", "0.75")):
+            series = {}
+            for r in reports:
+                curve = r.result.get("pr_curve")
+                if curve and any(v is not None for v in curve[key]):
+                    series[r.name] = list(zip(curve["recall"], curve[key], strict=True))
+            if series:
+                title = f"Precision–recall at IoU {iou} (mean over classes)"
+                svg = figures.line_chart(series, title, "recall", "precision",
+                                         limits=(0.0, 1.0))  # fmt: skip
+                out.append((f"pr-{key}", title, svg))
     for r in reports:
         if r.roc:
             series = {f"AUC {r.roc['auc']:.3f}": list(zip(r.roc["fpr"], r.roc["tpr"], strict=True))}
@@ -217,6 +237,12 @@ def _run_section_html(r: RunReport, svgs: dict[str, str]) -> str:
             out.append(
                 f'<p class="meta">Images where a metric is undefined (counted as 0): {_h(undefined)}.</p>'
             )
+    by_size = result.get("by_size")
+    if by_size:
+        out.append("<h3>COCO metrics by object size</h3>")
+        out.append(_html_table(["size", "objects", "AP", "AR"], [
+            [(_h(f"{name} ({SIZE_RANGES[name]})"), ""), (str(v["objects"]), ""), (_num(v["ap"]), ""),
+             (_num(v["ar"]), "")] for name, v in by_size.items()]))  # fmt: skip
     per_class = result.get("per_class") or {}
     if per_class:
         out.append("<h3>Per class</h3>")
@@ -235,11 +261,12 @@ def _run_section_html(r: RunReport, svgs: dict[str, str]) -> str:
             "Worst images: where the model looked" if result["task"] == "cls" else "Worst images"
         )
         out.append(f"<h3>{title}</h3>")
-        if result["task"] == "seg":
+        if result["task"] in LEGENDS:
+            tp, fp, fn = LEGENDS[result["task"]]
             out.append('<p class="legend">'
-                       f'<span style="background:rgb{figures.TP}"></span>true positive'
-                       f'<span style="background:rgb{figures.FP}"></span>false positive'
-                       f'<span style="background:rgb{figures.FN}"></span>false negative</p>')  # fmt: skip
+                       f'<span style="background:rgb{figures.TP}"></span>{tp}'
+                       f'<span style="background:rgb{figures.FP}"></span>{fp}'
+                       f'<span style="background:rgb{figures.FN}"></span>{fn}</p>')  # fmt: skip
         out.append('<div class="gallery">')
         for fig in r.shown:
             img = f'<img src="{fig.uri}" alt="{_h(fig.caption)}">'
@@ -280,6 +307,8 @@ def render_html(metrics: dict[str, Any], reports: list[RunReport]) -> str:
     splits = ", ".join(f"{k}: {v}" for k, v in sorted(data["splits"].items()))
     curves = "".join(f'<div class="chart">{svg}</div>' for stem, _, svg in charts(metrics, reports)
                      if stem.startswith("curve-"))  # fmt: skip
+    pr = "".join(f'<div class="chart">{svg}</div>' for stem, svg in svgs.items()
+                 if stem.startswith("pr-"))  # fmt: skip
     created = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     body = [
         f"<h1>{_h(_headline(metrics))}</h1>",
@@ -291,6 +320,7 @@ def render_html(metrics: dict[str, Any], reports: list[RunReport]) -> str:
         '<div style="overflow-x:auto">',
         _html_table(head, rows, left=2 + len(SETTING_COLUMNS)),
         "</div>",
+        *(["<h2>Precision–recall</h2>", f'<div class="charts">{pr}</div>'] if pr else []),
         "<h2>Training</h2>",
         f'<div class="charts">{curves}</div>' if curves else "<p>No training curves recorded.</p>",
         "<h2>Dataset</h2>",
@@ -353,6 +383,10 @@ def render_markdown(metrics: dict[str, Any], reports: list[RunReport]) -> str:
         *(METRIC_NAMES.get(c, c) for c in columns),
     ]
     out.append(_md_table(head, rows))
+    pr = [(stem, title) for stem, title, _ in charts(metrics, reports) if stem.startswith("pr-")]
+    if pr:
+        out.append("## Precision–recall\n")
+        out += [f"![{title}](figures/{stem}.svg)\n" for stem, title in pr]
     out.append("## Training\n")
     for stem, title, _ in charts(metrics, reports):
         if stem.startswith("curve-"):
@@ -377,6 +411,12 @@ def render_markdown(metrics: dict[str, Any], reports: list[RunReport]) -> str:
         )
         rows.append(["Images/s", _num(result["images_per_second"], 2)])
         out.append(_md_table(["metric", "value"], rows))
+        by_size = result.get("by_size")
+        if by_size:
+            out.append("### COCO metrics by object size\n")
+            out.append(_md_table(["size", "objects", "AP", "AR"], [
+                [f"{name} ({SIZE_RANGES[name]})", str(v["objects"]), _num(v["ap"]), _num(v["ar"])]
+                for name, v in by_size.items()]))  # fmt: skip
         per_class = result.get("per_class") or {}
         if per_class:
             out.append("### Per class\n")
@@ -395,6 +435,9 @@ def render_markdown(metrics: dict[str, Any], reports: list[RunReport]) -> str:
             out.append(f"![ROC](figures/roc-{figures.slug(r.name)}.svg)\n")
         if r.shown:
             out.append("### Worst images\n")
+            if result["task"] in LEGENDS:
+                tp, fp, fn = LEGENDS[result["task"]]
+                out.append(f"Green: {tp}; red: {fp}; blue: {fn}.\n")
             for fig in r.shown:
                 link = f" ([thumbnail]({fig.link}))" if fig.link else ""
                 out.append(f"![{fig.caption}]({fig.path})  \n{fig.caption}{link}\n")

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 from typing import Any
 
 import numpy as np
 import torch
-from torchvision.ops import batched_nms
+from torchvision.ops import batched_nms, box_iou
 
-from hiresctl.data import PatchGrid, PatchReader, ReadRequest
+from hiresctl.data import NO_FLIP, PatchGrid, PatchReader, ReadRequest, flip_boxes
 from hiresctl.models.detection import PatchFCOS
 from hiresctl.train.methods import BatchOutput, Method, PatchGD, Reads, StepContext, _chunks
 from hiresctl.train.recipe import Recipe
@@ -77,12 +78,17 @@ class DetectionMethod(Method):
     def calibrate(self, ctx: StepContext, batches: list[list[str]]) -> None:
         """GroupNorm only: nothing to re-estimate."""
 
-    def targets(self, image_id: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(n, 4) float32 boxes in read-level pixels and (n,) int64 class indices."""
+    def targets(self, image_id: str, train: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n, 4) float32 boxes in read-level pixels and (n,) int64 class indices; ``train``:
+        in the image as this epoch's training reads mirror it."""
         if image_id not in self._targets:
-            boxes, labels = self.reader.boxes(image_id)
-            self._targets[image_id] = (torch.from_numpy(boxes), torch.from_numpy(labels))
-        return self._targets[image_id]
+            xyxy, classes = self.reader.boxes(image_id)
+            self._targets[image_id] = (torch.from_numpy(xyxy), torch.from_numpy(classes))
+        boxes, labels = self._targets[image_id]
+        flip = self.flip(image_id, train)
+        if flip:
+            boxes = torch.from_numpy(flip_boxes(boxes.numpy(), flip, *self.size(image_id)))
+        return boxes, labels
 
     def side(self, image_id: str) -> int:
         _, height, width = self.reader.shape(image_id)
@@ -196,7 +202,7 @@ class DetPatchGD(DetectionMethod, PatchGD):
         return self._finish(ctx, losses, len(image_ids), inner)
 
     def _target_dict(self, image_id: str, device: torch.device) -> dict[str, torch.Tensor]:
-        boxes, labels = self.targets(image_id)
+        boxes, labels = self.targets(image_id, train=True)
         return {"boxes": boxes.to(device), "labels": labels.to(device)}
 
     def _encode_group(
@@ -266,7 +272,7 @@ class DetDownsample(DetectionMethod):
         pixels = torch.stack([p for _, p in reads]).to(ctx.device)
         truth = []
         for image_id in image_ids:
-            boxes, labels = self.targets(image_id)
+            boxes, labels = self.targets(image_id, train=True)
             truth.append({"boxes": (boxes * self._scale(image_id)).to(ctx.device),
                           "labels": labels.to(ctx.device)})  # fmt: skip
         with ctx.autocast():
@@ -304,11 +310,12 @@ class DetSliced(DetectionMethod, PatchGD):
     def window_stride(self) -> int:
         return max(1, round(self.recipe.patch_size * (1 - self.recipe.overlap)))
 
-    def patches(self, image_id: str) -> tuple[PatchGrid, np.ndarray]:
-        if image_id not in self._patches:
+    def patches(self, image_id: str, train: bool = False) -> tuple[PatchGrid, np.ndarray]:
+        """Every window (no foreground filter, so mirroring changes nothing here)."""
+        if (image_id, NO_FLIP) not in self._patches:
             grid = self.reader.grid(image_id, self.recipe.patch_size, self.window_stride())
-            self._patches[image_id] = (grid, np.arange(grid.num_patches))
-        return self._patches[image_id]
+            self._patches[image_id, NO_FLIP] = (grid, np.arange(grid.num_patches))
+        return self._patches[image_id, NO_FLIP]
 
     def plan(self, image_ids: list[str], seed: int, train: bool) -> list[ReadRequest]:
         if train:
@@ -323,8 +330,9 @@ class DetSliced(DetectionMethod, PatchGD):
     def window_targets(
         self, image_id: str, y: int, x: int, device: torch.device
     ) -> dict[str, torch.Tensor]:
-        """The image's boxes inside the window at (y, x), clipped, in window pixels."""
-        boxes, labels = self.targets(image_id)
+        """The image's boxes (as training mirrors it) inside the window at (y, x), clipped, in
+        window pixels."""
+        boxes, labels = self.targets(image_id, train=True)
         p = self.recipe.patch_size
         shifted = boxes - torch.tensor([x, y, x, y], dtype=boxes.dtype)
         clipped = shifted.clamp(0, p)
@@ -426,6 +434,21 @@ def coco_ground_truth(
     return {"images": images, "annotations": annotations, "categories": categories}
 
 
+def coco_boxes(dataset: dict[str, Any]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per image of a COCO dataset or results' image order (ids 1..N, as
+    :func:`coco_ground_truth` numbers them): (n, 4) x0, y0, x1, y1 boxes and (n,) class
+    indices (category id − 1)."""
+    count = len(dataset["images"])
+    boxes: list[list[list[float]]] = [[] for _ in range(count)]
+    labels: list[list[int]] = [[] for _ in range(count)]
+    for a in dataset["annotations"]:
+        x, y, w, h = a["bbox"]
+        boxes[a["image_id"] - 1].append([x, y, x + w, y + h])
+        labels[a["image_id"] - 1].append(a["category_id"] - 1)
+    return [(np.asarray(b, np.float32).reshape(-1, 4), np.asarray(c, np.int64))
+            for b, c in zip(boxes, labels, strict=True)]  # fmt: skip
+
+
 def coco_results(detections: list[Detections]) -> list[dict[str, Any]]:
     """COCO results: one {image_id, category_id, bbox [x, y, w, h], score} per box."""
     out = []
@@ -453,7 +476,13 @@ def coco_metrics(
                            "detections": len(results)}  # fmt: skip
     if not results or not ground_truth["annotations"]:
         out.update({k: 0.0 for k in (*COCO_KEYS, *RECALL_KEYS)})
-        out["per_class"] = {name: {"ap": None, "objects": 0} for name in classes}
+        counts = np.bincount([a["category_id"] - 1 for a in ground_truth["annotations"]],
+                             minlength=len(classes))  # fmt: skip
+        out["per_class"] = {name: {"ap": 0.0, "ap50": 0.0, "objects": int(counts[k])}
+                            for k, name in enumerate(classes)}  # fmt: skip
+        out["by_size"] = _by_size(ground_truth, out)
+        out["pr_curve"] = None
+        out["max_detections"] = max_detections
         return out
     quiet = io.StringIO()
     with contextlib.redirect_stdout(quiet):  # pycocotools prints its progress
@@ -475,13 +504,59 @@ def coco_metrics(
                          minlength=len(classes))  # fmt: skip
     per_class = {}
     for k, name in enumerate(classes):
-        values = precision[:, :, k, 0, -1]
-        values = values[values > -1]
-        per_class[name] = {"ap": float(values.mean()) if len(values) else None,
+        per_class[name] = {"ap": _mean_valid(precision[:, :, k, 0, -1]),
+                           "ap50": _mean_valid(precision[0, :, k, 0, -1]),
                            "objects": int(counts[k])}  # fmt: skip
     out["per_class"] = per_class
+    out["by_size"] = _by_size(ground_truth, out)
+    # precision at each of COCO's 101 recall thresholds, averaged over the classes that have
+    # objects (the curve whose area is AP50 / AP75)
+    curve: dict[str, Any] = {"recall": [float(r) for r in evaluation.params.recThrs]}
+    for name, iou in (("iou50", 0), ("iou75", 5)):
+        curve[name] = [_mean_valid(precision[iou, r, :, 0, -1]) for r in range(precision.shape[1])]
+    out["pr_curve"] = curve
     out["max_detections"] = max_detections
     return out
+
+
+def _mean_valid(values: np.ndarray) -> float | None:
+    """Mean of COCOeval precision entries, leaving out -1 (nothing to measure)."""
+    kept = values[values > -1]
+    return float(kept.mean()) if kept.size else None
+
+
+SIZE_AREAS = {"small": (0.0, 32.0**2), "medium": (32.0**2, 96.0**2), "large": (96.0**2, math.inf)}
+
+
+def _by_size(ground_truth: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
+    """COCO's object sizes (area < 32², < 96², larger): objects, AP and AR of each."""
+    areas = [float(a["area"]) for a in ground_truth["annotations"]]
+    return {size: {"objects": sum(low <= a < high for a in areas),
+                   "ap": metrics.get(f"ap_{size}"), "ar": metrics.get(f"ar_{size}")}
+            for size, (low, high) in SIZE_AREAS.items()}  # fmt: skip
+
+
+def match_detections(
+    truth_boxes: np.ndarray, truth_labels: np.ndarray, boxes: np.ndarray, scores: np.ndarray,
+    labels: np.ndarray, iou: float = 0.5,
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Greedy matching as COCO does it at one IoU threshold: detections in descending score
+    take the best-overlapping unmatched true box of their class. Returns (detection is a true
+    positive, true box was found)."""
+    found = np.zeros(len(boxes), dtype=bool)
+    hit = np.zeros(len(truth_boxes), dtype=bool)
+    if not len(boxes) or not len(truth_boxes):
+        return found, hit
+    overlaps = box_iou(torch.as_tensor(boxes, dtype=torch.float32),
+                       torch.as_tensor(truth_boxes, dtype=torch.float32)).numpy()  # fmt: skip
+    same = np.asarray(labels)[:, None] == np.asarray(truth_labels)[None, :]
+    overlaps = np.where(same, overlaps, 0.0)
+    for d in np.argsort(-np.asarray(scores), kind="stable"):
+        candidates = np.where(hit, 0.0, overlaps[d])
+        best = int(candidates.argmax())
+        if candidates[best] >= iou:
+            found[d] = hit[best] = True
+    return found, hit
 
 
 def monitor_key() -> str:
@@ -494,8 +569,10 @@ __all__ = [
     "EVAL_SCORE_THRESHOLD",
     "PREDICT_SCORE_THRESHOLD",
     "DetectionMethod",
+    "coco_boxes",
     "coco_ground_truth",
     "coco_metrics",
     "coco_results",
+    "match_detections",
     "merge_detections",
 ]

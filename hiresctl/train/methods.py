@@ -19,7 +19,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hiresctl.data import PatchGrid, PatchReader, ReadRequest, foreground_fraction
+from hiresctl.data import (
+    NO_FLIP,
+    Flip,
+    PatchAugment,
+    PatchGrid,
+    PatchReader,
+    PatchStream,
+    ReadRequest,
+    foreground_fraction,
+)
 from hiresctl.models import (
     Backbone,
     ImageClassifier,
@@ -43,7 +52,9 @@ class StepContext:
     autocast: Callable[[], AbstractContextManager[Any]]
     backward: Callable[[torch.Tensor], None]  # scales by 1/accumulation, checks for NaN
     step: Callable[[], None]  # optimizer step (gradients averaged across ranks first)
-    read: Callable[[ReadRequest], torch.Tensor]  # a read the plan could not know in advance
+    read: Callable[
+        [ReadRequest], torch.Tensor
+    ]  # a read the plan could not know (augmented in training)
     accumulation_steps: int = 1  # [ε] backward calls per optimizer step
     micro_steps: int = 0  # backward calls since the last optimizer step
     patches_with_grad: int = 0
@@ -85,22 +96,33 @@ class Method:
         self.recipe = recipe
         self.num_classes = num_classes
         self.reader = reader
-        self._patches: dict[str, tuple[PatchGrid, np.ndarray]] = {}
+        self._patches: dict[tuple[str, Flip], tuple[PatchGrid, np.ndarray]] = {}
+        # The training stream's augmentation (set by the trainer): training plans and targets
+        # ask it how each image is mirrored this epoch, as the stream's reads do.
+        self.augment: PatchAugment | None = None
 
     def build_model(self) -> nn.Module:
         raise NotImplementedError
 
-    def patches(self, image_id: str) -> tuple[PatchGrid, np.ndarray]:
-        """The grid of ``image_id`` and the row-major indices of the patches used (N of them)."""
-        if image_id not in self._patches:
+    def flip(self, image_id: str, train: bool = True) -> Flip:
+        """How training reads mirror ``image_id`` this epoch (never outside training)."""
+        return self.augment.flip(image_id) if train and self.augment is not None else NO_FLIP
+
+    def patches(self, image_id: str, train: bool = False) -> tuple[PatchGrid, np.ndarray]:
+        """The grid of ``image_id`` and the row-major indices of the patches used (N of them);
+        ``train``: of the image as this epoch's training reads mirror it."""
+        flip = self.flip(image_id, train)
+        if (image_id, flip) not in self._patches:
             grid = self.reader.grid(image_id, self.recipe.patch_size, self.recipe.stride)
             kept = np.arange(grid.num_patches)
             if self.recipe.foreground_threshold > 0:
-                fraction = foreground_fraction(self.reader.dataset.foreground(image_id), grid)
+                # the mask covers the whole level, so mirroring it mirrors the image's
+                mask = flip.pixels(np.asarray(self.reader.dataset.foreground(image_id)))
+                fraction = foreground_fraction(mask, grid)
                 selected = kept[fraction >= self.recipe.foreground_threshold]
                 kept = selected if len(selected) else kept  # an all-background image keeps all
-            self._patches[image_id] = (grid, kept)
-        return self._patches[image_id]
+            self._patches[image_id, flip] = (grid, kept)
+        return self._patches[image_id, flip]
 
     def plan(self, image_ids: list[str], seed: int, train: bool) -> list[ReadRequest]:
         raise NotImplementedError
@@ -167,10 +189,11 @@ class PatchGD(Method):
 
     def calibrate(self, ctx: StepContext, batches: list[list[str]]) -> None:
         model: PatchGDClassifier = ctx.model  # type: ignore[assignment]
+        read = PatchStream(self.reader).read  # as evaluation reads: not augmented
         fused = []
         for index, image_ids in enumerate(batches):
             plan = self.plan(image_ids, index, train=False)
-            latent, g = self._eval_latent(ctx, image_ids, ((r, ctx.read(r)) for r in plan))
+            latent, g = self._eval_latent(ctx, image_ids, ((r, read(r)) for r in plan))
             fused.append(model.fuse(latent, g))
         recalibrate_batchnorm(model.head, fused)
         model.train()
@@ -197,7 +220,7 @@ class PatchGD(Method):
         rng = np.random.default_rng(seed)
         requests: list[ReadRequest] = []
         for b, image_id in enumerate(image_ids):
-            grid, kept = self.patches(image_id)
+            grid, kept = self.patches(image_id, train)
             for chunk in _chunks(kept, self.recipe.fill_batch):
                 requests.append(ReadRequest(image_id, "patches", grid, chunk, ("fill", b)))
         if self.use_global:
@@ -215,7 +238,7 @@ class PatchGD(Method):
         requests: list[ReadRequest] = []
         orders, sizes, groups = [], [], []
         for image_id in image_ids:
-            _, kept = self.patches(image_id)
+            _, kept = self.patches(image_id, train=True)
             k = self.patches_per_step(len(kept))
             orders.append(rng.permutation(kept))
             sizes.append(k)
@@ -454,7 +477,7 @@ class IPS(Method):
         memory, step = self.recipe.memory_size, self.recipe.iter_size
         requests: list[ReadRequest] = []
         for b, image_id in enumerate(image_ids):
-            grid, kept = self.patches(image_id)
+            grid, kept = self.patches(image_id, train)
             order = rng.permutation(kept)  # ties break at random
             parts = (
                 [order[:memory], *_chunks(order[memory:], step)] if len(order) > memory else [order]

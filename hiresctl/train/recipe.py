@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from hiresctl.data.transforms import AUGMENTATIONS, GEOMETRIC
 from storage import UsageError
 
 TASKS = ("cls", "det", "seg")
@@ -44,6 +45,7 @@ class Recipe:
     input_size: int | None = None  # downsample: side of the resized image; None = patch_size
     foreground_threshold: float = 0.0  # skip patches with less foreground than this (0 = keep all)
     augment: str = "none"  # none | color | stain (per-image consistent, photometric)
+    geometric: str = "none"  # none | flip (mirror whole images; masks and boxes follow)
     num_workers: int = 0  # DataLoader worker processes reading ahead of compute
     train_split: str = "train"
     val_split: str = "val"
@@ -145,6 +147,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "fusion": ("add", "concat"),
     "fill_mode": ("train", "eval"),
     "positional": ("none", "1d", "2d"),
+    "augment": AUGMENTATIONS,
+    "geometric": GEOMETRIC,
 }
 
 _FIELDS = {f.name: f for f in fields(Recipe)}

@@ -319,8 +319,11 @@ def coco_truth(run: Run, images: list[LabelledImage]) -> dict[str, Any]:
 
 
 def step_context(
-    run: Run, optimizer: torch.optim.Optimizer | None, scaler: Any, accumulation: int
-) -> StepContext:
+    run: Run, optimizer: torch.optim.Optimizer | None, scaler: Any, accumulation: int,
+    augment: PatchAugment | None = None,
+) -> StepContext:  # fmt: skip
+    """The loop's hooks for a method; ``augment``: reads the plan could not know in advance
+    (IPS's re-read of its selection) are augmented as the planned ones are."""
     autocast = autocast_factory(run.device, run.recipe.precision)
     ctx: StepContext
 
@@ -349,11 +352,7 @@ def step_context(
         optimizer.zero_grad(set_to_none=True)
         ctx.micro_steps = 0
 
-    stream = PatchStream(run.reader)
-
-    def read(request: ReadRequest) -> torch.Tensor:
-        return stream.dataset[request][1]
-
+    read = PatchStream(run.reader, augment=augment).read
     ctx = StepContext(run.model, run.device, autocast, backward, step, read, accumulation)
     return ctx
 
@@ -655,9 +654,10 @@ class Trainer:
             (self.out / "recipe.yaml").write_text(dump_recipe(recipe))
             (self.out / "classes.json").write_text(json.dumps(self.run.classes))
         writer = self._tensorboard()
-        augment = PatchAugment(recipe.augment, recipe.seed)
+        augment = PatchAugment(recipe.augment, recipe.seed, recipe.geometric)
+        run.method.augment = augment  # training plans and targets mirror as the reads do
         stream = PatchStream(run.reader, num_workers=recipe.num_workers, augment=augment)
-        ctx = step_context(run, optimizer, scaler, recipe.accumulation_steps)
+        ctx = step_context(run, optimizer, scaler, recipe.accumulation_steps, augment)
         peak = PeakMemory(self.device)
         peak.reset()
         train_seconds, wait_seconds, images_seen = 0.0, 0.0, 0

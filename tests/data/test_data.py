@@ -10,11 +10,14 @@ import torch
 from zarr.storage import LocalStore, WrapperStore
 
 from hiresctl.data import (
+    NO_FLIP,
+    Flip,
     GridSampler,
     PatchAugment,
     PatchGrid,
     PatchReader,
     RandomPatchSampler,
+    flip_boxes,
     foreground_fraction,
     to_unit_rgb,
 )
@@ -120,3 +123,72 @@ def test_stream_yields_every_request_in_plan_order(tmp_path: Path, ahead_bytes: 
     assert [request.tag for request, _ in got] == list(range(13))
     for request, pixels in got[:-1]:
         assert torch.equal(pixels, reader.read_patches("a", grid, request.indices))
+
+
+FLIPS = [Flip(vertical=v, horizontal=h) for v in (False, True) for h in (False, True)]
+
+
+def _mirrored(array: np.ndarray, flip: Flip) -> np.ndarray:
+    """(h, w, …) array as ``flip`` mirrors its image."""
+    if flip.vertical:
+        array = array[::-1]
+    if flip.horizontal:
+        array = array[:, ::-1]
+    return np.ascontiguousarray(array)
+
+
+def test_flipped_reads_equal_reads_of_the_mirrored_image(tmp_path: Path) -> None:
+    # Sides that are not multiples of the patch (100 × 70, patch 32), so the mirrored grid
+    # does not line up with the stored one: every read of "a" through a flip must equal the
+    # same read of the image stored mirrored: patches, global patch, mask patches, mask global.
+    pixels = coord_pixels(100, 70)
+    mask = ((np.arange(100)[:, None] // 9 + np.arange(70)[None, :] // 13) % 3).astype(np.uint8)
+    images = {"a": pixels} | {f"m{i}": _mirrored(pixels, f) for i, f in enumerate(FLIPS)}
+    masks = {"a": mask} | {f"m{i}": _mirrored(mask, f) for i, f in enumerate(FLIPS)}
+    store = make_store(tmp_path, images, masks=masks)
+    reader = PatchReader(store, mask_values=[0, 1, 2])
+    grid = reader.grid("a", 32)
+    everything = np.arange(grid.num_patches)
+    for i, flip in enumerate(FLIPS):
+        mirror = f"m{i}"
+        assert torch.equal(reader.read_patches_unit("a", grid, everything, flip),
+                           reader.read_patches_unit(mirror, grid, everything))  # fmt: skip
+        assert torch.equal(reader.read_mask_patches("a", grid, everything, flip),
+                           reader.read_mask_patches(mirror, grid, everything))  # fmt: skip
+        # 100: the global patch comes from level 0, so it is exact too
+        assert torch.equal(reader.read_global_unit("a", 100, flip),
+                           reader.read_global_unit(mirror, 100))  # fmt: skip
+        assert torch.equal(reader.read_mask_global("a", 100, flip),
+                           reader.read_mask_global(mirror, 100))  # fmt: skip
+    # and a flip does change what is read
+    assert not torch.equal(reader.read_patches_unit("a", grid, [0], FLIPS[1]),
+                           reader.read_patches_unit("a", grid, [0]))  # fmt: skip
+
+
+def test_flipped_boxes_cover_the_same_pixels_in_the_mirrored_image() -> None:
+    image = np.zeros((60, 90), np.uint8)
+    boxes = np.array([[5, 10, 25, 20], [60, 0, 90, 60], [0, 50, 1, 60]], np.float32)
+    for x0, y0, x1, y1 in boxes.astype(int):
+        image[y0:y1, x0:x1] += 1
+    for flip in FLIPS:
+        moved = flip_boxes(boxes, flip, 60, 90)
+        mirrored = _mirrored(image, flip)
+        for (x0, y0, x1, y1), before in zip(
+            moved.round().astype(int), boxes.astype(int), strict=True
+        ):
+            assert (x1 - x0, y1 - y0) == (before[2] - before[0], before[3] - before[1])
+            assert mirrored[y0:y1, x0:x1].min() == 1  # the box still covers its object
+        np.testing.assert_allclose(flip_boxes(moved, flip, 60, 90), boxes, atol=1e-4)
+    assert flip_boxes(boxes, NO_FLIP, 60, 90) is boxes
+
+
+def test_flips_are_drawn_per_image_and_epoch_and_cover_all_four() -> None:
+    augment = PatchAugment("none", seed=3, geometric="flip")
+    seen = set()
+    for epoch in range(40):
+        augment.epoch = epoch
+        first = augment.flip("image-a")
+        assert augment.flip("image-a") == first  # every read of an image in an epoch agrees
+        seen.add(first)
+    assert seen == set(FLIPS)
+    assert PatchAugment("none", seed=3).flip("image-a") == NO_FLIP

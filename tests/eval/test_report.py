@@ -188,3 +188,79 @@ def test_report_renders_in_headless_chromium(
     assert pixels is not None and pixels.shape[:2] == (1600, 1280)
     assert pixels.std() > 20, "the screenshot is not blank"
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50  # text, tables, charts, images
+
+
+def test_detection_report_shows_sizes_classes_curves_and_boxes(
+    tmp_path: Path, cli: Callable
+) -> None:
+    from tests.stores import planted_objects
+
+    images, labels, coco = planted_objects(
+        8, 128, seed=5, split_of=lambda i: "test" if i >= 5 else "train"
+    )
+    store = make_store(tmp_path / "data", images, labels, chunk=64, coco=coco)
+    trained = cli("train", "--task", "det", "--data", store, "--out", tmp_path / "run",
+                  "--set", "backbone=tiny", "--set", "latent_dim=32", "--set", "head_convs=1",
+                  "--set", "patch_size=64", "--set", "epochs=3", "--set", "lr=3e-3",
+                  "--set", "val_split=none", "--set", "geometric=flip")  # fmt: skip
+    assert trained.code == 0, trained.stderr
+    result = cli("eval", tmp_path / "run", "--data", store, "--split", "test", "--report",
+                 "--out", tmp_path / "report", "--json")  # fmt: skip
+    assert result.code == 0, result.stderr
+    saved = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    evaluation = saved["runs"][0]["evaluation"]
+    html = (tmp_path / "report" / "report.html").read_text()
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    for text in ("Precision–recall", "COCO metrics by object size", "Per class", "(FN)"):
+        assert text in html and text in markdown, text
+    for key, value in evaluation["metrics"].items():
+        assert _num_text(value) in html, key
+    # sizes: the store's boxes counted by COCO's area ranges
+    areas = [a["area"] for a in coco["annotations"] if a["image_id"] > 5]  # type: ignore[index]
+    by_size = evaluation["by_size"]
+    assert by_size["small"]["objects"] == sum(a < 32**2 for a in areas)
+    assert by_size["medium"]["objects"] == sum(32**2 <= a < 96**2 for a in areas)
+    assert sum(v["objects"] for v in evaluation["per_class"].values()) == len(areas)
+    # AP50 is the area under the IoU-0.5 curve: the mean over its 101 recall points
+    curve = evaluation["pr_curve"]
+    assert len(curve["recall"]) == 101
+    assert np.mean([v or 0.0 for v in curve["iou50"]]) == pytest.approx(
+        evaluation["metrics"]["ap50"], abs=1e-6
+    )
+    assert (tmp_path / "report" / "figures" / "pr-iou50.svg").is_file()
+    for row in evaluation["per_image"]:
+        assert row["found"] + row["missed"] == row["objects"]
+    # every test image is drawn (3 < SHOWN), with a zoomed crop around an object
+    drawn = {p.name for p in (tmp_path / "report" / "figures" / "run").glob("*.png")}
+    for row in evaluation["per_image"]:
+        stem = row["id"]
+        assert {f"{stem}.png", f"{stem}-crop.png", f"{stem}-thumbnail.png"} <= drawn
+    assert "around a" in html and "false positives" in html
+
+
+def _num_text(value: float | None) -> str:
+    return "—" if value is None else f"{value:.4f}"
+
+
+def test_detection_overlay_colours_matches_misses_and_false_boxes() -> None:
+    from hiresctl.report import figures
+    from hiresctl.train.detection import match_detections
+
+    truth = np.array([[10, 10, 30, 30], [50, 50, 70, 70]], np.float32)
+    truth_labels = np.array([0, 1])
+    boxes = np.array([[11, 11, 30, 31], [10, 10, 30, 30], [53, 53, 73, 73], [80, 80, 95, 95]],
+                     np.float32)  # fmt: skip
+    scores = np.array([0.9, 0.8, 0.7, 0.6])
+    labels = np.array([0, 0, 0, 1])  # a match, its duplicate, the wrong class, nothing there
+    hits, found = match_detections(truth, truth_labels, boxes, scores, labels)
+    assert hits.tolist() == [True, False, False, False] and found.tolist() == [True, False]
+    image = np.zeros((100, 100, 3), np.uint8)
+    drawn = figures.detection_overlay(image, (1.0, 1.0), (0, 0), truth, found, boxes, hits)
+    assert tuple(drawn[80, 88]) == figures.FP  # top edge of the false box
+    assert tuple(drawn[50, 60]) == tuple(drawn[70, 60]) == figures.FN  # the missed box
+    assert tuple(drawn[53, 60]) == figures.FP  # the wrong-class box over it
+    assert tuple(drawn[11, 20]) == figures.TP  # the match (its duplicate drawn below it)
+    # drawn from an origin and scale: the same box lands shifted and doubled
+    zoomed = figures.detection_overlay(np.zeros((100, 100, 3), np.uint8), (2.0, 2.0), (10, 10),
+                                       truth[:1], np.array([False]), boxes[:0], hits[:0])  # fmt: skip
+    assert tuple(zoomed[0, 20]) == figures.FN and tuple(zoomed[40, 20]) == figures.FN

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from hiresctl.data import PatchReader, PatchStream, detection_images
+from hiresctl.data import PatchAugment, PatchReader, PatchStream, detection_images
 from hiresctl.eval import evaluate
 from hiresctl.train import Trainer, build_run, load_recipe, step_context
 from hiresctl.train.detection import DetPatchGD, DetSliced, merge_detections
@@ -121,7 +121,7 @@ def test_reported_ap_equals_pycocotools_on_the_written_files(
 def test_every_detection_method_trains_all_its_parts_and_evaluates(
     objects_store: Path, tmp_path: Path, method: str
 ) -> None:
-    recipe = _recipe(method=method, epochs=1, input_size=128, val_split="none")
+    recipe = _recipe(method=method, epochs=1, input_size=128, val_split="none", geometric="flip")
     trainer = Trainer(objects_store, tmp_path / method, recipe)
     before = {k: v.clone() for k, v in trainer.run.model.state_dict().items()}
     trainer.fit()
@@ -133,6 +133,47 @@ def test_every_detection_method_trains_all_its_parts_and_evaluates(
     result = evaluate(tmp_path / method, objects_store, "test", "cpu")
     assert result["method"] == method and result["count"] == 4
     assert set(result["metrics"]) >= {"ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large"}
+
+
+@pytest.mark.parametrize("method", ["patchgd-global", "sliced", "downsample"])
+def test_training_boxes_follow_the_mirrored_reads(objects_store: Path, method: str) -> None:
+    # With geometric=flip every epoch mirrors each image one of four ways; what the training
+    # plan reads (patches on the grid, sliced windows, the resized whole image) and the boxes
+    # the losses see must still agree: inside every target box is its square's colour.
+    run = build_run(_recipe(method=method, input_size=128, geometric="flip"),
+                    Dataset(objects_store), ["red", "green"], torch.device("cpu"))  # fmt: skip
+    augment = PatchAugment("none", seed=0, geometric="flip")
+    run.method.augment = augment
+    stream = PatchStream(run.reader, augment=augment)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    seen = set()
+    for epoch in range(16):
+        augment.epoch = epoch
+        image = f"ob{epoch % 3:03d}"
+        seen.add(augment.flip(image))
+        views: dict[float, torch.Tensor] = {}  # scale → what was read at that scale
+        for request, pixels in stream(run.method.plan([image], epoch, train=True)):
+            pixels = pixels * std.view(-1, 1, 1) + mean.view(-1, 1, 1)
+            if request.kind == "global":  # the letterboxed, resized image
+                views[pixels.shape[-1] / 192] = pixels
+                continue
+            canvas = views.setdefault(1.0, torch.zeros(3, 256, 256))
+            for index, patch in zip(request.indices.tolist(), pixels, strict=True):
+                y, x = request.grid.origin(index)
+                p = request.grid.patch_size
+                canvas[:, y : y + p, x : x + p] = patch
+        assert len(views) == {"patchgd-global": 2, "sliced": 1, "downsample": 1}[method]
+        boxes, labels = run.method.targets(image, train=True)  # type: ignore[attr-defined]
+        assert len(boxes) == 3
+        for scale, view in views.items():
+            for box, label in zip((boxes * scale).tolist(), labels.tolist(), strict=True):
+                x0, y0, x1, y1 = box
+                dx, dy = (x1 - x0) / 4, (y1 - y0) / 4
+                inner = view[:, round(y0 + dy) : round(y1 - dy), round(x0 + dx) : round(x1 - dx)]
+                colour = inner.mean((1, 2))
+                # red squares are (230, 60, 60), green (60, 230, 60), the background 30–60
+                assert colour[label] > 0.7 and colour[1 - label] < 0.4, (epoch, scale, box, colour)
+    assert len(seen) == 4
 
 
 def test_patchgd_global_trains_its_fusion_convs(objects_store: Path, tmp_path: Path) -> None:
@@ -223,3 +264,43 @@ def test_predict_writes_coco_results_and_qupath_rectangles(
     assert sorted(p.name for p in only.out.iterdir()) == ["detections.json"]
     with pytest.raises(UsageError, match="a det run writes coco, geojson"):
         predict(tmp_path / "run", [str(objects_store)], tmp_path / "bad", formats=["ngff"])
+
+
+def test_chunked_matching_and_recomputed_head_change_nothing_but_memory() -> None:
+    # The losses (torchvision's FCOS.compute_loss: its own anchor matching, activations kept)
+    # must equal PatchFCOS.losses (matching in chunks of anchors, the head's towers recomputed
+    # in backward), and so must every gradient.
+    from hiresctl.models.detection import PatchFCOS, RecomputedTower, match_anchors
+
+    torch.manual_seed(0)
+    plain = PatchFCOS("tiny", 3, 32, head_convs=2, recompute_head=False)
+    lean = PatchFCOS("tiny", 3, 32, head_convs=2)
+    lean.load_state_dict(plain.state_dict())  # same keys: the towers stay Sequentials
+    assert isinstance(lean.detector.head.classification_head.conv, RecomputedTower)
+    corners = torch.rand(40, 2) * 230
+    boxes = torch.cat([corners, corners + 4 + torch.rand(40, 2) * 120], 1).clamp(max=256)
+    boxes[1] = boxes[0] + torch.tensor([2.0, 2.0, -2.0, -2.0])  # nested: the smaller one wins
+    boxes[2] = torch.tensor([8.0, 8.0, 24.0, 24.0])  # edges through the point (8, 8): not inside
+    targets = [{"boxes": boxes, "labels": torch.randint(0, 3, (40,))},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]  # fmt: skip
+    shapes = [(2, 32, 256 // s, 256 // s) for s in plain.strides]
+    maps = [torch.randn(shape) for shape in shapes]
+    reference_inputs = [m.clone().requires_grad_() for m in maps]
+    head = plain.detector.head(reference_inputs)
+    anchors = plain._anchors(reference_inputs, 256, 256)
+    counts = [m.shape[-2] * m.shape[-1] for m in maps]
+    reference = plain.detector.compute_loss(targets, head, anchors, counts)
+    sum(reference.values()).backward()
+    inputs = [m.clone().requires_grad_() for m in maps]
+    ours = lean.losses(inputs, targets)
+    sum(ours.values()).backward()
+    for key, value in reference.items():
+        torch.testing.assert_close(ours[key], value)
+    for a, b in zip(reference_inputs, inputs, strict=True):
+        torch.testing.assert_close(b.grad, a.grad)
+    for (name, a), b in zip(plain.named_parameters(), lean.parameters(), strict=True):
+        if a.grad is not None:
+            torch.testing.assert_close(b.grad, a.grad, msg=name)
+    whole = match_anchors(anchors[0], boxes, counts, 1.5, chunk=10**9)
+    assert (whole >= 0).sum() > 40  # most boxes found points
+    assert torch.equal(match_anchors(anchors[0], boxes, counts, 1.5, chunk=7), whole)

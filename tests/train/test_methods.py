@@ -169,3 +169,31 @@ def test_read_request_plan_covers_every_patch_once_per_batch(coord_store: Path) 
     covered = np.concatenate([r.indices for r in groups])
     assert sorted(covered) == list(range(12)) and len(groups) == 4
     assert all(isinstance(r, ReadRequest) for r in plan)
+
+
+def test_foreground_patches_follow_the_training_mirror(tmp_path: Path) -> None:
+    # Tissue (dark texture) only in the top-left corner of a white 128 × 96 image: with a
+    # foreground threshold the kept patches are that corner, and in an epoch that mirrors the
+    # image they are the mirrored corner; evaluation plans never mirror.
+    from hiresctl.data import NO_FLIP, PatchAugment
+
+    pixels = np.full((128, 96, 3), 255, np.uint8)
+    pixels[:40, :40] = np.random.default_rng(0).integers(0, 120, (40, 40, 3))
+    store = make_store(tmp_path, {"a": pixels}, {"a": ("0", "train")}, thumbnail_size=128)
+    run = _run(store, method="patchgd", foreground_threshold=0.5)
+    _, kept = run.method.patches("a")
+    assert kept.tolist() == [0]  # (0, 0) of a 4 × 3 grid
+    augment = PatchAugment("none", seed=0, geometric="flip")
+    run.method.augment = augment
+    corner = {(False, False): [0], (False, True): [2], (True, False): [9], (True, True): [11]}
+    seen = set()
+    for epoch in range(12):
+        augment.epoch = epoch
+        flip = augment.flip("a")
+        seen.add(flip)
+        _, kept = run.method.patches("a", train=True)
+        assert kept.tolist() == corner[flip.vertical, flip.horizontal], flip
+        planned = [r for r in run.method.plan(["a"], epoch, train=True) if r.tag[0] == "fill"]
+        assert np.concatenate([r.indices for r in planned]).tolist() == kept.tolist()
+        assert run.method.patches("a")[1].tolist() == [0]
+    assert len(seen) == 4 and NO_FLIP in seen
