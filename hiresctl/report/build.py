@@ -268,18 +268,14 @@ def _coco_files(result: dict[str, Any]) -> tuple[list[Any], list[Any]]:
     truth = _read_json(Path(result["files"]["ground_truth"]))
     found = _read_json(Path(result["files"]["detections"])) or []
     threshold = result["matching"]["score_threshold"]
-    count = len(truth["images"])
-    per_image: list[list[Any]] = [[] for _ in range(count)]
-    for d in found:
-        if d["score"] >= threshold:
-            per_image[d["image_id"] - 1].append(d)
-    detections = []
-    for items in per_image:
-        boxes = np.array([[d["bbox"][0], d["bbox"][1], d["bbox"][0] + d["bbox"][2],
-                           d["bbox"][1] + d["bbox"][3]] for d in items], np.float32).reshape(-1, 4)  # fmt: skip
-        scores = np.array([d["score"] for d in items], np.float32)
-        labels = np.array([d["category_id"] - 1 for d in items], np.int64)
-        detections.append((boxes, scores, labels))
+    kept = [d for d in found if d["score"] >= threshold]
+    # results have the dataset's image ids: the same grouping gives boxes, labels and scores
+    scores: list[list[float]] = [[] for _ in truth["images"]]
+    for d in kept:
+        scores[d["image_id"] - 1].append(d["score"])
+    boxes = coco_boxes({"images": truth["images"], "annotations": kept})
+    detections = [(b, np.asarray(s, np.float32), c)
+                  for (b, c), s in zip(boxes, scores, strict=True)]  # fmt: skip
     return coco_boxes(truth), detections
 
 
