@@ -1,12 +1,18 @@
-"""Direct chunk reads for chunk-aligned patches: one ``pread`` and one decode per chunk.
+"""Direct chunk reads and whole-shard writes, bypassing zarr's pipeline.
 
 Reading a 256² patch through zarr's generic pipeline costs about 2 ms of Python and event-loop
-overhead for a 0.3 ms JPEG decode. The trainers read chunk-aligned patches by design, so for
-the layouts the tiler writes (Zarr v3, optionally sharded with the index at the end, inner
-codecs ``bytes``, ``bytes`` + ``zstd`` or ``hiresctl.jpeg``, on a local disk) this reader goes
-straight to the bytes: each shard's index is read once and cached, then a chunk is one
-positional read and one decode. Anything else returns ``None`` from :meth:`DirectChunks.open`
-and callers use zarr.
+overhead for a 0.3 ms JPEG decode, and zarr runs every codec of every write on its single
+event-loop thread, so tiling tasks on several threads do not encode in parallel. For the
+layouts the tiler writes (Zarr v3, optionally sharded with the index at the end, inner codecs
+``bytes``, ``bytes`` + ``zstd`` or ``hiresctl.jpeg``, on a local disk) this module goes straight
+to the bytes:
+
+* reads: each shard's index is read once and cached, then a chunk is one positional read and
+  one decode (the trainers read chunk-aligned patches by design);
+* writes: a region covering whole shards is encoded on the calling thread and each shard file
+  is written whole (chunks, then the index and its CRC32C), exactly as zarr would lay it out.
+
+Anything else returns ``None`` from :meth:`DirectChunks.open` and callers use zarr.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import google_crc32c  # a requirement of zarr (its sharding index checksum)
 import numcodecs
 import numpy as np
 import zarr
@@ -25,7 +32,7 @@ from zarr.codecs import BytesCodec, ShardingCodec, ZstdCodec
 from zarr.codecs.sharding import ShardingCodecIndexLocation
 from zarr.storage import LocalStore
 
-from storage.codecs import JpegCodec, decode_jpeg_chunk
+from storage.codecs import JpegCodec, decode_jpeg_chunk, encode_jpeg_chunk
 
 __all__ = ["DirectChunks"]
 
@@ -39,24 +46,39 @@ def _stored_dtype(raw: BytesCodec, dtype: np.dtype) -> np.dtype:
     return dtype.newbyteorder("<" if little else ">")
 
 
-def _decoder(
+Decode = Callable[[bytes], np.ndarray]
+Encode = Callable[[np.ndarray], bytes]
+
+
+def _chunk_codec(
     codecs: tuple[Any, ...], dtype: np.dtype, shape: tuple[int, ...]
-) -> Callable[[bytes], np.ndarray] | None:
+) -> tuple[Decode, Encode] | None:
+    """Decoder and encoder of one chunk for the codec chains this module knows, else None."""
     match codecs:
-        case (JpegCodec(),):
-            return lambda data: decode_jpeg_chunk(data, shape)
+        case (JpegCodec() as jpeg,):
+            return (
+                lambda data: decode_jpeg_chunk(data, shape),
+                lambda chunk: encode_jpeg_chunk(chunk, jpeg.quality),
+            )
         case (BytesCodec() as raw,):
             stored = _stored_dtype(raw, dtype)
-            return lambda data: np.frombuffer(data, stored).reshape(shape)
+            return (
+                lambda data: np.frombuffer(data, stored).reshape(shape),
+                lambda chunk: np.ascontiguousarray(chunk, stored).tobytes(),
+            )
         case (BytesCodec() as raw, ZstdCodec() as zstd) if not zstd.checksum:
             stored = _stored_dtype(raw, dtype)
-            codec = numcodecs.Zstd()
-            return lambda data: np.frombuffer(codec.decode(data), stored).reshape(shape)
+            codec = numcodecs.Zstd(level=zstd.level)
+            return (
+                lambda data: np.frombuffer(codec.decode(data), stored).reshape(shape),
+                lambda chunk: bytes(codec.encode(np.ascontiguousarray(chunk, stored))),
+            )
     return None
 
 
 class DirectChunks:
-    """Whole-chunk reads of one local Zarr v3 array, bypassing zarr's pipeline."""
+    """Whole-chunk reads and whole-shard writes of one local Zarr v3 array, bypassing zarr's
+    pipeline."""
 
     def __init__(
         self,
@@ -64,13 +86,13 @@ class DirectChunks:
         array: zarr.Array,
         chunk: tuple[int, ...],
         per_shard: tuple[int, ...] | None,
-        decode: Callable[[bytes], np.ndarray],
+        codec: tuple[Decode, Encode],
     ) -> None:
         self.array = array
         self.root = root
         self.chunk = chunk  # (c, cy, cx) of one inner chunk
         self.per_shard = per_shard  # inner chunks per shard along (c, y, x); None = unsharded
-        self.decode = decode
+        self.decode, self.encode = codec
         self.fill = array.metadata.fill_value
         self._indices: OrderedDict[tuple[int, ...], np.ndarray | None] = OrderedDict()
         self._fds: dict[tuple[int, ...], int] = {}  # open shard files, kept up to _MAX_FDS
@@ -94,17 +116,17 @@ class DirectChunks:
                 type(c).__name__ for c in sharding.index_codecs
             ] == ["BytesCodec", "Crc32cCodec"]
             inner = tuple(sharding.chunk_shape)
-            decode = _decoder(tuple(sharding.codecs), dtype, inner)
-            if not index_ok or decode is None:
+            codec = _chunk_codec(tuple(sharding.codecs), dtype, inner)
+            if not index_ok or codec is None:
                 return None
             shard = tuple(metadata.chunk_grid.chunk_shape)  # type: ignore[attr-defined]
             per_shard = tuple(s // c for s, c in zip(shard, inner, strict=True))
-            return cls(Path(store.root), array, inner, per_shard, decode)
+            return cls(Path(store.root), array, inner, per_shard, codec)
         inner = tuple(metadata.chunk_grid.chunk_shape)  # type: ignore[attr-defined]
-        decode = _decoder(codecs, dtype, inner)
-        if decode is None:
+        codec = _chunk_codec(codecs, dtype, inner)
+        if codec is None:
             return None
-        return cls(Path(store.root), array, inner, None, decode)
+        return cls(Path(store.root), array, inner, None, codec)
 
     def _path(self, grid_coords: tuple[int, ...]) -> Path:
         key = self.array.metadata.encode_chunk_key(grid_coords)
@@ -212,3 +234,86 @@ class DirectChunks:
                     :, top - row * cy : bottom - row * cy, left - col * cx : right - col * cx
                 ]
         return out
+
+    # ------------------------------------------------------------------------------- writes
+
+    @property
+    def object_shape(self) -> tuple[int, ...]:
+        """The shape of one storage object: a shard, or a chunk when unsharded."""
+        if self.per_shard is None:
+            return self.chunk
+        return tuple(c * n for c, n in zip(self.chunk, self.per_shard, strict=True))
+
+    def encode_chunk(self, pixels: np.ndarray, height: int, width: int) -> bytes | None:
+        """Encode one chunk (c, cy, cx) of which the top-left ``height`` × ``width`` lies inside
+        the array; the rest is stored as the fill value, as zarr pads edge chunks. None when the
+        chunk is all fill (zarr does not store those)."""
+        _, cy, cx = self.chunk
+        if height < cy or width < cx:
+            pixels = pixels.copy()
+            pixels[:, height:] = self.fill
+            pixels[:, :, width:] = self.fill
+        if pixels[0, 0, 0] == self.fill and (pixels == self.fill).all():
+            return None
+        return self.encode(pixels)
+
+    def write_object(self, coords: tuple[int, int], chunks: dict[tuple[int, int], bytes]) -> None:
+        """Replace the storage object at object-grid ``coords`` (y, x) whole: a shard from its
+        encoded inner chunks (keyed by chunk-grid (y, x); absent ones are fill), laid out as zarr
+        lays it out (chunks, then the index and its CRC32C), or an unsharded chunk. The file is
+        written through a temporary name and a rename, so readers never see half of it; an
+        object with no chunks is removed."""
+        key = (0, *coords)
+        path = self._path(key)
+        if self.per_shard is None:
+            self._forget(key)
+            encoded = chunks.get(coords)
+            _replace(path, None if encoded is None else [encoded])
+            return
+        _, ny, nx = self.per_shard
+        index = np.full((ny * nx, 2), _MISSING, "<u8")
+        pieces: list[bytes] = []
+        offset = 0
+        for (row, col), encoded in chunks.items():
+            local_y, local_x = row - coords[0] * ny, col - coords[1] * nx
+            if not (0 <= local_y < ny and 0 <= local_x < nx):
+                raise ValueError(f"chunk {(row, col)} is not in shard {coords}")
+            index[local_y * nx + local_x] = (offset, len(encoded))
+            pieces.append(encoded)
+            offset += len(encoded)
+        self._forget(key)
+        if not pieces:
+            _replace(path, None)
+            return
+        raw_index = index.tobytes()
+        checksum = np.uint32(google_crc32c.value(raw_index)).astype("<u4").tobytes()
+        _replace(path, [*pieces, raw_index, checksum])
+
+    def _forget(self, shard: tuple[int, ...]) -> None:
+        """Drop what is cached of a storage object about to be rewritten."""
+        with self._lock:
+            self._indices.pop(shard, None)
+            fd = self._fds.pop(shard, None)
+            per = self.per_shard or (1, 1, 1)
+            stale = [
+                k
+                for k in self._decoded
+                if all(c // n == s for c, n, s in zip(k, per, shard, strict=True))
+            ]
+            for key in stale:
+                del self._decoded[key]
+        if fd is not None:
+            os.close(fd)
+
+
+def _replace(path: Path, pieces: list[bytes] | None) -> None:
+    """Write ``path`` whole (its pieces in order) through a temporary file and a rename, or
+    remove it (None)."""
+    if pieces is None:
+        path.unlink(missing_ok=True)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.writelines(pieces)
+    os.replace(tmp, path)

@@ -7,6 +7,7 @@ already: storing such a slide losslessly makes it 5-10x larger for no gain. Each
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +20,7 @@ from zarr.registry import register_codec
 if TYPE_CHECKING:
     from zarr.core.array_spec import ArraySpec
 
-__all__ = ["JPEG_CODEC_NAME", "JpegCodec", "decode_jpeg_chunk"]
+__all__ = ["JPEG_CODEC_NAME", "JpegCodec", "decode_jpeg_chunk", "encode_jpeg_chunk"]
 
 JPEG_CODEC_NAME = "hiresctl.jpeg"
 
@@ -30,6 +31,12 @@ def decode_jpeg_chunk(data: bytes, shape: tuple[int, ...]) -> np.ndarray:
     pixels = imagecodecs.jpeg8_decode(data)
     chw = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
     return chw if chw.shape == tuple(shape) else np.ascontiguousarray(chw).reshape(shape)
+
+
+def encode_jpeg_chunk(chw: np.ndarray, quality: int) -> bytes:
+    """One (c, y, x) uint8 chunk, c in {1, 3} → a baseline JPEG."""
+    hwc = chw[0] if chw.shape[0] == 1 else np.ascontiguousarray(chw.transpose(1, 2, 0))
+    return bytes(imagecodecs.jpeg8_encode(hwc, level=quality))
 
 
 @dataclass(frozen=True)
@@ -46,17 +53,24 @@ class JpegCodec(ArrayBytesCodec):
     def to_dict(self) -> dict[str, Any]:
         return {"name": JPEG_CODEC_NAME, "configuration": {"quality": self.quality}}
 
-    async def _decode_single(self, chunk_bytes: Buffer, chunk_spec: ArraySpec) -> NDBuffer:
+    # zarr runs codecs on its one event-loop thread; the (GIL-releasing) JPEG work goes to a
+    # worker thread, as zarr's own compressors do, so tasks on several threads run in parallel.
+
+    def _decode_sync(self, chunk_bytes: Buffer, chunk_spec: ArraySpec) -> NDBuffer:
         chunk: Any = np.ascontiguousarray(
             decode_jpeg_chunk(chunk_bytes.to_bytes(), chunk_spec.shape)
         )
         return chunk_spec.prototype.nd_buffer.from_ndarray_like(chunk)
 
-    async def _encode_single(self, chunk_array: NDBuffer, chunk_spec: ArraySpec) -> Buffer | None:
-        chw = chunk_array.as_numpy_array()
-        hwc = chw[0] if chw.shape[0] == 1 else np.ascontiguousarray(chw.transpose(1, 2, 0))
-        encoded = imagecodecs.jpeg8_encode(hwc, level=self.quality)
+    def _encode_sync(self, chunk_array: NDBuffer, chunk_spec: ArraySpec) -> Buffer | None:
+        encoded = encode_jpeg_chunk(chunk_array.as_numpy_array(), self.quality)
         return chunk_spec.prototype.buffer.from_bytes(encoded)
+
+    async def _decode_single(self, chunk_bytes: Buffer, chunk_spec: ArraySpec) -> NDBuffer:
+        return await asyncio.to_thread(self._decode_sync, chunk_bytes, chunk_spec)
+
+    async def _encode_single(self, chunk_array: NDBuffer, chunk_spec: ArraySpec) -> Buffer | None:
+        return await asyncio.to_thread(self._encode_sync, chunk_array, chunk_spec)
 
     def compute_encoded_size(self, input_byte_length: int, chunk_spec: ArraySpec) -> int:
         raise NotImplementedError  # variable size

@@ -62,19 +62,30 @@ class SourceReader(abc.ABC):
     """Region access to one source image, channel first."""
 
     info: SourceInfo
+    #: (height, width) of the level-0 piece the source decodes at once (a TIFF tile or strip),
+    #: when known: the tiler reads in whole multiples of it.
+    read_unit: tuple[int, int] | None = None
 
     @abc.abstractmethod
     def _read(self, level: int, y: int, x: int, height: int, width: int) -> np.ndarray:
         """Read an in-bounds region as (c, height, width)."""
 
     def read_region(self, level: int, y: int, x: int, height: int, width: int) -> np.ndarray:
-        """Read a region of ``level``; parts outside the image are ``fill_value``."""
+        """Read a region of ``level``; parts outside the image are ``fill_value``.
+
+        The result is (c, height, width) laid out channel-last in memory (a transposed view),
+        the order of interleaved sources and of the JPEG codec: copying a decoded region in
+        and cutting it into chunks for the encoder are then plain row copies."""
         level_h, level_w = self.info.level_shapes[level]
-        out = np.full(
-            (self.info.channels, height, width), self.info.fill_value, dtype=self.info.dtype
-        )
         y0, x0 = max(y, 0), max(x, 0)
         y1, x1 = min(y + height, level_h), min(x + width, level_w)
+        inside = (y0, x0, y1, x1) == (y, x, y + height, x + width)
+        shape = (height, width, self.info.channels)
+        out = (
+            np.empty(shape, self.info.dtype)
+            if inside
+            else np.full(shape, self.info.fill_value, self.info.dtype)
+        ).transpose(2, 0, 1)
         if y1 <= y0 or x1 <= x0:
             return out
         try:
@@ -217,6 +228,8 @@ class TiffReader(SourceReader):
                 except Exception as exc:
                     raise SourceError(self.path, f"cannot map TIFF data: {exc}") from exc
                 self._pages.append(None)
+        if self._pages[0] is not None:
+            self.read_unit = (int(self._pages[0].chunks[0]), int(self._pages[0].chunks[1]))
         self._fd = os.open(self.path, os.O_RDONLY)
         # Drop levels that do not shrink (some writers repeat the base as a "level").
         good = [0] + [i for i in range(1, len(shapes)) if shapes[i][0] < shapes[0][0]]

@@ -39,6 +39,7 @@ from storage.annotations import (
     image_stem,
     outside_problem,
 )
+from storage.chunks import DirectChunks
 from storage.codecs import JpegCodec
 from storage.errors import SourceError, StoreError, UsageError
 from storage.readers import (
@@ -341,19 +342,38 @@ def level_shapes(height: int, width: int, thumbnail: int) -> list[tuple[int, int
 
 
 def halve(block: np.ndarray) -> np.ndarray:
-    """2x2 mean (rounded), replicating the last row/column of odd sizes."""
+    """2x2 mean (rounded), replicating the last row/column of odd sizes.
+
+    Works in the block's memory order: a channel-last block (as readers return them) is halved
+    channel-last and the result is again a channel-first view of channel-last memory."""
     _c, h, w = block.shape
     if h % 2:
         block = np.concatenate([block, block[:, -1:]], axis=1)
     if w % 2:
         block = np.concatenate([block, block[:, :, -1:]], axis=2)
-    acc = block[:, 0::2, 0::2].astype(np.uint32)
-    acc += block[:, 1::2, 0::2]
-    acc += block[:, 0::2, 1::2]
-    acc += block[:, 1::2, 1::2]
-    acc += 2
-    acc >>= 2
-    return acc.astype(block.dtype)
+    wide = np.uint16 if block.dtype == np.uint8 else np.uint32  # 4 × max + 2 must fit
+    channel_last = block.transpose(1, 2, 0)
+    if channel_last.flags.c_contiguous:
+        # rows pairwise, then columns one channel at a time (long strided loops: numpy is slow
+        # on an innermost axis of 3)
+        rows = np.add(channel_last[0::2], channel_last[1::2], dtype=wide)
+        ph, pw, c = rows.shape
+        out = np.empty((ph, pw // 2, c), block.dtype)
+        acc = np.empty((ph, pw // 2), wide)
+        for k in range(c):
+            np.add(rows[:, 0::2, k], rows[:, 1::2, k], out=acc)
+            acc += 2
+            acc >>= 2
+            out[..., k] = acc
+        return out.transpose(2, 0, 1)
+    planes = np.ascontiguousarray(block)
+    rows = np.add(planes[:, 0::2], planes[:, 1::2], dtype=wide)
+    c, ph, pw = rows.shape
+    pairs = rows.reshape(c, ph, pw // 2, 2)
+    total = pairs[..., 0] + pairs[..., 1]
+    total += 2
+    total >>= 2
+    return total.astype(block.dtype)
 
 
 def halve_mode(block: np.ndarray) -> np.ndarray:
@@ -398,6 +418,7 @@ class BlockJob:
 _cache_lock = threading.Lock()
 _readers: dict[tuple[SourceSpec, TileOptions], SourceReader] = {}
 _arrays: dict[tuple[str, str], zarr.Array] = {}
+_directs: dict[tuple[str, str], DirectChunks | None] = {}
 
 
 def _reader(spec: SourceSpec, options: TileOptions) -> SourceReader:
@@ -416,6 +437,15 @@ def _array(store: str, path: str) -> zarr.Array:
         return _arrays[key]
 
 
+def _direct(store: str, path: str) -> DirectChunks | None:
+    key = (store, path)
+    array = _array(store, path)
+    with _cache_lock:
+        if key not in _directs:
+            _directs[key] = DirectChunks.open(array)
+        return _directs[key]
+
+
 def forget_cached(store: str | None = None) -> None:
     """Close cached readers and arrays (between runs in one process, e.g. tests)."""
     with _cache_lock:
@@ -424,6 +454,10 @@ def forget_cached(store: str | None = None) -> None:
         _readers.clear()
         for key in [k for k in _arrays if store is None or k[0] == store]:
             del _arrays[key]
+        for key in [k for k in _directs if store is None or k[0] == store]:
+            direct = _directs.pop(key)
+            if direct is not None:
+                direct.close()
 
 
 def run_block(job: BlockJob) -> str | None:
@@ -439,25 +473,142 @@ def run_block(job: BlockJob) -> str | None:
 
 
 def _run_block(job: BlockJob) -> None:
-    base = _array(job.store, f"{job.group}/{job.base_level}")
-    _, base_h, base_w = base.shape
-    y, x = job.row * job.block, job.col * job.block
-    h, w = min(job.block, base_h - y), min(job.block, base_w - x)
-    if job.pass_index == 0:
-        data = _reader(job.spec, job.options).read_region(0, y, x, h, w)
-        base[:, y : y + h, x : x + w] = data
-    else:
-        data = np.asarray(base[:, y : y + h, x : x + w])
-    side = job.block
+    """Build the block's pyramid depth first, chunk by chunk: each chunk of a level is the 2×2
+    mean (or mode) of four chunks of the level below, so the pixels being combined stay in the
+    CPU cache instead of streaming whole levels through memory, and every chunk is encoded as
+    soon as it exists. Each level's chunks then replace that level's storage object whole."""
+    base_path = f"{job.group}/{job.base_level}"
+    base = _array(job.store, base_path)
+    chunk = int(base.chunks[1])
+    top = job.top_level - job.base_level
+    sinks: list[_LevelSink | None] = [
+        _LevelSink(job.store, base_path, job.row, job.col, job.block)
+        if job.pass_index == 0
+        else None
+    ]
+    for r in range(1, top + 1):
+        path = f"{job.group}/{job.base_level + r}"
+        sinks.append(_LevelSink(job.store, path, job.row, job.col, job.block >> r))
+    shapes = [tuple(base.shape[1:])] + [tuple(s.array.shape[1:]) for s in sinks[1:] if s]
+    leaf = _leaves(job, base, chunk)
     shrink = halve_mode if job.labels else halve
-    for level in range(job.base_level + 1, job.top_level + 1):
-        data = shrink(data)
-        side //= 2
-        arr = _array(job.store, f"{job.group}/{level}")
-        ly, lx = job.row * side, job.col * side
-        arr[:, ly : ly + data.shape[1], lx : lx + data.shape[2]] = data
+
+    def build(r: int, row: int, col: int) -> np.ndarray | None:
+        height, width = shapes[r]
+        if row * chunk >= height or col * chunk >= width:
+            return None  # past the image's edge
+        if r == 0:
+            pixels = leaf(row, col)
+        else:
+            below_h, below_w = shapes[r - 1]
+            quad = np.empty((2 * chunk, 2 * chunk, int(base.shape[0])), base.dtype)
+            for dy in (0, 1):
+                for dx in (0, 1):
+                    part = build(r - 1, 2 * row + dy, 2 * col + dx)
+                    if part is not None:
+                        quad[dy * chunk : (dy + 1) * chunk, dx * chunk : (dx + 1) * chunk] = (
+                            part.transpose(1, 2, 0)
+                        )
+            # the edge's last row/column repeats outwards (an odd size's last pair)
+            inside_h, inside_w = below_h - 2 * row * chunk, below_w - 2 * col * chunk
+            if inside_h < 2 * chunk:
+                quad[inside_h:] = quad[inside_h - 1]
+            if inside_w < 2 * chunk:
+                quad[:, inside_w:] = quad[:, inside_w - 1 : inside_w]
+            pixels = shrink(quad.transpose(2, 0, 1))
+        sink = sinks[r]
+        if sink is not None:
+            sink.put(row, col, pixels)
+        return pixels
+
+    per_side = (job.block >> top) // chunk  # chunks per side of the footprint at the top level
+    for i in range(per_side):
+        for j in range(per_side):
+            build(top, job.row * per_side + i, job.col * per_side + j)
+    for sink in sinks:
+        if sink is not None:
+            sink.close()
     progress = _array(job.store, f"{job.group}/_progress_{job.pass_index}")
     progress[job.row, job.col] = 1
+
+
+class _LevelSink:
+    """One level's chunks from one task. The task's footprint in a level is one storage object
+    (a shard, or a chunk); with a layout :class:`DirectChunks` knows, chunks are encoded on the
+    task's thread (tasks on several threads encode in parallel) and the object is written whole
+    at the end, else each chunk goes through zarr as it comes."""
+
+    def __init__(self, store: str, path: str, row: int, col: int, side: int) -> None:
+        self.array = _array(store, path)
+        _, self.height, self.width = self.array.shape
+        self.chunk = int(self.array.chunks[1])
+        direct = _direct(store, path)
+        fits = direct is not None and tuple(direct.object_shape[1:]) == (side, side)
+        self.direct = direct if fits else None
+        self.coords = (row, col)
+        self.encoded: dict[tuple[int, int], bytes] = {}
+
+    def put(self, row: int, col: int, pixels: np.ndarray) -> None:
+        c = self.chunk
+        height, width = min(c, self.height - row * c), min(c, self.width - col * c)
+        if self.direct is None:
+            self.array[:, row * c : row * c + height, col * c : col * c + width] = pixels[
+                :, :height, :width
+            ]
+            return
+        encoded = self.direct.encode_chunk(pixels, height, width)
+        if encoded is not None:
+            self.encoded[(row, col)] = encoded
+
+    def close(self) -> None:
+        if self.direct is not None:
+            self.direct.write_object(self.coords, self.encoded)
+
+
+def _leaves(job: BlockJob, base: zarr.Array, chunk: int) -> Callable[[int, int], np.ndarray]:
+    """The base level's chunks, full size (c, chunk, chunk) with the fill value past the edge,
+    read in leaves: the smallest power-of-two multiple of the chunk that holds whole source
+    tiles (a tile decoded once, not once per chunk), else the whole block."""
+    if job.pass_index == 0:
+        reader = _reader(job.spec, job.options)
+        side = _leaf_side(reader.read_unit, chunk, job.block)
+
+        def read(y: int, x: int) -> np.ndarray:
+            return reader.read_region(0, y, x, side, side)
+
+    else:
+        side = chunk
+        direct = _direct(job.store, f"{job.group}/{job.base_level}")
+
+        def read(y: int, x: int) -> np.ndarray:
+            if direct is not None:
+                return direct.read_chunk((0, y // chunk, x // chunk))
+            out = np.full((base.shape[0], chunk, chunk), base.fill_value, base.dtype)
+            found = np.asarray(base[:, y : y + chunk, x : x + chunk])
+            out[:, : found.shape[1], : found.shape[2]] = found
+            return out
+
+    held: dict[tuple[int, int], np.ndarray] = {}  # the current leaf (visits are depth first)
+
+    def leaf(row: int, col: int) -> np.ndarray:
+        y, x = row * chunk, col * chunk
+        at = (y - y % side, x - x % side)
+        if at not in held:
+            held.clear()
+            held[at] = read(*at)
+        return held[at][:, y - at[0] : y - at[0] + chunk, x - at[1] : x - at[1] + chunk]
+
+    return leaf
+
+
+def _leaf_side(unit: tuple[int, int] | None, chunk: int, block: int) -> int:
+    side = chunk
+    if unit is not None and max(unit) <= block:
+        while side < block and (side % unit[0] or side % unit[1]):
+            side *= 2
+        if side % unit[0] == 0 and side % unit[1] == 0:
+            return side
+    return block
 
 
 # ----------------------------------------------------------------------------------- planning

@@ -69,3 +69,50 @@ def test_unknown_layouts_fall_back(tmp_path: Path) -> None:
         compressors=[zarr.codecs.BloscCodec()],
     )  # fmt: skip
     assert DirectChunks.open(array) is None
+
+
+@pytest.mark.parametrize("codec", ["zstd", "jpeg"])
+def test_whole_shard_writes_read_back_through_zarr(tmp_path: Path, codec: str) -> None:
+    from storage.codecs import JpegCodec
+
+    codecs = (
+        {"serializer": JpegCodec(quality=95), "compressors": None}
+        if codec == "jpeg"
+        else {"compressors": [zarr.codecs.ZstdCodec(level=3)]}
+    )
+    layout = {"chunks": (3, 64, 64), "shards": (3, 128, 128), "fill_value": 9, **codecs}
+    array, through_zarr = (
+        zarr.create_array(str(tmp_path / name), shape=(3, 200, 300), dtype="uint8", **layout)
+        for name in ("a.zarr", "b.zarr")
+    )
+    direct = DirectChunks.open(array)
+    assert direct is not None and direct.object_shape == (3, 128, 128)
+    pixels = coord_pixels(200, 300).transpose(2, 0, 1)
+    pixels[:, :64, 64:128] = 9  # one chunk all fill: not stored
+    for sy in range(2):
+        for sx in range(3):
+            encoded = {}
+            for row in (2 * sy, 2 * sy + 1):
+                for col in (2 * sx, 2 * sx + 1):
+                    part = np.full((3, 64, 64), 0, np.uint8)  # past the edge: not stored
+                    inside = pixels[:, row * 64 : row * 64 + 64, col * 64 : col * 64 + 64]
+                    part[:, : inside.shape[1], : inside.shape[2]] = inside
+                    data = direct.encode_chunk(part, inside.shape[1], inside.shape[2])
+                    if data is not None:
+                        encoded[(row, col)] = data
+            direct.write_object((sy, sx), encoded)
+    assert direct.encode_chunk(np.full((3, 64, 64), 9, np.uint8), 64, 64) is None
+    through_zarr[...] = pixels
+    back = zarr.open_array(str(tmp_path / "a.zarr"), mode="r")[...]
+    np.testing.assert_array_equal(back, through_zarr[...])  # what zarr's own writes decode to
+    if codec == "zstd":
+        np.testing.assert_array_equal(back, pixels)
+    with pytest.raises(ValueError, match="not in shard"):
+        direct.write_object((0, 0), {(5, 5): b""})
+    # the all-fill chunk has no bytes in its shard's index; the shard's file was written whole
+    index = direct._index((0, 0, 0))
+    assert index is not None and int(index[1, 0]) == 2**64 - 1  # (row 0, col 1) of shard (0, 0)
+    assert not list((tmp_path / "a.zarr").rglob("*.tmp"))
+    # an object with no chunks left is removed, and reads as fill
+    direct.write_object((1, 2), {})
+    assert (zarr.open_array(str(tmp_path / "a.zarr"), mode="r")[:, 128:, 256:] == 9).all()

@@ -28,24 +28,66 @@ def _tiff(path: Path, pixels: np.ndarray, **kwargs) -> Path:
     return path
 
 
-def test_level0_is_pixel_identical_and_levels_are_exact_halvings(tmp_path: Path) -> None:
-    pixels = coord_pixels(301, 467)  # odd sizes: edge blocks and odd halvings
-    src = _tiff(tmp_path / "coord.tif", pixels)
+def _mean2x2(planes: np.ndarray) -> np.ndarray:
+    """The definition: each output pixel is the mean of its 2×2 source pixels, rounded half up,
+    an odd size's last row/column standing in for the missing one."""
+    c, h, w = planes.shape
+    out = np.empty((c, (h + 1) // 2, (w + 1) // 2), planes.dtype)
+    for y in range(out.shape[1]):
+        for x in range(out.shape[2]):
+            rows = [min(2 * y, h - 1), min(2 * y + 1, h - 1)]
+            cols = [min(2 * x, w - 1), min(2 * x + 1, w - 1)]
+            total = planes[:, rows][:, :, cols].astype(np.int64).sum(axis=(1, 2))
+            out[:, y, x] = np.floor(total / 4 + 0.5)
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16"])
+@pytest.mark.parametrize("channels", [1, 3, 4])
+@pytest.mark.parametrize("channel_last", [True, False])
+def test_halve_is_the_rounded_2x2_mean(dtype: str, channels: int, channel_last: bool) -> None:
+    rng = np.random.default_rng(channels)
+    top = np.iinfo(dtype).max
+    for h, w in [(6, 8), (7, 9), (1, 1), (5, 2)]:
+        pixels = rng.integers(0, top, (h, w, channels), endpoint=True).astype(dtype)
+        pixels[0, 0] = top  # the widest sum must not overflow
+        planes = pixels.transpose(2, 0, 1)
+        block = planes if channel_last else np.ascontiguousarray(planes)
+        got = halve(block)
+        assert got.dtype == np.dtype(dtype)
+        np.testing.assert_array_equal(got, _mean2x2(planes), err_msg=f"{h}x{w}")
+
+
+@pytest.mark.parametrize(
+    ("layout", "channels", "dtype"),
+    [
+        ({"tile": (64, 64)}, 3, "uint8"),  # source tiles of 2×2 chunks: read tile by tile
+        ({"tile": (32, 32)}, 3, "uint8"),  # one chunk per source tile
+        ({"tile": (48, 48)}, 3, "uint8"),  # tiles that do not divide a chunk: whole blocks
+        ({"rowsperstrip": 16}, 1, "uint16"),  # strips: whole blocks
+    ],
+)
+def test_level0_is_pixel_identical_and_levels_are_exact_halvings(
+    tmp_path: Path, layout: dict, channels: int, dtype: str
+) -> None:
+    pixels = coord_pixels(301, 467, channels, dtype)  # odd sizes: edge blocks and odd halvings
+    src = tmp_path / "coord.tif"
+    tifffile.imwrite(src, pixels, compression="zlib", **layout)
     [result] = tile([SourceSpec((str(src),))], tmp_path / "ds.zarr", SMALL)
     assert result.status == "written", result.error
     ds = Dataset(tmp_path / "ds.zarr")
     entry = ds.entry("coord")
-    assert entry.complete and entry.shape == (3, 301, 467)
-    expected = pixels.transpose(2, 0, 1)
+    assert entry.complete and entry.shape == (channels, 301, 467)
+    expected = pixels.reshape(301, 467, channels).transpose(2, 0, 1)
     shapes = level_shapes(301, 467, 64)
     assert entry.levels == len(shapes) == 4  # 467 → 234 → 117 → 59 ≤ 64
     for level, shape in enumerate(shapes):
         stored = ds.level("coord", level)
-        assert stored.shape == (3, *shape)
+        assert stored.shape == (channels, *shape)
         np.testing.assert_array_equal(stored[...], expected, err_msg=f"level {level}")
-        expected = halve(expected)
-    assert ds.level("coord", 0).chunks == (3, 32, 32)
-    assert ds.level("coord", 0).shards == (3, 128, 128)  # one shard per task footprint
+        expected = _mean2x2(expected)
+    assert ds.level("coord", 0).chunks == (channels, 32, 32)
+    assert ds.level("coord", 0).shards == (channels, 128, 128)  # one shard per task footprint
 
 
 def test_store_is_valid_ome_ngff_read_by_ome_zarr(tmp_path: Path) -> None:
