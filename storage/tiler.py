@@ -473,38 +473,63 @@ def run_block(job: BlockJob) -> str | None:
 
 
 def _run_block(job: BlockJob) -> None:
-    """Build the block's pyramid depth first, chunk by chunk: each chunk of a level is the 2×2
+    _BlockPyramid(job).run()
+    progress = _array(job.store, f"{job.group}/_progress_{job.pass_index}")
+    progress[job.row, job.col] = 1
+
+
+class _BlockPyramid:
+    """One task's pyramid, built depth first, chunk by chunk: each chunk of a level is the 2×2
     mean (or mode) of four chunks of the level below, so the pixels being combined stay in the
     CPU cache instead of streaming whole levels through memory, and every chunk is encoded as
-    soon as it exists. Each level's chunks then replace that level's storage object whole."""
-    base_path = f"{job.group}/{job.base_level}"
-    base = _array(job.store, base_path)
-    chunk = int(base.chunks[1])
-    top = job.top_level - job.base_level
-    sinks: list[_LevelSink | None] = [
-        _LevelSink(job.store, base_path, job.row, job.col, job.block)
-        if job.pass_index == 0
-        else None
-    ]
-    for r in range(1, top + 1):
-        path = f"{job.group}/{job.base_level + r}"
-        sinks.append(_LevelSink(job.store, path, job.row, job.col, job.block >> r))
-    shapes = [tuple(base.shape[1:])] + [tuple(s.array.shape[1:]) for s in sinks[1:] if s]
-    leaf = _leaves(job, base, chunk)
-    shrink = halve_mode if job.labels else halve
+    soon as it exists. Each level's chunks then replace that level's storage object whole.
+    (A class, not a recursive closure: a closure referring to itself is a reference cycle that
+    would keep every task's encoded chunks alive until the garbage collector runs.)"""
 
-    def build(r: int, row: int, col: int) -> np.ndarray | None:
-        height, width = shapes[r]
+    def __init__(self, job: BlockJob) -> None:
+        self.job = job
+        base_path = f"{job.group}/{job.base_level}"
+        base = _array(job.store, base_path)
+        self.chunk = int(base.chunks[1])
+        self.channels, self.dtype = int(base.shape[0]), base.dtype
+        self.top = job.top_level - job.base_level
+        self.sinks: list[_LevelSink | None] = [
+            _LevelSink(job.store, base_path, job.row, job.col, job.block)
+            if job.pass_index == 0
+            else None
+        ]
+        for r in range(1, self.top + 1):
+            path = f"{job.group}/{job.base_level + r}"
+            self.sinks.append(_LevelSink(job.store, path, job.row, job.col, job.block >> r))
+        self.shapes = [(int(base.shape[1]), int(base.shape[2]))] + [
+            (sink.height, sink.width) for sink in self.sinks[1:] if sink is not None
+        ]
+        self.leaf = _leaves(job, base, self.chunk)
+        self.shrink = halve_mode if job.labels else halve
+
+    def run(self) -> None:
+        per_side = (self.job.block >> self.top) // self.chunk  # top-level chunks per side
+        for i in range(per_side):
+            for j in range(per_side):
+                self.build(self.top, self.job.row * per_side + i, self.job.col * per_side + j)
+        for sink in self.sinks:
+            if sink is not None:
+                sink.close()
+
+    def build(self, r: int, row: int, col: int) -> np.ndarray | None:
+        """Chunk (row, col) of relative level ``r``, encoded; None past the image's edge."""
+        chunk = self.chunk
+        height, width = self.shapes[r]
         if row * chunk >= height or col * chunk >= width:
-            return None  # past the image's edge
+            return None
         if r == 0:
-            pixels = leaf(row, col)
+            pixels = self.leaf(row, col)
         else:
-            below_h, below_w = shapes[r - 1]
-            quad = np.empty((2 * chunk, 2 * chunk, int(base.shape[0])), base.dtype)
+            below_h, below_w = self.shapes[r - 1]
+            quad = np.empty((2 * chunk, 2 * chunk, self.channels), self.dtype)
             for dy in (0, 1):
                 for dx in (0, 1):
-                    part = build(r - 1, 2 * row + dy, 2 * col + dx)
+                    part = self.build(r - 1, 2 * row + dy, 2 * col + dx)
                     if part is not None:
                         quad[dy * chunk : (dy + 1) * chunk, dx * chunk : (dx + 1) * chunk] = (
                             part.transpose(1, 2, 0)
@@ -515,21 +540,11 @@ def _run_block(job: BlockJob) -> None:
                 quad[inside_h:] = quad[inside_h - 1]
             if inside_w < 2 * chunk:
                 quad[:, inside_w:] = quad[:, inside_w - 1 : inside_w]
-            pixels = shrink(quad.transpose(2, 0, 1))
-        sink = sinks[r]
+            pixels = self.shrink(quad.transpose(2, 0, 1))
+        sink = self.sinks[r]
         if sink is not None:
             sink.put(row, col, pixels)
         return pixels
-
-    per_side = (job.block >> top) // chunk  # chunks per side of the footprint at the top level
-    for i in range(per_side):
-        for j in range(per_side):
-            build(top, job.row * per_side + i, job.col * per_side + j)
-    for sink in sinks:
-        if sink is not None:
-            sink.close()
-    progress = _array(job.store, f"{job.group}/_progress_{job.pass_index}")
-    progress[job.row, job.col] = 1
 
 
 class _LevelSink:
@@ -563,6 +578,7 @@ class _LevelSink:
     def close(self) -> None:
         if self.direct is not None:
             self.direct.write_object(self.coords, self.encoded)
+        self.encoded = {}
 
 
 def _leaves(job: BlockJob, base: zarr.Array, chunk: int) -> Callable[[int, int], np.ndarray]:
