@@ -65,6 +65,9 @@ class SourceReader(abc.ABC):
     #: (height, width) of the level-0 piece the source decodes at once (a TIFF tile or strip),
     #: when known: the tiler reads in whole multiples of it.
     read_unit: tuple[int, int] | None = None
+    #: True when ``_read`` returns arrays of its own (not views of a cache): a region wholly
+    #: inside the image is then returned as read, without a copy.
+    fresh_reads: bool = False
 
     @abc.abstractmethod
     def _read(self, level: int, y: int, x: int, height: int, width: int) -> np.ndarray:
@@ -80,14 +83,10 @@ class SourceReader(abc.ABC):
         y0, x0 = max(y, 0), max(x, 0)
         y1, x1 = min(y + height, level_h), min(x + width, level_w)
         inside = (y0, x0, y1, x1) == (y, x, y + height, x + width)
-        shape = (height, width, self.info.channels)
-        out = (
-            np.empty(shape, self.info.dtype)
-            if inside
-            else np.full(shape, self.info.fill_value, self.info.dtype)
-        ).transpose(2, 0, 1)
         if y1 <= y0 or x1 <= x0:
-            return out
+            return np.full(
+                (height, width, self.info.channels), self.info.fill_value, self.info.dtype
+            ).transpose(2, 0, 1)
         try:
             data = self._read(level, y0, x0, y1 - y0, x1 - x0)
         except SourceError:
@@ -98,6 +97,14 @@ class SourceReader(abc.ABC):
                 f"corrupt or truncated image data at level {level}, region y={y0} x={x0} "
                 f"({y1 - y0}x{x1 - x0}): {type(exc).__name__}: {exc}",
             ) from exc
+        if inside and self.fresh_reads and data.dtype == np.dtype(self.info.dtype):
+            return data
+        shape = (height, width, self.info.channels)
+        out = (
+            np.empty(shape, self.info.dtype)
+            if inside
+            else np.full(shape, self.info.fill_value, self.info.dtype)
+        ).transpose(2, 0, 1)
         out[:, y0 - y : y1 - y, x0 - x : x1 - x] = data
         return out
 
@@ -180,6 +187,8 @@ class TiffReader(SourceReader):
     Regions are read through tifffile's Zarr view of each level, which decodes only the tiles
     or strips a region touches.
     """
+
+    fresh_reads = True
 
     def __init__(self, path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         import tifffile
@@ -322,18 +331,16 @@ class TiffReader(SourceReader):
         """Decode only the tiles/strips that intersect the region (thread-safe: pread)."""
         seg_h, seg_w = int(page.chunks[0]), int(page.chunks[1])
         n_cols = int(page.chunked[1])
+        if (height, width) == (seg_h, seg_w) and y % seg_h == 0 and x % seg_w == 0:
+            seg = self._segment(page, (y // seg_h) * n_cols + x // seg_w)
+            if seg is not None and seg.shape[:2] == (height, width):
+                return seg.transpose(2, 0, 1)  # exactly one whole segment: no copy
         out = np.zeros((height, width, self.info.channels), dtype=self.info.dtype)
         for row in range(y // seg_h, (y + height - 1) // seg_h + 1):
             for col in range(x // seg_w, (x + width - 1) // seg_w + 1):
-                index = row * n_cols + col
-                offset, count = page.dataoffsets[index], page.databytecounts[index]
-                if count == 0:
+                seg = self._segment(page, row * n_cols + col)
+                if seg is None:
                     continue  # sparse file: segment never written, reads as zeros
-                data = os.pread(self._fd, count, offset)
-                if len(data) != count:
-                    raise SourceError(self.path, f"truncated: segment {index} is cut short")
-                seg, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
-                seg = seg.reshape(seg.shape[-3:])
                 top, left = row * seg_h, col * seg_w
                 y0, x0 = max(y, top), max(x, left)
                 y1 = min(y + height, top + seg.shape[0])
@@ -342,6 +349,17 @@ class TiffReader(SourceReader):
                     y0 - top : y1 - top, x0 - left : x1 - left
                 ]
         return out.transpose(2, 0, 1)
+
+    def _segment(self, page: Any, index: int) -> np.ndarray | None:
+        """One decoded tile or strip as (h, w, c), None when the file never wrote it."""
+        offset, count = page.dataoffsets[index], page.databytecounts[index]
+        if count == 0:
+            return None
+        data = os.pread(self._fd, count, offset)
+        if len(data) != count:
+            raise SourceError(self.path, f"truncated: segment {index} is cut short")
+        seg, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
+        return seg.reshape(seg.shape[-3:])
 
     def close(self) -> None:
         self._tif.close()

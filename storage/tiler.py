@@ -1135,8 +1135,14 @@ def _resize(src: np.ndarray, height: int, width: int) -> np.ndarray:
         return src
     from skimage.transform import resize
 
+    # float32: half the memory of skimage's default float64 (the source level is up to 2× the
+    # thumbnail's side, so this is the largest allocation of a run)
     out = resize(
-        src.transpose(1, 2, 0), (height, width), order=1, anti_aliasing=True, preserve_range=True
+        src.transpose(1, 2, 0).astype(np.float32),
+        (height, width),
+        order=1,
+        anti_aliasing=True,
+        preserve_range=True,
     )
     return np.rint(out).astype(src.dtype).transpose(2, 0, 1)
 
