@@ -123,16 +123,16 @@ while True:
 """
 
 
-def bench(name: str, cmd_factory, repeats: int, out: Path) -> tuple[float, float]:
-    [(seconds, peak)] = bench_side_by_side([(name, cmd_factory)], repeats, out)
-    return seconds, peak
+def output_bytes(out: Path) -> int:
+    return sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
 
 
-def bench_side_by_side(commands, repeats: int, out: Path) -> list[tuple[float, float]]:
-    """Median seconds and max peak RSS per (name, command factory). The commands take turns,
-    round after round, so a slow spell of a shared machine falls on all of them alike."""
+def bench_side_by_side(commands, repeats: int, out: Path) -> list[tuple[float, float, int]]:
+    """Median seconds, max peak RSS and output bytes per (name, command factory). The commands
+    take turns, round after round, so a slow spell of a shared machine falls on all alike."""
     times: list[list[float]] = [[] for _ in commands]
     peaks: list[list[float]] = [[] for _ in commands]
+    sizes = [0 for _ in commands]
     for _ in range(repeats):
         for i, (name, cmd_factory) in enumerate(commands):
             shutil.rmtree(out, ignore_errors=True)
@@ -140,8 +140,14 @@ def bench_side_by_side(commands, repeats: int, out: Path) -> list[tuple[float, f
             seconds, peak = run_timed(cmd_factory())
             times[i].append(seconds)
             peaks[i].append(peak)
-            print(f"  {name}: {seconds:.2f} s, peak RSS {peak:.2f} GB", flush=True)
-    return [(statistics.median(t), max(p)) for t, p in zip(times, peaks, strict=True)]
+            sizes[i] = output_bytes(out)
+            print(
+                f"  {name}: {seconds:.2f} s, peak RSS {peak:.2f} GB, output {sizes[i] / 1e6:.0f} MB",
+                flush=True,
+            )
+    return [
+        (statistics.median(t), max(p), size) for t, p, size in zip(times, peaks, sizes, strict=True)
+    ]
 
 
 def main() -> None:
@@ -166,7 +172,7 @@ def main() -> None:
     print("T1: JPEG store vs vips tiffsave", flush=True)
     hires_jpeg = [*hires, str(slide), "--out", str(out / "h.zarr"), "--codec", "jpeg", "--jpeg-quality", "90"]  # fmt: skip
     vips_jpeg = [vips, "tiffsave", str(slide), str(out / "v.tif"), "--tile", "--pyramid", "--compression", "jpeg", "--Q", "90", "--tile-width", "256", "--tile-height", "256"]  # fmt: skip
-    (t_h, m_h), (t_v, m_v) = bench_side_by_side(
+    (t_h, m_h, s_h), (t_v, m_v, s_v) = bench_side_by_side(
         [("hiresctl --codec jpeg", lambda: hires_jpeg), ("vips tiffsave", lambda: vips_jpeg)],
         args.repeats,
         out,
@@ -181,13 +187,16 @@ def main() -> None:
             m_h,
             m_v,
             "≤ 1.0×",
+            s_h,
+            s_v,
         )
     )
+    notes = [jpeg_colour_note(out / "v.tif", slide)]  # the last command run was vips
 
     print("T2: lossless store vs hand-written tifffile+dask+zarr", flush=True)
     script = DATA / "handwritten.py"
     script.write_text(HANDWRITTEN)
-    (t_h2, m_h2), (t_p, m_p) = bench_side_by_side(
+    (t_h2, m_h2, s_h2), (t_p, m_p, s_p) = bench_side_by_side(
         [
             ("hiresctl (zstd)", lambda: [*hires, str(slide), "--out", str(out / "h.zarr")]),
             (
@@ -208,14 +217,18 @@ def main() -> None:
             m_h2,
             m_p,
             "≥ 5× faster",
+            s_h2,
+            s_p,
         )
     )
 
     if not args.skip_big:
         print(f"T3: peak RSS on a {args.big_side}² source", flush=True)
         big = make_slide(DATA / f"slide_{args.big_side}.tif", args.big_side)
-        t_b, m_b = bench(
-            "hiresctl (zstd) big", lambda: [*hires, str(big), "--out", str(out / "h.zarr")], 1, out
+        [(t_b, m_b, s_b)] = bench_side_by_side(
+            [("hiresctl (zstd) big", lambda: [*hires, str(big), "--out", str(out / "h.zarr")])],
+            1,
+            out,
         )
         rows.append(
             (
@@ -227,10 +240,31 @@ def main() -> None:
                 m_b,
                 float("nan"),
                 "< 1.5 GB, flat",
+                s_b,
+                float("nan"),
             )
         )
     shutil.rmtree(out, ignore_errors=True)
-    write_table(rows, args)
+    write_table(rows, args, notes)
+
+
+def jpeg_colour(path: Path) -> str:
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        if page.photometric.name == "YCBCR":
+            return f"YCbCr, subsampling {page.subsampling}"
+        return f"{page.photometric.name}, no chroma subsampling"
+
+
+def jpeg_colour_note(vips_output: Path, source: Path) -> str:
+    """How each side of T1 stores its JPEG tiles (their sizes differ for this reason)."""
+    return (
+        f"T1 output: the source's JPEG tiles are {jpeg_colour(source)}; vips writes "
+        f"{jpeg_colour(vips_output)}; hiresctl's chunks are baseline YCbCr JPEGs with "
+        "libjpeg-turbo's default subsampling (2, 2), hence its smaller store."
+    )
 
 
 def verdict(row: str, t_h: float, t_p: float, m_h: float, rows) -> str:
@@ -245,7 +279,7 @@ def verdict(row: str, t_h: float, t_p: float, m_h: float, rows) -> str:
     return f"< 1.5 GB, flat (≤ 1.5× the T2 peak): **{'met' if m_h < 1.5 and flat else 'not met'}**"
 
 
-def write_table(rows, args) -> None:
+def write_table(rows, args, notes: list[str]) -> None:
     cpu = f"{os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, {platform.processor() or platform.machine()}"
     lines = [
         f"## Tiling (T1–T3), {time.strftime('%Y-%m-%d')}, {cpu}\n",
@@ -253,17 +287,19 @@ def write_table(rows, args) -> None:
         f"input: a {args.side}² pyramidal JPEG TIFF (Q90, 256² tiles) made from scikit-image's "
         "immunohistochemistry photograph, tissue on ~50% of the area; "
         f"medians of {args.repeats} runs; peak RSS includes child processes.\n",
-        "| row | input | peer | hiresctl s | peer s | speed-up (peer/hiresctl) | hiresctl peak GB | peer peak GB | target |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| row | input | peer | hiresctl s | peer s | speed-up (peer/hiresctl) | hiresctl peak GB | peer peak GB | hiresctl output MB | peer output MB | target |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for row, what, peer, t_h, t_p, m_h, m_p, _target in rows:
+    for row, what, peer, t_h, t_p, m_h, m_p, _target, s_h, s_p in rows:
         has_peer = t_p == t_p  # NaN when the row has no peer
         ratio = f"{t_p / t_h:.2f}×" if has_peer else "—"
         peer_s = f"{t_p:.2f}" if has_peer else "—"
         peer_m = f"{m_p:.2f}" if m_p == m_p else "—"
+        peer_out = f"{s_p / 1e6:.0f}" if s_p == s_p else "—"
         lines.append(
-            f"| {row} | {what} | {peer} | {t_h:.2f} | {peer_s} | {ratio} | {m_h:.2f} | {peer_m} | {verdict(row, t_h, t_p, m_h, rows)} |"
+            f"| {row} | {what} | {peer} | {t_h:.2f} | {peer_s} | {ratio} | {m_h:.2f} | {peer_m} | {s_h / 1e6:.0f} | {peer_out} | {verdict(row, t_h, t_p, m_h, rows)} |"
         )
+    lines += ["", *notes]
     from training import publish
 
     publish(lines, "tiling")
