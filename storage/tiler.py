@@ -578,7 +578,6 @@ class _LevelSink:
     def close(self) -> None:
         if self.direct is not None:
             self.direct.write_object(self.coords, self.encoded)
-        self.encoded = {}
 
 
 def _leaves(job: BlockJob, base: zarr.Array, chunk: int) -> Callable[[int, int], np.ndarray]:

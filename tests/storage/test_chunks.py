@@ -102,6 +102,9 @@ def test_whole_shard_writes_read_back_through_zarr(tmp_path: Path, codec: str) -
                         encoded[(row, col)] = data
             direct.write_object((sy, sx), encoded)
     assert direct.encode_chunk(np.full((3, 64, 64), 9, np.uint8), 64, 64) is None
+    edge = np.full((3, 64, 64), 9, np.uint8)
+    edge[:, 40:] = 0  # past the array's edge: not part of the chunk's content
+    assert direct.encode_chunk(edge, 40, 64) is None
     through_zarr[...] = pixels
     back = zarr.open_array(str(tmp_path / "a.zarr"), mode="r")[...]
     np.testing.assert_array_equal(back, through_zarr[...])  # what zarr's own writes decode to
