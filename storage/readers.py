@@ -76,9 +76,11 @@ class SourceReader(abc.ABC):
     def read_region(self, level: int, y: int, x: int, height: int, width: int) -> np.ndarray:
         """Read a region of ``level``; parts outside the image are ``fill_value``.
 
-        The result is (c, height, width) laid out channel-last in memory (a transposed view),
-        the order of interleaved sources and of the JPEG codec: copying a decoded region in
-        and cutting it into chunks for the encoder are then plain row copies."""
+        The result is (c, height, width) but not necessarily C-contiguous: it is laid out
+        channel-last in memory (a transposed view), the order of interleaved sources and of the
+        JPEG codec, unless a reader with ``fresh_reads`` returns a planar source's own layout.
+        Copying a decoded region in and cutting it into chunks for the encoder are then plain
+        row copies."""
         level_h, level_w = self.info.level_shapes[level]
         y0, x0 = max(y, 0), max(x, 0)
         y1, x1 = min(y + height, level_h), min(x + width, level_w)

@@ -421,33 +421,43 @@ def _detection_memory(
 ) -> tuple[int, int, int | None]:
     """(per image, per patch, patches wanted) of a detection step: the FCOS head's activations
     on the canvas it sees (stitched image, window or resized image), the stitched maps and
-    their gradient copies, and target matching (anchor points × boxes)."""
-    from hiresctl.models.detection import PatchFCOS
+    their gradient copies, and target matching (anchor points × boxes, at most
+    ``MATCH_CHUNK`` points at a time)."""
+    from hiresctl.models.detection import MATCH_CHUNK, PatchFCOS, RecomputedTower
     from hiresctl.train.detection import DetectionMethod
     from hiresctl.train.methods import PatchGD
 
     recipe, method, model = run.recipe, run.method, run.model
     assert isinstance(method, DetectionMethod) and isinstance(model, PatchFCOS)
     channels = recipe.latent_dim
-    head = channels * 4 * (6 * recipe.head_convs + 4)  # per anchor point: 2 branches, conv+GN+ReLU
+    # per anchor point, in maps of `channels` floats: both branches' towers (conv, GroupNorm,
+    # ReLU per block; a recomputed tower keeps each block's input and redoes one block at a
+    # time in backward), plus the predictions and their gradients
+    recomputed = isinstance(model.detector.head.classification_head.conv, RecomputedTower)
+    towers = 2 * recipe.head_convs + 3 if recomputed else 6 * recipe.head_convs
+    head = channels * 4 * (towers + 4)
     most_boxes = max((len(method.targets(im.image_id)[0]) for im in images), default=0)
-    matching = 48 * max(1, most_boxes)
 
     def cells(height: int, width: int) -> int:
         return sum((height // s) * (width // s) for s in model.strides)
 
+    def matching(points: int) -> int:
+        return 48 * max(1, most_boxes) * min(points, MATCH_CHUNK)
+
     if not isinstance(method, PatchGD):  # downsample: one resized image
         side = method.input_side()
         scaled = int(per_patch * (side / recipe.patch_size) ** 2)
-        return 0, scaled + cells(side, side) * (head + matching), None
+        points = cells(side, side)
+        return 0, scaled + points * head + matching(points), None
     size = recipe.patch_size
     grid, kept = max((method.patches(im.image_id) for im in images), key=lambda g: len(g[1]))
     wanted = method.patches_per_step(len(kept))
     if recipe.method == "sliced":
-        return 0, per_patch + cells(size, size) * (head + matching), wanted
+        points = cells(size, size)
+        return 0, per_patch + points * head + matching(points), wanted
     canvas = cells(grid.rows * size, grid.cols * size)
     maps = canvas * channels * 4 * (2 + (3 if method.use_global else 0))
-    per_image = maps + canvas * (head + matching)
+    per_image = maps + canvas * head + matching(canvas)
     if method.use_global:
         per_image += per_patch  # the global patch, encoded with gradient every step
     return per_image, per_patch, wanted
