@@ -90,6 +90,24 @@ def test_level0_is_pixel_identical_and_levels_are_exact_halvings(
     assert ds.level("coord", 0).shards == (channels, 128, 128)  # one shard per task footprint
 
 
+def test_layouts_without_direct_writes_go_through_zarr(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from storage import tiler
+
+    monkeypatch.setattr(tiler, "_direct", lambda store, path: None)  # as for a remote store
+    pixels = coord_pixels(150, 230)
+    [result] = tile(
+        [SourceSpec((str(_tiff(tmp_path / "c.tif", pixels)),))], tmp_path / "ds.zarr", SMALL
+    )
+    assert result.status == "written", result.error
+    expected = pixels.transpose(2, 0, 1)
+    for level, _shape in enumerate(level_shapes(150, 230, 64)):
+        stored = Dataset(tmp_path / "ds.zarr").level("c", level)
+        np.testing.assert_array_equal(stored[...], expected, err_msg=f"level {level}")
+        expected = _mean2x2(expected)
+
+
 def test_store_is_valid_ome_ngff_read_by_ome_zarr(tmp_path: Path) -> None:
     from ome_zarr.io import parse_url
     from ome_zarr.reader import Reader
