@@ -34,7 +34,7 @@ from zarr.storage import LocalStore
 
 from storage.codecs import JpegCodec, decode_jpeg_chunk, encode_jpeg_chunk
 
-__all__ = ["DirectChunks"]
+__all__ = ["DirectChunks", "remove_partial_writes"]
 
 _MISSING = 2**64 - 1
 _MAX_FDS = 256  # per array; beyond this a read opens and closes its shard
@@ -304,6 +304,15 @@ class DirectChunks:
                 del self._decoded[key]
         if fd is not None:
             os.close(fd)
+
+
+def remove_partial_writes(folder: str | os.PathLike[str]) -> int:
+    """Remove the temporary files that writes killed mid-way left under ``folder`` (see
+    :func:`_replace`); returns how many."""
+    found = list(Path(folder).rglob(".*.tmp"))
+    for path in found:
+        path.unlink(missing_ok=True)
+    return len(found)
 
 
 def _replace(path: Path, pieces: list[bytes] | None) -> None:

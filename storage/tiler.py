@@ -39,7 +39,7 @@ from storage.annotations import (
     image_stem,
     outside_problem,
 )
-from storage.chunks import DirectChunks
+from storage.chunks import DirectChunks, remove_partial_writes
 from storage.codecs import JpegCodec
 from storage.errors import SourceError, StoreError, UsageError
 from storage.readers import (
@@ -739,6 +739,7 @@ def _prepare(
                 plan.result.status = "skipped"
                 return plan
             plan.result.status = "resumed"
+            remove_partial_writes(Path(store) / plan.group)  # a killed run's half-written files
             return plan
     if existing is not None:
         del root[plan.group]

@@ -290,9 +290,14 @@ def test_resume_after_sigkill_redoes_only_missing_blocks(tmp_path: Path) -> None
     assert (
         "ome" not in zarr.open_group(out / "images" / "big", mode="r").attrs
     )  # not an NGFF image yet
+    # what a kill during a shard's write leaves: its temporary file beside the shard
+    stray = out / "images" / "big" / "0" / "c" / "0" / "0" / ".0.123.456.tmp"
+    stray.parent.mkdir(parents=True, exist_ok=True)
+    stray.write_bytes(b"half a shard")
     rerun = subprocess.run([*args, "--json"], capture_output=True, text=True, check=True)
     result = json.loads(rerun.stdout.splitlines()[0])
     assert result["status"] == "resumed"
+    assert not stray.exists()
     # chunk 32, block 64: each pass halves once, so every level but the last is a pass base
     shapes = level_shapes(2048, 2048, 64)
     total_blocks = sum((-(-h // 64)) * (-(-w // 64)) for h, w in shapes[:-1])
