@@ -421,29 +421,30 @@ _arrays: dict[tuple[str, str], zarr.Array] = {}
 _directs: dict[tuple[str, str], DirectChunks | None] = {}
 
 
-def _reader(spec: SourceSpec, options: TileOptions) -> SourceReader:
-    key = (spec, options)
+def _cached(cache: dict[Any, Any], key: Any, make: Callable[[], Any]) -> Any:
+    """``cache[key]``, made once per process (tasks on several threads share it)."""
     with _cache_lock:
-        if key not in _readers:
-            _readers[key] = spec.open(options)
-        return _readers[key]
+        if key not in cache:
+            cache[key] = make()
+        return cache[key]
+
+
+def _reader(spec: SourceSpec, options: TileOptions) -> SourceReader:
+    reader: SourceReader = _cached(_readers, (spec, options), lambda: spec.open(options))
+    return reader
 
 
 def _array(store: str, path: str) -> zarr.Array:
-    key = (store, path)
-    with _cache_lock:
-        if key not in _arrays:
-            _arrays[key] = zarr.open_array(store, path=path, mode="r+")
-        return _arrays[key]
+    array: zarr.Array = _cached(
+        _arrays, (store, path), lambda: zarr.open_array(store, path=path, mode="r+")
+    )
+    return array
 
 
 def _direct(store: str, path: str) -> DirectChunks | None:
-    key = (store, path)
-    array = _array(store, path)
-    with _cache_lock:
-        if key not in _directs:
-            _directs[key] = DirectChunks.open(array)
-        return _directs[key]
+    array = _array(store, path)  # outside the cache's lock, which is not reentrant
+    direct: DirectChunks | None = _cached(_directs, (store, path), lambda: DirectChunks.open(array))
+    return direct
 
 
 def forget_cached(store: str | None = None) -> None:
