@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from hiresctl.models.files import safe_torch_load
 from storage import StoreError
 
 
@@ -36,10 +37,7 @@ def atomic_save(obj: Any, path: Path) -> None:
 def load_checkpoint(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise StoreError(str(path), "no checkpoint here")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise StoreError(str(path), f"checkpoint is unreadable ({exc})") from exc
+    state = safe_torch_load(path)
     if not isinstance(state, dict) or "model" not in state or "recipe" not in state:
         raise StoreError(str(path), "not a hiresctl checkpoint")
     return state

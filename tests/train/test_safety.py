@@ -1,0 +1,73 @@
+"""Files people download and share never run code: checkpoints and weights load weights-only."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from hiresctl.models import create_backbone
+from storage import UsageError
+from tests.stores import make_store, planted_images
+
+TINY = ["--set", "backbone=tiny", "--set", "patch_size=32", "--set", "latent_dim=16",
+        "--set", "head_width=16", "--set", "epochs=1"]  # fmt: skip
+
+
+class Payload:
+    """Unpickling this runs ``touch MARKER``: what a hostile checkpoint does."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (os.system, (f"touch {self.marker}",))
+
+
+def plant(path: Path, marker: Path) -> None:
+    """Replace a checkpoint by one that keeps its keys but carries the payload."""
+    state = torch.load(path, weights_only=True)
+    state["best"] = Payload(marker)
+    torch.save(state, path)
+
+
+def train_tiny(root: Path, cli: Callable) -> tuple[Path, Path]:
+    images, labels = planted_images(
+        8, 64, 32, seed=2, split_of=lambda i: "val" if i >= 6 else "train"
+    )
+    store = make_store(root / "data", images, labels)
+    result = cli("train", "--data", store, "--out", root / "run", *TINY)
+    assert result.code == 0, result.stderr
+    return store, root / "run"
+
+
+@pytest.mark.parametrize("command", ["resume", "eval", "predict"])
+def test_a_payload_checkpoint_is_refused_and_runs_nothing(
+    tmp_path: Path, cli: Callable, command: str
+) -> None:
+    store, run = train_tiny(tmp_path, cli)
+    for name in ("last.pt", "best.pt"):
+        plant(run / "checkpoints" / name, tmp_path / "ran")
+    args = {
+        "resume": ["train", "--data", store, "--out", run, "--resume", *TINY[:2]],
+        "eval": ["eval", run, "--data", store, "--split", "val"],
+        "predict": ["predict", run, store, "--out", tmp_path / "pred", "--split", "val"],
+    }[command]
+    result = cli(*args)
+    assert not (tmp_path / "ran").exists(), "loading the checkpoint ran its payload"
+    assert result.code in (1, 2), result.stderr
+    assert "Traceback" not in result.stderr and "weights_only" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if "refused" in line]
+    assert lines and ".pt" in lines[0] and "Python objects" in lines[0], result.stderr
+
+
+def test_payload_pretrained_weights_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "weights.pt"
+    torch.save({"body.0.weight": torch.zeros(1), "x": Payload(tmp_path / "ran")}, path)
+    with pytest.raises(UsageError, match=r"weights\.pt.*refused") as raised:
+        create_backbone("tiny", pretrained=path)
+    assert "\n" not in str(raised.value)
+    assert not (tmp_path / "ran").exists()
