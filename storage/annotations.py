@@ -257,21 +257,32 @@ def _class_name(props: Any) -> str | None:
 
 
 def _coordinates(geometry: Any) -> list[list[float]]:
-    """Every position of a GeoJSON geometry (any type, nested collections included)."""
+    """Every position of a GeoJSON geometry (any type, nested collections included).
+
+    A position is a list of two or more finite numbers; anything else where a position belongs
+    (a string, a bool, NaN, a lone number) raises ``ValueError`` saying what was found."""
     if not isinstance(geometry, dict):
         return []
     if geometry.get("type") == "GeometryCollection":
         return [p for g in geometry.get("geometries", []) for p in _coordinates(g)]
     out: list[list[float]] = []
 
-    def walk(value: Any) -> None:
-        if isinstance(value, list) and value and all(isinstance(v, int | float) for v in value):
-            out.append([float(value[0]), float(value[1])])
-        elif isinstance(value, list):
-            for v in value:
-                walk(v)
+    def number(v: Any) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
-    walk(geometry.get("coordinates"))
+    def walk(value: Any) -> None:
+        if not isinstance(value, list):
+            raise ValueError(f"coordinate {value!r} is not a list of numbers")
+        if value and not isinstance(value[0], list):
+            if len(value) < 2 or not all(number(v) for v in value):
+                raise ValueError(f"position {value!r} is not two or more finite numbers")
+            out.append([float(value[0]), float(value[1])])
+            return
+        for v in value:
+            walk(v)
+
+    if geometry.get("coordinates") is not None:
+        walk(geometry["coordinates"])
     return out
 
 
@@ -296,7 +307,10 @@ def _features(file: Path, data: Any) -> list[tuple[list[float], str | None, str]
             raise UsageError(f"{file}: {entry} is not a GeoJSON feature")
         if isinstance(feature.get("id"), str | int):
             entry += f" (id {feature['id']})"
-        points = _coordinates(feature.get("geometry"))
+        try:
+            points = _coordinates(feature.get("geometry"))
+        except ValueError as exc:
+            raise UsageError(f"{file}: {entry}: {exc}") from None
         if not points:
             raise UsageError(f"{file}: {entry} has no geometry coordinates")
         xy = np.array(points)

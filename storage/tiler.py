@@ -176,15 +176,22 @@ class ImageResult:
 
 
 class LabelTable:
-    """``source,label[,split]`` rows; ``source`` matches a file name or a path."""
+    """``source,label[,split]`` rows; ``source`` matches a file name or a path.
+
+    Read as spreadsheets write it: a UTF-8 byte-order mark and CRLF line endings are fine, and
+    so are spaces around names and values. The same source listed twice with the same label
+    and split is one row; listed with different ones it is an error naming both lines.
+    """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = str(path)
         self.rows: dict[str, dict[str, str]] = {}
+        first_line: dict[str, int] = {}
         try:
-            with open(path, newline="") as fh:
+            with open(path, newline="", encoding="utf-8-sig") as fh:
                 reader = csv.DictReader(fh)
-                fields = reader.fieldnames or []
+                reader.fieldnames = [f.strip() for f in reader.fieldnames or []]
+                fields = reader.fieldnames
                 if "source" not in fields or "label" not in fields:
                     raise UsageError(
                         f"{path}: labels CSV needs columns 'source' and 'label' (found {fields})"
@@ -196,7 +203,23 @@ class LabelTable:
                     split = (row.get("split") or "").strip()
                     if split and split not in SPLITS:
                         raise UsageError(f"{path}:{line}: split {split!r} is not one of {SPLITS}")
-                    self.rows[source] = {"label": (row.get("label") or "").strip(), "split": split}
+                    entry = {"label": (row.get("label") or "").strip(), "split": split}
+                    if source in self.rows and self.rows[source] != entry:
+                        before = self.rows[source]
+                        raise UsageError(
+                            f"{path}:{line}: {source!r} is listed twice with different values "
+                            f"(line {first_line[source]}: label {before['label']!r}, split "
+                            f"{before['split'] or '-'}; line {line}: label {entry['label']!r}, "
+                            f"split {entry['split'] or '-'}); keep one"
+                        )
+                    first_line.setdefault(source, line)
+                    self.rows[source] = entry
+        except UnicodeDecodeError as exc:
+            raise UsageError(
+                f"{path}: labels CSV is not UTF-8 text (byte {exc.start}); save it as UTF-8 CSV"
+            ) from None
+        except csv.Error as exc:
+            raise UsageError(f"{path}: not a readable CSV ({exc})") from None
         except OSError as exc:
             raise UsageError(f"{path}: cannot read labels CSV: {exc.strerror}") from exc
 
@@ -248,9 +271,10 @@ class MaskSet:
 def _read_classes(path: str | os.PathLike[str]) -> dict[int, str]:
     classes: dict[int, str] = {}
     try:
-        with open(path, newline="") as fh:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
-            fields = reader.fieldnames or []
+            reader.fieldnames = [f.strip() for f in reader.fieldnames or []]
+            fields = reader.fieldnames
             if "value" not in fields or "name" not in fields:
                 raise UsageError(
                     f"{path}: mask classes CSV needs columns 'value' and 'name' (found {fields})"

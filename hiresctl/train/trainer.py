@@ -541,6 +541,8 @@ class Trainer:
         log: Callable[[str], None] = print,
     ) -> None:
         self.out = Path(out)
+        if self.out.exists() and not self.out.is_dir():
+            raise UsageError(f"{self.out}: --out is a file, not a run folder; choose another --out")
         self.resume = resume
         self.world = distributed.init_world(
             "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"

@@ -144,3 +144,26 @@ def test_geojson_in_a_crs_goes_through_the_geotransform(tmp_path: Path) -> None:
                    TileOptions(chunk=64, workers=1), annotations=Annotations.geojson(path))  # fmt: skip
     assert results[0].status == "failed"
     assert "EPSG:4326" in results[0].error and "EPSG:32633" in results[0].error
+
+
+@pytest.mark.parametrize(
+    ("coordinates", "found"),
+    [
+        ([[["10", "20"], [50, 25], [30, 60], ["10", "20"]]], "'10'"),
+        ([[[10, 20], [50, float("nan")], [30, 60], [10, 20]]], "nan"),
+        ([[[10, 20], [50], [30, 60], [10, 20]]], "[50]"),
+        ([[[10, 20], [True, 25], [30, 60], [10, 20]]], "True"),
+        ("10,20", "'10,20'"),
+    ],
+)
+def test_geojson_coordinates_must_be_finite_numbers(
+    tmp_path: Path, coordinates: object, found: str
+) -> None:
+    folder = tmp_path / "geojson"
+    folder.mkdir()
+    feature = {"type": "Feature", "id": "a1", "properties": {},
+               "geometry": {"type": "Polygon", "coordinates": coordinates}}  # fmt: skip
+    (folder / "slide.geojson").write_text(json.dumps([feature]))
+    with pytest.raises(UsageError, match=r"slide\.geojson: features\[0\] \(id a1\): ") as raised:
+        Annotations.geojson(folder)
+    assert found in str(raised.value)

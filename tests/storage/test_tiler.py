@@ -211,6 +211,28 @@ def test_labels_csv_errors_are_usage_errors(tmp_path: Path) -> None:
         LabelTable(bad)
 
 
+def test_labels_csv_as_spreadsheets_write_it(tmp_path: Path) -> None:
+    excel = tmp_path / "excel.csv"
+    excel.write_bytes(b"\xef\xbb\xbfsource , label,split\r\na.tif,1,train\r\nb.tif , 0 ,val\r\n")
+    table = LabelTable(excel)
+    assert table.rows == {"a.tif": {"label": "1", "split": "train"},
+                          "b.tif": {"label": "0", "split": "val"}}  # fmt: skip
+    same = tmp_path / "same.csv"
+    same.write_text("source,label\na.tif,1\na.tif,1\n")
+    assert LabelTable(same).rows == {"a.tif": {"label": "1", "split": ""}}
+    conflict = tmp_path / "conflict.csv"
+    conflict.write_text("source,label\na.tif,0\nb.tif,1\na.tif,1\n")
+    with pytest.raises(
+        UsageError,
+        match=r"conflict\.csv:4: 'a\.tif' is listed twice.*line 2: label '0'.*line 4: label '1'",
+    ):
+        LabelTable(conflict)
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes(b"source,label\nb\xe9.tif,1\n")
+    with pytest.raises(UsageError, match="not UTF-8"):
+        LabelTable(latin)
+
+
 def test_rerun_skips_complete_images_and_retiles_changed_ones(tmp_path: Path) -> None:
     src = _tiff(tmp_path / "a.tif", coord_pixels(100, 100))
     out = tmp_path / "ds.zarr"

@@ -71,3 +71,14 @@ def test_payload_pretrained_weights_are_refused(tmp_path: Path) -> None:
         create_backbone("tiny", pretrained=path)
     assert "\n" not in str(raised.value)
     assert not (tmp_path / "ran").exists()
+
+
+def test_out_that_is_a_file_gets_one_line(tmp_path: Path, cli: Callable) -> None:
+    images, labels = planted_images(4, 64, 32, seed=3)
+    store = make_store(tmp_path / "data", images, labels)
+    out = tmp_path / "notes.txt"
+    out.write_text("keep me")
+    result = cli("train", "--data", store, "--out", out, *TINY)
+    assert result.code == 2, result.stderr
+    assert "notes.txt: --out is a file" in result.stderr and "Traceback" not in result.stderr
+    assert out.read_text() == "keep me"
