@@ -33,6 +33,7 @@ from zarr.codecs.sharding import ShardingCodecIndexLocation
 from zarr.storage import LocalStore
 
 from storage.codecs import JpegCodec, decode_jpeg_chunk, encode_jpeg_chunk
+from storage.errors import StoreError
 
 __all__ = ["DirectChunks", "remove_partial_writes"]
 
@@ -140,11 +141,16 @@ class DirectChunks:
         assert self.per_shard is not None
         count = int(np.prod(self.per_shard))
         size = count * 16 + 4
+        path = self._path(shard)
         try:
-            with open(self._path(shard), "rb") as handle:
+            with open(path, "rb") as handle:
+                total = os.fstat(handle.fileno()).st_size
+                if total < size:
+                    raise StoreError(str(path), f"damaged shard: {total} bytes, shorter than "
+                                     f"its {size}-byte index; retile the image (--overwrite)")  # fmt: skip
                 handle.seek(-size, os.SEEK_END)
                 raw = handle.read(size)
-            index: np.ndarray | None = np.frombuffer(raw[:-4], "<u8").reshape(count, 2)
+            index: np.ndarray | None = _checked_index(raw, count, total - size, path)
         except FileNotFoundError:
             index = None  # shard never written: every chunk is fill
         with self._lock:
@@ -304,6 +310,27 @@ class DirectChunks:
                 del self._decoded[key]
         if fd is not None:
             os.close(fd)
+
+
+def _checked_index(raw: bytes, count: int, data_end: int, path: Path) -> np.ndarray:
+    """A shard index read from untrusted bytes: its CRC32C must match and every chunk it lists
+    must lie inside the file's data, or :class:`StoreError` names the shard. Nothing is sized
+    by the index before this check."""
+    body, stored = raw[:-4], raw[-4:]
+    if np.uint32(google_crc32c.value(body)).astype("<u4").tobytes() != stored:
+        raise StoreError(
+            str(path), "damaged shard: its index checksum does not match (truncated or "
+            "overwritten); retile the image (--overwrite)",
+        )  # fmt: skip
+    index = np.frombuffer(body, "<u8").reshape(count, 2)
+    present = index[:, 0] != _MISSING
+    ends = index[present, 0] + index[present, 1]
+    if present.any() and (int(ends.max()) > data_end or int(index[present, 1].max()) == 0):
+        raise StoreError(
+            str(path), "damaged shard: its index points outside the file; retile the image "
+            "(--overwrite)",
+        )  # fmt: skip
+    return index
 
 
 def remove_partial_writes(folder: str | os.PathLike[str]) -> int:

@@ -38,6 +38,9 @@ __all__ = [
 DEFAULT_MAX_PIXELS = 2**37
 #: Formats without tiles are decoded whole, so they get a much smaller limit.
 MAX_UNTILED_PIXELS = 2**29
+#: A TIFF strip or tile is the smallest unit that can be decoded; one larger than this
+#: (decoded) would have to sit in memory whole: a single-strip scan, or a header that lies.
+MAX_SEGMENT_BYTES = 2**28
 
 # tifffile logs what it can still recover from; our errors name the file and the problem instead
 logging.getLogger("tifffile").setLevel(logging.CRITICAL)
@@ -229,6 +232,7 @@ class TiffReader(SourceReader):
         self._arrays: list[Any] = []
         for i, lvl in enumerate(levels):
             page = lvl.keyframe
+            self._check_segment(page, shapes[i])
             fast = len(lvl.pages) == 1 and (page.planarconfig == 1 or page.samplesperpixel == 1)
             if fast and len(page.chunked) == 3 and page.chunked[2] == 1:
                 self._pages.append(page)
@@ -271,6 +275,21 @@ class TiffReader(SourceReader):
             extra=extra,
         )
         self._lock = threading.Lock()
+
+    def _check_segment(self, page: Any, shape: tuple[int, int]) -> None:
+        """Refuse, from the header alone, a level whose strips or tiles are too large to decode
+        one at a time within :data:`MAX_SEGMENT_BYTES`."""
+        chunk = [int(v) for v in page.chunks]
+        decoded = int(np.prod(chunk)) * np.dtype(page.dtype).itemsize
+        if decoded > MAX_SEGMENT_BYTES:
+            kind = "tile" if page.is_tiled else "strip"
+            raise SourceError(
+                self.path,
+                f"a {shape[0]}x{shape[1]} level stored in {kind}s of {chunk[0]}x{chunk[1]} "
+                f"pixels: one {kind} decodes to {decoded / 2**20:,.0f} MiB, over the "
+                f"{MAX_SEGMENT_BYTES // 2**20} MiB a reader may hold at once; re-save it tiled "
+                "(e.g. `vips tiffsave IN OUT --tile --pyramid`)",
+            )
 
     def _check_truncation(self, series: Any) -> None:
         size = os.path.getsize(self.path)
@@ -439,6 +458,9 @@ class ImageFileReader(SourceReader):
         from PIL import Image
 
         self.path = str(path)
+        # Our own limit below applies (and names --max-pixels); Pillow's own check would refuse
+        # a large header first, with its limit, from Pillow 13 on already at open.
+        Image.MAX_IMAGE_PIXELS = None
         try:
             with Image.open(self.path) as probe:
                 width, height = probe.size

@@ -140,11 +140,21 @@ class Dataset:
             )
         self.format_version = version
         self.meta = meta
+        # Images whose metadata could not be read, one line each; entries() leaves them out.
+        self.problems: list[str] = []
 
     def image_ids(self) -> list[str]:
         if IMAGES not in self.root:
             return []
-        return sorted(self.root[IMAGES].group_keys())  # type: ignore[union-attr]
+        try:
+            return sorted(self.root[IMAGES].group_keys())  # type: ignore[union-attr]
+        except Exception:
+            # One image's zarr.json is damaged: list the image folders (each then fails alone
+            # in entry()); only a local store can be listed without its metadata.
+            folder = Path(self.path) / IMAGES
+            if not folder.is_dir():
+                raise StoreError(f"{self.path}/{IMAGES}", "cannot list the images") from None
+            return sorted(p.name for p in folder.iterdir() if (p / "zarr.json").is_file())
 
     def entry(self, image_id: str) -> ImageEntry:
         group = self.image_group(image_id)
@@ -171,7 +181,15 @@ class Dataset:
         )
 
     def entries(self, split: str | None = None, complete_only: bool = False) -> list[ImageEntry]:
-        rows = [self.entry(i) for i in self.image_ids()]
+        """Every image's entry. A damaged image (unreadable or missing metadata) is left out and
+        named in :attr:`problems`, so the others can still be used."""
+        rows = []
+        for image_id in self.image_ids():
+            try:
+                rows.append(self.entry(image_id))
+            except StoreError as exc:
+                if str(exc) not in self.problems:
+                    self.problems.append(str(exc))
         if complete_only:
             rows = [r for r in rows if r.complete]
         if split is not None:
@@ -183,19 +201,39 @@ class Dataset:
             return self.root[f"{IMAGES}/{image_id}"]  # type: ignore[return-value]
         except KeyError as exc:
             raise StoreError(self.path, f"no image {image_id!r} in this dataset") from exc
+        except Exception as exc:  # a corrupt zarr.json: JSON or metadata errors
+            raise StoreError(
+                f"{self.path}/{IMAGES}/{image_id}/zarr.json",
+                f"damaged image metadata ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
+                "retile the image (--overwrite)",
+            ) from None
+
+    def _member(self, image_id: str, path: str) -> Any:
+        """An array of an image group, or :class:`StoreError` naming it when it is missing or its
+        metadata is damaged."""
+        group = self.image_group(image_id)
+        where = f"{self.path}/{IMAGES}/{image_id}/{path}"
+        try:
+            return group[path]
+        except KeyError:
+            raise StoreError(
+                where, "missing from the store; retile the image (--overwrite)"
+            ) from None
+        except Exception as exc:
+            raise StoreError(
+                where, f"damaged metadata ({type(exc).__name__}); retile the image (--overwrite)"
+            ) from None
 
     def level(self, image_id: str, level: int = 0) -> zarr.Array:
         """The (c, y, x) array of one pyramid level."""
-        return self.image_group(image_id)[str(level)]  # type: ignore[return-value]
+        return self._member(image_id, str(level))
 
     def thumbnail(self, image_id: str) -> np.ndarray:
-        thumb: Any = self.image_group(image_id)[THUMBNAIL]
-        return np.asarray(thumb[...])
+        return np.asarray(self._member(image_id, THUMBNAIL)[...])
 
     def foreground(self, image_id: str) -> np.ndarray:
         """Foreground mask (1, th, tw) at thumbnail resolution; 1 = tissue/object."""
-        mask: Any = self.image_group(image_id)[f"{FOREGROUND}/0"]
-        return np.asarray(mask[...])
+        return np.asarray(self._member(image_id, f"{FOREGROUND}/0")[...])
 
     def mask(self, image_id: str, level: int = 0) -> zarr.Array:
         """The (1, y, x) segmentation mask of one pyramid level (labels by 2x2 mode)."""
@@ -237,6 +275,20 @@ class Dataset:
         xyxy = np.asarray(sub["boxes"][...], dtype=np.float32).reshape(-1, 4)
         labels = np.asarray(sub["labels"][...]).reshape(-1)
         return xyxy, [categories[int(i)] for i in labels]
+
+    def coco_ids(self, image_id: str) -> tuple[Any, dict[str, int]]:
+        """The image's id in the COCO file it was tiled from and that file's category id of each
+        category name, so results can be written in the user's id space; (None, {}) for boxes
+        that came from elsewhere (GeoJSON, synthesized)."""
+        try:
+            sub: Any = self.image_group(image_id)[ANNOTATIONS]
+        except KeyError:
+            return None, {}
+        meta = hires_attrs(sub)
+        ids = meta.get("category_ids")
+        names = meta.get("categories", [])
+        by_name = dict(zip(names, ids, strict=True)) if isinstance(ids, list) else {}
+        return meta.get("file_image_id"), by_name
 
     def box_classes(self) -> list[str]:
         """Category names of the complete images' annotations, in the files' order."""

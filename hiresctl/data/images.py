@@ -41,7 +41,7 @@ def labelled_images(
             problems.append(f"{where}: label {entry.label!r} is not a class of this run; skipped")
         else:
             images.append(LabelledImage(entry.id, index[str(entry.label)]))
-    return images, problems
+    return images, problems + [f"{p}; skipped" for p in dataset.problems]
 
 
 def _annotated_images(
@@ -58,7 +58,7 @@ def _annotated_images(
             problems.append(f"{where}: has no {missing}; skipped")
         else:
             images.append(LabelledImage(entry.id, 0))
-    return images, problems
+    return images, problems + [f"{p}; skipped" for p in dataset.problems]
 
 
 def segmentation_images(

@@ -121,3 +121,24 @@ def test_bad_coco_file_is_one_line_and_exit_2(cli, tmp_path: Path) -> None:
     assert "annotations[0] (id 5): image_id 2 is not in images" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "d").exists()
+
+
+def test_a_second_writer_is_told_who_holds_the_store(cli, tmp_path: Path) -> None:
+    from storage import Dataset
+    from storage.lock import LOCK_NAME, WriterLock
+
+    tifffile.imwrite(tmp_path / "a.tif", coord_pixels(64, 64), photometric="rgb")
+    store = tmp_path / "ds.zarr"
+    with WriterLock(store):  # another `hiresctl tile` is writing this store
+        busy = cli("tile", tmp_path / "a.tif", "--out", store)
+        assert busy.code == 1, busy.stderr
+        assert (
+            "another writer is active" in busy.stderr
+            and f"pid {__import__('os').getpid()}" in busy.stderr
+        )
+        assert "Traceback" not in busy.stderr and len(busy.stderr.strip().splitlines()) == 1
+        assert not (store / "images").exists()  # nothing half-written
+    assert (store / LOCK_NAME).is_file()  # released, the file stays: the next writer takes it
+    done = cli("tile", tmp_path / "a.tif", "--out", store)
+    assert done.code == 0, done.stderr
+    assert [e.id for e in Dataset(store).entries(complete_only=True)] == ["a"]

@@ -119,3 +119,33 @@ def test_whole_shard_writes_read_back_through_zarr(tmp_path: Path, codec: str) -
     # an object with no chunks left is removed, and reads as fill
     direct.write_object((1, 2), {})
     assert (zarr.open_array(str(tmp_path / "a.zarr"), mode="r")[:, 128:, 256:] == 9).all()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "short", "overwritten"])
+def test_a_damaged_shard_is_named_before_anything_is_sized_by_it(
+    tmp_path: Path, damage: str
+) -> None:
+    import tifffile
+
+    from storage import StoreError
+
+    source = tmp_path / "a.tif"
+    tifffile.imwrite(source, coord_pixels(512, 512), photometric="rgb")
+    out = tmp_path / "ds.zarr"
+    tile([SourceSpec((str(source),))], out, TileOptions(chunk=128, block_size=512, workers=1))
+    array = Dataset(out).level("a", 0)
+    shard = next(p for p in (out / "images" / "a" / "0" / "c").rglob("*") if p.is_file())
+    data = shard.read_bytes()
+    if damage == "truncated":  # cut mid-file: the trailing bytes are no longer the index
+        shard.write_bytes(data[: len(data) // 2])
+    elif damage == "short":  # shorter than the index itself
+        shard.write_bytes(data[:10])
+    else:  # the index overwritten with offsets far past the file (would size a huge read)
+        count = 16 * 16 + 4
+        bogus = np.full((16, 2), 2**62, "<u8").tobytes()
+        shard.write_bytes(data[: len(data) - count] + bogus + data[-4:])
+    direct = DirectChunks.open(array)
+    assert direct is not None
+    with pytest.raises(StoreError, match=r"images/a/0/c/.*damaged shard") as raised:
+        direct.read_region(0, 0, 128, 128)
+    assert "\n" not in str(raised.value)

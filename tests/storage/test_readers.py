@@ -194,3 +194,17 @@ def test_pixel_limit_applies_to_tiled_sources(tmp_path: Path) -> None:
     tifffile.imwrite(tmp_path / "a.tif", coord_pixels(100, 100), tile=(32, 32))
     with pytest.raises(SourceError, match="over the limit of 5,000"):
         open_source(tmp_path / "a.tif", max_pixels=5000)
+
+
+def test_single_strip_tiff_is_refused_from_its_header(tmp_path: Path) -> None:
+    """A 20000² image stored as one strip would decode 400 MB at once: refused at open, named,
+    before a byte of pixel data is read (the file is sparse: the header is all that exists)."""
+    path = tmp_path / "strip.tif"
+    tifffile.imwrite(path, shape=(20000, 20000), dtype=np.uint8, rowsperstrip=20000)
+    with pytest.raises(
+        SourceError, match=r"strip\.tif.*strips of 20000x20000.*381 MiB.*re-save it tiled"
+    ):
+        open_source(path)
+    # strips of a few rows are fine: they decode one at a time
+    tifffile.imwrite(tmp_path / "rows.tif", coord_pixels(64, 64), rowsperstrip=8)
+    assert open_source(tmp_path / "rows.tif").info.level_shapes[0] == (64, 64)

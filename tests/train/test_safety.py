@@ -82,3 +82,32 @@ def test_out_that_is_a_file_gets_one_line(tmp_path: Path, cli: Callable) -> None
     assert result.code == 2, result.stderr
     assert "notes.txt: --out is a file" in result.stderr and "Traceback" not in result.stderr
     assert out.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("damage", ["corrupt zarr.json", "deleted foreground"])
+def test_a_damaged_image_is_named_and_the_others_still_train(
+    tmp_path: Path, cli: Callable, damage: str
+) -> None:
+    images, labels = planted_images(
+        6, 64, 32, seed=4, split_of=lambda i: "val" if i >= 4 else "train"
+    )
+    store = make_store(tmp_path / "data", images, labels)
+    group = store / "images" / "im001"
+    if damage == "corrupt zarr.json":
+        (group / "zarr.json").write_text('{"zarr_format": 3, "node_type": "gro')
+    else:
+        import shutil
+
+        shutil.rmtree(group / "labels" / "foreground")
+    info = cli("info", store)
+    if damage == "corrupt zarr.json":
+        assert info.code == 1 and "im001/zarr.json" in info.stderr and "damaged" in info.stderr
+    assert "Traceback" not in info.stderr
+    args = ["--set", "foreground_threshold=0.5"] if damage == "deleted foreground" else []
+    result = cli("train", "--data", store, "--out", tmp_path / "run", *TINY, *args)
+    assert "Traceback" not in result.stderr
+    assert result.code == 1 and "im001" in result.stderr, result.stderr
+    if damage == "corrupt zarr.json":  # skipped; the other images trained
+        assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
+    else:  # found mid-training: one line naming the array, the last good checkpoint kept
+        assert "labels/foreground/0" in result.stderr and "missing" in result.stderr
