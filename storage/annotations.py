@@ -43,6 +43,7 @@ class ImageBoxes:
     size: tuple[float, float] | None = None  # (width, height) the file states, if any
     crs: str | None = None  # set when the coordinates are in a CRS (GeoJSON)
     problem: str | None = None  # a problem of this image's entries (the image fails)
+    file_id: Any = None  # the image's id in the annotation file (COCO ``images[].id``)
 
 
 @dataclass
@@ -52,6 +53,7 @@ class Annotations:
     path: str
     categories: list[str]
     images: dict[str, ImageBoxes] = field(default_factory=dict)  # lower-case key → boxes
+    category_ids: list[int] | None = None  # the file's id of each category (COCO), in order
     kind: str = "coco"
     single: bool = False  # one GeoJSON file given: its boxes are the (one) source's
 
@@ -79,7 +81,7 @@ class Annotations:
             categories[cat["id"]] = len(names)
             names.append(str(cat["name"]))
         by_id: dict[Any, tuple[str, ImageBoxes]] = {}
-        out = cls(where, names)
+        out = cls(where, names, category_ids=list(categories))
         for i, image in enumerate(data["images"]):
             if not isinstance(image, dict) or "id" not in image or not image.get("file_name"):
                 raise UsageError(f"{where}: images[{i}] needs an 'id' and a 'file_name'")
@@ -90,7 +92,9 @@ class Annotations:
                 image.get("height"), int | float
             ):
                 size = (float(image["width"]), float(image["height"]))
-            boxes = ImageBoxes(np.zeros((0, 4)), np.zeros(0, np.int64), [], size)
+            boxes = ImageBoxes(
+                np.zeros((0, 4)), np.zeros(0, np.int64), [], size, file_id=image["id"]
+            )
             key = Path(str(image["file_name"])).name.lower()
             if key in out.images:
                 raise UsageError(

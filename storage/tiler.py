@@ -42,6 +42,7 @@ from storage.annotations import (
 from storage.chunks import DirectChunks, remove_partial_writes
 from storage.codecs import JpegCodec
 from storage.errors import SourceError, StoreError, UsageError
+from storage.lock import WriterLock
 from storage.readers import (
     DEFAULT_MAX_PIXELS,
     MosaicReader,
@@ -756,7 +757,9 @@ def _prepare(
             if boxes is not None:
                 assert annotations is not None
                 assert isinstance(existing, zarr.Group)
-                attrs["boxes"] = _write_boxes(existing, boxes, annotations)
+                attrs["boxes"] = _write_boxes(
+                    existing, boxes, annotations, _file_id(annotations, spec)
+                )
             existing.attrs["hiresctl"] = attrs
             if mask_path is not None and masks is not None and masks.classes:
                 _name_classes(existing, masks.classes)  # names may change without re-tiling
@@ -786,7 +789,7 @@ def _prepare(
     }
     if boxes is not None:
         assert annotations is not None
-        meta["boxes"] = _write_boxes(group, boxes, annotations)
+        meta["boxes"] = _write_boxes(group, boxes, annotations, _file_id(annotations, spec))
     group.attrs["hiresctl"] = meta
     _create_levels(group, plan, options, info.channels, dtype, info.fill_value, codecs)
     if plan.mask is not None:
@@ -820,8 +823,16 @@ def _boxes_for(
     return level0.astype(np.float32), found.labels.astype(np.int32)
 
 
+def _file_id(annotations: Annotations, spec: SourceSpec) -> Any:
+    found = annotations.lookup(spec.name)
+    return found.file_id if found is not None else None
+
+
 def _write_boxes(
-    group: zarr.Group, boxes: tuple[np.ndarray, np.ndarray], annotations: Annotations
+    group: zarr.Group,
+    boxes: tuple[np.ndarray, np.ndarray],
+    annotations: Annotations,
+    file_id: Any = None,
 ) -> dict[str, Any]:
     """Write ``annotations/boxes`` (n, 4: x0, y0, x1, y1 in level-0 pixels) and
     ``annotations/labels`` (n: index into the categories) into an image group."""
@@ -844,6 +855,10 @@ def _write_boxes(
         "count": count,
         "categories": annotations.categories,
     }
+    if annotations.category_ids is not None:  # the COCO file's own ids, for results in them
+        summary["category_ids"] = annotations.category_ids
+    if file_id is not None:
+        summary["file_image_id"] = file_id
     sub.attrs["hiresctl"] = {**summary, "boxes": "x0, y0, x1, y1 in level-0 pixels"}
     return summary
 
@@ -1292,6 +1307,22 @@ def tile(
     options = options or TileOptions()
     options.validate()
     store = str(out)
+    with WriterLock(store):
+        return _tile_locked(
+            sources, store, options, labels, on_result, on_block, masks, annotations
+        )
+
+
+def _tile_locked(
+    sources: Iterable[SourceSpec],
+    store: str,
+    options: TileOptions,
+    labels: LabelTable | None,
+    on_result: Callable[[ImageResult], None] | None,
+    on_block: Callable[[int, int], None] | None,
+    masks: MaskSet | None,
+    annotations: Annotations | None,
+) -> list[ImageResult]:
     root = _open_root(store, options)
     plans: list[_Plan] = []
     taken: set[str] = set()

@@ -16,11 +16,12 @@ fly, with outputs other tools open.
   pixels: ``objectType``, ``classification`` with name and colour, holes kept).
 * ``overlays/<id>.png``: the prediction (or heatmap) drawn over the image's thumbnail.
 * Detection: ``detections.json`` (COCO results: ``image_id`` as in the rows' ``coco_image_id``,
-  ``category_id`` 1..C in the run's class order, ``bbox`` [x, y, w, h] level-0 pixels,
+  the user's own COCO image and category ids where the store was tiled with ``--coco``, else
+  1..N and 1..C in the run's class order, with ``annotations.json`` the matching ground truth; ``bbox`` [x, y, w, h] level-0 pixels,
   ``score``), ``geojson/<id>.geojson`` (QuPath detections: one rectangle per box, class name and
   colour, score as a measurement) and, for georeferenced images, ``geojson/<id>.crs.geojson``
   (the same boxes in the image's CRS through its geotransform, with the 2008 ``crs`` member).
-  Boxes scoring below 0.2 are left out (METHODS.md §4).
+  Boxes scoring below 0.2 are left out (docs/methods.md §4).
 """
 
 from __future__ import annotations
@@ -271,29 +272,34 @@ def box_features(
 
 def detect_images(
     run: Run, dataset: Dataset, entries: list[Any], out: Path, formats: set[str],
-    on_image: Callable[[dict[str, Any]], None] | None,
+    on_image: Callable[[dict[str, Any]], None] | None, score_threshold: float | None = None,
 ) -> list[dict[str, Any]]:  # fmt: skip
-    """Boxes of each image (batch by batch), written as COCO results, GeoJSON and overlays."""
+    """Boxes of each image (batch by batch), written as COCO results, GeoJSON and overlays;
+    boxes below ``score_threshold`` (default 0.2; 0.05 is what COCO evaluation keeps) are left
+    out."""
     from hiresctl.train.detection import PREDICT_SCORE_THRESHOLD
+
+    threshold = PREDICT_SCORE_THRESHOLD if score_threshold is None else score_threshold
 
     rows: list[dict[str, Any]] = []
     results: list[dict[str, Any]] = []
+    ids = CocoIds(dataset, entries, run.classes)
     size = run.recipe.batch_size
     for start in range(0, len(entries), size):
         batch = entries[start : start + size]
         found, stats = predict_detections(run, [LabelledImage(e.id, 0) for e in batch])
         for entry, d in zip(batch, found, strict=True):
-            keep = d["scores"] >= PREDICT_SCORE_THRESHOLD
+            keep = d["scores"] >= threshold
             boxes = d["boxes"][keep].numpy()
             scores, labels = d["scores"][keep].numpy(), d["labels"][keep].numpy()
-            number = len(rows) + 1
+            number = ids.image[entry.id]
             counts = np.bincount(labels, minlength=len(run.classes))
             row: dict[str, Any] = {"id": entry.id, "source": entry.source, "coco_image_id": number,
                                    "detections": len(boxes)}  # fmt: skip
             row.update({f"n_{name}": int(c) for name, c in zip(run.classes, counts, strict=True)})
             for box, score, label in zip(boxes.tolist(), scores.tolist(), labels.tolist(),
                                          strict=True):  # fmt: skip
-                results.append({"image_id": number, "category_id": int(label) + 1,
+                results.append({"image_id": number, "category_id": ids.category[int(label)],
                                 "bbox": [round(box[0], 2), round(box[1], 2),
                                          round(box[2] - box[0], 2), round(box[3] - box[1], 2)],
                                 "score": round(float(score), 5)})  # fmt: skip
@@ -327,7 +333,62 @@ def detect_images(
                 on_image(row)
     if "coco" in formats:
         (out / "detections.json").write_text(json.dumps(results))
+        truth = ids.ground_truth()
+        if truth["annotations"] or any(dataset.has_boxes(e.id) for e in entries):
+            (out / "annotations.json").write_text(json.dumps(truth))
     return rows
+
+
+class CocoIds:
+    """The COCO ids predictions are written in: the user's own where the store was tiled from a
+    COCO file (its ``images[].id`` and ``categories[].id``), else image ids 1..N in order and
+    category ids 1..C in the run's class order. :meth:`ground_truth` is the store's boxes in the
+    same ids, so ``COCO(annotations.json).loadRes(detections.json)`` scores the pair directly
+    (and with a COCO file, the user's own file scores it the same way)."""
+
+    def __init__(self, dataset: Dataset, entries: list[Any], classes: list[str]) -> None:
+        self.dataset, self.entries, self.classes = dataset, entries, classes
+        found = {e.id: dataset.coco_ids(e.id) for e in entries}
+        names: dict[str, int] = {}
+        for _, by_name in found.values():
+            names.update(by_name)
+        self.category = [names.get(name, i + 1) for i, name in enumerate(classes)]
+        if len(set(self.category)) < len(self.category):  # ids that collide: use our own
+            self.category = list(range(1, len(classes) + 1))
+        used = {file_id for file_id, _ in found.values() if file_id is not None}
+        self.image: dict[str, Any] = {}
+        free = 1
+        for entry in entries:
+            file_id = found[entry.id][0]
+            if file_id is None:
+                while free in used:
+                    free += 1
+                file_id = free
+                used.add(free)
+            self.image[entry.id] = file_id
+
+    def ground_truth(self) -> dict[str, Any]:
+        images: list[dict[str, Any]] = []
+        annotations: list[dict[str, Any]] = []
+        index = {name: i for i, name in enumerate(self.classes)}
+        for entry in self.entries:
+            number = self.image[entry.id]
+            images.append({"id": number, "file_name": Path(str(entry.source)).name,
+                           "height": int(entry.shape[1]), "width": int(entry.shape[2])})  # fmt: skip
+            if not self.dataset.has_boxes(entry.id):
+                continue
+            boxes, names = self.dataset.boxes(entry.id)
+            for box, name in zip(boxes.tolist(), names, strict=True):
+                if name not in index:
+                    continue
+                w, h = box[2] - box[0], box[3] - box[1]
+                annotations.append({"id": len(annotations) + 1, "image_id": number,
+                                    "category_id": self.category[index[name]],
+                                    "bbox": [box[0], box[1], w, h], "area": w * h, "iscrowd": 0})  # fmt: skip
+        categories = [
+            {"id": c, "name": n} for c, n in zip(self.category, self.classes, strict=True)
+        ]
+        return {"images": images, "annotations": annotations, "categories": categories}
 
 
 # -------------------------------------------------------------------------- segmentation
@@ -445,6 +506,7 @@ def predict(
     probabilities: bool = False,
     tile_options: Any = None,
     on_image: Callable[[dict[str, Any]], None] | None = None,
+    score_threshold: float | None = None,
 ) -> PredictResult:
     """Apply a run to one dataset store (``inputs == [store]``) or to source files, tiled into a
     temporary store first (bad sources are named in ``problems``; the others are predicted)."""
@@ -495,7 +557,7 @@ def predict(
             entries = [e for e in dataset.entries(split=split) if e.complete]
             if not entries and not problems:
                 raise StoreError(dataset.path, "no completely tiled images to predict")
-            rows = detect_images(run, dataset, entries, folder, wanted, on_image)
+            rows = detect_images(run, dataset, entries, folder, wanted, on_image, score_threshold)
         else:
             dataset = Dataset(data)
             torch_device = resolve_device(device)

@@ -283,7 +283,7 @@ def test_predict_writes_coco_results_and_qupath_rectangles(
         assert (tmp_path / "out" / "overlays" / f"{row['id']}.png").is_file()
     only = predict(tmp_path / "run", [str(objects_store)], tmp_path / "only", split="test",
                    device="cpu", formats=["coco"])  # fmt: skip
-    assert sorted(p.name for p in only.out.iterdir()) == ["detections.json"]
+    assert sorted(p.name for p in only.out.iterdir()) == ["annotations.json", "detections.json"]
     with pytest.raises(UsageError, match="a det run writes coco, geojson"):
         predict(tmp_path / "run", [str(objects_store)], tmp_path / "bad", formats=["ngff"])
 
@@ -326,3 +326,48 @@ def test_chunked_matching_and_recomputed_head_change_nothing_but_memory() -> Non
     whole = match_anchors(anchors[0], boxes, counts, 1.5, chunk=10**9)
     assert (whole >= 0).sum() > 40  # most boxes found points
     assert torch.equal(match_anchors(anchors[0], boxes, counts, 1.5, chunk=7), whole)
+
+
+def test_coco_round_trip_in_the_users_own_ids(tmp_path: Path, cli) -> None:  # type: ignore[no-untyped-def]
+    """The user's COCO file has image ids 101, 108, … and category ids 7 (red) and 3 (green):
+    predict writes detections.json in those ids, and pycocotools scores it against the user's
+    own file with the AP `hiresctl eval` reports for the same images."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    images, labels, coco = planted_objects(
+        12, 192, seed=5, split_of=lambda i: "train" if i < 8 else "test"
+    )
+    remap = {1: 7, 2: 3}
+    for image in coco["images"]:  # type: ignore[union-attr]
+        image["id"] = 101 + 7 * (image["id"] - 1)
+    for ann in coco["annotations"]:  # type: ignore[union-attr]
+        ann["image_id"] = 101 + 7 * (ann["image_id"] - 1)
+        ann["category_id"] = remap[ann["category_id"]]
+    coco["categories"] = [{"id": 3, "name": "green"}, {"id": 7, "name": "red"}]
+    store = make_store(tmp_path, images, labels, chunk=64, coco=coco)
+    user_file = tmp_path / "user.json"
+    user_file.write_text(json.dumps(coco))
+    Trainer(store, tmp_path / "run", _recipe(epochs=4, val_split="none")).fit()
+    reported = evaluate(tmp_path / "run", store, "test", "cpu")["metrics"]
+    result = cli("predict", tmp_path / "run", store, "--out", tmp_path / "pred", "--split", "test",
+                 "--score-threshold", "0.05", "--format", "coco")  # fmt: skip
+    assert result.code == 0, result.stderr
+    found = json.loads((tmp_path / "pred" / "detections.json").read_text())
+    test_ids = {101 + 7 * i for i in range(8, 12)}
+    assert found and {d["image_id"] for d in found} <= test_ids
+    assert {d["category_id"] for d in found} <= {3, 7}
+    with contextlib.redirect_stdout(io.StringIO()):
+        truth = COCO(str(user_file))
+        evaluation = COCOeval(truth, truth.loadRes(found), "bbox")
+        evaluation.params.imgIds = sorted(test_ids)
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+    assert reported["ap50"] > 0  # a vacuous all-zero agreement would prove nothing
+    assert abs(evaluation.stats[0] - reported["ap"]) <= 0.01
+    assert abs(evaluation.stats[1] - reported["ap50"]) <= 0.01
+    # the matching ground truth, in the same ids, scores the pair the same way
+    own = json.loads((tmp_path / "pred" / "annotations.json").read_text())
+    assert {im["id"] for im in own["images"]} == test_ids
+    assert {c["id"]: c["name"] for c in own["categories"]} == {7: "red", 3: "green"}
