@@ -281,8 +281,13 @@ def info(
 
     ds = Dataset(dataset)
     summary = ds.summary()
+    summary["damaged"] = ds.problems
+    for problem in ds.problems:
+        err.print(f"[bold red]damaged[/] {problem}", highlight=False, soft_wrap=True)
     if as_json:
         typer.echo(json.dumps(summary))
+        if ds.problems:
+            raise typer.Exit(1)
         return
     table = Table(title=f"{dataset} (format {ds.format_version})")
     for col in ("id", "shape (c,y,x)", "levels", "mpp", "label", "split", "status"):
@@ -294,6 +299,8 @@ def info(
             row["status"] if row["status"] == "complete" else f"[yellow]{row['status']}[/]",
         )  # fmt: skip
     Console().print(table)
+    if ds.problems:
+        raise typer.Exit(1)
 
 
 # ------------------------------------------------------------------------------------- train
@@ -535,6 +542,13 @@ def predict(
         float | None, typer.Option(help="Sources: their pixel size, where files lack it.")
     ] = None,
     checkpoint: Annotated[str, typer.Option(help="best or last.")] = "best",
+    score_threshold: Annotated[
+        float | None,
+        typer.Option(
+            help="Detection: drop boxes scoring below this (default 0.2; 0.05 to "
+            "score detections.json with COCOeval as `hiresctl eval` does)."
+        ),
+    ] = None,
     device: Annotated[
         DeviceChoice, typer.Option(help="auto picks CUDA when present.")
     ] = DeviceChoice.auto,
@@ -572,7 +586,7 @@ def predict(
 
     result = run_predict(
         run, paths, out, split, device.value, checkpoint, chosen or None, probabilities,
-        TileOptions(mpp=mpp, source_mpp=source_mpp), on_image,
+        TileOptions(mpp=mpp, source_mpp=source_mpp), on_image, score_threshold,
     )  # fmt: skip
     for problem in result.problems:
         err.print(f"[bold red]failed[/] {problem}", highlight=False, soft_wrap=True)
