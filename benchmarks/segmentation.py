@@ -5,7 +5,7 @@
 Data: `hiresctl synth seg-vessels` (DRIVE-like: branching vessels tapering to one pixel over a
 textured fundus), tiled with its masks. Every method trains the same U-Net (`unet-tiny` on CPU),
 patch size, epochs, lr and seed on the same store; `hiresctl eval` scores the test split at full
-resolution against the full-resolution masks (per-image metrics averaged over images, METHODS.md
+resolution against the full-resolution masks (per-image metrics averaged over images, docs/methods.md
 §8). Results replace the "segmentation" section of BENCHMARKS.md.
 """
 

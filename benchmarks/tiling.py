@@ -1,4 +1,4 @@
-"""Tiling benchmarks T1-T3 of PERFORMANCE.md, side by side in one run.
+"""Tiling benchmarks T1-T3 with their targets (BENCHMARKS.md), side by side in one run.
 
     python benchmarks/tiling.py [--side 16384] [--big-side 40960] [--repeats 3]
 
@@ -268,7 +268,7 @@ def jpeg_colour_note(vips_output: Path, source: Path) -> str:
 
 
 def verdict(row: str, t_h: float, t_p: float, m_h: float, rows) -> str:
-    """Whether a row meets its PERFORMANCE.md target, from the measured numbers."""
+    """Whether a row meets its BENCHMARKS.md target, from the measured numbers."""
     if row == "T1":
         return "≤ 1.0× vips: **met**" if t_h <= t_p else "≤ 1.0× vips: **not met**"
     if row == "T2":

@@ -1,4 +1,4 @@
-"""Patch-streaming and training benchmarks S1, S2, M1, L1 of PERFORMANCE.md, side by side.
+"""Patch-streaming and training benchmarks S1, S2, M1, L1 with their targets (BENCHMARKS.md), side by side.
 
     python benchmarks/training.py [--rows S1,M1,L1] [--repeats 3] [--reads 400]
 

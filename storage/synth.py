@@ -156,9 +156,20 @@ def _digits_with_sum(rng: np.random.Generator, n: int, target: int) -> list[int]
 
 
 def megapixel_mnist(
-    out: Path, count: int, size: int, seed: int, task: str = "majority", noise: int = 50, **_: Any
+    out: Path,
+    count: int,
+    size: int,
+    seed: int,
+    task: str = "majority",
+    noise: int | None = None,
+    **_: Any,
 ) -> list[dict[str, Any]]:
     """Megapixel MNIST: 5 digits (3 of the target class, 2 others) over line-scribble noise.
+
+    ``noise`` scribbles (three joined lines each) lie under the digits: 50 on the 1500² canvas
+    of the IPS paper and in proportion to the side elsewhere (``50 · size / 1500``), because a
+    line's share of the canvas falls with the side: at a fixed 50, a 256² canvas is covered
+    about six times as densely as the paper's.
 
     Labels for every task are kept in synth.json; ``task`` chooses the CSV label:
     ``majority`` (the class present 3 times), ``max`` (largest digit), ``top`` (the digit
@@ -171,6 +182,8 @@ def megapixel_mnist(
 
     rng = np.random.default_rng(seed)
     side = max(8, round(28 * size / 1500 * 2))
+    if noise is None:
+        noise = max(1, round(50 * size / 1500))
     pools = {"train": _Digits.load("train"), "held-out": _Digits.load("held-out")}
     rows = []
     for index, split in enumerate(_splits(count)):

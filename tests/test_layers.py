@@ -1,4 +1,4 @@
-"""Imports point only downward (DESIGN.md): checked on the source, not by convention."""
+"""Imports point only downward (docs/design.md): checked on the source, not by convention."""
 
 from __future__ import annotations
 

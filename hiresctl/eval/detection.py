@@ -1,4 +1,4 @@
-"""Evaluate a detection run: COCO AP by pycocotools on the store's boxes (METHODS.md §4, §8).
+"""Evaluate a detection run: COCO AP by pycocotools on the store's boxes (docs/methods.md §4, §8).
 
 Besides the metrics, the run folder gets the two files pycocotools read, so anyone can check
 the numbers or compute others: ``detections-<split>.json`` (COCO results) and

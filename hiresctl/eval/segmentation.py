@@ -1,5 +1,5 @@
 """Evaluate a segmentation run: full-resolution predictions against full-resolution masks, both
-streamed tile by tile from the store (METHODS.md §8)."""
+streamed tile by tile from the store (docs/methods.md §8)."""
 
 from __future__ import annotations
 

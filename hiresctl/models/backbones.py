@@ -14,19 +14,30 @@ import torch
 import torchvision
 from torch import nn
 
-from storage import UsageError
+from hiresctl.models.files import safe_torch_load
+from storage import StoreError, UsageError
+
+POOLS = ("avg", "max")
 
 
 class Backbone(nn.Module):
-    """A feature extractor with ``num_features`` pooled outputs."""
+    """A feature extractor with ``num_features`` pooled outputs.
+
+    ``pool`` is how the spatial map becomes one vector: ``avg`` (what ImageNet networks were
+    trained with) or ``max``, which keeps the answer of the strongest location and so does not
+    dilute a small object by the empty area around it.
+    """
 
     num_features: int
 
-    def __init__(self, body: nn.Module, num_features: int) -> None:
+    def __init__(self, body: nn.Module, num_features: int, pool: str = "avg") -> None:
         super().__init__()
+        if pool not in POOLS:
+            raise UsageError(f"unknown pooling {pool!r}; valid: {', '.join(POOLS)}")
         self.body = body
         self.num_features = num_features
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pooling = pool
+        self.pool: nn.Module = nn.AdaptiveMaxPool2d(1) if pool == "max" else nn.AdaptiveAvgPool2d(1)
 
     def forward_maps(self, x: torch.Tensor) -> torch.Tensor:
         """(B, F, h', w') spatial features."""
@@ -40,18 +51,37 @@ class Backbone(nn.Module):
         return self.forward_features(x)
 
 
-def _tiny() -> Backbone:
-    """A four-conv CNN (about 30k parameters) so tests and the demo train on a CPU in seconds."""
+def _conv_pool_stack(widths: tuple[int, ...]) -> nn.Sequential:
+    """3×3 conv → BatchNorm → ReLU per width, a 2×2 max-pool between consecutive ones.
 
-    def block(cin: int, cout: int) -> list[nn.Module]:
-        return [
-            nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False),
-            nn.BatchNorm2d(cout),
+    The first conv runs at full resolution, so strokes a few pixels wide survive it (a stride-2
+    first layer halves a 10-pixel digit before anything has looked at it)."""
+    layers: list[nn.Module] = []
+    cin = 3
+    for i, width in enumerate(widths):
+        layers += [
+            nn.Conv2d(cin, width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(width),
             nn.ReLU(inplace=True),
         ]
+        if i < len(widths) - 1:
+            layers.append(nn.MaxPool2d(2))
+        cin = width
+    return nn.Sequential(*layers)
 
-    body = nn.Sequential(*block(3, 16), *block(16, 32), *block(32, 48), *block(48, 64))
-    return Backbone(body, 64)
+
+def _tiny() -> Backbone:
+    """Four 3×3 convs (16–64 wide, about 46k parameters) with max-pooling and a global max-pool:
+    small enough that tests and the demo train on a CPU in seconds, able to find objects of a
+    few pixels (an earlier all-stride-2, average-pooled version could not)."""
+    return Backbone(_conv_pool_stack((16, 32, 48, 64)), 64, pool="max")
+
+
+def _cnn5() -> Backbone:
+    """Five 3×3 convs (32–128 wide, about 0.3M parameters) with max-pooling and a global
+    max-pool: the plain CNN one writes first for small objects on a large canvas; the learning
+    benchmark's bare-PyTorch reference is this network."""
+    return Backbone(_conv_pool_stack((32, 64, 64, 128, 128)), 128, pool="max")
 
 
 def _resnet(name: str) -> Callable[[], Backbone]:
@@ -74,6 +104,7 @@ BACKBONES: dict[str, Callable[[], Backbone]] = {
     "resnet34": _resnet("resnet34"),
     "resnet50": _resnet("resnet50"),
     "mobilenet_v2": _mobilenet_v2,
+    "cnn5": _cnn5,
 }
 
 
@@ -98,9 +129,9 @@ def load_weights(body: nn.Module, path: str | Path) -> None:
     if not path.is_file():
         raise UsageError(f"{path}: pretrained weights not found (give a local .pt/.pth file)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UsageError(f"{path}: not a readable torch state dict ({exc})") from exc
+        state = safe_torch_load(path, "pretrained weights")
+    except StoreError as exc:
+        raise UsageError(str(exc)) from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

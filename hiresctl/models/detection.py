@@ -1,4 +1,4 @@
-"""FCOS on patches with stitched feature maps and a fused global patch (METHODS.md §4).
+"""FCOS on patches with stitched feature maps and a fused global patch (docs/methods.md §4).
 
 Built from torchvision's FCOS parts: the anchor-point generator, the FCOS head (classification,
 box regression, centerness), its target matching (center sampling radius 1.5, scale ranges per

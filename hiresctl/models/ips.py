@@ -1,4 +1,4 @@
-"""Iterative Patch Selection parts: the cross-attention aggregator and its scorer (METHODS.md §3)."""
+"""Iterative Patch Selection parts: the cross-attention aggregator and its scorer (docs/methods.md §3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""PatchGD parts: the patch encoder, the latent head and global-patch fusion (METHODS.md §1–2)."""
+"""PatchGD parts: the patch encoder, the latent head and global-patch fusion (docs/methods.md §1–2)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from hiresctl.models.backbones import Backbone
 from storage import UsageError
 
 FUSIONS = ("add", "concat")
+HEAD_POOLS = ("max", "avg", "avgmax")
 
 
 class PatchEncoder(nn.Module):
@@ -46,27 +47,51 @@ def _head_block(cin: int, cout: int, stride: int, dropout: float) -> nn.Sequenti
     )
 
 
-class PatchGDHead(nn.Module):
-    """θ2: [Conv3×3 → ReLU → BN → Dropout2d] at stride 1, three more at stride 2, pool, Linear.
+class GlobalPool(nn.Module):
+    """(B, C, h, w) → (B, C) by ``max``, ``avg``, or both side by side (``avgmax``, 2C)."""
 
-    Global pooling (not a flatten) so one head serves any grid size.
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        if mode not in HEAD_POOLS:
+            raise UsageError(f"unknown head pooling {mode!r}; valid: {', '.join(HEAD_POOLS)}")
+        self.mode = mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "max":
+            return x.amax(dim=(2, 3))
+        if self.mode == "avg":
+            return x.mean(dim=(2, 3))
+        return torch.cat([x.mean(dim=(2, 3)), x.amax(dim=(2, 3))], dim=1)
+
+
+class PatchGDHead(nn.Module):
+    """θ2 over the latent grid; any grid size (global pooling, never a flatten).
+
+    ``pool="avg"`` (the default) is the PatchGD paper's head: [Conv3×3 → ReLU → BN →
+    Dropout2d] at stride 1, three more at stride 2, a global average, a Linear. ``max`` keeps the
+    stride-1 block, then takes the maximum over the whole grid (multiple-instance style: one cell
+    can decide); ``avgmax`` concatenates the grid's average and maximum after that block.
     """
 
     def __init__(
-        self, in_dim: int, num_classes: int, width: int = 256, dropout: float = 0.2
+        self,
+        in_dim: int,
+        num_classes: int,
+        width: int = 256,
+        dropout: float = 0.2,
+        pool: str = "avg",
     ) -> None:
         super().__init__()
+        strided = 3 if pool == "avg" else 0
         self.blocks = nn.Sequential(
             _head_block(in_dim, width, 1, dropout),
-            _head_block(width, width, 2, dropout),
-            _head_block(width, width, 2, dropout),
-            _head_block(width, width, 2, dropout),
+            *(_head_block(width, width, 2, dropout) for _ in range(strided)),
         )
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Linear(width, num_classes)
+        self.pool = GlobalPool(pool)
+        self.classifier = nn.Linear(2 * width if pool == "avgmax" else width, num_classes)
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.pool(self.blocks(latent)).flatten(1))
+        return self.classifier(self.pool(self.blocks(latent)))
 
 
 class PatchGDClassifier(nn.Module):
@@ -86,6 +111,7 @@ class PatchGDClassifier(nn.Module):
         dropout: float = 0.2,
         use_global: bool = True,
         fusion: str = "add",
+        head_pool: str = "avg",
     ) -> None:
         super().__init__()
         if fusion not in FUSIONS:
@@ -94,7 +120,7 @@ class PatchGDClassifier(nn.Module):
         self.use_global = use_global
         self.fusion = fusion
         in_dim = 2 * latent_dim if use_global and fusion == "concat" else latent_dim
-        self.head = PatchGDHead(in_dim, num_classes, head_width, dropout)
+        self.head = PatchGDHead(in_dim, num_classes, head_width, dropout, head_pool)
 
     @property
     def latent_dim(self) -> int:

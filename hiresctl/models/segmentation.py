@@ -1,4 +1,4 @@
-"""Segmentation models (METHODS.md §5): θ1 networks with an 8-channel output, the 1×1 θ2 fusion,
+"""Segmentation models (docs/methods.md §5): θ1 networks with an 8-channel output, the 1×1 θ2 fusion,
 and the global branch's upsampling, region by region.
 
 θ1 maps (B, 3, p, p) to (B, ``latent_dim``, p, p) at full resolution: a U-Net (``unet``,

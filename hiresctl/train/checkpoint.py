@@ -7,9 +7,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-from hiresctl.models.files import safe_torch_load
+from hiresctl.models.files import one_line, safe_torch_load
+from hiresctl.train.recipe import Recipe, valid_keys
 from storage import StoreError
+
+# Recipe keys added after runs were already being saved, with the value those runs computed
+# with, so a checkpoint written before a key existed keeps meaning what it meant.
+OLDER_DEFAULTS: dict[str, object] = {}
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -41,3 +47,27 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if not isinstance(state, dict) or "model" not in state or "recipe" not in state:
         raise StoreError(str(path), "not a hiresctl checkpoint")
     return state
+
+
+def checkpoint_recipe(state: dict[str, Any], path: Path) -> Recipe:
+    """The recipe a checkpoint was trained with; keys it predates get :data:`OLDER_DEFAULTS`."""
+    saved = dict(state["recipe"])
+    unknown = sorted(set(saved) - set(valid_keys()))
+    if unknown:
+        raise StoreError(
+            str(path), f"written by a newer hiresctl (unknown recipe keys {', '.join(unknown)})"
+        )
+    return Recipe(**{**OLDER_DEFAULTS, **saved})
+
+
+def load_weights_into(model: nn.Module, state: dict[str, Any], path: Path) -> None:
+    """``model.load_state_dict`` with one line naming ``path`` when the layers do not match
+    (a checkpoint of an older network definition, or of another architecture)."""
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, KeyError, TypeError) as exc:
+        raise StoreError(
+            str(path),
+            "its weights do not fit the network its recipe builds (written by another "
+            f"hiresctl version?): {one_line(exc)[:200]}; retrain, or evaluate with that version",
+        ) from None

@@ -1,4 +1,4 @@
-"""Detection (METHODS.md §4): FCOS trained on patches, one loop and one checkpoint format with
+"""Detection (docs/methods.md §4): FCOS trained on patches, one loop and one checkpoint format with
 classification and segmentation, and COCO metrics by pycocotools.
 
 Methods, all on :class:`hiresctl.models.PatchFCOS`:
@@ -34,7 +34,7 @@ from hiresctl.train.methods import BatchOutput, Method, PatchGD, Reads, StepCont
 from hiresctl.train.recipe import Recipe
 from storage import UsageError
 
-EVAL_SCORE_THRESHOLD = 0.05  # METHODS.md §4: for mAP evaluation (0.2 when predicting)
+EVAL_SCORE_THRESHOLD = 0.05  # docs/methods.md §4: for mAP evaluation (0.2 when predicting)
 PREDICT_SCORE_THRESHOLD = 0.2
 NMS_THRESHOLD = 0.6
 MIN_VISIBLE = 0.5  # sliced training: a box cut by its window counts if this much of it is inside

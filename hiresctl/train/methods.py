@@ -1,4 +1,4 @@
-"""The training methods: what one image batch reads and computes (METHODS.md §1–3, §6).
+"""The training methods: what one image batch reads and computes (docs/methods.md §1–3, §6).
 
 A method plans the reads of an image batch (so the DataLoader can read ahead), then consumes
 the pixels in the same order. The shared loop (``trainer.py``) owns the optimizer, schedule,
@@ -208,6 +208,7 @@ class PatchGD(Method):
             dropout=r.dropout,
             use_global=self.use_global,
             fusion=r.fusion,
+            head_pool=r.head_pool,
         )
 
     def patches_per_step(self, count: int) -> int:

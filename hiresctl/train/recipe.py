@@ -34,7 +34,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 @dataclass(frozen=True)
 class Recipe:
-    """All settings of a training run. Paper symbols in brackets (METHODS.md)."""
+    """All settings of a training run. Paper symbols in brackets (docs/methods.md)."""
 
     task: str = "cls"
     method: str = "patchgd-global"
@@ -56,6 +56,9 @@ class Recipe:
     head_width: int = 256
     dropout: float = 0.2
     fusion: str = "add"  # patchgd-global: add | concat
+    # PatchGD head: avg (the paper's: a stride-1 block, three at stride 2, the average) | max (the
+    # stride-1 block, then the grid's maximum) | avgmax (both poolings after it, concatenated)
+    head_pool: str = "avg"
     # detection (FCOS): latent_dim is the FPN's channels
     head_convs: int = 4  # conv layers of each FCOS head branch
     max_detections: int = 100  # per image, after NMS (COCO evaluation's maxDets too)
@@ -102,7 +105,7 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
-# Per task defaults (METHODS.md §5, §7): segmentation's θ1 is a U-Net with 8 output channels,
+# Per task defaults (docs/methods.md §5, §7): segmentation's θ1 is a U-Net with 8 output channels,
 # its inner loop J=4, k=4, accumulation 2, lr 1e-4 (the seed paper's DRIVE setting).
 _TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     # detection (§4, §7): ResNet+FPN FCOS on 512-pixel patches, GroupNorm (no head BatchNorm
@@ -126,7 +129,7 @@ _TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     },
 }
 
-# Per task × method defaults, from the papers (METHODS.md §3, §7).
+# Per task × method defaults, from the papers (docs/methods.md §3, §7).
 _DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     ("cls", "ips"): {  # patch 50 is the Megapixel MNIST setting: see its recipe
         "latent_dim": 128,
@@ -145,6 +148,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "schedule": SCHEDULES,
     "precision": PRECISIONS,
     "fusion": ("add", "concat"),
+    "head_pool": ("max", "avg", "avgmax"),
     "fill_mode": ("train", "eval"),
     "positional": ("none", "1d", "2d"),
     "augment": AUGMENTATIONS,

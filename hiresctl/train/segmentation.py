@@ -1,4 +1,4 @@
-"""Segmentation (METHODS.md §5): the trainers' methods, the loss, whole-image prediction tile by
+"""Segmentation (docs/methods.md §5): the trainers' methods, the loss, whole-image prediction tile by
 tile, and the metrics of §8.
 
 Every method predicts an image as a sequence of tiles ``(y, x, logits)`` in level-0 pixels of the
@@ -76,7 +76,7 @@ def _ratio(num: float, den: float) -> float:
 
 
 def binary_image_metrics(matrix: np.ndarray) -> dict[str, float]:
-    """METHODS.md §8 from one image's 2×2 confusion (class 1 positive); undefined values NaN."""
+    """docs/methods.md §8 from one image's 2×2 confusion (class 1 positive); undefined values NaN."""
     tn, fp, fn, tp = (float(v) for v in matrix.ravel())
     tpr, tnr = _ratio(tp, tp + fn), _ratio(tn, tn + fp)
     fpr, fnr = _ratio(fp, fp + tn), _ratio(fn, fn + tp)

@@ -35,7 +35,12 @@ from hiresctl.data import (
     segmentation_images,
 )
 from hiresctl.train import distributed
-from hiresctl.train.checkpoint import atomic_save, load_checkpoint
+from hiresctl.train.checkpoint import (
+    atomic_save,
+    checkpoint_recipe,
+    load_checkpoint,
+    load_weights_into,
+)
 from hiresctl.train.memory import (
     MemoryPlan,
     PeakMemory,
@@ -560,7 +565,7 @@ class Trainer:
                     f"{self.out}: nothing to resume (no {CHECKPOINTS}/{LAST}); drop --resume"
                 )
             self.checkpoint = load_checkpoint(last)
-            saved = Recipe(**self.checkpoint["recipe"])
+            saved = checkpoint_recipe(self.checkpoint, last)
             changed = {
                 k: v
                 for k, v in recipe.to_dict().items()
@@ -583,6 +588,7 @@ class Trainer:
         require_images(self.train_images, self.dataset, recipe.train_split)
         self.val_images, val_problems = select(self.dataset, recipe.val_split, classes)
         self.problems += val_problems
+        self.problems = list(dict.fromkeys(self.problems))  # a damaged image is named once
         self.monitor = {"seg": monitor_key(len(classes)), "det": "ap"}.get(recipe.task, "accuracy")
         self.run = build_run(recipe, self.dataset, classes, self.device, self.world, mask_values)
         self.memory_plan: MemoryPlan | None = None
@@ -647,7 +653,7 @@ class Trainer:
         scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
         start_epoch, start_batch, global_step, best = 0, 0, 0, None
         if self.checkpoint is not None:
-            model.load_state_dict(self.checkpoint["model"])
+            load_weights_into(model, self.checkpoint, self.out / CHECKPOINTS / LAST)
             # The scheduler exists already, so loading the optimizer restores the lr it had.
             optimizer.load_state_dict(self.checkpoint["optimizer"])
             scheduler.load_state_dict(self.checkpoint["scheduler"])
@@ -867,10 +873,10 @@ def load_run(
             str(folder), "no checkpoint in this run folder (did `hiresctl train` finish an epoch?)"
         )
     state = load_checkpoint(path)
-    recipe = Recipe(**state["recipe"]).replace(pretrained=None)
+    recipe = checkpoint_recipe(state, path).replace(pretrained=None)
     run = build_run(recipe, dataset, list(state["classes"]), device,
                     mask_values=state.get("mask_values"))  # fmt: skip
-    run.model.load_state_dict(state["model"])
+    load_weights_into(run.model, state, path)
     run.model.eval()
     return run
 

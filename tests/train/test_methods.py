@@ -1,4 +1,4 @@
-"""The trainers compute what METHODS.md specifies: gradients reach the encoder, the latent is
+"""The trainers compute what docs/methods.md specifies: gradients reach the encoder, the latent is
 row-major, IPS keeps the patch that carries the signal, a step reads only what it needs."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Segmentation: stitching geometry, the loss, the metrics of METHODS.md §8, learning, predict."""
+"""Segmentation: stitching geometry, the loss, the metrics of docs/methods.md §8, learning, predict."""
 
 from __future__ import annotations
 

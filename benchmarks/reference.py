@@ -1,0 +1,143 @@
+"""A plain PyTorch reference that owes nothing to hiresctl: whole images from the TIFFs, a small
+CNN, a bare training loop. The learning benchmark runs it beside hiresctl's methods on the same
+images and splits, so a method that learns less than this has a defect to find, not a task
+that is too hard.
+
+    python benchmarks/reference.py SYNTH_DIR [--epochs 15] [--batch-size 16] [--seed 0]
+
+``SYNTH_DIR`` is what ``hiresctl synth`` wrote (``images/`` and ``labels.csv``). Prints one JSON
+line per epoch and a final one with the test accuracy of the best-validation epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import tifffile
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class PlainCNN(nn.Module):
+    """Five 3×3 conv layers (32–128 wide) with max-pooling between them, a global max-pool and a
+    Linear: the network anyone would write first for small objects on a large canvas."""
+
+    def __init__(
+        self, in_channels: int, num_classes: int, widths: tuple[int, ...] = (32, 64, 64, 128, 128)
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        cin = in_channels
+        for i, width in enumerate(widths):
+            layers += [
+                nn.Conv2d(cin, width, 3, padding=1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(),
+            ]
+            if i < len(widths) - 1:
+                layers.append(nn.MaxPool2d(2))
+            cin = width
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.amax(self.features(x), dim=(2, 3)))
+
+
+def load_split(root: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{split: (images (n, c, h, w) float in [0, 1], labels (n,))} from a synth folder."""
+    with open(root / "labels.csv", newline="", encoding="utf-8-sig") as handle:
+        rows = list(csv.DictReader(handle))
+    classes = sorted({r["label"] for r in rows}, key=lambda v: (len(v), v))
+    out: dict[str, tuple[list[np.ndarray], list[int]]] = {}
+    for row in rows:
+        image = tifffile.imread(root / "images" / row["source"])
+        image = image[None] if image.ndim == 2 else np.moveaxis(image, -1, 0)
+        images, labels = out.setdefault(row["split"], ([], []))
+        images.append(image)
+        labels.append(classes.index(row["label"]))
+    return {
+        split: (torch.from_numpy(np.stack(ims)).float() / 255.0, torch.tensor(labels))
+        for split, (ims, labels) in out.items()
+    }
+
+
+def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int) -> float:
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(images), batch):
+            correct += int((model(images[i : i + batch]).argmax(1) == labels[i : i + batch]).sum())
+    return correct / max(1, len(images))
+
+
+def train_reference(
+    root: Path,
+    epochs: int,
+    batch_size: int = 16,
+    lr: float = 1e-3,
+    seed: int = 0,
+    widths: tuple[int, ...] = (32, 64, 64, 128, 128),
+    log=print,
+) -> dict:
+    """Train :class:`PlainCNN` on ``root``'s train split; the test accuracy of the epoch with the
+    best validation accuracy, the curve, seconds and peak RSS."""
+    import psutil
+
+    torch.manual_seed(seed)
+    data = load_split(root)
+    x, y = data["train"]
+    num_classes = int(max(int(v[1].max()) for v in data.values())) + 1
+    model = PlainCNN(x.shape[1], num_classes, widths)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    curve, best, start, seen = [], (-1.0, 0.0), time.perf_counter(), 0
+    train_seconds = 0.0
+    for epoch in range(epochs):
+        model.train()
+        epoch_start = time.perf_counter()
+        order = torch.randperm(len(x), generator=generator)
+        for i in range(0, len(x), batch_size):
+            idx = order[i : i + batch_size]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        train_seconds += time.perf_counter() - epoch_start
+        seen += len(x)
+        val = accuracy(model, *data["val"], batch_size)
+        test = accuracy(model, *data["test"], batch_size)
+        curve.append({"epoch": epoch + 1, "val_accuracy": val, "test_accuracy": test})
+        log(json.dumps(curve[-1]))
+        if val > best[0]:
+            best = (val, test)
+    return {
+        "method": "plain reference",
+        "val_accuracy": best[0],
+        "test_accuracy": best[1],
+        "curve": curve,
+        "seconds": time.perf_counter() - start,
+        "images_per_second": seen / train_seconds if train_seconds else 0.0,
+        "peak_memory_gb": psutil.Process().memory_info().rss / 1e9,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("root", type=Path)
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    result = train_reference(args.root, args.epochs, args.batch_size, seed=args.seed)
+    print(json.dumps({k: v for k, v in result.items() if k != "curve"}))
+
+
+if __name__ == "__main__":
+    main()
