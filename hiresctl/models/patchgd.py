@@ -67,10 +67,12 @@ class GlobalPool(nn.Module):
 class PatchGDHead(nn.Module):
     """θ2 over the latent grid; any grid size (global pooling, never a flatten).
 
-    ``pool="avg"`` (the default) is the PatchGD paper's head: [Conv3×3 → ReLU → BN →
-    Dropout2d] at stride 1, three more at stride 2, a global average, a Linear. ``max`` keeps the
-    stride-1 block, then takes the maximum over the whole grid (multiple-instance style: one cell
-    can decide); ``avgmax`` concatenates the grid's average and maximum after that block.
+    ``pool="max"`` (the default): [Conv3×3 → ReLU → BN → Dropout2d] at stride 1, then the
+    maximum over the whole grid (one cell can decide, as in multiple-instance learning), a
+    Linear. ``avg`` is the PatchGD paper's head: three more blocks at stride 2, then the average.
+    ``avgmax`` concatenates the grid's average and maximum after the first block. Where the
+    class hangs on a few small objects, the averaging heads blend the cells that hold them with
+    all the others (docs/methods.md §1 and BENCHMARKS.md, learning).
     """
 
     def __init__(
@@ -79,7 +81,7 @@ class PatchGDHead(nn.Module):
         num_classes: int,
         width: int = 256,
         dropout: float = 0.2,
-        pool: str = "avg",
+        pool: str = "max",
     ) -> None:
         super().__init__()
         strided = 3 if pool == "avg" else 0
@@ -111,7 +113,7 @@ class PatchGDClassifier(nn.Module):
         dropout: float = 0.2,
         use_global: bool = True,
         fusion: str = "add",
-        head_pool: str = "avg",
+        head_pool: str = "max",
     ) -> None:
         super().__init__()
         if fusion not in FUSIONS:

@@ -15,7 +15,7 @@ from storage import StoreError
 
 # Recipe keys added after runs were already being saved, with the value those runs computed
 # with, so a checkpoint written before a key existed keeps meaning what it meant.
-OLDER_DEFAULTS: dict[str, object] = {}
+OLDER_DEFAULTS: dict[str, object] = {"head_pool": "avg"}
 
 
 def atomic_save(obj: Any, path: Path) -> None:

@@ -56,9 +56,9 @@ class Recipe:
     head_width: int = 256
     dropout: float = 0.2
     fusion: str = "add"  # patchgd-global: add | concat
-    # PatchGD head: avg (the paper's: a stride-1 block, three at stride 2, the average) | max (the
-    # stride-1 block, then the grid's maximum) | avgmax (both poolings after it, concatenated)
-    head_pool: str = "avg"
+    # PatchGD head: max (a stride-1 block, then the grid's maximum) | avg (the paper's: three more
+    # blocks at stride 2, then the average) | avgmax (both poolings after the first block)
+    head_pool: str = "max"
     # detection (FCOS): latent_dim is the FPN's channels
     head_convs: int = 4  # conv layers of each FCOS head branch
     max_detections: int = 100  # per image, after NMS (COCO evaluation's maxDets too)
