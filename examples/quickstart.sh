@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on a small built-in example: synthesize → tile → train → eval → report.
 # Usage: examples/quickstart.sh [WORKDIR]   (default: ./hiresctl-demo)
-# About three minutes on 2 CPU cores. The data is `fine-detail`: a 32² patch of one-pixel
+# About four minutes on 2 CPU cores. The data is `fine-detail`: a 32² patch of one-pixel
 # checkerboard (class 1) or of flat grey with the same mean (class 0) somewhere in 512² noise,
 # so only full resolution tells the classes apart; the recipe is recipes/cls-demo-patchgd-global.yaml.
 # Two runs are trained (PatchGD + global patch, and the downsampled baseline with the same
