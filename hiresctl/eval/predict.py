@@ -48,6 +48,7 @@ from hiresctl.report import figures
 from hiresctl.train import (
     Heatmap,
     Run,
+    coco_truth,
     load_run,
     predict_detections,
     predict_images,
@@ -333,7 +334,7 @@ def detect_images(
                 on_image(row)
     if "coco" in formats:
         (out / "detections.json").write_text(json.dumps(results))
-        truth = ids.ground_truth()
+        truth = ids.ground_truth(run)
         if truth["annotations"] or any(dataset.has_boxes(e.id) for e in entries):
             (out / "annotations.json").write_text(json.dumps(truth))
     return rows
@@ -367,24 +368,16 @@ class CocoIds:
                 used.add(free)
             self.image[entry.id] = file_id
 
-    def ground_truth(self) -> dict[str, Any]:
-        images: list[dict[str, Any]] = []
-        annotations: list[dict[str, Any]] = []
-        index = {name: i for i, name in enumerate(self.classes)}
-        for entry in self.entries:
-            number = self.image[entry.id]
-            images.append({"id": number, "file_name": Path(str(entry.source)).name,
-                           "height": int(entry.shape[1]), "width": int(entry.shape[2])})  # fmt: skip
-            if not self.dataset.has_boxes(entry.id):
-                continue
-            boxes, names = self.dataset.boxes(entry.id)
-            for box, name in zip(boxes.tolist(), names, strict=True):
-                if name not in index:
-                    continue
-                w, h = box[2] - box[0], box[3] - box[1]
-                annotations.append({"id": len(annotations) + 1, "image_id": number,
-                                    "category_id": self.category[index[name]],
-                                    "bbox": [box[0], box[1], w, h], "area": w * h, "iscrowd": 0})  # fmt: skip
+    def ground_truth(self, run: Run) -> dict[str, Any]:
+        """The store's boxes as :func:`coco_truth` reads them, renumbered into these ids."""
+        boxed = [e for e in self.entries if self.dataset.has_boxes(e.id)]
+        truth = coco_truth(run, [LabelledImage(e.id, 0) for e in boxed])
+        number = {i + 1: self.image[e.id] for i, e in enumerate(boxed)}
+        images = [{"id": self.image[e.id], "file_name": Path(str(e.source)).name,
+                   "height": int(e.shape[1]), "width": int(e.shape[2])} for e in self.entries]  # fmt: skip
+        annotations = [{**a, "image_id": number[a["image_id"]],
+                        "category_id": self.category[a["category_id"] - 1]}
+                       for a in truth["annotations"]]  # fmt: skip
         categories = [
             {"id": c, "name": n} for c, n in zip(self.category, self.classes, strict=True)
         ]
