@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from hiresctl.data.transforms import AUGMENTATIONS, GEOMETRIC
+from hiresctl.models.patchgd import HEAD_POOLS
 from storage import UsageError
 
 TASKS = ("cls", "det", "seg")
@@ -148,7 +149,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "schedule": SCHEDULES,
     "precision": PRECISIONS,
     "fusion": ("add", "concat"),
-    "head_pool": ("max", "avg", "avgmax"),
+    "head_pool": HEAD_POOLS,
     "fill_mode": ("train", "eval"),
     "positional": ("none", "1d", "2d"),
     "augment": AUGMENTATIONS,
