@@ -133,9 +133,8 @@ def sparse_store(path: Path, sides: list[int]) -> Path:
             "thumbnail", shape=(3, 1024, 1024), chunks=(3, 256, 256), dtype="uint8", fill_value=245
         )
         thumb[:, :64, :64] = 30
-        mask = group.create_group("labels").create_group("foreground")
-        mask.create_array(
-            "0", shape=(1, 1024, 1024), chunks=(1, 256, 256), dtype="uint8", fill_value=1
+        group.create_array(
+            "foreground", shape=(1, 1024, 1024), chunks=(1, 256, 256), dtype="uint8", fill_value=1
         )
         group.attrs["hiresctl"] = {
             "status": "complete", "shape": [3, side, side], "levels": level + 1, "label": "1",

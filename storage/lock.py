@@ -1,30 +1,25 @@
 """One writer per store: ``hiresctl tile`` holds an exclusive lock on the store while it writes.
 
-The lock is ``<store>/.hiresctl-writer.lock``, an advisory ``flock`` held for the whole run. The
-file records who holds it (host, pid, start time, command) so a second writer can say who is
-active. The kernel releases the lock when the holder exits, killed or not, so a lock left behind
-by a dead process is taken over by the next writer; the file staying on disk is normal. Only on
-a filesystem without ``flock`` support (some network mounts) can a dead holder block a store:
-delete the file once no ``hiresctl tile`` runs on it. Stores given as URLs are not locked.
+The lock is an advisory ``flock`` on the store's root directory itself, held for the whole run:
+no file is added to the store (Zarr readers warn about any object in a hierarchy that is not
+part of it). A second writer names the holder's process id where the system lists its locks
+(``/proc/locks``). The kernel releases the lock when the holder exits, killed or not, so a dead
+writer never blocks a store. Stores given as URLs are not locked.
 """
 
 from __future__ import annotations
 
 import fcntl
-import json
 import os
-import socket
-import sys
-import time
 from pathlib import Path
 from types import TracebackType
-from typing import Any
 
 from storage.errors import StoreError
 
-LOCK_NAME = ".hiresctl-writer.lock"
+# Where versions before the directory lock kept theirs; removed when a writer takes the store.
+OLD_LOCK_FILE = ".hiresctl-writer.lock"
 
-__all__ = ["LOCK_NAME", "StoreBusy", "WriterLock"]
+__all__ = ["StoreBusy", "WriterLock"]
 
 
 class StoreBusy(StoreError):
@@ -38,10 +33,6 @@ class WriterLock:
         self.store = str(store)
         self._fd: int | None = None
 
-    @property
-    def path(self) -> Path:
-        return Path(self.store) / LOCK_NAME
-
     def __enter__(self) -> WriterLock:
         if "://" in self.store:
             return self
@@ -49,26 +40,17 @@ class WriterLock:
         if folder.exists() and not folder.is_dir():
             return self  # the caller names that problem
         folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            holder = _describe(self.path)
+            holder = _holder(fd)
             os.close(fd)
             raise StoreBusy(
-                self.store,
-                f"another writer is active ({holder}); wait for it to finish, or if that "
-                f"process is gone on a filesystem without locks, delete {self.path}",
+                self.store, f"another writer is active ({holder}); wait for it to finish"
             ) from None
-        record: dict[str, object] = {
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "command": " ".join(sys.argv[:3]),
-        }
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(record).encode(), 0)
         self._fd = fd
+        (folder / OLD_LOCK_FILE).unlink(missing_ok=True)
         return self
 
     def __exit__(
@@ -78,17 +60,23 @@ class WriterLock:
         trace: TracebackType | None,
     ) -> None:
         if self._fd is not None:
-            os.ftruncate(self._fd, 0)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
 
 
-def _describe(path: Path) -> str:
+def _holder(fd: int) -> str:
+    """``pid N`` of the process whose flock covers the directory open as ``fd``, from
+    ``/proc/locks`` (Linux); ``holder unknown`` elsewhere."""
+    info = os.fstat(fd)
+    device = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
     try:
-        holder: dict[str, Any] = json.loads(path.read_text() or "{}")
-    except (OSError, ValueError):
-        holder = {}
-    if not holder:
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
         return "holder unknown"
-    return f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('since')}"
+    for line in lines:
+        fields = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 4321 08:01:1234 0 EOF"; blocked waiters carry "->"
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == device:
+            return f"pid {fields[4]}"
+    return "holder unknown"

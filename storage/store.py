@@ -14,6 +14,7 @@ from typing import Any, Literal
 import numpy as np
 import zarr
 import zarr.abc.store
+from zarr.codecs import ZstdCodec
 
 import storage.codecs  # noqa: F401  (registers the JPEG chunk codec for reading)
 from storage.errors import StoreError
@@ -25,15 +26,20 @@ __all__ = [
     "ImageEntry",
     "hires_attrs",
     "image_multiscales",
-    "label_multiscales",
+    "upgrade_store",
 ]
 
 #: Version of the layout in FORMAT.md; readers refuse a newer major version.
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "1.1"  # 1.1: the foreground mask left labels/ (an array beside the thumbnail)
 NGFF_VERSION = "0.5"
 IMAGES = "images"
 THUMBNAIL = "thumbnail"
-FOREGROUND = "labels/foreground"
+# The foreground (tissue) mask: an array beside the thumbnail, at its resolution. It is not an
+# NGFF label image: a label image must carry every level of its image, and this mask is a
+# thumbnail-sized estimate. Stores written by earlier versions kept it as the one-level label image
+# labels/foreground, which OME-NGFF 0.5 validators refuse; it is still read from there.
+FOREGROUND = "foreground"
+OLD_FOREGROUND = "labels/foreground/0"
 MASK = "mask"  # the segmentation mask: NGFF label image labels/mask, levels like the image
 EXTRA_KEYS = ("geo", "format", "vendor", "boxes", "crs", "geotransform")
 ANNOTATIONS = "annotations"  # detection: boxes (n, 4) x0, y0, x1, y1 level-0 px; labels (n,)
@@ -67,18 +73,6 @@ def image_multiscales(
         "version": NGFF_VERSION,
         "multiscales": [{"name": name, "axes": _axes(unit), "datasets": datasets}],
     }
-
-
-def label_multiscales(
-    name: str, scale: tuple[float, float], mpp: float | None, colors: dict[int, list[int]]
-) -> dict[str, Any]:
-    """NGFF 0.5 ``ome`` attribute of a one-level label image (e.g. the foreground mask)."""
-    meta = image_multiscales(name, [scale], mpp)
-    meta["image-label"] = {
-        "version": NGFF_VERSION,
-        "colors": [{"label-value": k, "rgba": v} for k, v in colors.items()],
-    }
-    return meta
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +134,14 @@ class Dataset:
             )
         self.format_version = version
         self.meta = meta
+        # What an older layout lacks, one line; empty for a store of this version.
+        self.outdated = (
+            f"format {version}: its foreground masks are one-level NGFF label images, which "
+            f"OME-NGFF 0.5 validators refuse; `hiresctl info {self.path} --upgrade` moves them "
+            "in place (seconds; pixels untouched)"
+            if _version(version) < _version(FORMAT_VERSION)
+            else ""
+        )
         # Images whose metadata could not be read, one line each; entries() leaves them out.
         self.problems: list[str] = []
 
@@ -233,7 +235,16 @@ class Dataset:
 
     def foreground(self, image_id: str) -> np.ndarray:
         """Foreground mask (1, th, tw) at thumbnail resolution; 1 = tissue/object."""
-        return np.asarray(self._member(image_id, f"{FOREGROUND}/0")[...])
+        if FOREGROUND not in self.image_group(image_id) and self._has(image_id, OLD_FOREGROUND):
+            return np.asarray(self._member(image_id, OLD_FOREGROUND)[...])
+        return np.asarray(self._member(image_id, FOREGROUND)[...])
+
+    def _has(self, image_id: str, path: str) -> bool:
+        try:
+            self.image_group(image_id)[path]
+        except Exception:
+            return False
+        return True
 
     def mask(self, image_id: str, level: int = 0) -> zarr.Array:
         """The (1, y, x) segmentation mask of one pyramid level (labels by 2x2 mode)."""
@@ -312,6 +323,62 @@ class Dataset:
 
     def __repr__(self) -> str:
         return f"Dataset({self.path!r}, images={len(self.image_ids())})"
+
+
+def _version(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split("."))
+    except ValueError:
+        return (0,)
+
+
+def upgrade_store(path: str | Path) -> list[str]:
+    """Rewrite a store of an older 1.x layout as this version's, in place, under the writer
+    lock; returns one line per image changed."""
+    from storage.lock import WriterLock
+
+    with WriterLock(path):
+        return upgrade_layout(Dataset(path, mode="r+").root)
+
+
+def upgrade_layout(root: zarr.Group) -> list[str]:
+    """:func:`upgrade_store` for a root group the caller holds the writer lock of. Only
+    metadata and the small foreground masks move: 1.0 → 1.1 copies ``labels/foreground/0`` to
+    ``foreground`` and drops that label image (and ``labels/`` when nothing else is in it)."""
+    changed = []
+    images: Any = root.get(IMAGES)
+    for image_id in list(images.group_keys()) if images is not None else []:
+        try:
+            group: Any = images[image_id]
+            labels: Any = group.get("labels")
+            if labels is None or "foreground" not in labels:
+                continue
+            mask = np.asarray(labels["foreground"]["0"][...])
+        except Exception:
+            continue  # damaged: `hiresctl info` names it
+        if FOREGROUND in group:
+            del group[FOREGROUND]
+        new = group.create_array(
+            FOREGROUND,
+            shape=mask.shape,
+            dtype=mask.dtype,
+            chunks=mask.shape,
+            dimension_names=("c", "y", "x"),
+            compressors=[ZstdCodec(level=3)],
+        )
+        new[...] = mask
+        thumb = group.get(THUMBNAIL)
+        if thumb is not None and "scale" in thumb.attrs:
+            new.attrs["scale"] = thumb.attrs["scale"]
+        del labels["foreground"]
+        names = [n for n in labels.attrs.get("ome", {}).get("labels", []) if n != "foreground"]
+        if names:
+            labels.attrs["ome"] = {**labels.attrs["ome"], "labels": names}
+        else:
+            del group["labels"]
+        changed.append(f"{image_id}: foreground mask moved out of labels/")
+    root.attrs["hiresctl"] = {**hires_attrs(root), "format_version": FORMAT_VERSION}
+    return changed
 
 
 def hires_attrs(node: zarr.Group | zarr.Array) -> dict[str, Any]:

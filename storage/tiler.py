@@ -52,13 +52,14 @@ from storage.readers import (
 )
 from storage.store import (
     ANNOTATIONS,
+    FOREGROUND,
     FORMAT_VERSION,
     IMAGES,
     MASK,
     THUMBNAIL,
     hires_attrs,
     image_multiscales,
-    label_multiscales,
+    upgrade_layout,
 )
 
 __all__ = [
@@ -1038,35 +1039,31 @@ def _finalize(root: zarr.Group, plan: _Plan, options: TileOptions) -> None:
     arr[...] = thumb
     arr.attrs["scale"] = [1.0, height / th, width / tw]
     mask = foreground_mask(thumb, attrs["fill_value"])
-    labels = group.require_group("labels")
-    if "foreground" in labels:
-        del labels["foreground"]
-    fg = labels.create_group("foreground")
-    fg.attrs["ome"] = label_multiscales(
-        "foreground",
-        (height / th, width / tw),
-        attrs.get("mpp"),
-        {0: [0, 0, 0, 0], 1: [255, 0, 0, 128]},
-    )
-    level = fg.create_array(
-        "0",
+    if FOREGROUND in group:
+        del group[FOREGROUND]
+    fg = group.create_array(
+        FOREGROUND,
         shape=mask.shape,
         dtype="uint8",
         chunks=mask.shape,
         dimension_names=("c", "y", "x"),
         compressors=[ZstdCodec(level=3)],
     )
-    level[...] = mask
+    fg[...] = mask
+    fg.attrs["scale"] = [1.0, height / th, width / tw]
     level_scales = [(height / lh, width / lw) for lh, lw in plan.shapes]
-    names = ["foreground"]
+    labels: Any = group.get("labels")
+    if labels is not None and "foreground" in labels:
+        del labels["foreground"]  # an earlier version's one-level label image
     if plan.mask is not None:
         mask_group: Any = labels[MASK]
         attrs["mask"] = _finalize_mask(mask_group, plan, level_scales, attrs.get("mpp"))
-        names.append(MASK)
         for index in range(len(plan.passes)):
             if f"_progress_{index}" in mask_group:
                 del mask_group[f"_progress_{index}"]
-    labels.attrs["ome"] = {"version": "0.5", "labels": names}
+        labels.attrs["ome"] = {"version": "0.5", "labels": [MASK]}
+    elif labels is not None:
+        del group["labels"]
     for index in range(len(plan.passes)):
         name = f"_progress_{index}"
         if name in group:
@@ -1252,6 +1249,13 @@ def _open_root(store: str, options: TileOptions) -> zarr.Group:
         }
     elif meta.get("kind") != "dataset":
         raise StoreError(store, "is a Zarr group but not a hiresctl dataset")
+    elif str(meta.get("format_version")) != FORMAT_VERSION:
+        version = str(meta.get("format_version"))
+        if version.split(".")[0] != FORMAT_VERSION.split(".")[0]:
+            raise StoreError(
+                store, f"store format {version} is not writable by this hiresctl ({FORMAT_VERSION})"
+            )
+        upgrade_layout(root)  # resuming into an older 1.x store: one layout throughout
     return root
 
 

@@ -275,11 +275,22 @@ def info(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object on stdout.")
     ] = False,
+    upgrade: Annotated[
+        bool,
+        typer.Option(
+            "--upgrade", help="Rewrite a store of an older layout as this version's, in place."
+        ),
+    ] = False,
 ) -> None:
     """Describe a dataset store: images, shapes, levels, labels, splits, status."""
-    from storage.store import Dataset
+    from storage.store import Dataset, upgrade_store
 
+    if upgrade:
+        for line in upgrade_store(dataset):
+            err.print(f"upgraded {line}", highlight=False, soft_wrap=True)
     ds = Dataset(dataset)
+    if ds.outdated:
+        err.print(f"[yellow]outdated[/] {dataset}: {ds.outdated}", highlight=False, soft_wrap=True)
     summary = ds.summary()
     summary["damaged"] = ds.problems
     for problem in ds.problems:

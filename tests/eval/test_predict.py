@@ -14,6 +14,7 @@ import tifffile
 import zarr
 
 from hiresctl.eval.predict import mask_polygons
+from tests.ngff import assert_valid_ngff
 from tests.stores import make_store, planted_images
 
 
@@ -99,6 +100,8 @@ def test_classification_predict_tiles_sources_on_the_fly_and_names_bad_ones(
         scale = heat.attrs["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"]
         assert scale[0]["scale"][1:] == [32.0, 32.0]  # cells map onto level-0 pixels
         assert (tmp_path / "pred" / "overlays" / f"{row['id']}.png").is_file()
+    # the heatmaps are valid OME-NGFF 0.5 images
+    assert set(assert_valid_ngff(tmp_path / "pred" / "predictions.zarr").values()) == {"Image"}
     with open(tmp_path / "pred" / "predictions.csv") as handle:
         table = list(csv.DictReader(handle))
     assert [r["id"] for r in table] == [r["id"] for r in rows]

@@ -70,7 +70,7 @@ def test_mask_round_trips_exactly_with_mode_levels_and_ngff_metadata(tmp_path: P
         np.testing.assert_array_equal(stored[...], expected, err_msg=f"level {level}")
         expected = halve_mode(expected)
     group = zarr.open_group(tmp_path / "ds.zarr" / "images" / "scan" / "labels", mode="r")
-    assert group.attrs["ome"]["labels"] == ["foreground", "mask"]
+    assert group.attrs["ome"]["labels"] == ["mask"]
     label = group["mask"].attrs["ome"]
     assert [c["label-value"] for c in label["image-label"]["colors"]] == values.tolist()
     assert len(label["multiscales"][0]["datasets"]) == len(level_shapes(301, 203, 64))

@@ -98,7 +98,7 @@ def test_a_damaged_image_is_named_and_the_others_still_train(
     else:
         import shutil
 
-        shutil.rmtree(group / "labels" / "foreground")
+        shutil.rmtree(group / "foreground")
     info = cli("info", store)
     if damage == "corrupt zarr.json":
         assert info.code == 1 and "im001/zarr.json" in info.stderr and "damaged" in info.stderr
@@ -110,4 +110,4 @@ def test_a_damaged_image_is_named_and_the_others_still_train(
     if damage == "corrupt zarr.json":  # skipped; the other images trained
         assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
     else:  # found mid-training: one line naming the array, the last good checkpoint kept
-        assert "labels/foreground/0" in result.stderr and "missing" in result.stderr
+        assert "im001/foreground" in result.stderr and "missing" in result.stderr

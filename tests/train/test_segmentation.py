@@ -25,6 +25,7 @@ from hiresctl.train.segmentation import (
     segmentation_metrics,
 )
 from storage import Dataset
+from tests.ngff import assert_labels_have_parents, assert_valid_ngff
 from tests.stores import make_store
 
 
@@ -171,7 +172,9 @@ def test_tiny_segmenter_learns_thin_vessels(tmp_path: Path) -> None:
     assert trained["metrics"]["iou"] > 0.4
 
 
-def test_cli_trains_evaluates_and_predicts_multiclass_masks(tmp_path: Path, cli) -> None:
+def test_cli_trains_evaluates_and_predicts_multiclass_masks(
+    tmp_path: Path, cli, caplog: pytest.LogCaptureFixture
+) -> None:
     from ome_zarr.io import parse_url
     from ome_zarr.reader import Reader
 
@@ -210,6 +213,10 @@ def test_cli_trains_evaluates_and_predicts_multiclass_masks(tmp_path: Path, cli)
     assert names == ["background", "road", "building"]
     nodes = list(Reader(parse_url(str(store / rows[0]["id"])))())
     assert nodes and len(nodes[0].data) >= 1
+    # every predicted label image (and the store it was tiled into) is valid OME-NGFF 0.5
+    assert set(assert_valid_ngff(store).values()) == {"ImageLabel"}
+    assert_valid_ngff(tmp_path / "ds.zarr", expect={"Image", "Labels", "ImageLabel"})
+    assert_labels_have_parents(tmp_path / "ds.zarr" / "images" / rows[0]["id"], caplog, 1)
     assert sum(rows[0]["pixels"].values()) == 128 * 128  # pixels per predicted class
     for name in ("predictions.csv", "predictions.json", f"geojson/{rows[0]['id']}.geojson",
                  f"overlays/{rows[0]['id']}.png"):  # fmt: skip
