@@ -16,6 +16,7 @@ from hiresctl.eval import evaluate
 from hiresctl.train import Trainer, build_run, load_recipe, step_context
 from hiresctl.train.detection import DetPatchGD, DetSliced, merge_detections
 from storage import Dataset, UsageError
+from storage.annotations import Annotations
 from tests.stores import make_store, planted_objects
 
 SMALL = {"backbone": "tiny", "latent_dim": 32, "head_convs": 2, "patch_size": 64,
@@ -281,6 +282,15 @@ def test_predict_writes_coco_results_and_qupath_rectangles(
                 == ["red", "green"][found["category_id"] - 1]
             )
         assert (tmp_path / "out" / "overlays" / f"{row['id']}.png").is_file()
+        # what predict wrote loads back as `tile --annotations` input: the same boxes, classes
+        found = Annotations.geojson(tmp_path / "out" / "geojson").lookup(f"{row['id']}.tif")
+        assert found is not None and found.problem is None
+        boxes = np.array([[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in mine)])
+        np.testing.assert_allclose(found.boxes.reshape(-1, 4), boxes.reshape(-1, 4), atol=0.02)
+        names = Annotations.geojson(tmp_path / "out" / "geojson").categories
+        assert [names[i] for i in found.labels] == [
+            ["red", "green"][r["category_id"] - 1] for r in mine
+        ]
     only = predict(tmp_path / "run", [str(objects_store)], tmp_path / "only", split="test",
                    device="cpu", formats=["coco"])  # fmt: skip
     assert sorted(p.name for p in only.out.iterdir()) == ["annotations.json", "detections.json"]
