@@ -17,6 +17,7 @@ import zarr.abc.store
 from zarr.codecs import ZstdCodec
 
 import storage.codecs  # noqa: F401  (registers the JPEG chunk codec for reading)
+from storage.chunks import check_objects, missing_problem, record_objects
 from storage.errors import StoreError
 
 __all__ = [
@@ -144,6 +145,7 @@ class Dataset:
         )
         # Images whose metadata could not be read, one line each; entries() leaves them out.
         self.problems: list[str] = []
+        self._verified: set[tuple[str, str]] = set()  # arrays whose stored objects were checked
 
     def image_ids(self) -> list[str]:
         if IMAGES not in self.root:
@@ -216,7 +218,15 @@ class Dataset:
         group = self.image_group(image_id)
         where = f"{self.path}/{IMAGES}/{image_id}/{path}"
         try:
-            return group[path]
+            node = group[path]
+            if (image_id, path) not in self._verified and isinstance(node, zarr.Array):
+                problem = missing_problem(node)  # a deleted shard would read as fill
+                if problem:
+                    raise StoreError(where, problem)
+                self._verified.add((image_id, path))
+            return node
+        except StoreError:
+            raise
         except KeyError:
             raise StoreError(
                 where, "missing from the store; retile the image (--overwrite)"
@@ -238,6 +248,23 @@ class Dataset:
         if FOREGROUND not in self.image_group(image_id) and self._has(image_id, OLD_FOREGROUND):
             return np.asarray(self._member(image_id, OLD_FOREGROUND)[...])
         return np.asarray(self._member(image_id, FOREGROUND)[...])
+
+    def check(self, image_id: str) -> list[str]:
+        """Every problem of one image's arrays that reading would meet only where it reads:
+        stored shards that are gone (against the record the tiler wrote) and damaged shard
+        indexes; one line each (``hiresctl info --check``)."""
+        try:
+            group = self.image_group(image_id)
+            arrays = list(group.arrays())
+            mask: Any = group.get(f"labels/{MASK}")
+            if mask is not None:
+                arrays += [(f"labels/{MASK}/{name}", a) for name, a in mask.arrays()]
+        except StoreError as exc:
+            return [str(exc)]
+        problems = []
+        for name, array in arrays:
+            problems += check_objects(array, f"{self.path}/{IMAGES}/{image_id}/{name}")
+        return problems
 
     def _has(self, image_id: str, path: str) -> bool:
         try:
@@ -341,10 +368,24 @@ def upgrade_store(path: str | Path) -> list[str]:
         return upgrade_layout(Dataset(path, mode="r+").root)
 
 
+def record_arrays(group: zarr.Group, only_missing: bool = False) -> None:
+    """Write the record of stored objects of every array of an image group (its levels,
+    thumbnail, foreground and mask levels); ``only_missing``: of arrays without one (an
+    upgrade records what is there now: it cannot know what an older version wrote)."""
+    arrays = list(group.arrays())
+    mask: Any = group.get(f"labels/{MASK}")
+    if mask is not None:
+        arrays += list(mask.arrays())
+    for _, array in arrays:
+        if not (only_missing and "stored_objects" in hires_attrs(array)):
+            record_objects(array)
+
+
 def upgrade_layout(root: zarr.Group) -> list[str]:
     """:func:`upgrade_store` for a root group the caller holds the writer lock of. Only
     metadata and the small foreground masks move: 1.0 → 1.1 copies ``labels/foreground/0`` to
-    ``foreground`` and drops that label image (and ``labels/`` when nothing else is in it)."""
+    ``foreground`` and drops that label image (and ``labels/`` when nothing else is in it), and
+    records the stored objects of every array as they are now."""
     changed = []
     images: Any = root.get(IMAGES)
     for image_id in list(images.group_keys()) if images is not None else []:
@@ -377,6 +418,11 @@ def upgrade_layout(root: zarr.Group) -> list[str]:
         else:
             del group["labels"]
         changed.append(f"{image_id}: foreground mask moved out of labels/")
+    for image_id in list(images.group_keys()) if images is not None else []:
+        try:
+            record_arrays(images[image_id], only_missing=True)
+        except Exception:
+            continue  # damaged: `hiresctl info` names it
     root.attrs["hiresctl"] = {**hires_attrs(root), "format_version": FORMAT_VERSION}
     return changed
 

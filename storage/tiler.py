@@ -59,6 +59,7 @@ from storage.store import (
     THUMBNAIL,
     hires_attrs,
     image_multiscales,
+    record_arrays,
     upgrade_layout,
 )
 
@@ -1069,6 +1070,7 @@ def _finalize(root: zarr.Group, plan: _Plan, options: TileOptions) -> None:
         if name in group:
             del group[name]
     group.attrs["ome"] = image_multiscales(plan.result.id or "", level_scales, attrs.get("mpp"))
+    record_arrays(group)  # which shards exist: a deleted one is then told from an all-fill one
     attrs["status"] = "complete"
     attrs["foreground_fraction"] = float(mask.mean())
     group.attrs["hiresctl"] = attrs  # completion is the last write

@@ -281,6 +281,13 @@ def info(
             "--upgrade", help="Rewrite a store of an older layout as this version's, in place."
         ),
     ] = False,
+    check: Annotated[
+        bool,
+        typer.Option(
+            "--check",
+            help="Also check every image's stored shards: none missing, every index intact.",
+        ),
+    ] = False,
 ) -> None:
     """Describe a dataset store: images, shapes, levels, labels, splits, status."""
     from storage.store import Dataset, upgrade_store
@@ -292,6 +299,9 @@ def info(
     if ds.outdated:
         err.print(f"[yellow]outdated[/] {dataset}: {ds.outdated}", highlight=False, soft_wrap=True)
     summary = ds.summary()
+    if check:
+        for image_id in ds.image_ids():
+            ds.problems += ds.check(image_id)
     summary["damaged"] = ds.problems
     for problem in ds.problems:
         err.print(f"[bold red]damaged[/] {problem}", highlight=False, soft_wrap=True)

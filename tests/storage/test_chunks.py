@@ -149,3 +149,30 @@ def test_a_damaged_shard_is_named_before_anything_is_sized_by_it(
     with pytest.raises(StoreError, match=r"images/a/0/c/.*damaged shard") as raised:
         direct.read_region(0, 0, 128, 128)
     assert "\n" not in str(raised.value)
+    # `hiresctl info --check` finds it without reading pixels, and so does Dataset.check
+    assert [p for p in Dataset(out).check("a") if "damaged shard" in p and "/0/c/" in p]
+
+
+def test_the_store_records_which_shards_it_wrote(tmp_path: Path) -> None:
+    """An all-fill shard is never written, so only the tiler's record tells a shard deleted later
+    from one that was never there: the deleted one is named, the never-written one is not."""
+    import tifffile
+
+    from storage import StoreError
+
+    pixels = np.zeros((512, 512, 3), np.uint8)  # fill (0) except the top-left shard's area
+    pixels[:200, :200] = coord_pixels(200, 200)
+    tifffile.imwrite(tmp_path / "a.tif", pixels, photometric="rgb")
+    out = tmp_path / "ds.zarr"
+    tile([SourceSpec((str(tmp_path / "a.tif"),))], out,
+         TileOptions(chunk=128, block_size=256, workers=1))  # fmt: skip
+    shards = sorted(p for p in (out / "images" / "a" / "0" / "c").rglob("*") if p.is_file())
+    assert len(shards) == 1  # three of the four 256² shards are all fill: not written
+    assert Dataset(out).check("a") == []
+    np.testing.assert_array_equal(Dataset(out).level("a", 0)[:, 300:, 300:], 0)
+    shards[0].unlink()
+    with pytest.raises(
+        StoreError, match=r"images/a/0: 1 of 1 stored shards are missing \(c/0/0/0\)"
+    ):
+        Dataset(out).level("a", 0)
+    assert [p for p in Dataset(out).check("a") if "/0: 1 of 1 stored shards" in p]

@@ -84,7 +84,7 @@ def test_out_that_is_a_file_gets_one_line(tmp_path: Path, cli: Callable) -> None
     assert out.read_text() == "keep me"
 
 
-@pytest.mark.parametrize("damage", ["corrupt zarr.json", "deleted foreground"])
+@pytest.mark.parametrize("damage", ["corrupt zarr.json", "deleted foreground", "deleted shard"])
 def test_a_damaged_image_is_named_and_the_others_still_train(
     tmp_path: Path, cli: Callable, damage: str
 ) -> None:
@@ -95,14 +95,21 @@ def test_a_damaged_image_is_named_and_the_others_still_train(
     group = store / "images" / "im001"
     if damage == "corrupt zarr.json":
         (group / "zarr.json").write_text('{"zarr_format": 3, "node_type": "gro')
-    else:
+    elif damage == "deleted foreground":
         import shutil
 
         shutil.rmtree(group / "foreground")
+    else:  # a shard with pixels: without the tiler's record it would read as fill (background)
+        shard = sorted(p for p in (group / "0").rglob("*") if p.is_file() and p.name != "zarr.json")
+        shard[0].unlink()
     info = cli("info", store)
     if damage == "corrupt zarr.json":
         assert info.code == 1 and "im001/zarr.json" in info.stderr and "damaged" in info.stderr
     assert "Traceback" not in info.stderr
+    if damage == "deleted shard":
+        checked = cli("info", store, "--check")
+        assert checked.code == 1 and "Traceback" not in checked.stderr
+        assert "im001/0: 1 of" in checked.stderr and "missing" in checked.stderr
     args = ["--set", "foreground_threshold=0.5"] if damage == "deleted foreground" else []
     result = cli("train", "--data", store, "--out", tmp_path / "run", *TINY, *args)
     assert "Traceback" not in result.stderr
@@ -110,4 +117,5 @@ def test_a_damaged_image_is_named_and_the_others_still_train(
     if damage == "corrupt zarr.json":  # skipped; the other images trained
         assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
     else:  # found mid-training: one line naming the array, the last good checkpoint kept
-        assert "im001/foreground" in result.stderr and "missing" in result.stderr
+        array = "im001/foreground" if damage == "deleted foreground" else "im001/0"
+        assert array in result.stderr and "missing" in result.stderr
