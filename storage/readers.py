@@ -301,6 +301,14 @@ class TiffReader(SourceReader):
                 raise SourceError(
                     self.path, "truncated or corrupt: the image data offsets are missing"
                 )
+            expected = int(np.prod(page.chunked))
+            if len(offsets) < expected:
+                kind = "tile" if page.is_tiled else "strip"
+                raise SourceError(
+                    self.path,
+                    f"truncated or corrupt: the header lists {len(offsets):,} {kind} offsets for "
+                    f"a {page.shape[0]}x{page.shape[1]} image of {expected:,} {kind}s",
+                )
             end = max(o + c for o, c in zip(offsets, counts, strict=True))
             if end > size:
                 raise SourceError(

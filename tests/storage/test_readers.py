@@ -208,3 +208,31 @@ def test_single_strip_tiff_is_refused_from_its_header(tmp_path: Path) -> None:
     # strips of a few rows are fine: they decode one at a time
     tifffile.imwrite(tmp_path / "rows.tif", coord_pixels(64, 64), rowsperstrip=8)
     assert open_source(tmp_path / "rows.tif").info.level_shapes[0] == (64, 64)
+
+
+def _header_only_tiff(path: Path, side: int, tile: int, byte_count: int) -> None:
+    """A little-endian TIFF of one IFD claiming ``side``² 8-bit grey pixels in ``tile``² tiles
+    but listing a single tile offset (what a truncated or hostile file carries)."""
+    import struct
+
+    tags = [  # (tag, type, value): 3 = SHORT, 4 = LONG
+        (256, 4, side), (257, 4, side), (258, 3, 8), (259, 3, 1), (262, 3, 1), (277, 3, 1),
+        (322, 3, tile), (323, 3, tile), (324, 4, 8), (325, 4, byte_count),
+    ]  # fmt: skip
+    entries = b"".join(
+        struct.pack("<HHII", t, kind, 1, v)
+        if kind == 4
+        else struct.pack("<HHIHH", t, kind, 1, v, 0)
+        for t, kind, v in tags
+    )
+    path.write_bytes(b"II*\x00" + struct.pack("<IH", 8, len(tags)) + entries + b"\x00" * 4)
+
+
+def test_a_header_claiming_200000_squared_pixels_is_refused_at_open(tmp_path: Path) -> None:
+    """134 bytes claiming 200000² pixels (4·10¹⁰, under the pixel limit, as real slides are):
+    the tile table the header lists cannot cover the image, so the file is refused at open
+    without allocating anything, rather than when the first block fails to decode."""
+    _header_only_tiff(tmp_path / "claim.tif", 200_000, 256, byte_count=10)
+    with pytest.raises(SourceError, match=r"claim\.tif: .*1 tile offsets for a 200000x200000 "
+                                          r"image of 611,524 tiles"):  # fmt: skip
+        open_source(tmp_path / "claim.tif")
