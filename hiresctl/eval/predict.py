@@ -12,8 +12,9 @@ fly, with outputs other tools open.
 * ``predictions.csv`` / ``predictions.json``: one row per image (classification: predicted
   class, confidence, class probabilities; segmentation: pixels per class, metrics when the
   store has the mask).
-* ``geojson/<id>.geojson``: segmentation polygons (QuPath-compatible annotations in level-0
-  pixels: ``objectType``, ``classification`` with name and colour, holes kept).
+* ``geojson/<id>.geojson``: segmentation polygons (QuPath 0.5/0.6 annotations in level-0
+  pixels: ``objectType``, ``classification`` with name and colour, holes kept; valid rings
+  traced between pixel centres, see storage/FORMAT.md).
 * ``overlays/<id>.png``: the prediction (or heatmap) drawn over the image's thumbnail.
 * Detection: ``detections.json`` (COCO results: ``image_id`` as in the rows' ``coco_image_id``,
   the user's own COCO image and category ids where the store was tiled with ``--coco``, else
@@ -398,39 +399,50 @@ def mask_polygons(
 ) -> list[dict[str, Any]]:  # fmt: skip
     """GeoJSON Features (QuPath annotations) of every non-background class region of a
     (h, w) mask of ``values``: outer rings with their holes, in pixel coordinates multiplied by
-    ``scale`` (y, x) and shifted by ``offset``. Value index 0 is the background."""
+    ``scale`` (y, x) and shifted by ``offset``. Value index 0 is the background.
+
+    Rings are traced by marching squares between pixel centres (a region's pixels 4-connected,
+    the background 8-connected), so every ring is simple and no two rings touch: valid polygons
+    by construction, as QuPath 0.6 (JTS) requires: pixel-centre contours of one-pixel-wide or
+    diagonally touching regions self-intersect, which QuPath 0.5 tolerated and 0.6 refuses. A
+    pixel belongs to a polygon exactly when its centre is inside it. Exterior rings run
+    counter-clockwise in (x, y), holes clockwise (RFC 7946's right-hand rule)."""
     import cv2
+    from skimage.measure import find_contours
 
     features = []
     for index, value in enumerate(values):
         if index == 0:
             continue
-        binary = (labels == value).astype(np.uint8)
+        binary = np.pad(labels == value, 1).astype(np.float32)  # padding closes every ring
         if not binary.any():
             continue
-        contours, hierarchy = cv2.findContours(binary, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
-        if hierarchy is None:
-            continue
-        links = hierarchy[0]
+        outers: list[np.ndarray] = []
+        holes: list[np.ndarray] = []
+        for contour in find_contours(binary, 0.5, fully_connected="low",
+                                     positive_orientation="high"):  # fmt: skip
+            xy = _corners(contour[:-1, ::-1] - 1.0)  # (row, col) → (x, y), padding removed
+            if len(xy) < 3:
+                continue
+            # marching squares winds around regions one way and around holes the other
+            (outers if _signed_area(xy) < 0 else holes).append(xy)
+        rings: list[list[np.ndarray]] = [[outer[::-1]] for outer in outers]  # → counter-clockwise
+        for hole in holes:
+            x, y = hole[0]
+            for group, outer in zip(rings, outers, strict=True):
+                if cv2.pointPolygonTest(outer.astype(np.float32), (float(x), float(y)), False) > 0:
+                    group.append(hole[::-1])  # → clockwise
+                    break
 
-        def ring(contour: np.ndarray) -> list[list[float]]:
-            # Pixel centres → the pixel's corner grid, then to level-0 coordinates.
+        def position(ring: np.ndarray) -> list[list[float]]:
             points = [[round((float(x) + 0.5) * scale[1] + offset[1], 2),
-                       round((float(y) + 0.5) * scale[0] + offset[0], 2)] for x, y in contour[:, 0]]  # fmt: skip
+                       round((float(y) + 0.5) * scale[0] + offset[0], 2)] for x, y in ring]  # fmt: skip
             return [*points, points[0]]
 
-        for i, contour in enumerate(contours):
-            if links[i][3] != -1 or len(contour) < 3:
-                continue  # holes are added to their outer ring below; specks have no area
-            rings = [ring(contour)]
-            child = links[i][2]
-            while child != -1:
-                if len(contours[child]) >= 3:
-                    rings.append(ring(contours[child]))
-                child = links[child][0]
+        for group in rings:
             features.append({
                 "type": "Feature",
-                "geometry": {"type": "Polygon", "coordinates": rings},
+                "geometry": {"type": "Polygon", "coordinates": [position(r) for r in group]},
                 "properties": {
                     "objectType": "annotation",
                     "classification": {"name": names.get(value, str(value)), "color": _rgb(index)},
@@ -438,6 +450,18 @@ def mask_polygons(
                 },
             })  # fmt: skip
     return features
+
+
+def _signed_area(xy: np.ndarray) -> float:
+    x, y = xy[:, 0], xy[:, 1]
+    return 0.5 * float(np.sum(x * np.roll(y, -1) - np.roll(x, -1) * y))
+
+
+def _corners(xy: np.ndarray) -> np.ndarray:
+    """A closed ring (last point not repeated) without the points where it runs straight on."""
+    before, after = xy - np.roll(xy, 1, axis=0), np.roll(xy, -1, axis=0) - xy
+    turn = before[:, 0] * after[:, 1] - before[:, 1] * after[:, 0]
+    return xy[np.abs(turn) > 1e-9]
 
 
 def _segmentation_outputs(

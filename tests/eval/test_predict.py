@@ -8,7 +8,6 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-import cv2
 import numpy as np
 import tifffile
 import zarr
@@ -33,18 +32,70 @@ def _check_geojson_structure(collection: dict) -> None:
         assert {"name", "color"} <= set(props["classification"])
 
 
+def _inside(rings: list[np.ndarray], points: np.ndarray) -> np.ndarray:
+    """Even-odd rule over all rings: which (x, y) points lie inside the polygon."""
+    inside = np.zeros(len(points), bool)
+    px, py = points[:, 0:1], points[:, 1:2]
+    for ring in rings:
+        (x0, y0), (x1, y1) = ring[:-1].T[:, None], ring[1:].T[:, None]
+        x0, y0, x1, y1 = x0[0], y0[0], x1[0], y1[0]
+        crosses = (y0 > py) != (y1 > py)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            at = x0 + (py - y0) * (x1 - x0) / (y1 - y0)
+        inside ^= (crosses & (px < at)).sum(1) % 2 == 1
+    return inside
+
+
 def _rasterise(feature: dict, shape: tuple[int, int], scale: float) -> np.ndarray:
-    """Fill a polygon back onto a pixel grid of ``shape`` at 1/``scale``. Rings pass through
-    the centres of the region's boundary pixels, so a hole's ring lies on region pixels: cut
-    the hole's inside, keep its ring."""
-    out = np.zeros(shape, np.uint8)
-    rings = [np.round(np.asarray(r) / scale - 0.5).astype(np.int32) for r in
-             feature["geometry"]["coordinates"]]  # fmt: skip
-    cv2.fillPoly(out, [rings[0]], 1)
-    for hole in rings[1:]:
-        cv2.fillPoly(out, [hole], 0)
-        cv2.polylines(out, [hole], True, 1)
-    return out
+    """The pixels of a grid of ``shape`` at 1/``scale`` whose centres the polygon contains."""
+    rings = [np.asarray(r, float) / scale for r in feature["geometry"]["coordinates"]]
+    ys, xs = np.mgrid[: shape[0], : shape[1]]
+    centres = np.stack([xs.ravel() + 0.5, ys.ravel() + 0.5], 1)
+    return _inside(rings, centres).reshape(shape).astype(np.uint8)
+
+
+def _segments_meet(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(n, m) whether segment i of ``a`` ((n, 2, 2)) and j of ``b`` intersect or touch."""
+
+    def orient(p: np.ndarray, q: np.ndarray, r: np.ndarray) -> np.ndarray:
+        return np.sign((q[..., 0] - p[..., 0]) * (r[..., 1] - p[..., 1])
+                       - (q[..., 1] - p[..., 1]) * (r[..., 0] - p[..., 0]))  # fmt: skip
+
+    p, q = a[:, None, 0], a[:, None, 1]
+    r, t = b[None, :, 0], b[None, :, 1]
+    o1, o2, o3, o4 = orient(p, q, r), orient(p, q, t), orient(r, t, p), orient(r, t, q)
+    proper = (o1 * o2 <= 0) & (o3 * o4 <= 0)
+    # collinear segments meet only when their extents overlap
+    collinear = (o1 == 0) & (o2 == 0)
+    lo = np.minimum(p, q), np.minimum(r, t)
+    hi = np.maximum(p, q), np.maximum(r, t)
+    overlap = ((lo[0] <= hi[1]) & (lo[1] <= hi[0])).all(-1)
+    return np.where(collinear, overlap, proper)
+
+
+def _assert_valid_polygon(rings: list[list[list[float]]]) -> None:
+    """OGC validity as JTS (QuPath 0.6) checks it: closed rings of ≥ 4 positions, each ring
+    simple (no segment meets another except its neighbours at their shared end), no two rings
+    meeting, every hole inside the exterior; exterior counter-clockwise, holes clockwise."""
+    arrays = [np.asarray(r, float) for r in rings]
+    for ring in arrays:
+        assert len(ring) >= 4 and (ring[0] == ring[-1]).all()
+        assert len(np.unique(ring[:-1], axis=0)) == len(ring) - 1, "a repeated vertex"
+    segments = [np.stack([r[:-1], r[1:]], 1) for r in arrays]
+    for i, si in enumerate(segments):
+        meet = _segments_meet(si, si)
+        n = len(si)
+        idx = np.arange(n)
+        neighbours = (np.abs(idx[:, None] - idx[None]) <= 1) | (
+            np.abs(idx[:, None] - idx[None]) == n - 1
+        )
+        assert not (meet & ~neighbours).any(), f"ring {i} intersects itself"
+        for j in range(i + 1, len(segments)):
+            assert not _segments_meet(si, segments[j]).any(), f"rings {i} and {j} meet"
+    areas = [0.5 * np.sum(r[:-1, 0] * r[1:, 1] - r[1:, 0] * r[:-1, 1]) for r in arrays]
+    assert areas[0] > 0 and all(a < 0 for a in areas[1:]), "right-hand rule"
+    for hole in arrays[1:]:
+        assert _inside([arrays[0]], hole[:-1]).all(), "a hole outside its exterior"
 
 
 def test_geojson_polygons_round_trip_the_mask_with_holes_and_classes() -> None:
@@ -62,11 +113,40 @@ def test_geojson_polygons_round_trip_the_mask_with_holes_and_classes() -> None:
     assert len(building["geometry"]["coordinates"]) == 2, "the courtyard is a hole"
     xs = [p[0] for p in building["geometry"]["coordinates"][0]]
     ys = [p[1] for p in building["geometry"]["coordinates"][0]]
-    # Level-0 coordinates: pixel centres of the 1/4 level, times 4.
-    assert (min(xs), max(xs), min(ys), max(ys)) == (42.0, 198.0, 34.0, 158.0)
+    # Level-0 coordinates: the ring runs between the edge pixels' centres and the outside ones
+    assert (min(xs), max(xs), min(ys), max(ys)) == (40.0, 200.0, 32.0, 160.0)
     for value, name in ((1, "road"), (2, "building")):
         back = _rasterise(by_class[name], mask.shape, 4.0)
         np.testing.assert_array_equal(back, (mask == value).astype(np.uint8))
+        _assert_valid_polygon(by_class[name]["geometry"]["coordinates"])
+
+
+def test_geojson_polygons_are_valid_where_pixel_contours_are_not() -> None:
+    """One-pixel lines, diagonal touches, a hole touching its exterior at a corner, a region on
+    the border, single pixels: each polygon valid (QuPath 0.6 refuses invalid ones), and the
+    pixels whose centres they contain are exactly the mask's."""
+    rng = np.random.default_rng(3)
+    mask = np.zeros((40, 48), np.uint8)
+    mask[5, 3:30] = 1  # a one-pixel line
+    mask[10:20, 10] = 1  # a one-pixel column crossing nothing
+    for i in range(8):
+        mask[25 + i, 5 + i] = 1  # a staircase of diagonal touches
+    mask[2:12, 34:46] = 1  # a block with a hole touching it diagonally
+    mask[5:8, 38:41] = 0
+    mask[4, 37] = 0
+    mask[30:40, 40:48] = 1  # on the border
+    mask[36, 20] = 1  # a single pixel
+    noisy = (rng.random((40, 48)) < 0.35).astype(np.uint8)  # and random speckle
+    for labels in (mask, noisy):
+        features = mask_polygons(labels, [0, 1], {1: "region"}, (2.0, 2.0), (100.0, 50.0))
+        union = np.zeros(labels.shape, np.uint8)
+        for feature in features:
+            rings = [
+                [[x - 50.0, y - 100.0] for x, y in r] for r in feature["geometry"]["coordinates"]
+            ]
+            _assert_valid_polygon(rings)
+            union += _rasterise({"geometry": {"coordinates": rings}}, labels.shape, 2.0)
+        np.testing.assert_array_equal(union, labels)  # every pixel in exactly one polygon
 
 
 def test_classification_predict_tiles_sources_on_the_fly_and_names_bad_ones(
