@@ -21,7 +21,10 @@ if [ ! -f "$venv/.complete" ]; then
   rm -rf "$venv"
   mkdir -p "$root"
   "$py" -m venv "$venv" || return 1
-  "$venv/bin/python" -m pip install --quiet --upgrade pip setuptools wheel >&2 || return 1
+  # pip replacing itself can fail at the very end (the old process lazily imports a module of
+  # the new version, e.g. rich's unicode tables); a second run is the new pip, and idempotent.
+  "$venv/bin/python" -m pip install --quiet --upgrade pip setuptools wheel >&2 \
+    || "$venv/bin/python" -m pip install --quiet --upgrade pip setuptools wheel >&2 || return 1
   # Install the dependency lists (not the project) so the environment can serve any clone.
   "$venv/bin/python" - "$repo/pyproject.toml" >"$venv/requirements.txt" <<'PY'
 import sys, tomllib

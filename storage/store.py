@@ -41,6 +41,7 @@ THUMBNAIL = "thumbnail"
 # labels/foreground, which OME-NGFF 0.5 validators refuse; it is still read from there.
 FOREGROUND = "foreground"
 OLD_FOREGROUND = "labels/foreground/0"
+FEATURES = "features"  # images/<id>/features/<name>/: a feature set written by `hiresctl embed`
 MASK = "mask"  # the segmentation mask: NGFF label image labels/mask, levels like the image
 EXTRA_KEYS = ("geo", "format", "vendor", "boxes", "crs", "geotransform")
 ANNOTATIONS = "annotations"  # detection: boxes (n, 4) x0, y0, x1, y1 level-0 px; labels (n,)
@@ -265,6 +266,24 @@ class Dataset:
         for name, array in arrays:
             problems += check_objects(array, f"{self.path}/{IMAGES}/{image_id}/{name}")
         return problems
+
+    def feature_sets(self, image_id: str) -> list[str]:
+        """Names of the complete feature sets of one image."""
+        sets: Any = self.image_group(image_id).get(FEATURES)
+        if sets is None:
+            return []
+        return sorted(n for n, g in sets.groups() if hires_attrs(g).get("status") == "complete")
+
+    def feature_set(self, image_id: str, name: str) -> tuple[Any, Any, dict[str, Any]] | None:
+        """(features (N, D), coords (N, 2) level-0 x, y, attributes) of a complete feature set,
+        or None when the image has none of that name (or it is unfinished)."""
+        if name not in self.feature_sets(image_id):
+            return None
+        path = f"{FEATURES}/{name}"
+        group: Any = self.image_group(image_id)[path]
+        features = self._member(image_id, f"{path}/features")
+        coords = self._member(image_id, f"{path}/coords")
+        return features, coords, hires_attrs(group)
 
     def _has(self, image_id: str, path: str) -> bool:
         try:

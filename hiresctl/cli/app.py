@@ -1,4 +1,4 @@
-"""Typer application: ``hiresctl synth | tile | info | train | eval``."""
+"""Typer application: ``hiresctl synth | tile | info | embed | train | eval | predict``."""
 
 from __future__ import annotations
 
@@ -321,6 +321,95 @@ def info(
         )  # fmt: skip
     Console().print(table)
     if ds.problems:
+        raise typer.Exit(1)
+
+
+# ------------------------------------------------------------------------------------- embed
+
+
+@app.command()
+def embed(
+    dataset: Annotated[Path, typer.Argument(help="Dataset store (from `hiresctl tile`).")],
+    backbone: Annotated[
+        str, typer.Option(help="Registered backbone (tiny, resnet18, ...).")
+    ] = "resnet18",
+    pretrained: Annotated[
+        Path | None,
+        typer.Option(
+            help="Local state dict (torchvision/timm, or a hiresctl checkpoint); "
+            "nothing is downloaded. Default: random weights from --seed."
+        ),
+    ] = None,
+    patch_size: Annotated[int, typer.Option(help="Patch side in pixels of the level read.")] = 256,
+    level: Annotated[int | None, typer.Option(help="Pyramid level to read (default 0).")] = None,
+    mpp: Annotated[
+        float | None, typer.Option(help="Target µm/px: read the level nearest it.")
+    ] = None,
+    foreground_threshold: Annotated[
+        float, typer.Option(help="Skip patches with less foreground than this (as training).")
+    ] = 0.0,
+    dtype: Annotated[str, typer.Option(help="float16 or float32.")] = "float16",
+    name: Annotated[
+        str | None, typer.Option(help="Feature set name (default: the backbone's).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Patches per forward pass.")] = 64,
+    seed: Annotated[int, typer.Option(help="Seed of random weights.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace sets embedded with other settings.")
+    ] = False,
+    export_h5: Annotated[
+        Path | None,
+        typer.Option("--export-h5", help="Also write TRIDENT/CLAM-style <id>.h5 files here."),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON line per image on stdout.")
+    ] = False,
+) -> None:
+    """Encode every kept patch of every image once; store features and coords beside it."""
+    import time
+
+    from hiresctl.features import EmbedOptions, embed_store
+    from hiresctl.features import export_h5 as write_h5
+    from hiresctl.train import resolve_device
+
+    options = EmbedOptions(
+        backbone=backbone, pretrained=str(pretrained) if pretrained else None,
+        patch_size=patch_size, level=level, mpp=mpp, foreground_threshold=foreground_threshold,
+        dtype=dtype, name=name, batch_size=batch_size, seed=seed,
+    )  # fmt: skip
+    if patch_size < 1 or batch_size < 1:
+        raise UsageError("--patch-size and --batch-size must be at least 1")
+    failed = []
+
+    def on_result(result: Any) -> None:
+        if as_json:
+            typer.echo(json.dumps(result.__dict__))
+        if result.status == "failed":
+            failed.append(result)
+            err.print(f"[bold red]error:[/] {result.error}", highlight=False, soft_wrap=True)
+        elif result.status == "written":
+            rate = result.patches / result.seconds if result.seconds else 0.0
+            share = result.read_seconds / result.seconds if result.seconds else 0.0
+            err.print(f"{result.image_id}: {result.patches} patches, {rate:.0f} patches/s, "
+                      f"{share:.0%} waiting for reads", highlight=False)  # fmt: skip
+
+    started = time.perf_counter()
+    results = embed_store(dataset, options, resolve_device(device), on_result=on_result)
+    seconds = time.perf_counter() - started
+    written = [r for r in results if r.status == "written"]
+    skipped = sum(r.status == "skipped" for r in results)
+    reads = sum(r.read_seconds for r in written)
+    busy = sum(r.seconds for r in written)
+    err.print(
+        f"{len(written)} embedded, {skipped} already done, {len(failed)} failed in {seconds:.1f} s"
+        + (f"; {len(written) / seconds:.2f} images/s, {reads / busy:.0%} of it waiting for reads"
+           if written and busy else ""), soft_wrap=True,
+    )  # fmt: skip
+    if export_h5 is not None:
+        paths = write_h5(dataset, options.set_name, export_h5)
+        err.print(f"{len(paths)} h5 files in {export_h5}")
+    if failed:
         raise typer.Exit(1)
 
 

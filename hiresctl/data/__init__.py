@@ -10,7 +10,12 @@ from hiresctl.data.images import (
     segmentation_images,
 )
 from hiresctl.data.reader import PatchReader, normalize, to_tensor, to_unit_rgb
-from hiresctl.data.samplers import GridSampler, RandomPatchSampler, foreground_fraction
+from hiresctl.data.samplers import (
+    GridSampler,
+    RandomPatchSampler,
+    foreground_fraction,
+    kept_patches,
+)
 from hiresctl.data.stream import PatchStream, ReadRequest
 from hiresctl.data.transforms import AUGMENTATIONS, GEOMETRIC, PatchAugment, flip_boxes
 
@@ -31,6 +36,7 @@ __all__ = [
     "detection_images",
     "flip_boxes",
     "foreground_fraction",
+    "kept_patches",
     "labelled_images",
     "normalize",
     "require_images",

@@ -7,12 +7,13 @@ They are ``torch.utils.data.Sampler``s over the patch grid of one image and take
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from hiresctl.data.grid import PatchGrid
+from hiresctl.data.grid import NO_FLIP, Flip, PatchGrid
 
 
 class GridSampler(Sampler[int]):
@@ -89,3 +90,18 @@ def foreground_fraction(mask: np.ndarray, grid: PatchGrid) -> np.ndarray:
     )
     total = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
     return (total / ((y1 - y0) * (x1 - x0))).astype(np.float64)
+
+
+def kept_patches(
+    dataset: Any, image_id: str, grid: PatchGrid, threshold: float, flip: Flip = NO_FLIP
+) -> np.ndarray:
+    """Row-major indices of the patches of ``grid`` whose foreground share is at least
+    ``threshold`` (all of them at 0, and for an all-background image), of the image as
+    ``flip`` mirrors it: the patches training, evaluation and ``embed`` use."""
+    kept = np.arange(grid.num_patches)
+    if threshold <= 0:
+        return kept
+    # the mask covers the whole level, so mirroring it mirrors the image's
+    mask = flip.pixels(np.asarray(dataset.foreground(image_id)))
+    selected = kept[foreground_fraction(mask, grid) >= threshold]
+    return selected if len(selected) else kept

@@ -86,7 +86,7 @@ class IPSClassifier(nn.Module):
         self,
         backbone: Backbone,
         num_classes: int,
-        latent_dim: int = 128,
+        latent_dim: int | None = 128,
         heads: int = 8,
         dim_key: int = 16,
         dim_value: int = 16,
@@ -100,10 +100,11 @@ class IPSClassifier(nn.Module):
                 f"unknown positional encoding {positional!r}; valid: {', '.join(POSITIONAL_ENCODINGS)}"
             )
         self.encoder = PatchEncoder(backbone, latent_dim)
+        dim = self.encoder.latent_dim
         self.aggregator = CrossAttentionAggregator(
-            latent_dim, heads, dim_key, dim_value, dim_inner, dropout
+            dim, heads, dim_key, dim_value, dim_inner, dropout
         )
-        self.classifier = nn.Linear(latent_dim, num_classes)
+        self.classifier = nn.Linear(dim, num_classes)
         self.positional = positional
 
     def with_positions(

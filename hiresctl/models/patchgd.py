@@ -13,13 +13,21 @@ HEAD_POOLS = ("max", "avg", "avgmax")
 
 
 class PatchEncoder(nn.Module):
-    """θ1: backbone features of a patch projected to ``latent_dim`` (D) by a Linear."""
+    """θ1: backbone features of a patch, projected to ``latent_dim`` (D) by a Linear, or kept as
+    they are (``latent_dim=None``: D is the backbone's width).
 
-    def __init__(self, backbone: Backbone, latent_dim: int = 256) -> None:
+    Kept as they are, each latent channel is one backbone channel's strongest response in the
+    patch, so a maximum over the grid is exactly the whole-image network's global maximum. A
+    projection mixes channels before that maximum, and on small-object tasks a head over
+    projected cells learns several times slower (docs/methods.md §1)."""
+
+    def __init__(self, backbone: Backbone, latent_dim: int | None = 256) -> None:
         super().__init__()
         self.backbone = backbone
-        self.project = nn.Linear(backbone.num_features, latent_dim)
-        self.latent_dim = latent_dim
+        self.project: nn.Module = (
+            nn.Identity() if latent_dim is None else nn.Linear(backbone.num_features, latent_dim)
+        )
+        self.latent_dim = backbone.num_features if latent_dim is None else latent_dim
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         return self.project(self.backbone.forward_features(patches))
@@ -67,12 +75,12 @@ class GlobalPool(nn.Module):
 class PatchGDHead(nn.Module):
     """θ2 over the latent grid; any grid size (global pooling, never a flatten).
 
-    ``pool="max"`` (the default): [Conv3×3 → ReLU → BN → Dropout2d] at stride 1, then the
-    maximum over the whole grid (one cell can decide, as in multiple-instance learning), a
-    Linear. ``avg`` is the PatchGD paper's head: three more blocks at stride 2, then the average.
-    ``avgmax`` concatenates the grid's average and maximum after the first block. Where the
-    class hangs on a few small objects, the averaging heads blend the cells that hold them with
-    all the others (docs/methods.md §1 and BENCHMARKS.md, learning).
+    ``context`` stride-1 blocks [Conv3×3 → ReLU → BN → Dropout2d] first (each cell sees its
+    neighbours), then for ``pool="avg"`` (the PatchGD paper's head, with ``context=1``) three
+    more blocks at stride 2 and the grid's average; for ``max`` the grid's maximum (one cell can
+    decide, as in multiple-instance learning), for ``avgmax`` average and maximum side by side;
+    then dropout and a Linear. Where the class hangs on a few small objects, the averaging heads
+    blend the cells that hold them with all the others (docs/methods.md §1).
     """
 
     def __init__(
@@ -82,18 +90,22 @@ class PatchGDHead(nn.Module):
         width: int = 256,
         dropout: float = 0.2,
         pool: str = "max",
+        context: int = 0,
     ) -> None:
         super().__init__()
         strided = 3 if pool == "avg" else 0
+        dims = [in_dim] + [width] * (context + strided)
+        strides = [1] * context + [2] * strided
         self.blocks = nn.Sequential(
-            _head_block(in_dim, width, 1, dropout),
-            *(_head_block(width, width, 2, dropout) for _ in range(strided)),
+            *(_head_block(dims[i], dims[i + 1], s, dropout) for i, s in enumerate(strides))
         )
         self.pool = GlobalPool(pool)
-        self.classifier = nn.Linear(2 * width if pool == "avgmax" else width, num_classes)
+        self.dropout = nn.Dropout(dropout)
+        features = dims[-1] * (2 if pool == "avgmax" else 1)
+        self.classifier = nn.Linear(features, num_classes)
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.pool(self.blocks(latent)))
+        return self.classifier(self.dropout(self.pool(self.blocks(latent))))
 
 
 class PatchGDClassifier(nn.Module):
@@ -108,12 +120,13 @@ class PatchGDClassifier(nn.Module):
         self,
         backbone: Backbone,
         num_classes: int,
-        latent_dim: int = 256,
+        latent_dim: int | None = None,
         head_width: int = 256,
         dropout: float = 0.2,
         use_global: bool = True,
         fusion: str = "add",
         head_pool: str = "max",
+        head_context: int = 0,
     ) -> None:
         super().__init__()
         if fusion not in FUSIONS:
@@ -121,8 +134,9 @@ class PatchGDClassifier(nn.Module):
         self.encoder = PatchEncoder(backbone, latent_dim)
         self.use_global = use_global
         self.fusion = fusion
-        in_dim = 2 * latent_dim if use_global and fusion == "concat" else latent_dim
-        self.head = PatchGDHead(in_dim, num_classes, head_width, dropout, head_pool)
+        dim = self.encoder.latent_dim
+        in_dim = 2 * dim if use_global and fusion == "concat" else dim
+        self.head = PatchGDHead(in_dim, num_classes, head_width, dropout, head_pool, head_context)
 
     @property
     def latent_dim(self) -> int:

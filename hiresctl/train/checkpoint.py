@@ -15,7 +15,8 @@ from storage import StoreError
 
 # Recipe keys added after runs were already being saved, with the value those runs computed
 # with, so a checkpoint written before a key existed keeps meaning what it meant.
-OLDER_DEFAULTS: dict[str, object] = {"head_pool": "avg"}
+# (Before head_context, PatchGD's head always began with one stride-1 block.)
+OLDER_DEFAULTS: dict[str, object] = {"head_pool": "avg", "head_context": 1}
 
 
 def atomic_save(obj: Any, path: Path) -> None:

@@ -71,7 +71,7 @@ class DetectionMethod(Method):
 
     def build_model(self) -> PatchFCOS:
         r = self.recipe
-        return PatchFCOS(r.backbone, self.num_classes, r.latent_dim, use_global=self.use_global,
+        return PatchFCOS(r.backbone, self.num_classes, r.channels, use_global=self.use_global,
                          fusion=r.fusion, head_convs=r.head_convs, pretrained=r.pretrained,
                          max_detections=r.max_detections)  # fmt: skip
 

@@ -27,7 +27,7 @@ from hiresctl.data import (
     PatchReader,
     PatchStream,
     ReadRequest,
-    foreground_fraction,
+    kept_patches,
 )
 from hiresctl.models import (
     Backbone,
@@ -114,13 +114,9 @@ class Method:
         flip = self.flip(image_id, train)
         if (image_id, flip) not in self._patches:
             grid = self.reader.grid(image_id, self.recipe.patch_size, self.recipe.stride)
-            kept = np.arange(grid.num_patches)
-            if self.recipe.foreground_threshold > 0:
-                # the mask covers the whole level, so mirroring it mirrors the image's
-                mask = flip.pixels(np.asarray(self.reader.dataset.foreground(image_id)))
-                fraction = foreground_fraction(mask, grid)
-                selected = kept[fraction >= self.recipe.foreground_threshold]
-                kept = selected if len(selected) else kept  # an all-background image keeps all
+            kept = kept_patches(
+                self.reader.dataset, image_id, grid, self.recipe.foreground_threshold, flip
+            )
             self._patches[image_id, flip] = (grid, kept)
         return self._patches[image_id, flip]
 
@@ -209,6 +205,7 @@ class PatchGD(Method):
             use_global=self.use_global,
             fusion=r.fusion,
             head_pool=r.head_pool,
+            head_context=r.head_context,
         )
 
     def patches_per_step(self, count: int) -> int:

@@ -53,13 +53,16 @@ class Recipe:
     # model
     backbone: str = "resnet18"
     pretrained: str | None = None  # local path to backbone weights; nothing is downloaded
-    latent_dim: int = 256  # [D] feature size of a patch
+    # [D] feature size of a patch; None = the backbone's own features, unprojected (classification
+    # PatchGD's default: a max over unprojected cells is the whole-image network's global max)
+    latent_dim: int | None = 256
     head_width: int = 256
     dropout: float = 0.2
     fusion: str = "add"  # patchgd-global: add | concat
     # PatchGD head: max (a stride-1 block, then the grid's maximum) | avg (the paper's: three more
     # blocks at stride 2, then the average) | avgmax (both poolings after the first block)
     head_pool: str = "max"
+    head_context: int = 0  # PatchGD head: stride-1 conv blocks over the grid before the pool
     # detection (FCOS): latent_dim is the FPN's channels
     head_convs: int = 4  # conv layers of each FCOS head branch
     max_detections: int = 100  # per image, after NMS (COCO evaluation's maxDets too)
@@ -98,6 +101,14 @@ class Recipe:
     checkpoint_every: int = 0  # also checkpoint every N image batches (0 = end of epoch only)
     full_max_pixels: int = 2**26  # `full` refuses larger images (it holds them whole)
     notes: str = ""  # free text: where the settings come from
+
+    @property
+    def channels(self) -> int:
+        """``latent_dim`` where a task needs a number (detection's FPN, segmentation's latent);
+        only classification leaves it to the backbone (None), which ``_check`` enforces."""
+        if self.latent_dim is None:
+            raise UsageError(f"{self.task}: latent_dim must be a number")
+        return self.latent_dim
 
     def replace(self, **changes: Any) -> Recipe:
         return dataclasses.replace(self, **changes)
@@ -139,7 +150,11 @@ _DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
         "min_lr_ratio": 1e-3,
         "dropout": 0.1,
     },
-    ("cls", "patchgd-global"): {"accumulation_steps": 1},
+    # Unprojected cells, no context block: on Megapixel MNIST a projection or a conv block before
+    # the grid's maximum learned several times slower than the whole-image CNN; without them the
+    # model is that CNN computed patch by patch (BENCHMARKS.md, learning).
+    ("cls", "patchgd"): {"latent_dim": None},
+    ("cls", "patchgd-global"): {"accumulation_steps": 1, "latent_dim": None},
     ("det", "patchgd-global"): {"accumulation_steps": 10},
 }
 
@@ -210,8 +225,12 @@ def _check(recipe: Recipe, where: str) -> None:
     positive = ("patch_size", "epochs", "batch_size", "accumulation_steps", "fill_batch")
     for key in (*positive, "memory_size", "iter_size", "latent_dim", "head_width", "head_convs",
                 "max_detections"):  # fmt: skip
-        if getattr(recipe, key) < 1:
+        if key == "latent_dim" and recipe.latent_dim is None and recipe.task == "cls":
+            continue  # the backbone's own width
+        if getattr(recipe, key) is None or getattr(recipe, key) < 1:
             raise UsageError(f"{where}: {key} must be at least 1, got {getattr(recipe, key)}")
+    if recipe.head_context < 0:
+        raise UsageError(f"{where}: head_context must be at least 0, got {recipe.head_context}")
     if not 0 < recipe.sample_fraction <= 1:
         raise UsageError(
             f"{where}: sample_fraction must be in (0, 1], got {recipe.sample_fraction}"

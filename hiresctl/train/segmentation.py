@@ -163,7 +163,7 @@ class SegmentationMethod(Method):
 
     def network(self) -> nn.Module:
         return create_seg_network(
-            self.recipe.backbone, self.recipe.latent_dim, self.recipe.pretrained
+            self.recipe.backbone, self.recipe.channels, self.recipe.pretrained
         )
 
     def side(self, image_id: str) -> int:
@@ -212,7 +212,7 @@ class SegTiled(SegmentationMethod, PatchGD):
     use_global = False
 
     def build_model(self) -> nn.Module:
-        return PatchSegmenter(self.network(), _outputs(self.num_classes), self.recipe.latent_dim,
+        return PatchSegmenter(self.network(), _outputs(self.num_classes), self.recipe.channels,
                               use_global=self.use_global)  # fmt: skip
 
     def plan_train(self, image_ids: list[str], seed: int) -> list[ReadRequest]:
@@ -337,7 +337,7 @@ class SegWholeImage(SegmentationMethod):
     """Baselines that segment the whole image in one forward pass."""
 
     def build_model(self) -> nn.Module:
-        return PatchSegmenter(self.network(), _outputs(self.num_classes), self.recipe.latent_dim,
+        return PatchSegmenter(self.network(), _outputs(self.num_classes), self.recipe.channels,
                               use_global=False)  # fmt: skip
 
     def requests(self, image_id: str, b: int) -> list[ReadRequest]:

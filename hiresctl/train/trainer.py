@@ -386,15 +386,16 @@ def _memory_plan(run: Run, budget_text: str, images: list[LabelledImage]) -> Mem
         outputs = getattr(model, "outputs", 1)
         # latent, its copy with gradient, the global latent, their concatenation, the logits and
         # the loss's temporaries (per output), the int64 target
-        per_image = pixels * (4 * recipe.latent_dim * 4 + 3 * outputs * 4 + 8)
+        per_image = pixels * (4 * recipe.channels * 4 + 3 * outputs * 4 + 8)
         if recipe.method == "patchgd-global":
             per_image += per_patch
         patches_wanted = run.method.patches_per_step(len(kept))  # type: ignore[attr-defined]
     elif recipe.method in ("patchgd", "patchgd-global"):
         biggest = max((run.method.patches(im.image_id) for im in images), key=lambda g: len(g[1]))
         grid, kept = biggest
-        latent = recipe.latent_dim * grid.rows * grid.cols * 4
-        head = 4 * recipe.head_width * grid.rows * grid.cols * 4  # stride-1 block's activations
+        latent = int(model.latent_dim) * grid.rows * grid.cols * 4  # type: ignore[arg-type]
+        # the stride-1 blocks' activations (conv, ReLU, BN, dropout), or the pool's input
+        head = 4 * max(1, recipe.head_context) * recipe.head_width * grid.rows * grid.cols * 4
         per_image = 2 * latent + 2 * head + recipe.fill_batch * size * size * 3 * 4
         if recipe.method == "patchgd-global":
             per_image += per_patch
@@ -434,7 +435,7 @@ def _detection_memory(
 
     recipe, method, model = run.recipe, run.method, run.model
     assert isinstance(method, DetectionMethod) and isinstance(model, PatchFCOS)
-    channels = recipe.latent_dim
+    channels = recipe.channels
     # per anchor point, in maps of `channels` floats: both branches' towers (conv, GroupNorm,
     # ReLU per block; a recomputed tower keeps each block's input and redoes one block at a
     # time in backward), plus the predictions and their gradients
