@@ -442,7 +442,8 @@ def train(
     method: Annotated[
         str | None,
         typer.Option(
-            help="patchgd-global (default); cls: patchgd, ips, downsample, full; "
+            help="patchgd-global (default); cls: patchgd, ips, downsample, full, abmil, transmil "
+            "(on `hiresctl embed` features), e2e-mil; "
             "det: patchgd, downsample, sliced; seg: tiled, downsample, full."
         ),
     ] = None,

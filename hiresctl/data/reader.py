@@ -257,6 +257,18 @@ class PatchReader:
             pixels = [one(o) for o in origins]
         return to_unit_rgb(np.stack(pixels))
 
+    def read_features(self, image_id: str, name: str) -> torch.Tensor:
+        """(N, D) float32: the image's feature set ``name`` (``hiresctl embed``)."""
+        found = self.dataset.feature_set(image_id, name)
+        if found is None:
+            raise StoreError(
+                f"{self.dataset.path}/images/{image_id}",
+                f"has no complete feature set {name!r} (run `hiresctl embed` first)",
+            )
+        features = torch.from_numpy(np.asarray(found[0][...], dtype=np.float32))
+        self.patches_read += len(features)
+        return features
+
     def read_global(self, image_id: str, size: int, flip: Flip = NO_FLIP) -> torch.Tensor:
         """(3, size, size) normalised global patch; see :meth:`read_global_unit`."""
         return normalize(self.read_global_unit(image_id, size, flip))

@@ -27,10 +27,13 @@ class ReadRequest:
     """One read: ``indices`` of ``grid`` of ``image_id`` (kind "patches"), or its global patch."""
 
     image_id: str
-    kind: str  # "patches" | "global" | "mask" (labels under patches) | "mask_global"
+    # "patches" | "global" | "mask" (labels under patches) | "mask_global" | "features" (the
+    # image's stored feature set ``feature_set``: (N, D) float32; the grid is then unused)
+    kind: str
     grid: PatchGrid
     indices: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     tag: Any = None  # the trainer's own bookkeeping (e.g. which inner iteration)
+    feature_set: str = ""
 
 
 class _RequestDataset(Dataset[tuple[ReadRequest, torch.Tensor]]):
@@ -47,6 +50,8 @@ class _RequestDataset(Dataset[tuple[ReadRequest, torch.Tensor]]):
             return request, self.reader.read_mask_patches(image_id, grid, request.indices, flip)
         if request.kind == "mask_global":
             return request, self.reader.read_mask_global(image_id, grid.patch_size, flip)
+        if request.kind == "features":
+            return request, self.reader.read_features(image_id, request.feature_set)
         if request.kind == "global":
             pixels = self.reader.read_global_unit(image_id, grid.patch_size, flip)
         else:

@@ -100,12 +100,11 @@ class PatchGDHead(nn.Module):
             *(_head_block(dims[i], dims[i + 1], s, dropout) for i, s in enumerate(strides))
         )
         self.pool = GlobalPool(pool)
-        self.dropout = nn.Dropout(dropout)
         features = dims[-1] * (2 if pool == "avgmax" else 1)
         self.classifier = nn.Linear(features, num_classes)
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.dropout(self.pool(self.blocks(latent))))
+        return self.classifier(self.pool(self.blocks(latent)))
 
 
 class PatchGDClassifier(nn.Module):

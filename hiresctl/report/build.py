@@ -103,7 +103,10 @@ def describe_setting(run: Run, image_id: str) -> dict[str, str]:
     level = f" (level {recipe.level})" if recipe.level else ""
     out = {"input": f"{height}×{width}{level}", "patch": f"{recipe.patch_size}²"}
     name = recipe.method
-    if name in ("downsample",):
+    own = method.describe(image_id)
+    if own is not None:
+        out.update(own)
+    elif name in ("downsample",):
         size = getattr(recipe, "input_size", None) or recipe.patch_size
         side = max(height, width)
         out.update(patch="—", sampling=f"whole image resized to {size}²",

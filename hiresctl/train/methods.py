@@ -140,6 +140,20 @@ class Method:
     def calibrate(self, ctx: StepContext, batches: list[list[str]]) -> None:
         """Called by the loop after the last batch of an epoch, before validation."""
 
+    # Whether the model encodes patches of pixels (False for methods on stored features).
+    encodes_pixels = True
+
+    def memory(self, images: list[Any], per_patch: int) -> tuple[int, int, int | None] | None:
+        """(per image, per patch, patches wanted) of a training step for ``--memory-budget``
+        (see ``plan_memory``), or None to let the loop estimate it; ``per_patch`` is the
+        measured cost of one patch through the encoder with gradient."""
+        return None
+
+    def describe(self, image_id: str) -> dict[str, str] | None:
+        """What the method sees of an image for the report ({"patch", "sampling", "sees"}), or
+        None where the report states it itself."""
+        return None
+
     def backbone(self) -> Backbone:
         return create_backbone(self.recipe.backbone, self.recipe.pretrained)
 
@@ -694,7 +708,9 @@ def create_method(recipe: Recipe, num_classes: int, reader: PatchReader) -> Meth
 
         classes = dict(DET_METHOD_CLASSES)
     else:
-        classes = METHOD_CLASSES
+        from hiresctl.train.mil import MIL_METHOD_CLASSES
+
+        classes = {**METHOD_CLASSES, **MIL_METHOD_CLASSES}
     if recipe.method not in classes:
         raise UsageError(
             f"method {recipe.method!r} is not a {recipe.task} method; valid: {', '.join(classes)}"

@@ -23,9 +23,12 @@ from hiresctl.models.patchgd import HEAD_POOLS
 from storage import UsageError
 
 TASKS = ("cls", "det", "seg")
-METHODS = ("patchgd-global", "patchgd", "ips", "downsample", "full", "tiled", "sliced")
+METHODS = ("patchgd-global", "patchgd", "ips", "downsample", "full", "tiled", "sliced", "abmil",
+           "transmil", "e2e-mil")  # fmt: skip
+_CLS_METHODS = ("patchgd-global", "patchgd", "ips", "downsample", "full", "abmil", "transmil",
+                "e2e-mil")  # fmt: skip
 TASK_METHODS = {
-    "cls": ("patchgd-global", "patchgd", "ips", "downsample", "full"),
+    "cls": _CLS_METHODS,
     "det": ("patchgd-global", "patchgd", "downsample", "sliced"),
     "seg": ("patchgd-global", "tiled", "downsample", "full"),
 }
@@ -85,6 +88,12 @@ class Recipe:
     dim_value: int = 16
     dim_inner: int = 512
     positional: str = "1d"  # none | 1d | 2d
+    # multiple-instance learning (abmil, transmil on `hiresctl embed` features; e2e-mil on patches)
+    features: str | None = None  # feature set to train on; None = the one the store has
+    mil_hidden: int = 256  # width each instance is embedded to before attention
+    attention_dim: int = 128  # hidden width of the gated attention
+    max_instances: int | None = None  # abmil/transmil: at most this many instances per training bag
+    bag_size: int = 64  # [K] e2e-mil: random kept patches per image per training step
     # optimisation
     epochs: int = 10
     batch_size: int = 4
@@ -154,6 +163,17 @@ _DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     # the grid's maximum learned several times slower than the whole-image CNN; without them the
     # model is that CNN computed patch by patch (BENCHMARKS.md, learning).
     ("cls", "patchgd"): {"latent_dim": None},
+    # CLAM's settings for attention MIL on frozen features: Adam 2e-4, weight decay 1e-5,
+    # dropout 0.25; a transformer over all instances is N² per layer, so its bags are capped
+    ("cls", "abmil"): {"lr": 2e-4, "weight_decay": 1e-5, "dropout": 0.25, "calibration_batches": 0},
+    ("cls", "transmil"): {
+        "lr": 2e-4,
+        "weight_decay": 1e-5,
+        "dropout": 0.1,
+        "max_instances": 4096,
+        "calibration_batches": 0,
+    },
+    ("cls", "e2e-mil"): {"dropout": 0.25, "calibration_batches": 0},
     ("cls", "patchgd-global"): {"accumulation_steps": 1, "latent_dim": None},
     ("det", "patchgd-global"): {"accumulation_steps": 10},
 }
@@ -224,11 +244,13 @@ def _check(recipe: Recipe, where: str) -> None:
             )
     positive = ("patch_size", "epochs", "batch_size", "accumulation_steps", "fill_batch")
     for key in (*positive, "memory_size", "iter_size", "latent_dim", "head_width", "head_convs",
-                "max_detections"):  # fmt: skip
+                "max_detections", "mil_hidden", "attention_dim", "bag_size"):  # fmt: skip
         if key == "latent_dim" and recipe.latent_dim is None and recipe.task == "cls":
             continue  # the backbone's own width
         if getattr(recipe, key) is None or getattr(recipe, key) < 1:
             raise UsageError(f"{where}: {key} must be at least 1, got {getattr(recipe, key)}")
+    if recipe.max_instances is not None and recipe.max_instances < 1:
+        raise UsageError(f"{where}: max_instances must be at least 1, got {recipe.max_instances}")
     if recipe.head_context < 0:
         raise UsageError(f"{where}: head_context must be at least 0, got {recipe.head_context}")
     if not 0 < recipe.sample_fraction <= 1:

@@ -368,16 +368,21 @@ def _memory_plan(run: Run, budget_text: str, images: list[LabelledImage]) -> Mem
     budget = parse_bytes(budget_text)
     size = recipe.patch_size
     sample = torch.zeros(1, 3, size, size, device=run.device)
-    encoder: nn.Module = (
-        getattr(model, "encoder", None) or getattr(model, "backbone", None) or model
-    )
+    encoder: nn.Module | None = getattr(model, "encoder", None) or getattr(model, "backbone", None)
+    if encoder is None and run.method.encodes_pixels:
+        encoder = model
     # Backward keeps about the forward activations again (gradients of each), plus the inputs.
-    per_patch = 2 * activation_bytes(encoder, sample) + sample.numel() * 4
+    per_patch = (
+        2 * activation_bytes(encoder, sample) + sample.numel() * 4 if encoder is not None else 0
+    )
     fixed = 4 * parameter_bytes(model)  # weights, gradients, two AdamW moments
     baseline = current_rss_bytes() if run.device.type == "cpu" else 0
     per_image = 0
     patches_wanted: int | None = None
-    if recipe.task == "det":
+    own = run.method.memory(images, per_patch)  # a method that states its own cost
+    if own is not None:
+        per_image, per_patch, patches_wanted = own
+    elif recipe.task == "det":
         per_image, per_patch, patches_wanted = _detection_memory(run, images, per_patch)
     elif recipe.task == "seg" and recipe.method in ("tiled", "patchgd-global"):
         biggest = max((run.method.patches(im.image_id) for im in images), key=lambda g: len(g[1]))

@@ -1,0 +1,275 @@
+"""Multiple-instance methods (docs/methods.md §10): attention MIL on stored features
+(``abmil``, ``transmil``) and end to end on K random patches (``e2e-mil``).
+
+They run on the shared loop like every method (checkpoints, resume, DDP, ``--memory-budget``,
+metrics, report, ``predict`` with attention heatmaps); what differs is what they read.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hiresctl.data import PatchGrid, ReadRequest
+from hiresctl.models.mil import EndToEndMIL, Standardize, create_aggregator
+from hiresctl.train.methods import BatchOutput, Heatmap, Method, Reads, StepContext, _chunks
+from storage import StoreError, UsageError
+
+_NO_GRID = PatchGrid.of(1, 1, 1)  # feature reads carry no grid
+STANDARDIZE_IMAGES = 256
+
+
+class FeatureMIL(Method):
+    """An aggregator trained on each image's stored feature set: no pixel is read, so an epoch
+    costs the aggregator's work alone (the features were paid for once by ``hiresctl embed``)."""
+
+    name = "abmil"
+    aggregator = "abmil"
+    encodes_pixels = False
+
+    def feature_set(self) -> str:
+        """The recipe's ``features``, else the one set every complete image has."""
+        if self.recipe.features:
+            return self.recipe.features
+        dataset = self.reader.dataset
+        names: set[str] | None = None
+        for entry in dataset.entries(complete_only=True):
+            found = set(dataset.feature_sets(entry.id))
+            names = found if names is None else names & found
+        if not names:
+            raise UsageError(
+                f"{dataset.path}: {self.name} trains on stored features and no feature set is "
+                "complete for every image; run `hiresctl embed` first"
+            )
+        if len(names) > 1:
+            raise UsageError(
+                f"{dataset.path}: several feature sets ({', '.join(sorted(names))}); choose one "
+                "with --set features=NAME"
+            )
+        self.recipe = self.recipe.replace(features=next(iter(names)))
+        return self.recipe.features or ""
+
+    def _attrs(self, image_id: str) -> dict:
+        found = self.reader.dataset.feature_set(image_id, self.feature_set())
+        if found is None:
+            raise StoreError(
+                f"{self.reader.dataset.path}/images/{image_id}",
+                f"has no complete feature set {self.feature_set()!r} (run `hiresctl embed`)",
+            )
+        return found[2]
+
+    def build_model(self) -> nn.Module:
+        r = self.recipe
+        dataset = self.reader.dataset
+        training = [e.id for e in dataset.entries(r.train_split, complete_only=True)]
+        if not training:
+            training = [e.id for e in dataset.entries(complete_only=True)]
+        dim = int(self._attrs(training[0])["dim"])
+        model = create_aggregator(self.aggregator, dim, self.num_classes, r.mil_hidden,
+                                  r.attention_dim, r.dropout, r.heads)  # fmt: skip
+        # the inputs' standardisation, from (at most STANDARDIZE_IMAGES) training images
+        total, squares, count = torch.zeros(dim), torch.zeros(dim), 0
+        for image_id in training[:STANDARDIZE_IMAGES]:
+            bag = self.reader.read_features(image_id, self.feature_set()).double()
+            total += bag.sum(0).float()
+            squares += (bag**2).sum(0).float()
+            count += len(bag)
+        standardize: Standardize = model.standardize  # type: ignore[assignment]
+        standardize.fit(total, squares, count)
+        return model
+
+    def plan(self, image_ids: list[str], seed: int, train: bool) -> list[ReadRequest]:
+        name = self.feature_set()
+        return [
+            ReadRequest(image_id, "features", _NO_GRID, tag=(b, seed), feature_set=name)
+            for b, image_id in enumerate(image_ids)
+        ]
+
+    def _bag(self, request: ReadRequest, bag: torch.Tensor, train: bool) -> torch.Tensor:
+        cap = self.recipe.max_instances
+        if train and cap is not None and len(bag) > cap:
+            rng = np.random.default_rng([request.tag[1], request.tag[0]])
+            bag = bag[torch.as_tensor(np.sort(rng.choice(len(bag), cap, replace=False)))]
+        return bag
+
+    def _forward(
+        self, ctx: StepContext, reads: Reads, train: bool
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        logits, weights = [], []
+        for request, bag in reads:
+            with ctx.autocast():
+                out, w = ctx.model(self._bag(request, bag, train).to(ctx.device))
+            logits.append(out.float())
+            weights.append(w.detach().float().cpu())
+        return torch.stack(logits), weights
+
+    def train_batch(
+        self, ctx: StepContext, image_ids: list[str], targets: torch.Tensor, reads: Reads
+    ) -> BatchOutput:
+        ctx.model.train()
+        logits, _ = self._forward(ctx, reads, train=True)
+        loss = F.cross_entropy(logits, targets.to(ctx.device))
+        ctx.learn(loss)
+        if ctx.micro_steps:
+            ctx.step()
+        return BatchOutput(float(loss.detach()), logits.detach().cpu())
+
+    def predict(self, ctx: StepContext, image_ids: list[str], reads: Reads) -> torch.Tensor:
+        ctx.model.eval()
+        with torch.no_grad():
+            return self._forward(ctx, reads, train=False)[0].cpu()
+
+    def explain(
+        self, ctx: StepContext, image_ids: list[str], reads: Reads
+    ) -> tuple[torch.Tensor, list[Heatmap]]:
+        """Logits, and each instance's attention weight placed on its patch's cell."""
+        ctx.model.eval()
+        with torch.no_grad():
+            logits, weights = self._forward(ctx, reads, train=False)
+        maps = []
+        for image_id, w in zip(image_ids, weights, strict=True):
+            _, coords, attrs = self.reader.dataset.feature_set(image_id, self.feature_set())  # type: ignore[misc]
+            cell = float(attrs["patch_size_level0"]) / 2**self.recipe.level
+            xy = np.asarray(coords[...]) / 2**self.recipe.level
+            _, height, width = self.reader.shape(image_id)
+            scores = np.zeros((int(np.ceil(height / cell)), int(np.ceil(width / cell))), np.float32)
+            rows, cols = (xy[:, 1] // cell).astype(int), (xy[:, 0] // cell).astype(int)
+            inside = (rows < scores.shape[0]) & (cols < scores.shape[1])
+            np.maximum.at(scores, (rows[inside], cols[inside]), w.numpy()[inside])
+            maps.append(Heatmap(image_id, scores, cell, "attention weight"))
+        return logits.cpu(), maps
+
+    def describe(self, image_id: str) -> dict[str, str]:
+        attrs = self._attrs(image_id)
+        cap = self.recipe.max_instances
+        return {
+            "patch": f"{attrs['patch_size']}² (level {attrs['level']})",
+            "sampling": f"all N={attrs['count']} stored features"
+            + (f", at most {cap} per training bag" if cap else ""),
+            "sees": f"frozen {attrs['encoder']} features ({attrs['settings']['weights']})",
+        }
+
+    def memory(self, images: list, per_patch: int) -> tuple[int, int, int | None]:
+        """(per image, per patch, patches wanted): a bag's features and the aggregator's
+        activations per instance; no patch is encoded."""
+        r = self.recipe
+        most = max(int(self._attrs(im.image_id)["count"]) for im in images)
+        if r.max_instances:
+            most = min(most, r.max_instances)
+        dim = int(self._attrs(images[0].image_id)["dim"])
+        per_instance = 4 * (dim + 6 * r.mil_hidden + 3 * r.attention_dim)
+        if self.aggregator == "transmil":
+            per_instance += 4 * r.heads * most  # the attention matrix of a layer
+        return most * per_instance * 2, 0, None
+
+
+class TransMIL(FeatureMIL):
+    name = "transmil"
+    aggregator = "transmil"
+
+
+class E2EMIL(Method):
+    """The backbone and gated attention trained together on ``bag_size`` [K] random kept
+    patches per image per step, all the batch's patches through the backbone as one batch (so
+    BatchNorm sees several images). Evaluation encodes every kept patch without gradient,
+    ``fill_batch`` at a time, and attends over all of them."""
+
+    name = "e2e-mil"
+
+    def build_model(self) -> nn.Module:
+        r = self.recipe
+        return EndToEndMIL(self.backbone(), self.num_classes, r.mil_hidden, r.attention_dim,
+                           r.dropout)  # fmt: skip
+
+    def plan(self, image_ids: list[str], seed: int, train: bool) -> list[ReadRequest]:
+        rng = np.random.default_rng(seed)
+        requests = []
+        for b, image_id in enumerate(image_ids):
+            grid, kept = self.patches(image_id, train)
+            if train:
+                chosen = np.sort(rng.permutation(kept)[: self.recipe.bag_size])
+                requests.append(ReadRequest(image_id, "patches", grid, chosen, (b, True)))
+                continue
+            parts = _chunks(kept, self.recipe.fill_batch)
+            for i, part in enumerate(parts):
+                requests.append(
+                    ReadRequest(image_id, "patches", grid, part, (b, i == len(parts) - 1))
+                )
+        return requests
+
+    def train_batch(
+        self, ctx: StepContext, image_ids: list[str], targets: torch.Tensor, reads: Reads
+    ) -> BatchOutput:
+        model: EndToEndMIL = ctx.model  # type: ignore[assignment]
+        model.train()
+        bags = list(reads)
+        with ctx.autocast():
+            features = model.encode(torch.cat([p for _, p in bags]).to(ctx.device))
+            logits, start = [], 0
+            for _, pixels in bags:
+                out, _ = model.aggregator(features[start : start + len(pixels)].float())
+                logits.append(out.float())
+                start += len(pixels)
+        ctx.patches_with_grad += start
+        stacked = torch.stack(logits)
+        loss = F.cross_entropy(stacked, targets.to(ctx.device))
+        ctx.learn(loss)
+        if ctx.micro_steps:
+            ctx.step()
+        return BatchOutput(float(loss.detach()), stacked.detach().cpu())
+
+    def _eval(
+        self, ctx: StepContext, reads: Reads
+    ) -> tuple[torch.Tensor, list[tuple[ReadRequest, np.ndarray, torch.Tensor]]]:
+        model: EndToEndMIL = ctx.model  # type: ignore[assignment]
+        model.eval()
+        logits, bags, pieces, indices = [], [], [], []
+        with torch.no_grad():
+            for request, pixels in reads:
+                with ctx.autocast():
+                    pieces.append(model.encode(pixels.to(ctx.device)).float())
+                indices.append(request.indices)
+                if request.tag[1]:  # the image's last chunk
+                    out, weights = model.aggregator(torch.cat(pieces))
+                    logits.append(out.float())
+                    bags.append((request, np.concatenate(indices), weights.cpu()))
+                    pieces, indices = [], []
+        return torch.stack(logits).cpu(), bags
+
+    def predict(self, ctx: StepContext, image_ids: list[str], reads: Reads) -> torch.Tensor:
+        return self._eval(ctx, reads)[0]
+
+    def explain(
+        self, ctx: StepContext, image_ids: list[str], reads: Reads
+    ) -> tuple[torch.Tensor, list[Heatmap]]:
+        logits, bags = self._eval(ctx, reads)
+        maps = []
+        for request, indices, weights in bags:
+            grid = request.grid
+            scores = np.zeros((grid.rows, grid.cols), np.float32)
+            rows, cols = grid.position(indices)
+            scores[rows, cols] = weights.numpy()
+            maps.append(
+                Heatmap(request.image_id, scores, float(grid.patch_size), "attention weight")
+            )
+        return logits, maps
+
+    def describe(self, image_id: str) -> dict[str, str]:
+        _, kept = self.patches(image_id)
+        return {
+            "sampling": f"K={min(self.recipe.bag_size, len(kept))} of N={len(kept)} random "
+            "patches per step; evaluation attends over all N",
+            "sees": "full resolution, a random bag of patches",
+        }
+
+    def memory(self, images: list, per_patch: int) -> tuple[int, int, int | None]:
+        """Training encodes K patches per image with gradient; the rest is small."""
+        size = self.recipe.patch_size
+        return self.recipe.fill_batch * size * size * 3 * 4, per_patch * self.recipe.bag_size, None
+
+
+MIL_METHOD_CLASSES: dict[str, type[Method]] = {
+    cls.name: cls for cls in (FeatureMIL, TransMIL, E2EMIL)
+}
