@@ -33,7 +33,8 @@ sys.path.insert(0, str(HERE))
 from reference import train_reference  # noqa: E402
 from training import publish  # noqa: E402
 
-METHODS = ("full", "patchgd-global", "patchgd", "ips", "downsample")
+METHODS = ("full", "patchgd-global", "patchgd", "ips", "e2e-mil", "abmil", "downsample")
+FEATURE_METHODS = ("abmil", "transmil")  # train on `hiresctl embed` features (time counted in)
 TASKS = {  # synth kind, extra synth arguments, default side, what the label is
     "megapixel-mnist": ("megapixel-mnist", ["--task", "majority"], 256,
                         "the digit present three times among five (10 classes) over line scribbles"),
@@ -92,14 +93,33 @@ def train_and_evaluate(store: Path, out: Path, options: list[str]) -> dict:
     }
 
 
+def embed_features(store: Path, args: argparse.Namespace) -> tuple[str, float]:
+    """The feature set of the benchmark's encoder and patch size, and the seconds it took
+    (``hiresctl embed`` skips images already done, so a second method pays nothing)."""
+    name = f"bench-{args.backbone}-{args.patch_size}"
+    start = time.perf_counter()
+    command = [sys.executable, "-m", "hiresctl", "embed", str(store), "--backbone", args.backbone,
+               "--patch-size", str(args.patch_size), "--name", name, "--device", "cpu"]  # fmt: skip
+    if args.embed_weights:
+        command += ["--pretrained", str(args.embed_weights)]
+    subprocess.run(command, check=True, capture_output=True)
+    return name, time.perf_counter() - start
+
+
 def method_options(method: str, args: argparse.Namespace) -> list[str]:
+    if method in FEATURE_METHODS:
+        return ["--method", method, "--device", "cpu", "--set", f"epochs={args.epochs}",
+                "--set", f"batch_size={args.batch_size}", "--set", "lr=1e-3",
+                "--set", f"features=bench-{args.backbone}-{args.patch_size}"]  # fmt: skip
     options = ["--method", method, "--device", "cpu",
                "--set", f"backbone={args.backbone}", "--set", f"patch_size={args.patch_size}",
                "--set", f"epochs={args.epochs}", "--set", f"batch_size={args.batch_size}",
-               "--set", "latent_dim=64", "--set", "head_width=64"]  # fmt: skip
+               "--set", "head_width=64"]  # fmt: skip
+    if method == "e2e-mil":
+        options += ["--set", f"bag_size={args.bag_size}"]
     if method == "ips":
-        options += ["--set", f"memory_size={args.ips_memory}", "--set", f"iter_size={args.ips_memory}",
-                    "--set", "heads=4"]  # fmt: skip
+        options += ["--set", "latent_dim=64", "--set", f"memory_size={args.ips_memory}",
+                    "--set", f"iter_size={args.ips_memory}", "--set", "heads=4"]  # fmt: skip
     return options
 
 
@@ -130,6 +150,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--backbone", choices=list(ENCODERS), default="tiny")
     parser.add_argument("--ips-memory", type=int, default=8, help="IPS M (and I)")
+    parser.add_argument("--bag-size", type=int, default=8, help="e2e-mil K")
+    parser.add_argument(
+        "--embed-weights",
+        type=Path,
+        default=None,
+        help="abmil/transmil: encoder weights for `hiresctl embed` (default: random)",
+    )
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--methods", default=",".join(("reference", *METHODS)))
     args = parser.parse_args()
@@ -149,8 +176,12 @@ def main() -> None:
                 result["train_peak_gb"] = result["peak_memory_gb"]
                 result["images_per_second"] = result["images_per_second"]
             else:
+                embed_seconds = 0.0
+                if method in FEATURE_METHODS:
+                    _, embed_seconds = embed_features(store, args)
                 options = [*method_options(method, args), "--set", f"seed={seed}"]
                 result = train_and_evaluate(store, root / f"run-{method}-{seed}", options)
+                result["seconds"] += embed_seconds
             runs.append(result)
             print(method, seed, f"test {result['test_accuracy']:.3f}", flush=True)
         rows.append((method, summarise(runs)))
@@ -171,7 +202,15 @@ def main() -> None:
         f"the patch methods (IPS keeps M = {args.ips_memory}); `downsample` sees the image at "
         f"{args.patch_size}². Test accuracy of the best-validation epoch, mean over {args.seeds} "
         "seed(s) [min–max]; the curve is validation accuracy per epoch. The reference row is bare "
-        "PyTorch on the TIFFs (`benchmarks/reference.py`), nothing of hiresctl.",
+        "PyTorch on the TIFFs (`benchmarks/reference.py`), nothing of hiresctl. `e2e-mil` trains "
+        f"on K = {args.bag_size} random patches per image per step; `abmil`/`transmil` train on "
+        "features `hiresctl embed` stored once with the same encoder, "
+        + (
+            f"weights {args.embed_weights.name}"
+            if args.embed_weights
+            else "**random weights** (nothing pretrained can be downloaded here)"
+        )
+        + ", the embedding time counted in their train seconds.",
         "",
         "| method | test accuracy | validation accuracy by epoch | train peak RSS GB | train images/s | train s |",
         "|---|---|---|---|---|---|",

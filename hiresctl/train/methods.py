@@ -65,6 +65,17 @@ class StepContext:
         if self.micro_steps >= self.accumulation_steps:
             self.step()
 
+    def learn_part(self, loss: torch.Tensor, parts: int, last: bool) -> None:
+        """Backward of one of ``parts`` pieces that together make one micro-step (each scaled
+        by 1/parts: their gradients average); the micro-step counts, and the optimizer steps
+        every ``accumulation_steps`` of them, once the ``last`` piece has run."""
+        self.backward(loss / parts)
+        self.micro_steps -= 1
+        if last:
+            self.micro_steps += 1
+            if self.micro_steps >= self.accumulation_steps:
+                self.step()
+
 
 @dataclass
 class Heatmap:
@@ -255,8 +266,7 @@ class PatchGD(Method):
             orders.append(rng.permutation(kept))
             sizes.append(k)
             groups.append(math.ceil(len(kept) / k))
-        inner = self.recipe.inner_steps or max(groups)
-        for j in range(inner):
+        for j in range(self.inner_count(image_ids)):
             members = []
             for b, image_id in enumerate(image_ids):
                 g = j % groups[b]  # with more inner steps than groups, start over
@@ -354,6 +364,8 @@ class PatchGD(Method):
         def fill(request: ReadRequest, pixels: torch.Tensor) -> None:
             self._fill(ctx, model, latent, request, pixels, train=True)
 
+        per_batch = self.recipe.inner_update == "batch"
+        steps = self.inner_count(image_ids)
         for group in self.inner_iterations(reads, fill, global_pixels):
             # Inner iteration j: re-encode this group with gradient, write it in place.
             model.train()
@@ -362,13 +374,23 @@ class PatchGD(Method):
                 g = self.encode_group(ctx, model.encoder, latent, group, global_pixels, self._write)
                 out = model.classify(latent, g)
                 loss = F.cross_entropy(out.float(), targets)
-            ctx.learn(loss)
+            inner += 1
+            if per_batch:  # the J inner gradients averaged: one micro-step per image batch
+                ctx.learn_part(loss, steps, last=inner == steps)
+            else:
+                ctx.learn(loss)
             losses.append(float(loss.detach()))
             logits = out.detach().float().cpu()
-            inner += 1
-        if ctx.micro_steps:  # flush what is left of this batch's accumulation
+        if not per_batch and ctx.micro_steps:  # flush what is left of this batch's accumulation
             ctx.step()
         return BatchOutput(float(np.mean(losses)) if losses else float("nan"), logits, inner)
+
+    def inner_count(self, image_ids: list[str]) -> int:
+        """J of a training batch: ``inner_steps``, else the most groups of k any image needs."""
+        if self.recipe.inner_steps:
+            return self.recipe.inner_steps
+        counts = [len(self.patches(i, train=True)[1]) for i in image_ids]
+        return max(math.ceil(n / self.patches_per_step(n)) for n in counts)
 
     def encode_group(
         self,

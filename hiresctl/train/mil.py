@@ -112,8 +112,6 @@ class FeatureMIL(Method):
         logits, _ = self._forward(ctx, reads, train=True)
         loss = F.cross_entropy(logits, targets.to(ctx.device))
         ctx.learn(loss)
-        if ctx.micro_steps:
-            ctx.step()
         return BatchOutput(float(loss.detach()), logits.detach().cpu())
 
     def predict(self, ctx: StepContext, image_ids: list[str], reads: Reads) -> torch.Tensor:
@@ -216,8 +214,6 @@ class E2EMIL(Method):
         stacked = torch.stack(logits)
         loss = F.cross_entropy(stacked, targets.to(ctx.device))
         ctx.learn(loss)
-        if ctx.micro_steps:
-            ctx.step()
         return BatchOutput(float(loss.detach()), stacked.detach().cpu())
 
     def _eval(

@@ -115,8 +115,9 @@ def test_resume_continues_steps_and_optimizer_state(
     assert "resuming" in resumed.stderr and "batch 2, step 6" in resumed.stderr
     done = torch.load(tmp_path / "split/checkpoints/last.pt", weights_only=False)
     assert done["step"] == 2 * 4 and done["epoch"] == 2
-    # ρ = 0.25 → 4 inner iterations, each an optimizer step: 2 epochs × 4 batches × 4
-    assert max(int(s["step"]) for s in done["optimizer"]["state"].values()) == 32
+    # ρ = 0.25 → 4 inner iterations averaged into one optimizer step per image batch
+    # (inner_update: batch): 2 epochs × 4 batches
+    assert max(int(s["step"]) for s in done["optimizer"]["state"].values()) == 8
     reference = _weights(tmp_path / "straight/checkpoints/last.pt")
     for key, value in done["model"].items():
         assert torch.allclose(value.float(), reference[key].float(), atol=1e-5), key
