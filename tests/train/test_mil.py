@@ -16,15 +16,6 @@ from hiresctl.models.mil import ABMIL, TransformerMIL
 from tests.stores import make_store, planted_images
 
 
-@pytest.fixture(scope="module")
-def planted(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("planted")
-    images, labels = planted_images(
-        40, 128, 32, seed=0, split_of=lambda i: "val" if i >= 30 else "train"
-    )
-    return make_store(root, images, labels)
-
-
 @pytest.mark.parametrize("model", [ABMIL(8, 3, 16, 8, 0.0), TransformerMIL(8, 3, 16, 4, 2, 0.0)])
 def test_aggregators_take_any_bag_size_and_weigh_every_instance(model: torch.nn.Module) -> None:
     model.eval().requires_grad_(False)

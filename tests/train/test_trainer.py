@@ -30,15 +30,6 @@ TINY = [
 ]
 
 
-@pytest.fixture(scope="module")
-def planted(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("planted")
-    images, labels = planted_images(
-        40, 128, 32, seed=0, split_of=lambda i: "val" if i >= 30 else "train"
-    )
-    return make_store(root, images, labels)
-
-
 def test_patchgd_global_learns_a_planted_signal(
     planted: Path, tmp_path: Path, cli: Callable
 ) -> None:
