@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import socket
 from pathlib import Path
 from types import TracebackType
 
@@ -78,5 +79,5 @@ def _holder(fd: int) -> str:
         fields = line.split()
         # "1: FLOCK  ADVISORY  WRITE 4321 08:01:1234 0 EOF"; blocked waiters carry "->"
         if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == device:
-            return f"pid {fields[4]}"
+            return f"pid {fields[4]} on {socket.gethostname()}"
     return "holder unknown"
