@@ -256,10 +256,7 @@ class Dataset:
         indexes; one line each (``hiresctl info --check``)."""
         try:
             group = self.image_group(image_id)
-            arrays = list(group.arrays())
-            mask: Any = group.get(f"labels/{MASK}")
-            if mask is not None:
-                arrays += [(f"labels/{MASK}/{name}", a) for name, a in mask.arrays()]
+            arrays = image_arrays(group)
         except StoreError as exc:
             return [str(exc)]
         problems = []
@@ -387,15 +384,39 @@ def upgrade_store(path: str | Path) -> list[str]:
         return upgrade_layout(Dataset(path, mode="r+").root)
 
 
+def write_foreground(group: Any, mask: np.ndarray, scale: Any) -> None:
+    """(Re)write an image's ``foreground`` array: ``mask`` (1, th, tw) uint8, one chunk, with
+    the thumbnail's ``scale`` (level-0 pixels per mask pixel) when given."""
+    if FOREGROUND in group:
+        del group[FOREGROUND]
+    array = group.create_array(
+        FOREGROUND,
+        shape=mask.shape,
+        dtype="uint8",
+        chunks=mask.shape,
+        dimension_names=("c", "y", "x"),
+        compressors=[ZstdCodec(level=3)],
+    )
+    array[...] = mask.astype(np.uint8)
+    if scale is not None:
+        array.attrs["scale"] = list(scale)
+
+
+def image_arrays(group: Any) -> list[tuple[str, Any]]:
+    """(path, array) of every array of an image group: its own (levels, thumbnail,
+    foreground) and its mask levels."""
+    arrays = list(group.arrays())
+    mask: Any = group.get(f"labels/{MASK}")
+    if mask is not None:
+        arrays += [(f"labels/{MASK}/{name}", a) for name, a in mask.arrays()]
+    return arrays
+
+
 def record_arrays(group: zarr.Group, only_missing: bool = False) -> None:
     """Write the record of stored objects of every array of an image group (its levels,
     thumbnail, foreground and mask levels); ``only_missing``: of arrays without one (an
     upgrade records what is there now: it cannot know what an older version wrote)."""
-    arrays = list(group.arrays())
-    mask: Any = group.get(f"labels/{MASK}")
-    if mask is not None:
-        arrays += list(mask.arrays())
-    for _, array in arrays:
+    for _, array in image_arrays(group):
         if not (only_missing and "stored_objects" in hires_attrs(array)):
             record_objects(array)
 
@@ -416,20 +437,8 @@ def upgrade_layout(root: zarr.Group) -> list[str]:
             mask = np.asarray(labels["foreground"]["0"][...])
         except Exception:
             continue  # damaged: `hiresctl info` names it
-        if FOREGROUND in group:
-            del group[FOREGROUND]
-        new = group.create_array(
-            FOREGROUND,
-            shape=mask.shape,
-            dtype=mask.dtype,
-            chunks=mask.shape,
-            dimension_names=("c", "y", "x"),
-            compressors=[ZstdCodec(level=3)],
-        )
-        new[...] = mask
         thumb = group.get(THUMBNAIL)
-        if thumb is not None and "scale" in thumb.attrs:
-            new.attrs["scale"] = thumb.attrs["scale"]
+        write_foreground(group, mask, thumb.attrs.get("scale") if thumb is not None else None)
         del labels["foreground"]
         names = [n for n in labels.attrs.get("ome", {}).get("labels", []) if n != "foreground"]
         if names:

@@ -52,7 +52,6 @@ from storage.readers import (
 )
 from storage.store import (
     ANNOTATIONS,
-    FOREGROUND,
     FORMAT_VERSION,
     IMAGES,
     MASK,
@@ -61,6 +60,7 @@ from storage.store import (
     image_multiscales,
     record_arrays,
     upgrade_layout,
+    write_foreground,
 )
 
 __all__ = [
@@ -1040,18 +1040,7 @@ def _finalize(root: zarr.Group, plan: _Plan, options: TileOptions) -> None:
     arr[...] = thumb
     arr.attrs["scale"] = [1.0, height / th, width / tw]
     mask = foreground_mask(thumb, attrs["fill_value"])
-    if FOREGROUND in group:
-        del group[FOREGROUND]
-    fg = group.create_array(
-        FOREGROUND,
-        shape=mask.shape,
-        dtype="uint8",
-        chunks=mask.shape,
-        dimension_names=("c", "y", "x"),
-        compressors=[ZstdCodec(level=3)],
-    )
-    fg[...] = mask
-    fg.attrs["scale"] = [1.0, height / th, width / tw]
+    write_foreground(group, mask, [1.0, height / th, width / tw])
     level_scales = [(height / lh, width / lw) for lh, lw in plan.shapes]
     labels: Any = group.get("labels")
     if labels is not None and "foreground" in labels:
