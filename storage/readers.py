@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -691,6 +691,43 @@ _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _PIL_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"BM", b"GIF8", b"RIFF")
 
 
+@dataclass(frozen=True)
+class SourceFormat:
+    """One family of source files: its name, the suffixes a folder is searched for, how a file
+    is recognised from its content (``sniff(path, first 16 bytes)``) and its reader."""
+
+    name: str
+    suffixes: frozenset[str]
+    sniff: Callable[[Path, bytes], bool]
+    opener: Callable[[Path, int, bool], SourceReader]
+
+
+def _is_slide(path: Path, head: bytes) -> bool:
+    vendor = _openslide_vendor(path)
+    return vendor is not None and vendor != "generic-tiff"
+
+
+#: Every source format, in the order a file is tried against them (the first that recognises
+#: its content opens it; the name never decides alone). A new format is one entry here.
+SOURCE_FORMATS: tuple[SourceFormat, ...] = (
+    SourceFormat("whole-slide image (OpenSlide: SVS, NDPI, MRXS, SCN, VMS, BIF)",
+                 frozenset(OPENSLIDE_SUFFIXES - {".tif"}), _is_slide,
+                 lambda path, max_pixels, labels: OpenSlideReader(path, max_pixels)),
+    SourceFormat("TIFF/OME-TIFF/BigTIFF", frozenset({".tif", ".tiff", ".btf", ".tf8"}),
+                 lambda path, head: head[:4] in _TIFF_MAGIC,
+                 lambda path, max_pixels, labels: TiffReader(path, max_pixels)),
+    SourceFormat("PNG, JPEG, BMP, GIF or WebP",
+                 frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}),
+                 lambda path, head: head.startswith(_PIL_MAGIC),
+                 lambda path, max_pixels, labels: ImageFileReader(path, max_pixels, labels=labels)),
+)  # fmt: skip
+
+
+def source_suffixes() -> frozenset[str]:
+    """The suffixes of every source format (what a folder given as input is searched for)."""
+    return frozenset().union(*(f.suffixes for f in SOURCE_FORMATS))
+
+
 def open_source(
     path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS, labels: bool = False
 ) -> SourceReader:
@@ -707,17 +744,11 @@ def open_source(
         raise SourceError(p, "empty file (0 bytes)")
     with open(p, "rb") as fh:
         head = fh.read(16)
-    vendor = _openslide_vendor(p)
-    if vendor is not None and vendor != "generic-tiff":
-        return OpenSlideReader(p, max_pixels)
-    if head[:4] in _TIFF_MAGIC:
-        return TiffReader(p, max_pixels)
-    if head.startswith(_PIL_MAGIC):
-        return ImageFileReader(p, max_pixels, labels=labels)
-    raise SourceError(
-        p,
-        "not a supported image format (expected TIFF/OME-TIFF/BigTIFF, SVS, NDPI, MRXS, PNG, JPEG)",
-    )
+    for source_format in SOURCE_FORMATS:
+        if source_format.sniff(p, head):
+            return source_format.opener(p, max_pixels, labels)
+    names = "; ".join(f.name for f in SOURCE_FORMATS)
+    raise SourceError(p, f"not a supported image format (expected {names})")
 
 
 def _openslide_vendor(path: Path) -> str | None:

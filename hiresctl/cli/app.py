@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -23,11 +24,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 err = Console(stderr=True)
-
-IMAGE_SUFFIXES = {
-    ".tif", ".tiff", ".btf", ".tf8", ".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif",
-    ".svslide", ".png", ".jpg", ".jpeg",
-}  # fmt: skip
 
 
 class Codec(StrEnum):
@@ -111,6 +107,10 @@ def synth(
 
 
 def _expand_sources(sources: list[str]) -> list[str]:
+    """Files, folders (searched for every source format's suffixes) and ``-`` (stdin)."""
+    from storage.readers import source_suffixes
+
+    suffixes = source_suffixes()
     paths: list[str] = []
     for src in sources:
         if src == "-":
@@ -119,7 +119,7 @@ def _expand_sources(sources: list[str]) -> list[str]:
         p = Path(src)
         if p.is_dir():
             found = sorted(
-                str(f) for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+                str(f) for f in p.rglob("*") if f.is_file() and f.suffix.lower() in suffixes
             )
             if not found:
                 paths.append(src)  # reported as a failed input, not silently ignored
@@ -442,9 +442,7 @@ def train(
     method: Annotated[
         str | None,
         typer.Option(
-            help="patchgd-global (default); cls: patchgd, ips, downsample, full, abmil, transmil "
-            "(on `hiresctl embed` features), e2e-mil; "
-            "det: patchgd, downsample, sliced; seg: tiled, downsample, full."
+            help="patchgd-global (default); `hiresctl methods` lists every task's methods."
         ),
     ] = None,
     set_: Annotated[
@@ -499,6 +497,38 @@ def train(
 
 
 # -------------------------------------------------------------------------------------- eval
+
+
+@app.command()
+def methods(
+    task: Annotated[
+        str | None, typer.Option(help="Only this task's methods (cls, det, seg).")
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the methods and their defaults as JSON.")
+    ] = False,
+) -> None:
+    """List the training methods of each task, with what they are and the recipe defaults
+    they change."""
+    from hiresctl.train import method_class, method_names, task_names
+    from hiresctl.train.registry import method_defaults, task_class
+
+    tasks = [task] if task else list(task_names())
+    rows: list[dict[str, Any]] = []
+    for name in tasks:
+        task_class(name)  # an unknown task is named with the valid ones
+        for method in method_names(name):
+            doc = " ".join((method_class(name, method).__doc__ or "").split())
+            about = doc.split(". ")[0].rstrip(".") + "." if doc else ""
+            rows.append({"task": name, "method": method, "about": about,
+                         "defaults": method_defaults(name, method)})  # fmt: skip
+    if as_json:
+        typer.echo(json.dumps(rows, default=str))
+        return
+    for row in rows:
+        changed = ", ".join(f"{k}={v}" for k, v in row["defaults"].items())
+        typer.echo(f"{row['task']:4} {row['method']:15} {row['about']}"
+                   + (f" [defaults: {changed}]" if changed else ""))  # fmt: skip
 
 
 @app.command("eval")
@@ -710,6 +740,8 @@ def predict(
 
 def main() -> None:
     """Console entry point: typed errors become one line and an exit code (usage: 2, input: 1)."""
+    # a warning (e.g. a plugin that failed to load) is one line too, not its source line
+    warnings.formatwarning = lambda message, category, *_, **__: f"warning: {message}\n"
     try:
         app()  # standalone: click reports its own usage errors and exits with 2
     except UsageError as exc:
