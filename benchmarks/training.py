@@ -148,7 +148,7 @@ import json, sys, time, torch
 from hiresctl.data import PatchStream
 from hiresctl.train import Recipe, build_run, step_context
 from hiresctl.train.memory import PeakMemory, current_rss_bytes
-from hiresctl.train.trainer import _PlannedReads
+from hiresctl.train.run import PlannedReads
 from storage import Dataset
 method, store, image = sys.argv[1], sys.argv[2], sys.argv[3]
 recipe = Recipe(method=method, backbone="tiny", patch_size=256, batch_size=1, patches_per_step=16,
@@ -160,7 +160,7 @@ peak = PeakMemory(torch.device("cpu"))
 base = current_rss_bytes()
 peak.reset()
 start = time.perf_counter()
-reads = _PlannedReads(PatchStream(run.reader), iter([run.method.plan([image], 0, True)]))
+reads = PlannedReads(PatchStream(run.reader), iter([run.method.plan([image], 0, True)]))
 run.method.train_batch(ctx, [image], torch.tensor([1]), reads.batch())
 print(json.dumps({"peak": peak.peak_bytes(), "base": base, "seconds": time.perf_counter() - start,
                   "patches": run.reader.patches_read}))

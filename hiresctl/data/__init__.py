@@ -1,5 +1,6 @@
-"""Patch sampling and streaming: locations in, tensors out, never a whole level in memory."""
+"""Patch grids, foreground filtering and streaming: locations in, tensors out, never a whole level in memory."""
 
+from hiresctl.data.foreground import foreground_fraction, kept_patches
 from hiresctl.data.grid import NO_FLIP, Flip, PatchGrid
 from hiresctl.data.images import (
     LabelledImage,
@@ -10,28 +11,22 @@ from hiresctl.data.images import (
     segmentation_images,
 )
 from hiresctl.data.reader import PatchReader, normalize, to_tensor, to_unit_rgb
-from hiresctl.data.samplers import (
-    GridSampler,
-    RandomPatchSampler,
-    foreground_fraction,
-    kept_patches,
-)
-from hiresctl.data.stream import PatchStream, ReadRequest
+from hiresctl.data.stream import NO_TAG, PatchStream, ReadRequest, ReadTag
 from hiresctl.data.transforms import AUGMENTATIONS, GEOMETRIC, PatchAugment, flip_boxes
 
 __all__ = [
     "AUGMENTATIONS",
     "GEOMETRIC",
     "NO_FLIP",
+    "NO_TAG",
     "Flip",
-    "GridSampler",
     "LabelledImage",
     "PatchAugment",
     "PatchGrid",
     "PatchReader",
     "PatchStream",
-    "RandomPatchSampler",
     "ReadRequest",
+    "ReadTag",
     "class_names",
     "detection_images",
     "flip_boxes",

@@ -1,71 +1,17 @@
-"""Samplers yield patch *locations* (grid indices), never pixels.
+"""Which patches of an image count: the foreground share of every patch of a grid, from the
+store's thumbnail-resolution mask, and the patches that training, evaluation and ``embed`` keep.
 
-They are ``torch.utils.data.Sampler``s over the patch grid of one image and take a seedable
-``torch.Generator``, so a run with the same seed visits the same patches.
+Patch *choice* within the kept patches (k of N per PatchGD step, IPS's memory, e2e-mil's bag)
+belongs to each method's ``plan``, drawn from its batch's seeded generator.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-import torch
-from torch.utils.data import Sampler
 
 from hiresctl.data.grid import NO_FLIP, Flip, PatchGrid
-
-
-class GridSampler(Sampler[int]):
-    """Every patch of the grid (or of ``indices``), in row-major order."""
-
-    def __init__(self, grid: PatchGrid, indices: np.ndarray | None = None) -> None:
-        self.indices = np.arange(grid.num_patches) if indices is None else np.asarray(indices)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(int(i) for i in self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
-class RandomPatchSampler(Sampler[int]):
-    """``num_samples`` distinct random patches, optionally weighted (e.g. by foreground).
-
-    Patches with zero weight are never drawn; when fewer patches have weight than asked for,
-    all of them are returned.
-    """
-
-    def __init__(
-        self,
-        grid: PatchGrid,
-        num_samples: int,
-        weights: np.ndarray | None = None,
-        generator: torch.Generator | None = None,
-    ) -> None:
-        self.grid = grid
-        self.num_samples = num_samples
-        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
-        self.generator = generator
-
-    def __iter__(self) -> Iterator[int]:
-        count = self.grid.num_patches
-        if self.weights is None:
-            order = torch.randperm(count, generator=self.generator)[: self.num_samples]
-        else:
-            available = int((self.weights > 0).sum())
-            take = min(self.num_samples, available)
-            if take == 0:
-                return iter(())
-            order = torch.multinomial(
-                self.weights, take, replacement=False, generator=self.generator
-            )
-        return iter(int(i) for i in order)
-
-    def __len__(self) -> int:
-        if self.weights is None:
-            return min(self.num_samples, self.grid.num_patches)
-        return min(self.num_samples, int((self.weights > 0).sum()))
 
 
 def foreground_fraction(mask: np.ndarray, grid: PatchGrid) -> np.ndarray:

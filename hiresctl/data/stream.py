@@ -23,6 +23,23 @@ from hiresctl.data.reader import PatchReader, normalize
 
 
 @dataclass(frozen=True)
+class ReadTag:
+    """What a planned read is for, as the method that planned it consumes it: its ``role`` in
+    the step ("fill", "global", "group", "select", "image", "target", ...), the ``image`` it
+    belongs to (its index in the batch), whether it is the ``last`` read of its group (an inner
+    step, a selection, an image's chunks), and a ``number`` the role gives meaning to (the
+    inner step of a group; a feature bag's seed; the position of a chunk's first patch)."""
+
+    role: str
+    image: int = 0
+    last: bool = False
+    number: int = 0
+
+
+NO_TAG = ReadTag("read")
+
+
+@dataclass(frozen=True)
 class ReadRequest:
     """One read: ``indices`` of ``grid`` of ``image_id`` (kind "patches"), or its global patch."""
 
@@ -32,7 +49,7 @@ class ReadRequest:
     kind: str
     grid: PatchGrid
     indices: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-    tag: Any = None  # the trainer's own bookkeeping (e.g. which inner iteration)
+    tag: ReadTag = NO_TAG  # the method's own bookkeeping
     feature_set: str = ""
 
 

@@ -1,4 +1,4 @@
-"""Evaluation: metrics of a trained run on a split of a dataset store."""
+"""Evaluation: metrics of a trained run on a split of a dataset store, by the run's task."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ from typing import Any
 
 import yaml
 
-from hiresctl.eval.classification import evaluate_classification
-from hiresctl.eval.detection import evaluate_detection
-from hiresctl.eval.segmentation import evaluate_segmentation
-from hiresctl.train import Run
-from storage import StoreError
+from hiresctl.data import require_images
+from hiresctl.eval.common import result_header, save_result
+from hiresctl.train import Run, load_run, resolve_device
+from hiresctl.train.tasks import TileHook
+from storage import Dataset, StoreError
 
 
 def run_task(run_dir: str | Path) -> str:
@@ -25,23 +25,21 @@ def run_task(run_dir: str | Path) -> str:
 
 
 def evaluate(run_dir: str | Path, data: str | Path, split: str = "test", device: str = "auto",
-             checkpoint: str = "best", on_tile: Any = None, run: Run | None = None,
+             checkpoint: str = "best", on_tile: TileHook | None = None, run: Run | None = None,
              ) -> dict[str, Any]:  # fmt: skip
-    """Evaluate a run with its task's metrics (``on_tile``: segmentation's tile hook; ``run``:
-    the run already loaded from ``run_dir``, else it is loaded here)."""
-    task = run_task(run_dir)
-    if task == "det":
-        return evaluate_detection(run_dir, data, split, device, checkpoint, run=run)
-    if task == "seg":
-        return evaluate_segmentation(run_dir, data, split, device, checkpoint, on_tile=on_tile,
-                                     run=run)  # fmt: skip
-    return evaluate_classification(run_dir, data, split, device, checkpoint, run=run)
+    """Evaluate a run with its task's metrics on ``split``; also written to
+    ``RUN/eval-<split>.json``. ``on_tile``: segmentation's hook on every predicted tile with its
+    truth; ``run``: the run already loaded from ``run_dir``, else it is loaded here."""
+    dataset = Dataset(data)
+    torch_device = resolve_device(device)
+    run = run or load_run(run_dir, dataset, torch_device, checkpoint)
+    images, problems = run.task.images(dataset, split, run.classes)
+    require_images(images, dataset, split)
+    body, stats = run.task.evaluate(run, images, Path(run_dir), split, on_tile=on_tile)
+    result = result_header(run, run_dir, data, split, len(images), stats, torch_device)
+    result.update(body)
+    result["skipped"] = problems
+    return save_result(run_dir, split, result)
 
 
-__all__ = [
-    "evaluate",
-    "evaluate_classification",
-    "evaluate_detection",
-    "evaluate_segmentation",
-    "run_task",
-]
+__all__ = ["evaluate", "run_task"]

@@ -44,8 +44,7 @@ import zarr
 from zarr.codecs import ZstdCodec
 
 from hiresctl.data import LabelledImage
-from hiresctl.eval import run_task
-from hiresctl.report import figures
+from hiresctl.eval import overlays, run_task
 from hiresctl.train import (
     Heatmap,
     Run,
@@ -56,18 +55,13 @@ from hiresctl.train import (
     predict_segmentation,
     resolve_device,
 )
-from hiresctl.train.segmentation import PREDICT_TILE, binary_image_metrics
+from hiresctl.train.segmentation import PREDICT_TILE, SegmentationMethod, binary_image_metrics
 from storage import Dataset, StoreError, UsageError
 from storage.annotations import geotransform
 from storage.store import hires_attrs, image_multiscales
 from storage.tiler import _PALETTE, label_image_attrs, label_pyramid
 
 STORE = "predictions.zarr"
-FORMATS = {  # what each task can write; all of them by default
-    "cls": ("ngff", "csv", "json", "png"),
-    "seg": ("ngff", "geojson", "csv", "json", "png"),
-    "det": ("coco", "geojson", "csv", "json", "png"),
-}
 GEOJSON_MAX_SIDE = 8192  # polygons are traced on the finest prediction level at most this big
 
 
@@ -99,7 +93,7 @@ def predict_masks(
     dataset = Dataset(data)
     torch_device = resolve_device(device)
     run = load_run(run_dir, dataset, torch_device, checkpoint)
-    if run.recipe.task != "seg" or run.mask_values is None:
+    if not isinstance(run.method, SegmentationMethod) or run.mask_values is None:
         raise UsageError(f"{run_dir}: a {run.recipe.task} run; predict writes masks of seg runs")
     values = np.asarray(run.mask_values)
     classes = dict(zip(run.mask_values, run.classes, strict=True))
@@ -231,11 +225,11 @@ def classify_images(
                     group.attrs["hiresctl"] = {"status": "complete", **row}
                     row["output"] = f"{out / STORE}/{entry.id}"
                 if "png" in formats:
-                    thumb = figures.fit(figures.to_rgb8(dataset.thumbnail(entry.id)), 512)
-                    overlay = figures.heatmap_overlay(
+                    thumb = overlays.fit(overlays.to_rgb8(dataset.thumbnail(entry.id)), 512)
+                    overlay = overlays.heatmap_overlay(
                         thumb, heat.scores, heat.cell, (height, width)
                     )
-                    figures.save_png(out / "overlays" / f"{entry.id}.png", overlay)
+                    overlays.save_png(out / "overlays" / f"{entry.id}.png", overlay)
             row["seconds"] = round(seconds, 3)
             row["peak_memory_gb"] = stats["peak_memory_gb"]
             rows.append(row)
@@ -325,8 +319,8 @@ def detect_images(
                     crs_path.write_text(json.dumps(collection))
                     row["geojson_crs"] = str(crs_path)
             if "png" in formats:
-                figures.save_png(out / "overlays" / f"{entry.id}.png",
-                                 figures.boxes_overlay(dataset.thumbnail(entry.id), entry.shape[1:],
+                overlays.save_png(out / "overlays" / f"{entry.id}.png",
+                                 overlays.boxes_overlay(dataset.thumbnail(entry.id), entry.shape[1:],
                                                        boxes, labels, _rgb))  # fmt: skip
             row["seconds"] = round(stats["seconds"] / len(batch), 3)
             row["peak_memory_gb"] = stats["peak_memory_gb"]
@@ -483,13 +477,13 @@ def _segmentation_outputs(
         row["polygons"] = len(features)
     if "png" in formats:
         small = np.asarray(levels[-1][0])
-        thumb = figures.to_rgb8(dataset.thumbnail(row["id"]))
-        base = figures.resize(thumb, small.shape).astype(np.float32)
+        thumb = overlays.to_rgb8(dataset.thumbnail(row["id"]))
+        base = overlays.resize(thumb, small.shape).astype(np.float32)
         for index, value in enumerate(values):
             if index:
                 where = small == value
                 base[where] = base[where] * 0.4 + np.asarray(_rgb(index), np.float32) * 0.6
-        figures.save_png(out / "overlays" / f"{row['id']}.png", base.astype(np.uint8))
+        overlays.save_png(out / "overlays" / f"{row['id']}.png", base.astype(np.uint8))
 
 
 # -------------------------------------------------------------------------------- predict
@@ -528,13 +522,14 @@ def predict(
     """Apply a run to one dataset store (``inputs == [store]``) or to source files, tiled into a
     temporary store first (bad sources are named in ``problems``; the others are predicted)."""
     task = run_task(run_dir)
-    if task not in FORMATS:
+    if task not in _PREDICTORS:
         raise UsageError(f"{run_dir}: predict does not handle {task!r} runs yet")
-    wanted = set(formats or FORMATS[task])
-    unknown = wanted - set(FORMATS[task])
+    predictor = _PREDICTORS[task]
+    wanted = set(formats or predictor.formats)
+    unknown = wanted - set(predictor.formats)
     if unknown:
         raise UsageError(f"--format {', '.join(sorted(unknown))}: a {task} run writes "
-                         f"{', '.join(FORMATS[task])}")  # fmt: skip
+                         f"{', '.join(predictor.formats)}")  # fmt: skip
     folder = Path(out)
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"{out}: --out exists and is not a folder")
@@ -553,42 +548,106 @@ def predict(
         if not is_store and split is not None:
             raise UsageError("--split selects images of a dataset store, not of source files")
         folder.mkdir(parents=True, exist_ok=True)
-        if task == "seg":
-            dataset = Dataset(data)
-            store = folder / STORE
-
-            def finish(row: dict[str, Any]) -> None:
-                root = zarr.open_group(str(store), mode="r")
-                names = {int(v): str(n) for v, n in hires_attrs(root)["classes"].items()}
-                _segmentation_outputs(root, dataset, row, list(names), names, folder, wanted)
-                if "ngff" not in wanted:
-                    row.pop("output", None)
-                if on_image is not None:
-                    on_image(row)
-
-            rows = predict_masks(run_dir, data, store, split, device, checkpoint, probabilities,
-                                 on_image=finish)  # fmt: skip
-        elif task == "det":
-            dataset = Dataset(data)
-            run = load_run(run_dir, dataset, resolve_device(device), checkpoint)
-            entries = [e for e in dataset.entries(split=split) if e.complete]
-            if not entries and not problems:
-                raise StoreError(dataset.path, "no completely tiled images to predict")
-            rows = detect_images(run, dataset, entries, folder, wanted, on_image, score_threshold)
-        else:
-            dataset = Dataset(data)
-            torch_device = resolve_device(device)
-            run = load_run(run_dir, dataset, torch_device, checkpoint)
-            entries = [e for e in dataset.entries(split=split) if e.complete]
-            if not entries and not problems:
-                raise StoreError(dataset.path, "no completely tiled images to predict")
-            root = _open_out(folder / STORE, {"run": str(run_dir), "data": str(data), "task": task,
-                                              "method": run.recipe.method}) if "ngff" in wanted else None  # fmt: skip
-            rows = classify_images(run, dataset, entries, root, folder, wanted, on_image)
+        job = PredictJob(Path(run_dir), data, folder, split, device, checkpoint, wanted,
+                         probabilities, on_image, score_threshold, problems)  # fmt: skip
+        rows = predictor.write(job)
     _write_rows(rows, folder, wanted)
-    if task == "seg" and "ngff" not in wanted:
-        shutil.rmtree(folder / STORE, ignore_errors=True)
     return PredictResult(rows, problems, folder)
+
+
+@dataclass
+class PredictJob:
+    """One ``predict`` call as a task's predictor sees it (``data``: the store to predict)."""
+
+    run_dir: Path
+    data: Path
+    folder: Path
+    split: str | None
+    device: str
+    checkpoint: str
+    wanted: set[str]
+    probabilities: bool
+    on_image: Callable[[dict[str, Any]], None] | None
+    score_threshold: float | None
+    problems: list[str]
+
+    def load(self) -> tuple[Run, Dataset, list[Any]]:
+        """The run, the store and its completely tiled images (of ``split``)."""
+        dataset = Dataset(self.data)
+        run = load_run(self.run_dir, dataset, resolve_device(self.device), self.checkpoint)
+        entries = [e for e in dataset.entries(split=self.split) if e.complete]
+        if not entries and not self.problems:
+            raise StoreError(dataset.path, "no completely tiled images to predict")
+        return run, dataset, entries
+
+
+@dataclass
+class Predictor:
+    formats: tuple[str, ...]  # what the task's runs can write; all of them by default
+    write: Callable[[PredictJob], list[dict[str, Any]]]  # predict, write; one row per image
+
+
+_PREDICTORS: dict[str, Predictor] = {}
+
+
+def predicts(
+    task: str, formats: tuple[str, ...]
+) -> Callable[
+    [Callable[[PredictJob], list[dict[str, Any]]]], Callable[[PredictJob], list[dict[str, Any]]]
+]:
+    """Decorator: what ``predict`` writes for runs of ``task`` (one per registered task)."""
+
+    def add(
+        write: Callable[[PredictJob], list[dict[str, Any]]],
+    ) -> Callable[[PredictJob], list[dict[str, Any]]]:
+        _PREDICTORS[task] = Predictor(formats, write)
+        return write
+
+    return add
+
+
+def predict_formats(task: str) -> tuple[str, ...]:
+    """The output formats of ``task``'s runs (empty where predict does not handle it)."""
+    predictor = _PREDICTORS.get(task)
+    return predictor.formats if predictor else ()
+
+
+@predicts("seg", ("ngff", "geojson", "csv", "json", "png"))
+def _predict_segmentation(job: PredictJob) -> list[dict[str, Any]]:
+    dataset = Dataset(job.data)
+    store = job.folder / STORE
+
+    def finish(row: dict[str, Any]) -> None:
+        root = zarr.open_group(str(store), mode="r")
+        names = {int(v): str(n) for v, n in hires_attrs(root)["classes"].items()}
+        _segmentation_outputs(root, dataset, row, list(names), names, job.folder, job.wanted)
+        if "ngff" not in job.wanted:
+            row.pop("output", None)
+        if job.on_image is not None:
+            job.on_image(row)
+
+    rows = predict_masks(job.run_dir, job.data, store, job.split, job.device, job.checkpoint,
+                         job.probabilities, on_image=finish)  # fmt: skip
+    if "ngff" not in job.wanted:
+        shutil.rmtree(store, ignore_errors=True)
+    return rows
+
+
+@predicts("det", ("coco", "geojson", "csv", "json", "png"))
+def _predict_detection(job: PredictJob) -> list[dict[str, Any]]:
+    run, dataset, entries = job.load()
+    return detect_images(run, dataset, entries, job.folder, job.wanted, job.on_image,
+                         job.score_threshold)  # fmt: skip
+
+
+@predicts("cls", ("ngff", "csv", "json", "png"))
+def _predict_classification(job: PredictJob) -> list[dict[str, Any]]:
+    run, dataset, entries = job.load()
+    root = None
+    if "ngff" in job.wanted:
+        root = _open_out(job.folder / STORE, {"run": str(job.run_dir), "data": str(job.data),
+                                              "task": run.recipe.task, "method": run.recipe.method})  # fmt: skip
+    return classify_images(run, dataset, entries, root, job.folder, job.wanted, job.on_image)
 
 
 def _write_rows(rows: list[dict[str, Any]], folder: Path, formats: set[str]) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hiresctl.data import PatchReader, PatchStream, ReadRequest, kept_patches
+from hiresctl.data import PatchReader, PatchStream, ReadRequest, ReadTag, kept_patches
 from hiresctl.models import create_backbone
 from storage import Dataset, StoreError, UsageError
 from storage.lock import WriterLock
@@ -175,7 +175,7 @@ def _embed_image(
     r, c = grid.position(kept)
     coords[...] = np.stack([c * grid.stride * scale, r * grid.stride * scale], 1).round()
     chunks = [kept[i : i + options.batch_size] for i in range(0, len(kept), options.batch_size)]
-    plan = [ReadRequest(image_id, "patches", grid, chunk, start) for chunk, start in
+    plan = [ReadRequest(image_id, "patches", grid, chunk, ReadTag("chunk", number=start)) for chunk, start in
             zip(chunks, range(0, len(kept), options.batch_size), strict=True)]  # fmt: skip
     stream = PatchStream(reader)
     read_seconds = 0.0
@@ -186,7 +186,7 @@ def _embed_image(
         read_seconds += time.perf_counter() - waited
         with torch.no_grad(), _autocast(device):
             encoded = backbone.forward_features(pixels.to(device, non_blocking=True))  # type: ignore[operator]
-        start = int(request.tag)
+        start = request.tag.number
         features[start : start + len(request.indices)] = encoded.float().cpu().numpy()
     mpp = entry.mpp * scale if entry.mpp else None
     target.attrs["hiresctl"] = {

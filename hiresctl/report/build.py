@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,52 +16,14 @@ import yaml
 from hiresctl.data import LabelledImage
 from hiresctl.eval import evaluate, run_task
 from hiresctl.report import figures
-from hiresctl.train import Heatmap, Run, load_run, predict_images, resolve_device
+from hiresctl.report.model import LOWER_IS_BETTER, METRIC_NAMES, Figure, RunReport
+from hiresctl.report.render import charts, render_html, render_markdown
+from hiresctl.train import Heatmap, Run, get_task, load_run, predict_images, resolve_device
 from storage import Dataset, StoreError, UsageError
 
 SHOWN = 6  # worst images shown per run
 THUMB = 320  # longest side of a shown thumbnail
 CROP = 192  # side of a full-resolution segmentation crop
-
-# Per task: the metrics of the comparison table, in order; the first is the one that decides.
-# Every one is better higher.
-TABLE_METRICS = {
-    "cls": ("accuracy", "balanced_accuracy", "macro_f1", "auc", "kappa_quadratic"),
-    "seg": ("f1", "iou", "mean_iou", "accuracy", "balanced_accuracy", "plr", "nlr"),
-    "det": ("ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large", "ar"),
-}
-LOWER_IS_BETTER = {"nlr", "train_peak_gb", "eval_peak_gb"}
-METRIC_NAMES = {
-    "accuracy": "Accuracy", "pixel_accuracy": "Pixel accuracy", "balanced_accuracy": "Balanced acc.", "macro_f1": "Macro F1",
-    "auc": "AUC", "kappa_quadratic": "Quadratic κ", "f1": "F1", "iou": "IoU",
-    "mean_iou": "Mean IoU", "plr": "PLR", "nlr": "NLR", "train_peak_gb": "Train peak GB",
-    "eval_peak_gb": "Eval peak GB", "train_images_per_second": "Train images/s",
-    "eval_images_per_second": "Eval images/s", "ap": "AP", "ap50": "AP50", "ap75": "AP75",
-    "ap_small": "APs", "ap_medium": "APm", "ap_large": "APl", "ar": "AR",
-}  # fmt: skip
-
-
-@dataclass
-class Figure:
-    """A PNG written under the report folder; ``uri`` embeds it in the HTML."""
-
-    path: str  # relative to the report folder
-    uri: str
-    caption: str
-    link: str | None = None  # relative path of a larger or plainer version
-
-
-@dataclass
-class RunReport:
-    name: str
-    folder: Path
-    recipe: dict[str, Any]
-    summary: dict[str, Any]
-    curves: list[dict[str, Any]]
-    result: dict[str, Any]
-    setting: dict[str, str]  # input, patch, sampling, sees
-    shown: list[Figure] = field(default_factory=list)
-    roc: dict[str, Any] | None = None
 
 
 def _read_json(path: Path) -> Any:
@@ -97,49 +58,42 @@ def _names(folders: list[Path]) -> list[str]:
 
 def describe_setting(run: Run, image_id: str) -> dict[str, str]:
     """What the method sees of an image: input size, patch, sampling and resolution, as the
-    seed paper's tables state them."""
-    recipe, method = run.recipe, run.method
+    seed paper's tables state them (the method's own words, ``Method.describe``)."""
+    recipe = run.recipe
     _, height, width = run.reader.shape(image_id)
     level = f" (level {recipe.level})" if recipe.level else ""
     out = {"input": f"{height}×{width}{level}", "patch": f"{recipe.patch_size}²"}
-    name = recipe.method
-    own = method.describe(image_id)
-    if own is not None:
-        out.update(own)
-    elif name in ("downsample",):
-        size = getattr(recipe, "input_size", None) or recipe.patch_size
-        side = max(height, width)
-        out.update(patch="—", sampling=f"whole image resized to {size}²",
-                   sees=f"1/{side / size:.3g} resolution ({side}→{size} px per side)")  # fmt: skip
-    elif name == "sliced":
-        grid, kept = method.patches(image_id)
-        k = method.patches_per_step(len(kept))  # type: ignore[attr-defined]
-        out.update(sampling=f"windows {recipe.patch_size}² every {grid.stride} px "
-                            f"(overlap {recipe.overlap:.0%}), k={k} of N={len(kept)} per step; "
-                            "inference on every window, merged by NMS",
-                   sees="full resolution, one window at a time")  # fmt: skip
-    elif name == "full":
-        out.update(patch="—", sampling="whole image at once", sees="full resolution")
-    elif name == "ips":
-        _, kept = method.patches(image_id)
-        out.update(sampling=f"M={recipe.memory_size} of N={len(kept)} patches, I={recipe.iter_size}",
-                   sees="full resolution, selected patches")  # fmt: skip
-    else:  # the PatchGD family (classification and segmentation)
-        _, kept = method.patches(image_id)
-        count = len(kept)
-        k = method.patches_per_step(count)  # type: ignore[attr-defined]
-        inner = recipe.inner_steps or math.ceil(count / k)
-        sampling = f"k={k} of N={count} patches per inner step, J={inner}"
-        if getattr(method, "use_global", False):
-            sampling += f", + global patch {recipe.patch_size}²"
-        out.update(sampling=sampling, sees="full resolution, every patch")
+    out.update(run.method.describe(image_id) or {})
     return out
 
 
 # ------------------------------------------------------------------------ classification
 
 
-def _classification_figures(report: RunReport, run: Run, dataset: Dataset, out: Path) -> None:
+# Per task: what the report draws of a run (the worst images, with where the model looked, or
+# overlays of predictions on the truth); ``collector`` saw every tile evaluation predicted.
+FigureDrawer = Callable[[RunReport, Run, Dataset, Path, "OverlayCollector"], None]
+_DRAWERS: dict[str, FigureDrawer] = {}
+
+
+def draws(task: str) -> Callable[[FigureDrawer], FigureDrawer]:
+    """Decorator: ``task``'s figure drawer (one per registered task; a test checks it)."""
+
+    def add(drawer: FigureDrawer) -> FigureDrawer:
+        _DRAWERS[task] = drawer
+        return drawer
+
+    return add
+
+
+def figure_drawer(task: str) -> FigureDrawer | None:
+    return _DRAWERS.get(task)
+
+
+@draws("cls")
+def _classification_figures(
+    report: RunReport, run: Run, dataset: Dataset, out: Path, collector: OverlayCollector
+) -> None:
     rows = report.result["per_image"]
     worst = sorted(rows, key=lambda r: (r["correct"], r["p_target"]))[:SHOWN]
     images = [LabelledImage(r["id"], run.classes.index(r["target"])) for r in worst]
@@ -222,8 +176,9 @@ class OverlayCollector:
                                     truth[cy : cy + CROP, cx : cx + CROP].copy())  # fmt: skip
 
 
+@draws("seg")
 def _segmentation_figures(
-    report: RunReport, run: Run, dataset: Dataset, collector: OverlayCollector, out: Path
+    report: RunReport, run: Run, dataset: Dataset, out: Path, collector: OverlayCollector
 ) -> None:
     rows = report.result["per_image"]
     key = "f1" if len(run.classes) == 2 else "mean_iou"
@@ -296,7 +251,10 @@ def _focus(truth: np.ndarray, found: np.ndarray, boxes: np.ndarray, hits: np.nda
     return None
 
 
-def _detection_figures(report: RunReport, run: Run, dataset: Dataset, out: Path) -> None:
+@draws("det")
+def _detection_figures(
+    report: RunReport, run: Run, dataset: Dataset, out: Path, collector: OverlayCollector
+) -> None:
     """The worst images (lowest recall at IoU 0.5, then most false positives): boxes on the
     thumbnail and a full-resolution crop around the smallest object it missed."""
     from hiresctl.train.detection import match_detections
@@ -357,7 +315,7 @@ def _detection_figures(report: RunReport, run: Run, dataset: Dataset, out: Path)
 
 def _table_row(report: RunReport) -> dict[str, Any]:
     metrics = report.result["metrics"]
-    row = {k: metrics.get(k) for k in TABLE_METRICS[report.result["task"]]}
+    row = {k: metrics.get(k) for k in get_task(report.result["task"]).table_metrics}
     row.update({
         "train_peak_gb": report.summary.get("peak_memory_gb"),
         "train_images_per_second": report.summary.get("images_per_second"),
@@ -385,7 +343,7 @@ def best_runs(rows: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
 def verdict(task: str, rows: dict[str, dict[str, Any]], reports: list[RunReport]) -> str:
     """One paragraph: which run won on the deciding metric, by how much, at what cost, and
     what each run saw of the images."""
-    key = TABLE_METRICS[task][0]
+    key = get_task(task).table_metrics[0]
     scored: list[tuple[RunReport, float]] = [
         (r, float(rows[r.name][key])) for r in reports if rows[r.name].get(key) is not None
     ]
@@ -419,16 +377,13 @@ def build_report(
     """Evaluate ``runs`` on ``split`` of ``data`` and write ``report.html``, ``report.md`` and
     ``metrics.json`` (plus ``figures/``) into ``out``; returns the metrics object. Without
     ``write``, only the metrics object (no figures are drawn)."""
-    from hiresctl.report.render import charts, render_html, render_markdown
-
     if not runs:
         raise UsageError("give at least one run folder")
     tasks = {str(run): run_task(run) for run in runs}
     if len(set(tasks.values())) > 1:
         raise UsageError(f"runs of different tasks cannot be compared side by side: {tasks}")
     task = next(iter(tasks.values()))
-    if task not in TABLE_METRICS:
-        raise UsageError(f"task {task!r} has no report yet")
+    drawer = figure_drawer(task)
     out = Path(out) if out is not None else (runs[0] / f"report-{split}")
     if write:
         if out.exists() and not out.is_dir():
@@ -440,21 +395,17 @@ def build_report(
     for name, folder in zip(_names(runs), runs, strict=True):
         log(f"evaluating {name} on {data} [{split}]")
         run = load_run(folder, dataset, torch_device, checkpoint)
-        collector = OverlayCollector(run) if task == "seg" and write else None
-        result = evaluate(folder, data, split, device, checkpoint, on_tile=collector, run=run)
+        collector = OverlayCollector(run)
+        hook = collector if write and drawer is not None else None
+        result = evaluate(folder, data, split, device, checkpoint, on_tile=hook, run=run)
         recipe = yaml.safe_load((folder / "recipe.yaml").read_text()) or {}
         first = result["per_image"][0]["id"] if result.get("per_image") else None
         setting = describe_setting(run, first) if first else {}
         report = RunReport(name, folder, recipe, _read_json(folder / "summary.json") or {},
                            _curves(folder), result, setting)  # fmt: skip
-        if write and task == "cls":
+        if write and drawer is not None:
             log(f"drawing {name}'s figures")
-            _classification_figures(report, run, dataset, out)
-        elif write and task == "det":
-            log(f"drawing {name}'s figures")
-            _detection_figures(report, run, dataset, out)
-        elif collector is not None:
-            _segmentation_figures(report, run, dataset, collector, out)
+            drawer(report, run, dataset, out, collector)
         reports.append(report)
     rows = {r.name: _table_row(r) for r in reports}
     best = best_runs(rows)
@@ -478,7 +429,7 @@ def build_report(
         "data": str(data),
         "split": split,
         "dataset": dataset_summary,
-        "deciding_metric": TABLE_METRICS[task][0],
+        "deciding_metric": get_task(task).table_metrics[0],
         "verdict": verdict(task, rows, reports),
         "table": rows,
         "best": best,

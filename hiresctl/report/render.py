@@ -6,18 +6,15 @@ from __future__ import annotations
 import datetime as _dt
 import html
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
 from hiresctl import __version__
 from hiresctl.report import figures
-from hiresctl.report.build import METRIC_NAMES, TABLE_METRICS
+from hiresctl.report.model import METRIC_NAMES, RunReport
+from hiresctl.train import get_task
 
-if TYPE_CHECKING:
-    from hiresctl.report.build import RunReport
-
-TASK_NAMES = {"cls": "classification", "seg": "segmentation", "det": "detection"}
 SETTING_COLUMNS = (("input", "Input"), ("patch", "Patch"), ("sampling", "Sampling"))
 COST_COLUMNS = (
     "train_peak_gb",
@@ -50,11 +47,6 @@ METHOD_KEYS = {  # the sampling keys that mean something for a method
 }  # fmt: skip
 
 
-LEGENDS = {  # what the overlay colours (figures.TP, FP, FN) mean per task
-    "seg": ("true positive", "false positive", "false negative"),
-    "det": ("detection matching a true box (TP)", "detection matching none (FP)",
-            "true box no detection found (FN)"),
-}  # fmt: skip
 SIZE_RANGES = {"small": "area < 32²", "medium": "32² to 96²", "large": "≥ 96²"}
 
 
@@ -107,22 +99,20 @@ def _digits(column: str) -> int:
 
 def charts(metrics: dict[str, Any], reports: list[RunReport]) -> list[tuple[str, str, str]]:
     """(file stem, title, SVG) of every chart: curves across runs, and each run's ROC."""
-    task = metrics["task"]
-    monitor = reports[0].summary.get("monitor") or TABLE_METRICS[task][0]
+    task = get_task(metrics["task"])
+    monitor = reports[0].summary.get("monitor") or task.table_metrics[0]
     wanted = [("train_loss", "Training loss"), (f"val_{monitor}",
               f"Validation {METRIC_NAMES.get(monitor, monitor)}")]  # fmt: skip
     if any("val_loss" in row for r in reports for row in r.curves):
         wanted.insert(1, ("val_loss", "Validation loss"))
-    wanted.append(
-        ("train_accuracy", "Training accuracy" if task == "cls" else "Training pixel accuracy")
-    )
+    wanted.append(("train_accuracy", task.train_accuracy))
     out = []
     for key, title in wanted:
         series = {r.name: [(row["epoch"], row.get(key)) for row in r.curves if "epoch" in row]
                   for r in reports}  # fmt: skip
         if any(y is not None for s in series.values() for _, y in s):
             out.append((f"curve-{key}", title, figures.line_chart(series, title, "epoch")))
-    if task == "det":  # precision over recall, every run in one chart per IoU threshold
+    if any(r.result.get("pr_curve") for r in reports):  # precision over recall, per IoU
         for key, iou in (("iou50", "0.5"), ("iou75", "0.75")):
             series = {}
             for r in reports:
@@ -146,14 +136,15 @@ def charts(metrics: dict[str, Any], reports: list[RunReport]) -> list[tuple[str,
 
 def _comparison_columns(metrics: dict[str, Any]) -> list[str]:
     rows = metrics["table"].values()
-    present = [k for k in TABLE_METRICS[metrics["task"]] if any(r.get(k) is not None for r in rows)]
+    table = get_task(metrics["task"]).table_metrics
+    present = [k for k in table if any(r.get(k) is not None for r in rows)]
     if "auc" in present and "kappa_quadratic" in present:  # binary: κ adds nothing to AUC here
         present.remove("kappa_quadratic")
     return present + list(COST_COLUMNS)
 
 
 def _headline(metrics: dict[str, Any]) -> str:
-    task = TASK_NAMES.get(metrics["task"], metrics["task"])
+    task = get_task(metrics["task"]).title
     count = len(metrics["runs"])
     return f"{task.capitalize()}: {count} run{'s' if count > 1 else ''} on {metrics['data']} [{metrics['split']}]"
 
@@ -250,19 +241,17 @@ def _run_section_html(r: RunReport, svgs: dict[str, str]) -> str:
         out.append(_html_table(head, [[(_h(n), ""), *((_num(v), "") for v in vals.values())]
                                       for n, vals in per_class.items()]))  # fmt: skip
     if result.get("confusion_matrix"):
-        what = "images" if result["task"] == "cls" else "pixels"
+        what = get_task(result["task"]).judged
         out.append(f"<h3>Confusion matrix ({what})</h3>")
         out.append(_confusion_html(result["confusion_matrix"], result["classes"]))
     roc = svgs.get(f"roc-{figures.slug(r.name)}")
     if roc:
         out.append(f'<h3>ROC</h3><div class="chart">{roc}</div>')
     if r.shown:
-        title = (
-            "Worst images: where the model looked" if result["task"] == "cls" else "Worst images"
-        )
-        out.append(f"<h3>{title}</h3>")
-        if result["task"] in LEGENDS:
-            tp, fp, fn = LEGENDS[result["task"]]
+        task = get_task(result["task"])
+        out.append(f"<h3>{task.worst_images}</h3>")
+        if task.legend:
+            tp, fp, fn = task.legend
             out.append('<p class="legend">'
                        f'<span style="background:rgb{figures.TP}"></span>{tp}'
                        f'<span style="background:rgb{figures.FP}"></span>{fp}'
@@ -435,8 +424,9 @@ def render_markdown(metrics: dict[str, Any], reports: list[RunReport]) -> str:
             out.append(f"![ROC](figures/roc-{figures.slug(r.name)}.svg)\n")
         if r.shown:
             out.append("### Worst images\n")
-            if result["task"] in LEGENDS:
-                tp, fp, fn = LEGENDS[result["task"]]
+            legend = get_task(result["task"]).legend
+            if legend:
+                tp, fp, fn = legend
                 out.append(f"Green: {tp}; red: {fp}; blue: {fn}.\n")
             for fig in r.shown:
                 link = f" ([thumbnail]({fig.link}))" if fig.link else ""

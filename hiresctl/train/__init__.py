@@ -1,39 +1,44 @@
-"""Trainers: one loop for every method, checkpoints, memory accounting, torchrun DDP."""
+"""Trainers: one loop for every method, checkpoints, memory accounting, torchrun DDP.
 
+Importing the package registers the built-in tasks and methods (``registry``)."""
+
+# The method modules register their methods; the tasks package registers the tasks.
+from hiresctl.train import detection, methods, mil, segmentation  # noqa: F401
 from hiresctl.train.checkpoint import atomic_save, load_checkpoint
 from hiresctl.train.memory import MemoryPlan, PeakMemory, peak_rss_bytes
-from hiresctl.train.methods import METHOD_CLASSES, Heatmap, Method, StepContext, create_method
-from hiresctl.train.recipe import (
-    METHODS,
-    TASKS,
-    Recipe,
-    dump_recipe,
-    load_recipe,
-    parse_set,
-    valid_keys,
+from hiresctl.train.methods import Heatmap, Method, StepContext, create_method
+from hiresctl.train.recipe import Recipe, dump_recipe, load_recipe, parse_set, valid_keys
+from hiresctl.train.registry import (
+    load_plugins,
+    method_class,
+    method_names,
+    register_method,
+    register_task,
+    task_names,
 )
-from hiresctl.train.trainer import (
+from hiresctl.train.run import (
     Run,
-    Trainer,
     TrainingDiverged,
-    TrainResult,
     build_run,
+    get_task,
+    load_run,
+    resolve_device,
+    step_context,
+)
+from hiresctl.train.tasks import (
+    Task,
     classification_metrics,
     coco_truth,
     detection_metrics,
-    load_run,
     predict_detections,
     predict_images,
     predict_segmentation,
-    resolve_device,
-    step_context,
-    task_classes,
 )
+from hiresctl.train.trainer import Trainer, TrainResult
+
+load_plugins()  # after the built-ins, so that a plugin may subclass (or replace) them
 
 __all__ = [
-    "METHODS",
-    "METHOD_CLASSES",
-    "TASKS",
     "Heatmap",
     "MemoryPlan",
     "Method",
@@ -41,6 +46,7 @@ __all__ = [
     "Recipe",
     "Run",
     "StepContext",
+    "Task",
     "TrainResult",
     "Trainer",
     "TrainingDiverged",
@@ -51,16 +57,21 @@ __all__ = [
     "create_method",
     "detection_metrics",
     "dump_recipe",
+    "get_task",
     "load_checkpoint",
     "load_recipe",
     "load_run",
+    "method_class",
+    "method_names",
     "parse_set",
     "peak_rss_bytes",
     "predict_detections",
     "predict_images",
     "predict_segmentation",
+    "register_method",
+    "register_task",
     "resolve_device",
     "step_context",
-    "task_classes",
+    "task_names",
     "valid_keys",
 ]

@@ -14,7 +14,7 @@ Methods, all on :class:`hiresctl.models.PatchFCOS`:
   with each neighbour), infer on every window and merge the boxes with class-wise NMS.
 
 Boxes are x0, y0, x1, y1 in pixels of the run's read level inside a method, level-0 pixels
-outside (:func:`hiresctl.train.trainer.predict_detections` scales them).
+outside (:func:`hiresctl.train.tasks.detection.predict_detections` scales them).
 """
 
 from __future__ import annotations
@@ -22,17 +22,29 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-from typing import Any
+from abc import abstractmethod
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from torch import nn
 from torchvision.ops import batched_nms, box_iou
 
-from hiresctl.data import NO_FLIP, PatchGrid, PatchReader, ReadRequest, flip_boxes
-from hiresctl.models.detection import PatchFCOS
-from hiresctl.train.methods import BatchOutput, Method, PatchGD, Reads, StepContext, _chunks
+from hiresctl.data import NO_FLIP, PatchGrid, PatchReader, ReadRequest, ReadTag, flip_boxes
+from hiresctl.models.detection import MATCH_CHUNK, PatchFCOS, RecomputedTower
+from hiresctl.train.methods import (
+    BatchOutput,
+    Method,
+    PatchGD,
+    Reads,
+    StepContext,
+    _chunks,
+    resized_setting,
+    scaled_cost,
+)
 from hiresctl.train.recipe import Recipe
-from storage import UsageError
+from hiresctl.train.registry import register_method
+from storage.errors import UsageError
 
 EVAL_SCORE_THRESHOLD = 0.05  # docs/methods.md §4: for mAP evaluation (0.2 when predicting)
 PREDICT_SCORE_THRESHOLD = 0.2
@@ -48,10 +60,11 @@ def top_stride(backbone: str) -> int:
 
 
 class DetectionMethod(Method):
-    """Shared parts: the model, the targets of an image, the side checks."""
+    """Base of the detection methods: the model, the targets of an image, the side checks,
+    the memory of a step; a method adds :meth:`plan`, :meth:`train_batch` and :meth:`detect`."""
 
-    task = "det"
     use_global = False
+    side_key: ClassVar[str] = "patch_size"  # the recipe key that sets what the network sees
 
     def __init__(self, recipe: Recipe, num_classes: int, reader: PatchReader) -> None:
         super().__init__(recipe, num_classes, reader)
@@ -60,7 +73,7 @@ class DetectionMethod(Method):
         if side % stride:
             raise UsageError(
                 f"detection with backbone {recipe.backbone} needs "
-                f"{'input_size' if recipe.method == 'downsample' else 'patch_size'} to be a "
+                f"{self.side_key} to be a "
                 f"multiple of {stride} (its coarsest FPN stride), got {side}"
             )
         self._targets: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -98,12 +111,41 @@ class DetectionMethod(Method):
         _, height, width = self.reader.shape(image_id)
         return height, width
 
+    @abstractmethod
     def detect(self, ctx: StepContext, image_ids: list[str], reads: Reads) -> list[Detections]:
         """Per image: boxes (read-level pixels), scores, labels; the evaluation threshold."""
-        raise NotImplementedError
 
-    def predict(self, ctx: StepContext, image_ids: list[str], reads: Reads) -> torch.Tensor:
-        raise UsageError("detection predicts boxes: use predict_detections")
+    def memory(
+        self, model: nn.Module, images: list[Any], per_patch: int
+    ) -> tuple[int, int, int | None]:
+        """The FCOS head's activations on the canvas it sees (stitched image, window or
+        resized image), the stitched maps and their gradient copies, and target matching
+        (anchor points × boxes, at most ``MATCH_CHUNK`` points at a time)."""
+        recipe = self.recipe
+        assert isinstance(model, PatchFCOS)
+        channels = recipe.channels
+        # per anchor point, in maps of `channels` floats: both branches' towers (conv,
+        # GroupNorm, ReLU per block; a recomputed tower keeps each block's input and redoes
+        # one block at a time in backward), plus the predictions and their gradients
+        recomputed = isinstance(model.detector.head.classification_head.conv, RecomputedTower)
+        towers = 2 * recipe.head_convs + 3 if recomputed else 6 * recipe.head_convs
+        self._head = channels * 4 * (towers + 4)
+        self._most_boxes = max((len(self.targets(im.image_id)[0]) for im in images), default=0)
+        return self.step_memory(model, images, per_patch)
+
+    def anchor_points(self, model: PatchFCOS, height: int, width: int) -> int:
+        return sum((height // s) * (width // s) for s in model.strides)
+
+    def canvas_memory(self, model: PatchFCOS, height: int, width: int) -> int:
+        """Head activations and target matching on a ``height`` × ``width`` canvas."""
+        points = self.anchor_points(model, height, width)
+        return points * self._head + 48 * max(1, self._most_boxes) * min(points, MATCH_CHUNK)
+
+    @abstractmethod
+    def step_memory(
+        self, model: PatchFCOS, images: list[Any], per_patch: int
+    ) -> tuple[int, int, int | None]:
+        """:meth:`memory` of this method, with the head's cost per point known."""
 
     @staticmethod
     def _learn(ctx: StepContext, parts: dict[str, torch.Tensor]) -> float:
@@ -118,14 +160,26 @@ class DetectionMethod(Method):
         if ctx.micro_steps:
             ctx.step()
         return BatchOutput(float(np.mean(losses)) if losses else float("nan"),
-                           torch.zeros(batch, 0), inner, {"correct": 0, "pixels": 0})  # fmt: skip
+                           torch.zeros(batch, 0), inner, score=(0, 0))  # fmt: skip
 
 
+@register_method("det", "patchgd")
 class DetPatchGD(DetectionMethod, PatchGD):
     """PatchGD for FCOS: stitched FPN maps per level, k patches per image re-encoded with
     gradient per inner step, the head and losses on the whole stitched image."""
 
-    name = "patchgd"
+    def step_memory(
+        self, model: PatchFCOS, images: list[Any], per_patch: int
+    ) -> tuple[int, int, int | None]:
+        size = self.recipe.patch_size
+        grid, kept = self.largest(images)
+        height, width = grid.rows * size, grid.cols * size
+        maps = self.anchor_points(model, height, width) * self.recipe.channels * 4
+        per_image = maps * (2 + (3 if self.use_global else 0))
+        per_image += self.canvas_memory(model, height, width)
+        if self.use_global:
+            per_image += per_patch  # the global patch, encoded with gradient every step
+        return per_image, per_patch, self.patches_per_step(len(kept))
 
     def __init__(self, recipe: Recipe, num_classes: int, reader: PatchReader) -> None:
         if recipe.stride not in (None, recipe.patch_size):
@@ -167,7 +221,7 @@ class DetPatchGD(DetectionMethod, PatchGD):
             return
         with torch.no_grad(), ctx.autocast():
             features = model.encode(pixels.to(ctx.device, non_blocking=True))
-        self._stitch(maps, request.tag[1], request.grid, request.indices, features)
+        self._stitch(maps, request.tag.image, request.grid, request.indices, features)
 
     def _global(
         self, ctx: StepContext, model: PatchFCOS, pixels: list[torch.Tensor | None]
@@ -219,7 +273,7 @@ class DetPatchGD(DetectionMethod, PatchGD):
         start = 0
         for r, _ in members:
             count = len(r.indices)
-            self._stitch(maps, r.tag[1], r.grid, r.indices,
+            self._stitch(maps, r.tag.image, r.grid, r.indices,
                          [f[start : start + count] for f in features])  # fmt: skip
             start += count
         ctx.patches_with_grad += start
@@ -231,10 +285,10 @@ class DetPatchGD(DetectionMethod, PatchGD):
         maps = self._maps(model, image_ids, ctx.device)
         global_pixels: list[torch.Tensor | None] = [None] * len(image_ids)
         for request, pixels in reads:
-            if request.tag[0] == "fill":
+            if request.tag.role == "fill":
                 self._fill_maps(ctx, model, maps, request, pixels)
             else:
-                global_pixels[request.tag[1]] = pixels
+                global_pixels[request.tag.image] = pixels
         g = self._global(ctx, model, global_pixels)
         with torch.no_grad(), ctx.autocast():
             fused = model.fuse(maps, g, [self.side(i) for i in image_ids])
@@ -243,22 +297,35 @@ class DetPatchGD(DetectionMethod, PatchGD):
                 for d in found]  # fmt: skip
 
 
+@register_method("det", "patchgd-global", defaults={"accumulation_steps": 10})
 class DetPatchGDGlobal(DetPatchGD):
-    name = "patchgd-global"
+    """PatchGD for FCOS with the global patch's FPN maps fused into the stitched maps."""
+
     use_global = True
 
 
+@register_method("det", "downsample")
 class DetDownsample(DetectionMethod):
     """FCOS on the whole image letterboxed to a square and resized to ``input_size``."""
 
-    name = "downsample"
+    side_key = "input_size"
+
+    def step_memory(
+        self, model: PatchFCOS, images: list[Any], per_patch: int
+    ) -> tuple[int, int, int | None]:
+        side = self.input_side()
+        scaled = scaled_cost(per_patch, side, self.recipe.patch_size)
+        return 0, scaled + self.canvas_memory(model, side, side), None
+
+    def describe(self, image_id: str) -> dict[str, str] | None:
+        return resized_setting(*self.size(image_id), self.input_side())
 
     def input_side(self) -> int:
         return self.recipe.input_size or self.recipe.patch_size
 
     def plan(self, image_ids: list[str], seed: int, train: bool) -> list[ReadRequest]:
         side = self.input_side()
-        return [ReadRequest(i, "global", PatchGrid.of(*self.size(i), side), tag=("image", b))
+        return [ReadRequest(i, "global", PatchGrid.of(*self.size(i), side), tag=ReadTag("image", b))
                 for b, i in enumerate(image_ids)]  # fmt: skip
 
     def _scale(self, image_id: str) -> float:
@@ -299,13 +366,32 @@ class DetDownsample(DetectionMethod):
         return out
 
 
+@register_method("det", "sliced")
 class DetSliced(DetectionMethod, PatchGD):
     """SAHI-style: windows of ``patch_size`` every ``patch_size·(1 − overlap)`` pixels. Training
     visits every window of an image once per batch, k windows per image per step (boxes cut
     by a window count when ≥ half of them is inside); inference detects in every window and
     merges the boxes of all windows with class-wise NMS."""
 
-    name = "sliced"
+    def step_memory(
+        self, model: PatchFCOS, images: list[Any], per_patch: int
+    ) -> tuple[int, int, int | None]:
+        size = self.recipe.patch_size
+        _, kept = self.largest(images)
+        return (
+            0,
+            per_patch + self.canvas_memory(model, size, size),
+            self.patches_per_step(len(kept)),
+        )
+
+    def describe(self, image_id: str) -> dict[str, str] | None:
+        r = self.recipe
+        grid, kept = self.patches(image_id)
+        k = self.patches_per_step(len(kept))
+        return {"sampling": f"windows {r.patch_size}² every {grid.stride} px "
+                            f"(overlap {r.overlap:.0%}), k={k} of N={len(kept)} per step; "
+                            "inference on every window, merged by NMS",
+                "sees": "full resolution, one window at a time"}  # fmt: skip
 
     def window_stride(self) -> int:
         return max(1, round(self.recipe.patch_size * (1 - self.recipe.overlap)))
@@ -324,7 +410,7 @@ class DetSliced(DetectionMethod, PatchGD):
         for b, image_id in enumerate(image_ids):
             grid, kept = self.patches(image_id)
             for chunk in _chunks(kept, self.recipe.fill_batch):
-                requests.append(ReadRequest(image_id, "patches", grid, chunk, ("tile", b)))
+                requests.append(ReadRequest(image_id, "patches", grid, chunk, ReadTag("tile", b)))
         return requests
 
     def window_targets(
@@ -382,7 +468,7 @@ class DetSliced(DetectionMethod, PatchGD):
                                        EVAL_SCORE_THRESHOLD)  # fmt: skip
             for (y, x), d in zip(origins, windows, strict=True):
                 offset = torch.tensor([x, y, x, y], dtype=torch.float32)
-                found[request.tag[1]].append({"boxes": d["boxes"].float().cpu() + offset,
+                found[request.tag.image].append({"boxes": d["boxes"].float().cpu() + offset,
                                               "scores": d["scores"].float().cpu(),
                                               "labels": d["labels"].cpu()})  # fmt: skip
         return [merge_detections(parts, self.recipe.max_detections) for parts in found]
@@ -398,11 +484,6 @@ def merge_detections(parts: list[Detections], limit: int) -> Detections:
     labels = torch.cat([d["labels"] for d in parts])
     keep = batched_nms(boxes, scores, labels, NMS_THRESHOLD)[:limit]
     return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
-
-
-DET_METHOD_CLASSES: dict[str, type[DetectionMethod]] = {
-    cls.name: cls for cls in (DetPatchGDGlobal, DetPatchGD, DetDownsample, DetSliced)
-}
 
 
 # ------------------------------------------------------------------------------- COCO metrics
@@ -565,7 +646,6 @@ def monitor_key() -> str:
 
 __all__ = [
     "COCO_KEYS",
-    "DET_METHOD_CLASSES",
     "EVAL_SCORE_THRESHOLD",
     "PREDICT_SCORE_THRESHOLD",
     "DetectionMethod",

@@ -9,10 +9,11 @@ accumulation, precision, checkpoints and logging; a method calls ``ctx.learn(los
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ from hiresctl.data import (
     PatchReader,
     PatchStream,
     ReadRequest,
+    ReadTag,
     kept_patches,
 )
 from hiresctl.models import (
@@ -37,7 +39,8 @@ from hiresctl.models import (
     create_backbone,
 )
 from hiresctl.train.recipe import Recipe
-from storage import UsageError
+from hiresctl.train.registry import method_class, register_method
+from storage.errors import UsageError
 
 Reads = Iterable[tuple[ReadRequest, torch.Tensor]]
 OCCLUSION_BATCH = 64  # latent variants per θ2 pass when PatchGD explains a prediction
@@ -92,16 +95,27 @@ class Heatmap:
 
 @dataclass
 class BatchOutput:
+    """What one training batch reports to the loop."""
+
     loss: float
-    logits: torch.Tensor  # (B, classes), detached, on CPU
+    logits: torch.Tensor  # (B, classes), detached, on CPU; (B, 0) where a task has no logits
     inner_steps: int = 1
-    extra: dict[str, Any] = field(default_factory=dict)
+    # The batch's training accuracy as (right, judged) where its unit is not the image
+    # (segmentation: pixels); None lets the task judge the logits against the targets.
+    score: tuple[int, int] | None = None
 
 
-class Method:
-    """Base: the patch grid of each image (foreground-filtered) and the shared helpers."""
+class Method(ABC):
+    """Base of every method: the patch grid of each image (foreground-filtered), the hooks the
+    loop, evaluation, ``--memory-budget`` and the report call, and the shared helpers.
 
-    name = ""
+    A method subclasses its task's base (this class for classification, ``DetectionMethod``,
+    ``SegmentationMethod``), implements the three abstract hooks, and registers itself with
+    ``@register_method(task, name)``; ``task`` and ``name`` are set by the registration.
+    """
+
+    task: ClassVar[str] = ""
+    name: ClassVar[str] = ""
 
     def __init__(self, recipe: Recipe, num_classes: int, reader: PatchReader) -> None:
         self.recipe = recipe
@@ -112,8 +126,9 @@ class Method:
         # ask it how each image is mirrored this epoch, as the stream's reads do.
         self.augment: PatchAugment | None = None
 
+    @abstractmethod
     def build_model(self) -> nn.Module:
-        raise NotImplementedError
+        """The network this method trains (the loop moves it to the device)."""
 
     def flip(self, image_id: str, train: bool = True) -> Flip:
         """How training reads mirror ``image_id`` this epoch (never outside training)."""
@@ -131,42 +146,72 @@ class Method:
             self._patches[image_id, flip] = (grid, kept)
         return self._patches[image_id, flip]
 
+    @abstractmethod
     def plan(self, image_ids: list[str], seed: int, train: bool) -> list[ReadRequest]:
-        raise NotImplementedError
+        """Every read of one image batch, in the order :meth:`train_batch` (``train``) or
+        inference consumes them; ``seed`` fixes the batch's random choices."""
 
+    @abstractmethod
     def train_batch(
         self, ctx: StepContext, image_ids: list[str], targets: torch.Tensor, reads: Reads
     ) -> BatchOutput:
-        raise NotImplementedError
+        """One image batch: forward, ``ctx.learn(loss)`` (as many times as the method steps)."""
 
     def predict(self, ctx: StepContext, image_ids: list[str], reads: Reads) -> torch.Tensor:
-        raise NotImplementedError
+        """Classification: the logits (B, classes) of an image batch read by ``plan(train=False)``."""
+        raise UsageError(f"{self.task} method {self.name} has no class logits")
 
     def explain(
         self, ctx: StepContext, image_ids: list[str], reads: Reads
     ) -> tuple[torch.Tensor, list[Heatmap]]:
-        """Logits as :meth:`predict` computes them, and per image where the model looked."""
-        raise UsageError(f"method {self.name} has no patch-score heatmaps")
+        """Logits as :meth:`predict` computes them, and per image where the model looked (none
+        by default: the report then shows plain thumbnails)."""
+        return self.predict(ctx, image_ids, reads), []
 
-    def calibrate(self, ctx: StepContext, batches: list[list[str]]) -> None:
-        """Called by the loop after the last batch of an epoch, before validation."""
+    def calibrate(self, ctx: StepContext, batches: list[list[str]]) -> None:  # noqa: B027
+        """Called by the loop after the last batch of an epoch, before validation (re-estimate
+        statistics such as BatchNorm's); nothing by default."""
 
     # Whether the model encodes patches of pixels (False for methods on stored features).
     encodes_pixels = True
 
-    def memory(self, images: list[Any], per_patch: int) -> tuple[int, int, int | None] | None:
+    def memory(
+        self, model: nn.Module, images: list[Any], per_patch: int
+    ) -> tuple[int, int, int | None]:
         """(per image, per patch, patches wanted) of a training step for ``--memory-budget``
-        (see ``plan_memory``), or None to let the loop estimate it; ``per_patch`` is the
-        measured cost of one patch through the encoder with gradient."""
-        return None
+        (see ``plan_memory``): bytes held per image of the batch, bytes per patch encoded with
+        gradient, and the patches per step the method wants (None: the batch is its unit).
+        ``per_patch`` is the measured cost of one ``patch_size`` patch through the encoder with
+        gradient; the default is one such patch per image."""
+        return 0, per_patch, None
 
+    @abstractmethod
     def describe(self, image_id: str) -> dict[str, str] | None:
-        """What the method sees of an image for the report ({"patch", "sampling", "sees"}), or
-        None where the report states it itself."""
-        return None
+        """What the method sees of an image for the report, as the seed paper's tables state
+        them: "sampling" (which patches a step uses) and "sees" (at what resolution), and
+        "patch" where it differs from ``patch_size``."""
 
     def backbone(self) -> Backbone:
         return create_backbone(self.recipe.backbone, self.recipe.pretrained)
+
+    def largest(self, images: list[Any]) -> tuple[PatchGrid, np.ndarray]:
+        """The grid and kept patches of the image of ``images`` with the most kept patches."""
+        return max((self.patches(im.image_id) for im in images), key=lambda g: len(g[1]))
+
+
+def scaled_cost(per_patch: int, side: int, patch_size: int) -> int:
+    """The cost of one ``side``² input, from that of one ``patch_size``² patch."""
+    return int(per_patch * (side / patch_size) ** 2)
+
+
+def resized_setting(height: int, width: int, size: int) -> dict[str, str]:
+    """The report's words for a method that sees the whole image resized to ``size``²."""
+    side = max(height, width)
+    return {"patch": "—", "sampling": f"whole image resized to {size}²",
+            "sees": f"1/{side / size:.3g} resolution ({side}→{size} px per side)"}  # fmt: skip
+
+
+FULL_SETTING = {"patch": "—", "sampling": "whole image at once", "sees": "full resolution"}
 
 
 def recalibrate_batchnorm(module: nn.Module, inputs: list[torch.Tensor]) -> None:
@@ -192,10 +237,20 @@ def recalibrate_batchnorm(module: nn.Module, inputs: list[torch.Tensor]) -> None
     module.train(was_training)
 
 
+# Unprojected cells, no context block: on Megapixel MNIST a projection or a conv block before the
+# grid's maximum learned several times slower than the whole-image CNN; without them the model is
+# that CNN computed patch by patch (BENCHMARKS.md, learning). One optimizer step per image batch:
+# with a step per inner iteration (J per batch on the same images) the training loss of Megapixel
+# MNIST rose above chance (2.56 after an epoch) where averaging the J gradients matched the
+# whole-image network (2.46; it: 2.45).
+PATCHGD_DEFAULTS: dict[str, Any] = {"latent_dim": None, "inner_update": "batch"}
+
+
 def _chunks(indices: np.ndarray, size: int) -> list[np.ndarray]:
     return [indices[i : i + size] for i in range(0, len(indices), size)] or [indices[:0]]
 
 
+@register_method("cls", "patchgd", defaults=PATCHGD_DEFAULTS)
 class PatchGD(Method):
     """PatchGD (§1); with ``use_global`` the seed paper's PatchGD + global patch (§2).
 
@@ -205,7 +260,6 @@ class PatchGD(Method):
     ``calibration_batches`` training batches, filled exactly as evaluation fills them.
     """
 
-    name = "patchgd"
     use_global = False
 
     def calibrate(self, ctx: StepContext, batches: list[list[str]]) -> None:
@@ -239,17 +293,45 @@ class PatchGD(Method):
             return max(1, min(count, self.recipe.patches_per_step))
         return max(1, math.ceil(count * self.recipe.sample_fraction))
 
+    def memory(
+        self, model: nn.Module, images: list[Any], per_patch: int
+    ) -> tuple[int, int, int | None]:
+        """The latent and its gradient copy, the head's stride-1 blocks (conv, ReLU, BN,
+        dropout) or the pool's input, one fill batch of pixels; the global patch with gradient."""
+        r = self.recipe
+        assert isinstance(model, PatchGDClassifier)
+        grid, kept = self.largest(images)
+        cells = grid.rows * grid.cols
+        latent = model.latent_dim * cells * 4
+        head = 4 * max(1, r.head_context) * r.head_width * cells * 4
+        per_image = 2 * latent + 2 * head + r.fill_batch * r.patch_size**2 * 3 * 4
+        if self.use_global:
+            per_image += per_patch
+        return per_image, per_patch, self.patches_per_step(len(kept))
+
+    def describe(self, image_id: str) -> dict[str, str] | None:
+        _, kept = self.patches(image_id)
+        count = len(kept)
+        k = self.patches_per_step(count)
+        inner = self.recipe.inner_steps or math.ceil(count / k)
+        sampling = f"k={k} of N={count} patches per inner step, J={inner}"
+        if self.use_global:
+            sampling += f", + global patch {self.recipe.patch_size}²"
+        return {"sampling": sampling, "sees": "full resolution, every patch"}
+
     def plan(self, image_ids: list[str], seed: int, train: bool) -> list[ReadRequest]:
         rng = np.random.default_rng(seed)
         requests: list[ReadRequest] = []
         for b, image_id in enumerate(image_ids):
             grid, kept = self.patches(image_id, train)
             for chunk in _chunks(kept, self.recipe.fill_batch):
-                requests.append(ReadRequest(image_id, "patches", grid, chunk, ("fill", b)))
+                requests.append(ReadRequest(image_id, "patches", grid, chunk, ReadTag("fill", b)))
         if self.use_global:
             for b, image_id in enumerate(image_ids):
                 requests.append(
-                    ReadRequest(image_id, "global", self.patches(image_id)[0], tag=("global", b))
+                    ReadRequest(
+                        image_id, "global", self.patches(image_id)[0], tag=ReadTag("global", b)
+                    )
                 )
         if not train:
             return requests
@@ -257,7 +339,7 @@ class PatchGD(Method):
 
     def inner_groups(self, image_ids: list[str], rng: np.random.Generator) -> list[ReadRequest]:
         """The reads of the inner iterations: J groups of k patches per image, each patch of an
-        image once before any repeats, tagged ``["group", b, j, last read of step j]``."""
+        image once before any repeats, tagged ``ReadTag("group", b, last, number=j)`` (``last``: the last read of step j)."""
         requests: list[ReadRequest] = []
         orders, sizes, groups = [], [], []
         for image_id in image_ids:
@@ -277,10 +359,9 @@ class PatchGD(Method):
                         "patches",
                         self.patches(image_id)[0],
                         indices,
-                        ["group", b, j, False],
+                        ReadTag("group", b, last=b == len(image_ids) - 1, number=j),
                     )
                 )
-            members[-1].tag[3] = True  # the last read of inner step j
             requests.extend(members)
         return requests
 
@@ -295,14 +376,14 @@ class PatchGD(Method):
         ``other``; yields each inner step's group once its last read has arrived."""
         group: list[tuple[ReadRequest, torch.Tensor]] = []
         for request, pixels in reads:
-            kind = request.tag[0]
+            kind = request.tag.role
             if kind == "global":
-                global_pixels[request.tag[1]] = pixels
+                global_pixels[request.tag.image] = pixels
             elif kind != "group":
                 other(request, pixels)
             else:
                 group.append((request, pixels))
-                if request.tag[3]:
+                if request.tag.last:
                     yield group
                     group = []
 
@@ -348,7 +429,7 @@ class PatchGD(Method):
         encoder.train(train and self.recipe.fill_mode == "train")
         with torch.no_grad(), ctx.autocast():
             features = encoder(pixels.to(ctx.device, non_blocking=True))
-        (write or self._write)(latent, request.tag[1], request.grid, request.indices, features)
+        (write or self._write)(latent, request.tag.image, request.grid, request.indices, features)
 
     def train_batch(
         self, ctx: StepContext, image_ids: list[str], targets: torch.Tensor, reads: Reads
@@ -414,7 +495,7 @@ class PatchGD(Method):
         features = encoder(torch.cat(pieces).to(ctx.device, non_blocking=True))
         start = 0
         for r, _ in members:
-            write(latent, r.tag[1], r.grid, r.indices, features[start : start + len(r.indices)])
+            write(latent, r.tag.image, r.grid, r.indices, features[start : start + len(r.indices)])
             start += len(r.indices)
         ctx.patches_with_grad += start
         return features[start:] if self.use_global else None
@@ -428,10 +509,10 @@ class PatchGD(Method):
         latent = self._latent(image_ids, ctx.device, model.latent_dim)
         global_pixels: list[torch.Tensor | None] = [None] * len(image_ids)
         for request, pixels in reads:
-            if request.tag[0] == "fill":
+            if request.tag.role == "fill":
                 self._fill(ctx, model, latent, request, pixels, train=False)
             else:
-                global_pixels[request.tag[1]] = pixels
+                global_pixels[request.tag.image] = pixels
         g = None
         if self.use_global:
             with torch.no_grad(), ctx.autocast():
@@ -482,15 +563,43 @@ class PatchGD(Method):
         return out.detach().float().cpu(), maps
 
 
+# The global patch's feature concatenated to every cell, not added: added, it shares the
+# head's weights with the cells' (a max over z + g cannot ignore g), and the first epoch's
+# training loss on Megapixel MNIST was 2.58; concatenated, 2.49 (without the global: 2.46).
+@register_method(
+    "cls",
+    "patchgd-global",
+    defaults={**PATCHGD_DEFAULTS, "accumulation_steps": 1, "fusion": "concat"},
+)
 class PatchGDGlobal(PatchGD):
-    name = "patchgd-global"
+    """PatchGD + global patch (§2): PatchGD with the whole image resized to one patch, encoded
+    with gradient every step and fused with every cell of the latent."""
+
     use_global = True
 
 
+# patch 50 is the Megapixel MNIST setting: see its recipe
+@register_method("cls", "ips", defaults={"latent_dim": 128, "weight_decay": 0.1, "schedule": "cosine",
+                                         "min_lr_ratio": 1e-3, "dropout": 0.1})  # fmt: skip
 class IPS(Method):
     """Iterative Patch Selection (§3): select M of N patches without gradient, train on them."""
 
-    name = "ips"
+    def memory(
+        self, model: nn.Module, images: list[Any], per_patch: int
+    ) -> tuple[int, int, int | None]:
+        """The memory buffer and one scored group of pixels per image; M patches with gradient."""
+        r = self.recipe
+        return (
+            (r.memory_size + r.iter_size) * r.patch_size**2 * 3 * 4,
+            per_patch * r.memory_size,
+            None,
+        )
+
+    def describe(self, image_id: str) -> dict[str, str] | None:
+        _, kept = self.patches(image_id)
+        r = self.recipe
+        return {"sampling": f"M={r.memory_size} of N={len(kept)} patches, I={r.iter_size}",
+                "sees": "full resolution, selected patches"}  # fmt: skip
 
     def build_model(self) -> nn.Module:
         r = self.recipe
@@ -519,7 +628,13 @@ class IPS(Method):
             parts = [p for p in parts if len(p)]
             for i, part in enumerate(parts):
                 requests.append(
-                    ReadRequest(image_id, "patches", grid, part, ("select", b, i == len(parts) - 1))
+                    ReadRequest(
+                        image_id,
+                        "patches",
+                        grid,
+                        part,
+                        ReadTag("select", b, last=i == len(parts) - 1),
+                    )
                 )
         return requests
 
@@ -545,11 +660,15 @@ class IPS(Method):
                     scores = model.scores(candidates.unsqueeze(0))[0]
                     top = scores.topk(min(self.recipe.memory_size, len(scores))).indices
                     memory_emb, memory_idx = candidates[top], candidate_idx[top]
-            if request.tag[2]:  # last read of this image: selection done
+            if request.tag.last:  # last read of this image: selection done
                 assert memory_idx is not None
                 chosen = np.sort(memory_idx.cpu().numpy())
                 again = ReadRequest(
-                    request.image_id, "patches", request.grid, chosen, ("selected", request.tag[1])
+                    request.image_id,
+                    "patches",
+                    request.grid,
+                    chosen,
+                    ReadTag("selected", request.tag.image),
                 )
                 selected.append((again, ctx.read(again)))
                 memory_emb = memory_idx = None
@@ -621,8 +740,9 @@ class WholeImage(Method):
     def build_model(self) -> nn.Module:
         return ImageClassifier(self.backbone(), self.num_classes)
 
+    @abstractmethod
     def request(self, image_id: str, b: int) -> ReadRequest:
-        raise NotImplementedError
+        """The one read of ``image_id``, the ``b``-th image of its batch."""
 
     def plan(self, image_ids: list[str], seed: int, train: bool) -> list[ReadRequest]:
         return [self.request(image_id, b) for b, image_id in enumerate(image_ids)]
@@ -648,9 +768,15 @@ class WholeImage(Method):
         with torch.no_grad(), ctx.autocast():
             return self._forward(ctx, reads).float().cpu()
 
+    @abstractmethod
     def input_side(self, image_id: str) -> tuple[int, int]:
         """(side of the square the model sees, side of the level square it covers)."""
-        raise NotImplementedError
+
+    def memory(
+        self, model: nn.Module, images: list[Any], per_patch: int
+    ) -> tuple[int, int, int | None]:
+        side = max(self.input_side(im.image_id)[0] for im in images)
+        return 0, scaled_cost(per_patch, side, self.recipe.patch_size), None
 
     def explain(
         self, ctx: StepContext, image_ids: list[str], reads: Reads
@@ -674,25 +800,32 @@ class WholeImage(Method):
         return torch.cat(logits), maps
 
 
+@register_method("cls", "downsample")
 class Downsample(WholeImage):
     """The whole image resized to ``input_size`` (default ``patch_size``), read from the pyramid."""
 
-    name = "downsample"
+    def describe(self, image_id: str) -> dict[str, str] | None:
+        _, height, width = self.reader.shape(image_id)
+        return resized_setting(height, width, self.recipe.input_size or self.recipe.patch_size)
 
     def request(self, image_id: str, b: int) -> ReadRequest:
         _, height, width = self.reader.shape(image_id)
         size = self.recipe.input_size or self.recipe.patch_size
-        return ReadRequest(image_id, "global", PatchGrid.of(height, width, size), tag=("image", b))
+        return ReadRequest(
+            image_id, "global", PatchGrid.of(height, width, size), tag=ReadTag("image", b)
+        )
 
     def input_side(self, image_id: str) -> tuple[int, int]:
         _, height, width = self.reader.shape(image_id)
         return self.recipe.input_size or self.recipe.patch_size, max(height, width)
 
 
+@register_method("cls", "full")
 class Full(WholeImage):
     """The whole level at full resolution (padded square); refuses images over ``full_max_pixels``."""
 
-    name = "full"
+    def describe(self, image_id: str) -> dict[str, str] | None:
+        return dict(FULL_SETTING)
 
     def request(self, image_id: str, b: int) -> ReadRequest:
         _, height, width = self.reader.shape(image_id)
@@ -703,7 +836,9 @@ class Full(WholeImage):
                 f"(full_max_pixels={self.recipe.full_max_pixels}); use patchgd-global or ips"
             )
         grid = PatchGrid.of(height, width, side)
-        return ReadRequest(image_id, "patches", grid, np.zeros(1, dtype=np.int64), ("image", b))
+        return ReadRequest(
+            image_id, "patches", grid, np.zeros(1, dtype=np.int64), ReadTag("image", b)
+        )
 
     def _forward(self, ctx: StepContext, reads: Reads) -> torch.Tensor:
         return super()._forward(ctx, ((r, p[0]) for r, p in reads))
@@ -713,28 +848,7 @@ class Full(WholeImage):
         return max(height, width), max(height, width)
 
 
-METHOD_CLASSES: dict[str, type[Method]] = {
-    cls.name: cls for cls in (PatchGDGlobal, PatchGD, IPS, Downsample, Full)
-}
-
-
 def create_method(recipe: Recipe, num_classes: int, reader: PatchReader) -> Method:
-    """The method of ``recipe.task`` named ``recipe.method``."""
-    classes: dict[str, type[Method]]
-    if recipe.task == "seg":
-        from hiresctl.train.segmentation import SEG_METHOD_CLASSES
-
-        classes = dict(SEG_METHOD_CLASSES)
-    elif recipe.task == "det":
-        from hiresctl.train.detection import DET_METHOD_CLASSES
-
-        classes = dict(DET_METHOD_CLASSES)
-    else:
-        from hiresctl.train.mil import MIL_METHOD_CLASSES
-
-        classes = {**METHOD_CLASSES, **MIL_METHOD_CLASSES}
-    if recipe.method not in classes:
-        raise UsageError(
-            f"method {recipe.method!r} is not a {recipe.task} method; valid: {', '.join(classes)}"
-        )
-    return classes[recipe.method](recipe, num_classes, reader)
+    """The method registered as ``recipe.task``/``recipe.method``."""
+    method: Method = method_class(recipe.task, recipe.method)(recipe, num_classes, reader)
+    return method

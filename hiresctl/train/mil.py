@@ -7,25 +7,30 @@ metrics, report, ``predict`` with attention heatmaps); what differs is what they
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hiresctl.data import PatchGrid, ReadRequest
+from hiresctl.data import PatchGrid, ReadRequest, ReadTag
 from hiresctl.models.mil import EndToEndMIL, Standardize, create_aggregator
 from hiresctl.train.methods import BatchOutput, Heatmap, Method, Reads, StepContext, _chunks
+from hiresctl.train.registry import register_method
 from storage import StoreError, UsageError
 
 _NO_GRID = PatchGrid.of(1, 1, 1)  # feature reads carry no grid
 STANDARDIZE_IMAGES = 256
 
 
+# CLAM's settings for attention MIL on frozen features: Adam 2e-4, weight decay 1e-5, dropout 0.25
+@register_method("cls", "abmil", defaults={"lr": 2e-4, "weight_decay": 1e-5, "dropout": 0.25,
+                                           "calibration_batches": 0})  # fmt: skip
 class FeatureMIL(Method):
     """An aggregator trained on each image's stored feature set: no pixel is read, so an epoch
     costs the aggregator's work alone (the features were paid for once by ``hiresctl embed``)."""
 
-    name = "abmil"
     aggregator = "abmil"
     encodes_pixels = False
 
@@ -83,14 +88,16 @@ class FeatureMIL(Method):
     def plan(self, image_ids: list[str], seed: int, train: bool) -> list[ReadRequest]:
         name = self.feature_set()
         return [
-            ReadRequest(image_id, "features", _NO_GRID, tag=(b, seed), feature_set=name)
+            ReadRequest(
+                image_id, "features", _NO_GRID, tag=ReadTag("bag", b, number=seed), feature_set=name
+            )
             for b, image_id in enumerate(image_ids)
         ]
 
     def _bag(self, request: ReadRequest, bag: torch.Tensor, train: bool) -> torch.Tensor:
         cap = self.recipe.max_instances
         if train and cap is not None and len(bag) > cap:
-            rng = np.random.default_rng([request.tag[1], request.tag[0]])
+            rng = np.random.default_rng([request.tag.number, request.tag.image])
             bag = bag[torch.as_tensor(np.sort(rng.choice(len(bag), cap, replace=False)))]
         return bag
 
@@ -149,7 +156,9 @@ class FeatureMIL(Method):
             "sees": f"frozen {attrs['encoder']} features ({attrs['settings']['weights']})",
         }
 
-    def memory(self, images: list, per_patch: int) -> tuple[int, int, int | None]:
+    def memory(
+        self, model: nn.Module, images: list[Any], per_patch: int
+    ) -> tuple[int, int, int | None]:
         """(per image, per patch, patches wanted): a bag's features and the aggregator's
         activations per instance; no patch is encoded."""
         r = self.recipe
@@ -163,18 +172,22 @@ class FeatureMIL(Method):
         return most * per_instance * 2, 0, None
 
 
+# a transformer over all instances is N² per layer, so its bags are capped
+@register_method("cls", "transmil", defaults={"lr": 2e-4, "weight_decay": 1e-5, "dropout": 0.1,
+                                              "max_instances": 4096, "calibration_batches": 0})  # fmt: skip
 class TransMIL(FeatureMIL):
-    name = "transmil"
+    """A small transformer aggregator on each image's stored feature set (bags capped at
+    ``max_instances``: attention is N² per layer)."""
+
     aggregator = "transmil"
 
 
+@register_method("cls", "e2e-mil", defaults={"dropout": 0.25, "calibration_batches": 0})
 class E2EMIL(Method):
     """The backbone and gated attention trained together on ``bag_size`` [K] random kept
     patches per image per step, all the batch's patches through the backbone as one batch (so
     BatchNorm sees several images). Evaluation encodes every kept patch without gradient,
     ``fill_batch`` at a time, and attends over all of them."""
-
-    name = "e2e-mil"
 
     def build_model(self) -> nn.Module:
         r = self.recipe
@@ -188,12 +201,16 @@ class E2EMIL(Method):
             grid, kept = self.patches(image_id, train)
             if train:
                 chosen = np.sort(rng.permutation(kept)[: self.recipe.bag_size])
-                requests.append(ReadRequest(image_id, "patches", grid, chosen, (b, True)))
+                requests.append(
+                    ReadRequest(image_id, "patches", grid, chosen, ReadTag("bag", b, last=True))
+                )
                 continue
             parts = _chunks(kept, self.recipe.fill_batch)
             for i, part in enumerate(parts):
                 requests.append(
-                    ReadRequest(image_id, "patches", grid, part, (b, i == len(parts) - 1))
+                    ReadRequest(
+                        image_id, "patches", grid, part, ReadTag("bag", b, last=i == len(parts) - 1)
+                    )
                 )
         return requests
 
@@ -227,7 +244,7 @@ class E2EMIL(Method):
                 with ctx.autocast():
                     pieces.append(model.encode(pixels.to(ctx.device)).float())
                 indices.append(request.indices)
-                if request.tag[1]:  # the image's last chunk
+                if request.tag.last:  # the image's last chunk
                     out, weights = model.aggregator(torch.cat(pieces))
                     logits.append(out.float())
                     bags.append((request, np.concatenate(indices), weights.cpu()))
@@ -260,12 +277,9 @@ class E2EMIL(Method):
             "sees": "full resolution, a random bag of patches",
         }
 
-    def memory(self, images: list, per_patch: int) -> tuple[int, int, int | None]:
+    def memory(
+        self, model: nn.Module, images: list[Any], per_patch: int
+    ) -> tuple[int, int, int | None]:
         """Training encodes K patches per image with gradient; the rest is small."""
         size = self.recipe.patch_size
         return self.recipe.fill_batch * size * size * 3 * 4, per_patch * self.recipe.bag_size, None
-
-
-MIL_METHOD_CLASSES: dict[str, type[Method]] = {
-    cls.name: cls for cls in (FeatureMIL, TransMIL, E2EMIL)
-}

@@ -20,18 +20,9 @@ import yaml
 
 from hiresctl.data.transforms import AUGMENTATIONS, GEOMETRIC
 from hiresctl.models.patchgd import HEAD_POOLS
-from storage import UsageError
+from hiresctl.train.registry import method_class, method_defaults, task_class, unknown
+from storage.errors import UsageError
 
-TASKS = ("cls", "det", "seg")
-METHODS = ("patchgd-global", "patchgd", "ips", "downsample", "full", "tiled", "sliced", "abmil",
-           "transmil", "e2e-mil")  # fmt: skip
-_CLS_METHODS = ("patchgd-global", "patchgd", "ips", "downsample", "full", "abmil", "transmil",
-                "e2e-mil")  # fmt: skip
-TASK_METHODS = {
-    "cls": _CLS_METHODS,
-    "det": ("patchgd-global", "patchgd", "downsample", "sliced"),
-    "seg": ("patchgd-global", "tiled", "downsample", "full"),
-}
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -130,72 +121,7 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
-# Per task defaults (docs/methods.md §5, §7): segmentation's θ1 is a U-Net with 8 output channels,
-# its inner loop J=4, k=4, accumulation 2, lr 1e-4 (the seed paper's DRIVE setting).
-_TASK_DEFAULTS: dict[str, dict[str, Any]] = {
-    # detection (§4, §7): ResNet+FPN FCOS on 512-pixel patches, GroupNorm (no head BatchNorm
-    # to recalibrate), the global map fused by one conv over the concatenation
-    "det": {
-        "patch_size": 512,
-        "fusion": "concat",
-        "calibration_batches": 0,
-        "fill_batch": 16,
-    },
-    "seg": {
-        "backbone": "unet",
-        "latent_dim": 8,
-        "patch_size": 128,
-        "lr": 1e-4,
-        "accumulation_steps": 2,
-        "inner_steps": 4,
-        "patches_per_step": 4,
-        "fill_batch": 16,
-        "calibration_batches": 0,
-    },
-}
-
-# Per task × method defaults, from the papers (docs/methods.md §3, §7).
-_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
-    ("cls", "ips"): {  # patch 50 is the Megapixel MNIST setting: see its recipe
-        "latent_dim": 128,
-        "weight_decay": 0.1,
-        "schedule": "cosine",
-        "min_lr_ratio": 1e-3,
-        "dropout": 0.1,
-    },
-    # Unprojected cells, no context block: on Megapixel MNIST a projection or a conv block before
-    # the grid's maximum learned several times slower than the whole-image CNN; without them the
-    # model is that CNN computed patch by patch (BENCHMARKS.md, learning).
-    # One optimizer step per image batch: with a step per inner iteration (J per batch on the
-    # same images) the training loss of Megapixel MNIST rose above chance (2.56 after an epoch)
-    # where averaging the J gradients matched the whole-image network (2.46; it: 2.45).
-    ("cls", "patchgd"): {"latent_dim": None, "inner_update": "batch"},
-    # CLAM's settings for attention MIL on frozen features: Adam 2e-4, weight decay 1e-5,
-    # dropout 0.25; a transformer over all instances is N² per layer, so its bags are capped
-    ("cls", "abmil"): {"lr": 2e-4, "weight_decay": 1e-5, "dropout": 0.25, "calibration_batches": 0},
-    ("cls", "transmil"): {
-        "lr": 2e-4,
-        "weight_decay": 1e-5,
-        "dropout": 0.1,
-        "max_instances": 4096,
-        "calibration_batches": 0,
-    },
-    ("cls", "e2e-mil"): {"dropout": 0.25, "calibration_batches": 0},
-    # The global patch's feature concatenated to every cell, not added: added, it shares the
-    # head's weights with the cells' (a max over z + g cannot ignore g), and the first epoch's
-    # training loss on Megapixel MNIST was 2.58; concatenated, 2.49 (without the global: 2.46).
-    ("cls", "patchgd-global"): {
-        "accumulation_steps": 1,
-        "latent_dim": None,
-        "inner_update": "batch",
-        "fusion": "concat",
-    },
-    ("det", "patchgd-global"): {"accumulation_steps": 10},
-}
-
 _CHOICES: dict[str, tuple[str, ...]] = {
-    "task": TASKS,
-    "method": METHODS,
     "schedule": SCHEDULES,
     "precision": PRECISIONS,
     "fusion": ("add", "concat"),
@@ -248,11 +174,14 @@ def _coerce(key: str, value: Any, where: str) -> Any:
 
 
 def _check(recipe: Recipe, where: str) -> None:
-    if recipe.task in TASK_METHODS and recipe.method not in TASK_METHODS[recipe.task]:
-        raise UsageError(
-            f"{where}: method {recipe.method!r} is not a {recipe.task} method; "
-            f"valid: {', '.join(TASK_METHODS[recipe.task])}"
-        )
+    try:
+        task = task_class(recipe.task)()
+        method_class(recipe.task, recipe.method)
+    except UsageError as exc:
+        raise UsageError(f"{where}: {exc}") from None
+    if recipe.backbone not in task.backbones():
+        what = f"{where}: backbone {recipe.backbone!r} is not a {recipe.task} backbone"
+        raise unknown(what, list(task.backbones()), recipe.backbone)
     for key, choices in _CHOICES.items():
         if getattr(recipe, key) not in choices:
             raise UsageError(
@@ -348,8 +277,12 @@ def load_recipe(
             chosen_method = data.get("method", chosen_method)
     chosen_method = chosen_method or "patchgd-global"
     values: dict[str, Any] = {"task": chosen_task, "method": chosen_method}
-    values.update(_TASK_DEFAULTS.get(chosen_task, {}))
-    values.update(_DEFAULTS.get((chosen_task, chosen_method), {}))
+    if isinstance(chosen_task, str) and isinstance(chosen_method, str):
+        try:
+            values.update(task_class(chosen_task).defaults)
+            values.update(method_defaults(chosen_task, chosen_method))
+        except UsageError as exc:
+            raise UsageError(f"{str(path) if path else 'recipe'}: {exc}") from None
     for where, data in layers:
         for key, value in data.items():
             if key in ("task", "method"):

@@ -10,6 +10,7 @@ the baselines upsample or slice their whole-image logits tile by tile.
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,11 +19,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hiresctl.data import PatchGrid, PatchReader, ReadRequest
+from hiresctl.data import PatchGrid, PatchReader, ReadRequest, ReadTag
 from hiresctl.models import PatchSegmenter, create_seg_network, upsample_region
-from hiresctl.train.methods import BatchOutput, Method, PatchGD, Reads, StepContext, _chunks
+from hiresctl.train.methods import (
+    FULL_SETTING,
+    BatchOutput,
+    Method,
+    PatchGD,
+    Reads,
+    StepContext,
+    _chunks,
+    resized_setting,
+    scaled_cost,
+)
 from hiresctl.train.recipe import Recipe
-from storage import UsageError
+from hiresctl.train.registry import register_method
+from storage.errors import UsageError
 
 IGNORE = -1  # target value of padding and unlabelled pixels
 PREDICT_TILE = 512  # output tile side of the whole-image baselines
@@ -148,10 +160,10 @@ def _outputs(num_classes: int) -> int:
 
 
 class SegmentationMethod(Method):
-    """Shared parts: θ1 from the segmentation network registry, the square the global patch
-    letterboxes (side = longest side of the image), pixel accuracy of a training batch."""
-
-    task = "seg"
+    """Base of the segmentation methods: θ1 from the segmentation network registry, the square
+    the global patch letterboxes (side = longest side of the image), pixel accuracy of a
+    training batch; a method adds :meth:`plan_train`, :meth:`plan_image`, :meth:`train_batch`
+    and :meth:`predict_tiles`."""
 
     def __init__(self, recipe: Recipe, num_classes: int, reader: PatchReader) -> None:
         super().__init__(recipe, num_classes, reader)
@@ -170,46 +182,61 @@ class SegmentationMethod(Method):
         _, height, width = self.reader.shape(image_id)
         return max(height, width)
 
+    @abstractmethod
     def predict_tiles(
         self, ctx: StepContext, image_id: str, reads: Reads
     ) -> Iterator[tuple[int, int, torch.Tensor]]:
         """(y, x, logits (outputs, h, w)) tiles covering the image, cropped to its bounds."""
-        raise NotImplementedError
 
+    @abstractmethod
     def plan_image(self, image_id: str) -> list[ReadRequest]:
         """The reads :meth:`predict_tiles` consumes for one image."""
-        raise NotImplementedError
 
     def plan(self, image_ids: list[str], seed: int, train: bool) -> list[ReadRequest]:
         if not train:
             return [r for image_id in image_ids for r in self.plan_image(image_id)]
         return self.plan_train(image_ids, seed)
 
+    @abstractmethod
     def plan_train(self, image_ids: list[str], seed: int) -> list[ReadRequest]:
-        raise NotImplementedError
+        """The reads of one training batch, in the order :meth:`train_batch` consumes them."""
 
     def calibrate(self, ctx: StepContext, batches: list[list[str]]) -> None:
         """θ2 is a 1×1 conv without BatchNorm: nothing to re-estimate."""
 
     @staticmethod
-    def _score(logits: torch.Tensor, target: torch.Tensor) -> dict[str, int]:
+    def _score(logits: torch.Tensor, target: torch.Tensor) -> tuple[int, int]:
+        """(right, judged) pixels of a training batch."""
         valid = target != IGNORE
         correct = (predicted_classes(logits.detach()) == target) & valid
-        return {"correct": int(correct.sum()), "pixels": int(valid.sum())}
+        return int(correct.sum()), int(valid.sum())
 
     def _crop(self, image_id: str, y: int, x: int, logits: torch.Tensor) -> torch.Tensor:
         _, height, width = self.reader.shape(image_id)
         return logits[..., : max(0, height - y), : max(0, width - x)]
 
 
+@register_method("seg", "tiled")
 class SegTiled(SegmentationMethod, PatchGD):
     """PatchGD for segmentation (§5): θ1 on every patch fills a (B, 8, H, W) latent without
     gradient; each inner step re-encodes k patches per image with gradient, θ2 (1×1 conv)
     segments the whole latent and the loss covers the whole image. ``tiled`` has no global
     branch; ``patchgd-global`` adds up(θ1(resize(image, p))) to the concatenation."""
 
-    name = "tiled"
     use_global = False
+
+    def memory(
+        self, model: nn.Module, images: list[Any], per_patch: int
+    ) -> tuple[int, int, int | None]:
+        """The latent, its copy with gradient, the global latent, their concatenation, the
+        logits and the loss's temporaries (per output), the int64 target; the global patch."""
+        grid, kept = self.largest(images)
+        pixels = grid.rows * grid.cols * self.recipe.patch_size**2
+        outputs = int(getattr(model, "outputs", 1))
+        per_image = pixels * (4 * self.recipe.channels * 4 + 3 * outputs * 4 + 8)
+        if self.use_global:
+            per_image += per_patch
+        return per_image, per_patch, self.patches_per_step(len(kept))
 
     def build_model(self) -> nn.Module:
         return PatchSegmenter(self.network(), _outputs(self.num_classes), self.recipe.channels,
@@ -222,10 +249,10 @@ class SegTiled(SegmentationMethod, PatchGD):
             grid, _ = self.patches(image_id)
             everything = np.arange(grid.num_patches)  # the latent is filled everywhere
             for chunk in _chunks(everything, self.recipe.fill_batch):
-                requests.append(ReadRequest(image_id, "patches", grid, chunk, ("fill", b)))
-                requests.append(ReadRequest(image_id, "mask", grid, chunk, ("mask", b)))
+                requests.append(ReadRequest(image_id, "patches", grid, chunk, ReadTag("fill", b)))
+                requests.append(ReadRequest(image_id, "mask", grid, chunk, ReadTag("mask", b)))
             if self.use_global:
-                requests.append(ReadRequest(image_id, "global", grid, tag=("global", b)))
+                requests.append(ReadRequest(image_id, "global", grid, tag=ReadTag("global", b)))
         return requests + self.inner_groups(image_ids, rng)
 
     def _canvas(self, image_ids: list[str]) -> tuple[int, int]:
@@ -264,13 +291,13 @@ class SegTiled(SegmentationMethod, PatchGD):
         target = torch.full((batch, height, width), IGNORE, dtype=torch.long, device=ctx.device)
         global_pixels: list[torch.Tensor | None] = [None] * batch
         losses: list[float] = []
-        score = {"correct": 0, "pixels": 0}
+        score = (0, 0)
         inner = 0
 
         def fill_or_label(request: ReadRequest, pixels: torch.Tensor) -> None:
-            if request.tag[0] == "mask":
+            if request.tag.role == "mask":
                 self._place(
-                    target, request.tag[1], request.grid, request.indices, pixels.to(ctx.device)
+                    target, request.tag.image, request.grid, request.indices, pixels.to(ctx.device)
                 )
             else:
                 self._fill(ctx, model, latent, request, pixels, train=True, write=self._place)
@@ -297,9 +324,9 @@ class SegTiled(SegmentationMethod, PatchGD):
         grid, _ = self.patches(image_id)
         requests = []
         if self.use_global:
-            requests.append(ReadRequest(image_id, "global", grid, tag=("global", 0)))
+            requests.append(ReadRequest(image_id, "global", grid, tag=ReadTag("global", 0)))
         for chunk in _chunks(np.arange(grid.num_patches), self.recipe.fill_batch):
-            requests.append(ReadRequest(image_id, "patches", grid, chunk, ("tile", 0)))
+            requests.append(ReadRequest(image_id, "patches", grid, chunk, ReadTag("tile", 0)))
         return requests
 
     def predict_tiles(
@@ -328,8 +355,10 @@ class SegTiled(SegmentationMethod, PatchGD):
                 yield y, x, self._crop(image_id, y, x, tile)
 
 
+@register_method("seg", "patchgd-global")
 class SegPatchGDGlobal(SegTiled):
-    name = "patchgd-global"
+    """``tiled`` plus the global patch: up(θ1(resize(image, p))) joins the latent."""
+
     use_global = True
 
 
@@ -340,8 +369,19 @@ class SegWholeImage(SegmentationMethod):
         return PatchSegmenter(self.network(), _outputs(self.num_classes), self.recipe.channels,
                               use_global=False)  # fmt: skip
 
+    @abstractmethod
     def requests(self, image_id: str, b: int) -> list[ReadRequest]:
-        raise NotImplementedError
+        """The image and target reads of ``image_id``, the ``b``-th image of its batch."""
+
+    @abstractmethod
+    def input_side(self, image_id: str) -> int:
+        """Side of the square the network sees."""
+
+    def memory(
+        self, model: nn.Module, images: list[Any], per_patch: int
+    ) -> tuple[int, int, int | None]:
+        side = max(self.input_side(im.image_id) for im in images)
+        return 0, scaled_cost(per_patch, side, self.recipe.patch_size), None
 
     def plan_train(self, image_ids: list[str], seed: int) -> list[ReadRequest]:
         return [r for b, image_id in enumerate(image_ids) for r in self.requests(image_id, b)]
@@ -379,17 +419,23 @@ class SegWholeImage(SegmentationMethod):
             return ctx.model(self._image(pixels).unsqueeze(0).to(ctx.device)).float()
 
 
+@register_method("seg", "downsample")
 class SegDownsample(SegWholeImage):
     """The whole image resized to ``input_size`` (default ``patch_size``); targets resized by
     nearest label; predictions upsampled (bilinear logits) to full resolution tile by tile."""
 
-    name = "downsample"
+    def input_side(self, image_id: str) -> int:
+        return self.recipe.input_size or self.recipe.patch_size
+
+    def describe(self, image_id: str) -> dict[str, str] | None:
+        _, height, width = self.reader.shape(image_id)
+        return resized_setting(height, width, self.input_side(image_id))
 
     def requests(self, image_id: str, b: int) -> list[ReadRequest]:
         _, height, width = self.reader.shape(image_id)
         grid = PatchGrid.of(height, width, self.recipe.input_size or self.recipe.patch_size)
-        return [ReadRequest(image_id, "global", grid, tag=("image", b)),
-                ReadRequest(image_id, "mask_global", grid, tag=("target", b))]  # fmt: skip
+        return [ReadRequest(image_id, "global", grid, tag=ReadTag("image", b)),
+                ReadRequest(image_id, "mask_global", grid, tag=ReadTag("target", b))]  # fmt: skip
 
     def predict_tiles(
         self, ctx: StepContext, image_id: str, reads: Reads
@@ -403,11 +449,16 @@ class SegDownsample(SegWholeImage):
                 yield y, x, upsample_region(logits, side, y, x, h, w)[0].cpu()
 
 
+@register_method("seg", "full")
 class SegFull(SegWholeImage):
     """The whole image at full resolution (padded square); refuses images over
     ``full_max_pixels``."""
 
-    name = "full"
+    def input_side(self, image_id: str) -> int:
+        return self.side(image_id)
+
+    def describe(self, image_id: str) -> dict[str, str] | None:
+        return dict(FULL_SETTING)
 
     def requests(self, image_id: str, b: int) -> list[ReadRequest]:
         _, height, width = self.reader.shape(image_id)
@@ -419,8 +470,8 @@ class SegFull(SegWholeImage):
             )
         grid = PatchGrid.of(height, width, side)
         first = np.zeros(1, dtype=np.int64)
-        return [ReadRequest(image_id, "patches", grid, first, ("image", b)),
-                ReadRequest(image_id, "mask", grid, first, ("target", b))]  # fmt: skip
+        return [ReadRequest(image_id, "patches", grid, first, ReadTag("image", b)),
+                ReadRequest(image_id, "mask", grid, first, ReadTag("target", b))]  # fmt: skip
 
     def predict_tiles(
         self, ctx: StepContext, image_id: str, reads: Reads
@@ -438,14 +489,8 @@ class SegFull(SegWholeImage):
                 )
 
 
-SEG_METHOD_CLASSES: dict[str, type[SegmentationMethod]] = {
-    cls.name: cls for cls in (SegPatchGDGlobal, SegTiled, SegDownsample, SegFull)
-}
-
-
 __all__ = [
     "IGNORE",
-    "SEG_METHOD_CLASSES",
     "SegmentationMethod",
     "binary_image_metrics",
     "confusion",

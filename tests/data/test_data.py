@@ -1,4 +1,4 @@
-"""Patch grid, reader, samplers: exact pixels, row-major positions, reads bounded by need."""
+"""Patch grid, reader, foreground filter: exact pixels, row-major positions, reads bounded by need."""
 
 from __future__ import annotations
 
@@ -12,11 +12,9 @@ from zarr.storage import LocalStore, WrapperStore
 from hiresctl.data import (
     NO_FLIP,
     Flip,
-    GridSampler,
     PatchAugment,
     PatchGrid,
     PatchReader,
-    RandomPatchSampler,
     flip_boxes,
     foreground_fraction,
     to_unit_rgb,
@@ -74,18 +72,6 @@ def test_global_patch_comes_from_the_pyramid_not_level_0(tmp_path: Path) -> None
     assert any(k.startswith(("images/a/thumbnail/c", "images/a/3/c")) for k in _READ_KEYS)
     # letterboxed right: the last columns are fill (0), the image occupies 384/512 of the width
     assert float(image[:, :, -3:].abs().sum()) == 0.0
-
-
-def test_samplers_are_seeded_and_respect_weights() -> None:
-    grid = PatchGrid.of(128, 128, 32)  # 16 patches
-    first = list(RandomPatchSampler(grid, 5, generator=torch.Generator().manual_seed(3)))
-    again = list(RandomPatchSampler(grid, 5, generator=torch.Generator().manual_seed(3)))
-    assert first == again and len(set(first)) == 5
-    weights = np.zeros(16)
-    weights[[2, 7, 9]] = 1.0
-    drawn = list(RandomPatchSampler(grid, 10, weights, torch.Generator().manual_seed(0)))
-    assert sorted(drawn) == [2, 7, 9]
-    assert list(GridSampler(grid)) == list(range(16))
 
 
 def test_foreground_fraction_maps_mask_to_patches() -> None:

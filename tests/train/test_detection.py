@@ -239,16 +239,14 @@ def test_memory_estimate_follows_the_head_recomputation(
     head's activations accordingly, and grows back when the towers keep everything."""
     from torch import nn
 
-    from hiresctl.train.trainer import _detection_memory
-
     trainer = Trainer(objects_store, tmp_path / "a", _recipe(method="patchgd"))
     run = trainer.run
     images = trainer.train_images
-    recomputed = sum(_detection_memory(run, images, 0)[:2])
+    recomputed = sum(run.method.memory(run.model, images, 0)[:2])
     head = run.model.detector.head  # type: ignore[union-attr]
     for branch in (head.classification_head, head.regression_head):
         branch.conv = nn.Sequential(*branch.conv)  # the same blocks, nothing recomputed
-    plain = sum(_detection_memory(run, images, 0)[:2])
+    plain = sum(run.method.memory(run.model, images, 0)[:2])
     canvas = sum((192 // s) ** 2 for s in run.model.strides)  # type: ignore[union-attr]
     towers = 6 * SMALL["head_convs"] - (2 * SMALL["head_convs"] + 3)  # tensors no longer kept
     assert plain - recomputed == canvas * SMALL["latent_dim"] * 4 * towers

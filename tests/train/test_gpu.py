@@ -10,7 +10,7 @@ import torch
 from hiresctl.data import PatchStream
 from hiresctl.train import Recipe, build_run, step_context
 from hiresctl.train.memory import PeakMemory
-from hiresctl.train.trainer import _PlannedReads
+from hiresctl.train.run import PlannedReads
 from storage import Dataset
 from tests.stores import make_store, planted_images
 
@@ -43,7 +43,7 @@ def test_mixed_precision_step_on_cuda_records_peak_allocated(method: str, tmp_pa
     ids = list(images)
     plan = run.method.plan(ids, 0, True)
     output = run.method.train_batch(
-        ctx, ids, torch.tensor([0, 1]), _PlannedReads(PatchStream(run.reader), iter([plan])).batch()
+        ctx, ids, torch.tensor([0, 1]), PlannedReads(PatchStream(run.reader), iter([plan])).batch()
     )
     assert torch.isfinite(torch.tensor(output.loss))
     assert peak.kind == "cuda_allocated" and peak.peak_bytes() > 0

@@ -12,7 +12,7 @@ from torch import nn
 
 from hiresctl.data import PatchStream, ReadRequest
 from hiresctl.train import Recipe, build_run, step_context
-from hiresctl.train.trainer import _PlannedReads
+from hiresctl.train.run import PlannedReads
 from storage import Dataset
 from tests.conftest import coord_pixels
 from tests.stores import make_store
@@ -33,7 +33,7 @@ def _run(store: Path, **changes: object):  # type: ignore[no-untyped-def]
 
 def _reads(run, image_ids: list[str], train: bool, seed: int = 0):  # type: ignore[no-untyped-def]
     plan = run.method.plan(image_ids, seed, train)
-    return _PlannedReads(PatchStream(run.reader), iter([plan])).batch()
+    return PlannedReads(PatchStream(run.reader), iter([plan])).batch()
 
 
 def test_latent_position_holds_that_patchs_feature(coord_store: Path) -> None:
@@ -165,7 +165,7 @@ def test_fusion_is_the_same_in_training_and_evaluation(coord_store: Path) -> Non
 def test_read_request_plan_covers_every_patch_once_per_batch(coord_store: Path) -> None:
     run = _run(coord_store, method="patchgd", sample_fraction=0.25)
     plan = run.method.plan(["a"], seed=0, train=True)
-    groups = [r for r in plan if r.tag[0] == "group"]
+    groups = [r for r in plan if r.tag.role == "group"]
     covered = np.concatenate([r.indices for r in groups])
     assert sorted(covered) == list(range(12)) and len(groups) == 4
     assert all(isinstance(r, ReadRequest) for r in plan)
@@ -193,7 +193,7 @@ def test_foreground_patches_follow_the_training_mirror(tmp_path: Path) -> None:
         seen.add(flip)
         _, kept = run.method.patches("a", train=True)
         assert kept.tolist() == corner[flip.vertical, flip.horizontal], flip
-        planned = [r for r in run.method.plan(["a"], epoch, train=True) if r.tag[0] == "fill"]
+        planned = [r for r in run.method.plan(["a"], epoch, train=True) if r.tag.role == "fill"]
         assert np.concatenate([r.indices for r in planned]).tolist() == kept.tolist()
         assert run.method.patches("a")[1].tolist() == [0]
     assert len(seen) == 4 and NO_FLIP in seen

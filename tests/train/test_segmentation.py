@@ -15,7 +15,7 @@ import zarr
 from torch import nn
 
 from hiresctl.data import LabelledImage, PatchStream
-from hiresctl.eval import evaluate_segmentation
+from hiresctl.eval import evaluate
 from hiresctl.models import PatchSegmenter, upsample_region
 from hiresctl.train import Trainer, build_run, load_recipe, predict_segmentation
 from hiresctl.train.segmentation import (
@@ -166,7 +166,7 @@ def test_tiny_segmenter_learns_thin_vessels(tmp_path: Path) -> None:
     untrained = segmentation_metrics(matrices, trainer.run.classes)["f1"]
     result = trainer.fit()
     assert result.summary["monitor"] == "f1"
-    trained = evaluate_segmentation(tmp_path / "run", store, split="test", device="cpu")
+    trained = evaluate(tmp_path / "run", store, split="test", device="cpu")
     # all background scores F1 0; the untrained network is no better than chance
     assert trained["metrics"]["f1"] > 0.6 > untrained
     assert trained["metrics"]["iou"] > 0.4

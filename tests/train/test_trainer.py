@@ -180,11 +180,16 @@ def test_recipe_errors_name_the_nearest_key(tmp_path: Path, cli: Callable) -> No
         load_recipe(overrides={"patchsize": 64})
     with pytest.raises(UsageError, match="lr must be float"):
         load_recipe(overrides={"lr": "fast"})
-    with pytest.raises(UsageError, match="method 'ipx' is not a cls method; valid: patchgd-global"):
+    with pytest.raises(
+        UsageError,
+        match=r"method 'ipx' is not a cls method \(did you mean 'ips'\?\); valid: .*patchgd-global",
+    ):
         load_recipe(overrides={"method": "ipx"})
     with pytest.raises(UsageError, match="method 'tiled' is not a cls method"):
         load_recipe(method="tiled")
     assert load_recipe(task="seg", method="tiled").backbone == "unet"  # task defaults
+    with pytest.raises(UsageError, match=r"backbone 'resnet81' is not a cls backbone .*'resnet18'"):
+        load_recipe(overrides={"backbone": "resnet81"})  # checked when the recipe loads
     bad = tmp_path / "bad.yaml"
     bad.write_text("epochs: 3\nbackbon: tiny\n")
     with pytest.raises(

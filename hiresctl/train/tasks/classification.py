@@ -1,0 +1,162 @@
+"""Classification: image labels from the store, inference with heatmaps, accuracy, balanced
+accuracy, F1, kappa and AUC (docs/methods.md §8)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from hiresctl.data import LabelledImage, class_names, labelled_images
+from hiresctl.models import BACKBONES
+from hiresctl.train import distributed
+from hiresctl.train.methods import Heatmap
+from hiresctl.train.registry import register_task
+from hiresctl.train.run import Inference, Run, batch_seed
+from hiresctl.train.tasks.base import Task, TileHook
+from storage import Dataset, StoreError
+
+
+def predict_images(
+    run: Run,
+    images: list[LabelledImage],
+    batch_size: int,
+    num_workers: int = 0,
+    heatmaps: list[Heatmap] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """Logits and targets of ``images`` (this rank's share), with timing and peak memory;
+    given a ``heatmaps`` list, also where the model looked in each image (appended to it)."""
+    recipe = run.recipe
+    batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
+    plans = (
+        run.method.plan(
+            [im.image_id for im in batch], batch_seed(recipe.seed, 10**6, i), train=False
+        )
+        for i, batch in enumerate(batches)
+    )
+    inference = Inference(run, plans, num_workers)
+    logits, targets = [], []
+    for batch in batches:
+        ids = [im.image_id for im in batch]
+        if heatmaps is None:
+            logits.append(run.method.predict(inference.ctx, ids, inference.batch()))
+        else:
+            out, maps = run.method.explain(inference.ctx, ids, inference.batch())
+            logits.append(out)
+            heatmaps.extend(maps)
+        targets.append(torch.tensor([im.target for im in batch]))
+    stats = inference.stats(len(images))
+    if not logits:
+        return torch.zeros(0, len(run.classes)), torch.zeros(0, dtype=torch.long), stats
+    return torch.cat(logits), torch.cat(targets), stats
+
+
+def classification_metrics(
+    logits: torch.Tensor, targets: torch.Tensor, classes: int
+) -> dict[str, Any]:
+    """Accuracy, balanced accuracy, macro F1, quadratic kappa, AUC (binary), confusion matrix."""
+    from sklearn import metrics as skm
+
+    y_true = targets.numpy()
+    y_pred = logits.argmax(1).numpy() if len(logits) else np.zeros(0, dtype=int)
+    labels = list(range(classes))
+    out: dict[str, Any] = {"count": len(y_true)}
+    if not len(y_true):
+        return out
+    out["accuracy"] = float(skm.accuracy_score(y_true, y_pred))
+    matrix = skm.confusion_matrix(y_true, y_pred, labels=labels)
+    recalls = [matrix[i, i] / matrix[i].sum() for i in labels if matrix[i].sum()]
+    out["balanced_accuracy"] = float(np.mean(recalls))
+    out["macro_f1"] = float(
+        skm.f1_score(y_true, y_pred, labels=sorted(set(y_true)), average="macro", zero_division=0)
+    )
+    if len(set(y_true)) > 1 or len(set(y_pred)) > 1:
+        kappa = skm.cohen_kappa_score(y_true, y_pred, labels=labels, weights="quadratic")
+        out["kappa_quadratic"] = float(kappa) if np.isfinite(kappa) else 0.0
+    if classes == 2 and len(set(y_true)) == 2:
+        probs = logits.softmax(1)[:, 1].numpy()
+        out["auc"] = float(skm.roc_auc_score(y_true, probs))
+    out["confusion_matrix"] = matrix.tolist()
+    return out
+
+
+def per_class(matrix: list[list[int]], classes: list[str]) -> dict[str, dict[str, Any]]:
+    """Precision, recall, F1 and support of each class from a confusion matrix (rows: true)."""
+    m = np.asarray(matrix, dtype=float)
+    out: dict[str, dict[str, Any]] = {}
+    if m.size == 0:
+        return out
+    for i, name in enumerate(classes):
+        tp, predicted, support = m[i, i], m[:, i].sum(), m[i].sum()
+        precision = tp / predicted if predicted else None
+        recall = tp / support if support else None
+        f1 = (2 * precision * recall / (precision + recall)
+              if precision and recall else (0.0 if support else None))  # fmt: skip
+        out[name] = {"precision": precision, "recall": recall, "f1": f1, "support": int(support)}
+    return out
+
+
+@register_task("cls")
+class Classification(Task):
+    title = "classification"
+    table_metrics = ("accuracy", "balanced_accuracy", "macro_f1", "auc", "kappa_quadratic")
+    worst_images = "Worst images: where the model looked"
+
+    def backbones(self) -> tuple[str, ...]:
+        return tuple(BACKBONES)
+
+    def classes(self, dataset: Dataset) -> tuple[list[str], list[int] | None]:
+        classes = class_names(dataset)
+        if len(classes) < 2:
+            raise StoreError(
+                dataset.path, f"needs at least 2 classes to train a classifier, found {classes}"
+            )
+        return classes, None
+
+    def images(
+        self, dataset: Dataset, split: str, classes: list[str]
+    ) -> tuple[list[LabelledImage], list[str]]:
+        return labelled_images(dataset, split, classes)
+
+    def validate(
+        self, run: Run, images: list[LabelledImage], world: distributed.World
+    ) -> dict[str, Any]:
+        logits, targets, _ = predict_images(run, images[world.rank :: world.size],
+                                            run.recipe.batch_size)  # fmt: skip
+        gathered = distributed.gather_objects((logits, targets), world)
+        all_logits = torch.cat([g[0] for g in gathered])  # type: ignore[index]
+        all_targets = torch.cat([g[1] for g in gathered])  # type: ignore[index]
+        out = classification_metrics(all_logits, all_targets, len(run.classes))
+        out["loss"] = float(F.cross_entropy(all_logits, all_targets)) if len(all_targets) else None
+        return out
+
+    def evaluate(
+        self, run: Run, images: list[LabelledImage], folder: Path, split: str,
+        on_tile: TileHook | None = None,
+    ) -> tuple[dict[str, Any], dict[str, float]]:  # fmt: skip
+        logits, targets, stats = predict_images(run, images, run.recipe.batch_size)
+        metrics = classification_metrics(logits, targets, len(run.classes))
+        matrix = metrics.pop("confusion_matrix", [])
+        metrics.pop("count", 0)
+        probabilities = logits.softmax(1)
+        per_image = [
+            {
+                "id": image.image_id,
+                "target": run.classes[int(t)],
+                "predicted": run.classes[int(p.argmax())],
+                "correct": bool(int(p.argmax()) == int(t)),
+                "confidence": float(p.max()),
+                "p_target": float(p[int(t)]),
+                "probabilities": [round(float(v), 6) for v in p],
+            }
+            for image, t, p in zip(images, targets, probabilities, strict=True)
+        ]
+        body = {"metrics": metrics, "confusion_matrix": matrix,
+                "per_class": per_class(matrix, run.classes), "per_image": per_image}  # fmt: skip
+        return body, stats
+
+
+__all__ = ["Classification", "classification_metrics", "per_class", "predict_images"]

@@ -1,0 +1,143 @@
+"""Segmentation: masks from the store, full-resolution inference tile by tile against the
+store's masks (streamed tile by tile too), IoU, Dice and the rest of docs/methods.md §8."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from hiresctl.data import LabelledImage, segmentation_images
+from hiresctl.models import SEG_NETWORKS
+from hiresctl.train import distributed
+from hiresctl.train.registry import register_task
+from hiresctl.train.run import Inference, Run
+from hiresctl.train.segmentation import (
+    SegmentationMethod,
+    binary_image_metrics,
+    confusion,
+    monitor_key,
+    predicted_classes,
+    segmentation_metrics,
+)
+from hiresctl.train.tasks.base import Task, TileHook
+from storage import Dataset, StoreError
+
+
+def predict_segmentation(
+    run: Run,
+    images: list[LabelledImage],
+    num_workers: int = 0,
+    on_tile: TileHook | None = None,
+    with_targets: bool = True,
+) -> tuple[list[np.ndarray], dict[str, float]]:
+    """Segment ``images`` tile by tile at full resolution; per image, the confusion matrix
+    against the store's mask (streamed tile by tile too), with timing and peak memory.
+    ``on_tile(image_id, y, x, logits, classes, truth)`` sees every tile (e.g. to write
+    predictions); ``truth`` is the tile's class indices (-1 unknown), None without targets."""
+    method = run.method
+    assert isinstance(method, SegmentationMethod)
+    inference = Inference(run, (method.plan_image(im.image_id) for im in images), num_workers)
+    classes = len(run.classes)
+    matrices = []
+    for image in images:
+        matrix = np.zeros((classes, classes), dtype=np.int64)
+        for y, x, logits in method.predict_tiles(inference.ctx, image.image_id, inference.batch()):
+            pred = predicted_classes(logits).numpy()
+            truth = None
+            if with_targets:
+                height, width = pred.shape
+                truth = run.reader.read_mask_region(image.image_id, y, x, width, height)
+                matrix += confusion(pred, truth, classes)
+            if on_tile is not None:
+                on_tile(image.image_id, y, x, logits, pred, truth)
+        matrices.append(matrix)
+    stats = inference.stats(len(images))
+    return matrices, stats
+
+
+@register_task("seg")
+class Segmentation(Task):
+    title = "segmentation"
+    # θ1 is a U-Net with 8 output channels, its inner loop J=4, k=4, accumulation 2, lr 1e-4
+    # (the seed paper's DRIVE setting, docs/methods.md §5, §7)
+    defaults: ClassVar[dict[str, Any]] = {
+        "backbone": "unet",
+        "latent_dim": 8,
+        "patch_size": 128,
+        "lr": 1e-4,
+        "accumulation_steps": 2,
+        "inner_steps": 4,
+        "patches_per_step": 4,
+        "fill_batch": 16,
+        "calibration_batches": 0,
+    }
+    table_metrics = ("f1", "iou", "mean_iou", "accuracy", "balanced_accuracy", "plr", "nlr")
+    train_accuracy = "Training pixel accuracy"
+    judged = "pixels"
+    legend = ("true positive", "false positive", "false negative")
+
+    def backbones(self) -> tuple[str, ...]:
+        return tuple(SEG_NETWORKS)
+
+    def classes(self, dataset: Dataset) -> tuple[list[str], list[int] | None]:
+        named = dataset.mask_classes()
+        if len(named) < 2:
+            raise StoreError(
+                dataset.path,
+                f"needs masks with at least 2 label values to train a segmenter, found "
+                f"{list(named) or 'no masks'} (tile with --masks DIR)",
+            )
+        return list(named.values()), list(named)
+
+    def images(
+        self, dataset: Dataset, split: str, classes: list[str]
+    ) -> tuple[list[LabelledImage], list[str]]:
+        return segmentation_images(dataset, split, classes)
+
+    def monitor(self, classes: list[str]) -> str:
+        return monitor_key(len(classes))
+
+    def validate(
+        self, run: Run, images: list[LabelledImage], world: distributed.World
+    ) -> dict[str, Any]:
+        matrices, _ = predict_segmentation(run, images[world.rank :: world.size])
+        gathered = distributed.gather_objects(matrices, world)
+        return segmentation_metrics([m for part in gathered for m in part], run.classes)  # type: ignore[attr-defined]
+
+    def evaluate(
+        self, run: Run, images: list[LabelledImage], folder: Path, split: str,
+        on_tile: TileHook | None = None,
+    ) -> tuple[dict[str, Any], dict[str, float]]:  # fmt: skip
+        matrices, stats = predict_segmentation(run, images, on_tile=on_tile)
+        metrics = segmentation_metrics(matrices, run.classes)
+        binary = len(run.classes) == 2
+        per_image = []
+        for image, matrix in zip(images, matrices, strict=True):
+            row: dict[str, Any] = {"id": image.image_id, "pixels": int(matrix.sum())}
+            if binary:
+                row.update({k: (None if not np.isfinite(v) else v)
+                            for k, v in binary_image_metrics(matrix).items()})  # fmt: skip
+            else:
+                t = np.diag(matrix).astype(float)
+                union = matrix.sum(0) + matrix.sum(1) - t
+                row["mean_iou"] = (
+                    float((t[union > 0] / union[union > 0]).mean()) if (union > 0).any() else 0.0
+                )
+            per_image.append(row)
+        scalars = {k: v for k, v in metrics.items()
+                   if isinstance(v, float) and k not in ("count",)}  # fmt: skip
+        body = {
+            "metrics": scalars,
+            "undefined": metrics.get("undefined", {}),
+            "nan_policy": metrics.get("nan_policy"),
+            "pooled": metrics.get("pooled"),
+            "per_class": metrics.get("per_class"),
+            "per_image": per_image,
+            "confusion_matrix": np.sum(matrices, axis=0).tolist() if matrices else [],
+        }
+        return body, stats
+
+
+__all__ = ["Segmentation", "predict_segmentation"]
