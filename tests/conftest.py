@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from storage.tiler import forget_cached
+from storage.blocks import forget_cached
 
 
 def coord_pixels(height: int, width: int, channels: int = 3, dtype: str = "uint8") -> np.ndarray:

@@ -29,7 +29,7 @@ from hiresctl.train import (
     register_method,
     task_names,
 )
-from hiresctl.train.methods import Downsample
+from hiresctl.train.classify import Downsample
 from hiresctl.train.registry import method_class
 from storage import Dataset
 from tests.stores import make_store, planted_images, planted_objects

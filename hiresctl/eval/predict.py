@@ -58,8 +58,8 @@ from hiresctl.train import (
 from hiresctl.train.segmentation import PREDICT_TILE, SegmentationMethod, binary_image_metrics
 from storage import Dataset, StoreError, UsageError
 from storage.annotations import geotransform
+from storage.ngff import PALETTE, label_image_attrs, label_pyramid
 from storage.store import hires_attrs, image_multiscales
-from storage.tiler import _PALETTE, label_image_attrs, label_pyramid
 
 STORE = "predictions.zarr"
 GEOJSON_MAX_SIDE = 8192  # polygons are traced on the finest prediction level at most this big
@@ -383,7 +383,7 @@ class CocoIds:
 
 
 def _rgb(value_index: int) -> list[int]:
-    colour = _PALETTE[value_index % len(_PALETTE)]
+    colour = PALETTE[value_index % len(PALETTE)]
     return list(colour[:3]) if value_index else [128, 128, 128]
 
 

@@ -3,7 +3,7 @@
 Importing the package registers the built-in tasks and methods (``registry``)."""
 
 # The method modules register their methods; the tasks package registers the tasks.
-from hiresctl.train import detection, methods, mil, segmentation  # noqa: F401
+from hiresctl.train import classify, detection, mil, patchgd, segmentation  # noqa: F401
 from hiresctl.train.checkpoint import atomic_save, load_checkpoint
 from hiresctl.train.memory import MemoryPlan, PeakMemory, peak_rss_bytes
 from hiresctl.train.methods import Heatmap, Method, StepContext, create_method

@@ -35,13 +35,13 @@ from hiresctl.models.detection import MATCH_CHUNK, PatchFCOS, RecomputedTower
 from hiresctl.train.methods import (
     BatchOutput,
     Method,
-    PatchGD,
     Reads,
     StepContext,
     _chunks,
     resized_setting,
     scaled_cost,
 )
+from hiresctl.train.patchgd import PatchGD
 from hiresctl.train.recipe import Recipe
 from hiresctl.train.registry import register_method
 from storage.errors import UsageError

@@ -25,13 +25,13 @@ from hiresctl.train.methods import (
     FULL_SETTING,
     BatchOutput,
     Method,
-    PatchGD,
     Reads,
     StepContext,
     _chunks,
     resized_setting,
     scaled_cost,
 )
+from hiresctl.train.patchgd import PatchGD
 from hiresctl.train.recipe import Recipe
 from hiresctl.train.registry import register_method
 from storage.errors import UsageError

@@ -12,8 +12,9 @@ import zarr
 from PIL import Image
 
 from storage.errors import UsageError
+from storage.pyramid import halve_mode, level_shapes
 from storage.store import Dataset
-from storage.tiler import MaskSet, SourceSpec, TileOptions, halve_mode, level_shapes, tile
+from storage.tiler import MaskSet, SourceSpec, TileOptions, tile
 from tests.conftest import coord_pixels
 
 SMALL = TileOptions(chunk=32, block_size=64, thumbnail_size=64, workers=1)

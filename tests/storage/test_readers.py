@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import tifffile
 
+from storage.composite import MosaicReader
 from storage.errors import SourceError
-from storage.readers import ImageFileReader, MosaicReader, OpenSlideReader, TiffReader, open_source
+from storage.readers import ImageFileReader, OpenSlideReader, TiffReader, open_source
 from tests.conftest import coord_pixels
 
 REGION = (37, 250, 300, 200)  # y, x, height, width: crosses tile borders

@@ -16,8 +16,10 @@ import tifffile
 import zarr
 
 from storage.errors import StoreError, UsageError
+from storage.inputs import split_for
+from storage.pyramid import halve, level_shapes
 from storage.store import Dataset
-from storage.tiler import LabelTable, SourceSpec, TileOptions, halve, level_shapes, split_for, tile
+from storage.tiler import LabelTable, SourceSpec, TileOptions, tile
 from tests.conftest import coord_pixels
 
 SMALL = TileOptions(chunk=32, block_size=128, thumbnail_size=64)
@@ -93,9 +95,9 @@ def test_level0_is_pixel_identical_and_levels_are_exact_halvings(
 def test_layouts_without_direct_writes_go_through_zarr(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from storage import tiler
+    from storage import blocks
 
-    monkeypatch.setattr(tiler, "_direct", lambda store, path: None)  # as for a remote store
+    monkeypatch.setattr(blocks, "_direct", lambda store, path: None)  # as for a remote store
     pixels = coord_pixels(150, 230)
     [result] = tile(
         [SourceSpec((str(_tiff(tmp_path / "c.tif", pixels)),))], tmp_path / "ds.zarr", SMALL
@@ -365,7 +367,7 @@ def test_tasks_free_their_chunks_without_the_garbage_collector(tmp_path: Path) -
     freed at once, not left in reference cycles for a garbage collection that may not come."""
     import gc
 
-    from storage import tiler
+    from storage import blocks
 
     src = _tiff(tmp_path / "coord.tif", coord_pixels(300, 400))
     gc.collect()
@@ -373,7 +375,7 @@ def test_tasks_free_their_chunks_without_the_garbage_collector(tmp_path: Path) -
     try:
         [result] = tile([SourceSpec((str(src),))], tmp_path / "ds.zarr", SMALL)
         assert result.status == "written" and result.blocks and result.blocks > 4
-        alive = [o for o in gc.get_objects() if type(o) is tiler._LevelSink]
+        alive = [o for o in gc.get_objects() if type(o) is blocks._LevelSink]
     finally:
         gc.enable()
     assert alive == []

@@ -1,0 +1,351 @@
+"""Commands that make and read stores: ``synth``, ``tile``, ``info``, ``embed``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from hiresctl.cli.common import Codec, app, err, expand_sources
+from storage.errors import UsageError
+
+# ------------------------------------------------------------------------------------- synth
+
+
+@app.command()
+def synth(
+    kind: Annotated[
+        str,
+        typer.Argument(
+            help="What to synthesize: ultramnist, megapixel-mnist, fine-detail (classification); "
+            "seg-vessels, seg-aerial (segmentation: also masks/ and classes.csv); "
+            "det-mosaic (detection: also annotations.json, COCO)."
+        ),
+    ],
+    out: Annotated[Path, typer.Argument(help="Output folder (images/ and labels.csv).")],
+    count: Annotated[int, typer.Option(help="Number of images.")] = 16,
+    size: Annotated[
+        int | None, typer.Option(help="Canvas side in pixels (default per kind).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Random seed; same seed, same images.")] = 0,
+    task: Annotated[
+        str, typer.Option(help="megapixel-mnist label: majority, max, top, multi-label.")
+    ] = "majority",
+    classes: Annotated[int, typer.Option(help="ultramnist classes: 28 (sums 0-27) or 10.")] = 28,
+    objects: Annotated[
+        int | None,
+        typer.Option(help="det-mosaic objects per image (default 150 per 4096², by area)."),
+    ] = None,
+) -> None:
+    """Write synthetic benchmark images and a labels CSV ready for `hiresctl tile`."""
+    from storage.synth import synthesize
+
+    options: dict[str, Any] = {}
+    if kind == "megapixel-mnist":
+        options["task"] = task
+    if kind == "ultramnist":
+        options["classes"] = classes
+    if objects is not None:
+        if kind != "det-mosaic":
+            raise UsageError("--objects is a det-mosaic option")
+        if objects < 1:
+            raise UsageError(f"--objects must be ≥ 1, got {objects}")
+        options["objects"] = objects
+    with err.status(f"synthesizing {count} {kind} images"):
+        labels = synthesize(kind, out, count=count, size=size, seed=seed, **options)
+    err.print(f"wrote {count} images to {out / 'images'} and labels to {labels}")
+    if (out / "annotations.json").is_file():
+        err.print(f"object boxes in {out / 'annotations.json'} (COCO; tile with --coco)")
+    if (out / "masks").is_dir():
+        err.print(f"masks in {out / 'masks'}, class names in {out / 'classes.csv'}")
+
+
+# -------------------------------------------------------------------------------------- tile
+
+
+@app.command()
+def tile(
+    sources: Annotated[
+        list[str], typer.Argument(help="Image files or folders; '-' reads paths from stdin.")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Dataset store to create or extend.")],
+    labels: Annotated[
+        Path | None, typer.Option(help="CSV with columns source,label[,split].")
+    ] = None,
+    masks: Annotated[
+        Path | None,
+        typer.Option(help="Folder of segmentation masks, matched to sources by file name."),
+    ] = None,
+    mask_classes: Annotated[
+        Path | None, typer.Option(help="CSV with columns value,name naming the mask values.")
+    ] = None,
+    coco: Annotated[
+        Path | None,
+        typer.Option(help="COCO JSON of object boxes, matched to sources by file_name."),
+    ] = None,
+    annotations: Annotated[
+        Path | None,
+        typer.Option(
+            help="QuPath/GeoJSON annotations: a folder of <image>.geojson, or one file; "
+            "coordinates in a CRS go through the mosaic's geotransform."
+        ),
+    ] = None,
+    mosaic: Annotated[
+        str | None, typer.Option(help="Tile all SOURCES as one GeoTIFF mosaic with this name.")
+    ] = None,
+    chunk: Annotated[int, typer.Option(help="Chunk side (the patch grid), a power of two.")] = 256,
+    block_size: Annotated[
+        int, typer.Option(help="Pixels per task side (memory per worker thread ∝ its square).")
+    ] = 4096,
+    codec: Annotated[
+        Codec, typer.Option(help="zstd (lossless) or jpeg (8-bit, lossy).")
+    ] = Codec.zstd,
+    jpeg_quality: Annotated[int, typer.Option(help="JPEG quality for --codec jpeg.")] = 90,
+    thumbnail_size: Annotated[
+        int, typer.Option(help="Longest side of the global thumbnail.")
+    ] = 1024,
+    mpp: Annotated[float | None, typer.Option(help="Resample to this pixel size (µm).")] = None,
+    mag: Annotated[float | None, typer.Option(help="Resample to this magnification.")] = None,
+    source_mpp: Annotated[
+        float | None, typer.Option(help="Pixel size of the sources (overrides the files).")
+    ] = None,
+    max_pixels: Annotated[
+        int, typer.Option(help="Refuse sources with more level-0 pixels (decompression bombs).")
+    ] = 2**37,
+    split_seed: Annotated[int, typer.Option(help="Seed of the train/val/test split.")] = 0,
+    overwrite: Annotated[
+        bool, typer.Option(help="Re-tile images that are already complete.")
+    ] = False,
+    workers: Annotated[
+        int | None, typer.Option(help="Threads for the local dask scheduler.")
+    ] = None,
+    scheduler: Annotated[
+        str | None, typer.Option(help="dask.distributed scheduler address, e.g. tcp://host:8786.")
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON line per image on stdout.")
+    ] = False,
+) -> None:
+    """Tile sources into a chunked OME-Zarr dataset store (resumable; bad inputs fail alone)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from storage.annotations import Annotations
+    from storage.tiler import LabelTable, MaskSet, SourceSpec, TileOptions
+    from storage.tiler import tile as run_tile
+
+    if workers is not None and workers < 1:
+        raise UsageError(f"--workers must be ≥ 1, got {workers}")
+    paths = expand_sources(sources)
+    if not paths:
+        raise UsageError("no sources given")
+    specs = (
+        [SourceSpec(tuple(paths), mosaic=mosaic)] if mosaic else [SourceSpec((p,)) for p in paths]
+    )
+    options = TileOptions(
+        chunk=chunk, block_size=block_size, codec=codec.value, jpeg_quality=jpeg_quality, thumbnail_size=thumbnail_size,
+        mpp=mpp, mag=mag, source_mpp=source_mpp, max_pixels=max_pixels, split_seed=split_seed,
+        overwrite=overwrite, workers=workers, scheduler=scheduler,
+    )  # fmt: skip
+    options.validate()
+    table = LabelTable(labels) if labels else None
+    if mask_classes and not masks:
+        raise UsageError("--mask-classes needs --masks")
+    mask_set = MaskSet(masks, mask_classes) if masks else None
+    if coco and annotations:
+        raise UsageError("give --coco or --annotations, not both")
+    boxes = (
+        Annotations.coco(coco)
+        if coco
+        else Annotations.geojson(annotations)
+        if annotations
+        else None
+    )
+    failed = []
+
+    with Progress(
+        TextColumn("tiling"), BarColumn(), TextColumn("{task.completed}/{task.total} blocks"),
+        TimeRemainingColumn(), console=err, transient=True,
+    ) as progress:  # fmt: skip
+        bar = progress.add_task("tile", total=None)
+
+        def on_block(done: int, total: int) -> None:
+            progress.update(bar, completed=done, total=total)
+
+        def on_result(result: Any) -> None:
+            if as_json:
+                typer.echo(json.dumps(result.to_json()))
+            if result.status == "failed":
+                failed.append(result)
+                progress.console.print(
+                    f"[red]failed[/] {result.source}: {result.error}",
+                    highlight=False,
+                    soft_wrap=True,
+                )
+            elif not as_json:
+                progress.console.print(
+                    f"[green]{result.status}[/] {result.source} → {result.id} "
+                    f"{result.shape} {result.levels} levels ({result.seconds:.1f} s)",
+                    highlight=False,
+                )
+
+        results = run_tile(
+            specs, out, options, table, on_result=on_result, on_block=on_block, masks=mask_set,
+            annotations=boxes,
+        )  # fmt: skip
+    ok = len(results) - len(failed)
+    err.print(
+        f"{ok} of {len(results)} images in {out}" + (f"; {len(failed)} failed" if failed else "")
+    )
+    if failed:
+        raise typer.Exit(1)
+
+
+# -------------------------------------------------------------------------------------- info
+
+
+@app.command()
+def info(
+    dataset: Annotated[Path, typer.Argument(help="Dataset store.")],
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object on stdout.")
+    ] = False,
+    upgrade: Annotated[
+        bool,
+        typer.Option(
+            "--upgrade", help="Rewrite a store of an older layout as this version's, in place."
+        ),
+    ] = False,
+    check: Annotated[
+        bool,
+        typer.Option(
+            "--check",
+            help="Also check every image's stored shards: none missing, every index intact.",
+        ),
+    ] = False,
+) -> None:
+    """Describe a dataset store: images, shapes, levels, labels, splits, status."""
+    from storage.store import Dataset, upgrade_store
+
+    if upgrade:
+        for line in upgrade_store(dataset):
+            err.print(f"upgraded {line}", highlight=False, soft_wrap=True)
+    ds = Dataset(dataset)
+    if ds.outdated:
+        err.print(f"[yellow]outdated[/] {dataset}: {ds.outdated}", highlight=False, soft_wrap=True)
+    summary = ds.summary()
+    if check:
+        for image_id in ds.image_ids():
+            ds.problems += ds.check(image_id)
+    summary["damaged"] = ds.problems
+    for problem in ds.problems:
+        err.print(f"[bold red]damaged[/] {problem}", highlight=False, soft_wrap=True)
+    if as_json:
+        typer.echo(json.dumps(summary))
+        if ds.problems:
+            raise typer.Exit(1)
+        return
+    table = Table(title=f"{dataset} (format {ds.format_version})")
+    for col in ("id", "shape (c,y,x)", "levels", "mpp", "label", "split", "status"):
+        table.add_column(col)
+    for row in summary["images"]:
+        table.add_row(
+            row["id"], "×".join(str(v) for v in row["shape"]), str(row["levels"]),
+            f"{row['mpp']:.3g}" if row["mpp"] else "-", str(row["label"] or "-"), row["split"],
+            row["status"] if row["status"] == "complete" else f"[yellow]{row['status']}[/]",
+        )  # fmt: skip
+    Console().print(table)
+    if ds.problems:
+        raise typer.Exit(1)
+
+
+# ------------------------------------------------------------------------------------- embed
+
+
+@app.command()
+def embed(
+    dataset: Annotated[Path, typer.Argument(help="Dataset store (from `hiresctl tile`).")],
+    backbone: Annotated[
+        str, typer.Option(help="Registered backbone (tiny, resnet18, ...).")
+    ] = "resnet18",
+    pretrained: Annotated[
+        Path | None,
+        typer.Option(
+            help="Local state dict (torchvision/timm, or a hiresctl checkpoint); "
+            "nothing is downloaded. Default: random weights from --seed."
+        ),
+    ] = None,
+    patch_size: Annotated[int, typer.Option(help="Patch side in pixels of the level read.")] = 256,
+    level: Annotated[int | None, typer.Option(help="Pyramid level to read (default 0).")] = None,
+    mpp: Annotated[
+        float | None, typer.Option(help="Target µm/px: read the level nearest it.")
+    ] = None,
+    foreground_threshold: Annotated[
+        float, typer.Option(help="Skip patches with less foreground than this (as training).")
+    ] = 0.0,
+    dtype: Annotated[str, typer.Option(help="float16 or float32.")] = "float16",
+    name: Annotated[
+        str | None, typer.Option(help="Feature set name (default: the backbone's).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Patches per forward pass.")] = 64,
+    seed: Annotated[int, typer.Option(help="Seed of random weights.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace sets embedded with other settings.")
+    ] = False,
+    export_h5: Annotated[
+        Path | None,
+        typer.Option("--export-h5", help="Also write TRIDENT/CLAM-style <id>.h5 files here."),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON line per image on stdout.")
+    ] = False,
+) -> None:
+    """Encode every kept patch of every image once; store features and coords beside it."""
+    import time
+
+    from hiresctl.features import EmbedOptions, embed_store
+    from hiresctl.features import export_h5 as write_h5
+    from hiresctl.train import resolve_device
+
+    options = EmbedOptions(
+        backbone=backbone, pretrained=str(pretrained) if pretrained else None,
+        patch_size=patch_size, level=level, mpp=mpp, foreground_threshold=foreground_threshold,
+        dtype=dtype, name=name, batch_size=batch_size, seed=seed,
+    )  # fmt: skip
+    if patch_size < 1 or batch_size < 1:
+        raise UsageError("--patch-size and --batch-size must be at least 1")
+    failed = []
+
+    def on_result(result: Any) -> None:
+        if as_json:
+            typer.echo(json.dumps(result.__dict__))
+        if result.status == "failed":
+            failed.append(result)
+            err.print(f"[bold red]error:[/] {result.error}", highlight=False, soft_wrap=True)
+        elif result.status == "written":
+            rate = result.patches / result.seconds if result.seconds else 0.0
+            share = result.read_seconds / result.seconds if result.seconds else 0.0
+            err.print(f"{result.image_id}: {result.patches} patches, {rate:.0f} patches/s, "
+                      f"{share:.0%} waiting for reads", highlight=False)  # fmt: skip
+
+    started = time.perf_counter()
+    results = embed_store(dataset, options, resolve_device(device), on_result=on_result)
+    seconds = time.perf_counter() - started
+    written = [r for r in results if r.status == "written"]
+    skipped = sum(r.status == "skipped" for r in results)
+    reads = sum(r.read_seconds for r in written)
+    busy = sum(r.seconds for r in written)
+    err.print(
+        f"{len(written)} embedded, {skipped} already done, {len(failed)} failed in {seconds:.1f} s"
+        + (f"; {len(written) / seconds:.2f} images/s, {reads / busy:.0%} of it waiting for reads"
+           if written and busy else ""), soft_wrap=True,
+    )  # fmt: skip
+    if export_h5 is not None:
+        paths = write_h5(dataset, options.set_name, export_h5)
+        err.print(f"{len(paths)} h5 files in {export_h5}")
+    if failed:
+        raise typer.Exit(1)

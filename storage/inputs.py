@@ -1,0 +1,322 @@
+"""What to tile and how: the options, the source specs, label tables (image labels and splits), mask
+folders matched to sources, the ids and splits of images."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from storage.annotations import (
+    image_stem,
+)
+from storage.composite import MosaicReader, ResampledReader
+from storage.errors import SourceError, UsageError
+from storage.readers import (
+    DEFAULT_MAX_PIXELS,
+    SourceReader,
+    open_source,
+)
+from storage.store import (
+    FORMAT_VERSION,
+)
+
+BLOCK_TARGET = 4096  # level-0 pixels per block side (rounded to chunk * 2**m)
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True, slots=True)
+class TileOptions:
+    """Tiling parameters. Everything here is recorded in the store as provenance."""
+
+    chunk: int = 256
+    block_size: int = BLOCK_TARGET
+    codec: str = "zstd"
+    jpeg_quality: int = 90
+    zstd_level: int = 3
+    thumbnail_size: int = 1024
+    mpp: float | None = None
+    mag: float | None = None
+    source_mpp: float | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    split_seed: int = 0
+    overwrite: bool = False
+    workers: int | None = None
+    scheduler: str | None = None
+
+    def validate(self) -> None:
+        if self.chunk < 16 or self.chunk & (self.chunk - 1):
+            raise UsageError(f"--chunk must be a power of two ≥ 16, got {self.chunk}")
+        if self.block_size < self.chunk or self.block_size & (self.block_size - 1):
+            raise UsageError(
+                f"--block-size must be a power of two ≥ --chunk ({self.chunk}), got {self.block_size}"
+            )
+        if self.codec not in ("zstd", "jpeg"):
+            raise UsageError(f"--codec must be zstd or jpeg, got {self.codec!r}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise UsageError(f"--jpeg-quality must be 1..100, got {self.jpeg_quality}")
+        if self.thumbnail_size < 16:
+            raise UsageError(f"--thumbnail-size must be ≥ 16, got {self.thumbnail_size}")
+        for name, value in (
+            ("--mpp", self.mpp),
+            ("--mag", self.mag),
+            ("--source-mpp", self.source_mpp),
+        ):
+            if value is not None and not value > 0:
+                raise UsageError(f"{name} must be positive, got {value}")
+        if self.mpp is not None and self.mag is not None:
+            raise UsageError("give --mpp or --mag, not both")
+        if abs(sum(self.split_fractions) - 1) > 1e-6 or min(self.split_fractions) < 0:
+            raise UsageError(
+                f"split fractions must be ≥ 0 and sum to 1, got {self.split_fractions}"
+            )
+
+    def tiling_key(self) -> dict[str, Any]:
+        """The parameters that change the pixels written (a change means re-tiling)."""
+        return {
+            "chunk": self.chunk,
+            "block_size": self.block_size,
+            "codec": self.codec,
+            "jpeg_quality": self.jpeg_quality if self.codec == "jpeg" else None,
+            "thumbnail_size": self.thumbnail_size,
+            "mpp": self.mpp,
+            "mag": self.mag,
+            "source_mpp": self.source_mpp,
+            "format_version": FORMAT_VERSION,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class SourceSpec:
+    """One source to tile: a file, or a mosaic of GeoTIFF tiles under one name."""
+
+    paths: tuple[str, ...]
+    mosaic: str | None = None
+    labels: bool = False  # a label image (mask): palette indices kept, resampled by nearest
+    reference_mpp: float | None = None  # a mask's pixel size is its image's
+
+    @property
+    def name(self) -> str:
+        return self.mosaic or self.paths[0]
+
+    def open(self, options: TileOptions) -> SourceReader:
+        if self.mosaic:
+            reader: SourceReader = MosaicReader(self.mosaic, self.paths, options.max_pixels)
+        else:
+            reader = open_source(self.paths[0], options.max_pixels, labels=self.labels)
+        if self.labels and self.reference_mpp is not None and options.source_mpp is None:
+            reader.info = replace(reader.info, mpp=self.reference_mpp)
+        return _resample(reader, options, nearest=self.labels)
+
+
+@dataclass
+class ImageResult:
+    """What happened to one source (one JSON line of ``hiresctl tile --json``)."""
+
+    source: str
+    id: str | None = None
+    status: str = "failed"  # written | resumed | skipped | failed
+    error: str | None = None
+    shape: list[int] | None = None
+    levels: int | None = None
+    blocks: int | None = None  # blocks computed in this run (fewer than all when resuming)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+class LabelTable:
+    """``source,label[,split]`` rows; ``source`` matches a file name or a path.
+
+    Read as spreadsheets write it: a UTF-8 byte-order mark and CRLF line endings are fine, and
+    so are spaces around names and values. The same source listed twice with the same label
+    and split is one row; listed with different ones it is an error naming both lines.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = str(path)
+        self.rows: dict[str, dict[str, str]] = {}
+        first_line: dict[str, int] = {}
+        try:
+            with open(path, newline="", encoding="utf-8-sig") as fh:
+                reader = csv.DictReader(fh)
+                reader.fieldnames = [f.strip() for f in reader.fieldnames or []]
+                fields = reader.fieldnames
+                if "source" not in fields or "label" not in fields:
+                    raise UsageError(
+                        f"{path}: labels CSV needs columns 'source' and 'label' (found {fields})"
+                    )
+                for line, row in enumerate(reader, start=2):
+                    source = (row.get("source") or "").strip()
+                    if not source:
+                        raise UsageError(f"{path}:{line}: empty 'source'")
+                    split = (row.get("split") or "").strip()
+                    if split and split not in SPLITS:
+                        raise UsageError(f"{path}:{line}: split {split!r} is not one of {SPLITS}")
+                    entry = {"label": (row.get("label") or "").strip(), "split": split}
+                    if source in self.rows and self.rows[source] != entry:
+                        before = self.rows[source]
+                        raise UsageError(
+                            f"{path}:{line}: {source!r} is listed twice with different values "
+                            f"(line {first_line[source]}: label {before['label']!r}, split "
+                            f"{before['split'] or '-'}; line {line}: label {entry['label']!r}, "
+                            f"split {entry['split'] or '-'}); keep one"
+                        )
+                    first_line.setdefault(source, line)
+                    self.rows[source] = entry
+        except UnicodeDecodeError as exc:
+            raise UsageError(
+                f"{path}: labels CSV is not UTF-8 text (byte {exc.start}); save it as UTF-8 CSV"
+            ) from None
+        except csv.Error as exc:
+            raise UsageError(f"{path}: not a readable CSV ({exc})") from None
+        except OSError as exc:
+            raise UsageError(f"{path}: cannot read labels CSV: {exc.strerror}") from exc
+
+    def lookup(self, spec: SourceSpec) -> dict[str, str] | None:
+        candidates = [spec.name, Path(spec.name).name, str(Path(spec.name).resolve())]
+        for key in candidates:
+            if key in self.rows:
+                return self.rows[key]
+        return None
+
+
+MASK_SUFFIXES = (
+    "",
+    "_mask",
+    "-mask",
+    "_masks",
+    "_label",
+    "_labels",
+    "_gt",
+    "_annotation",
+)
+
+
+class MaskSet:
+    """Mask images in a folder, matched to sources by file name: the same name, or the same stem
+    with any image suffix, optionally followed by ``_mask``, ``_label(s)``, ``_gt``...
+
+    Values are class labels (0 = background by convention) and are stored unchanged. An
+    optional ``value,name`` CSV names the classes.
+    """
+
+    def __init__(
+        self,
+        folder: str | os.PathLike[str],
+        classes: str | os.PathLike[str] | None = None,
+    ) -> None:
+        self.folder = str(folder)
+        if not Path(folder).is_dir():
+            raise UsageError(f"--masks {folder}: not a folder")
+        self.files: dict[str, str] = {}
+        for path in sorted(Path(folder).iterdir()):
+            if path.is_file() and not path.name.startswith("."):
+                self.files.setdefault(path.name.lower(), str(path))
+                self.files.setdefault(image_stem(path.name).lower(), str(path))
+        self.classes: dict[int, str] = {}
+        if classes is not None:
+            self.classes = _read_classes(classes)
+
+    def lookup(self, spec: SourceSpec) -> str | None:
+        name = Path(spec.name).name
+        if name.lower() in self.files:
+            return self.files[name.lower()]
+        stem = image_stem(name).lower()
+        for suffix in MASK_SUFFIXES:
+            if stem + suffix in self.files:
+                return self.files[stem + suffix]
+        return None
+
+
+def _read_classes(path: str | os.PathLike[str]) -> dict[int, str]:
+    classes: dict[int, str] = {}
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            reader.fieldnames = [f.strip() for f in reader.fieldnames or []]
+            fields = reader.fieldnames
+            if "value" not in fields or "name" not in fields:
+                raise UsageError(
+                    f"{path}: mask classes CSV needs columns 'value' and 'name' (found {fields})"
+                )
+            for line, row in enumerate(reader, start=2):
+                try:
+                    value = int((row.get("value") or "").strip())
+                except ValueError:
+                    raise UsageError(
+                        f"{path}:{line}: value {row.get('value')!r} is not an integer"
+                    ) from None
+                if value < 0 or value in classes:
+                    raise UsageError(f"{path}:{line}: value {value} is negative or repeated")
+                classes[value] = (row.get("name") or "").strip() or str(value)
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read mask classes CSV: {exc.strerror}") from exc
+    return classes
+
+
+def fingerprint(spec: SourceSpec) -> str:
+    """Content fingerprint: size plus the first and last MiB of every file (fast on huge files)."""
+    h = hashlib.sha256()
+    for path in spec.paths:
+        size = os.path.getsize(path)
+        h.update(str(size).encode())
+        with open(path, "rb") as fh:
+            h.update(fh.read(1 << 20))
+            if size > 2 << 20:
+                fh.seek(-(1 << 20), os.SEEK_END)
+                h.update(fh.read())
+    return h.hexdigest()[:32]
+
+
+def image_id_for(spec: SourceSpec) -> str:
+    name = spec.mosaic or Path(spec.paths[0]).name
+    for suffix in (".ome.tiff", ".ome.tif", ".ome.btf"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    else:
+        name = Path(name).stem if not spec.mosaic else name
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "image"
+
+
+def split_for(image_id: str, seed: int, fractions: Sequence[float]) -> str:
+    """A split that depends only on the image id and the seed: adding images never moves others."""
+    digest = hashlib.sha256(f"{seed}:{image_id}".encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    edge = 0.0
+    for name, frac in zip(SPLITS, fractions, strict=True):
+        edge += frac
+        if u < edge:
+            return name
+    return SPLITS[-1]
+
+
+def _resample(reader: SourceReader, options: TileOptions, nearest: bool = False) -> SourceReader:
+    if options.mpp is None and options.mag is None:
+        if options.source_mpp is not None:
+            reader.info = replace(reader.info, mpp=options.source_mpp)
+        return reader
+    base_mpp = options.source_mpp or reader.info.mpp
+    if base_mpp is None:
+        raise SourceError(
+            reader.info.path,
+            "the file states no pixel size; give --source-mpp to use --mpp/--mag",
+        )
+    if options.mpp is not None:
+        target = options.mpp
+    else:
+        assert options.mag is not None
+        power = reader.info.extra.get("objective_power")
+        try:
+            target = base_mpp * float(power or "") / options.mag
+        except (TypeError, ValueError):
+            target = 10.0 / options.mag  # the usual convention: 40x ≈ 0.25 µm/px
+    return ResampledReader(reader, target, base_mpp, nearest=nearest)
