@@ -28,11 +28,11 @@ from hiresctl.train.methods import (
     Reads,
     StepContext,
     _chunks,
+    full_grid,
     resized_setting,
     scaled_cost,
 )
 from hiresctl.train.registry import register_method
-from storage.errors import UsageError
 
 
 # patch 50 is the Megapixel MNIST setting: see its recipe
@@ -285,17 +285,8 @@ class Full(WholeImage):
         return dict(FULL_SETTING)
 
     def request(self, image_id: str, b: int) -> ReadRequest:
-        _, height, width = self.reader.shape(image_id)
-        side = max(height, width)
-        if side * side > self.recipe.full_max_pixels:
-            raise UsageError(
-                f"image {image_id} ({height}×{width}) is too large for method `full` "
-                f"(full_max_pixels={self.recipe.full_max_pixels}); use patchgd-global or ips"
-            )
-        grid = PatchGrid.of(height, width, side)
-        return ReadRequest(
-            image_id, "patches", grid, np.zeros(1, dtype=np.int64), ReadTag("image", b)
-        )
+        grid = full_grid(self, image_id, "ips")
+        return ReadRequest(image_id, "patches", grid, np.zeros(1, np.int64), ReadTag("image", b))
 
     def _forward(self, ctx: StepContext, reads: Reads) -> torch.Tensor:
         return super()._forward(ctx, ((r, p[0]) for r, p in reads))

@@ -206,6 +206,19 @@ def resized_setting(height: int, width: int, size: int) -> dict[str, str]:
 FULL_SETTING = {"patch": "—", "sampling": "whole image at once", "sees": "full resolution"}
 
 
+def full_grid(method: Method, image_id: str, instead: str) -> PatchGrid:
+    """The one-patch grid of a ``full`` method (the padded square of the whole level); an image
+    over ``full_max_pixels`` is refused, naming the method to use ``instead``."""
+    _, height, width = method.reader.shape(image_id)
+    side = max(height, width)
+    if side * side > method.recipe.full_max_pixels:
+        raise UsageError(
+            f"image {image_id} ({height}×{width}) is too large for method `full` "
+            f"(full_max_pixels={method.recipe.full_max_pixels}); use patchgd-global or {instead}"
+        )
+    return PatchGrid.of(height, width, side)
+
+
 def recalibrate_batchnorm(module: nn.Module, inputs: list[torch.Tensor]) -> None:
     """Recompute the running statistics of ``module``'s BatchNorm layers as the plain average
     over ``inputs`` (dropout off, no gradients); a no-op without inputs or BatchNorm."""

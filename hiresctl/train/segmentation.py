@@ -28,6 +28,7 @@ from hiresctl.train.methods import (
     Reads,
     StepContext,
     _chunks,
+    full_grid,
     resized_setting,
     scaled_cost,
 )
@@ -461,14 +462,7 @@ class SegFull(SegWholeImage):
         return dict(FULL_SETTING)
 
     def requests(self, image_id: str, b: int) -> list[ReadRequest]:
-        _, height, width = self.reader.shape(image_id)
-        side = max(height, width)
-        if side * side > self.recipe.full_max_pixels:
-            raise UsageError(
-                f"image {image_id} ({height}×{width}) is too large for method `full` "
-                f"(full_max_pixels={self.recipe.full_max_pixels}); use patchgd-global or tiled"
-            )
-        grid = PatchGrid.of(height, width, side)
+        grid = full_grid(self, image_id, "tiled")
         first = np.zeros(1, dtype=np.int64)
         return [ReadRequest(image_id, "patches", grid, first, ReadTag("image", b)),
                 ReadRequest(image_id, "mask", grid, first, ReadTag("target", b))]  # fmt: skip
