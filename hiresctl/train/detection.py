@@ -23,6 +23,7 @@ import contextlib
 import io
 import math
 from abc import abstractmethod
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -57,6 +58,24 @@ Detections = dict[str, torch.Tensor]  # boxes (n, 4), scores (n,), labels (n,)
 def top_stride(backbone: str) -> int:
     """The coarsest FPN stride of a detection backbone (patch sides must be multiples)."""
     return 32 if backbone == "tiny" else 128
+
+
+@dataclass(frozen=True)
+class CanvasCost:
+    """What the FCOS head costs on a canvas: its anchor points (one per cell of every FPN
+    stride), ``head`` bytes of activations per point, and target matching against at most
+    ``most_boxes`` boxes, ``MATCH_CHUNK`` points at a time."""
+
+    strides: tuple[int, ...]
+    head: int
+    most_boxes: int
+
+    def points(self, height: int, width: int) -> int:
+        return sum((height // s) * (width // s) for s in self.strides)
+
+    def memory(self, height: int, width: int) -> int:
+        points = self.points(height, width)
+        return points * self.head + 48 * max(1, self.most_boxes) * min(points, MATCH_CHUNK)
 
 
 class DetectionMethod(Method):
@@ -129,23 +148,15 @@ class DetectionMethod(Method):
         # one block at a time in backward), plus the predictions and their gradients
         recomputed = isinstance(model.detector.head.classification_head.conv, RecomputedTower)
         towers = 2 * recipe.head_convs + 3 if recomputed else 6 * recipe.head_convs
-        self._head = channels * 4 * (towers + 4)
-        self._most_boxes = max((len(self.targets(im.image_id)[0]) for im in images), default=0)
-        return self.step_memory(model, images, per_patch)
-
-    def anchor_points(self, model: PatchFCOS, height: int, width: int) -> int:
-        return sum((height // s) * (width // s) for s in model.strides)
-
-    def canvas_memory(self, model: PatchFCOS, height: int, width: int) -> int:
-        """Head activations and target matching on a ``height`` × ``width`` canvas."""
-        points = self.anchor_points(model, height, width)
-        return points * self._head + 48 * max(1, self._most_boxes) * min(points, MATCH_CHUNK)
+        most_boxes = max((len(self.targets(im.image_id)[0]) for im in images), default=0)
+        canvas = CanvasCost(model.strides, channels * 4 * (towers + 4), most_boxes)
+        return self.step_memory(canvas, images, per_patch)
 
     @abstractmethod
     def step_memory(
-        self, model: PatchFCOS, images: list[Any], per_patch: int
+        self, canvas: CanvasCost, images: list[Any], per_patch: int
     ) -> tuple[int, int, int | None]:
-        """:meth:`memory` of this method, with the head's cost per point known."""
+        """:meth:`memory` of this method, given what a canvas of the head costs."""
 
     @staticmethod
     def _learn(ctx: StepContext, parts: dict[str, torch.Tensor]) -> float:
@@ -169,14 +180,14 @@ class DetPatchGD(DetectionMethod, PatchGD):
     gradient per inner step, the head and losses on the whole stitched image."""
 
     def step_memory(
-        self, model: PatchFCOS, images: list[Any], per_patch: int
+        self, canvas: CanvasCost, images: list[Any], per_patch: int
     ) -> tuple[int, int, int | None]:
         size = self.recipe.patch_size
         grid, kept = self.largest(images)
         height, width = grid.rows * size, grid.cols * size
-        maps = self.anchor_points(model, height, width) * self.recipe.channels * 4
+        maps = canvas.points(height, width) * self.recipe.channels * 4
         per_image = maps * (2 + (3 if self.use_global else 0))
-        per_image += self.canvas_memory(model, height, width)
+        per_image += canvas.memory(height, width)
         if self.use_global:
             per_image += per_patch  # the global patch, encoded with gradient every step
         return per_image, per_patch, self.patches_per_step(len(kept))
@@ -311,11 +322,11 @@ class DetDownsample(DetectionMethod):
     side_key = "input_size"
 
     def step_memory(
-        self, model: PatchFCOS, images: list[Any], per_patch: int
+        self, canvas: CanvasCost, images: list[Any], per_patch: int
     ) -> tuple[int, int, int | None]:
         side = self.input_side()
         scaled = scaled_cost(per_patch, side, self.recipe.patch_size)
-        return 0, scaled + self.canvas_memory(model, side, side), None
+        return 0, scaled + canvas.memory(side, side), None
 
     def describe(self, image_id: str) -> dict[str, str] | None:
         return resized_setting(*self.size(image_id), self.input_side())
@@ -374,13 +385,13 @@ class DetSliced(DetectionMethod, PatchGD):
     merges the boxes of all windows with class-wise NMS."""
 
     def step_memory(
-        self, model: PatchFCOS, images: list[Any], per_patch: int
+        self, canvas: CanvasCost, images: list[Any], per_patch: int
     ) -> tuple[int, int, int | None]:
         size = self.recipe.patch_size
         _, kept = self.largest(images)
         return (
             0,
-            per_patch + self.canvas_memory(model, size, size),
+            per_patch + canvas.memory(size, size),
             self.patches_per_step(len(kept)),
         )
 
