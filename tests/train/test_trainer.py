@@ -148,6 +148,21 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
     assert hashlib.sha256(last.read_bytes()).hexdigest() == digest
 
 
+def test_a_long_epoch_reports_progress_before_it_ends(
+    planted: Path, tmp_path: Path, cli: Callable, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import hiresctl.train.trainer as trainer
+
+    monkeypatch.setattr(trainer, "PROGRESS_SECONDS", 0.0)  # a line after every batch
+    result = cli("train", "--data", planted, "--out", tmp_path / "run", *TINY, "--method", "downsample",
+                 "--set", "epochs=1", "--set", "batch_size=8")  # fmt: skip
+    assert result.code == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if "left in the epoch" in line]
+    # 30 training images in batches of 8: four batches, a line after each but the last
+    assert [line.split(" · ")[1] for line in lines] == ["batch 1/4", "batch 2/4", "batch 3/4"]
+    assert all(line.startswith("epoch 1/1 · ") and "images/s" in line for line in lines)
+
+
 @pytest.mark.parametrize("method", ["ips", "downsample", "full", "patchgd"])
 def test_every_method_trains_and_evaluates(
     method: str, planted: Path, tmp_path: Path, cli: Callable
