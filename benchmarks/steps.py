@@ -1,0 +1,308 @@
+"""Training-step efficiency (E1): hiresctl's training step against the bare torch work it does.
+
+    python benchmarks/steps.py [--side 4096] [--images 5] [--methods patchgd-global,patchgd,ips,downsample,full]
+
+For each classification method, on the same ``--images`` synthetic UltraMNIST images of
+``--side``² (ResNet-18, patch 256, the method's defaults, one image per step):
+
+* **hiresctl**: ``Trainer.fit`` for one epoch, as ``hiresctl train`` runs it (reads from the
+  store, decode, planning, the method's ``train_batch``, scheduler, bookkeeping); a step's time
+  is the time between the ends of two consecutive steps, so the first step's warm-up is left out.
+* **bare**: the same tensor work on pixels already in memory, written as a plain torch loop
+  with the same model modules and threads: the no-grad latent fill or IPS's selection passes,
+  the patches re-encoded with gradient, the head, the loss, backward and the optimizer step.
+
+The ratio is hiresctl / bare (target ≤ 1.15); what is left is reads and decode that the
+background reader did not hide (the data-wait column), copies, bookkeeping and Python. Medians
+over the steps (at least 3). Inputs go to benchmarks/data/ (ignored by git); the table replaces
+the "Step efficiency" section of BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE / "data"
+sys.path.insert(0, str(HERE))
+
+WARMUP = 2
+METHODS = ["patchgd-global", "patchgd", "ips", "downsample", "full"]
+SETTINGS = {"backbone": "resnet18", "patch_size": 256, "batch_size": 1, "epochs": 1,
+            "train_split": "train", "val_split": "none", "calibration_batches": 0}  # fmt: skip
+
+
+def _hiresctl(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "hiresctl", *args], check=True, capture_output=True)
+
+
+def store(side: int, images: int) -> Path:
+    """``images`` UltraMNIST images of ``side``², all in the train split."""
+    path = DATA / f"e1_{side}_{images}.zarr"
+    if path.exists():
+        return path
+    source = DATA / f"e1_{side}_{images}_src"
+    _hiresctl("synth", "ultramnist", str(source), "--count", str(images), "--size", str(side),
+              "--classes", "10")  # fmt: skip
+    rows = list(csv.DictReader((source / "labels.csv").open()))
+    labels = source / "labels_train.csv"
+    with labels.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, ["source", "label", "split"])
+        writer.writeheader()
+        writer.writerows(
+            {"source": r["source"], "label": r["label"], "split": "train"} for r in rows
+        )
+    _hiresctl("tile", str(source / "images"), "--labels", str(labels), "--out", str(path))
+    return path
+
+
+def hiresctl_steps(data: Path, method: str, work: Path) -> tuple[list[float], float, float]:
+    """Step times of one epoch of ``Trainer.fit`` (first step left out), its data-wait
+    fraction and peak RSS."""
+    from hiresctl.train import Trainer, load_recipe
+
+    recipe = load_recipe(None, "cls", method, dict(SETTINGS))
+    out = work / method
+    subprocess.run(["rm", "-rf", str(out)], check=True)
+    trainer = Trainer(data, out, recipe, log=lambda message: None)
+    ends: list[float] = []
+    train_batch = trainer.run.method.train_batch
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        result = train_batch(*args, **kwargs)
+        ends.append(time.perf_counter())
+        return result
+
+    trainer.run.method.train_batch = timed  # type: ignore[method-assign]
+    result = trainer.fit()
+    steps = [b - a for a, b in itertools.pairwise(ends)]
+    return steps, float(result.summary["data_wait_fraction"] or 0.0), _peak_gb()
+
+
+# ------------------------------------------------------------------------- the bare tensor work
+
+
+class Pixels:
+    """One image's pixels in memory, read once through the store's reader (not timed)."""
+
+    def __init__(self, run: Any, image_id: str) -> None:
+        from hiresctl.data import NO_TAG, PatchStream, ReadRequest
+
+        method, read = run.method, PatchStream(run.reader).read
+        grid, kept = method.patches(image_id)
+        assert len(kept) == grid.rows * grid.cols, "E1 keeps every patch"
+        self.grid = grid
+        self.patches = read(ReadRequest(image_id, "patches", grid, kept, NO_TAG))
+        self.whole = read(ReadRequest(image_id, "global", grid, tag=NO_TAG))  # (3, p, p)
+        self.image_id = image_id
+        self.full = self.whole
+        index = torch.arange(len(kept))
+        self.rows, self.cols = index // grid.cols, index % grid.cols
+
+
+def bare_patchgd(
+    model: Any, recipe: Any, px: Pixels, target: torch.Tensor, use_global: bool
+) -> None:
+    """Fill the latent without gradient (64 patches at a time, encoder in eval mode), then J
+    inner steps of k patches with gradient (and the global patch), the J losses averaged into
+    one optimizer step."""
+    encoder, n = model.encoder, len(px.patches)
+    k = math.ceil(n * recipe.sample_fraction)
+    inner = math.ceil(n / k)
+    latent = torch.zeros(1, model.latent_dim, px.grid.rows, px.grid.cols)
+    encoder.eval()
+    with torch.no_grad():
+        for s in range(0, n, recipe.fill_batch):
+            part = slice(s, s + recipe.fill_batch)
+            latent[0][:, px.rows[part], px.cols[part]] = encoder(px.patches[part]).T
+    model.train()
+    order = torch.randperm(n)
+    for j in range(inner):
+        latent = latent.detach()
+        chosen = order[j * k : (j + 1) * k]
+        x = px.patches[chosen]
+        if use_global:
+            x = torch.cat([x, px.whole.unsqueeze(0)])
+        features = encoder(x)
+        latent[0][:, px.rows[chosen], px.cols[chosen]] = features[: len(chosen)].T
+        g = features[len(chosen) :] if use_global else None
+        loss = F.cross_entropy(model.classify(latent, g), target)
+        (loss / inner).backward()
+
+
+def bare_ips(model: Any, recipe: Any, px: Pixels, target: torch.Tensor) -> None:
+    """Score M, then I at a time against the memory without gradient; keep the top M; encode
+    the M with gradient and classify them."""
+    memory, step, cols = recipe.memory_size, recipe.iter_size, px.grid.cols
+    order = torch.randperm(len(px.patches))
+    model.eval()
+    with torch.no_grad():
+        keep = order[:memory]
+        emb = model.with_positions(model.encoder(px.patches[keep]), keep, cols)
+        for s in range(memory, len(order), step):
+            part = order[s : s + step]
+            more = model.with_positions(model.encoder(px.patches[part]), part, cols)
+            candidates, indices = torch.cat([emb, more]), torch.cat([keep, part])
+            top = model.scores(candidates.unsqueeze(0))[0].topk(memory).indices
+            emb, keep = candidates[top], indices[top]
+    model.train()
+    chosen = keep.sort().values
+    emb = model.with_positions(model.encoder(px.patches[chosen]), chosen, cols)
+    F.cross_entropy(model.classify(emb.unsqueeze(0)), target).backward()
+
+
+def bare_whole(model: Any, image: torch.Tensor, target: torch.Tensor) -> None:
+    model.train()
+    F.cross_entropy(model(image.unsqueeze(0)), target).backward()
+
+
+def bare_steps(data: Path, method: str, repeats: int) -> list[float]:
+    """``repeats`` timed bare steps after ``WARMUP`` untimed ones (a fresh model's first steps
+    allocate and build its kernels), cycling through the store's images."""
+    from hiresctl.train import load_recipe
+    from hiresctl.train.run import build_run, get_task
+    from storage import Dataset
+
+    recipe = load_recipe(None, "cls", method, dict(SETTINGS))
+    dataset = Dataset(data)
+    task = get_task("cls")
+    classes, _ = task.classes(dataset)
+    images, _ = task.images(dataset, "train", classes)
+    run = build_run(recipe, dataset, classes, torch.device("cpu"))
+    model = run.model
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay
+    )
+    work: Callable[[Pixels, torch.Tensor], None]
+    if method in ("patchgd", "patchgd-global"):
+
+        def work(px: Pixels, t: torch.Tensor) -> None:
+            bare_patchgd(model, recipe, px, t, method == "patchgd-global")
+    elif method == "ips":
+
+        def work(px: Pixels, t: torch.Tensor) -> None:
+            bare_ips(model, recipe, px, t)
+    elif method == "downsample":
+
+        def work(px: Pixels, t: torch.Tensor) -> None:
+            bare_whole(model, px.whole, t)
+    else:
+
+        def work(px: Pixels, t: torch.Tensor) -> None:
+            bare_whole(model, px.full, t)
+
+    times = []
+    for i in range(repeats + WARMUP):
+        image = images[i % len(images)]
+        px = Pixels(run, image.image_id)
+        if method == "full":
+            from hiresctl.data import PatchStream
+
+            px.full = PatchStream(run.reader).read(run.method.request(px.image_id, 0))[0]
+            px.patches = px.patches[:0]  # only the whole image is needed
+        target = torch.tensor([image.target])
+        start = time.perf_counter()
+        work(px, target)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    return times[WARMUP:]
+
+
+def _peak_gb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def measure(data: Path, method: str, work: Path, repeats: int) -> dict[str, Any]:
+    """One method in a fresh process (its own peak), printed as one line of key=value."""
+    proc = subprocess.run(
+        [sys.executable, __file__, "--one", method, "--data", str(data), "--work", str(work),
+         "--repeats", str(repeats)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    if proc.returncode:
+        raise RuntimeError(f"{method}: {proc.stderr[-3000:]}")
+    import json
+
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def one(data: Path, method: str, work: Path, repeats: int) -> None:
+    import json
+
+    torch.manual_seed(0)
+    ours, wait, _ = hiresctl_steps(data, method, work)
+    bare = bare_steps(data, method, repeats)
+    print(
+        json.dumps(
+            {"hiresctl": ours, "bare": bare, "wait": wait, "threads": torch.get_num_threads()}
+        )
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--side", type=int, default=4096)
+    parser.add_argument("--images", type=int, default=5)
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--one")
+    parser.add_argument("--data", type=Path)
+    parser.add_argument("--work", type=Path, default=DATA / "e1_runs")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    if args.one:
+        one(args.data, args.one, args.work, args.repeats)
+        return
+    data = store(args.side, args.images)
+    rows = []
+    for method in args.methods.split(","):
+        result = measure(data, method, args.work, max(args.repeats, args.images - 1))
+        ours, bare = statistics.median(result["hiresctl"]), statistics.median(result["bare"])
+        rows.append(
+            (method, ours, bare, result["wait"], len(result["hiresctl"]), len(result["bare"]))
+        )
+        print(f"{method}: hiresctl {ours:.2f} s, bare {bare:.2f} s, ratio {ours / bare:.3f}, "
+              f"data wait {result['wait']:.1%}", flush=True)  # fmt: skip
+    machine = f"{os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, {platform.machine()}, CPU only"
+    lines = [
+        f"## Step efficiency (E1), {time.strftime('%Y-%m-%d')}, {machine}",
+        "",
+        f"Command: `python benchmarks/steps.py --side {args.side} --images {args.images}`. One training "
+        f"step (one {args.side}² synthetic UltraMNIST image, ResNet-18, patch 256, each method's "
+        "defaults, `calibration_batches=0`) in hiresctl's trainer against the same tensor work "
+        "written as a bare torch loop on pixels already in memory, same model modules, same "
+        f"process, {result['threads']} threads. Medians over the steps (the trainer's first step "
+        "left out); data wait: the share of the hiresctl epoch spent waiting for pixels.",
+        "",
+        "| method | hiresctl s/step | bare torch s/step | ratio | data wait | steps (hiresctl, bare) | target |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for method, ours, bare, wait, n_ours, n_bare in rows:
+        verdict = "met" if ours / bare <= 1.15 else "not met"
+        lines.append(f"| {method} | {ours:.2f} | {bare:.2f} | {ours / bare:.2f}× | {wait:.1%} | "
+                     f"{n_ours}, {n_bare} | ≤ 1.15×: **{verdict}** |")  # fmt: skip
+    from training import publish
+
+    publish(lines, "steps")
+
+
+if __name__ == "__main__":
+    main()
