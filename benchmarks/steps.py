@@ -23,9 +23,11 @@ from __future__ import annotations
 import argparse
 import csv
 import itertools
+import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -41,15 +43,12 @@ import torch.nn.functional as F
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data"
 sys.path.insert(0, str(HERE))
+from training import _hiresctl, publish  # noqa: E402
 
 WARMUP = 2
 METHODS = ["patchgd-global", "patchgd", "ips", "downsample", "full"]
 SETTINGS = {"backbone": "resnet18", "patch_size": 256, "batch_size": 1, "epochs": 1,
             "train_split": "train", "val_split": "none", "calibration_batches": 0}  # fmt: skip
-
-
-def _hiresctl(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "hiresctl", *args], check=True, capture_output=True)
 
 
 def store(side: int, images: int) -> Path:
@@ -72,14 +71,14 @@ def store(side: int, images: int) -> Path:
     return path
 
 
-def hiresctl_steps(data: Path, method: str, work: Path) -> tuple[list[float], float, float]:
-    """Step times of one epoch of ``Trainer.fit`` (first step left out), its data-wait
-    fraction and peak RSS."""
+def hiresctl_steps(data: Path, method: str, work: Path) -> tuple[list[float], float]:
+    """Step times of one epoch of ``Trainer.fit`` (first step left out) and its data-wait
+    fraction."""
     from hiresctl.train import Trainer, load_recipe
 
     recipe = load_recipe(None, "cls", method, dict(SETTINGS))
     out = work / method
-    subprocess.run(["rm", "-rf", str(out)], check=True)
+    shutil.rmtree(out, ignore_errors=True)
     trainer = Trainer(data, out, recipe, log=lambda message: None)
     ends: list[float] = []
     train_batch = trainer.run.method.train_batch
@@ -92,26 +91,31 @@ def hiresctl_steps(data: Path, method: str, work: Path) -> tuple[list[float], fl
     trainer.run.method.train_batch = timed  # type: ignore[method-assign]
     result = trainer.fit()
     steps = [b - a for a, b in itertools.pairwise(ends)]
-    return steps, float(result.summary["data_wait_fraction"] or 0.0), _peak_gb()
+    return steps, float(result.summary["data_wait_fraction"] or 0.0)
 
 
 # ------------------------------------------------------------------------- the bare tensor work
 
 
 class Pixels:
-    """One image's pixels in memory, read once through the store's reader (not timed)."""
+    """What one step of ``method`` reads of an image, in memory, read once through the store's
+    reader (not timed): the patches and the global patch, or the whole level for ``full``."""
 
-    def __init__(self, run: Any, image_id: str) -> None:
+    def __init__(self, run: Any, image_id: str, method: str) -> None:
         from hiresctl.data import NO_TAG, PatchStream, ReadRequest
 
-        method, read = run.method, PatchStream(run.reader).read
-        grid, kept = method.patches(image_id)
+        read = PatchStream(run.reader).read
+        grid, kept = run.method.patches(image_id)
         assert len(kept) == grid.rows * grid.cols, "E1 keeps every patch"
         self.grid = grid
-        self.patches = read(ReadRequest(image_id, "patches", grid, kept, NO_TAG))
         self.whole = read(ReadRequest(image_id, "global", grid, tag=NO_TAG))  # (3, p, p)
-        self.image_id = image_id
-        self.full = self.whole
+        self.full = read(run.method.request(image_id, 0))[0] if method == "full" else self.whole
+        patched = method in ("patchgd", "patchgd-global", "ips")
+        self.patches = (
+            read(ReadRequest(image_id, "patches", grid, kept, NO_TAG))
+            if patched
+            else torch.empty(0)
+        )
         index = torch.arange(len(kept))
         self.rows, self.cols = index // grid.cols, index % grid.cols
 
@@ -210,12 +214,7 @@ def bare_steps(data: Path, method: str, repeats: int) -> list[float]:
     times = []
     for i in range(repeats + WARMUP):
         image = images[i % len(images)]
-        px = Pixels(run, image.image_id)
-        if method == "full":
-            from hiresctl.data import PatchStream
-
-            px.full = PatchStream(run.reader).read(run.method.request(px.image_id, 0))[0]
-            px.patches = px.patches[:0]  # only the whole image is needed
+        px = Pixels(run, image.image_id, method)
         target = torch.tensor([image.target])
         start = time.perf_counter()
         work(px, target)
@@ -223,12 +222,6 @@ def bare_steps(data: Path, method: str, repeats: int) -> list[float]:
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
     return times[WARMUP:]
-
-
-def _peak_gb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def measure(data: Path, method: str, work: Path, repeats: int) -> dict[str, Any]:
@@ -240,16 +233,12 @@ def measure(data: Path, method: str, work: Path, repeats: int) -> dict[str, Any]
     )  # fmt: skip
     if proc.returncode:
         raise RuntimeError(f"{method}: {proc.stderr[-3000:]}")
-    import json
-
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def one(data: Path, method: str, work: Path, repeats: int) -> None:
-    import json
-
     torch.manual_seed(0)
-    ours, wait, _ = hiresctl_steps(data, method, work)
+    ours, wait = hiresctl_steps(data, method, work)
     bare = bare_steps(data, method, repeats)
     print(
         json.dumps(
@@ -299,8 +288,6 @@ def main() -> None:
         verdict = "met" if ours / bare <= 1.15 else "not met"
         lines.append(f"| {method} | {ours:.2f} | {bare:.2f} | {ours / bare:.2f}× | {wait:.1%} | "
                      f"{n_ours}, {n_bare} | ≤ 1.15×: **{verdict}** |")  # fmt: skip
-    from training import publish
-
     publish(lines, "steps")
 
 
