@@ -264,6 +264,110 @@ def fine_detail(
     return rows
 
 
+# ---------------------------------------------------------------------------- sparse slide
+
+HEMATOXYLIN = ((60, 100), (35, 70), (125, 165))  # RGB ranges of a nucleus
+
+
+def _nuclei_colours(rng: np.random.Generator, n: int) -> np.ndarray:
+    return np.stack([rng.integers(low, high, n) for low, high in HEMATOXYLIN], 1).astype(np.uint8)
+
+
+def _stamp_discs(
+    rng: np.random.Generator, pixels: np.ndarray, centres: np.ndarray, radii: np.ndarray
+) -> None:
+    """Paint filled discs (``centres`` (n, 2) as y, x; ``radii`` (n,)) into ``pixels`` in
+    place, each a random nucleus colour, clipped at the edges."""
+    height, width = pixels.shape[:2]
+    colours = _nuclei_colours(rng, len(centres))
+    for (cy, cx), radius, colour in zip(centres, radii, colours, strict=True):
+        r = int(np.ceil(radius))
+        y0, y1 = max(0, int(cy) - r), min(height, int(cy) + r + 1)
+        x0, x1 = max(0, int(cx) - r), min(width, int(cx) + r + 1)
+        if y0 < y1 and x0 < x1:
+            yy, xx = np.ogrid[y0:y1, x0:x1]
+            pixels[y0:y1, x0:x1][(yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2] = colour
+
+
+def _cluster(
+    rng: np.random.Generator, centre: np.ndarray, radius: float, nucleus: tuple[float, float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Nuclei of radii in ``nucleus`` (low, high) thrown into a disc of ``radius`` until their
+    areas add up to 60% of it: whatever the nuclei's size, the disc's mean colour is the same."""
+    radii = rng.uniform(*nucleus, 4 * round(radius**2 / nucleus[0] ** 2) + 4)
+    count = int(np.searchsorted(np.cumsum(radii**2), 0.6 * radius**2)) + 1
+    radii = radii[:count]
+    angle = rng.uniform(0, 2 * np.pi, count)
+    distance = (radius - radii) * np.sqrt(rng.uniform(0, 1, count))
+    return centre + np.stack([distance * np.sin(angle), distance * np.cos(angle)], 1), radii
+
+
+def sparse_slide(out: Path, count: int, size: int, seed: int, **_: Any) -> list[dict[str, Any]]:
+    """A slide-like binary task whose signal is sparse (CAMELYON16's setting in miniature).
+
+    Every image is pink tissue (irregular blobs over about 45% of a near-white background, so
+    the foreground mask matters) with scattered small nuclei and 2–4 round aggregates about
+    2% of the side across, each packed with nuclei covering 60% of it. In class 0 every
+    aggregate is a *decoy* of small nuclei; in class 1 ("lesion") 1–3 of them are *lesions* of
+    nuclei 2.5× as large. Both classes have as many aggregates, of the same size, colour and
+    nuclear coverage, so at any downsampling that merges nuclei a lesion and a decoy are the
+    same dark spot: only the nuclei's size at full resolution tells the classes apart, and a
+    lesion covers well under 1% of the tissue. Classes alternate, so every split is balanced;
+    aggregate boxes and kinds are kept in synth.json.
+    """
+    rng = np.random.default_rng(seed)
+    unit = size / 2048  # lengths are set at 2048² and scale with the side
+    blob = max(6.0, 22 * unit)  # aggregate radius
+    small = (max(0.8, 1.5 * unit), max(1.0, 2.0 * unit))
+    large = (2.5 * small[0], 2.5 * small[1])
+    step = max(1, size // 256)  # where aggregate centres may go: a coarse grid of tissue
+    edge = np.minimum(np.arange(size), np.arange(size)[::-1])
+    away = np.clip(np.minimum.outer(edge, edge) / (0.1 * size), 0, 1)
+    rows = []
+    for index, split in enumerate(_splits(count)):
+        label = index % 2
+        field = _smooth_noise(rng, size, size / 3) * away  # tissue keeps off the edges
+        tissue = field > np.quantile(field, 0.55)
+        shade = 0.82 + 0.18 * _smooth_noise(rng, size, max(4.0, 16 * unit))[..., None]
+        background = 238 + rng.normal(0, 3, (size, size, 1)).astype(np.float32)
+        pink = np.array([232, 158, 196], np.float32) * shade
+        pixels = np.clip(np.where(tissue[..., None], pink, background), 0, 255).astype(np.uint8)
+        del shade, background, pink
+        # scattered nuclei, one per (40 px)² of tissue at 2048²
+        spots = np.argwhere(tissue)
+        n = max(1, round(len(spots) / (40 * unit) ** 2))
+        spots = spots[rng.integers(0, len(spots), n)].astype(np.float64)
+        _stamp_discs(rng, pixels, spots, rng.uniform(*small, n))
+        # aggregate centres: inside tissue a radius deep, three radii apart
+        coarse = np.argwhere(tissue[::step, ::step]) * step
+        deep = np.ones(len(coarse), bool)
+        for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+            ys = np.clip(coarse[:, 0] + int(dy * blob), 0, size - 1)
+            xs = np.clip(coarse[:, 1] + int(dx * blob), 0, size - 1)
+            deep &= tissue[ys, xs]
+        candidates = coarse[deep] if deep.any() else coarse
+        wanted = int(rng.integers(2, 5))
+        lesions = int(rng.integers(1, min(3, wanted) + 1)) if label else 0
+        centres: list[np.ndarray] = []
+        for _attempt in range(200 * wanted):
+            if len(centres) == wanted:
+                break
+            c = candidates[rng.integers(len(candidates))].astype(np.float64)
+            if all(np.hypot(*(c - o)) >= 3 * blob for o in centres):
+                centres.append(c)
+        objects = []
+        for i, centre in enumerate(centres):
+            kind = "lesion" if i < lesions else "decoy"
+            nuclei, radii = _cluster(rng, centre, blob, large if kind == "lesion" else small)
+            _stamp_discs(rng, pixels, nuclei, radii)
+            top, left = (int(v - blob) for v in centre)
+            objects.append({"kind": kind, "box": [left, top, int(2 * blob), int(2 * blob)]})
+        name = f"sparse_slide_{index:05d}.tiff"
+        _write_tiff(out / "images" / name, pixels)
+        rows.append({"source": name, "label": label, "split": split, "objects": objects})
+    return rows
+
+
 # ------------------------------------------------------------------------------ segmentation
 
 
@@ -516,6 +620,7 @@ SYNTHESIZERS: dict[str, tuple[Synthesizer, int]] = {
     "ultramnist": (ultramnist, 4096),
     "megapixel-mnist": (megapixel_mnist, 1500),
     "fine-detail": (fine_detail, 512),
+    "sparse-slide": (sparse_slide, 2048),
     "seg-vessels": (seg_vessels, 4096),
     "seg-aerial": (seg_aerial, 4096),
 }

@@ -21,7 +21,8 @@ def synth(
     kind: Annotated[
         str,
         typer.Argument(
-            help="What to synthesize: ultramnist, megapixel-mnist, fine-detail (classification); "
+            help="What to synthesize: ultramnist, megapixel-mnist, fine-detail, sparse-slide "
+            "(classification); "
             "seg-vessels, seg-aerial (segmentation: also masks/ and classes.csv); "
             "det-mosaic (detection: also annotations.json, COCO)."
         ),

@@ -60,7 +60,8 @@ def test_megapixel_mnist_tasks(tmp_path: Path) -> None:
 def test_unknown_kind_lists_valid_ones(tmp_path: Path) -> None:
     with pytest.raises(
         UsageError,
-        match="valid: det-mosaic, fine-detail, megapixel-mnist, seg-aerial, seg-vessels, ultramnist",
+        match="valid: det-mosaic, fine-detail, megapixel-mnist, seg-aerial, seg-vessels, sparse-slide, "
+        "ultramnist",
     ):
         synthesize("mnist", tmp_path)
 
@@ -77,6 +78,35 @@ def test_fine_detail_differs_only_at_full_resolution(tmp_path: Path) -> None:
         halved = region.reshape(side // 2, 2, side // 2, 2).mean(axis=(1, 3))
         assert np.all(halved == 90.0)  # identical for both classes after 2× downsampling
         assert (region.std() > 80) == (row["label"] == "1")  # different at full resolution
+
+
+def test_sparse_slide_lesions_differ_from_decoys_only_in_nuclear_size(tmp_path: Path) -> None:
+    from scipy import ndimage
+
+    labels = synthesize("sparse-slide", tmp_path / "ss", count=8, size=512, seed=3)
+    rows = list(csv.DictReader(labels.open()))
+    assert [r["label"] for r in rows] == ["0", "1"] * 4
+    meta = json.loads((tmp_path / "ss" / "synth.json").read_text())
+    darkness: dict[str, list[float]] = {"lesion": [], "decoy": []}
+    solidity: dict[str, list[float]] = {"lesion": [], "decoy": []}
+    for row, image in zip(rows, meta["images"], strict=True):
+        kinds = [o["kind"] for o in image["objects"]]
+        assert 2 <= len(kinds) <= 4
+        assert ("lesion" in kinds) == (row["label"] == "1")  # a lesion is what makes class 1
+        pixels = tifffile.imread(tmp_path / "ss" / "images" / row["source"])
+        tissue = (pixels[..., 1] < 200).mean()
+        assert 0.25 < tissue < 0.7  # a large tissue area with background around it
+        for obj in image["objects"]:
+            x, y, w, h = obj["box"]
+            region = pixels[y : y + h, x : x + w].astype(float)
+            dark = region[..., 1] < 90
+            darkness[obj["kind"]].append(region[..., 1].mean())
+            # the share of nuclear pixels whose neighbours are all nuclear: large nuclei only
+            solidity[obj["kind"]].append(ndimage.binary_erosion(dark).sum() / max(1, dark.sum()))
+    # downsampled to a spot, a lesion and a decoy have the same mean colour ...
+    assert abs(np.mean(darkness["lesion"]) - np.mean(darkness["decoy"])) < 5
+    # ... and at full resolution every lesion's nuclei are larger than every decoy's
+    assert min(solidity["lesion"]) > 2 * max(solidity["decoy"])
 
 
 @pytest.mark.parametrize("kind", ["seg-vessels", "seg-aerial"])
