@@ -67,8 +67,11 @@ def train(
         err.print(f"[yellow]skipped[/] {problem}", highlight=False, soft_wrap=True)
     if trainer.world.main:
         r = trainer.recipe
+        sees = f"{r.backbone}, patch {r.patch_size}"
+        if not trainer.run.method.encodes_pixels:
+            sees = f"stored features {trainer.run.method.feature_set()}"  # type: ignore[attr-defined]
         log(
-            f"training {r.method} ({r.backbone}, patch {r.patch_size}) on {len(trainer.train_images)} "
+            f"training {r.method} ({sees}) on {len(trainer.train_images)} "
             f"images, validating on {len(trainer.val_images)}, {r.epochs} epochs, device {trainer.device}"
         )
     result = trainer.fit()

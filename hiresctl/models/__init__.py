@@ -10,6 +10,7 @@ from hiresctl.models.backbones import (
 from hiresctl.models.ips import (
     POSITIONAL_ENCODINGS,
     CrossAttentionAggregator,
+    FeatureEncoder,
     IPSClassifier,
     sinusoidal,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "SEG_NETWORKS",
     "Backbone",
     "CrossAttentionAggregator",
+    "FeatureEncoder",
     "IPSClassifier",
     "ImageClassifier",
     "PatchEncoder",

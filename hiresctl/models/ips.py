@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
 
 from hiresctl.models.backbones import Backbone
+from hiresctl.models.mil import Standardize
 from hiresctl.models.patchgd import PatchEncoder
 from storage import UsageError
 
@@ -79,14 +81,32 @@ class CrossAttentionAggregator(nn.Module):
         return self.norm_feed_forward(tokens + self.dropout(self.feed_forward(tokens)))
 
 
+class FeatureEncoder(nn.Module):
+    """Stored patch features (N, ``in_dim``) → (N, ``latent_dim``): standardised with the
+    training features' statistics, then Linear → ReLU → Dropout (the frozen encoder's place,
+    the only part of it that learns)."""
+
+    def __init__(self, in_dim: int, latent_dim: int = 128, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.standardize = Standardize(in_dim)
+        self.project = nn.Sequential(nn.Linear(in_dim, latent_dim), nn.ReLU(), nn.Dropout(dropout))
+        self.latent_dim = latent_dim
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.project(self.standardize(features))
+
+
 class IPSClassifier(nn.Module):
-    """Patch encoder + positional encoding + cross-attention aggregator + Linear classifier."""
+    """Instance encoder + positional encoding + cross-attention aggregator + Linear classifier.
+
+    The encoder maps a batch of instances to (N, ``encoder.latent_dim``) embeddings: a
+    :class:`PatchEncoder` over pixels (``ips``), or a :class:`FeatureEncoder` over stored
+    features (``ips-features``); selection and aggregation do not depend on which."""
 
     def __init__(
         self,
-        backbone: Backbone,
+        encoder: PatchEncoder | FeatureEncoder,
         num_classes: int,
-        latent_dim: int | None = 128,
         heads: int = 8,
         dim_key: int = 16,
         dim_value: int = 16,
@@ -99,13 +119,20 @@ class IPSClassifier(nn.Module):
             raise UsageError(
                 f"unknown positional encoding {positional!r}; valid: {', '.join(POSITIONAL_ENCODINGS)}"
             )
-        self.encoder = PatchEncoder(backbone, latent_dim)
+        self.encoder = encoder
         dim = self.encoder.latent_dim
         self.aggregator = CrossAttentionAggregator(
             dim, heads, dim_key, dim_value, dim_inner, dropout
         )
         self.classifier = nn.Linear(dim, num_classes)
         self.positional = positional
+
+    @classmethod
+    def on_patches(
+        cls, backbone: Backbone, num_classes: int, latent_dim: int | None = 128, **kwargs: Any
+    ) -> IPSClassifier:
+        """IPS over pixels: the backbone's pooled features, projected to ``latent_dim``."""
+        return cls(PatchEncoder(backbone, latent_dim), num_classes, **kwargs)
 
     def with_positions(
         self, embeddings: torch.Tensor, indices: torch.Tensor, cols: int

@@ -60,7 +60,7 @@ class IPS(Method):
 
     def build_model(self) -> nn.Module:
         r = self.recipe
-        return IPSClassifier(
+        return IPSClassifier.on_patches(
             self.backbone(),
             self.num_classes,
             latent_dim=r.latent_dim,

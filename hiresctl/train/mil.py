@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hiresctl.data import PatchGrid, ReadRequest, ReadTag
+from hiresctl.models.ips import FeatureEncoder, IPSClassifier
 from hiresctl.models.mil import EndToEndMIL, Standardize, create_aggregator
 from hiresctl.train.methods import BatchOutput, Heatmap, Method, Reads, StepContext, _chunks
 from hiresctl.train.registry import register_method
@@ -72,8 +73,7 @@ class FeatureMIL(Method):
         if not training:
             training = [e.id for e in dataset.entries(complete_only=True)]
         dim = int(self._attrs(training[0])["dim"])
-        model = create_aggregator(self.aggregator, dim, self.num_classes, r.mil_hidden,
-                                  r.attention_dim, r.dropout, r.heads)  # fmt: skip
+        model, standardize = self.aggregator_model(dim)
         # the inputs' standardisation, from (at most STANDARDIZE_IMAGES) training images
         total, squares, count = torch.zeros(dim), torch.zeros(dim), 0
         for image_id in training[:STANDARDIZE_IMAGES]:
@@ -81,9 +81,33 @@ class FeatureMIL(Method):
             total += bag.sum(0).float()
             squares += (bag**2).sum(0).float()
             count += len(bag)
-        standardize: Standardize = model.standardize  # type: ignore[assignment]
         standardize.fit(total, squares, count)
         return model
+
+    def aggregator_model(self, dim: int) -> tuple[nn.Module, Standardize]:
+        """The model over bags of ``dim`` features, and its input standardisation."""
+        r = self.recipe
+        model = create_aggregator(self.aggregator, dim, self.num_classes, r.mil_hidden,
+                                  r.attention_dim, r.dropout, r.heads)  # fmt: skip
+        return model, model.standardize  # type: ignore[return-value]
+
+    def cells(self, image_id: str) -> tuple[np.ndarray, np.ndarray, tuple[int, int], float]:
+        """Each stored instance's (row, col) on the image's grid of patch cells at the
+        recipe's level, that grid's (rows, cols) and the cell's side in level pixels."""
+        _, coords, attrs = self.reader.dataset.feature_set(image_id, self.feature_set())  # type: ignore[misc]
+        cell = float(attrs["patch_size_level0"]) / 2**self.recipe.level
+        xy = np.asarray(coords[...]) / 2**self.recipe.level
+        _, height, width = self.reader.shape(image_id)
+        shape = (int(np.ceil(height / cell)), int(np.ceil(width / cell)))
+        rows, cols = (xy[:, 1] // cell).astype(int), (xy[:, 0] // cell).astype(int)
+        return np.minimum(rows, shape[0] - 1), np.minimum(cols, shape[1] - 1), shape, cell
+
+    def heatmap(self, image_id: str, weights: np.ndarray, what: str) -> Heatmap:
+        """``weights`` (one per stored instance) placed on the instances' cells."""
+        rows, cols, shape, cell = self.cells(image_id)
+        scores = np.zeros(shape, np.float32)
+        np.maximum.at(scores, (rows, cols), weights.astype(np.float32))
+        return Heatmap(image_id, scores, cell, what)
 
     def plan(self, image_ids: list[str], seed: int, train: bool) -> list[ReadRequest]:
         name = self.feature_set()
@@ -133,17 +157,10 @@ class FeatureMIL(Method):
         ctx.model.eval()
         with torch.no_grad():
             logits, weights = self._forward(ctx, reads, train=False)
-        maps = []
-        for image_id, w in zip(image_ids, weights, strict=True):
-            _, coords, attrs = self.reader.dataset.feature_set(image_id, self.feature_set())  # type: ignore[misc]
-            cell = float(attrs["patch_size_level0"]) / 2**self.recipe.level
-            xy = np.asarray(coords[...]) / 2**self.recipe.level
-            _, height, width = self.reader.shape(image_id)
-            scores = np.zeros((int(np.ceil(height / cell)), int(np.ceil(width / cell))), np.float32)
-            rows, cols = (xy[:, 1] // cell).astype(int), (xy[:, 0] // cell).astype(int)
-            inside = (rows < scores.shape[0]) & (cols < scores.shape[1])
-            np.maximum.at(scores, (rows[inside], cols[inside]), w.numpy()[inside])
-            maps.append(Heatmap(image_id, scores, cell, "attention weight"))
+        maps = [
+            self.heatmap(image_id, w.numpy(), "attention weight")
+            for image_id, w in zip(image_ids, weights, strict=True)
+        ]
         return logits.cpu(), maps
 
     def describe(self, image_id: str) -> dict[str, str]:
@@ -180,6 +197,96 @@ class TransMIL(FeatureMIL):
     ``max_instances``: attention is N² per layer)."""
 
     aggregator = "transmil"
+
+
+# IPS's own settings (see `ips`); on features a selection iteration is cheap, so I is larger
+@register_method("cls", "ips-features", defaults={"latent_dim": 128, "weight_decay": 0.1,
+                 "schedule": "cosine", "min_lr_ratio": 1e-3, "dropout": 0.1, "memory_size": 32,
+                 "iter_size": 256, "positional": "2d", "calibration_batches": 0})  # fmt: skip
+class FeatureIPS(FeatureMIL):
+    """Iterative Patch Selection on each image's stored feature set (docs/methods.md §10): the
+    instances are scored ``iter_size`` [I] at a time without gradient, the ``memory_size``
+    [M] best kept, and only those M pass through the learned projection and the aggregator
+    with gradient. The bag is read whole (features are small); what stays bounded is the
+    activations, M per image whatever N is."""
+
+    def aggregator_model(self, dim: int) -> tuple[nn.Module, Standardize]:
+        r = self.recipe
+        encoder = FeatureEncoder(dim, r.latent_dim or dim, r.dropout)
+        model = IPSClassifier(encoder, self.num_classes, heads=r.heads, dim_key=r.dim_key,
+                              dim_value=r.dim_value, dim_inner=r.dim_inner, dropout=r.dropout,
+                              positional=r.positional)  # fmt: skip
+        return model, encoder.standardize
+
+    def _select(
+        self, ctx: StepContext, request: ReadRequest, bag: torch.Tensor, train: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(the M selected instances' indices, their grid positions, the grid's columns)."""
+        model: IPSClassifier = ctx.model  # type: ignore[assignment]
+        rows, cols, (_, width), _ = self.cells(request.image_id)
+        positions = torch.as_tensor(rows * width + cols, device=ctx.device)
+        memory, step = self.recipe.memory_size, self.recipe.iter_size
+        order = torch.arange(len(bag), device=ctx.device)
+        if train:  # ties break at random, as in `ips`
+            rng = np.random.default_rng([request.tag.number, request.tag.image])
+            order = torch.as_tensor(rng.permutation(len(bag)), device=ctx.device)
+        model.eval()
+        kept = order[:memory]
+        with torch.no_grad(), ctx.autocast():
+            kept_emb = model.with_positions(
+                model.encoder(bag[kept]).float(), positions[kept], width
+            )
+            for part in order[memory:].split(step):
+                emb = model.with_positions(model.encoder(bag[part]).float(), positions[part], width)
+                candidates, candidate_idx = torch.cat([kept_emb, emb]), torch.cat([kept, part])
+                top = model.scores(candidates.unsqueeze(0))[0].topk(memory).indices
+                kept_emb, kept = candidates[top], candidate_idx[top]
+        kept = kept.sort().values
+        return kept, positions[kept], width
+
+    def _forward(
+        self, ctx: StepContext, reads: Reads, train: bool
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model: IPSClassifier = ctx.model  # type: ignore[assignment]
+        logits, weights = [], []
+        for request, bag in reads:
+            bag = bag.to(ctx.device)
+            kept, positions, width = self._select(ctx, request, bag, train)
+            model.train(train)
+            with ctx.autocast():
+                emb = model.with_positions(model.encoder(bag[kept]).float(), positions, width)
+                logits.append(model.classify(emb.unsqueeze(0))[0].float())
+            if train:
+                ctx.patches_with_grad += len(kept)
+            w = torch.zeros(len(bag))
+            with torch.no_grad():
+                w[kept.cpu()] = model.scores(emb.detach().unsqueeze(0))[0].float().cpu()
+            weights.append(w)
+        return torch.stack(logits), weights
+
+    def describe(self, image_id: str) -> dict[str, str]:
+        attrs = self._attrs(image_id)
+        r = self.recipe
+        return {
+            "patch": f"{attrs['patch_size']}² (level {attrs['level']})",
+            "sampling": f"M={min(r.memory_size, int(attrs['count']))} of N={attrs['count']} "
+            f"stored features, I={r.iter_size}",
+            "sees": f"frozen {attrs['encoder']} features ({attrs['settings']['weights']}), "
+            "selected",
+        }
+
+    def memory(
+        self, model: nn.Module, images: list[Any], per_patch: int
+    ) -> tuple[int, int, int | None]:
+        """The whole bag's features, one scored group (M + I) of embeddings, and M instances'
+        activations with gradient."""
+        r = self.recipe
+        most = max(int(self._attrs(im.image_id)["count"]) for im in images)
+        dim = int(self._attrs(images[0].image_id)["dim"])
+        latent = r.latent_dim or dim
+        per_instance = 4 * (dim + 3 * latent + 2 * r.heads * r.dim_key + r.dim_inner)
+        scored = min(most, r.memory_size + r.iter_size)
+        return 4 * dim * most + scored * per_instance + 2 * r.memory_size * per_instance, 0, None
 
 
 @register_method("cls", "e2e-mil", defaults={"dropout": 0.25, "calibration_batches": 0})

@@ -80,9 +80,9 @@ def _memory_plan(run: Run, budget_text: str, images: list[LabelledImage]) -> Mem
     budget = parse_bytes(budget_text)
     size = recipe.patch_size
     sample = torch.zeros(1, 3, size, size, device=run.device)
-    encoder: nn.Module | None = getattr(model, "encoder", None) or getattr(model, "backbone", None)
-    if encoder is None and run.method.encodes_pixels:
-        encoder = model
+    encoder: nn.Module | None = None
+    if run.method.encodes_pixels:  # a feature method's "encoder" takes features, not pixels
+        encoder = getattr(model, "encoder", None) or getattr(model, "backbone", None) or model
     # Backward keeps about the forward activations again (gradients of each), plus the inputs.
     per_patch = (
         2 * activation_bytes(encoder, sample) + sample.numel() * 4 if encoder is not None else 0

@@ -1,5 +1,5 @@
-"""Multiple-instance methods: attention MIL on stored features (abmil, transmil) and end to
-end on random patches (e2e-mil) learn a planted signal, explain it where it is, and run the
+"""Multiple-instance methods: attention MIL on stored features (abmil, transmil), IPS on
+stored features (ips-features, M of N selected) and end to end on random patches (e2e-mil) learn a planted signal, explain it where it is, and run the
 whole loop (eval, predict, report, memory budget)."""
 
 from __future__ import annotations
@@ -29,16 +29,20 @@ def test_aggregators_take_any_bag_size_and_weigh_every_instance(model: torch.nn.
     torch.testing.assert_close(model(bag)[0], model(bag[order])[0], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["abmil", "transmil"])
+@pytest.mark.parametrize(
+    ("method", "settings"),
+    [("abmil", []), ("transmil", []), ("ips-features", ["memory_size=4", "iter_size=4"])],
+)
 def test_feature_mil_learns_from_stored_features_and_attends_to_the_signal(
-    planted: Path, tmp_path: Path, cli: Callable, method: str
+    planted: Path, tmp_path: Path, cli: Callable, method: str, settings: list[str]
 ) -> None:
     embedded = cli("embed", planted, "--backbone", "tiny", "--patch-size", "32", "--name", "t32")
     assert embedded.code == 0, embedded.stderr
     run = tmp_path / "run"
     trained = cli("train", "--data", planted, "--out", run, "--method", method, "--set",
                   "epochs=12", "--set", "lr=2e-3", "--set", "batch_size=4", "--set",
-                  "mil_hidden=32", "--set", "attention_dim=16", "--json")  # fmt: skip
+                  "mil_hidden=32", "--set", "attention_dim=16", "--json",
+                  *(a for s in settings for a in ("--set", s)))  # fmt: skip
     assert trained.code == 0, trained.stderr
     report = json.loads(cli("eval", run, "--data", planted, "--split", "val", "--json").stdout)
     assert report["metrics"]["accuracy"] >= 0.8, report  # 10 balanced images: chance is 0.5
@@ -93,3 +97,45 @@ def test_memory_budget_plans_feature_mil(planted: Path, tmp_path: Path, cli: Cal
                  "--memory-budget", "8GiB", "--set", "epochs=1", "--json")  # fmt: skip
     assert result.code == 0, result.stderr
     assert "memory budget 8.00 GiB" in result.stderr
+
+
+def test_ips_on_features_keeps_the_top_m_of_the_bag_and_trains_only_those(
+    tmp_path: Path,
+) -> None:
+    """Streamed I at a time, the selection ends with the bag's best M by score (one head: the
+    ranking of a set is that of its instances), and only those M are encoded with gradient."""
+    from hiresctl.data import PatchStream
+    from hiresctl.features import EmbedOptions, embed_store
+    from hiresctl.train import Recipe, build_run, step_context
+    from hiresctl.train.run import PlannedReads
+    from storage import Dataset
+
+    images, labels = planted_images(4, 128, 32, seed=5)
+    store = make_store(tmp_path / "s", images, labels)
+    embed_store(store, EmbedOptions(backbone="tiny", patch_size=32, batch_size=16),
+                torch.device("cpu"))  # fmt: skip
+    recipe = Recipe(method="ips-features", memory_size=3, iter_size=2, heads=1, batch_size=2,
+                    latent_dim=8, dim_key=8, dim_value=8)  # fmt: skip
+    run = build_run(recipe, Dataset(store), ["0", "1"], torch.device("cpu"))
+    method, model = run.method, run.model
+    ids = [e.id for e in Dataset(store).entries()][:2]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    ctx = step_context(run, optimizer, None, 1)
+    for train in (False, True):
+        plan = method.plan(ids, 7, train)
+        reads = list(PlannedReads(PatchStream(run.reader), iter([plan])).batch())
+        for request, bag in reads:
+            kept, positions, width = method._select(ctx, request, bag, train)
+            rows, cols, _, _ = method.cells(request.image_id)
+            everyone = torch.as_tensor(rows * width + cols)
+            with torch.no_grad():
+                model.eval()
+                emb = model.with_positions(model.encoder(bag), everyone, width)
+                best = model.scores(emb.unsqueeze(0))[0].topk(3).indices.sort().values
+            assert kept.tolist() == best.tolist()
+            torch.testing.assert_close(positions, everyone[kept])
+    ctx.patches_with_grad = 0
+    plan = method.plan(ids, 7, True)
+    reads = PlannedReads(PatchStream(run.reader), iter([plan])).batch()
+    method.train_batch(ctx, ids, torch.tensor([0, 1]), reads)
+    assert ctx.patches_with_grad == 2 * 3  # M per image, not the bag's 16
