@@ -321,7 +321,11 @@ def _table_row(report: RunReport) -> dict[str, Any]:
         "train_images_per_second": report.summary.get("images_per_second"),
         "eval_peak_gb": report.result.get("peak_memory_gb"),
         "eval_images_per_second": report.result.get("images_per_second"),
+        "train_seconds": report.summary.get("train_seconds"),
+        "prepared_seconds": report.summary.get("prepared_seconds"),
     })  # fmt: skip
+    if row["train_seconds"] is not None:  # what the run cost in all, its inputs counted in
+        row["total_seconds"] = row["train_seconds"] + (row["prepared_seconds"] or 0.0)
     return row
 
 
@@ -340,6 +344,16 @@ def best_runs(rows: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
     return best
 
 
+def _time(row: dict[str, Any]) -> str:
+    """ ", N s of training (+ M s extracting features)", where recorded."""
+    if row.get("train_seconds") is None:
+        return ""
+    text = f", {row['train_seconds']:.0f} s of training"
+    if row.get("prepared_seconds") is not None:
+        text += f" + {row['prepared_seconds']:.0f} s extracting features"
+    return text
+
+
 def verdict(task: str, rows: dict[str, dict[str, Any]], reports: list[RunReport]) -> str:
     """One paragraph: which run won on the deciding metric, by how much, at what cost, and
     what each run saw of the images."""
@@ -354,12 +368,13 @@ def verdict(task: str, rows: dict[str, dict[str, Any]], reports: list[RunReport]
     name = METRIC_NAMES.get(key, key)
     lead = "has the best" if len(scored) > 1 else "reaches"
     text = (f"{top.name} ({top.result['method']}) {lead} {name}: {value:.3f}, at "
-            f"{rows[top.name]['train_peak_gb'] or 0:.2f} GB peak training memory and "
+            f"{rows[top.name]['train_peak_gb'] or 0:.2f} GB peak training memory{_time(rows[top.name])} and "
             f"{rows[top.name]['eval_images_per_second'] or 0:.2f} images/s in evaluation; "
             f"it sees {top.setting['sees']}.")  # fmt: skip
     for other, score in scored[1:]:
         text += (f" {other.name} ({other.result['method']}) reaches {score:.3f} "
-                 f"({score - value:+.3f}) at {rows[other.name]['train_peak_gb'] or 0:.2f} GB; "
+                 f"({score - value:+.3f}) at {rows[other.name]['train_peak_gb'] or 0:.2f} GB"
+                 f"{_time(rows[other.name])}; "
                  f"it sees {other.setting['sees']}.")  # fmt: skip
     return text
 

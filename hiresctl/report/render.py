@@ -21,7 +21,11 @@ COST_COLUMNS = (
     "train_images_per_second",
     "eval_peak_gb",
     "eval_images_per_second",
+    "train_seconds",
 )
+# Shown only when a run paid for its inputs before training (a stored feature set): the
+# extraction's seconds, and the total that compares such a run fairly with the others.
+PREPARED_COLUMNS = ("prepared_seconds", "total_seconds")
 RECIPE_KEYS = (
     "task",
     "method",
@@ -94,6 +98,8 @@ def _num(value: Any, digits: int = 4) -> str:
 
 
 def _digits(column: str) -> int:
+    if column in ("train_seconds", *PREPARED_COLUMNS):
+        return 0
     return 2 if column in COST_COLUMNS else 4
 
 
@@ -140,7 +146,8 @@ def _comparison_columns(metrics: dict[str, Any]) -> list[str]:
     present = [k for k in table if any(r.get(k) is not None for r in rows)]
     if "auc" in present and "kappa_quadratic" in present:  # binary: κ adds nothing to AUC here
         present.remove("kappa_quadratic")
-    return present + list(COST_COLUMNS)
+    prepared = any(r.get("prepared_seconds") is not None for r in rows)
+    return present + list(COST_COLUMNS) + (list(PREPARED_COLUMNS) if prepared else [])
 
 
 def _headline(metrics: dict[str, Any]) -> str:

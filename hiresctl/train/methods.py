@@ -167,6 +167,11 @@ class Method(ABC):
     # Whether the model encodes patches of pixels (False for methods on stored features).
     encodes_pixels = True
 
+    def prepared_seconds(self) -> float | None:
+        """Seconds spent before training on what the method trains on (a stored feature set's
+        extraction), so comparisons count them in; None when the method needs nothing."""
+        return None
+
     def memory(
         self, model: nn.Module, images: list[Any], per_patch: int
     ) -> tuple[int, int, int | None]:

@@ -57,6 +57,17 @@ class FeatureMIL(Method):
         self.recipe = self.recipe.replace(features=next(iter(names)))
         return self.recipe.features or ""
 
+    def prepared_seconds(self) -> float | None:
+        """The feature set's extraction time over every complete image of the store (training
+        and evaluation both need them); None if a set predates the timing."""
+        total = 0.0
+        for entry in self.reader.dataset.entries(complete_only=True):
+            seconds = self._attrs(entry.id).get("seconds")
+            if seconds is None:
+                return None
+            total += float(seconds)
+        return total
+
     def _attrs(self, image_id: str) -> dict:
         found = self.reader.dataset.feature_set(image_id, self.feature_set())
         if found is None:

@@ -215,6 +215,17 @@ class Trainer:
         with open(self.out / "metrics.jsonl", "a") as handle:
             handle.write(json.dumps(row) + "\n")
 
+    def _seconds_so_far(self) -> float | None:
+        """The run's wall time over every epoch in metrics.jsonl (a resumed run's earlier
+        epochs too); None where an epoch predates the timing."""
+        path = self.out / "metrics.jsonl"
+        if not path.is_file():
+            return None
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if not rows or any("seconds" not in row for row in rows):
+            return None
+        return float(sum(row["seconds"] for row in rows))
+
     # ------------------------------------------------------------------ the loop
     def fit(self) -> TrainResult:
         recipe, run = self.recipe, self.run
@@ -368,6 +379,7 @@ class Trainer:
                 self._save(LAST, state(epoch + 1, 0))
                 if improved or not self.val_images:
                     self._save(BEST, state(epoch + 1, 0))
+                row["seconds"] = time.perf_counter() - epoch_start  # training, validation, saving
                 self._metrics_line(row)
                 if writer is not None:
                     for key, value in row.items():
@@ -390,6 +402,8 @@ class Trainer:
             "images_per_second": images_seen / train_seconds if train_seconds else None,
             "data_wait_fraction": wait_seconds / train_seconds if train_seconds else None,
             "patches_with_grad": ctx.patches_with_grad,
+            "train_seconds": self._seconds_so_far(),
+            "prepared_seconds": run.method.prepared_seconds(),
             "device": str(self.device),
             "precision": precision,
             "world_size": self.world.size,

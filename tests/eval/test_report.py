@@ -73,16 +73,18 @@ def test_report_numbers_equal_metrics_json_and_the_best_is_marked(
         for column, value in saved["table"][name].items():
             if value is None:
                 continue
-            text = f"{value:.2f}" if column.startswith(("train_", "eval_")) else f"{value:.4f}"
+            text = f"{value:.{_digits(column)}f}"
             assert text in html and text in markdown, (name, column, text)
     # Every column's best (highest; lowest for memory), ties shared, starred in both twins.
     for column in saved["table"][names[0]]:
         values = {n: saved["table"][n][column] for n in names}
-        pick = min if column.endswith("_gb") else max
+        if None in values.values():  # a column the runs lack (features: none extracted)
+            assert column not in saved["best"], column
+            continue
+        pick = min if column.endswith(("_gb", "_seconds")) else max
         expected = [n for n in names if values[n] == pick(values.values())]
         assert saved["best"][column] == expected, column
-        digits = 2 if column.startswith(("train_", "eval_")) else 4
-        text = f"{values[expected[0]]:.{digits}f}"
+        text = f"{values[expected[0]]:.{_digits(column)}f}"
         assert f"{text} ★" in html and f"**{text} ★**" in markdown, column
     accuracy = {n: saved["table"][n]["accuracy"] for n in names}
     winner = max(names, key=lambda n: accuracy[n])  # the first of a tie, as the verdict says
@@ -95,6 +97,50 @@ def test_report_numbers_equal_metrics_json_and_the_best_is_marked(
     assert html.count("data:image/png;base64,") >= len(
         saved["runs"][0]["evaluation"]["per_image"][:6]
     )
+
+
+def _digits(column: str) -> int:
+    """The table's rounding: whole seconds, costs to 2 places, metrics to 4."""
+    if column.endswith("_seconds"):
+        return 0
+    return 2 if column.startswith(("train_", "eval_")) else 4
+
+
+def test_report_counts_feature_extraction_in_a_feature_methods_time(
+    planted: tuple[Path, dict[str, np.ndarray]], runs: list[Path], tmp_path: Path, cli: Callable
+) -> None:
+    """A run on stored features is compared with the extraction it needed counted in: the
+    store's extraction seconds are its "Features s", and its total is that plus training."""
+    import zarr
+
+    store, _ = planted
+    embedded = cli("embed", store, "--backbone", "tiny", "--patch-size", "32", "--name", "rep")
+    assert embedded.code == 0, embedded.stderr
+    trained = cli("train", "--data", store, "--out", tmp_path / "abmil", "--method", "abmil",
+                  "--set", "epochs=1", "--set", "features=rep")  # fmt: skip
+    assert trained.code == 0, trained.stderr
+    result = cli("eval", tmp_path / "abmil", runs[1], "--data", store, "--split", "val",
+                 "--report", "--out", tmp_path / "report", "--json")  # fmt: skip
+    assert result.code == 0, result.stderr
+    table = json.loads(result.stdout)["table"]
+    spent = sum(
+        zarr.open_group(store / "images" / e.id / "features" / "rep", mode="r").attrs["hiresctl"][
+            "seconds"
+        ]
+        for e in Dataset(store).entries(complete_only=True)
+    )
+    features = table["abmil"]
+    assert features["prepared_seconds"] == pytest.approx(spent)
+    assert features["total_seconds"] == pytest.approx(spent + features["train_seconds"])
+    epochs = (tmp_path / "abmil" / "metrics.jsonl").read_text().splitlines()
+    assert features["train_seconds"] == pytest.approx(json.loads(epochs[0])["seconds"])
+    pixels = table["downsample"]  # nothing extracted: its total is its training
+    assert pixels["prepared_seconds"] is None
+    assert pixels["total_seconds"] == pytest.approx(pixels["train_seconds"])
+    html = (tmp_path / "report" / "report.html").read_text()
+    assert "Features s" in html and "Total s" in html
+    assert f"{features['total_seconds']:.0f}" in html
+    assert "s extracting features" in json.loads(result.stdout)["verdict"]
 
 
 def test_patchgd_heatmap_points_at_the_planted_square(
