@@ -3,6 +3,11 @@
     python benchmarks/learning.py --task megapixel-mnist [--side 256] [--count 1000] [--epochs 8]
     python benchmarks/learning.py --task ultramnist --side 512 --classes 10
     python benchmarks/learning.py --task fine-detail --side 512 --count 200 --epochs 10
+    python benchmarks/learning.py --task sparse-slide --memory-budget 3GiB --report DIR
+
+With ``--report DIR`` the hiresctl runs (first seed) also go through ``hiresctl eval --report``:
+one page with every method side by side on the test split (accuracy, AUC, memory, training
+time and, for the feature methods, the extraction time counted in).
 
 Every row trains on the same store (and, for the reference, the same TIFFs and splits) with the
 same encoder architecture, epochs and seed; the test split is scored with `hiresctl eval` on the
@@ -14,6 +19,10 @@ methods are measured against both. Tasks:
 - `megapixel-mnist`: the IPS paper's majority task (5 digits, 3 of the target class, scribbles).
 - `ultramnist`: the PatchGD paper's sums of 3–5 digits of very different sizes.
 - `fine-detail`: a checkerboard that downsampling averages away (built for the patch methods).
+- `sparse-slide`: a slide in miniature, 1–3 small lesions (large nuclei) among decoy aggregates
+  of small nuclei in a large tissue area: the sparse-signal setting where whole-slide users
+  compare frozen features + MIL with end-to-end methods. Patches keep to the tissue
+  (`--foreground-threshold`).
 
 Results replace the task's section of BENCHMARKS.md (`learning-<task>`).
 """
@@ -33,15 +42,22 @@ sys.path.insert(0, str(HERE))
 from reference import train_reference  # noqa: E402
 from training import publish  # noqa: E402
 
-METHODS = ("full", "patchgd-global", "patchgd", "ips", "e2e-mil", "abmil", "downsample")
-FEATURE_METHODS = ("abmil", "transmil")  # train on `hiresctl embed` features (time counted in)
+METHODS = ("full", "patchgd-global", "patchgd", "ips", "e2e-mil", "abmil", "ips-features",
+           "downsample")  # fmt: skip
+# train on `hiresctl embed` features (the extraction's time counted in)
+FEATURE_METHODS = ("abmil", "transmil", "ips-features")
 TASKS = {  # synth kind, extra synth arguments, default side, what the label is
     "megapixel-mnist": ("megapixel-mnist", ["--task", "majority"], 256,
                         "the digit present three times among five (10 classes) over line scribbles"),
     "ultramnist": ("ultramnist", [], 512, "the sum of 3–5 digits scaled ×1–9"),
     "fine-detail": ("fine-detail", [], 512,
                     "a 32² one-pixel checkerboard or a flat square of the same mean (2 classes)"),
+    "sparse-slide": ("sparse-slide", [], 1024,
+                     "whether 1–3 lesions of large nuclei sit among the decoy aggregates of small "
+                     "ones (2 classes)"),
 }  # fmt: skip
+# the share of a patch's pixels that must be foreground for it to be kept (embedding too)
+FOREGROUND = {"sparse-slide": 0.1}
 # The encoders, as the reference builds them (bare PyTorch) and as hiresctl names them.
 ENCODERS = {"tiny": (16, 32, 48, 64), "cnn5": (32, 64, 64, 128, 128)}
 
@@ -86,6 +102,8 @@ def train_and_evaluate(store: Path, out: Path, options: list[str]) -> dict:
     curve = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {
         "test_accuracy": report["metrics"]["accuracy"],
+        "test_auc": report["metrics"].get("auc"),
+        "feature_seconds": summary.get("prepared_seconds") or 0.0,
         "val_curve": [row.get("val_accuracy") for row in curve],
         "train_peak_gb": summary["peak_memory_gb"],
         "images_per_second": summary["images_per_second"],
@@ -102,24 +120,31 @@ def embed_features(store: Path, args: argparse.Namespace) -> tuple[str, float]:
                "--patch-size", str(args.patch_size), "--name", name, "--device", "cpu"]  # fmt: skip
     if args.embed_weights:
         command += ["--pretrained", str(args.embed_weights)]
+    if args.foreground_threshold:
+        command += ["--foreground-threshold", str(args.foreground_threshold)]
     subprocess.run(command, check=True, capture_output=True)
     return name, time.perf_counter() - start
 
 
 def method_options(method: str, args: argparse.Namespace) -> list[str]:
+    budget = ["--memory-budget", args.memory_budget] if args.memory_budget else []
+    ips = ["--set", "latent_dim=64", "--set", f"memory_size={args.ips_memory}",
+           "--set", f"iter_size={args.ips_memory}", "--set", "heads=4"]  # fmt: skip
     if method in FEATURE_METHODS:
-        return ["--method", method, "--device", "cpu", "--set", f"epochs={args.epochs}",
-                "--set", f"batch_size={args.batch_size}", "--set", "lr=1e-3",
-                "--set", f"features=bench-{args.backbone}-{args.patch_size}"]  # fmt: skip
+        options = ["--method", method, "--device", "cpu", "--set", f"epochs={args.epochs}",
+                   "--set", f"batch_size={args.batch_size}", "--set", "lr=1e-3",
+                   "--set", f"features=bench-{args.backbone}-{args.patch_size}", *budget]  # fmt: skip
+        return options + (ips if method == "ips-features" else [])
     options = ["--method", method, "--device", "cpu",
                "--set", f"backbone={args.backbone}", "--set", f"patch_size={args.patch_size}",
                "--set", f"epochs={args.epochs}", "--set", f"batch_size={args.batch_size}",
-               "--set", "head_width=64"]  # fmt: skip
+               "--set", "head_width=64", *budget]  # fmt: skip
+    if args.foreground_threshold:
+        options += ["--set", f"foreground_threshold={args.foreground_threshold}"]
     if method == "e2e-mil":
         options += ["--set", f"bag_size={args.bag_size}"]
     if method == "ips":
-        options += ["--set", "latent_dim=64", "--set", f"memory_size={args.ips_memory}",
-                    "--set", f"iter_size={args.ips_memory}", "--set", "heads=4"]  # fmt: skip
+        options += ips
     return options
 
 
@@ -128,6 +153,7 @@ def summarise(runs: list[dict]) -> dict:
         return statistics.median(r[key] for r in runs)
 
     accuracies = [r["test_accuracy"] for r in runs]
+    aucs = [r["test_auc"] for r in runs if r.get("test_auc") is not None]
     curves = [r["val_curve"] for r in runs]
     return {
         "accuracy": statistics.mean(accuracies),
@@ -136,6 +162,8 @@ def summarise(runs: list[dict]) -> dict:
         "train_peak_gb": median("train_peak_gb"),
         "images_per_second": median("images_per_second"),
         "seconds": median("seconds"),
+        "feature_seconds": median("feature_seconds"),
+        "auc": statistics.mean(aucs) if aucs else None,
     }
 
 
@@ -159,7 +187,16 @@ def main() -> None:
     )
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--methods", default=",".join(("reference", *METHODS)))
+    parser.add_argument(
+        "--memory-budget", default=None, help="every hiresctl run's budget, e.g. 3GiB"
+    )
+    parser.add_argument("--foreground-threshold", type=float, default=None,
+                        help="patches kept (and embedded) by their foreground share; default per task")  # fmt: skip
+    parser.add_argument("--report", type=Path, default=None,
+                        help="also write `hiresctl eval --report` over the first seed's runs here")  # fmt: skip
     args = parser.parse_args()
+    if args.foreground_threshold is None:
+        args.foreground_threshold = FOREGROUND.get(args.task, 0.0)
     side = args.side or TASKS[args.task][2]
     root = HERE / "data" / f"learning_{args.task}_{side}_{args.count}"
     store = make_dataset(root, args.task, side, args.count, args.classes)
@@ -174,14 +211,12 @@ def main() -> None:
                 )  # fmt: skip
                 result["val_curve"] = [row["val_accuracy"] for row in result["curve"]]
                 result["train_peak_gb"] = result["peak_memory_gb"]
-                result["images_per_second"] = result["images_per_second"]
+                result["feature_seconds"] = 0.0
             else:
-                embed_seconds = 0.0
                 if method in FEATURE_METHODS:
-                    _, embed_seconds = embed_features(store, args)
+                    embed_features(store, args)  # once: a second method's call skips every image
                 options = [*method_options(method, args), "--set", f"seed={seed}"]
                 result = train_and_evaluate(store, root / f"run-{method}-{seed}", options)
-                result["seconds"] += embed_seconds
             runs.append(result)
             print(method, seed, f"test {result['test_accuracy']:.3f}", flush=True)
         rows.append((method, summarise(runs)))
@@ -192,6 +227,23 @@ def main() -> None:
     )
     if args.task == "ultramnist":
         command += f" --classes {args.classes}"
+    if args.memory_budget:
+        command += f" --memory-budget {args.memory_budget}"
+    if args.report:
+        runs_of_seed0 = [root / f"run-{m}-0" for m, _ in rows if m != "reference"]
+        subprocess.run(
+            [sys.executable, "-m", "hiresctl", "eval", *map(str, runs_of_seed0), "--data",
+             str(store), "--split", "test", "--report", "--out", str(args.report)],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        print(f"report: {args.report / 'report.html'}", flush=True)
+    kept = (f"; patches with at least {args.foreground_threshold:.0%} foreground"
+            if args.foreground_threshold else "")  # fmt: skip
+    budget = (
+        f"; every hiresctl run under `--memory-budget {args.memory_budget}`"
+        if args.memory_budget
+        else ""
+    )
     lines = [
         f"## Learning: {args.task}, {time.strftime('%Y-%m-%d')}, CPU (2 cores)",
         "",
@@ -200,27 +252,32 @@ def main() -> None:
         f"({'-'.join(map(str, ENCODERS[args.backbone]))} wide 3×3 convs, max-pooling, global max), "
         f"{args.epochs} epochs, batch {args.batch_size}, AdamW lr 1e-3; patch {args.patch_size} for "
         f"the patch methods (IPS keeps M = {args.ips_memory}); `downsample` sees the image at "
-        f"{args.patch_size}². Test accuracy of the best-validation epoch, mean over {args.seeds} "
+        f"{args.patch_size}²{kept}{budget}. Test accuracy (and AUC) of the best-validation epoch, mean over {args.seeds} "
         "seed(s) [min–max]; the curve is validation accuracy per epoch. The reference row is bare "
         "PyTorch on the TIFFs (`benchmarks/reference.py`), nothing of hiresctl. `e2e-mil` trains "
-        f"on K = {args.bag_size} random patches per image per step; `abmil`/`transmil` train on "
-        "features `hiresctl embed` stored once with the same encoder, "
+        f"on K = {args.bag_size} random patches per image per step; `abmil`, `transmil` and "
+        "`ips-features` train on features `hiresctl embed` stored once with the same encoder, "
         + (
             f"weights {args.embed_weights.name}"
             if args.embed_weights
             else "**random weights** (nothing pretrained can be downloaded here)"
         )
-        + ", the embedding time counted in their train seconds.",
+        + "; their extraction (every image of the store, reads and encoding) is the features "
+        "column and counts in their total.",
         "",
-        "| method | test accuracy | validation accuracy by epoch | train peak RSS GB | train images/s | train s |",
-        "|---|---|---|---|---|---|",
+        "| method | test accuracy | test AUC | validation accuracy by epoch | train peak RSS GB | "
+        "train images/s | train s | features s | total s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for method, s in rows:
         name = "plain PyTorch reference" if method == "reference" else method
         curve = " ".join(f"{v:.2f}" for v in s["curve"])
+        auc = f"{s['auc']:.3f}" if s["auc"] is not None else "–"
+        features = f"{s['feature_seconds']:.0f}" if s["feature_seconds"] else "–"
         lines.append(
-            f"| {name} | {s['accuracy']:.3f} [{s['spread'][0]:.2f}–{s['spread'][1]:.2f}] | {curve} | "
-            f"{s['train_peak_gb']:.2f} | {s['images_per_second']:.1f} | {s['seconds']:.0f} |"
+            f"| {name} | {s['accuracy']:.3f} [{s['spread'][0]:.2f}–{s['spread'][1]:.2f}] | {auc} | "
+            f"{curve} | {s['train_peak_gb']:.2f} | {s['images_per_second']:.1f} | "
+            f"{s['seconds']:.0f} | {features} | {s['seconds'] + s['feature_seconds']:.0f} |"
         )
     publish(lines, f"learning-{args.task}")
 
