@@ -123,6 +123,9 @@ def load_pretrained(backbone: Backbone, path: str | Path) -> None:
     load_weights(backbone.body, path)
 
 
+HEAD_KEYS = ("fc.", "classifier.")  # torchvision's ImageNet heads, never loaded for features
+
+
 def load_weights(body: nn.Module, path: str | Path) -> None:
     """Load the tensors of a local state dict that fit ``body`` (by name, else by order)."""
     path = Path(path)
@@ -140,25 +143,49 @@ def load_weights(body: nn.Module, path: str | Path) -> None:
     state = {k.removeprefix("module."): v for k, v in state.items()}
     own = body.state_dict()
     matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    used = set(matched)
     if not matched:
         # torchvision names ("layer1.0.conv1.weight") differ from the headless body's
         # ("4.0.conv1.weight") but come in the same order with the same shapes.
-        matched = _by_order(state, own)
+        matched, used = _by_order(state, own)
     if not matched:
         raise UsageError(f"{path}: no tensor matches the backbone's layers (wrong architecture?)")
+    # A partial load would train on a mix of pretrained and random layers without a word:
+    # every tensor must come from the file, but for a classifier head the product drops ...
+    missing = [k for k in own if k not in matched and not k.startswith(HEAD_KEYS)
+               and not k.endswith("num_batches_tracked")]  # fmt: skip
+    # ... and every tensor of the file must find its place (resnet34's file holds all of
+    # resnet18's names and shapes, and more); BatchNorm statistics may go unused (GroupNorm).
+    unused = [k for k in state if k not in used and not k.startswith(HEAD_KEYS)
+              and not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]  # fmt: skip
+    if unused and not missing:
+        raise UsageError(
+            f"{path}: holds {len(unused)} tensors the network lacks (first {unused[0]!r}); "
+            "weights of a deeper or other network?"
+        )
+    if missing:
+        first = missing[0]
+        found = f"{tuple(state[first].shape)} in the file" if first in state else "absent"
+        raise UsageError(
+            f"{path}: fits {len(own) - len(missing)} of {len(own)} tensors of the network "
+            f"(first misfit {first!r}: {tuple(own[first].shape)} expected, {found}); weights of "
+            "another architecture or width?"
+        )
     body.load_state_dict(matched, strict=False)
 
 
 def _by_order(
     state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """Match a torchvision full-model state dict to the headless body by order and shape."""
-    source = [(k, v) for k, v in state.items() if not k.startswith(("fc.", "classifier."))]
+) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """Match a torchvision full-model state dict to the headless body by order and shape:
+    the body's tensors, and the file's names they came from."""
+    source = [(k, v) for k, v in state.items() if not k.startswith(HEAD_KEYS)]
     if len(source) < len(own):
-        return {}
-    out = {}
-    for (own_key, own_value), (_, value) in zip(own.items(), source, strict=False):
+        return {}, set()
+    out, used = {}, set()
+    for (own_key, own_value), (key, value) in zip(own.items(), source, strict=False):
         if own_value.shape != value.shape:
-            return {}
+            return {}, set()
         out[own_key] = value
-    return out
+        used.add(key)
+    return out, used
