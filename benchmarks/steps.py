@@ -71,12 +71,14 @@ def store(side: int, images: int) -> Path:
     return path
 
 
-def hiresctl_steps(data: Path, method: str, work: Path) -> tuple[list[float], float]:
+def hiresctl_steps(
+    data: Path, method: str, work: Path, settings: dict[str, Any] | None = None
+) -> tuple[list[float], float]:
     """Step times of one epoch of ``Trainer.fit`` (first step left out) and its data-wait
-    fraction."""
+    fraction; ``settings`` (default: E1's) are the recipe's."""
     from hiresctl.train import Trainer, load_recipe
 
-    recipe = load_recipe(None, "cls", method, dict(SETTINGS))
+    recipe = load_recipe(None, "cls", method, dict(settings or SETTINGS))
     out = work / method
     shutil.rmtree(out, ignore_errors=True)
     trainer = Trainer(data, out, recipe, log=lambda message: None)
