@@ -26,7 +26,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from learning import train_and_evaluate  # noqa: E402
+from learning import train_eval  # noqa: E402
 from training import publish  # noqa: E402
 
 METHODS = ("patchgd-global", "patchgd", "downsample", "sliced")
@@ -76,7 +76,7 @@ def quality(args: argparse.Namespace) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for method in METHODS:
-        report, summary, _ = train_and_evaluate(store, root / f"run-{method}",
+        report, summary, _ = train_eval(store, root / f"run-{method}",
                                                 ["--method", method, *common])  # fmt: skip
         m = report["metrics"]
         print(method, m, flush=True)
@@ -104,7 +104,7 @@ def scale(args: argparse.Namespace) -> list[str]:
     ]
     for method in METHODS:
         recipe = HERE.parent / "recipes" / f"det-mosaic-{method}.yaml"
-        report, summary, _ = train_and_evaluate(
+        report, summary, _ = train_eval(
             store, root / f"run-{method}",
             ["--task", "det", "--recipe", str(recipe), "--set", "epochs=1",
              "--set", "val_split=none", "--device", "cpu"],

@@ -83,7 +83,24 @@ def make_dataset(root: Path, task: str, side: int, count: int, classes: int, see
 
 
 def train_and_evaluate(store: Path, out: Path, options: list[str]) -> dict:
-    """``hiresctl train`` into a fresh ``out``, then ``hiresctl eval`` on the test split."""
+    """``hiresctl train`` into a fresh ``out``, then ``hiresctl eval`` on the test split: the
+    classification numbers the learning tables show."""
+    report, summary, seconds = train_eval(store, out, options)
+    curve = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {
+        "test_accuracy": report["metrics"]["accuracy"],
+        "test_auc": report["metrics"].get("auc"),
+        "feature_seconds": summary.get("prepared_seconds") or 0.0,
+        "val_curve": [row.get("val_accuracy") for row in curve],
+        "train_peak_gb": summary["peak_memory_gb"],
+        "images_per_second": summary["images_per_second"],
+        "seconds": seconds,
+    }
+
+
+def train_eval(store: Path, out: Path, options: list[str]) -> tuple[dict, dict, float]:
+    """``hiresctl train`` into a fresh ``out``, then ``hiresctl eval`` on the test split: the
+    evaluation report, the training summary and the training process's seconds (every task)."""
     subprocess.run(["rm", "-rf", str(out)], check=True)
     start = time.perf_counter()
     train = subprocess.run(
@@ -98,17 +115,7 @@ def train_and_evaluate(store: Path, out: Path, options: list[str]) -> dict:
         [sys.executable, "-m", "hiresctl", "eval", str(out), "--data", str(store), "--split", "test", "--json"],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
-    report = json.loads(evaluated.stdout)
-    curve = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {
-        "test_accuracy": report["metrics"]["accuracy"],
-        "test_auc": report["metrics"].get("auc"),
-        "feature_seconds": summary.get("prepared_seconds") or 0.0,
-        "val_curve": [row.get("val_accuracy") for row in curve],
-        "train_peak_gb": summary["peak_memory_gb"],
-        "images_per_second": summary["images_per_second"],
-        "seconds": seconds,
-    }
+    return json.loads(evaluated.stdout), summary, seconds
 
 
 def embed_features(store: Path, args: argparse.Namespace) -> tuple[str, float]:

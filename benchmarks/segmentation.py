@@ -19,7 +19,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from learning import train_and_evaluate  # noqa: E402
+from learning import train_eval  # noqa: E402
 from training import publish  # noqa: E402
 
 METHODS = ("patchgd-global", "tiled", "downsample", "full")
@@ -55,7 +55,7 @@ def main() -> None:
     ]  # fmt: skip
     rows = []
     for method in METHODS:
-        report, summary, seconds = train_and_evaluate(
+        report, summary, seconds = train_eval(
             store, root / f"run-{method}", ["--method", method, *common]
         )
         rows.append((method, report, summary, seconds))
