@@ -43,3 +43,15 @@ def test_quickstart_runs_synth_tile_train_eval_report(tmp_path: Path) -> None:
     assert [r["method"] for r in metrics["runs"]] == ["patchgd-global", "downsample"]
     assert (tmp_path / "demo" / "report" / "report.html").is_file()
     assert "Accuracy" in proc.stdout  # the side-by-side table
+
+
+@pytest.mark.slow
+def test_mil_example_embeds_trains_both_mil_methods_and_reports(tmp_path: Path) -> None:
+    _example("mil.sh", tmp_path / "mil")
+    metrics = json.loads((tmp_path / "mil" / "report-mil" / "metrics.json").read_text())
+    assert [r["method"] for r in metrics["runs"]] == ["abmil", "e2e-mil"]
+    table = metrics["table"]
+    assert table["run-abmil"]["prepared_seconds"] > 0  # the extraction, counted in
+    assert table["run-e2e-mil"]["prepared_seconds"] is None
+    # a binary task: both learn something real (chance is 0.5)
+    assert max(row["accuracy"] for row in table.values()) >= 0.7, table

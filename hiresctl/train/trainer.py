@@ -412,6 +412,7 @@ class Trainer:
             "best_val": best,
             "best_val_accuracy": best if self.monitor == "accuracy" else None,
             "memory_plan": self.memory_plan.describe() if self.memory_plan else None,
+            "memory_estimate_gb": self.memory_plan.estimate / 1e9 if self.memory_plan else None,
             "skipped": self.problems,
         }
         if self.world.main:

@@ -1,0 +1,153 @@
+"""`--memory-budget` against what a step really takes (B1), every task × method, two sizes.
+
+    python benchmarks/budget.py [--sides 1024,2048] [--tasks cls,det,seg]
+
+For every registered task × method and each side: one epoch of `hiresctl train` on two
+training images of that side (`synth fine-detail`, `det-mosaic`, `seg-vessels`), batch 1, with
+a budget far above need (so the plan keeps the recipe's settings and only estimates), each run
+in a fresh process. The plan's estimate of a step's peak is set beside the run's measured peak
+(peak RSS on CPU, since the run's start: the process baseline is in both); in brackets both
+above the process's baseline, the part the estimate models. Target: the estimate within ±15%
+of the measured peak and never more than 5% below it (a budget that trusts it never
+overshoots). Backbones: ResNet-18 (classification, detection with FPN 128), the segmentation
+default; patches 256 (detection 512). The feature methods train on `hiresctl embed`'s
+ResNet-18 features of the same patches. The table replaces the "Memory budget (B1)" section of
+BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE / "data"
+sys.path.insert(0, str(HERE))
+from training import publish  # noqa: E402
+
+SYNTH = {"cls": "fine-detail", "det": "det-mosaic", "seg": "seg-vessels"}
+SETTINGS = {
+    "cls": ["--set", "backbone=resnet18", "--set", "patch_size=256"],
+    "det": ["--set", "backbone=resnet18", "--set", "patch_size=512", "--set", "channels=128"],
+    "seg": ["--set", "patch_size=256"],
+}
+BUDGET = "64GiB"  # far above need: the plan estimates, it does not shrink
+LOW, HIGH = 0.95, 1.15
+
+
+def _hiresctl(*args: str) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([sys.executable, "-m", "hiresctl", *args], capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"hiresctl {' '.join(args[:3])}: {proc.stderr[-2000:]}")
+    return proc
+
+
+def make_store(task: str, side: int) -> Path:
+    """Two ``side``² images of the task's synthesizer, both in the training split."""
+    store = DATA / f"b1_{task}_{side}.zarr"
+    if (store / "zarr.json").exists():
+        return store
+    synth = DATA / f"b1_{task}_{side}_src"
+    _hiresctl("synth", SYNTH[task], str(synth), "--count", "2", "--size", str(side), "--seed", "3")
+    rows = list(csv.DictReader((synth / "labels.csv").open()))
+    labels = synth / "labels_train.csv"
+    with labels.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, ["source", "label", "split"])
+        writer.writeheader()
+        writer.writerows(
+            {"source": r["source"], "label": r["label"], "split": "train"} for r in rows
+        )
+    extra = {"det": ["--coco", str(synth / "annotations.json")],
+             "seg": ["--masks", str(synth / "masks"), "--mask-classes", str(synth / "classes.csv")]}  # fmt: skip
+    _hiresctl("tile", str(synth / "images"), "--labels", str(labels), "--out", str(store),
+              *extra.get(task, []))  # fmt: skip
+    return store
+
+
+def methods() -> dict[str, list[str]]:
+    proc = _hiresctl("methods", "--json")
+    listed = json.loads(proc.stdout)
+    found: dict[str, list[str]] = {}
+    for row in listed if isinstance(listed, list) else listed.get("methods", []):
+        found.setdefault(row["task"], []).append(row["method"])
+    return found
+
+
+def measure(task: str, method: str, store: Path, side: int) -> dict:
+    out = DATA / "b1_runs" / f"{task}-{method}-{side}"
+    subprocess.run(["rm", "-rf", str(out)], check=True)
+    options = ["train", "--task", task, "--method", method, "--data", str(store), "--out", str(out),
+               "--memory-budget", BUDGET, "--set", "epochs=1", "--set", "val_split=none",
+               "--set", "batch_size=1", "--set", "accumulation_steps=1", "--device", "cpu",
+               "--json"]  # fmt: skip
+    if method in ("abmil", "transmil", "ips-features"):
+        _hiresctl("embed", str(store), "--backbone", "resnet18", "--patch-size", "256",
+                  "--name", "b1")  # fmt: skip
+        options += ["--set", "features=b1"]
+    else:
+        options += SETTINGS[task]
+    summary = json.loads(_hiresctl(*options).stdout.strip().splitlines()[-1])
+    return summary
+
+
+def baseline_gb() -> float:
+    """The RSS of a process that has imported what `hiresctl train` imports, before any model."""
+    code = ("import psutil, torch, torchvision, hiresctl.train, hiresctl.models; "
+            "print(psutil.Process().memory_info().rss / 1e9)")  # fmt: skip
+    return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                check=True).stdout)  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sides", default="1024,2048")
+    parser.add_argument("--tasks", default="cls,det,seg")
+    args = parser.parse_args()
+    sides = [int(s) for s in args.sides.split(",")]
+    registered = methods()
+    base = baseline_gb()
+    rows = []
+    for task in args.tasks.split(","):
+        for side in sides:
+            store = make_store(task, side)
+            for method in registered.get(task, []):
+                summary = measure(task, method, store, side)
+                estimate, peak = summary["memory_estimate_gb"], summary["peak_memory_gb"]
+                rows.append((task, method, side, estimate, peak))
+                print(f"{task} {method} {side}: estimate {estimate:.2f} GB, peak {peak:.2f} GB, "
+                      f"ratio {estimate / peak:.2f}", flush=True)  # fmt: skip
+    machine = f"{os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, {platform.machine()}, CPU only"
+    lines = [
+        f"## Memory budget (B1), {time.strftime('%Y-%m-%d')}, {machine}",
+        "",
+        f"Command: `python benchmarks/budget.py --sides {args.sides} --tasks {args.tasks}`. "
+        "One epoch on two training images per side, batch 1, `--memory-budget "
+        f"{BUDGET}` (the plan estimates without shrinking anything), each run in a fresh process; "
+        "ResNet-18 for classification and detection (FPN 128, patch 512), the segmentation "
+        "default network, patch 256; the feature methods on ResNet-18 features. Estimate: the "
+        "plan's step peak; peak: the run's peak RSS; in brackets both above the process "
+        f"baseline of {base:.2f} GB (torch and hiresctl imported). Target: estimate / peak in "
+        f"[{LOW}, {HIGH}].",
+        "",
+        "| task | method | side | estimate GB | measured peak GB | estimate / peak | target |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for task, method, side, estimate, peak in rows:
+        ratio = estimate / peak
+        verdict = "met" if LOW <= ratio <= HIGH else "not met"
+        lines.append(f"| {task} | {method} | {side}² | {estimate:.2f} (+{estimate - base:.2f}) | "
+                     f"{peak:.2f} (+{peak - base:.2f}) | {ratio:.2f} | **{verdict}** |")  # fmt: skip
+    publish(lines, "budget")
+
+
+if __name__ == "__main__":
+    main()
