@@ -17,6 +17,8 @@ Anything else returns ``None`` from :meth:`DirectChunks.open` and callers use za
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
 import threading
 from collections import OrderedDict
@@ -44,8 +46,49 @@ __all__ = [
 ]
 
 _MISSING = 2**64 - 1
-_MAX_FDS = 256  # per array; beyond this a read opens and closes its shard
-_DECODED_CACHE_BYTES = 16 * 2**20  # per array: decoded chunks kept for sub-chunk reads
+# What every reader of the process may hold together, however many images a run opens
+# (a training epoch touches every image; per-array caps grew with the store's size):
+_MAX_FDS = 256  # open shard files; beyond this a read opens and closes its shard
+_DECODED_CACHE_BYTES = 64 * 2**20  # decoded chunks kept for sub-chunk reads, all arrays
+
+
+class _DecodedChunks:
+    """One LRU of decoded chunks for the whole process, bounded in bytes, keyed by
+    (reader token, chunk coordinates)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.nbytes = 0
+        self._items: OrderedDict[tuple[int, tuple[int, ...]], np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[int, tuple[int, ...]]) -> np.ndarray | None:
+        with self._lock:
+            chunk = self._items.get(key)
+            if chunk is not None:
+                self._items.move_to_end(key)
+            return chunk
+
+    def put(self, key: tuple[int, tuple[int, ...]], chunk: np.ndarray) -> None:
+        with self._lock:
+            if key in self._items:
+                return
+            self._items[key] = chunk
+            self.nbytes += chunk.nbytes
+            while self.nbytes > self.capacity and len(self._items) > 1:
+                _, old = self._items.popitem(last=False)
+                self.nbytes -= old.nbytes
+
+    def forget(self, keep: Callable[[tuple[int, tuple[int, ...]]], bool]) -> None:
+        """Drop every entry for which ``keep`` is False."""
+        with self._lock:
+            for key in [k for k in self._items if not keep(k)]:
+                self.nbytes -= self._items.pop(key).nbytes
+
+
+_DECODED = _DecodedChunks(_DECODED_CACHE_BYTES)
+_TOKENS = itertools.count()
+_OPEN = threading.Semaphore(_MAX_FDS)  # shard files held open by all readers together
 
 
 def _stored_dtype(raw: BytesCodec, dtype: np.dtype) -> np.dtype:
@@ -102,10 +145,8 @@ class DirectChunks:
         self.decode, self.encode = codec
         self.fill = array.metadata.fill_value
         self._indices: OrderedDict[tuple[int, ...], np.ndarray | None] = OrderedDict()
-        self._fds: dict[tuple[int, ...], int] = {}  # open shard files, kept up to _MAX_FDS
-        self._decoded: OrderedDict[tuple[int, ...], np.ndarray] = OrderedDict()
-        chunk_bytes = int(np.prod(chunk)) * np.dtype(array.dtype).itemsize
-        self._decoded_capacity = max(8, _DECODED_CACHE_BYTES // max(1, chunk_bytes))
+        self._fds: dict[tuple[int, ...], int] = {}  # open shard files (a share of _MAX_FDS)
+        self._token = next(_TOKENS)  # this reader's part of the shared decoded-chunk cache
         self._lock = threading.Lock()
 
     @classmethod
@@ -186,12 +227,11 @@ class DirectChunks:
         if fd is not None:
             return self.decode(os.pread(fd, nbytes, offset))
         fd = os.open(self._path(shard), os.O_RDONLY)
+        keep = False
         with self._lock:
-            if len(self._fds) < _MAX_FDS and shard not in self._fds:
+            if shard not in self._fds and _OPEN.acquire(blocking=False):
                 self._fds[shard] = fd
                 keep = True
-            else:
-                keep = False
         try:
             return self.decode(os.pread(fd, nbytes, offset))
         finally:
@@ -203,23 +243,21 @@ class DirectChunks:
             fds, self._fds = self._fds, {}
         for fd in fds.values():
             os.close(fd)
+            _OPEN.release()
+        token = self._token
+        _DECODED.forget(lambda key: key[0] != token)
 
     def __del__(self) -> None:
-        self.close()
+        with contextlib.suppress(Exception):  # at interpreter exit the module may be gone
+            self.close()
 
     def _cached_chunk(self, coords: tuple[int, ...]) -> np.ndarray:
         """A decoded chunk through a small LRU cache (patches smaller than a chunk, or not
         aligned to it, reuse the chunks their neighbours just decoded)."""
-        with self._lock:
-            chunk = self._decoded.get(coords)
-            if chunk is not None:
-                self._decoded.move_to_end(coords)
-                return chunk
-        chunk = self.read_chunk(coords)
-        with self._lock:
-            self._decoded[coords] = chunk
-            while len(self._decoded) > self._decoded_capacity:
-                self._decoded.popitem(last=False)
+        chunk = _DECODED.get((self._token, coords))
+        if chunk is None:
+            chunk = self.read_chunk(coords)
+            _DECODED.put((self._token, coords), chunk)
         return chunk
 
     def read_region(self, y: int, x: int, height: int, width: int) -> np.ndarray | None:
@@ -306,16 +344,16 @@ class DirectChunks:
         with self._lock:
             self._indices.pop(shard, None)
             fd = self._fds.pop(shard, None)
-            per = self.per_shard or (1, 1, 1)
-            stale = [
-                k
-                for k in self._decoded
-                if all(c // n == s for c, n, s in zip(k, per, shard, strict=True))
-            ]
-            for key in stale:
-                del self._decoded[key]
+        per, token = self.per_shard or (1, 1, 1), self._token
+        _DECODED.forget(
+            lambda key: (
+                key[0] != token
+                or not all(c // n == s for c, n, s in zip(key[1], per, shard, strict=True))
+            )
+        )
         if fd is not None:
             os.close(fd)
+            _OPEN.release()
 
 
 def _checked_index(raw: bytes, count: int, data_end: int, path: Path) -> np.ndarray:

@@ -176,3 +176,39 @@ def test_the_store_records_which_shards_it_wrote(tmp_path: Path) -> None:
     ):
         Dataset(out).level("a", 0)
     assert [p for p in Dataset(out).check("a") if "/0: 1 of 1 stored shards" in p]
+
+
+def test_caches_are_bounded_for_the_process_not_per_array(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A training epoch opens every image of the store: what readers keep (decoded chunks,
+    open shard files) is capped over all of them together, and reads stay exact."""
+    import threading
+
+    from storage import chunks
+
+    cache = chunks._DecodedChunks(3 * 3 * 128 * 128)  # three 128² RGB chunks
+    monkeypatch.setattr(chunks, "_DECODED", cache)
+    monkeypatch.setattr(chunks, "_OPEN", threading.Semaphore(2))
+    arrays, readers = [], []
+    for i in range(4):
+        array = zarr.create_array(
+            str(tmp_path / f"{i}.zarr"), shape=(3, 256, 256), chunks=(3, 128, 128),
+            shards=(3, 128, 128), dtype="uint8",
+        )  # fmt: skip
+        array[...] = np.random.default_rng(i).integers(0, 255, (3, 256, 256), dtype=np.uint8)
+        direct = DirectChunks.open(array)
+        assert direct is not None
+        arrays.append(array)
+        readers.append(direct)
+    for array, direct in zip(arrays, readers, strict=True):
+        for y, x in [(10, 20), (140, 30), (5, 150), (130, 130)]:  # sub-chunk: through the cache
+            got = direct.read_region(y, x, 100, 100)
+            assert got is not None and np.array_equal(got, array[:, y : y + 100, x : x + 100])
+        assert cache.nbytes <= cache.capacity
+    held = sum(len(r._fds) for r in readers)
+    assert held == 2  # 16 shards read, two files kept open across all four arrays
+    for direct in readers:
+        direct.close()
+    assert sum(len(r._fds) for r in readers) == 0 and cache.nbytes == 0
+    assert chunks._OPEN.acquire(blocking=False) and chunks._OPEN.acquire(blocking=False)
