@@ -334,8 +334,9 @@ def embed(
                       f"{share:.0%} waiting for reads", highlight=False)  # fmt: skip
 
     started = time.perf_counter()
-    results = embed_store(dataset, options, resolve_device(device), overwrite=overwrite,
-                          on_result=on_result)
+    results = embed_store(
+        dataset, options, resolve_device(device), overwrite=overwrite, on_result=on_result
+    )
     seconds = time.perf_counter() - started
     written = [r for r in results if r.status == "written"]
     skipped = sum(r.status == "skipped" for r in results)

@@ -67,8 +67,16 @@ def load_weights_into(model: nn.Module, state: dict[str, Any], path: Path) -> No
     try:
         model.load_state_dict(state["model"])
     except (RuntimeError, KeyError, TypeError) as exc:
+        saved, own = state.get("model") or {}, model.state_dict()
+        misfits = [k for k in own if k in saved and tuple(saved[k].shape) != tuple(own[k].shape)]
+        detail = (
+            f"first misfit {misfits[0]!r}: {tuple(saved[misfits[0]].shape)} saved, "
+            f"{tuple(own[misfits[0]].shape)} built"
+            if misfits
+            else one_line(exc)[:200]
+        )
         raise StoreError(
             str(path),
             "its weights do not fit the network its recipe builds (written by another "
-            f"hiresctl version?): {one_line(exc)[:200]}; retrain, or evaluate with that version",
+            f"hiresctl version?): {detail}; retrain, or evaluate with that version",
         ) from None

@@ -167,6 +167,13 @@ class Method(ABC):
     # Whether the model encodes patches of pixels (False for methods on stored features).
     encodes_pixels = True
 
+    def inputs_identity(self) -> dict[str, Any] | None:
+        """What the method's inputs were computed with beyond the store's pixels (a feature
+        set's encoder, weights, patch and level): saved in every checkpoint and checked when a
+        run is loaded, so a run never reads inputs other than those it was trained on. None
+        when pixels are all it reads."""
+        return None
+
     def prepared_seconds(self) -> float | None:
         """Seconds spent before training on what the method trains on (a stored feature set's
         extraction), so comparisons count them in; None when the method needs nothing."""

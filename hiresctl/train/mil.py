@@ -57,6 +57,16 @@ class FeatureMIL(Method):
         self.recipe = self.recipe.replace(features=next(iter(names)))
         return self.recipe.features or ""
 
+    def inputs_identity(self) -> dict[str, Any] | None:
+        """The feature set's name, encoder, weights, patch, level and width (from the first
+        complete image: a set is embedded with one setting for the whole store)."""
+        first = self.reader.dataset.entries(complete_only=True)[0].id
+        attrs = self._attrs(first)
+        settings = attrs.get("settings", {})
+        return {"features": self.feature_set(), "encoder": settings.get("backbone"),
+                "weights": settings.get("weights"), "patch_size": settings.get("patch_size"),
+                "level": settings.get("level"), "dim": int(attrs["dim"])}  # fmt: skip
+
     def prepared_seconds(self) -> float | None:
         """The feature set's extraction time over every complete image of the store (training
         and evaluation both need them); None if a set predates the timing."""

@@ -225,6 +225,29 @@ def load_run(
     recipe = checkpoint_recipe(state, path).replace(pretrained=None)
     run = build_run(recipe, dataset, list(state["classes"]), device,
                     mask_values=state.get("mask_values"))  # fmt: skip
+    check_inputs(run, state, path)
     load_weights_into(run.model, state, path)
     run.model.eval()
     return run
+
+
+def _inputs_text(identity: dict[str, Any]) -> str:
+    return (f"feature set {identity['features']!r}: {identity['encoder']} ({identity['weights']}), "
+            f"patch {identity['patch_size']} at level {identity['level']}, {identity['dim']} wide")  # fmt: skip
+
+
+def check_inputs(run: Run, state: dict[str, Any], path: Path) -> None:
+    """Refuse, naming both, inputs other than those the checkpoint was trained on (a feature
+    set embedded again with another encoder under the same name)."""
+    saved = state.get("inputs")
+    if saved is None:  # pixels only, or a checkpoint that predates the record
+        return
+    found = run.method.inputs_identity()
+    if found != saved:
+        now = _inputs_text(found) if found else "no such inputs"
+        raise StoreError(
+            str(path),
+            f"trained on {_inputs_text(saved)}; the store now has {now}. Embed the store as the "
+            "run was trained (`hiresctl embed` with those settings under another --name, then "
+            "evaluate a run trained on it), or retrain",
+        )

@@ -46,6 +46,7 @@ from hiresctl.train.run import (
     TrainingDiverged,
     batch_seed,
     build_run,
+    check_inputs,
     effective_precision,
     get_task,
     resolve_device,
@@ -241,6 +242,7 @@ class Trainer:
         scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
         start_epoch, start_batch, global_step, best = 0, 0, 0, None
         if self.checkpoint is not None:
+            check_inputs(run, self.checkpoint, self.out / CHECKPOINTS / LAST)
             load_weights_into(model, self.checkpoint, self.out / CHECKPOINTS / LAST)
             # The scheduler exists already, so loading the optimizer restores the lr it had.
             optimizer.load_state_dict(self.checkpoint["optimizer"])
@@ -268,6 +270,7 @@ class Trainer:
         peak.reset()
         train_seconds, wait_seconds, images_seen = 0.0, 0.0, 0
         last_val: dict[str, Any] = {}
+        inputs = run.method.inputs_identity()  # what a loaded checkpoint must read again
 
         def state(epoch: int, batch: int) -> dict[str, Any]:
             return {
@@ -283,6 +286,7 @@ class Trainer:
                 "classes": self.run.classes,
                 "mask_values": self.run.mask_values,
                 "rng": {"torch": torch.get_rng_state()},
+                "inputs": inputs,
             }
 
         try:

@@ -76,6 +76,20 @@ def test_a_killed_run_redoes_only_the_unfinished_image(store: Path) -> None:
     assert Dataset(store).feature_set(first, "tiny")[2]["patch_size"] == 48
 
 
+def test_cli_overwrite_replaces_a_set_embedded_with_other_settings(
+    store: Path, cli: Callable
+) -> None:
+    first = cli("embed", store, "--backbone", "tiny", "--patch-size", "32", "--name", "set")
+    assert first.code == 0, first.stderr
+    refused = cli("embed", store, "--backbone", "tiny", "--patch-size", "48", "--name", "set")
+    assert refused.code == 1 and "--overwrite" in refused.stderr
+    replaced = cli("embed", store, "--backbone", "tiny", "--patch-size", "48", "--name", "set",
+                   "--overwrite")  # fmt: skip
+    assert replaced.code == 0, replaced.stderr
+    for entry in Dataset(store).entries():
+        assert Dataset(store).feature_set(entry.id, "set")[2]["patch_size"] == 48
+
+
 def test_h5_export_is_what_trident_and_clam_read(
     store: Path, tmp_path: Path, cli: Callable
 ) -> None:

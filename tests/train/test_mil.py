@@ -77,6 +77,31 @@ def test_feature_mil_without_features_says_what_to_run(planted: Path, tmp_path: 
     assert "Traceback" not in result.stderr
 
 
+def test_a_run_refuses_features_embedded_again_with_another_encoder(
+    tmp_path: Path, cli: Callable
+) -> None:
+    """The same set name, other features: evaluating would read inputs the run never saw, so
+    it stops with one line naming both (a different width, or the same width and other
+    weights)."""
+    images, labels = planted_images(
+        6, 64, 32, seed=4, split_of=lambda i: "val" if i >= 4 else "train"
+    )
+    store = make_store(tmp_path / "s", images, labels)
+    assert cli("embed", store, "--backbone", "tiny", "--patch-size", "32", "--name", "f").code == 0
+    run = tmp_path / "run"
+    trained = cli("train", "--data", store, "--out", run, "--method", "abmil", "--set", "epochs=1")
+    assert trained.code == 0, trained.stderr
+    assert cli("eval", run, "--data", store, "--split", "val").code == 0
+    for other in (["--seed", "1"], ["--backbone", "resnet18"]):  # same width; another width
+        again = cli("embed", store, "--patch-size", "32", "--name", "f", "--overwrite",
+                    *(["--backbone", "tiny"] if "--backbone" not in other else []), *other)  # fmt: skip
+        assert again.code == 0, again.stderr
+        result = cli("eval", run, "--data", store, "--split", "val")
+        assert result.code != 0 and "Traceback" not in result.stderr
+        assert result.stderr.count("\n") == 1, result.stderr
+        assert "trained on feature set 'f': tiny (random:tiny:seed0)" in result.stderr
+
+
 def test_e2e_mil_learns_on_random_bags_and_evaluates_every_patch(
     planted: Path, tmp_path: Path, cli: Callable
 ) -> None:
