@@ -44,11 +44,13 @@ class IPS(Method):
     def memory(
         self, model: nn.Module, images: list[Any], per_patch: int
     ) -> tuple[int, int, int | None]:
-        """The memory buffer and one scored group of pixels per image; M patches with gradient."""
+        """The memory buffer and one scored group of pixels per image; M patches with gradient
+        (an image with fewer kept patches than M or M + I holds only those)."""
         r = self.recipe
+        most = len(self.largest(images)[1])
         return (
-            (r.memory_size + r.iter_size) * r.patch_size**2 * 3 * 4,
-            per_patch * r.memory_size,
+            min(r.memory_size + r.iter_size, most) * r.patch_size**2 * 3 * 4,
+            per_patch * min(r.memory_size, most),
             None,
         )
 

@@ -257,7 +257,7 @@ class FeatureIPS(FeatureMIL):
             kept_emb = model.with_positions(
                 model.encoder(bag[kept]).float(), positions[kept], width
             )
-            for part in order[memory:].split(step):
+            for part in order[memory:].split(step) if len(bag) > memory else ():
                 emb = model.with_positions(model.encoder(bag[part]).float(), positions[part], width)
                 candidates, candidate_idx = torch.cat([kept_emb, emb]), torch.cat([kept, part])
                 top = model.scores(candidates.unsqueeze(0))[0].topk(memory).indices
@@ -306,8 +306,8 @@ class FeatureIPS(FeatureMIL):
         dim = int(self._attrs(images[0].image_id)["dim"])
         latent = r.latent_dim or dim
         per_instance = 4 * (dim + 3 * latent + 2 * r.heads * r.dim_key + r.dim_inner)
-        scored = min(most, r.memory_size + r.iter_size)
-        return 4 * dim * most + scored * per_instance + 2 * r.memory_size * per_instance, 0, None
+        scored, kept = min(most, r.memory_size + r.iter_size), min(most, r.memory_size)
+        return 4 * dim * most + scored * per_instance + 2 * kept * per_instance, 0, None
 
 
 @register_method("cls", "e2e-mil", defaults={"dropout": 0.25, "calibration_batches": 0})

@@ -159,6 +159,13 @@ def test_ips_on_features_keeps_the_top_m_of_the_bag_and_trains_only_those(
                 best = model.scores(emb.unsqueeze(0))[0].topk(3).indices.sort().values
             assert kept.tolist() == best.tolist()
             torch.testing.assert_close(positions, everyone[kept])
+    # a memory larger than the bag keeps the whole bag
+    big = build_run(recipe.replace(memory_size=40), Dataset(store), ["0", "1"], torch.device("cpu"))
+    for train in (False, True):
+        plan = big.method.plan(ids[:1], 7, train)
+        ((request, bag),) = list(PlannedReads(PatchStream(big.reader), iter([plan])).batch())
+        kept, _, _ = big.method._select(step_context(big, None, None, 1), request, bag, train)
+        assert kept.tolist() == list(range(len(bag)))
     ctx.patches_with_grad = 0
     plan = method.plan(ids, 7, True)
     reads = PlannedReads(PatchStream(run.reader), iter([plan])).batch()
