@@ -129,19 +129,21 @@ def test_every_method_plans_its_memory_budget(
     assert 0 < plan.estimate <= 3 * 2**30
 
 
-@pytest.mark.parametrize("method", ["ips", "ips-features"])
+@pytest.mark.parametrize(("method", "key"),
+                         [("ips", "memory_size"), ("ips-features", "memory_size"), ("e2e-mil", "bag_size")])  # fmt: skip
 def test_selection_estimates_no_more_than_the_image_holds(
-    method: str, stores: dict[str, Path]
+    method: str, key: str, stores: dict[str, Path]
 ) -> None:
-    """IPS holds min(M, N) patches with gradient: a memory size beyond an image's N patches
-    (the 128² images here have 16) costs nothing more, in the estimate as in the step."""
+    """IPS holds min(M, N) patches with gradient and e2e-mil min(K, N): a memory or bag beyond
+    an image's N patches (the 128² images here have 16) costs nothing more, in the estimate as
+    in the step."""
     from hiresctl.train import build_run
 
     dataset = Dataset(stores["cls"])
     images, _ = get_task("cls").images(dataset, "train", ["0", "1"])
     estimates = []
     for memory in (16, 1000):
-        recipe = _recipe("cls", method, memory_size=memory, iter_size=memory)
+        recipe = _recipe("cls", method, **{key: memory, "iter_size": memory})
         run = build_run(recipe, dataset, ["0", "1"], torch.device("cpu"))
         estimates.append(run.method.memory(run.model, images, 10**6))
     assert estimates[0] == estimates[1]

@@ -408,6 +408,8 @@ class E2EMIL(Method):
     def memory(
         self, model: nn.Module, images: list[Any], per_patch: int
     ) -> tuple[int, int, int | None]:
-        """Training encodes K patches per image with gradient; the rest is small."""
+        """Training encodes K patches per image with gradient (all N of an image with fewer);
+        the rest is small."""
         size = self.recipe.patch_size
-        return self.recipe.fill_batch * size * size * 3 * 4, per_patch * self.recipe.bag_size, None
+        bag = min(self.recipe.bag_size, len(self.largest(images)[1]))
+        return self.recipe.fill_batch * size * size * 3 * 4, per_patch * bag, None
