@@ -12,7 +12,8 @@ of the measured peak and never more than 5% below it (a budget that trusts it ne
 overshoots). Backbones: ResNet-18 (classification, detection with FPN 128), the segmentation
 default; patches 256 (detection 512). The feature methods train on `hiresctl embed`'s
 ResNet-18 features of the same patches. The table replaces the "Memory budget (B1)" section of
-BENCHMARKS.md.
+BENCHMARKS.md; every row measured is also kept in benchmarks/data/b1_results.json, so
+`--tasks det` measures detection again and the table keeps the other tasks' latest rows.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from training import publish  # noqa: E402
 SYNTH = {"cls": "fine-detail", "det": "det-mosaic", "seg": "seg-vessels"}
 SETTINGS = {
     "cls": ["--set", "backbone=resnet18", "--set", "patch_size=256"],
-    "det": ["--set", "backbone=resnet18", "--set", "patch_size=512", "--set", "channels=128"],
+    "det": ["--set", "backbone=resnet18", "--set", "patch_size=512", "--set", "latent_dim=128"],
     "seg": ["--set", "patch_size=256"],
 }
 BUDGET = "64GiB"  # far above need: the plan estimates, it does not shrink
@@ -115,21 +116,27 @@ def main() -> None:
     sides = [int(s) for s in args.sides.split(",")]
     registered = methods()
     base = baseline_gb()
-    rows = []
+    kept = DATA / "b1_results.json"
+    results = json.loads(kept.read_text()) if kept.exists() else {}
     for task in args.tasks.split(","):
         for side in sides:
             store = make_store(task, side)
             for method in registered.get(task, []):
                 summary = measure(task, method, store, side)
                 estimate, peak = summary["memory_estimate_gb"], summary["peak_memory_gb"]
-                rows.append((task, method, side, estimate, peak))
+                results[f"{task} {method} {side}"] = [task, method, side, estimate, peak]
+                kept.write_text(json.dumps(results, indent=1))
                 print(f"{task} {method} {side}: estimate {estimate:.2f} GB, peak {peak:.2f} GB, "
                       f"ratio {estimate / peak:.2f}", flush=True)  # fmt: skip
+    order = {t: i for i, t in enumerate(SYNTH)}
+    rows = sorted(results.values(), key=lambda r: (order.get(r[0], 9), r[2]))
+    measured_tasks = ",".join(sorted({r[0] for r in rows}, key=lambda t: order.get(t, 9)))
+    measured_sides = ",".join(str(side) for side in sorted({r[2] for r in rows}))
     machine = f"{os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, {platform.machine()}, CPU only"
     lines = [
         f"## Memory budget (B1), {time.strftime('%Y-%m-%d')}, {machine}",
         "",
-        f"Command: `python benchmarks/budget.py --sides {args.sides} --tasks {args.tasks}`. "
+        f"Command: `python benchmarks/budget.py --sides {measured_sides} --tasks {measured_tasks}`. "
         "One epoch on two training images per side, batch 1, `--memory-budget "
         f"{BUDGET}` (the plan estimates without shrinking anything), each run in a fresh process; "
         "ResNet-18 for classification and detection (FPN 128, patch 512), the segmentation "
