@@ -20,15 +20,14 @@ Both sides train on the same synthetic UltraMNIST images (`--side`², RGB, 10 cl
   reading from the store.
 * **ips**: the reference `IPSNet.ips` (M = 32 of N kept, scored I = 32 at a time without
   gradient, ties shuffled) and its forward on the M, NLL loss, backward and AdamW step, ResNet-18
-  (four blocks, D = 512), 1-d positions, one query token, on the image's patches already in
-  memory (its eager loading); against `hiresctl train --method ips` with the same M, I, encoder
+  (four blocks, D = 512), 1-d positions, one query token, each step on the patches of its image
+  loaded from the TIFF and cut into the (1, N, 3, p, p) tensor its eager loading passes; against `hiresctl train --method ips` with the same M, I, encoder
   (`latent_dim` unset: 512) and aggregator (8 heads, keys and values 16, inner 512), reading
   from the store.
 
 Step time: hiresctl's is the gap between consecutive step ends (reads included, the first step
-left out); the PatchGD reference's the gap between its consecutive scheduler steps (its data
-loading included, the first left out); the IPS reference's each step alone after one untimed
-step. Medians. Memory: the process's peak RSS, and what it rose above the RSS after imports.
+left out); the references' the gap between consecutive scheduler (PatchGD) or optimizer (IPS)
+steps, their data loading included, the first left out. Medians. Memory: the process's peak RSS, and what it rose above the RSS after imports.
 
 The references need these fixes to run here, the smallest that keep what they compute:
 * PatchGD's `Backbone` calls `resnet50(pretrained=True)`, a download: it gets random weights
@@ -183,15 +182,13 @@ def reference_ips(checkout: Path, side: int, images: int) -> dict[str, Any]:
     net = IPSNet(device, conf).to(device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.1)
     loss_nll = torch.nn.NLLLoss()
-    times = []
-    sources = _sources(side, images)
-    for i, (path, label) in enumerate([sources[0], *sources]):  # the first step untimed
+    ends = []
+    for path, label in _sources(side, images):  # each step loads its image, as their loop does
         pixels = torch.from_numpy(np.atleast_3d(tifffile.imread(path))).permute(2, 0, 1)
         pixels = pixels.expand(3, -1, -1).float() / 255  # grey as RGB, as hiresctl reads it
         patches = pixels.unfold(1, PATCH, PATCH).unfold(2, PATCH, PATCH)  # (3, r, c, p, p)
         patches = patches.permute(1, 2, 0, 3, 4).reshape(1, n, 3, PATCH, PATCH).contiguous()
         target = torch.tensor([label])
-        start = time.perf_counter()
         net.train()
         mem_patch, mem_pos = net.ips(patches)
         preds = net(mem_patch, mem_pos)
@@ -199,9 +196,8 @@ def reference_ips(checkout: Path, side: int, images: int) -> dict[str, Any]:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        if i:
-            times.append(time.perf_counter() - start)
-    return {"steps": times, "base": base}
+        ends.append(time.perf_counter())
+    return {"steps": [b - a for a, b in itertools.pairwise(ends)], "base": base}
 
 
 def ours(method: str, side: int, images: int) -> dict[str, Any]:
@@ -276,8 +272,8 @@ def main() -> None:
         f"N = {(args.side // PATCH) ** 2}), each side in a fresh process. PatchGD: ResNet-50 → "
         f"{PATCHGD['latent']} latent, k = {math.ceil((args.side // PATCH) ** 2 * PATCHGD['fraction'])}, "
         f"J = {PATCHGD['inner']}, one update per image; IPS: ResNet-18 (D 512), M = {IPS['M']}, "
-        f"I = {IPS['I']}. The reference steps on pixels it decoded itself (PatchGD, from JPEG) or "
-        "already in memory (IPS); hiresctl's read the store. Fixes the references needed to run: "
+        f"I = {IPS['I']}. Every step's time includes its data: the references decode their "
+        "images (PatchGD from JPEG, IPS from the TIFF), hiresctl reads the store. Fixes the references needed to run: "
         "random weights instead of PatchGD's `resnet50(pretrained=True)` download, and its head "
         "built with 10 classes (hard-coded 6); see the script. Peak: the process's peak RSS "
         "(in brackets, above its RSS after imports).",
