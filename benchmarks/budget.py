@@ -19,7 +19,6 @@ BENCHMARKS.md; every row measured is also kept in benchmarks/data/b1_results.jso
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -33,7 +32,7 @@ import psutil
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data"
 sys.path.insert(0, str(HERE))
-from training import publish  # noqa: E402
+from training import all_in_training, publish  # noqa: E402
 
 SYNTH = {"cls": "fine-detail", "det": "det-mosaic", "seg": "seg-vessels"}
 SETTINGS = {
@@ -59,14 +58,7 @@ def make_store(task: str, side: int) -> Path:
         return store
     synth = DATA / f"b1_{task}_{side}_src"
     _hiresctl("synth", SYNTH[task], str(synth), "--count", "2", "--size", str(side), "--seed", "3")
-    rows = list(csv.DictReader((synth / "labels.csv").open()))
-    labels = synth / "labels_train.csv"
-    with labels.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, ["source", "label", "split"])
-        writer.writeheader()
-        writer.writerows(
-            {"source": r["source"], "label": r["label"], "split": "train"} for r in rows
-        )
+    labels = all_in_training(synth)
     extra = {"det": ["--coco", str(synth / "annotations.json")],
              "seg": ["--masks", str(synth / "masks"), "--mask-classes", str(synth / "classes.csv")]}  # fmt: skip
     _hiresctl("tile", str(synth / "images"), "--labels", str(labels), "--out", str(store),

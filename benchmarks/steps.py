@@ -21,7 +21,6 @@ the "Step efficiency" section of BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
 import json
 import math
@@ -43,7 +42,7 @@ import torch.nn.functional as F
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data"
 sys.path.insert(0, str(HERE))
-from training import _hiresctl, publish  # noqa: E402
+from training import _hiresctl, all_in_training, publish  # noqa: E402
 
 WARMUP = 2
 METHODS = ["patchgd-global", "patchgd", "ips", "downsample", "full"]
@@ -59,14 +58,7 @@ def store(side: int, images: int) -> Path:
     source = DATA / f"e1_{side}_{images}_src"
     _hiresctl("synth", "ultramnist", str(source), "--count", str(images), "--size", str(side),
               "--classes", "10")  # fmt: skip
-    rows = list(csv.DictReader((source / "labels.csv").open()))
-    labels = source / "labels_train.csv"
-    with labels.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, ["source", "label", "split"])
-        writer.writeheader()
-        writer.writerows(
-            {"source": r["source"], "label": r["label"], "split": "train"} for r in rows
-        )
+    labels = all_in_training(source)
     _hiresctl("tile", str(source / "images"), "--labels", str(labels), "--out", str(path))
     return path
 

@@ -331,6 +331,22 @@ def main() -> None:
         publish(lines, "wait")
 
 
+def all_in_training(synth: Path) -> Path:
+    """A copy of a synth folder's labels.csv with every image in the training split (for
+    benchmarks that time or measure training steps alone)."""
+    import csv
+
+    rows = list(csv.DictReader((synth / "labels.csv").open()))
+    labels = synth / "labels_train.csv"
+    with labels.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, ["source", "label", "split"])
+        writer.writeheader()
+        writer.writerows(
+            {"source": r["source"], "label": r["label"], "split": "train"} for r in rows
+        )
+    return labels
+
+
 def publish(lines: list[str], name: str) -> None:
     """Print a table and make it the ``name`` section of BENCHMARKS.md."""
     text = "\n".join(lines) + "\n"
