@@ -53,5 +53,6 @@ def test_mil_example_embeds_trains_both_mil_methods_and_reports(tmp_path: Path) 
     table = metrics["table"]
     assert table["run-abmil"]["prepared_seconds"] > 0  # the extraction, counted in
     assert table["run-e2e-mil"]["prepared_seconds"] is None
-    # a binary task: both learn something real (chance is 0.5)
-    assert max(row["accuracy"] for row in table.values()) >= 0.7, table
+    # a binary task (chance is 0.5): the end-to-end run learns it; the random-weight features
+    # abmil trains on need not separate it
+    assert table["run-e2e-mil"]["accuracy"] >= 0.7, table
