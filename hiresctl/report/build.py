@@ -18,7 +18,15 @@ from hiresctl.eval import evaluate, run_task
 from hiresctl.report import figures
 from hiresctl.report.model import LOWER_IS_BETTER, METRIC_NAMES, Figure, RunReport
 from hiresctl.report.render import charts, render_html, render_markdown
-from hiresctl.train import Heatmap, Run, get_task, load_run, predict_images, resolve_device
+from hiresctl.train import (
+    Heatmap,
+    Run,
+    get_task,
+    load_run,
+    predict_images,
+    read_metrics,
+    resolve_device,
+)
 from storage import Dataset, StoreError, UsageError
 
 SHOWN = 6  # worst images shown per run
@@ -33,18 +41,6 @@ def _read_json(path: Path) -> Any:
         return None
     except json.JSONDecodeError as exc:
         raise StoreError(str(path), f"is not valid JSON ({exc.msg}, line {exc.lineno})") from None
-
-
-def _curves(folder: Path) -> list[dict[str, Any]]:
-    path = folder / "metrics.jsonl"
-    rows = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut by an interrupted run
-    return rows
 
 
 def _names(folders: list[Path]) -> list[str]:
@@ -417,7 +413,7 @@ def build_report(
         first = result["per_image"][0]["id"] if result.get("per_image") else None
         setting = describe_setting(run, first) if first else {}
         report = RunReport(name, folder, recipe, _read_json(folder / "summary.json") or {},
-                           _curves(folder), result, setting)  # fmt: skip
+                           read_metrics(folder), result, setting)  # fmt: skip
         if write and drawer is not None:
             log(f"drawing {name}'s figures")
             drawer(report, run, dataset, out, collector)

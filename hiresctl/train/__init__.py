@@ -22,6 +22,7 @@ from hiresctl.train.run import (
     build_run,
     get_task,
     load_run,
+    read_metrics,
     resolve_device,
     step_context,
 )
@@ -68,6 +69,7 @@ __all__ = [
     "predict_detections",
     "predict_images",
     "predict_segmentation",
+    "read_metrics",
     "register_method",
     "register_task",
     "resolve_device",

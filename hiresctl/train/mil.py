@@ -14,10 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hiresctl.data import PatchGrid, ReadRequest, ReadTag
+from hiresctl.data import PatchGrid, PatchReader, ReadRequest, ReadTag
 from hiresctl.models.ips import FeatureEncoder, IPSClassifier
 from hiresctl.models.mil import EndToEndMIL, Standardize, create_aggregator
 from hiresctl.train.methods import BatchOutput, Heatmap, Method, Reads, StepContext, _chunks
+from hiresctl.train.recipe import Recipe
 from hiresctl.train.registry import register_method
 from storage import StoreError, UsageError
 
@@ -34,6 +35,10 @@ class FeatureMIL(Method):
 
     aggregator = "abmil"
     encodes_pixels = False
+
+    def __init__(self, recipe: Recipe, num_classes: int, reader: PatchReader) -> None:
+        super().__init__(recipe, num_classes, reader)
+        self._cells: dict[str, tuple[np.ndarray, np.ndarray, tuple[int, int], float]] = {}
 
     def feature_set(self) -> str:
         """The recipe's ``features``, else the one set every complete image has."""
@@ -114,7 +119,13 @@ class FeatureMIL(Method):
 
     def cells(self, image_id: str) -> tuple[np.ndarray, np.ndarray, tuple[int, int], float]:
         """Each stored instance's (row, col) on the image's grid of patch cells at the
-        recipe's level, that grid's (rows, cols) and the cell's side in level pixels."""
+        recipe's level, that grid's (rows, cols) and the cell's side in level pixels (read
+        from the store once per image: selection asks every step)."""
+        if image_id not in self._cells:
+            self._cells[image_id] = self._read_cells(image_id)
+        return self._cells[image_id]
+
+    def _read_cells(self, image_id: str) -> tuple[np.ndarray, np.ndarray, tuple[int, int], float]:
         _, coords, attrs = self.reader.dataset.feature_set(image_id, self.feature_set())  # type: ignore[misc]
         cell = float(attrs["patch_size_level0"]) / 2**self.recipe.level
         xy = np.asarray(coords[...]) / 2**self.recipe.level
@@ -277,11 +288,12 @@ class FeatureIPS(FeatureMIL):
             with ctx.autocast():
                 emb = model.with_positions(model.encoder(bag[kept]).float(), positions, width)
                 logits.append(model.classify(emb.unsqueeze(0))[0].float())
-            if train:
-                ctx.patches_with_grad += len(kept)
             w = torch.zeros(len(bag))
-            with torch.no_grad():
-                w[kept.cpu()] = model.scores(emb.detach().unsqueeze(0))[0].float().cpu()
+            if train:  # the weights are for heatmaps; a training step does not score again
+                ctx.patches_with_grad += len(kept)
+            else:
+                with torch.no_grad():
+                    w[kept.cpu()] = model.scores(emb.detach().unsqueeze(0))[0].float().cpu()
             weights.append(w)
         return torch.stack(logits), weights
 

@@ -5,6 +5,7 @@ batches, precision, the hooks a method calls)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 import zlib
 from collections import deque
@@ -33,6 +34,20 @@ if TYPE_CHECKING:  # annotations only: the tasks import this module
 CHECKPOINTS = "checkpoints"
 LAST = "last.pt"
 BEST = "best.pt"
+METRICS = "metrics.jsonl"  # one JSON line per finished epoch
+
+
+def read_metrics(folder: Path) -> list[dict[str, Any]]:
+    """A run folder's epoch lines, leaving out a line cut by an interrupted run."""
+    path = Path(folder) / METRICS
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
 
 
 class TrainingDiverged(HiresError):

@@ -41,6 +41,7 @@ from hiresctl.train.run import (
     BEST,
     CHECKPOINTS,
     LAST,
+    METRICS,
     PlannedReads,
     Run,
     TrainingDiverged,
@@ -49,6 +50,7 @@ from hiresctl.train.run import (
     check_inputs,
     effective_precision,
     get_task,
+    read_metrics,
     resolve_device,
     step_context,
 )
@@ -213,16 +215,13 @@ class Trainer:
     def _metrics_line(self, row: dict[str, Any]) -> None:
         if not self.world.main:
             return
-        with open(self.out / "metrics.jsonl", "a") as handle:
+        with open(self.out / METRICS, "a") as handle:
             handle.write(json.dumps(row) + "\n")
 
     def _seconds_so_far(self) -> float | None:
         """The run's wall time over every epoch in metrics.jsonl (a resumed run's earlier
         epochs too); None where an epoch predates the timing."""
-        path = self.out / "metrics.jsonl"
-        if not path.is_file():
-            return None
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = read_metrics(self.out)
         if not rows or any("seconds" not in row for row in rows):
             return None
         return float(sum(row["seconds"] for row in rows))
