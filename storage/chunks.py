@@ -147,6 +147,9 @@ class DirectChunks:
         self._indices: OrderedDict[tuple[int, ...], np.ndarray | None] = OrderedDict()
         self._fds: dict[tuple[int, ...], int] = {}  # open shard files (a share of _MAX_FDS)
         self._token = next(_TOKENS)  # this reader's part of the shared decoded-chunk cache
+        # the process-wide budgets this reader draws on, bound once: a file is given back to
+        # the budget it was taken from
+        self._open, self._decoded = _OPEN, _DECODED
         self._lock = threading.Lock()
 
     @classmethod
@@ -229,7 +232,7 @@ class DirectChunks:
         fd = os.open(self._path(shard), os.O_RDONLY)
         keep = False
         with self._lock:
-            if shard not in self._fds and _OPEN.acquire(blocking=False):
+            if shard not in self._fds and self._open.acquire(blocking=False):
                 self._fds[shard] = fd
                 keep = True
         try:
@@ -243,9 +246,9 @@ class DirectChunks:
             fds, self._fds = self._fds, {}
         for fd in fds.values():
             os.close(fd)
-            _OPEN.release()
+            self._open.release()
         token = self._token
-        _DECODED.forget(lambda key: key[0] != token)
+        self._decoded.forget(lambda key: key[0] != token)
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):  # at interpreter exit the module may be gone
@@ -254,10 +257,10 @@ class DirectChunks:
     def _cached_chunk(self, coords: tuple[int, ...]) -> np.ndarray:
         """A decoded chunk through a small LRU cache (patches smaller than a chunk, or not
         aligned to it, reuse the chunks their neighbours just decoded)."""
-        chunk = _DECODED.get((self._token, coords))
+        chunk = self._decoded.get((self._token, coords))
         if chunk is None:
             chunk = self.read_chunk(coords)
-            _DECODED.put((self._token, coords), chunk)
+            self._decoded.put((self._token, coords), chunk)
         return chunk
 
     def read_region(self, y: int, x: int, height: int, width: int) -> np.ndarray | None:
@@ -345,7 +348,7 @@ class DirectChunks:
             self._indices.pop(shard, None)
             fd = self._fds.pop(shard, None)
         per, token = self.per_shard or (1, 1, 1), self._token
-        _DECODED.forget(
+        self._decoded.forget(
             lambda key: (
                 key[0] != token
                 or not all(c // n == s for c, n, s in zip(key[1], per, shard, strict=True))
@@ -353,7 +356,7 @@ class DirectChunks:
         )
         if fd is not None:
             os.close(fd)
-            _OPEN.release()
+            self._open.release()
 
 
 def _checked_index(raw: bytes, count: int, data_end: int, path: Path) -> np.ndarray:
