@@ -232,6 +232,8 @@ def main() -> None:
         f"python benchmarks/learning.py --task {args.task} --side {side} --count {args.count} "
         f"--epochs {args.epochs} --backbone {args.backbone} --seeds {args.seeds}"
     )
+    if args.batch_size != 4 or args.patch_size != 64:
+        command += f" --batch-size {args.batch_size} --patch-size {args.patch_size}"
     if args.task == "ultramnist":
         command += f" --classes {args.classes}"
     if args.memory_budget:
@@ -286,7 +288,9 @@ def main() -> None:
             f"{curve} | {s['train_peak_gb']:.2f} | {s['images_per_second']:.1f} | "
             f"{s['seconds']:.0f} | {features} | {s['seconds'] + s['feature_seconds']:.0f} |"
         )
-    publish(lines, f"learning-{args.task}")
+    # one section per task and encoder: the tiny table and the cnn5 table stand side by side
+    suffix = "" if args.backbone == "tiny" else f"-{args.backbone}"
+    publish(lines, f"learning-{args.task}{suffix}")
 
 
 if __name__ == "__main__":
