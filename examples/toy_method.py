@@ -11,7 +11,7 @@ from torch import nn
 
 from hiresctl.data import ReadRequest, ReadTag
 from hiresctl.models import ImageClassifier
-from hiresctl.train import Method, register_method
+from hiresctl.train import Method, PatchCost, register_method
 from hiresctl.train.methods import BatchOutput, Reads, StepContext
 
 
@@ -50,9 +50,9 @@ class PatchVote(Method):
             return self.vote(ctx, reads).float().cpu()
 
     def memory(
-        self, model: nn.Module, images: list[object], per_patch: int
+        self, model: nn.Module, images: list[object], cost: PatchCost
     ) -> tuple[int, int, None]:
-        return 0, per_patch * self.recipe.bag_size, None  # K patches per image with gradient
+        return 0, cost.grad * self.recipe.bag_size, None  # K patches per image with gradient
 
     def describe(self, image_id: str) -> dict[str, str]:
         kept = len(self.patches(image_id)[1])

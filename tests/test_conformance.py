@@ -21,6 +21,7 @@ from hiresctl.eval.predict import predict, predict_formats
 from hiresctl.features import EmbedOptions, embed_store
 from hiresctl.report.build import build_report, describe_setting, figure_drawer
 from hiresctl.train import (
+    PatchCost,
     Trainer,
     get_task,
     load_recipe,
@@ -103,7 +104,9 @@ def test_every_method_trains_evaluates_predicts_and_reports(
     run = load_run(tmp_path / "run", Dataset(store), torch.device("cpu"))
     setting = describe_setting(run, "im006" if task != "det" else "ob006")
     assert setting["sampling"] and setting["sees"]
-    per_image, per_patch, wanted = run.method.memory(run.model, trainer.train_images, 10**6)
+    per_image, per_patch, wanted = run.method.memory(
+        run.model, trainer.train_images, PatchCost(10**6, 10**5)
+    )
     assert min(per_image, per_patch) >= 0 and per_image + per_patch > 0
     assert wanted is None or wanted >= 1
 
@@ -145,7 +148,7 @@ def test_selection_estimates_no_more_than_the_image_holds(
     for memory in (16, 1000):
         recipe = _recipe("cls", method, **{key: memory, "iter_size": memory})
         run = build_run(recipe, dataset, ["0", "1"], torch.device("cpu"))
-        estimates.append(run.method.memory(run.model, images, 10**6))
+        estimates.append(run.method.memory(run.model, images, PatchCost(10**6, 10**5)))
     assert estimates[0] == estimates[1]
 
 

@@ -5,7 +5,7 @@ Importing the package registers the built-in tasks and methods (``registry``).""
 # The method modules register their methods; the tasks package registers the tasks.
 from hiresctl.train import classify, detection, mil, patchgd, segmentation  # noqa: F401
 from hiresctl.train.checkpoint import atomic_save, load_checkpoint
-from hiresctl.train.memory import MemoryPlan, PeakMemory, peak_rss_bytes
+from hiresctl.train.memory import MemoryPlan, PatchCost, PeakMemory, peak_rss_bytes
 from hiresctl.train.methods import Heatmap, Method, StepContext, create_method
 from hiresctl.train.recipe import Recipe, dump_recipe, load_recipe, parse_set, valid_keys
 from hiresctl.train.registry import (
@@ -43,6 +43,7 @@ __all__ = [
     "Heatmap",
     "MemoryPlan",
     "Method",
+    "PatchCost",
     "PeakMemory",
     "Recipe",
     "Run",

@@ -20,6 +20,7 @@ from hiresctl.models import (
     ImageClassifier,
     IPSClassifier,
 )
+from hiresctl.train.memory import PatchCost
 from hiresctl.train.methods import (
     FULL_SETTING,
     BatchOutput,
@@ -30,7 +31,6 @@ from hiresctl.train.methods import (
     _chunks,
     full_grid,
     resized_setting,
-    scaled_cost,
 )
 from hiresctl.train.registry import register_method
 
@@ -42,15 +42,17 @@ class IPS(Method):
     """Iterative Patch Selection (§3): select M of N patches without gradient, train on them."""
 
     def memory(
-        self, model: nn.Module, images: list[Any], per_patch: int
+        self, model: nn.Module, images: list[Any], cost: PatchCost
     ) -> tuple[int, int, int | None]:
-        """The memory buffer and one scored group of pixels per image; M patches with gradient
+        """The memory buffer and one scored group of pixels per image, the selection's no-grad
+        transient (its largest group: the first M, or I after them); M patches with gradient
         (an image with fewer kept patches than M or M + I holds only those)."""
         r = self.recipe
         most = len(self.largest(images)[1])
+        scored = max(min(r.memory_size, most), min(r.iter_size, max(0, most - r.memory_size)))
         return (
-            min(r.memory_size + r.iter_size, most) * r.patch_size**2 * 3 * 4,
-            per_patch * min(r.memory_size, most),
+            min(r.memory_size + r.iter_size, most) * r.patch_size**2 * 3 * 4 + scored * cost.nograd,
+            cost.grad * min(r.memory_size, most),
             None,
         )
 
@@ -232,10 +234,10 @@ class WholeImage(Method):
         """(side of the square the model sees, side of the level square it covers)."""
 
     def memory(
-        self, model: nn.Module, images: list[Any], per_patch: int
+        self, model: nn.Module, images: list[Any], cost: PatchCost
     ) -> tuple[int, int, int | None]:
         side = max(self.input_side(im.image_id)[0] for im in images)
-        return 0, scaled_cost(per_patch, side, self.recipe.patch_size), None
+        return 0, cost.scaled(side, self.recipe.patch_size).grad, None
 
     def explain(
         self, ctx: StepContext, image_ids: list[str], reads: Reads

@@ -33,6 +33,7 @@ from torchvision.ops import batched_nms, box_iou
 
 from hiresctl.data import NO_FLIP, PatchGrid, PatchReader, ReadRequest, ReadTag, flip_boxes
 from hiresctl.models.detection import MATCH_CHUNK, PatchFCOS, RecomputedTower
+from hiresctl.train.memory import PatchCost
 from hiresctl.train.methods import (
     BatchOutput,
     Method,
@@ -40,7 +41,6 @@ from hiresctl.train.methods import (
     StepContext,
     _chunks,
     resized_setting,
-    scaled_cost,
 )
 from hiresctl.train.patchgd import PatchGD
 from hiresctl.train.recipe import Recipe
@@ -135,7 +135,7 @@ class DetectionMethod(Method):
         """Per image: boxes (read-level pixels), scores, labels; the evaluation threshold."""
 
     def memory(
-        self, model: nn.Module, images: list[Any], per_patch: int
+        self, model: nn.Module, images: list[Any], cost: PatchCost
     ) -> tuple[int, int, int | None]:
         """The FCOS head's activations on the canvas it sees (stitched image, window or
         resized image), the stitched maps and their gradient copies, and target matching
@@ -150,11 +150,11 @@ class DetectionMethod(Method):
         towers = 2 * recipe.head_convs + 3 if recomputed else 6 * recipe.head_convs
         most_boxes = max((len(self.targets(im.image_id)[0]) for im in images), default=0)
         canvas = CanvasCost(model.strides, channels * 4 * (towers + 4), most_boxes)
-        return self.step_memory(canvas, images, per_patch)
+        return self.step_memory(canvas, images, cost)
 
     @abstractmethod
     def step_memory(
-        self, canvas: CanvasCost, images: list[Any], per_patch: int
+        self, canvas: CanvasCost, images: list[Any], cost: PatchCost
     ) -> tuple[int, int, int | None]:
         """:meth:`memory` of this method, given what a canvas of the head costs."""
 
@@ -180,7 +180,7 @@ class DetPatchGD(DetectionMethod, PatchGD):
     gradient per inner step, the head and losses on the whole stitched image."""
 
     def step_memory(
-        self, canvas: CanvasCost, images: list[Any], per_patch: int
+        self, canvas: CanvasCost, images: list[Any], cost: PatchCost
     ) -> tuple[int, int, int | None]:
         size = self.recipe.patch_size
         grid, kept = self.largest(images)
@@ -188,9 +188,10 @@ class DetPatchGD(DetectionMethod, PatchGD):
         maps = canvas.points(height, width) * self.recipe.channels * 4
         per_image = maps * (2 + (3 if self.use_global else 0))
         per_image += canvas.memory(height, width)
+        per_image += min(self.recipe.fill_batch, len(kept)) * cost.nograd  # the no-grad fill
         if self.use_global:
-            per_image += per_patch  # the global patch, encoded with gradient every step
-        return per_image, per_patch, self.patches_per_step(len(kept))
+            per_image += cost.grad  # the global patch, encoded with gradient every step
+        return per_image, cost.grad, self.patches_per_step(len(kept))
 
     def __init__(self, recipe: Recipe, num_classes: int, reader: PatchReader) -> None:
         if recipe.stride not in (None, recipe.patch_size):
@@ -322,10 +323,10 @@ class DetDownsample(DetectionMethod):
     side_key = "input_size"
 
     def step_memory(
-        self, canvas: CanvasCost, images: list[Any], per_patch: int
+        self, canvas: CanvasCost, images: list[Any], cost: PatchCost
     ) -> tuple[int, int, int | None]:
         side = self.input_side()
-        scaled = scaled_cost(per_patch, side, self.recipe.patch_size)
+        scaled = cost.scaled(side, self.recipe.patch_size).grad
         return 0, scaled + canvas.memory(side, side), None
 
     def describe(self, image_id: str) -> dict[str, str] | None:
@@ -385,13 +386,13 @@ class DetSliced(DetectionMethod, PatchGD):
     merges the boxes of all windows with class-wise NMS."""
 
     def step_memory(
-        self, canvas: CanvasCost, images: list[Any], per_patch: int
+        self, canvas: CanvasCost, images: list[Any], cost: PatchCost
     ) -> tuple[int, int, int | None]:
         size = self.recipe.patch_size
         _, kept = self.largest(images)
         return (
             0,
-            per_patch + canvas.memory(size, size),
+            cost.grad + canvas.memory(size, size),
             self.patches_per_step(len(kept)),
         )
 

@@ -56,23 +56,77 @@ def current_rss_bytes() -> int:
         return peak_rss_bytes()
 
 
-def activation_bytes(module: nn.Module, sample: torch.Tensor) -> int:
-    """Bytes of every leaf module's output for one forward of ``sample`` (≈ what backward keeps)."""
-    total = 0
+@dataclass(frozen=True)
+class PatchCost:
+    """What one ``patch_size``² patch costs an encoder, in bytes.
 
-    def hook(_: nn.Module, __: object, output: object) -> None:
-        nonlocal total
-        if isinstance(output, torch.Tensor):
-            total += output.numel() * output.element_size()
+    ``grad``: a forward with gradient and its backward (every tensor autograd saves, counted once
+    per storage, plus the backward's transient gradients of the largest of them). ``nograd``: a
+    forward without gradient, which frees as it goes (the largest layer's input and output at
+    once, plus the patch itself).
+    """
 
-    handles = [m.register_forward_hook(hook) for m in module.modules() if not list(m.children())]
+    grad: int
+    nograd: int
+
+    def scaled(self, side: int, patch_size: int) -> PatchCost:
+        """The cost of one ``side``² input (activations grow with the pixels)."""
+        factor = (side / patch_size) ** 2
+        return PatchCost(int(self.grad * factor), int(self.nograd * factor))
+
+
+def patch_cost(module: nn.Module, sample: torch.Tensor) -> PatchCost:
+    """Measure :class:`PatchCost` for ``sample`` (one patch) by running ``module`` on it.
+
+    Counting what autograd saves, not every layer's output, is what makes the estimate close:
+    an in-place ReLU shares its input's storage, and a functional op (a residual sum, a
+    concatenation, an upsampling) saves tensors no module outputs. The module's buffers (BatchNorm
+    statistics) and gradients are left as they were. The backward also warms the autograd
+    engine and thread pools up, so the process memory measured after this includes them.
+    """
+    parameters = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    widest = 0
+
+    def hook(_: nn.Module, inputs: tuple[object, ...], output: object) -> None:
+        nonlocal widest
+        tensors = [t for t in (*inputs, output) if isinstance(t, torch.Tensor)]
+        widest = max(widest, sum(t.numel() * t.element_size() for t in tensors))
+
+    buffers = [b.detach().clone() for b in module.buffers()]
+    grads = [p.grad for p in module.parameters()]
+    leaves = [m for m in module.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves]
     try:
-        with torch.enable_grad():
+        with torch.no_grad():
             module(sample)
+        for handle in handles:
+            handle.remove()
+        handles = []
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            output = module(sample)
+        outputs = output.values() if isinstance(output, dict) else [output]
+        total = sum(o.float().sum() for o in outputs if isinstance(o, torch.Tensor))
+        if isinstance(total, torch.Tensor) and total.requires_grad:
+            total.backward()
     finally:
         for handle in handles:
             handle.remove()
-    return total
+        with torch.no_grad():
+            for buffer, kept in zip(module.buffers(), buffers, strict=True):
+                buffer.copy_(kept)
+        for parameter, grad in zip(module.parameters(), grads, strict=True):
+            parameter.grad = grad
+    largest = max(saved.values(), default=0)
+    input_bytes = sample.numel() * sample.element_size()
+    return PatchCost(grad=sum(saved.values()) + 2 * largest, nograd=widest + input_bytes)
 
 
 def parameter_bytes(module: nn.Module) -> int:

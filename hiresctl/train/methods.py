@@ -31,6 +31,7 @@ from hiresctl.models import (
     Backbone,
     create_backbone,
 )
+from hiresctl.train.memory import PatchCost
 from hiresctl.train.recipe import Recipe
 from hiresctl.train.registry import method_class
 from storage.errors import UsageError
@@ -180,14 +181,15 @@ class Method(ABC):
         return None
 
     def memory(
-        self, model: nn.Module, images: list[Any], per_patch: int
+        self, model: nn.Module, images: list[Any], cost: PatchCost
     ) -> tuple[int, int, int | None]:
         """(per image, per patch, patches wanted) of a training step for ``--memory-budget``
         (see ``plan_memory``): bytes held per image of the batch, bytes per patch encoded with
         gradient, and the patches per step the method wants (None: the batch is its unit).
-        ``per_patch`` is the measured cost of one ``patch_size`` patch through the encoder with
-        gradient; the default is one such patch per image."""
-        return 0, per_patch, None
+        ``cost`` is the measured cost of one ``patch_size`` patch through the encoder, with
+        gradient and without (a no-grad pass, such as a latent fill or a selection, is a
+        transient per image); the default is one such patch per image, with gradient."""
+        return 0, cost.grad, None
 
     @abstractmethod
     def describe(self, image_id: str) -> dict[str, str] | None:
@@ -201,11 +203,6 @@ class Method(ABC):
     def largest(self, images: list[Any]) -> tuple[PatchGrid, np.ndarray]:
         """The grid and kept patches of the image of ``images`` with the most kept patches."""
         return max((self.patches(im.image_id) for im in images), key=lambda g: len(g[1]))
-
-
-def scaled_cost(per_patch: int, side: int, patch_size: int) -> int:
-    """The cost of one ``side``² input, from that of one ``patch_size``² patch."""
-    return int(per_patch * (side / patch_size) ** 2)
 
 
 def resized_setting(height: int, width: int, size: int) -> dict[str, str]:

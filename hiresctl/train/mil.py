@@ -17,6 +17,7 @@ from torch import nn
 from hiresctl.data import PatchGrid, PatchReader, ReadRequest, ReadTag
 from hiresctl.models.ips import FeatureEncoder, IPSClassifier
 from hiresctl.models.mil import EndToEndMIL, Standardize, create_aggregator
+from hiresctl.train.memory import PatchCost
 from hiresctl.train.methods import BatchOutput, Heatmap, Method, Reads, StepContext, _chunks
 from hiresctl.train.recipe import Recipe
 from hiresctl.train.registry import register_method
@@ -206,7 +207,7 @@ class FeatureMIL(Method):
         }
 
     def memory(
-        self, model: nn.Module, images: list[Any], per_patch: int
+        self, model: nn.Module, images: list[Any], cost: PatchCost
     ) -> tuple[int, int, int | None]:
         """(per image, per patch, patches wanted): a bag's features and the aggregator's
         activations per instance; no patch is encoded."""
@@ -309,7 +310,7 @@ class FeatureIPS(FeatureMIL):
         }
 
     def memory(
-        self, model: nn.Module, images: list[Any], per_patch: int
+        self, model: nn.Module, images: list[Any], cost: PatchCost
     ) -> tuple[int, int, int | None]:
         """The whole bag's features, one scored group (M + I) of embeddings, and M instances'
         activations with gradient."""
@@ -418,10 +419,10 @@ class E2EMIL(Method):
         }
 
     def memory(
-        self, model: nn.Module, images: list[Any], per_patch: int
+        self, model: nn.Module, images: list[Any], cost: PatchCost
     ) -> tuple[int, int, int | None]:
         """Training encodes K patches per image with gradient (all N of an image with fewer);
         the rest is small."""
         size = self.recipe.patch_size
         bag = min(self.recipe.bag_size, len(self.largest(images)[1]))
-        return self.recipe.fill_batch * size * size * 3 * 4, per_patch * bag, None
+        return self.recipe.fill_batch * size * size * 3 * 4, cost.grad * bag, None

@@ -21,6 +21,7 @@ from hiresctl.data import (
 from hiresctl.models import (
     PatchGDClassifier,
 )
+from hiresctl.train.memory import PatchCost
 from hiresctl.train.methods import (
     BatchOutput,
     Heatmap,
@@ -87,7 +88,7 @@ class PatchGD(Method):
         return max(1, math.ceil(count * self.recipe.sample_fraction))
 
     def memory(
-        self, model: nn.Module, images: list[Any], per_patch: int
+        self, model: nn.Module, images: list[Any], cost: PatchCost
     ) -> tuple[int, int, int | None]:
         """The latent and its gradient copy, the head's stride-1 blocks (conv, ReLU, BN,
         dropout) or the pool's input, one fill batch of pixels; the global patch with gradient."""
@@ -97,10 +98,12 @@ class PatchGD(Method):
         cells = grid.rows * grid.cols
         latent = model.latent_dim * cells * 4
         head = 4 * max(1, r.head_context) * r.head_width * cells * 4
-        per_image = 2 * latent + 2 * head + r.fill_batch * r.patch_size**2 * 3 * 4
+        # the no-grad fill's transient (fill_batch patches at once) stays in the process's
+        # memory beside the inner steps' activations: the allocator keeps what it freed
+        per_image = 2 * latent + 2 * head + min(r.fill_batch, len(kept)) * cost.nograd
         if self.use_global:
-            per_image += per_patch
-        return per_image, per_patch, self.patches_per_step(len(kept))
+            per_image += cost.grad
+        return per_image, cost.grad, self.patches_per_step(len(kept))
 
     def describe(self, image_id: str) -> dict[str, str] | None:
         _, kept = self.patches(image_id)

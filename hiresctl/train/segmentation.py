@@ -21,6 +21,7 @@ from torch import nn
 
 from hiresctl.data import PatchGrid, PatchReader, ReadRequest, ReadTag
 from hiresctl.models import PatchSegmenter, create_seg_network, upsample_region
+from hiresctl.train.memory import PatchCost
 from hiresctl.train.methods import (
     FULL_SETTING,
     BatchOutput,
@@ -30,7 +31,6 @@ from hiresctl.train.methods import (
     _chunks,
     full_grid,
     resized_setting,
-    scaled_cost,
 )
 from hiresctl.train.patchgd import PatchGD
 from hiresctl.train.recipe import Recipe
@@ -227,7 +227,7 @@ class SegTiled(SegmentationMethod, PatchGD):
     use_global = False
 
     def memory(
-        self, model: nn.Module, images: list[Any], per_patch: int
+        self, model: nn.Module, images: list[Any], cost: PatchCost
     ) -> tuple[int, int, int | None]:
         """The latent, its copy with gradient, the global latent, their concatenation, the
         logits and the loss's temporaries (per output), the int64 target; the global patch."""
@@ -235,9 +235,10 @@ class SegTiled(SegmentationMethod, PatchGD):
         pixels = grid.rows * grid.cols * self.recipe.patch_size**2
         outputs = int(getattr(model, "outputs", 1))
         per_image = pixels * (4 * self.recipe.channels * 4 + 3 * outputs * 4 + 8)
+        per_image += min(self.recipe.fill_batch, grid.num_patches) * cost.nograd  # the fill
         if self.use_global:
-            per_image += per_patch
-        return per_image, per_patch, self.patches_per_step(len(kept))
+            per_image += cost.grad
+        return per_image, cost.grad, self.patches_per_step(len(kept))
 
     def build_model(self) -> nn.Module:
         return PatchSegmenter(self.network(), _outputs(self.num_classes), self.recipe.channels,
@@ -379,10 +380,10 @@ class SegWholeImage(SegmentationMethod):
         """Side of the square the network sees."""
 
     def memory(
-        self, model: nn.Module, images: list[Any], per_patch: int
+        self, model: nn.Module, images: list[Any], cost: PatchCost
     ) -> tuple[int, int, int | None]:
         side = max(self.input_side(im.image_id) for im in images)
-        return 0, scaled_cost(per_patch, side, self.recipe.patch_size), None
+        return 0, cost.scaled(side, self.recipe.patch_size).grad, None
 
     def plan_train(self, image_ids: list[str], seed: int) -> list[ReadRequest]:
         return [r for b, image_id in enumerate(image_ids) for r in self.requests(image_id, b)]

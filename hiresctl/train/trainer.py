@@ -30,10 +30,11 @@ from hiresctl.train.checkpoint import (
 )
 from hiresctl.train.memory import (
     MemoryPlan,
+    PatchCost,
     PeakMemory,
-    activation_bytes,
     current_rss_bytes,
     parameter_bytes,
+    patch_cost,
     plan_memory,
 )
 from hiresctl.train.recipe import Recipe, dump_recipe, parse_bytes
@@ -86,13 +87,11 @@ def _memory_plan(run: Run, budget_text: str, images: list[LabelledImage]) -> Mem
     encoder: nn.Module | None = None
     if run.method.encodes_pixels:  # a feature method's "encoder" takes features, not pixels
         encoder = getattr(model, "encoder", None) or getattr(model, "backbone", None) or model
-    # Backward keeps about the forward activations again (gradients of each), plus the inputs.
-    per_patch = (
-        2 * activation_bytes(encoder, sample) + sample.numel() * 4 if encoder is not None else 0
-    )
+    cost = patch_cost(encoder, sample) if encoder is not None else PatchCost(0, 0)
     fixed = 4 * parameter_bytes(model)  # weights, gradients, two AdamW moments
+    # measured after `patch_cost`'s backward, so the autograd engine's threads are in it
     baseline = current_rss_bytes() if run.device.type == "cpu" else 0
-    per_image, per_patch, patches_wanted = run.method.memory(model, images, per_patch)
+    per_image, per_patch, patches_wanted = run.method.memory(model, images, cost)
     return plan_memory(
         budget,
         baseline=baseline,

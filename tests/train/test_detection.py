@@ -13,7 +13,7 @@ import torch
 
 from hiresctl.data import PatchAugment, PatchReader, PatchStream, detection_images
 from hiresctl.eval import evaluate
-from hiresctl.train import Trainer, build_run, load_recipe, step_context
+from hiresctl.train import PatchCost, Trainer, build_run, load_recipe, step_context
 from hiresctl.train.detection import DetPatchGD, DetSliced, merge_detections
 from storage import Dataset, UsageError
 from storage.annotations import Annotations
@@ -242,11 +242,11 @@ def test_memory_estimate_follows_the_head_recomputation(
     trainer = Trainer(objects_store, tmp_path / "a", _recipe(method="patchgd"))
     run = trainer.run
     images = trainer.train_images
-    recomputed = sum(run.method.memory(run.model, images, 0)[:2])
+    recomputed = sum(run.method.memory(run.model, images, PatchCost(0, 0))[:2])
     head = run.model.detector.head  # type: ignore[union-attr]
     for branch in (head.classification_head, head.regression_head):
         branch.conv = nn.Sequential(*branch.conv)  # the same blocks, nothing recomputed
-    plain = sum(run.method.memory(run.model, images, 0)[:2])
+    plain = sum(run.method.memory(run.model, images, PatchCost(0, 0))[:2])
     canvas = sum((192 // s) ** 2 for s in run.model.strides)  # type: ignore[union-attr]
     towers = 6 * SMALL["head_convs"] - (2 * SMALL["head_convs"] + 3)  # tensors no longer kept
     assert plain - recomputed == canvas * SMALL["latent_dim"] * 4 * towers

@@ -1,0 +1,57 @@
+"""What ``--memory-budget`` plans from: one patch's measured cost through the encoder."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hiresctl.train.memory import PatchCost, patch_cost
+
+H = W = 32
+FLOAT = 4
+
+
+def test_patch_cost_counts_what_autograd_saves_once_per_storage() -> None:
+    # conv saves its input (its weight is a parameter, not an activation); ReLU saves its output
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.ReLU())
+    cost = patch_cost(net, torch.zeros(1, 3, H, W))
+    conv_in, conv_out = 3 * H * W * FLOAT, 8 * H * W * FLOAT
+    assert cost.grad == conv_in + conv_out + 2 * conv_out  # + backward's two largest gradients
+    # without gradient only the widest layer's input and output live at once, plus the patch
+    assert cost.nograd == 2 * conv_out + conv_in
+    # an in-place ReLU writes into the conv's output: nothing new is kept, nothing counted twice
+    inplace = patch_cost(
+        nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.ReLU(inplace=True)),
+        torch.zeros(1, 3, H, W),
+    )
+    assert inplace.grad <= cost.grad
+
+
+def test_patch_cost_counts_functional_ops_no_module_outputs() -> None:
+    class Skip(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 1, bias=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = torch.sigmoid(self.conv(x))  # functional: its output is saved, and is no module's
+            return y * y
+
+    cost = patch_cost(Skip(), torch.zeros(1, 3, H, W))
+    plane = 3 * H * W * FLOAT
+    # conv's input and sigmoid's output (saved by sigmoid's backward and by the product)
+    assert cost.grad == 2 * plane + 2 * plane
+
+
+def test_patch_cost_leaves_the_encoder_as_it_was() -> None:
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    net[1].running_mean.fill_(0.5)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    patch_cost(net, torch.rand(1, 3, H, W))
+    after = net.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in net.parameters())
+
+
+def test_a_larger_input_costs_by_its_pixels() -> None:
+    assert PatchCost(100, 40).scaled(64, 32) == PatchCost(400, 160)
