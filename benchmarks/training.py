@@ -146,14 +146,15 @@ def sparse_store(path: Path, sides: list[int]) -> Path:
 STEP = """
 import json, sys, time, torch
 from hiresctl.data import PatchStream
-from hiresctl.train import Recipe, build_run, step_context
+from hiresctl.train import build_run, load_recipe, step_context
 from hiresctl.train.memory import PeakMemory, current_rss_bytes
 from hiresctl.train.run import PlannedReads
 from storage import Dataset
 method, store, image = sys.argv[1], sys.argv[2], sys.argv[3]
-recipe = Recipe(method=method, backbone="tiny", patch_size=256, batch_size=1, patches_per_step=16,
-                inner_steps=1, memory_size=16, iter_size=16, full_max_pixels=2**40,
-                latent_dim=128 if method == "ips" else 256)
+# the method's own defaults (what `hiresctl train --method M` gets), with the sizes fixed
+recipe = load_recipe(None, "cls", method, dict(
+    backbone="tiny", patch_size=256, batch_size=1, patches_per_step=16, inner_steps=1,
+    memory_size=16, iter_size=16, full_max_pixels=2**40))
 run = build_run(recipe, Dataset(store), ["0", "1"], torch.device("cpu"))
 ctx = step_context(run, torch.optim.AdamW(run.model.parameters()), None, 1)
 peak = PeakMemory(torch.device("cpu"))
@@ -299,7 +300,8 @@ def main() -> None:
             "",
             f"Command: `python benchmarks/training.py --rows M1 --sides {args.sides} --full-sides {args.full_sides}`. "
             "Peak RSS of one training step (one image, batch 1, tiny CNN, patch 256, 16 patches with gradient, "
-            "IPS M = I = 16, so every size has at least M patches), each in a fresh process; in brackets the part "
+            "IPS M = I = 16, so every size has at least M patches; otherwise each method's own defaults, as "
+            "`hiresctl train --method M` runs it), each in a fresh process; in brackets the part "
             "above the process's RSS before the step (torch and the libraries hold about 1 GB). Stores are "
             "sparsely written; every patch is still read and encoded.",
             "",
