@@ -100,19 +100,19 @@ def methods(
     ] = False,
 ) -> None:
     """List the training methods of each task, with what they are and the recipe defaults
-    they change."""
+    they change (the task's and the method's own)."""
     from hiresctl.train import method_class, method_names, task_names
     from hiresctl.train.registry import method_defaults, task_class
 
     tasks = [task] if task else list(task_names())
     rows: list[dict[str, Any]] = []
     for name in tasks:
-        task_class(name)  # an unknown task is named with the valid ones
+        common = task_class(name).defaults  # an unknown task is named with the valid ones
         for method in method_names(name):
             doc = " ".join((method_class(name, method).__doc__ or "").split())
             about = doc.split(". ")[0].rstrip(".") + "." if doc else ""
             rows.append({"task": name, "method": method, "about": about,
-                         "defaults": method_defaults(name, method)})  # fmt: skip
+                         "defaults": {**common, **method_defaults(name, method)}})  # fmt: skip
     if as_json:
         typer.echo(json.dumps(rows, default=str))
         return

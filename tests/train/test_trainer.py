@@ -285,3 +285,17 @@ def test_ddp_two_gloo_ranks_hold_identical_weights(planted: Path, tmp_path: Path
         if "running" in key or "num_batches" in key:
             continue  # BatchNorm statistics are per rank, like DDP's default
         assert torch.equal(value, ranks[1]["after"][key]), key
+
+
+def test_classification_defaults_to_an_encoder_that_learns_from_scratch(cli: Callable) -> None:
+    """Nothing pretrained is downloaded, so `train --task cls` without a recipe gets `tiny`
+    (BENCHMARKS.md, "defaults"); a method's own defaults still win over the task's, and
+    `hiresctl methods` lists both."""
+    assert load_recipe(None, "cls", "patchgd-global").backbone == "tiny"
+    assert load_recipe(None, "seg", "tiled").backbone == "unet"
+    assert load_recipe(None, "cls", None, {"backbone": "resnet18"}).backbone == "resnet18"
+    listed = cli("methods", "--json")
+    rows = {(r["task"], r["method"]): r["defaults"] for r in json.loads(listed.stdout)}
+    assert rows["cls", "patchgd-global"]["backbone"] == "tiny"
+    assert rows["cls", "patchgd-global"]["fusion"] == "concat"
+    assert rows["seg", "tiled"]["backbone"] == "unet"
