@@ -91,7 +91,6 @@ class Detection(Task):
         "patch_size": 512,
         "fusion": "concat",
         "calibration_batches": 0,
-        "fill_batch": 16,
     }
     reads_boxes = True
     table_metrics = ("ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large", "ar")

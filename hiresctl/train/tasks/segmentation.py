@@ -70,7 +70,6 @@ class Segmentation(Task):
         "accumulation_steps": 2,
         "inner_steps": 4,
         "patches_per_step": 4,
-        "fill_batch": 16,
         "calibration_batches": 0,
     }
     table_metrics = ("f1", "iou", "mean_iou", "accuracy", "balanced_accuracy", "plr", "nlr")
