@@ -44,15 +44,19 @@ class IPS(Method):
     def memory(
         self, model: nn.Module, images: list[Any], cost: PatchCost
     ) -> tuple[int, int, int | None]:
-        """The memory buffer and one scored group of pixels per image, the selection's no-grad
-        transient (its largest group: the first M, or I after them); M patches with gradient
-        (an image with fewer kept patches than M or M + I holds only those)."""
+        """The memory buffer and one scored group of pixels per image; M patches with gradient
+        (an image with fewer kept patches than M or M + I holds only those). The selection's
+        no-grad transient (its largest group: the first M, or I after them) counts only where
+        it exceeds the M patches' activations: measured through a step, the pass with gradient
+        reuses what the selection freed."""
         r = self.recipe
         most = len(self.largest(images)[1])
-        scored = max(min(r.memory_size, most), min(r.iter_size, max(0, most - r.memory_size)))
+        kept = min(r.memory_size, most)
+        scored = max(kept, min(r.iter_size, max(0, most - r.memory_size)))
         return (
-            min(r.memory_size + r.iter_size, most) * r.patch_size**2 * 3 * 4 + scored * cost.nograd,
-            cost.grad * min(r.memory_size, most),
+            min(r.memory_size + r.iter_size, most) * r.patch_size**2 * 3 * 4
+            + max(0, scored * cost.nograd - kept * cost.grad),
+            cost.grad * kept,
             None,
         )
 
