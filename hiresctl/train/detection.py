@@ -188,9 +188,7 @@ class DetPatchGD(DetectionMethod, PatchGD):
         maps = canvas.points(height, width) * self.recipe.channels * 4
         per_image = maps * (2 + (3 if self.use_global else 0))
         per_image += canvas.memory(height, width)
-        per_image += min(self.recipe.fill_batch, len(kept)) * cost.nograd  # the no-grad fill
-        if self.use_global:
-            per_image += cost.grad  # the global patch, encoded with gradient every step
+        per_image += self.beside_inner_steps(len(kept), cost)
         return per_image, cost.grad, self.patches_per_step(len(kept))
 
     def __init__(self, recipe: Recipe, num_classes: int, reader: PatchReader) -> None:

@@ -102,14 +102,16 @@ def patch_cost(module: nn.Module, sample: torch.Tensor) -> PatchCost:
 
     buffers = [b.detach().clone() for b in module.buffers()]
     grads = [p.grad for p in module.parameters()]
-    leaves = [m for m in module.modules() if not list(m.children())]
-    handles = [m.register_forward_hook(hook) for m in leaves]
     try:
-        with torch.no_grad():
-            module(sample)
-        for handle in handles:
-            handle.remove()
-        handles = []
+        handles = [
+            m.register_forward_hook(hook) for m in module.modules() if not list(m.children())
+        ]
+        try:
+            with torch.no_grad():
+                module(sample)
+        finally:
+            for handle in handles:
+                handle.remove()
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             output = module(sample)
         outputs = output.values() if isinstance(output, dict) else [output]
@@ -117,8 +119,6 @@ def patch_cost(module: nn.Module, sample: torch.Tensor) -> PatchCost:
         if isinstance(total, torch.Tensor) and total.requires_grad:
             total.backward()
     finally:
-        for handle in handles:
-            handle.remove()
         with torch.no_grad():
             for buffer, kept in zip(module.buffers(), buffers, strict=True):
                 buffer.copy_(kept)

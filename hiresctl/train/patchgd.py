@@ -98,12 +98,17 @@ class PatchGD(Method):
         cells = grid.rows * grid.cols
         latent = model.latent_dim * cells * 4
         head = 4 * max(1, r.head_context) * r.head_width * cells * 4
-        # the no-grad fill's transient (fill_batch patches at once) stays in the process's
-        # memory beside the inner steps' activations: the allocator keeps what it freed
-        per_image = 2 * latent + 2 * head + min(r.fill_batch, len(kept)) * cost.nograd
-        if self.use_global:
-            per_image += cost.grad
+        per_image = 2 * latent + 2 * head + self.beside_inner_steps(len(kept), cost)
         return per_image, cost.grad, self.patches_per_step(len(kept))
+
+    def beside_inner_steps(self, filled: int, cost: PatchCost) -> int:
+        """What a step holds per image besides its inner steps' patches, for every PatchGD
+        task: the no-grad fill's transient (``fill_batch`` of the ``filled`` patches at once;
+        the allocator keeps what it freed beside the inner steps' activations) and the global
+        patch, encoded with gradient every step."""
+        return min(self.recipe.fill_batch, filled) * cost.nograd + (
+            cost.grad if self.use_global else 0
+        )
 
     def describe(self, image_id: str) -> dict[str, str] | None:
         _, kept = self.patches(image_id)

@@ -235,9 +235,7 @@ class SegTiled(SegmentationMethod, PatchGD):
         pixels = grid.rows * grid.cols * self.recipe.patch_size**2
         outputs = int(getattr(model, "outputs", 1))
         per_image = pixels * (4 * self.recipe.channels * 4 + 3 * outputs * 4 + 8)
-        per_image += min(self.recipe.fill_batch, grid.num_patches) * cost.nograd  # the fill
-        if self.use_global:
-            per_image += cost.grad
+        per_image += self.beside_inner_steps(grid.num_patches, cost)
         return per_image, cost.grad, self.patches_per_step(len(kept))
 
     def build_model(self) -> nn.Module:
