@@ -16,7 +16,10 @@ one conv per level fuses the stitched map with the global patch's map upsampled 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
+from typing import Any
 
 import torch
 import torchvision
@@ -114,6 +117,7 @@ class RecomputedTower(nn.Sequential):
         return out
 
 
+LOSS_TERMS = ("classification", "bbox_regression", "bbox_ctrness")
 MATCH_CHUNK = 32768  # anchors matched at once: bounds the (anchors × boxes × 4) temporaries
 
 
@@ -234,18 +238,22 @@ class PatchFCOS(nn.Module):
         resampled onto the stitched grid (zero past the square)."""
         if self.fusion is None or global_maps is None:
             return stitched
-        out = []
-        for level, (maps, g, conv) in enumerate(
-            zip(stitched, global_maps, self.fusion, strict=True)
-        ):
-            stride = self.strides[level]
-            height, width = maps.shape[-2:]
-            up = torch.cat([
-                upsample_region(g[b : b + 1].float(), sides[b] / stride, 0, 0, height, width)  # type: ignore[arg-type]
-                for b in range(len(sides))
-            ]).to(maps.dtype)  # fmt: skip
-            joined = torch.cat([maps, up], 1) if self.fusion_mode == "concat" else maps + up
-            out.append(conv(joined))
+        return [self.fuse_level(level, stitched[level], global_maps[level], sides)
+                for level in range(len(stitched))]  # fmt: skip
+
+    def fuse_level(
+        self, level: int, maps: torch.Tensor, global_map: torch.Tensor, sides: list[int]
+    ) -> torch.Tensor:
+        """:meth:`fuse` of one level."""
+        assert self.fusion is not None
+        stride = self.strides[level]
+        height, width = maps.shape[-2:]
+        up = torch.cat([
+            upsample_region(global_map[b : b + 1].float(), sides[b] / stride, 0, 0, height, width)  # type: ignore[arg-type]
+            for b in range(len(sides))
+        ]).to(maps.dtype)  # fmt: skip
+        joined = torch.cat([maps, up], 1) if self.fusion_mode == "concat" else maps + up
+        out: torch.Tensor = self.fusion[level](joined)
         return out
 
     def _anchors(self, features: list[torch.Tensor], height: int, width: int) -> list[torch.Tensor]:
@@ -272,6 +280,84 @@ class PatchFCOS(nn.Module):
             targets, head, anchors, matched
         )
         return out
+
+    def staged_losses(
+        self,
+        stitched: list[torch.Tensor],
+        global_maps: list[torch.Tensor] | None,
+        sides: list[int],
+        targets: list[dict[str, torch.Tensor]],
+        backward: Callable[[torch.Tensor], None],
+        autocast: Callable[[], AbstractContextManager[Any]] = nullcontext,
+    ) -> dict[str, float]:
+        """``losses(fuse(stitched, global_maps, sides), targets)`` and its backward, one FPN level
+        and one head branch at a time, so that only one level's branch holds activations.
+
+        ``stitched`` and ``global_maps`` are leaves that require gradient: their ``.grad``
+        receives the gradient, the fusion convs' and the head's parameters theirs, exactly as a
+        backward of the whole loss would give them (the towers' GroupNorm normalises each level
+        of each image on its own, and every loss term is a sum over anchor points divided by the
+        foreground count of the whole canvas, counted here before any level runs). Each piece
+        of the loss goes to ``backward``; a level's fusion conv runs without gradient before its
+        branches and again with gradient after them. The forwards run inside ``autocast()``,
+        the backwards outside it. Returns the loss terms' values."""
+        height = stitched[0].shape[-2] * self.strides[0]
+        width = stitched[0].shape[-1] * self.strides[0]
+        anchors = self._anchors(stitched, height, width)
+        counts = [f.shape[-2] * f.shape[-1] for f in stitched]
+        radius = self.detector.center_sampling_radius
+        matched = [match_anchors(a, t["boxes"], counts, radius).split(counts)
+                   for a, t in zip(anchors, targets, strict=True)]  # fmt: skip
+        anchors_by_level = [a.split(counts) for a in anchors]
+        foreground = max(1, sum(int((m >= 0).sum()) for per_image in matched for m in per_image))
+        head = self.detector.head
+        totals = dict.fromkeys(LOSS_TERMS, 0.0)
+        for level, maps in enumerate(stitched):
+            fused = global_maps is not None and self.fusion is not None
+            if fused:
+                assert global_maps is not None
+                with torch.no_grad(), autocast():
+                    x = self.fuse_level(level, maps, global_maps[level], sides)
+                x.requires_grad_()
+            else:
+                x = maps
+            level_matched = [m[level] for m in matched]
+            level_anchors = [a[level] for a in anchors_by_level]
+            # compute_loss divides by this level's foreground: scaled to the canvas's
+            share = max(1, sum(int((m >= 0).sum()) for m in level_matched)) / foreground
+            for terms in (LOSS_TERMS[:1], LOSS_TERMS[1:]):
+                with autocast():
+                    outputs = self._branch(x, terms == LOSS_TERMS[:1])
+                    parts = head.compute_loss(targets, outputs, level_anchors, level_matched)
+                    piece = sum((parts[t] for t in terms), torch.zeros((), device=x.device))
+                    piece = piece * share
+                backward(piece)
+                for t in terms:
+                    totals[t] += float(parts[t].detach()) * share
+                del outputs, parts, piece
+            if fused:
+                assert global_maps is not None
+                grad = x.grad
+                del x
+                with autocast():
+                    again = self.fuse_level(level, maps, global_maps[level], sides)
+                torch.autograd.backward(again, grad)
+        return totals
+
+    def _branch(self, x: torch.Tensor, classification: bool) -> dict[str, torch.Tensor]:
+        """One head branch on one level's maps; the other branch's outputs as zeros without
+        gradient (compute_loss wants all three; only the branch's own terms are used)."""
+        head = self.detector.head
+        batch, _, height, width = x.shape
+        points = height * width
+        if classification:
+            logits = head.classification_head([x])
+            return {"cls_logits": logits,
+                    "bbox_regression": logits.new_zeros(batch, points, 4),
+                    "bbox_ctrness": logits.new_zeros(batch, points, 1)}  # fmt: skip
+        regression, centerness = head.regression_head([x])
+        return {"cls_logits": regression.new_zeros(batch, points, self.num_classes),
+                "bbox_regression": regression, "bbox_ctrness": centerness}  # fmt: skip
 
     def detect(
         self,

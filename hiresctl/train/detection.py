@@ -23,6 +23,7 @@ import contextlib
 import io
 import math
 from abc import abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -53,6 +54,11 @@ NMS_THRESHOLD = 0.6
 MIN_VISIBLE = 0.5  # sliced training: a box cut by its window counts if this much of it is inside
 
 Detections = dict[str, torch.Tensor]  # boxes (n, 4), scores (n,), labels (n,)
+
+
+def _grad(leaf: torch.Tensor) -> torch.Tensor:
+    """A leaf's gradient after a backward (zeros where nothing reached it)."""
+    return leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
 
 
 def top_stride(backbone: str) -> int:
@@ -159,10 +165,22 @@ class DetectionMethod(Method):
         """:meth:`memory` of this method, given what a canvas of the head costs."""
 
     @staticmethod
-    def _learn(ctx: StepContext, parts: dict[str, torch.Tensor]) -> float:
-        loss = sum(parts.values(), torch.zeros(()))
-        ctx.learn(loss)
-        return float(loss.detach())
+    def _learn(
+        ctx: StepContext, model: PatchFCOS, features: list[torch.Tensor],
+        truth: list[dict[str, torch.Tensor]],
+    ) -> float:  # fmt: skip
+        """One micro-step on maps the encoder just made with gradient: the head and losses a
+        level and a branch at a time on leaves cut from the maps
+        (:meth:`PatchFCOS.staged_losses`), then the encoder's backward from the leaves'
+        gradients. Returns the loss."""
+
+        def run(backward: Callable[[torch.Tensor], None]) -> float:
+            leaves = [f.detach().requires_grad_() for f in features]
+            parts = model.staged_losses(leaves, None, [], truth, backward, ctx.autocast)
+            torch.autograd.backward(features, [_grad(leaf) for leaf in leaves])
+            return sum(parts.values())
+
+        return ctx.learn_staged(run)
 
     @staticmethod
     def _finish(ctx: StepContext, losses: list[float], batch: int, inner: int) -> BatchOutput:
@@ -209,19 +227,37 @@ class DetPatchGD(DetectionMethod, PatchGD):
                             device=device) for s in model.strides]  # fmt: skip
 
     @staticmethod
+    def _cells(
+        grid: PatchGrid, indices: np.ndarray, side: int
+    ) -> list[tuple[slice, slice]]:  # fmt: skip
+        """Where each patch's map of ``side`` cells lies in the image grid: cell (i, j) of patch
+        (r, c) is at (r·side + i, c·side + j)."""
+        rows, cols = grid.position(indices)
+        return [(slice(r * side, (r + 1) * side), slice(c * side, (c + 1) * side))
+                for r, c in zip(rows.tolist(), cols.tolist(), strict=True)]  # fmt: skip
+
+    @classmethod
     def _stitch(
-        maps: list[torch.Tensor], b: int, grid: PatchGrid, indices: np.ndarray,
+        cls, maps: list[torch.Tensor], b: int, grid: PatchGrid, indices: np.ndarray,
         features: list[torch.Tensor],
     ) -> None:  # fmt: skip
-        """Write each patch's map of every level at its place in the image grid: cell (i, j)
-        of patch (r, c) goes to (r·h + i, c·w + j), h = w = the patch's map side."""
-        rows, cols = grid.position(indices)
+        """Write each patch's map of every level at its place in the image grid."""
         for level, patch_maps in zip(maps, features, strict=True):
-            side = patch_maps.shape[-1]
-            for k, (r, c) in enumerate(zip(rows.tolist(), cols.tolist(), strict=True)):
-                level[b, :, r * side : (r + 1) * side, c * side : (c + 1) * side] = patch_maps[
-                    k
-                ].to(level.dtype)
+            for k, (rows, cols) in enumerate(cls._cells(grid, indices, patch_maps.shape[-1])):
+                level[b, :, rows, cols] = patch_maps[k].to(level.dtype)
+
+    @classmethod
+    def _gather(
+        cls, maps: list[torch.Tensor], b: int, grid: PatchGrid, indices: np.ndarray,
+        sides: list[int],
+    ) -> list[torch.Tensor]:  # fmt: skip
+        """The inverse of :meth:`_stitch`: per level, the (n, C, h, w) maps of the patches at
+        ``indices`` (``sides``: each level's cells per patch side)."""
+        out = []
+        for level, side in zip(maps, sides, strict=True):
+            cells = cls._cells(grid, indices, side)
+            out.append(torch.stack([level[b, :, rows, cols] for rows, cols in cells]))
+        return out
 
     def _fill_maps(
         self, ctx: StepContext, model: PatchFCOS, maps: list[torch.Tensor],
@@ -244,6 +280,12 @@ class DetPatchGD(DetectionMethod, PatchGD):
     def train_batch(
         self, ctx: StepContext, image_ids: list[str], targets: torch.Tensor, reads: Reads
     ) -> BatchOutput:
+        """Each inner step in two phases that hold memory one after the other: the group's
+        patches (and global patches) encoded without gradient at the current weights and
+        stitched in, the head's losses and backward on the stitched maps a level and a branch
+        at a time (:meth:`PatchFCOS.staged_losses`); then the same patches encoded again with
+        gradient and their maps' gradients carried back through the encoder. The gradients
+        are those of one backward through encoder, stitched maps and head together."""
         model: PatchFCOS = ctx.model  # type: ignore[assignment]
         model.train()
         maps = self._maps(model, image_ids, ctx.device)
@@ -257,37 +299,76 @@ class DetPatchGD(DetectionMethod, PatchGD):
             self._fill_maps(ctx, model, maps, request, pixels)
 
         for group in self.inner_iterations(reads, fill, global_pixels):
-            maps = [m.detach() for m in maps]
-            with ctx.autocast():
-                g = self._encode_group(ctx, model, maps, group, global_pixels)
-                parts = model.losses(model.fuse(maps, g, sides), truth)
-            losses.append(self._learn(ctx, parts))
+            members, pixels = self._group_pixels(ctx, group, global_pixels)
+            losses.append(self._inner_step(ctx, model, maps, members, pixels, sides, truth))
             inner += 1
         return self._finish(ctx, losses, len(image_ids), inner)
+
+    def _inner_step(
+        self, ctx: StepContext, model: PatchFCOS, maps: list[torch.Tensor],
+        members: list[ReadRequest], pixels: torch.Tensor, sides: list[int],
+        truth: list[dict[str, torch.Tensor]],
+    ) -> float:  # fmt: skip
+        """:meth:`train_batch`'s two phases for one group of patches; returns the loss."""
+        with torch.no_grad(), ctx.autocast():
+            g = self._place(maps, members, model.encode(pixels))
+
+        def run(backward: Callable[[torch.Tensor], None]) -> float:
+            leaves = [m.detach().requires_grad_() for m in maps]
+            global_leaves = [x.detach().requires_grad_() for x in g] if g else None
+            parts = model.staged_losses(leaves, global_leaves, sides, truth, backward,
+                                        ctx.autocast)  # fmt: skip
+            grads = self._gathered(model, [_grad(leaf) for leaf in leaves], members)
+            if global_leaves is not None:
+                grads = [
+                    torch.cat([a, _grad(b)]) for a, b in zip(grads, global_leaves, strict=True)
+                ]
+            del leaves, global_leaves
+            with ctx.autocast():
+                features = model.encode(pixels)
+            torch.autograd.backward(
+                features, [d.to(f.dtype) for d, f in zip(grads, features, strict=True)]
+            )
+            return sum(parts.values())
+
+        loss = ctx.learn_staged(run)
+        ctx.patches_with_grad += sum(len(r.indices) for r in members)
+        return loss
 
     def _target_dict(self, image_id: str, device: torch.device) -> dict[str, torch.Tensor]:
         boxes, labels = self.targets(image_id, train=True)
         return {"boxes": boxes.to(device), "labels": labels.to(device)}
 
-    def _encode_group(
-        self, ctx: StepContext, model: PatchFCOS, maps: list[torch.Tensor],
-        group: list[tuple[ReadRequest, torch.Tensor]], global_pixels: list[torch.Tensor | None],
-    ) -> list[torch.Tensor] | None:  # fmt: skip
-        """The group's patches (and the global patches) through backbone + FPN with gradient,
-        in one batch; the patches' maps written in place into the stitched maps."""
+    def _group_pixels(
+        self, ctx: StepContext, group: list[tuple[ReadRequest, torch.Tensor]],
+        global_pixels: list[torch.Tensor | None],
+    ) -> tuple[list[ReadRequest], torch.Tensor]:  # fmt: skip
+        """An inner step's patches (then the global patches) as one batch on the device."""
         members = [(r, p) for r, p in group if len(r.indices)]
         pieces = [p for _, p in members]
         if self.use_global:
             pieces.append(torch.stack([p for p in global_pixels if p is not None]))
-        features = model.encode(torch.cat(pieces).to(ctx.device, non_blocking=True))
+        return [r for r, _ in members], torch.cat(pieces).to(ctx.device, non_blocking=True)
+
+    def _place(
+        self, maps: list[torch.Tensor], members: list[ReadRequest], features: list[torch.Tensor]
+    ) -> list[torch.Tensor] | None:
+        """Stitch the group's patch maps in; the global patches' maps (the batch's tail)."""
         start = 0
-        for r, _ in members:
+        for r in members:
             count = len(r.indices)
             self._stitch(maps, r.tag.image, r.grid, r.indices,
                          [f[start : start + count] for f in features])  # fmt: skip
             start += count
-        ctx.patches_with_grad += start
         return [f[start:] for f in features] if self.use_global else None
+
+    def _gathered(
+        self, model: PatchFCOS, maps: list[torch.Tensor], members: list[ReadRequest]
+    ) -> list[torch.Tensor]:
+        """The group's patch maps cut from ``maps``, in :meth:`_place`'s order."""
+        sides = [self.recipe.patch_size // s for s in model.strides]
+        per_request = [self._gather(maps, r.tag.image, r.grid, r.indices, sides) for r in members]
+        return [torch.cat(level) for level in zip(*per_request, strict=True)]
 
     def detect(self, ctx: StepContext, image_ids: list[str], reads: Reads) -> list[Detections]:
         model: PatchFCOS = ctx.model  # type: ignore[assignment]
@@ -353,9 +434,9 @@ class DetDownsample(DetectionMethod):
             truth.append({"boxes": (boxes * self._scale(image_id)).to(ctx.device),
                           "labels": labels.to(ctx.device)})  # fmt: skip
         with ctx.autocast():
-            parts = model.losses(model.encode(pixels), truth)
+            features = model.encode(pixels)
         ctx.patches_with_grad += len(image_ids)
-        return self._finish(ctx, [self._learn(ctx, parts)], len(image_ids), 1)
+        return self._finish(ctx, [self._learn(ctx, model, features, truth)], len(image_ids), 1)
 
     def detect(self, ctx: StepContext, image_ids: list[str], reads: Reads) -> list[Detections]:
         model: PatchFCOS = ctx.model  # type: ignore[assignment]
@@ -456,9 +537,9 @@ class DetSliced(DetectionMethod, PatchGD):
                     crops.append(crop)
                     truth.append(self.window_targets(r.image_id, y, x, ctx.device))
             with ctx.autocast():
-                parts = model.losses(model.encode(torch.stack(crops).to(ctx.device)), truth)
+                features = model.encode(torch.stack(crops).to(ctx.device))
             ctx.patches_with_grad += len(crops)
-            losses.append(self._learn(ctx, parts))
+            losses.append(self._learn(ctx, model, features, truth))
             inner += 1
         return self._finish(ctx, losses, len(image_ids), inner)
 

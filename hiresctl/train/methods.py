@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import torch
@@ -35,6 +35,8 @@ from hiresctl.train.memory import PatchCost
 from hiresctl.train.recipe import Recipe
 from hiresctl.train.registry import method_class
 from storage.errors import UsageError
+
+T = TypeVar("T")
 
 Reads = Iterable[tuple[ReadRequest, torch.Tensor]]
 
@@ -60,6 +62,18 @@ class StepContext:
         self.backward(loss)
         if self.micro_steps >= self.accumulation_steps:
             self.step()
+
+    def learn_staged(self, run: Callable[[Callable[[torch.Tensor], None]], T]) -> T:
+        """One micro-step whose backward comes in pieces: ``run`` calls the backward it is given
+        on each piece of the loss (the pieces' gradients add up) and carries any gradients
+        the pieces left on leaves on through the rest of the graph itself; then the optimizer
+        steps once ``accumulation_steps`` micro-steps have run. Returns what ``run`` returns."""
+        before = self.micro_steps
+        result = run(self.backward)
+        self.micro_steps = before + 1
+        if self.micro_steps >= self.accumulation_steps:
+            self.step()
+        return result
 
     def learn_part(self, loss: torch.Tensor, parts: int, last: bool) -> None:
         """Backward of one of ``parts`` pieces that together make one micro-step (each scaled

@@ -336,6 +336,100 @@ def test_chunked_matching_and_recomputed_head_change_nothing_but_memory() -> Non
     assert torch.equal(match_anchors(anchors[0], boxes, counts, 1.5, chunk=7), whole)
 
 
+@pytest.mark.parametrize("use_global", [True, False])
+def test_staged_losses_equal_one_backward_of_the_whole_loss(use_global: bool) -> None:
+    # PatchFCOS.staged_losses runs the fusion, head and losses a level and a branch at a time
+    # and calls backward on each piece: the loss terms and every gradient (stitched maps,
+    # global maps, fusion convs, head) must be those of losses(fuse(...)) and one backward.
+    from hiresctl.models.detection import PatchFCOS
+
+    torch.manual_seed(0)
+    whole = PatchFCOS("tiny", 3, 32, use_global=use_global, head_convs=2)
+    if use_global:  # not the identity it starts as: the global maps must matter
+        for conv in whole.fusion:  # type: ignore[union-attr]
+            torch.nn.init.normal_(conv.weight, std=0.05)
+    staged = PatchFCOS("tiny", 3, 32, use_global=use_global, head_convs=2)
+    staged.load_state_dict(whole.state_dict())
+    corners = torch.rand(30, 2) * 230
+    boxes = torch.cat([corners, corners + 4 + torch.rand(30, 2) * 120], 1).clamp(max=256)
+    targets = [{"boxes": boxes, "labels": torch.randint(0, 3, (30,))},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]  # fmt: skip
+    maps = [torch.randn(2, 32, 256 // s, 256 // s) for s in whole.strides]
+    globals_ = [torch.randn(2, 32, 64 // s, 64 // s) for s in whole.strides]
+    sides = [256, 200]
+    a = [m.clone().requires_grad_() for m in maps]
+    ga = [g.clone().requires_grad_() for g in globals_]
+    reference = whole.losses(whole.fuse(a, ga if use_global else None, sides), targets)
+    sum(reference.values()).backward()
+    b = [m.clone().requires_grad_() for m in maps]
+    gb = [g.clone().requires_grad_() for g in globals_]
+    pieces: list[float] = []
+
+    def backward(piece: torch.Tensor) -> None:
+        pieces.append(float(piece.detach()))
+        piece.backward()
+
+    ours = staged.staged_losses(b, gb if use_global else None, sides, targets, backward)
+    assert len(pieces) == 2 * len(whole.strides)  # two branches per level
+    assert sum(pieces) == pytest.approx(
+        sum(float(v.detach()) for v in reference.values()), rel=1e-5
+    )
+    for key, value in reference.items():
+        assert ours[key] == pytest.approx(float(value.detach()), rel=1e-5)
+    for x, y in zip(a + (ga if use_global else []), b + (gb if use_global else []), strict=True):
+        torch.testing.assert_close(y.grad, x.grad)
+    for (name, p), q in zip(whole.named_parameters(), staged.parameters(), strict=True):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, msg=name)
+
+
+def test_patchgd_inner_step_has_the_gradients_of_one_backward(objects_store: Path) -> None:
+    # DetPatchGD's inner step encodes its patches without gradient, runs the staged head, then
+    # encodes them again with gradient and carries the maps' gradients back through the
+    # encoder: every parameter's gradient must be that of the one-pass step (encode with
+    # gradient, stitch in place, losses on the fused maps, one backward), and the stitched
+    # maps must hold the patches' fresh values afterwards.
+    import copy
+
+    from hiresctl.data import ReadRequest, ReadTag
+
+    run = build_run(_recipe(method="patchgd-global"), Dataset(objects_store), ["red", "green"],
+                    torch.device("cpu"))  # fmt: skip
+    method, model = run.method, run.model
+    assert isinstance(method, DetPatchGD)
+    torch.manual_seed(1)
+    for conv in model.fusion:  # type: ignore[union-attr]
+        torch.nn.init.normal_(conv.weight, std=0.05)
+    reference = copy.deepcopy(model)
+    grid = run.reader.grid("ob000", 64)
+    members = [ReadRequest("ob000", "patches", grid, np.array([4, 0]), ReadTag("group", 0))]
+    pixels = torch.randn(3, 3, 64, 64)  # two patches, then the global patch
+    maps = [m.normal_() for m in method._maps(model, ["ob000"], torch.device("cpu"))]
+    truth = [method._target_dict("ob000", torch.device("cpu"))]
+    sides = [method.side("ob000")]
+
+    expected = [m.clone() for m in maps]
+    features = reference.encode(pixels)
+    g = method._place(expected, members, features)
+    parts = reference.losses(reference.fuse(expected, g, sides), truth)
+    sum(parts.values()).backward()
+
+    ctx = step_context(run, None, None, accumulation=10)  # no optimizer step; grads / 10
+    loss = method._inner_step(ctx, model, maps, members, pixels, sides, truth)
+    assert loss == pytest.approx(float(sum(parts.values()).detach()), rel=1e-5)
+    assert ctx.micro_steps == 1 and ctx.patches_with_grad == 2
+    for mine, theirs in zip(maps, expected, strict=True):
+        torch.testing.assert_close(mine, theirs.detach())
+    checked = 0
+    for (name, p), q in zip(reference.named_parameters(), model.parameters(), strict=True):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad * 10, p.grad, atol=1e-6, rtol=1e-4, msg=name)
+            checked += ".body." in name
+    assert checked > 0  # the encoder's gradients came through the second phase
+
+
 def test_coco_round_trip_in_the_users_own_ids(tmp_path: Path, cli) -> None:  # type: ignore[no-untyped-def]
     """The user's COCO file has image ids 101, 108, … and category ids 7 (red) and 3 (green):
     predict writes detections.json in those ids, and pycocotools scores it against the user's
