@@ -3,6 +3,7 @@
     python benchmarks/detection.py [--side 512] [--count 40] [--objects 12] [--epochs 10]
                                    [--patch-size 128] [--scale-side 4096]
                                    [--skip-quality] [--skip-scale]
+                                   [--growth-sides 1024,2048,4096,8192]
 
 Part 1 (quality): `hiresctl synth det-mosaic` (digits and shapes of 12–128 px over photo
 textures, 13 classes), tiled with its COCO boxes. patchgd-global, patchgd, downsample and sliced
@@ -14,11 +15,16 @@ Part 2 (scale): one epoch on two `--scale-side`² images (4096² by default) wit
 `recipes/det-mosaic-*.yaml` (ResNet-18 + FPN 128, patch 512): training and evaluation peak
 memory and images/s of each method. Results replace the "detection" and "detection-scale"
 sections of BENCHMARKS.md.
+
+Part 3 (growth, D1; only with `--growth-sides`): the training peak of patchgd-global against
+sliced on one image of each side (`det-mosaic`, same recipes), one inner step each (the peak of
+an inner step is the same for every step of an image); replaces the "detection-growth" section.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import time
@@ -27,7 +33,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from learning import train_eval  # noqa: E402
-from training import publish  # noqa: E402
+from training import all_in_training, publish  # noqa: E402
 
 METHODS = ("patchgd-global", "patchgd", "downsample", "sliced")
 
@@ -117,6 +123,66 @@ def scale(args: argparse.Namespace) -> list[str]:
     return lines
 
 
+GROWN = ("patchgd-global", "sliced")
+
+
+def growth(sides: list[int]) -> list[str]:
+    peaks: dict[str, list[float]] = {m: [] for m in GROWN}
+    seconds: dict[str, list[float]] = {m: [] for m in GROWN}
+    for side in sides:
+        root = HERE / "data" / f"detection_growth_{side}"
+        store = root / "ds.zarr"
+        if not (store / "zarr.json").exists():
+            hiresctl = [sys.executable, "-m", "hiresctl"]
+            synth = root / "synth"
+            subprocess.run([*hiresctl, "synth", "det-mosaic", str(synth), "--count", "1",
+                            "--size", str(side), "--seed", "11"], check=True, capture_output=True)  # fmt: skip
+            subprocess.run([*hiresctl, "tile", str(synth / "images"), "--labels",
+                            str(all_in_training(synth)), "--coco", str(synth / "annotations.json"),
+                            "--chunk", "256", "--out", str(store)], check=True, capture_output=True)  # fmt: skip
+        for method in GROWN:
+            recipe = HERE.parent / "recipes" / f"det-mosaic-{method}.yaml"
+            out = root / f"run-{method}"
+            subprocess.run(["rm", "-rf", str(out)], check=True)
+            start = time.perf_counter()
+            train = subprocess.run(
+                [sys.executable, "-m", "hiresctl", "train", "--data", str(store), "--out", str(out),
+                 "--json", "--task", "det", "--recipe", str(recipe), "--set", "epochs=1",
+                 "--set", "val_split=none", "--set", "inner_steps=1", "--device", "cpu"],
+                capture_output=True, text=True,
+            )  # fmt: skip
+            if train.returncode:
+                raise RuntimeError(train.stderr[-2000:])
+            summary = json.loads(train.stdout.strip().splitlines()[-1])
+            peaks[method].append(summary["peak_memory_gb"])
+            seconds[method].append(time.perf_counter() - start)
+            print(side, method, summary["peak_memory_gb"], flush=True)
+    listed = ",".join(str(s) for s in sides)
+    lines = [
+        f"Command: `python benchmarks/detection.py --skip-quality --skip-scale --growth-sides "
+        f"{listed}`. One training image of `hiresctl synth det-mosaic --count 1 --size SIDE` "
+        "per side, `recipes/det-mosaic-<method>.yaml` (ResNet-18 + FPN 128, 4-conv heads, "
+        "patch 512; patchgd-global: k = 16 patches per inner step and the global patch; sliced: "
+        "16 windows of 512² per step), one inner step (`inner_steps=1`: every inner step of an "
+        "image peaks alike), each run in a fresh process. Peak: the training process's peak RSS.",
+        "",
+        "| side | "
+        + " | ".join(f"{m} peak GB" for m in GROWN)
+        + " | patchgd-global / sliced | "
+        + " | ".join(f"{m} s" for m in GROWN)
+        + " |",
+        "|---" * (2 + 2 * len(GROWN)) + "|",
+    ]
+    for i, side in enumerate(sides):
+        cells = [f"{peaks[m][i]:.2f}" for m in GROWN]
+        ratio = peaks[GROWN[0]][i] / peaks[GROWN[1]][i]
+        times = [f"{seconds[m][i]:.0f}" for m in GROWN]
+        lines.append(f"| {side}² | {' | '.join(cells)} | {ratio:.2f} | {' | '.join(times)} |")
+    grown = " · ".join(f"{m} {peaks[m][-1] / peaks[m][0]:.2f}×" for m in GROWN)
+    lines += ["", f"Growth from {sides[0]}² to {sides[-1]}²: {grown}."]
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--side", type=int, default=512)
@@ -127,6 +193,7 @@ def main() -> None:
     parser.add_argument("--scale-side", type=int, default=4096)
     parser.add_argument("--skip-scale", action="store_true")
     parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument("--growth-sides", default="", help="e.g. 1024,2048,4096,8192")
     args = parser.parse_args()
     if not args.skip_quality:
         lines = [f"## Detection, {time.strftime('%Y-%m-%d')}, CPU (2 cores)", ""]
@@ -137,6 +204,10 @@ def main() -> None:
             "",
         ]
         publish([*lines, *scale(args)], "detection-scale")
+    if args.growth_sides:
+        sides = [int(s) for s in args.growth_sides.split(",")]
+        lines = [f"## Detection growth (D1), {time.strftime('%Y-%m-%d')}, CPU (2 cores)", ""]
+        publish([*lines, *growth(sides)], "detection-growth")
 
 
 if __name__ == "__main__":

@@ -68,20 +68,29 @@ def top_stride(backbone: str) -> int:
 
 @dataclass(frozen=True)
 class CanvasCost:
-    """What the FCOS head costs on a canvas: its anchor points (one per cell of every FPN
-    stride), ``head`` bytes of activations per point, and target matching against at most
-    ``most_boxes`` boxes, ``MATCH_CHUNK`` points at a time."""
+    """What the FCOS head costs on a canvas, run a level and a branch at a time
+    (:meth:`PatchFCOS.staged_losses`): the gradient of the maps it reads (``channels`` floats
+    per anchor point of every FPN stride), ``branch`` bytes per point of the largest level for
+    one branch (its tower's kept and recomputed blocks, predictions, the gradients passing
+    through), and target matching against at most ``most_boxes`` boxes, ``MATCH_CHUNK`` points
+    at a time, which runs before the head does."""
 
     strides: tuple[int, ...]
-    head: int
+    channels: int
+    branch: int
     most_boxes: int
 
     def points(self, height: int, width: int) -> int:
         return sum((height // s) * (width // s) for s in self.strides)
 
+    def maps(self, height: int, width: int) -> int:
+        """One copy of the FPN maps of the canvas, every level."""
+        return self.points(height, width) * self.channels * 4
+
     def memory(self, height: int, width: int) -> int:
-        points = self.points(height, width)
-        return points * self.head + 48 * max(1, self.most_boxes) * min(points, MATCH_CHUNK)
+        largest = (height // self.strides[0]) * (width // self.strides[0])
+        matching = 48 * max(1, self.most_boxes) * min(self.points(height, width), MATCH_CHUNK)
+        return self.maps(height, width) + max(largest * self.branch, matching)
 
 
 class DetectionMethod(Method):
@@ -140,23 +149,27 @@ class DetectionMethod(Method):
     def detect(self, ctx: StepContext, image_ids: list[str], reads: Reads) -> list[Detections]:
         """Per image: boxes (read-level pixels), scores, labels; the evaluation threshold."""
 
+    def canvas(self, model: nn.Module, images: list[Any]) -> CanvasCost:
+        """What the FCOS head costs this model on a canvas (see :class:`CanvasCost`)."""
+        recipe = self.recipe
+        assert isinstance(model, PatchFCOS)
+        # per point of the largest level, in maps of `channels` floats: one branch's tower
+        # (conv, GroupNorm, ReLU per block; a recomputed tower keeps each block's input and
+        # redoes one block at a time in backward), its predictions and the gradients through
+        # it, and with a global patch the fused map and its gradient
+        recomputed = isinstance(model.detector.head.classification_head.conv, RecomputedTower)
+        tower = recipe.head_convs + 3 if recomputed else 3 * recipe.head_convs
+        per_point = tower + 4 + (2 if self.use_global else 0)
+        most_boxes = max((len(self.targets(im.image_id)[0]) for im in images), default=0)
+        return CanvasCost(model.strides, recipe.channels, recipe.channels * 4 * per_point,
+                          most_boxes)  # fmt: skip
+
     def memory(
         self, model: nn.Module, images: list[Any], cost: PatchCost
     ) -> tuple[int, int, int | None]:
-        """The FCOS head's activations on the canvas it sees (stitched image, window or
-        resized image), the stitched maps and their gradient copies, and target matching
-        (anchor points × boxes, at most ``MATCH_CHUNK`` points at a time)."""
-        recipe = self.recipe
-        assert isinstance(model, PatchFCOS)
-        channels = recipe.channels
-        # per anchor point, in maps of `channels` floats: both branches' towers (conv,
-        # GroupNorm, ReLU per block; a recomputed tower keeps each block's input and redoes
-        # one block at a time in backward), plus the predictions and their gradients
-        recomputed = isinstance(model.detector.head.classification_head.conv, RecomputedTower)
-        towers = 2 * recipe.head_convs + 3 if recomputed else 6 * recipe.head_convs
-        most_boxes = max((len(self.targets(im.image_id)[0]) for im in images), default=0)
-        canvas = CanvasCost(model.strides, channels * 4 * (towers + 4), most_boxes)
-        return self.step_memory(canvas, images, cost)
+        """The FCOS head on the canvas it sees (stitched image, window or resized image), the
+        stitched maps, and target matching (see :class:`CanvasCost`)."""
+        return self.step_memory(self.canvas(model, images), images, cost)
 
     @abstractmethod
     def step_memory(
@@ -200,14 +213,25 @@ class DetPatchGD(DetectionMethod, PatchGD):
     def step_memory(
         self, canvas: CanvasCost, images: list[Any], cost: PatchCost
     ) -> tuple[int, int, int | None]:
-        size = self.recipe.patch_size
+        """The encoder's phase of an inner step: the stitched maps, the global patch and k
+        patches with gradient (and their maps' gradients), beside what the same patches'
+        encoding without gradient at the start of the step left to the allocator."""
         grid, kept = self.largest(images)
-        height, width = grid.rows * size, grid.cols * size
-        maps = canvas.points(height, width) * self.recipe.channels * 4
-        per_image = maps * (2 + (3 if self.use_global else 0))
-        per_image += canvas.memory(height, width)
-        per_image += self.beside_inner_steps(len(kept), cost)
-        return per_image, cost.grad, self.patches_per_step(len(kept))
+        size = self.recipe.patch_size
+        per_image = canvas.maps(grid.rows * size, grid.cols * size)
+        per_image += cost.grad + cost.nograd if self.use_global else 0
+        per_patch = cost.grad + cost.nograd + canvas.maps(size, size)
+        return per_image, per_patch, self.patches_per_step(len(kept))
+
+    def memory_apart(self, model: nn.Module, images: list[Any], cost: PatchCost) -> int:
+        """The phases without gradient through the encoder, each beside the stitched maps: the
+        fill (``fill_batch`` patches encoded at once), then in every inner step the maps'
+        gradient and the head a level and a branch at a time on the whole stitched canvas."""
+        grid, kept = self.largest(images)
+        height, width = grid.rows * self.recipe.patch_size, grid.cols * self.recipe.patch_size
+        canvas = self.canvas(model, images)
+        fill = min(self.recipe.fill_batch, len(kept)) * cost.nograd
+        return canvas.maps(height, width) + max(fill, canvas.memory(height, width))
 
     def __init__(self, recipe: Recipe, num_classes: int, reader: PatchReader) -> None:
         if recipe.stride not in (None, recipe.patch_size):

@@ -164,32 +164,41 @@ def plan_memory(
     accumulation_steps: int,
     patches_wanted: int | None,
     patches_min: int = 1,
+    apart: int = 0,
 ) -> MemoryPlan:
     """Largest step that fits: first shrink the batch (raising accumulation), then patches/step.
 
     ``baseline`` is what the process holds before training (libraries, CUDA context), ``fixed``
     the model's weights, gradients and optimizer state, ``per_patch`` the activations of one
     patch encoded with gradient, ``per_image`` what one image costs besides its patches (latent
-    grid and head activations, or the whole image for ``full``).
+    grid and head activations, or the whole image for ``full``), ``apart`` what one image costs
+    in a phase of the step that holds no patch's activations (a head run before the encoder's
+    backward): the step's peak is the larger of the two phases.
     """
     from storage import UsageError
 
     effective = batch_size * accumulation_steps
+
+    def estimate(batch: int, patches: int) -> int:
+        return baseline + fixed + batch * max(per_image + patches * per_patch, apart)
+
     for batch in range(batch_size, 0, -1):
         room = budget - baseline - fixed - batch * per_image
+        if batch * apart > budget - baseline - fixed:
+            continue
         if patches_wanted is None:
-            need = batch * per_patch
-            if room >= need:
+            if room >= batch * per_patch:
                 return MemoryPlan(
-                    budget, batch, math.ceil(effective / batch), None, budget - room + need
+                    budget, batch, math.ceil(effective / batch), None, estimate(batch, 1)
                 )
             continue
         fit = room // max(1, batch * per_patch)
         if fit >= max(patches_min, min(patches_wanted, patches_min)):
             chosen = int(min(patches_wanted, fit))
-            estimate = baseline + fixed + batch * (per_image + chosen * per_patch)
-            return MemoryPlan(budget, batch, math.ceil(effective / batch), chosen, estimate)
-    smallest = baseline + fixed + per_image + per_patch * (patches_min if patches_wanted else 1)
+            return MemoryPlan(
+                budget, batch, math.ceil(effective / batch), chosen, estimate(batch, chosen)
+            )
+    smallest = estimate(1, patches_min if patches_wanted else 1)
     raise UsageError(
         f"memory budget {budget / 2**30:.2f} GiB is too small for this model: one image with "
         f"{patches_min} patch(es) needs about {smallest / 2**30:.2f} GiB "

@@ -205,6 +205,13 @@ class Method(ABC):
         transient per image); the default is one such patch per image, with gradient."""
         return 0, cost.grad, None
 
+    def memory_apart(self, model: nn.Module, images: list[Any], cost: PatchCost) -> int:
+        """Bytes per image of a phase of the step in which no patch holds activations for
+        backward (detection's PatchGD runs the head on the stitched maps before the encoder's
+        backward): ``--memory-budget`` takes the step's peak as the larger of this and
+        :meth:`memory`'s per image and patches. 0: the step has no such phase."""
+        return 0
+
     @abstractmethod
     def describe(self, image_id: str) -> dict[str, str] | None:
         """What the method sees of an image for the report, as the seed paper's tables state

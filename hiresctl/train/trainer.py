@@ -101,6 +101,7 @@ def _memory_plan(run: Run, budget_text: str, images: list[LabelledImage]) -> Mem
         batch_size=recipe.batch_size,
         accumulation_steps=recipe.accumulation_steps,
         patches_wanted=patches_wanted,
+        apart=run.method.memory_apart(model, images, cost),
     )
 
 

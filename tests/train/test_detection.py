@@ -235,21 +235,25 @@ def test_memory_budget_picks_patches_per_step_for_detection(
 def test_memory_estimate_follows_the_head_recomputation(
     objects_store: Path, tmp_path: Path
 ) -> None:
-    """Recomputed head towers keep each block's input only: the step's estimate counts the
-    head's activations accordingly, and grows back when the towers keep everything."""
+    """Recomputed head towers keep each block's input only: the head phase's estimate counts
+    the largest level's activations accordingly, and grows back when the towers keep
+    everything; the encoder's phase does not hold the head and does not change."""
     from torch import nn
 
-    trainer = Trainer(objects_store, tmp_path / "a", _recipe(method="patchgd"))
+    trainer = Trainer(objects_store, tmp_path / "a", _recipe(method="patchgd", head_convs=3))
     run = trainer.run
     images = trainer.train_images
-    recomputed = sum(run.method.memory(run.model, images, PatchCost(0, 0))[:2])
+    cost = PatchCost(1000, 100)
+    recomputed = run.method.memory_apart(run.model, images, cost)
+    encoder_phase = run.method.memory(run.model, images, cost)
     head = run.model.detector.head  # type: ignore[union-attr]
     for branch in (head.classification_head, head.regression_head):
         branch.conv = nn.Sequential(*branch.conv)  # the same blocks, nothing recomputed
-    plain = sum(run.method.memory(run.model, images, PatchCost(0, 0))[:2])
-    canvas = sum((192 // s) ** 2 for s in run.model.strides)  # type: ignore[union-attr]
-    towers = 6 * SMALL["head_convs"] - (2 * SMALL["head_convs"] + 3)  # tensors no longer kept
-    assert plain - recomputed == canvas * SMALL["latent_dim"] * 4 * towers
+    plain = run.method.memory_apart(run.model, images, cost)
+    assert run.method.memory(run.model, images, cost) == encoder_phase
+    largest = (192 // run.model.strides[0]) ** 2  # type: ignore[union-attr]
+    kept = 3 * 3 - (3 + 3)  # a plain tower keeps conv, norm and ReLU outputs of its 3 blocks
+    assert plain - recomputed == largest * SMALL["latent_dim"] * 4 * kept
 
 
 def test_predict_writes_coco_results_and_qupath_rectangles(

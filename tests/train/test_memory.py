@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 from hiresctl.train.memory import PatchCost, patch_cost
+from storage import UsageError
 
 H = W = 32
 FLOAT = 4
@@ -55,3 +57,23 @@ def test_patch_cost_leaves_the_encoder_as_it_was() -> None:
 
 def test_a_larger_input_costs_by_its_pixels() -> None:
     assert PatchCost(100, 40).scaled(64, 32) == PatchCost(400, 160)
+
+
+def test_a_phase_apart_from_the_patches_counts_as_the_larger_of_the_two() -> None:
+    # A step whose head runs before the encoder's backward peaks at the larger of its two
+    # phases, not at their sum; a head phase that no longer fits shrinks the batch first.
+    from hiresctl.train.memory import plan_memory
+
+    GB = 10**9
+    common = {"baseline": GB, "fixed": GB, "per_patch": GB // 10, "per_image": GB,
+              "batch_size": 2, "accumulation_steps": 1, "patches_wanted": 8}  # fmt: skip
+    encoder_bound = plan_memory(20 * GB, apart=GB, **common)  # type: ignore[arg-type]
+    assert encoder_bound.batch_size == 2 and encoder_bound.patches_per_step == 8
+    assert encoder_bound.estimate == 2 * GB + 2 * (GB + 8 * GB // 10)
+    head_bound = plan_memory(20 * GB, apart=5 * GB, **common)  # type: ignore[arg-type]
+    assert head_bound.estimate == 2 * GB + 2 * 5 * GB
+    shrunk = plan_memory(10 * GB, apart=5 * GB, **common)  # type: ignore[arg-type]
+    assert shrunk.batch_size == 1 and shrunk.accumulation_steps == 2
+    assert shrunk.estimate == 2 * GB + 5 * GB
+    with pytest.raises(UsageError, match=r"needs about 6\.52 GiB"):  # 7e9 bytes: the head phase
+        plan_memory(6 * GB, apart=5 * GB, **common)  # type: ignore[arg-type]
