@@ -68,15 +68,16 @@ def top_stride(backbone: str) -> int:
 
 @dataclass(frozen=True)
 class CanvasCost:
-    """What the FCOS head costs on a canvas, run a level and a branch at a time
-    (:meth:`PatchFCOS.staged_losses`): the gradient of the maps it reads (``channels`` floats
-    per anchor point of every FPN stride), ``branch`` bytes per point of the largest level for
-    one branch (its tower's kept and recomputed blocks, predictions, the gradients passing
-    through), and target matching against at most ``most_boxes`` boxes, ``MATCH_CHUNK`` points
-    at a time, which runs before the head does."""
+    """What the FCOS head costs on a canvas of anchor points (one per cell of every FPN
+    stride), with ``channels`` floats per point in each map: in one pass (``whole`` bytes per
+    point: both branches' activations and predictions, the gradients through them) or a level
+    and a branch at a time (:meth:`PatchFCOS.staged_losses`: ``branch`` bytes per point of the
+    largest level, beside the gradient of the maps it reads); and target matching against at
+    most ``most_boxes`` boxes, ``MATCH_CHUNK`` points at a time."""
 
     strides: tuple[int, ...]
     channels: int
+    whole: int
     branch: int
     most_boxes: int
 
@@ -87,10 +88,18 @@ class CanvasCost:
         """One copy of the FPN maps of the canvas, every level."""
         return self.points(height, width) * self.channels * 4
 
+    def matching(self, height: int, width: int) -> int:
+        return 48 * max(1, self.most_boxes) * min(self.points(height, width), MATCH_CHUNK)
+
     def memory(self, height: int, width: int) -> int:
+        """The head and losses in one pass, matching beside them."""
+        return self.points(height, width) * self.whole + self.matching(height, width)
+
+    def staged(self, height: int, width: int) -> int:
+        """The head and losses a level and a branch at a time; matching runs before them."""
         largest = (height // self.strides[0]) * (width // self.strides[0])
-        matching = 48 * max(1, self.most_boxes) * min(self.points(height, width), MATCH_CHUNK)
-        return self.maps(height, width) + max(largest * self.branch, matching)
+        head = largest * self.branch
+        return self.maps(height, width) + max(head, self.matching(height, width))
 
 
 class DetectionMethod(Method):
@@ -153,16 +162,18 @@ class DetectionMethod(Method):
         """What the FCOS head costs this model on a canvas (see :class:`CanvasCost`)."""
         recipe = self.recipe
         assert isinstance(model, PatchFCOS)
-        # per point of the largest level, in maps of `channels` floats: one branch's tower
-        # (conv, GroupNorm, ReLU per block; a recomputed tower keeps each block's input and
-        # redoes one block at a time in backward), its predictions and the gradients through
-        # it, and with a global patch the fused map and its gradient
+        # per point, in maps of `channels` floats: the towers (conv, GroupNorm, ReLU per
+        # block; a recomputed tower keeps each block's input and redoes one block at a time
+        # in backward), the predictions and the gradients through them
         recomputed = isinstance(model.detector.head.classification_head.conv, RecomputedTower)
-        tower = recipe.head_convs + 3 if recomputed else 3 * recipe.head_convs
-        per_point = tower + 4 + (2 if self.use_global else 0)
+        convs = recipe.head_convs
+        towers = 2 * convs + 3 if recomputed else 6 * convs  # both branches, one pass
+        tower = convs + 3 if recomputed else 3 * convs  # one branch, staged
+        staged = tower + 4 + (2 if self.use_global else 0)  # + the fused map and its gradient
         most_boxes = max((len(self.targets(im.image_id)[0]) for im in images), default=0)
-        return CanvasCost(model.strides, recipe.channels, recipe.channels * 4 * per_point,
-                          most_boxes)  # fmt: skip
+        floats = recipe.channels * 4
+        return CanvasCost(model.strides, recipe.channels, floats * (towers + 4),
+                          floats * staged, most_boxes)  # fmt: skip
 
     def memory(
         self, model: nn.Module, images: list[Any], cost: PatchCost
@@ -182,18 +193,14 @@ class DetectionMethod(Method):
         ctx: StepContext, model: PatchFCOS, features: list[torch.Tensor],
         truth: list[dict[str, torch.Tensor]],
     ) -> float:  # fmt: skip
-        """One micro-step on maps the encoder just made with gradient: the head and losses a
-        level and a branch at a time on leaves cut from the maps
-        (:meth:`PatchFCOS.staged_losses`), then the encoder's backward from the leaves'
-        gradients. Returns the loss."""
-
-        def run(backward: Callable[[torch.Tensor], None]) -> float:
-            leaves = [f.detach().requires_grad_() for f in features]
-            parts = model.staged_losses(leaves, None, [], truth, backward, ctx.autocast)
-            torch.autograd.backward(features, [_grad(leaf) for leaf in leaves])
-            return sum(parts.values())
-
-        return ctx.learn_staged(run)
+        """One micro-step on maps the encoder just made with gradient: the head and losses in
+        one pass and one backward (the encoder's graph is held through the head either way, so
+        running the head a level at a time would not lower the peak). Returns the loss."""
+        with ctx.autocast():
+            parts = model.losses(features, truth)
+        loss = sum(parts.values(), torch.zeros((), device=features[0].device))
+        ctx.learn(loss)
+        return float(loss.detach())
 
     @staticmethod
     def _finish(ctx: StepContext, losses: list[float], batch: int, inner: int) -> BatchOutput:
@@ -231,7 +238,7 @@ class DetPatchGD(DetectionMethod, PatchGD):
         height, width = grid.rows * self.recipe.patch_size, grid.cols * self.recipe.patch_size
         canvas = self.canvas(model, images)
         fill = min(self.recipe.fill_batch, len(kept)) * cost.nograd
-        return canvas.maps(height, width) + max(fill, canvas.memory(height, width))
+        return canvas.maps(height, width) + max(fill, canvas.staged(height, width))
 
     def __init__(self, recipe: Recipe, num_classes: int, reader: PatchReader) -> None:
         if recipe.stride not in (None, recipe.patch_size):
