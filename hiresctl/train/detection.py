@@ -34,7 +34,7 @@ from torchvision.ops import batched_nms, box_iou
 
 from hiresctl.data import NO_FLIP, PatchGrid, PatchReader, ReadRequest, ReadTag, flip_boxes
 from hiresctl.models.detection import MATCH_CHUNK, PatchFCOS, RecomputedTower
-from hiresctl.train.memory import PatchCost
+from hiresctl.train.memory import PatchCost, release_freed_memory
 from hiresctl.train.methods import (
     BatchOutput,
     Method,
@@ -212,7 +212,7 @@ class DetectionMethod(Method):
                            torch.zeros(batch, 0), inner, score=(0, 0))  # fmt: skip
 
 
-@register_method("det", "patchgd")
+@register_method("det", "patchgd", defaults={"grad_batch": 4})
 class DetPatchGD(DetectionMethod, PatchGD):
     """PatchGD for FCOS: stitched FPN maps per level, k patches per image re-encoded with
     gradient per inner step, the head and losses on the whole stitched image."""
@@ -220,15 +220,20 @@ class DetPatchGD(DetectionMethod, PatchGD):
     def step_memory(
         self, canvas: CanvasCost, images: list[Any], cost: PatchCost
     ) -> tuple[int, int, int | None]:
-        """The encoder's phase of an inner step: the stitched maps, the global patch and k
-        patches with gradient (and their maps' gradients), beside what the same patches'
-        encoding without gradient at the start of the step left to the allocator."""
+        """The encoder's phase of an inner step: the stitched maps, the gradient of every
+        patch's maps, and ``grad_batch`` of the k patches and the global patch encoded with
+        gradient at once (all of them when it is unset)."""
         grid, kept = self.largest(images)
         size = self.recipe.patch_size
+        wanted = self.patches_per_step(len(kept))
         per_image = canvas.maps(grid.rows * size, grid.cols * size)
-        per_image += cost.grad + cost.nograd if self.use_global else 0
-        per_patch = cost.grad + cost.nograd + canvas.maps(size, size)
-        return per_image, per_patch, self.patches_per_step(len(kept))
+        per_patch = canvas.maps(size, size)
+        if self.recipe.grad_batch:
+            per_image += min(self.recipe.grad_batch, wanted + self.use_global) * cost.grad
+        else:
+            per_image += cost.grad if self.use_global else 0
+            per_patch += cost.grad
+        return per_image, per_patch, wanted
 
     def memory_apart(self, model: nn.Module, images: list[Any], cost: PatchCost) -> int:
         """The phases without gradient through the encoder, each beside the stitched maps: the
@@ -340,9 +345,14 @@ class DetPatchGD(DetectionMethod, PatchGD):
         members: list[ReadRequest], pixels: torch.Tensor, sides: list[int],
         truth: list[dict[str, torch.Tensor]],
     ) -> float:  # fmt: skip
-        """:meth:`train_batch`'s two phases for one group of patches; returns the loss."""
+        """:meth:`train_batch`'s two phases for one group of patches; returns the loss. Both
+        encode ``pixels`` in slices (``fill_batch`` without gradient, ``grad_batch`` with it,
+        each slice's backward before the next slice runs): the encoder normalises each patch
+        on its own (GroupNorm), so slices change nothing but the memory they hold."""
         with torch.no_grad(), ctx.autocast():
-            g = self._place(maps, members, model.encode(pixels))
+            parts = [model.encode(p) for p in pixels.split(self.recipe.fill_batch)]
+            g = self._place(maps, members, [torch.cat(level) for level in zip(*parts, strict=True)])
+            del parts
 
         def run(backward: Callable[[torch.Tensor], None]) -> float:
             leaves = [m.detach().requires_grad_() for m in maps]
@@ -355,11 +365,14 @@ class DetPatchGD(DetectionMethod, PatchGD):
                     torch.cat([a, _grad(b)]) for a, b in zip(grads, global_leaves, strict=True)
                 ]
             del leaves, global_leaves
-            with ctx.autocast():
-                features = model.encode(pixels)
-            torch.autograd.backward(
-                features, [d.to(f.dtype) for d, f in zip(grads, features, strict=True)]
-            )
+            release_freed_memory(ctx.device)  # the head's pages: the encoder's peak is apart
+            size = self.recipe.grad_batch or len(pixels)
+            for start in range(0, len(pixels), size):
+                with ctx.autocast():
+                    features = model.encode(pixels[start : start + size])
+                torch.autograd.backward(features, [d[start : start + size].to(f.dtype)
+                                                   for d, f in zip(grads, features, strict=True)])  # fmt: skip
+                del features
             return sum(parts.values())
 
         loss = ctx.learn_staged(run)
@@ -419,7 +432,7 @@ class DetPatchGD(DetectionMethod, PatchGD):
                 for d in found]  # fmt: skip
 
 
-@register_method("det", "patchgd-global", defaults={"accumulation_steps": 10})
+@register_method("det", "patchgd-global", defaults={"accumulation_steps": 10, "grad_batch": 4})
 class DetPatchGDGlobal(DetPatchGD):
     """PatchGD for FCOS with the global patch's FPN maps fused into the stitched maps."""
 

@@ -70,6 +70,10 @@ class Recipe:
     # keeps it small and measured as fast on a CPU as 64 (ResNet-18 at 256²: 3.0 s vs 3.7 s
     # for 64 patches)
     fill_batch: int = 16
+    # detection PatchGD: patches encoded with gradient at once in an inner step's encoder
+    # phase, each slice's backward before the next (GroupNorm encoders: the same gradients,
+    # less memory held); None = the step's k patches and its global patch at once
+    grad_batch: int | None = None
     # PatchGD: "batch" averages the J inner steps' gradients into one micro-step per image batch
     # (an optimizer step every `accumulation_steps` batches, as the whole-image network steps);
     # "step" makes every inner step a micro-step (the paper's ε counts inner iterations)
@@ -193,9 +197,11 @@ def _check(recipe: Recipe, where: str) -> None:
             )
     positive = ("patch_size", "epochs", "batch_size", "accumulation_steps", "fill_batch")
     for key in (*positive, "memory_size", "iter_size", "latent_dim", "head_width", "head_convs",
-                "max_detections", "mil_hidden", "attention_dim", "bag_size"):  # fmt: skip
+                "max_detections", "mil_hidden", "attention_dim", "bag_size", "grad_batch"):  # fmt: skip
         if key == "latent_dim" and recipe.latent_dim is None and recipe.task == "cls":
             continue  # the backbone's own width
+        if key == "grad_batch" and recipe.grad_batch is None:
+            continue  # all at once
         if getattr(recipe, key) is None or getattr(recipe, key) < 1:
             raise UsageError(f"{where}: {key} must be at least 1, got {getattr(recipe, key)}")
     if recipe.max_instances is not None and recipe.max_instances < 1:

@@ -388,18 +388,22 @@ def test_staged_losses_equal_one_backward_of_the_whole_loss(use_global: bool) ->
             torch.testing.assert_close(q.grad, p.grad, msg=name)
 
 
-def test_patchgd_inner_step_has_the_gradients_of_one_backward(objects_store: Path) -> None:
+@pytest.mark.parametrize(("fill_batch", "grad_batch"), [(16, None), (2, 1)])
+def test_patchgd_inner_step_has_the_gradients_of_one_backward(
+    objects_store: Path, fill_batch: int, grad_batch: int | None
+) -> None:
     # DetPatchGD's inner step encodes its patches without gradient, runs the staged head, then
     # encodes them again with gradient and carries the maps' gradients back through the
-    # encoder: every parameter's gradient must be that of the one-pass step (encode with
-    # gradient, stitch in place, losses on the fused maps, one backward), and the stitched
-    # maps must hold the patches' fresh values afterwards.
+    # encoder, in slices of fill_batch and grad_batch patches: every parameter's gradient must
+    # be that of the one-pass step (encode all at once with gradient, stitch in place, losses
+    # on the fused maps, one backward), and the stitched maps must hold the patches' fresh
+    # values afterwards.
     import copy
 
     from hiresctl.data import ReadRequest, ReadTag
 
-    run = build_run(_recipe(method="patchgd-global"), Dataset(objects_store), ["red", "green"],
-                    torch.device("cpu"))  # fmt: skip
+    recipe = _recipe(method="patchgd-global", fill_batch=fill_batch, grad_batch=grad_batch)
+    run = build_run(recipe, Dataset(objects_store), ["red", "green"], torch.device("cpu"))
     method, model = run.method, run.model
     assert isinstance(method, DetPatchGD)
     torch.manual_seed(1)
