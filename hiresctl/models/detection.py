@@ -252,9 +252,17 @@ class PatchFCOS(nn.Module):
             upsample_region(global_map[b : b + 1].float(), sides[b] / stride, 0, 0, height, width)  # type: ignore[arg-type]
             for b in range(len(sides))
         ]).to(maps.dtype)  # fmt: skip
-        joined = torch.cat([maps, up], 1) if self.fusion_mode == "concat" else maps + up
-        out: torch.Tensor = self.fusion[level](joined)
-        return out
+        conv = self.fusion[level]
+        assert isinstance(conv, nn.Conv2d)
+        if self.fusion_mode == "add":
+            out: torch.Tensor = conv(maps + up)
+            return out
+        # the conv over [maps, up] as the sum of its two halves: the same output, and the
+        # stitched maps' gradient is a tensor of its own, not a view into the concatenation's
+        channels, weight, padding = maps.shape[1], conv.weight, (1, 1)
+        return nn.functional.conv2d(
+            maps, weight[:, :channels], conv.bias, padding=padding
+        ) + nn.functional.conv2d(up, weight[:, channels:], padding=padding)
 
     def _anchors(self, features: list[torch.Tensor], height: int, width: int) -> list[torch.Tensor]:
         batch = features[0].shape[0]
@@ -289,6 +297,7 @@ class PatchFCOS(nn.Module):
         targets: list[dict[str, torch.Tensor]],
         backward: Callable[[torch.Tensor], None],
         autocast: Callable[[], AbstractContextManager[Any]] = nullcontext,
+        level_done: Callable[[int], None] | None = None,
     ) -> dict[str, float]:
         """``losses(fuse(stitched, global_maps, sides), targets)`` and its backward, one FPN level
         and one head branch at a time, so that only one level's branch holds activations.
@@ -300,7 +309,8 @@ class PatchFCOS(nn.Module):
         foreground count of the whole canvas, counted here before any level runs). Each piece
         of the loss goes to ``backward``; a level's fusion conv runs without gradient before its
         branches and again with gradient after them. The forwards run inside ``autocast()``,
-        the backwards outside it. Returns the loss terms' values."""
+        the backwards outside it. ``level_done(l)`` runs once level ``l``'s gradients are in
+        (the caller may take ``stitched[l].grad`` and free it). Returns the loss terms' values."""
         height = stitched[0].shape[-2] * self.strides[0]
         width = stitched[0].shape[-1] * self.strides[0]
         anchors = self._anchors(stitched, height, width)
@@ -342,6 +352,9 @@ class PatchFCOS(nn.Module):
                 with autocast():
                     again = self.fuse_level(level, maps, global_maps[level], sides)
                 torch.autograd.backward(again, grad)
+                del again, grad
+            if level_done is not None:
+                level_done(level)
         return totals
 
     def _branch(self, x: torch.Tensor, classification: bool) -> dict[str, torch.Tensor]:

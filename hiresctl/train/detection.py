@@ -357,14 +357,19 @@ class DetPatchGD(DetectionMethod, PatchGD):
         def run(backward: Callable[[torch.Tensor], None]) -> float:
             leaves = [m.detach().requires_grad_() for m in maps]
             global_leaves = [x.detach().requires_grad_() for x in g] if g else None
+            kept: list[torch.Tensor] = []
+
+            def level_done(level: int) -> None:  # keep the patches' cells, free the rest
+                kept.append(self._gathered(model, [_grad(leaves[level])], members, level)[0])
+                leaves[level].grad = None
+
             parts = model.staged_losses(leaves, global_leaves, sides, truth, backward,
-                                        ctx.autocast)  # fmt: skip
-            grads = self._gathered(model, [_grad(leaf) for leaf in leaves], members)
+                                        ctx.autocast, level_done)  # fmt: skip
+            grads = kept
             if global_leaves is not None:
                 grads = [
                     torch.cat([a, _grad(b)]) for a, b in zip(grads, global_leaves, strict=True)
                 ]
-            del leaves, global_leaves
             release_freed_memory(ctx.device)  # the head's pages: the encoder's peak is apart
             size = self.recipe.grad_batch or len(pixels)
             for start in range(0, len(pixels), size):
@@ -407,10 +412,12 @@ class DetPatchGD(DetectionMethod, PatchGD):
         return [f[start:] for f in features] if self.use_global else None
 
     def _gathered(
-        self, model: PatchFCOS, maps: list[torch.Tensor], members: list[ReadRequest]
-    ) -> list[torch.Tensor]:
-        """The group's patch maps cut from ``maps``, in :meth:`_place`'s order."""
-        sides = [self.recipe.patch_size // s for s in model.strides]
+        self, model: PatchFCOS, maps: list[torch.Tensor], members: list[ReadRequest],
+        first: int = 0,
+    ) -> list[torch.Tensor]:  # fmt: skip
+        """The group's patch maps cut from ``maps`` (FPN levels from ``first`` on), in
+        :meth:`_place`'s order."""
+        sides = [self.recipe.patch_size // s for s in model.strides[first:]][: len(maps)]
         per_request = [self._gather(maps, r.tag.image, r.grid, r.indices, sides) for r in members]
         return [torch.cat(level) for level in zip(*per_request, strict=True)]
 

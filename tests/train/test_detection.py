@@ -388,6 +388,25 @@ def test_staged_losses_equal_one_backward_of_the_whole_loss(use_global: bool) ->
             torch.testing.assert_close(q.grad, p.grad, msg=name)
 
 
+def test_fusion_is_one_conv_over_the_stitched_and_the_upsampled_global_maps() -> None:
+    # fuse_level runs the conv over [stitched, up(global)] as two half convs (so the stitched
+    # maps' gradient is a tensor of its own): the output must be the conv of the concatenation.
+    from hiresctl.models.detection import PatchFCOS
+    from hiresctl.models.segmentation import upsample_region
+
+    torch.manual_seed(0)
+    model = PatchFCOS("tiny", 3, 32, use_global=True, head_convs=2)
+    conv = model.fusion[1]  # type: ignore[index]
+    torch.nn.init.normal_(conv.weight, std=0.1)
+    torch.nn.init.normal_(conv.bias, std=0.1)
+    maps, g = torch.randn(2, 32, 12, 10), torch.randn(2, 32, 4, 4)
+    sides = [160, 120]  # the second image's square is smaller than the grid: zero past it
+    up = torch.cat([upsample_region(g[b : b + 1], sides[b] / model.strides[1], 0, 0, 12, 10)
+                    for b in range(2)])  # fmt: skip
+    expected = conv(torch.cat([maps, up], 1))
+    torch.testing.assert_close(model.fuse_level(1, maps, g, sides), expected)
+
+
 @pytest.mark.parametrize(("fill_batch", "grad_batch"), [(16, None), (2, 1)])
 def test_patchgd_inner_step_has_the_gradients_of_one_backward(
     objects_store: Path, fill_batch: int, grad_batch: int | None
