@@ -222,11 +222,14 @@ class DetPatchGD(DetectionMethod, PatchGD):
     ) -> tuple[int, int, int | None]:
         """The encoder's phase of an inner step: the stitched maps, the gradient of every
         patch's maps, and ``grad_batch`` of the k patches and the global patch encoded with
-        gradient at once (all of them when it is unset)."""
+        gradient at once (all of them when it is unset), beside what the same patches'
+        encoding without gradient (``fill_batch`` at a time) left to the allocator (measured:
+        the heap's release between the phases does not return all of it)."""
         grid, kept = self.largest(images)
         size = self.recipe.patch_size
         wanted = self.patches_per_step(len(kept))
         per_image = canvas.maps(grid.rows * size, grid.cols * size)
+        per_image += min(self.recipe.fill_batch, wanted + self.use_global) * cost.nograd
         per_patch = canvas.maps(size, size)
         if self.recipe.grad_batch:
             per_image += min(self.recipe.grad_batch, wanted + self.use_global) * cost.grad
