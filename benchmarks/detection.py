@@ -162,8 +162,8 @@ def growth(sides: list[int]) -> list[str]:
         f"Command: `python benchmarks/detection.py --skip-quality --skip-scale --growth-sides "
         f"{listed}`. One training image of `hiresctl synth det-mosaic --count 1 --size SIDE` "
         "per side, `recipes/det-mosaic-<method>.yaml` (ResNet-18 + FPN 128, 4-conv heads, "
-        "patch 512; patchgd-global: k = 16 patches per inner step and the global patch; sliced: "
-        "16 windows of 512² per step), one inner step (`inner_steps=1`: every inner step of an "
+        "patch 512; patchgd-global: k = 25% of the patches per inner step, re-encoded "
+        "`grad_batch` = 4 at a time, and the global patch; sliced: 16 windows of 512² per step), one inner step (`inner_steps=1`: every inner step of an "
         "image peaks alike), each run in a fresh process. Peak: the training process's peak RSS.",
         "",
         "| side | "
