@@ -322,8 +322,8 @@ class PatchFCOS(nn.Module):
         foreground = max(1, sum(int((m >= 0).sum()) for per_image in matched for m in per_image))
         head = self.detector.head
         totals = dict.fromkeys(LOSS_TERMS, 0.0)
+        fused = self.fusion is not None and global_maps is not None
         for level, maps in enumerate(stitched):
-            fused = global_maps is not None and self.fusion is not None
             if fused:
                 assert global_maps is not None
                 with torch.no_grad(), autocast():

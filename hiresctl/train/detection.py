@@ -182,11 +182,19 @@ class DetectionMethod(Method):
         stitched maps, and target matching (see :class:`CanvasCost`)."""
         return self.step_memory(self.canvas(model, images), images, cost)
 
+    def memory_apart(self, model: nn.Module, images: list[Any], cost: PatchCost) -> int:
+        return self.step_apart(self.canvas(model, images), images, cost)
+
     @abstractmethod
     def step_memory(
         self, canvas: CanvasCost, images: list[Any], cost: PatchCost
     ) -> tuple[int, int, int | None]:
         """:meth:`memory` of this method, given what a canvas of the head costs."""
+
+    def step_apart(self, canvas: CanvasCost, images: list[Any], cost: PatchCost) -> int:
+        """:meth:`memory_apart` of this method, given what a canvas of the head costs; 0: the
+        step has no phase apart from its patches."""
+        return 0
 
     @staticmethod
     def _learn(
@@ -238,13 +246,12 @@ class DetPatchGD(DetectionMethod, PatchGD):
             per_patch += cost.grad
         return per_image, per_patch, wanted
 
-    def memory_apart(self, model: nn.Module, images: list[Any], cost: PatchCost) -> int:
+    def step_apart(self, canvas: CanvasCost, images: list[Any], cost: PatchCost) -> int:
         """The phases without gradient through the encoder, each beside the stitched maps: the
         fill (``fill_batch`` patches encoded at once), then in every inner step the maps'
         gradient and the head a level and a branch at a time on the whole stitched canvas."""
         grid, kept = self.largest(images)
         height, width = grid.rows * self.recipe.patch_size, grid.cols * self.recipe.patch_size
-        canvas = self.canvas(model, images)
         fill = min(self.recipe.fill_batch, len(kept)) * cost.nograd
         return canvas.maps(height, width) + max(fill, canvas.staged(height, width))
 
@@ -287,16 +294,13 @@ class DetPatchGD(DetectionMethod, PatchGD):
 
     @classmethod
     def _gather(
-        cls, maps: list[torch.Tensor], b: int, grid: PatchGrid, indices: np.ndarray,
-        sides: list[int],
-    ) -> list[torch.Tensor]:  # fmt: skip
-        """The inverse of :meth:`_stitch`: per level, the (n, C, h, w) maps of the patches at
-        ``indices`` (``sides``: each level's cells per patch side)."""
-        out = []
-        for level, side in zip(maps, sides, strict=True):
-            cells = cls._cells(grid, indices, side)
-            out.append(torch.stack([level[b, :, rows, cols] for rows, cols in cells]))
-        return out
+        cls, level: torch.Tensor, b: int, grid: PatchGrid, indices: np.ndarray, side: int
+    ) -> torch.Tensor:
+        """The inverse of :meth:`_stitch` on one level: the (n, C, side, side) maps of the
+        patches at ``indices``."""
+        return torch.stack(
+            [level[b, :, rows, cols] for rows, cols in cls._cells(grid, indices, side)]
+        )
 
     def _fill_maps(
         self, ctx: StepContext, model: PatchFCOS, maps: list[torch.Tensor],
@@ -353,9 +357,11 @@ class DetPatchGD(DetectionMethod, PatchGD):
         each slice's backward before the next slice runs): the encoder normalises each patch
         on its own (GroupNorm), so slices change nothing but the memory they hold."""
         with torch.no_grad(), ctx.autocast():
-            parts = [model.encode(p) for p in pixels.split(self.recipe.fill_batch)]
-            g = self._place(maps, members, [torch.cat(level) for level in zip(*parts, strict=True)])
-            del parts
+            slices = [model.encode(p) for p in pixels.split(self.recipe.fill_batch)]
+            g = self._place(
+                maps, members, [torch.cat(level) for level in zip(*slices, strict=True)]
+            )
+            del slices
 
         def run(backward: Callable[[torch.Tensor], None]) -> float:
             leaves = [m.detach().requires_grad_() for m in maps]
@@ -363,7 +369,7 @@ class DetPatchGD(DetectionMethod, PatchGD):
             kept: list[torch.Tensor] = []
 
             def level_done(level: int) -> None:  # keep the patches' cells, free the rest
-                kept.append(self._gathered(model, [_grad(leaves[level])], members, level)[0])
+                kept.append(self._gathered(model, level, _grad(leaves[level]), members))
                 leaves[level].grad = None
 
             parts = model.staged_losses(leaves, global_leaves, sides, truth, backward,
@@ -415,14 +421,13 @@ class DetPatchGD(DetectionMethod, PatchGD):
         return [f[start:] for f in features] if self.use_global else None
 
     def _gathered(
-        self, model: PatchFCOS, maps: list[torch.Tensor], members: list[ReadRequest],
-        first: int = 0,
-    ) -> list[torch.Tensor]:  # fmt: skip
-        """The group's patch maps cut from ``maps`` (FPN levels from ``first`` on), in
-        :meth:`_place`'s order."""
-        sides = [self.recipe.patch_size // s for s in model.strides[first:]][: len(maps)]
-        per_request = [self._gather(maps, r.tag.image, r.grid, r.indices, sides) for r in members]
-        return [torch.cat(level) for level in zip(*per_request, strict=True)]
+        self, model: PatchFCOS, level: int, maps: torch.Tensor, members: list[ReadRequest]
+    ) -> torch.Tensor:
+        """The group's patch maps cut from FPN level ``level``'s ``maps``, in :meth:`_place`'s
+        order."""
+        side = self.recipe.patch_size // model.strides[level]
+        return torch.cat([self._gather(maps, r.tag.image, r.grid, r.indices, side)
+                          for r in members])  # fmt: skip
 
     def detect(self, ctx: StepContext, image_ids: list[str], reads: Reads) -> list[Detections]:
         model: PatchFCOS = ctx.model  # type: ignore[assignment]
