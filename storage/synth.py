@@ -1,9 +1,11 @@
-"""Synthetic benchmark images, built only from data that packages ship.
+"""Synthetic benchmark images, built from data that packages ship or that the user gives.
 
-No public image set can be downloaded here, so digits come from scikit-learn's bundled
-handwritten digits (``sklearn.datasets.load_digits``: 1,797 samples of 8x8, upscaled) instead of
-MNIST. Train images draw digits from one part of those samples and val/test images from the
-other, so no digit sample appears on both sides of a split.
+Digits come from real MNIST when the user points ``--mnist DIR`` at its four IDX files
+(``storage.mnist``; nothing is downloaded): training images draw MNIST's training digits,
+validation and test images its test digits. Without it, the offline default is scikit-learn's
+bundled handwritten digits (``sklearn.datasets.load_digits``: 1,797 samples of 8x8, upscaled),
+70% of the samples for training images and the rest for the others. Either way no digit sample
+appears on both sides of a split.
 
 Each synthesizer writes ``OUT/images/*.tiff`` (tiled, deflate) and ``OUT/labels.csv``
 (``source,label,split``) ready for ``hiresctl tile``; segmentation kinds also write
@@ -34,11 +36,23 @@ SPLIT_FRACTIONS = (("train", 0.7), ("val", 0.15), ("test", 0.15))
 
 @dataclass(frozen=True, slots=True)
 class _Digits:
-    images: np.ndarray  # (n, 8, 8) float in [0, 1]
+    images: np.ndarray  # (n, h, w) float in [0, 1]
     labels: np.ndarray
+    margin: int = 1  # pixels of background added around a sample before it is resized
 
     @classmethod
-    def load(cls, part: str) -> _Digits:
+    def load(cls, part: str, mnist: str | Path | None = None) -> _Digits:
+        """The digits of one side of the split: ``train`` or the held-out rest.
+
+        Without ``mnist``: scikit-learn's 8×8 digits, 70% for training and 30% held out. With
+        ``mnist`` (a folder of MNIST's IDX files): real 28×28 digits, MNIST's training set for
+        ``train`` and its test set (t10k) for everything held out, as the papers split them.
+        """
+        if mnist is not None:
+            from storage.mnist import load_mnist
+
+            images, labels = load_mnist(mnist, "train" if part == "train" else "test")
+            return cls(images.astype(np.float32) / 255.0, labels.astype(np.int64), margin=0)
         from sklearn.datasets import load_digits
 
         d = load_digits()
@@ -46,15 +60,26 @@ class _Digits:
         sl = slice(0, cut) if part == "train" else slice(cut, None)
         return cls(d.images[sl] / 16.0, d.target[sl])
 
+    @property
+    def native(self) -> int:
+        """The side of a sample as it comes (28 for MNIST, whose digits carry their margin)."""
+        return int(self.images.shape[-1]) + 2 * self.margin
+
     def sample(self, rng: np.random.Generator, digit: int, side: int) -> np.ndarray:
         """One handwritten ``digit`` as a uint8 image of ``side`` pixels, white on black."""
         from skimage.transform import resize
 
         choices = np.flatnonzero(self.labels == digit)
         img = self.images[rng.choice(choices)]
-        padded = np.pad(img, 1)  # a margin so upscaling does not cut strokes
-        big = resize(padded, (side, side), order=1, anti_aliasing=False)
-        return np.clip(big * 255, 0, 255).astype(np.uint8)
+        padded = np.pad(img, self.margin)  # a margin so upscaling does not cut strokes
+        if padded.shape != (side, side):
+            padded = resize(padded, (side, side), order=1, anti_aliasing=side < padded.shape[0])
+        return np.clip(padded * 255, 0, 255).astype(np.uint8)
+
+
+def _digit_pools(mnist: str | Path | None) -> dict[str, _Digits]:
+    """{"train": digits of training images, "held-out": digits of validation and test images}."""
+    return {part: _Digits.load(part, mnist) for part in ("train", "held-out")}
 
 
 def _splits(count: int) -> list[str]:
@@ -97,23 +122,29 @@ def _write_tiff(path: Path, image: np.ndarray) -> None:
 
 
 def ultramnist(
-    out: Path, count: int, size: int, seed: int, classes: int = 28, **_: Any
+    out: Path,
+    count: int,
+    size: int,
+    seed: int,
+    classes: int = 28,
+    mnist: str | Path | None = None,
+    **_: Any,
 ) -> list[dict[str, Any]]:
     """UltraMNIST: 3-5 digits whose sum is the label, each scaled x1-9 (V-shaped), no overlap.
 
-    ``classes`` is 28 (sums 0-27) or 10 (sums 0-9). Digits are 28 px at scale 1 on a 4096
-    canvas and shrink proportionally on smaller canvases.
+    ``classes`` is 28 (sums 0-27) or 10 (sums 0-9). A scale-1 digit is 56 px on a 4096 canvas
+    and shrinks with the canvas; real MNIST digits (``mnist``) never go below 14 px at scale 1
+    (half their native 28 px, where strokes are still a pixel wide), so on a 512 canvas they
+    run from 14 to 126 px.
     """
     if classes not in (10, 28):
         raise UsageError(f"ultramnist --classes must be 10 or 28, got {classes}")
     rng = np.random.default_rng(seed)
-    unit = max(
-        4, round(28 * size / 4096 * 2)
-    )  # scale-1 digit side; x2 keeps small canvases legible
+    unit = max(14 if mnist else 4, round(28 * size / 4096 * 2))  # scale-1 digit side
     scales = np.arange(1, 10)
     v_shape = np.abs(scales - 5) + 1.0
     v_shape /= v_shape.sum()
-    pools = {"train": _Digits.load("train"), "held-out": _Digits.load("held-out")}
+    pools = _digit_pools(mnist)
     rows = []
     for index, split in enumerate(_splits(count)):
         pool = pools["train" if split == "train" else "held-out"]
@@ -162,14 +193,20 @@ def megapixel_mnist(
     seed: int,
     task: str = "majority",
     noise: int | None = None,
+    mnist: str | Path | None = None,
     **_: Any,
 ) -> list[dict[str, Any]]:
     """Megapixel MNIST: 5 digits (3 of the target class, 2 others) over line-scribble noise.
 
-    ``noise`` scribbles (three joined lines each) lie under the digits: 50 on the 1500² canvas
-    of the IPS paper and in proportion to the side elsewhere (``50 · size / 1500``), because a
-    line's share of the canvas falls with the side: at a fixed 50, a 256² canvas is covered
-    about six times as densely as the paper's.
+    With ``mnist`` (a folder of MNIST's IDX files) the digits are real MNIST digits at their
+    native 28×28, as in the IPS paper, whatever the canvas; without it, scikit-learn's digits
+    upscaled to ``56 · size / 1500`` px.
+
+    ``noise`` scribbles lie under the digits. With real MNIST they are the IPS paper's:
+    digit-sized squares holding two straight strokes as bright as a digit's, 50 on its 1500²
+    canvas and at the same density elsewhere (``50 · (size / 1500)²``), so a patch method meets
+    as many digit-like decoys per patch as the paper's. Without MNIST they are three joined
+    lines across the canvas, in proportion to the side (``50 · size / 1500``).
 
     Labels for every task are kept in synth.json; ``task`` chooses the CSV label:
     ``majority`` (the class present 3 times), ``max`` (largest digit), ``top`` (the digit
@@ -181,10 +218,14 @@ def megapixel_mnist(
     from skimage.draw import line_aa
 
     rng = np.random.default_rng(seed)
-    side = max(8, round(28 * size / 1500 * 2))
-    if noise is None:
+    pools = _digit_pools(mnist)
+    side = pools["train"].native if mnist else max(8, round(28 * size / 1500 * 2))
+    if 5 * side * side > size * size // 2:
+        raise UsageError(f"megapixel-mnist: a {size}² canvas is too small for five {side}² digits")
+    if noise is None and mnist:
+        noise = max(1, round(50 * (size / 1500) ** 2))  # the paper's density of digit-sized noise
+    elif noise is None:
         noise = max(1, round(50 * size / 1500))
-    pools = {"train": _Digits.load("train"), "held-out": _Digits.load("held-out")}
     rows = []
     for index, split in enumerate(_splits(count)):
         pool = pools["train" if split == "train" else "held-out"]
@@ -198,6 +239,11 @@ def megapixel_mnist(
             corners = _place(rng, size, [side] * 5)
         canvas = np.zeros((size, size), dtype=np.uint8)
         for _scribble in range(noise):  # scribbles under the digits
+            if mnist:  # the paper's: a digit-sized pair of bright strokes
+                y, x = (int(v) for v in rng.integers(0, size - side + 1, size=2))
+                region = canvas[y : y + side, x : x + side]
+                np.maximum(region, _stroke_pair(rng, side), out=region)
+                continue
             points = rng.integers(0, size, size=(4, 2))
             for (y0, x0), (y1, x1) in itertools.pairwise(points):
                 rr, cc, val = line_aa(int(y0), int(x0), int(y1), int(x1))
@@ -227,6 +273,24 @@ def megapixel_mnist(
             }
         )
     return rows
+
+
+def _stroke_pair(rng: np.random.Generator, side: int) -> np.ndarray:
+    """A ``side``² uint8 square with two straight strokes (each from one edge to another,
+    intensity 0.8–1.0 of white): noise that looks like a digit's strokes but is none."""
+    from skimage.draw import line_aa
+
+    square = np.zeros((side, side), np.float32)
+    last = side - 1
+    for _stroke in range(2):
+        ends = []
+        for edge in rng.choice(4, 2, replace=False):  # top, bottom, left, right
+            t = int(rng.integers(0, side))
+            ends.append({0: (0, t), 1: (last, t), 2: (t, 0), 3: (t, last)}[int(edge)])
+        (y0, x0), (y1, x1) = ends
+        rr, cc, val = line_aa(y0, x0, y1, x1)
+        np.maximum.at(square, (rr, cc), val * rng.uniform(0.8, 1.0))
+    return np.clip(square * 255, 0, 255).astype(np.uint8)
 
 
 Synthesizer = Callable[..., list[dict[str, Any]]]
@@ -553,16 +617,23 @@ def _shape_alpha(kind: str, side: int) -> np.ndarray:
 
 
 def det_mosaic(
-    out: Path, count: int, size: int, seed: int, objects: int | None = None, **_: Any
+    out: Path,
+    count: int,
+    size: int,
+    seed: int,
+    objects: int | None = None,
+    mnist: str | Path | None = None,
+    **_: Any,
 ) -> list[dict[str, Any]]:
     """Small objects in large scenes, in the spirit of the seed paper's COCO-4096 mosaic:
-    handwritten digits (10 classes, scikit-learn's samples) and filled shapes (circle, triangle,
+    handwritten digits (10 classes; real MNIST digits with ``mnist``, else scikit-learn's
+    samples) and filled shapes (circle, triangle,
     square) of 12–128 px, mostly small (log-uniform sides), in bright colours over grass,
     gravel and brick textures from scikit-image's photographs; never overlapping. Boxes are the
     tight bounds of each object's drawn pixels. Writes ``OUT/annotations.json`` (COCO: images,
     annotations with ``bbox`` [x, y, w, h] in pixels, categories) beside the images."""
     rng = np.random.default_rng(seed)
-    digits = {part: _Digits.load(part) for part in ("train", "test")}
+    digits = _digit_pools(mnist)
     per_image = objects or max(4, round(150 * (size / 4096) ** 2))
     images: list[dict[str, Any]] = []
     annotations: list[dict[str, Any]] = []
@@ -582,7 +653,7 @@ def det_mosaic(
             category = int(rng.integers(0, len(DET_CLASSES)))
             label = DET_CLASSES[category]
             if category < 10:
-                part = "train" if split == "train" else "test"
+                part = "train" if split == "train" else "held-out"
                 alpha = digits[part].sample(rng, category, side).astype(np.float32) / 255.0
             else:
                 alpha = _shape_alpha(label, side)
@@ -657,7 +728,10 @@ def synthesize(
         "count": count,
         "size": size,
         "seed": seed,
-        "options": options,
+        "options": {k: str(v) if isinstance(v, Path) else v for k, v in options.items()},
+        "digits": f"MNIST IDX files in {options['mnist']}"
+        if options.get("mnist")
+        else "scikit-learn load_digits (8x8, upscaled)",
         "images": rows,
     }
     (out / "synth.json").write_text(json.dumps(meta, indent=1))

@@ -41,11 +41,23 @@ def synth(
         int | None,
         typer.Option(help="det-mosaic objects per image (default 150 per 4096², by area)."),
     ] = None,
+    mnist: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder of MNIST's four IDX files (gzip or raw): ultramnist, megapixel-mnist "
+            "and det-mosaic then draw real 28×28 digits (MNIST-train for training images, "
+            "t10k for the rest) instead of scikit-learn's 8×8 ones. Nothing is downloaded."
+        ),
+    ] = None,
 ) -> None:
     """Write synthetic benchmark images and a labels CSV ready for `hiresctl tile`."""
     from storage.synth import synthesize
 
     options: dict[str, Any] = {}
+    if mnist is not None:
+        if kind not in ("ultramnist", "megapixel-mnist", "det-mosaic"):
+            raise UsageError("--mnist is an ultramnist, megapixel-mnist and det-mosaic option")
+        options["mnist"] = mnist
     if kind == "megapixel-mnist":
         options["task"] = task
     if kind == "ultramnist":
@@ -79,10 +91,25 @@ def tile(
     ] = None,
     masks: Annotated[
         Path | None,
-        typer.Option(help="Folder of segmentation masks, matched to sources by file name."),
+        typer.Option(
+            help="Segmentation masks: a folder, matched to sources by file name, or a CSV with "
+            "columns source,mask naming each source's mask file."
+        ),
     ] = None,
     mask_classes: Annotated[
-        Path | None, typer.Option(help="CSV with columns value,name naming the mask values.")
+        Path | None,
+        typer.Option(
+            help="CSV with columns value,name naming the mask values; a value named 'ignore' "
+            "is left out of training and evaluation."
+        ),
+    ] = None,
+    roi: Annotated[
+        Path | None,
+        typer.Option(
+            help="Region-of-interest masks (nonzero inside; e.g. a retina's field of view): a "
+            "folder matched by file name, or a CSV source,roi. Pixels outside are left out of "
+            "training and evaluation."
+        ),
     ] = None,
     coco: Annotated[
         Path | None,
@@ -156,6 +183,9 @@ def tile(
     if mask_classes and not masks:
         raise UsageError("--mask-classes needs --masks")
     mask_set = MaskSet(masks, mask_classes) if masks else None
+    if roi and not masks:
+        raise UsageError("--roi needs --masks (it restricts a segmentation mask)")
+    roi_set = MaskSet(roi, option="--roi") if roi else None
     if coco and annotations:
         raise UsageError("give --coco or --annotations, not both")
     boxes = (
@@ -194,9 +224,16 @@ def tile(
                 )
 
         results = run_tile(
-            specs, out, options, table, on_result=on_result, on_block=on_block, masks=mask_set,
+            specs,
+            out,
+            options,
+            table,
+            on_result=on_result,
+            on_block=on_block,
+            masks=mask_set,
             annotations=boxes,
-        )  # fmt: skip
+            rois=roi_set,
+        )
     ok = len(results) - len(failed)
     err.print(
         f"{ok} of {len(results)} images in {out}" + (f"; {len(failed)} failed" if failed else "")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import gzip
 import itertools
 import json
 from pathlib import Path
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from storage.errors import UsageError
+from storage.errors import SourceError, UsageError
 from storage.synth import synthesize
 
 
@@ -171,3 +172,97 @@ def test_det_mosaic_writes_coco_boxes_around_small_separate_objects(tmp_path: Pa
             assert inside.max(axis=(0, 1)).max() > ring.max(axis=0).max() + 20
         for (ax, ay, aw, ah), (bx, by, bw, bh) in itertools.combinations(boxes, 2):
             assert ax + aw <= bx or bx + bw <= ax or ay + ah <= by or by + bh <= ay
+
+
+# ----------------------------------------------------------------------------- real MNIST
+
+
+def _write_idx(path: Path, array: np.ndarray, compress: bool) -> None:
+    """An IDX file of unsigned bytes, as MNIST ships them (gzip or raw)."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
+        int(n).to_bytes(4, "big") for n in array.shape
+    )
+    data = header + np.ascontiguousarray(array, np.uint8).tobytes()
+    if compress:
+        path = path.with_name(path.name + ".gz")
+        data = gzip.compress(data)
+    path.write_bytes(data)
+
+
+def _fake_mnist(folder: Path, per_digit: int = 3) -> dict[str, np.ndarray]:
+    """MNIST-shaped IDX files whose every sample is unique and says which part it came from:
+    training samples are bright squares of one size, test (t10k) samples of another."""
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    parts = {}
+    for part, (images_name, labels_name), edge in (
+        ("train", ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"), 4),
+        ("test", ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"), 8),
+    ):
+        labels = np.repeat(np.arange(10), per_digit).astype(np.uint8)
+        images = np.zeros((len(labels), 28, 28), np.uint8)
+        images[:, edge:-edge, edge:-edge] = rng.integers(100, 256, (len(labels), 1, 1))
+        images[:, 14, :] = np.arange(len(labels))[:, None]  # a row that tells samples apart
+        _write_idx(folder / images_name, images, compress=part == "train")
+        _write_idx(folder / labels_name, labels, compress=False)
+        parts[part] = images
+    return parts
+
+
+def test_megapixel_mnist_draws_real_digits_from_the_part_of_each_split(tmp_path: Path) -> None:
+    parts = _fake_mnist(tmp_path / "mnist")
+    synthesize("megapixel-mnist", tmp_path / "out", count=8, size=256, seed=2,
+               mnist=tmp_path / "mnist")  # fmt: skip
+    meta = json.loads((tmp_path / "out" / "synth.json").read_text())
+    assert "MNIST" in meta["digits"]
+    for row in meta["images"]:
+        image = tifffile.imread(tmp_path / "out" / "images" / row["source"])
+        pool = parts["train" if row["split"] == "train" else "test"]
+        for obj in row["objects"]:
+            x, y, w, h = obj["box"]
+            assert (w, h) == (28, 28)  # native size, as in the IPS paper
+            drawn = image[y : y + h, x : x + w]
+            # the sample's own pixels (noise may only brighten background around them)
+            matches = [i for i, sample in enumerate(pool) if np.all(drawn >= sample)
+                       and np.array_equal(drawn[sample > 0], sample[sample > 0])]  # fmt: skip
+            assert matches, f"no {row['split']} sample drawn at {obj['box']}"
+            assert obj["digit"] in {i // 3 for i in matches}
+
+
+def test_ultramnist_and_det_mosaic_take_real_digits(tmp_path: Path) -> None:
+    _fake_mnist(tmp_path / "mnist")
+    synthesize("ultramnist", tmp_path / "u", count=4, size=512, seed=1, classes=10,
+               mnist=tmp_path / "mnist")  # fmt: skip
+    meta = json.loads((tmp_path / "u" / "synth.json").read_text())
+    sides = [o["box"][2] for row in meta["images"] for o in row["objects"]]
+    assert min(sides) >= 14  # a real digit is never shrunk below half its size
+    synthesize("det-mosaic", tmp_path / "d", count=2, size=256, seed=1, mnist=tmp_path / "mnist")
+    assert json.loads((tmp_path / "d" / "annotations.json").read_text())["annotations"]
+
+
+@pytest.mark.parametrize(
+    "damage, problem",
+    [
+        (lambda raw: raw[: len(raw) // 2], "truncated: its header declares"),
+        (lambda raw: b"\x01\x02" + raw[2:], "not an IDX file"),
+        (lambda raw: raw[:2] + b"\x0d" + raw[3:], "element type 0x0d"),
+    ],
+)
+def test_a_damaged_idx_file_is_named_with_its_problem(tmp_path: Path, damage, problem) -> None:
+    _fake_mnist(tmp_path / "mnist")
+    path = tmp_path / "mnist" / "t10k-images-idx3-ubyte"
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(SourceError, match=problem) as caught:
+        synthesize("megapixel-mnist", tmp_path / "out", count=4, size=256, mnist=tmp_path / "mnist")
+    assert str(path) in str(caught.value)
+
+
+def test_a_cut_gzip_and_a_missing_file_are_named(tmp_path: Path) -> None:
+    _fake_mnist(tmp_path / "mnist")
+    gz = tmp_path / "mnist" / "train-images-idx3-ubyte.gz"
+    gz.write_bytes(gz.read_bytes()[:-20])
+    with pytest.raises(SourceError, match=r"train-images-idx3-ubyte\.gz: the gzip stream"):
+        synthesize("megapixel-mnist", tmp_path / "out", count=4, size=256, mnist=tmp_path / "mnist")
+    gz.unlink()
+    with pytest.raises(UsageError, match="no train-images-idx3-ubyte"):
+        synthesize("megapixel-mnist", tmp_path / "out", count=4, size=256, mnist=tmp_path / "mnist")
