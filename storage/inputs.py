@@ -201,32 +201,52 @@ MASK_SUFFIXES = (
 
 
 class MaskSet:
-    """Mask images in a folder, matched to sources by file name: the same name, or the same stem
-    with any image suffix, optionally followed by ``_mask``, ``_label(s)``, ``_gt``...
+    """Label images (segmentation masks, or region-of-interest masks with ``--roi``) matched to
+    sources: a folder, by file name (the same name, or the same stem with any image suffix,
+    optionally followed by ``_mask``, ``_label(s)``, ``_gt``...), or a CSV table with columns
+    ``source`` and ``mask`` (or ``roi``) naming each source's file, for datasets whose names do
+    not match (DRIVE's ``21_training.tif`` ↔ ``21_manual1.gif``); relative paths in the table
+    are relative to the table's folder.
 
     Values are class labels (0 = background by convention) and are stored unchanged. An
-    optional ``value,name`` CSV names the classes.
+    optional ``value,name`` CSV names the classes; a value named ``ignore`` is left out of
+    training and evaluation (the ignore index of segmentation libraries).
     """
 
     def __init__(
         self,
-        folder: str | os.PathLike[str],
+        where: str | os.PathLike[str],
         classes: str | os.PathLike[str] | None = None,
+        option: str = "--masks",
     ) -> None:
-        self.folder = str(folder)
-        if not Path(folder).is_dir():
-            raise UsageError(f"--masks {folder}: not a folder")
+        self.folder = str(where)  # what the errors name: the folder or the table
+        self.option = option
         self.files: dict[str, str] = {}
-        for path in sorted(Path(folder).iterdir()):
-            if path.is_file() and not path.name.startswith("."):
-                self.files.setdefault(path.name.lower(), str(path))
-                self.files.setdefault(image_stem(path.name).lower(), str(path))
+        self.table: dict[str, str] | None = None
+        path = Path(where)
+        if path.is_file():
+            self.table = _read_file_table(path, option)
+        elif path.is_dir():
+            for entry in sorted(path.iterdir()):
+                if entry.is_file() and not entry.name.startswith("."):
+                    self.files.setdefault(entry.name.lower(), str(entry))
+                    self.files.setdefault(image_stem(entry.name).lower(), str(entry))
+        else:
+            raise UsageError(f"{option} {where}: not a folder or a CSV table")
         self.classes: dict[int, str] = {}
+        self.ignore: list[int] = []
         if classes is not None:
-            self.classes = _read_classes(classes)
+            named = _read_classes(classes)
+            self.ignore = sorted(v for v, n in named.items() if n.lower() == "ignore")
+            self.classes = {v: n for v, n in named.items() if v not in self.ignore}
 
     def lookup(self, spec: SourceSpec) -> str | None:
         name = Path(spec.name).name
+        if self.table is not None:
+            for key in (spec.name, name, str(Path(spec.name).resolve())):
+                if key in self.table:
+                    return self.table[key]
+            return None
         if name.lower() in self.files:
             return self.files[name.lower()]
         stem = image_stem(name).lower()
@@ -234,6 +254,40 @@ class MaskSet:
             if stem + suffix in self.files:
                 return self.files[stem + suffix]
         return None
+
+
+def _read_file_table(path: Path, option: str) -> dict[str, str]:
+    """``source,<file column>`` rows of a ``--masks``/``--roi`` table: source → file path."""
+    column = option.lstrip("-").removesuffix("s")  # --masks: mask, --roi: roi
+    table: dict[str, str] = {}
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            reader.fieldnames = [f.strip() for f in reader.fieldnames or []]
+            if "source" not in reader.fieldnames or column not in reader.fieldnames:
+                raise UsageError(
+                    f"{path}: a {option} table needs columns 'source' and '{column}' "
+                    f"(found {reader.fieldnames})"
+                )
+            for line, row in enumerate(reader, start=2):
+                source, file = (row.get("source") or "").strip(), (row.get(column) or "").strip()
+                if not source or not file:
+                    raise UsageError(f"{path}:{line}: empty 'source' or '{column}'")
+                target = Path(file) if Path(file).is_absolute() else path.parent / file
+                if not target.is_file():
+                    raise UsageError(f"{path}:{line}: {column} file {file} not found")
+                if table.get(source, str(target)) != str(target):
+                    raise UsageError(f"{path}:{line}: {source!r} is listed twice with other files")
+                table[source] = str(target)
+    except UnicodeDecodeError as exc:
+        raise UsageError(
+            f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8 CSV"
+        ) from None
+    except csv.Error as exc:
+        raise UsageError(f"{path}: not a readable CSV ({exc})") from None
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read {option} table: {exc.strerror}") from exc
+    return table
 
 
 def _read_classes(path: str | os.PathLike[str]) -> dict[int, str]:

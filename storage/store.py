@@ -43,6 +43,7 @@ FOREGROUND = "foreground"
 OLD_FOREGROUND = "labels/foreground/0"
 FEATURES = "features"  # images/<id>/features/<name>/: a feature set written by `hiresctl embed`
 MASK = "mask"  # the segmentation mask: NGFF label image labels/mask, levels like the image
+ROI = "roi"  # a region-of-interest mask (nonzero inside): labels/roi, levels like the image
 EXTRA_KEYS = ("geo", "format", "vendor", "boxes", "crs", "geotransform")
 ANNOTATIONS = "annotations"  # detection: boxes (n, 4) x0, y0, x1, y1 level-0 px; labels (n,)
 
@@ -96,6 +97,7 @@ class ImageEntry:
     chunk: int = 256
     codec: str = "zstd"
     mask: dict[str, Any] | None = None  # {"source", "values", "pixels"} when a mask was tiled
+    roi: dict[str, Any] | None = None  # the same for a region-of-interest mask
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -182,6 +184,7 @@ class Dataset:
             chunk=int(attrs.get("tiling", {}).get("chunk", 256)),
             codec=attrs.get("tiling", {}).get("codec", "zstd"),
             mask=attrs.get("mask"),
+            roi=attrs.get("roi"),
             extra={k: attrs[k] for k in EXTRA_KEYS if k in attrs},
         )
 
@@ -299,19 +302,30 @@ class Dataset:
                 "has no segmentation mask (tile with --masks DIR)",
             ) from exc
 
+    def roi(self, image_id: str, level: int = 0) -> zarr.Array | None:
+        """The (1, y, x) region-of-interest mask of one level (nonzero inside), or None when
+        the image has none."""
+        try:
+            return self.image_group(image_id)[f"labels/{ROI}/{level}"]  # type: ignore[return-value]
+        except KeyError:
+            return None
+
     def mask_classes(self) -> dict[int, str]:
         """Class names of mask values: every value seen in a complete image's mask, named by the
-        ``--mask-classes`` CSV where it gave a name (else the value itself)."""
+        ``--mask-classes`` CSV where it gave a name (else the value itself); values the CSV
+        marked ``ignore`` are no class."""
         names: dict[int, str] = {}
+        ignored: set[int] = set()
         for entry in self.entries(complete_only=True):
             if not entry.mask:
                 continue
-            given = hires_attrs(self.image_group(entry.id)[f"labels/{MASK}"]).get("classes", {})
+            attrs = hires_attrs(self.image_group(entry.id)[f"labels/{MASK}"])
+            ignored.update(int(v) for v in attrs.get("ignore", []))
             for value in entry.mask.get("values", []):
                 names.setdefault(int(value), str(value))
-            for value, name in given.items():
+            for value, name in attrs.get("classes", {}).items():
                 names[int(value)] = name
-        return dict(sorted(names.items()))
+        return {v: n for v, n in sorted(names.items()) if v not in ignored}
 
     def has_boxes(self, image_id: str) -> bool:
         return ANNOTATIONS in self.image_group(image_id)
@@ -406,9 +420,10 @@ def image_arrays(group: Any) -> list[tuple[str, Any]]:
     """(path, array) of every array of an image group: its own (levels, thumbnail,
     foreground) and its mask levels."""
     arrays = list(group.arrays())
-    mask: Any = group.get(f"labels/{MASK}")
-    if mask is not None:
-        arrays += [(f"labels/{MASK}/{name}", a) for name, a in mask.arrays()]
+    for label in (MASK, ROI):
+        found: Any = group.get(f"labels/{label}")
+        if found is not None:
+            arrays += [(f"labels/{label}/{name}", a) for name, a in found.arrays()]
     return arrays
 
 

@@ -58,6 +58,7 @@ from storage.store import (
     FORMAT_VERSION,
     IMAGES,
     MASK,
+    ROI,
     THUMBNAIL,
     hires_attrs,
     image_multiscales,
@@ -90,10 +91,21 @@ class _Plan:
     started: float = 0.0
     mask: SourceSpec | None = None  # the mask image tiled beside the image
     classes: dict[int, str] = field(default_factory=dict)
+    ignore: list[int] = field(default_factory=list)  # mask values left out of training and metrics
+    roi: SourceSpec | None = None  # the region-of-interest mask tiled beside the image
 
     @property
     def mask_group(self) -> str:
         return f"{self.group}/labels/{MASK}"
+
+    @property
+    def roi_group(self) -> str:
+        return f"{self.group}/labels/{ROI}"
+
+    def label_layers(self) -> list[tuple[str, str, SourceSpec]]:
+        """(name, group, source) of each label image tiled beside the image."""
+        found = [(MASK, self.mask_group, self.mask), (ROI, self.roi_group, self.roi)]
+        return [(name, group, spec) for name, group, spec in found if spec is not None]
 
 
 def _passes(n_levels: int, chunk: int, block_size: int) -> tuple[int, list[tuple[int, int, int]]]:
@@ -133,6 +145,7 @@ def _prepare(
     taken: set[str],
     masks: MaskSet | None = None,
     annotations: Annotations | None = None,
+    rois: MaskSet | None = None,
 ) -> _Plan:
     plan = _Plan(spec=spec, result=ImageResult(source=spec.name), started=time.perf_counter())
     reader = spec.open(options)
@@ -145,6 +158,9 @@ def _prepare(
     mask_path = masks.lookup(spec) if masks is not None else None
     if masks is not None and mask_path is None:
         raise SourceError(spec.name, f"no mask for this image in {masks.folder}")
+    roi_path = rois.lookup(spec) if rois is not None else None
+    if rois is not None and roi_path is None:
+        raise SourceError(spec.name, f"no region-of-interest mask for this image in {rois.folder}")
     image_id = image_id_for(spec)
     if image_id in taken:
         image_id = f"{image_id}-{hashlib.sha256(spec.name.encode()).hexdigest()[:6]}"
@@ -169,8 +185,13 @@ def _prepare(
         assert masks is not None
         plan.mask = _check_mask(mask_path, info, options)
         plan.classes = masks.classes
+        plan.ignore = masks.ignore
         identity["mask_source"] = mask_path
         identity["mask_fingerprint"] = fingerprint(plan.mask)
+    if roi_path is not None:
+        plan.roi = _check_mask(roi_path, info, options, "region-of-interest mask")
+        identity["roi_source"] = roi_path
+        identity["roi_fingerprint"] = fingerprint(plan.roi)
     existing = root.get(plan.group)
     if existing is not None and not options.overwrite:
         attrs = hires_attrs(existing)
@@ -190,8 +211,9 @@ def _prepare(
                     existing, boxes, annotations, annotation_file_id(annotations, spec)
                 )
             existing.attrs["hiresctl"] = attrs
-            if mask_path is not None and masks is not None and masks.classes:
-                _name_classes(existing, masks.classes)  # names may change without re-tiling
+            if mask_path is not None and masks is not None and (masks.classes or masks.ignore):
+                # names and the ignored values may change without re-tiling
+                _name_classes(existing, masks.classes, masks.ignore)
             if attrs.get("status") == "complete":
                 plan.result.status = "skipped"
                 return plan
@@ -223,11 +245,11 @@ def _prepare(
         )
     group.attrs["hiresctl"] = meta
     _create_levels(group, plan, options, info.channels, dtype, info.fill_value, codecs)
-    if plan.mask is not None:
-        mask_group = group.require_group("labels").require_group(MASK)
-        mask_dtype = np.dtype(cached_reader(plan.mask, options).info.dtype)
+    for name, _, label_spec in plan.label_layers():
+        label_group = group.require_group("labels").require_group(name)
+        label_dtype = np.dtype(cached_reader(label_spec, options).info.dtype)
         zstd = {"compressors": [ZstdCodec(level=options.zstd_level)]}
-        _create_levels(mask_group, plan, options, 1, mask_dtype, 0, zstd)
+        _create_levels(label_group, plan, options, 1, label_dtype, 0, zstd)
     return plan
 
 
@@ -264,7 +286,7 @@ def _create_levels(
         )
 
 
-def _check_mask(path: str, info: Any, options: TileOptions) -> SourceSpec:
+def _check_mask(path: str, info: Any, options: TileOptions, what: str = "mask") -> SourceSpec:
     """The mask's source spec, after checking it can label this image (one integer channel,
     the image's size once resampled like it)."""
     base_mpp = info.extra.get("resampled_from_mpp", info.mpp)
@@ -272,32 +294,33 @@ def _check_mask(path: str, info: Any, options: TileOptions) -> SourceSpec:
     try:
         reader = spec.open(options)
     except SourceError as exc:
-        raise SourceError(info.path, f"mask {path}: {exc.problem}") from None
+        raise SourceError(info.path, f"{what} {path}: {exc.problem}") from None
     try:
         mask = reader.info
         if mask.channels != 1 or np.dtype(mask.dtype).kind not in "ui":
             raise SourceError(
                 info.path,
-                f"mask {path}: must be one channel of integer labels (gray or palette), "
+                f"{what} {path}: must be one channel of integer labels (gray or palette), "
                 f"found {mask.channels} channel(s) of {np.dtype(mask.dtype)}",
             )
         (mh, mw), (h, w) = mask.level_shapes[0], info.level_shapes[0]
         if abs(mh - h) > 1 or abs(mw - w) > 1:  # one pixel: rounding when both are resampled
             raise SourceError(
-                info.path, f"mask {path} is {mh}×{mw} pixels but the image is {h}×{w}"
+                info.path, f"{what} {path} is {mh}×{mw} pixels but the image is {h}×{w}"
             )
     finally:
         reader.close()
     return spec
 
 
-def _name_classes(group: Any, classes: dict[int, str]) -> None:
+def _name_classes(group: Any, classes: dict[int, str], ignore: list[int]) -> None:
     labels = group.get("labels")
     if labels is None or MASK not in labels:
         return
     mask = labels[MASK]
     attrs = hires_attrs(mask)
     attrs["classes"] = {str(k): v for k, v in classes.items()}
+    attrs["ignore"] = list(ignore)
     mask.attrs["hiresctl"] = attrs
 
 
@@ -312,18 +335,17 @@ def _shard_side(level: int, passes: list[tuple[int, int, int]], chunk: int) -> i
 def _pass_blocks(plan: _Plan, pass_index: int) -> int:
     base, _top, block = plan.passes[pass_index]
     height, width = plan.shapes[base]
-    layers = 2 if plan.mask is not None else 1
+    layers = 1 + len(plan.label_layers())
     return layers * math.ceil(height / block) * math.ceil(width / block)
 
 
 def _jobs(
     store: str, plan: _Plan, pass_index: int, options: TileOptions, root: zarr.Group
 ) -> list[BlockJob]:
-    """The unfinished blocks of one pass: the image's, then its mask's."""
+    """The unfinished blocks of one pass: the image's, then its label images'."""
     base, top, block = plan.passes[pass_index]
     layers = [(plan.group, plan.spec, False)]
-    if plan.mask is not None:
-        layers.append((plan.mask_group, plan.mask, True))
+    layers += [(group, spec, True) for _, group, spec in plan.label_layers()]
     jobs = []
     for group, spec, labels in layers:
         progress: Any = root[f"{group}/_progress_{pass_index}"]
@@ -413,13 +435,15 @@ def _finalize(root: zarr.Group, plan: _Plan, options: TileOptions) -> None:
     labels: Any = group.get("labels")
     if labels is not None and "foreground" in labels:
         del labels["foreground"]  # an earlier version's one-level label image
-    if plan.mask is not None:
-        mask_group: Any = labels[MASK]
-        attrs["mask"] = _finalize_mask(mask_group, plan, level_scales, attrs.get("mpp"))
+    layers = plan.label_layers()
+    for name, _, _ in layers:
+        label_group: Any = labels[name]
+        attrs[name] = _finalize_mask(label_group, plan, name, level_scales, attrs.get("mpp"))
         for index in range(len(plan.passes)):
-            if f"_progress_{index}" in mask_group:
-                del mask_group[f"_progress_{index}"]
-        labels.attrs["ome"] = {"version": "0.5", "labels": [MASK]}
+            if f"_progress_{index}" in label_group:
+                del label_group[f"_progress_{index}"]
+    if layers:
+        labels.attrs["ome"] = {"version": "0.5", "labels": [name for name, _, _ in layers]}
     elif labels is not None:
         del group["labels"]
     for index in range(len(plan.passes)):
@@ -434,10 +458,15 @@ def _finalize(root: zarr.Group, plan: _Plan, options: TileOptions) -> None:
 
 
 def _finalize_mask(
-    group: Any, plan: _Plan, level_scales: list[tuple[float, float]], mpp: float | None
+    group: Any,
+    plan: _Plan,
+    name: str,
+    level_scales: list[tuple[float, float]],
+    mpp: float | None,
 ) -> dict[str, Any]:
-    """NGFF label metadata of the mask; returns its summary (values and their pixel counts,
-    counted over level 0 block by block: coarse levels lose thin structures)."""
+    """NGFF label metadata of a label image (the mask, or the region of interest); returns its
+    summary (values and their pixel counts, counted over level 0 block by block: coarse levels
+    lose thin structures)."""
     level0 = group["0"]
     _, height, width = level0.shape
     step = max(level0.chunks[1], 2048)
@@ -449,15 +478,23 @@ def _finalize_mask(
             for v, c in zip(found.tolist(), n.tolist(), strict=True):
                 counts[v] = counts.get(v, 0) + c
     values = sorted(counts)
-    group.attrs["ome"] = label_image_attrs(MASK, level_scales, mpp, values, plan.classes)
+    if name == ROI:
+        classes = {v: "outside" if v == 0 else "inside" for v in values}
+        ignore: list[int] = []
+    else:
+        classes = {**plan.classes, **{v: "ignore" for v in plan.ignore}}
+        ignore = list(plan.ignore)
+    group.attrs["ome"] = label_image_attrs(name, level_scales, mpp, values, classes)
+    source = plan.roi if name == ROI else plan.mask
     summary = {
-        "source": plan.mask.name if plan.mask else None,
+        "source": source.name if source else None,
         "values": values,
         "pixels": [counts[v] for v in values],
     }
     group.attrs["hiresctl"] = {
         **summary,
-        "classes": {str(k): v for k, v in plan.classes.items()},
+        "classes": {str(k): v for k, v in plan.classes.items()} if name == MASK else {},
+        "ignore": ignore,
     }
     return summary
 
@@ -554,6 +591,7 @@ def tile(
     on_block: Callable[[int, int], None] | None = None,
     masks: MaskSet | None = None,
     annotations: Annotations | None = None,
+    rois: MaskSet | None = None,
 ) -> list[ImageResult]:
     """Tile every source into the dataset at ``out``; bad sources fail alone.
 
@@ -564,6 +602,8 @@ def tile(
         labels: class labels; with a table, an image without a row fails.
         masks: segmentation masks, tiled beside each image as the NGFF label image
             ``labels/mask``; with a folder, an image without a mask fails.
+        rois: region-of-interest masks (nonzero inside), tiled as ``labels/roi``: training
+            and evaluation leave the pixels outside out; an image without one fails.
         annotations: object boxes (COCO or GeoJSON), stored per image in level-0 pixels
             (scaled with any resampling); an image without an entry, or whose entries are
             bad, fails naming the entry.
@@ -578,7 +618,7 @@ def tile(
     store = str(out)
     with WriterLock(store):
         return _tile_locked(
-            sources, store, options, labels, on_result, on_block, masks, annotations
+            sources, store, options, labels, on_result, on_block, masks, annotations, rois
         )
 
 
@@ -591,6 +631,7 @@ def _tile_locked(
     on_block: Callable[[int, int], None] | None,
     masks: MaskSet | None,
     annotations: Annotations | None,
+    rois: MaskSet | None = None,
 ) -> list[ImageResult]:
     root = _open_root(store, options)
     plans: list[_Plan] = []
@@ -598,7 +639,7 @@ def _tile_locked(
     emit = on_result or (lambda r: None)
     for spec in sources:
         try:
-            plan = _prepare(root, store, spec, options, labels, taken, masks, annotations)
+            plan = _prepare(root, store, spec, options, labels, taken, masks, annotations, rois)
         except SourceError as exc:
             plan = _Plan(
                 spec=spec,
@@ -618,7 +659,9 @@ def _tile_locked(
             )
             emit(plan.result)
     active = [p for p in plans if not p.failed and p.result.status != "skipped"]
-    by_group = {p.group: p for p in active} | {p.mask_group: p for p in active if p.mask}
+    by_group = {p.group: p for p in active} | {
+        group: p for p in active for _, group, _ in p.label_layers()
+    }
     max_passes = max((len(p.passes) for p in active), default=0)
     total = sum(_pass_blocks(p, i) for p in active for i in range(len(p.passes)))
     done = [0]

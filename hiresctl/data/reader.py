@@ -121,6 +121,14 @@ class PatchReader:
                 self._arrays[key] = self.dataset.mask(image_id, key[1])
             return self._arrays[key]
 
+    def roi_array(self, image_id: str, level: int | None = None) -> Any:
+        """The region-of-interest mask of one level (``labels/roi``), or None without one."""
+        key = (f"{image_id}\0roi", self.level if level is None else level)
+        with self._lock:
+            if key not in self._arrays:
+                self._arrays[key] = self.dataset.roi(image_id, key[1])
+            return self._arrays[key]
+
     def direct(self, image_id: str, mask: bool = False) -> DirectChunks | None:
         """The fast whole-chunk reader of the read level, when the store's layout allows one."""
         key = (f"{image_id}\0mask" if mask else image_id, self.level)
@@ -135,9 +143,15 @@ class PatchReader:
         """(c, h, w) of the level patches are read from."""
         return tuple(self.array(image_id).shape)
 
-    def grid(self, image_id: str, patch_size: int, stride: int | None = None) -> PatchGrid:
+    def grid(
+        self,
+        image_id: str,
+        patch_size: int,
+        stride: int | None = None,
+        offset: tuple[int, int] = (0, 0),
+    ) -> PatchGrid:
         _, height, width = self.shape(image_id)
-        return PatchGrid.of(height, width, patch_size, stride)
+        return PatchGrid.of(height, width, patch_size, stride, offset)
 
     def read_region(
         self, image_id: str, y: int, x: int, size: int, height: int | None = None
@@ -156,15 +170,20 @@ class PatchReader:
     def read_mask_region(
         self, image_id: str, y: int, x: int, size: int, height: int | None = None
     ) -> np.ndarray:
-        """(height, size) class indices of the mask at (y, x); -1 past the edges and for mask
-        values that are not classes of the run."""
+        """(height, size) class indices of the mask at (y, x); -1 past the edges, outside the
+        image's region of interest and for mask values that are not classes of the run."""
         if self._lut is None:
             raise RuntimeError("this reader was built without mask classes (mask_values)")
         values = _padded_region(
             self.mask_array(image_id), self.direct(image_id, mask=True), y, x, height or size,
             size, -1,
         )[0]  # fmt: skip
-        return self._classes(values)
+        classes = self._classes(values)
+        roi = self.roi_array(image_id)
+        if roi is not None:
+            inside = _padded_region(roi, None, y, x, height or size, size, 0)[0]
+            classes[inside == 0] = -1
+        return classes
 
     def _classes(self, values: np.ndarray) -> np.ndarray:
         """Mask values → class indices (-1 for padding and values that are not classes)."""
@@ -211,7 +230,11 @@ class PatchReader:
                 chosen = level
         array = self.mask_array(image_id, chosen)
         _, height, width = array.shape
-        labels = flip.pixels(self._classes(np.asarray(array[0])))
+        classes = self._classes(np.asarray(array[0]))
+        roi = self.roi_array(image_id, chosen)
+        if roi is not None:
+            classes[np.asarray(roi[0]) == 0] = -1
+        labels = flip.pixels(classes)
         side = max(height, width)
         square = torch.full((1, 1, side, side), -1.0)
         square[0, 0, :height, :width] = torch.from_numpy(labels).float()

@@ -16,6 +16,7 @@ from storage.pyramid import halve_mode, level_shapes
 from storage.store import Dataset
 from storage.tiler import MaskSet, SourceSpec, TileOptions, tile
 from tests.conftest import coord_pixels
+from tests.ngff import assert_labels_have_parents, assert_valid_ngff
 
 SMALL = TileOptions(chunk=32, block_size=64, thumbnail_size=64, workers=1)
 
@@ -150,3 +151,93 @@ def test_bad_masks_fail_their_image_alone(tmp_path: Path) -> None:
     assert "one channel of integer labels" in (errors["colour"] or "")
     assert "no mask for this image" in (errors["orphan"] or "")
     assert Dataset(tmp_path / "ds.zarr").image_ids() == ["good"]
+
+
+def test_a_table_names_masks_whose_names_do_not_match_and_a_roi_is_tiled_beside(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """DRIVE's layout: ``21_training.tif`` ↔ ``21_manual1.gif`` (vessels 0/255) and a field-of-view
+    GIF; a source,mask table and a source,roi table put both beside the image."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "manual").mkdir()
+    tifffile.imwrite(
+        tmp_path / "images" / "21_training.tif", coord_pixels(70, 50), photometric="rgb"
+    )
+    vessels = (np.random.default_rng(0).random((70, 50)) < 0.1).astype(np.uint8) * 255
+    fov = np.zeros((70, 50), np.uint8)
+    fov[10:60, 5:45] = 255
+    # grey GIFs, as DRIVE ships them (Pillow reads them as mode L, values 0 and 255)
+    Image.fromarray(vessels).save(tmp_path / "manual" / "21_manual1.gif", optimize=False)
+    Image.fromarray(fov).save(tmp_path / "manual" / "21_training_mask.gif", optimize=False)
+    (tmp_path / "masks.csv").write_text("source,mask\n21_training.tif,manual/21_manual1.gif\n")
+    (tmp_path / "roi.csv").write_text("source,roi\n21_training.tif,manual/21_training_mask.gif\n")
+    [result] = tile(
+        [SourceSpec((str(tmp_path / "images" / "21_training.tif"),))],
+        tmp_path / "ds.zarr",
+        SMALL,
+        masks=MaskSet(tmp_path / "masks.csv"),
+        rois=MaskSet(tmp_path / "roi.csv", option="--roi"),
+    )
+    assert result.status == "written", result.error
+    ds = Dataset(tmp_path / "ds.zarr")
+    np.testing.assert_array_equal(ds.mask("21_training")[0], vessels)
+    roi = ds.roi("21_training")
+    assert roi is not None
+    np.testing.assert_array_equal(roi[0], fov)
+    assert ds.entry("21_training").roi["values"] == [0, 255]
+    image = tmp_path / "ds.zarr" / "images" / "21_training"
+    assert zarr.open_group(image / "labels").attrs["ome"]["labels"] == ["mask", "roi"]
+    assert_valid_ngff(tmp_path / "ds.zarr", expect={"Image", "ImageLabel", "Labels"})
+    assert_labels_have_parents(image, caplog, count=2)
+    assert not ds.check("21_training")  # every label level is recorded and checked too
+    # training and evaluation read the pixels outside the region as ignored (-1)
+    from hiresctl.data import PatchReader
+
+    reader = PatchReader(ds, mask_values=[0, 255])
+    truth = np.where(fov == 0, -1, vessels.astype(np.int64) // 255)
+    read = reader.read_mask_region("21_training", 0, 0, 50, 70)
+    np.testing.assert_array_equal(read, truth)
+    edge = reader.read_mask_region("21_training", -8, 40, 16, 16)  # past two edges
+    assert (edge[:8] == -1).all() and (edge[:, 10:] == -1).all()
+    whole = reader.read_mask_global("21_training", 35).numpy()  # from level 1 (35×25)
+    level1 = np.asarray(ds.mask("21_training", 1)[0]).astype(np.int64) // 255
+    coarse = np.where(np.asarray(ds.roi("21_training", 1)[0]) == 0, -1, level1)
+    np.testing.assert_array_equal(whole[:, :25], coarse)
+    assert (whole[:, 25:] == -1).all()
+
+
+def test_a_mask_table_names_its_problems(tmp_path: Path) -> None:
+    _pair(tmp_path, "scan", 40, 30)
+    (tmp_path / "bad.csv").write_text("source,file\nscan.tif,masks/scan_mask.png\n")
+    with pytest.raises(UsageError, match="needs columns 'source' and 'mask'"):
+        MaskSet(tmp_path / "bad.csv")
+    (tmp_path / "gone.csv").write_text("source,mask\nscan.tif,masks/nowhere.png\n")
+    with pytest.raises(UsageError, match=r"gone.csv:2: mask file masks/nowhere.png not found"):
+        MaskSet(tmp_path / "gone.csv")
+    (tmp_path / "other.csv").write_text("source,mask\nelse.tif,masks/scan_mask.png\n")
+    [result] = tile(
+        [SourceSpec((str(tmp_path / "src" / "scan.tif"),))],
+        tmp_path / "ds.zarr",
+        SMALL,
+        masks=MaskSet(tmp_path / "other.csv"),
+    )
+    assert result.status == "failed" and "no mask for this image in" in (result.error or "")
+
+
+def test_a_value_named_ignore_is_no_class_and_is_read_as_ignored(tmp_path: Path) -> None:
+    from hiresctl.data import PatchReader
+
+    mask = _pair(tmp_path, "scan", 40, 30)  # values 0..3
+    (tmp_path / "classes.csv").write_text("value,name\n0,background\n1,a\n2,b\n3,ignore\n")
+    tile(
+        [SourceSpec((str(tmp_path / "src" / "scan.tif"),))],
+        tmp_path / "ds.zarr",
+        SMALL,
+        masks=MaskSet(tmp_path / "masks", tmp_path / "classes.csv"),
+    )
+    ds = Dataset(tmp_path / "ds.zarr")
+    classes = ds.mask_classes()
+    assert classes == {0: "background", 1: "a", 2: "b"}
+    reader = PatchReader(ds, mask_values=list(classes))
+    read = reader.read_mask_region("scan", 0, 0, 30, 40)
+    np.testing.assert_array_equal(read, np.where(mask == 3, -1, mask.astype(np.int64)))
