@@ -26,14 +26,11 @@ def foreground_fraction(mask: np.ndarray, grid: PatchGrid) -> np.ndarray:
     # Integral image: O(1) per patch whatever the grid size.
     integral = np.pad(plane.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
     rows, cols = grid.position(np.arange(grid.num_patches))
-    y0 = np.clip(np.floor(rows * grid.stride * scale_y).astype(int), 0, mask_h - 1)
-    x0 = np.clip(np.floor(cols * grid.stride * scale_x).astype(int), 0, mask_w - 1)
-    y1 = np.clip(
-        np.ceil((rows * grid.stride + grid.patch_size) * scale_y).astype(int), y0 + 1, mask_h
-    )
-    x1 = np.clip(
-        np.ceil((cols * grid.stride + grid.patch_size) * scale_x).astype(int), x0 + 1, mask_w
-    )
+    top, left = rows * grid.stride - grid.offset_y, cols * grid.stride - grid.offset_x
+    y0 = np.clip(np.floor(top * scale_y).astype(int), 0, mask_h - 1)
+    x0 = np.clip(np.floor(left * scale_x).astype(int), 0, mask_w - 1)
+    y1 = np.clip(np.ceil((top + grid.patch_size) * scale_y).astype(int), y0 + 1, mask_h)
+    x1 = np.clip(np.ceil((left + grid.patch_size) * scale_x).astype(int), x0 + 1, mask_w)
     total = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
     return (total / ((y1 - y0) * (x1 - x0))).astype(np.float64)
 

@@ -16,24 +16,45 @@ class PatchGrid:
     fill value up to whole patches, so no pixel is dropped. Patch ``idx = row * cols + col``
     covers ``[row*s, row*s + p) × [col*s, col*s + p)`` and its feature lives at
     ``latent[b, :, row, col]``.
+
+    A grid may be laid with an offset (training's ``grid_offset: random``): it then starts
+    ``offset_y`` rows above and ``offset_x`` columns left of the image (both below the patch
+    size), the padding shared between the top/left and bottom/right edges, so that epoch after
+    epoch the patch borders fall elsewhere and no object is always cut the same way. Patch
+    ``idx`` then covers ``[row*s - offset_y, ...)`` of the image (:meth:`origin`) and
+    ``[row*s, ...)`` of the grid's own frame (:meth:`frame_origin`, where stitched outputs go).
     """
 
     height: int
     width: int
     patch_size: int
     stride: int
+    offset_y: int = 0
+    offset_x: int = 0
 
     @classmethod
-    def of(cls, height: int, width: int, patch_size: int, stride: int | None = None) -> PatchGrid:
-        return cls(height, width, patch_size, stride or patch_size)
+    def of(
+        cls,
+        height: int,
+        width: int,
+        patch_size: int,
+        stride: int | None = None,
+        offset: tuple[int, int] = (0, 0),
+    ) -> PatchGrid:
+        return cls(height, width, patch_size, stride or patch_size, *offset)
 
     @property
     def rows(self) -> int:
-        return _count(self.height, self.patch_size, self.stride)
+        return _count(self.height + self.offset_y, self.patch_size, self.stride)
 
     @property
     def cols(self) -> int:
-        return _count(self.width, self.patch_size, self.stride)
+        return _count(self.width + self.offset_x, self.patch_size, self.stride)
+
+    @property
+    def offset(self) -> tuple[int, int]:
+        """(offset_y, offset_x): where the image's top-left pixel lies in the grid's frame."""
+        return self.offset_y, self.offset_x
 
     @property
     def num_patches(self) -> int:
@@ -49,7 +70,14 @@ class PatchGrid:
         return np.asarray(row) * self.cols + np.asarray(col)
 
     def origin(self, index: int) -> tuple[int, int]:
-        """Top-left pixel (y, x) of patch ``index``."""
+        """Top-left pixel (y, x) of patch ``index`` in the image (negative above or left of
+        it when the grid is offset)."""
+        y, x = self.frame_origin(index)
+        return y - self.offset_y, x - self.offset_x
+
+    def frame_origin(self, index: int) -> tuple[int, int]:
+        """Top-left pixel (y, x) of patch ``index`` in the grid's frame (row·s, col·s): where
+        its output goes in a stitched canvas."""
         row, col = divmod(int(index), self.cols)
         return row * self.stride, col * self.stride
 

@@ -8,7 +8,9 @@ DataLoader workers still agree.
 - geometric ones (``geometric``: flip) mirror the whole image, not each patch: the reader lays
   the patch grid over the mirrored image (:class:`hiresctl.data.grid.Flip`), masks are read
   mirrored the same way and boxes follow through albumentations' bbox-aware flips
-  (:func:`flip_boxes`), so a patch's pixels, its place on the grid and its labels agree.
+  (:func:`flip_boxes`), so a patch's pixels, its place on the grid and its labels agree;
+- the grid's offset (``grid_offset: random``) moves the whole patch grid by up to a patch
+  (:meth:`PatchAugment.offset`), so patch borders cut objects elsewhere every epoch.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from storage import UsageError
 
 AUGMENTATIONS = ("none", "color", "stain")
 GEOMETRIC = ("none", "flip")
+GRID_OFFSETS = ("none", "random")
 
 
 def _preset(name: str) -> Any:
@@ -54,14 +57,21 @@ class PatchAugment:
     """Callable ``(patches (n, 3, h, w) in [0, 1], image_id) -> patches`` (photometric), and
     :meth:`flip` ``(image_id) -> Flip`` (geometric), both drawn per (seed, epoch, image)."""
 
-    def __init__(self, name: str, seed: int = 0, geometric: str = "none") -> None:
+    def __init__(
+        self, name: str, seed: int = 0, geometric: str = "none", grid_offset: str = "none"
+    ) -> None:
         if geometric not in GEOMETRIC:
             raise UsageError(
                 f"unknown geometric augmentation {geometric!r}; valid: {', '.join(GEOMETRIC)}"
             )
+        if grid_offset not in GRID_OFFSETS:
+            raise UsageError(
+                f"unknown grid offset {grid_offset!r}; valid: {', '.join(GRID_OFFSETS)}"
+            )
         self.name = name
         self.seed = seed
         self.geometric = geometric
+        self.grid_offset = grid_offset
         self.epoch = 0
         self.transform = None if name == "none" else _preset(name)
 
@@ -75,6 +85,14 @@ class PatchAugment:
             return NO_FLIP
         draw = self._key(image_id, ":flip") % 4
         return Flip(vertical=bool(draw & 2), horizontal=bool(draw & 1))
+
+    def offset(self, image_id: str, stride: int) -> tuple[int, int]:
+        """This epoch's (offset_y, offset_x) of ``image_id``'s patch grid: each uniform in
+        [0, ``stride``) with ``grid_offset: random``, (0, 0) otherwise."""
+        if self.grid_offset == "none" or stride <= 1:
+            return 0, 0
+        key = self._key(image_id, ":offset")
+        return key % stride, (key // stride) % stride
 
     def __call__(self, patches: torch.Tensor, image_id: str) -> torch.Tensor:
         if self.transform is None:

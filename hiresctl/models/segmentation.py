@@ -86,6 +86,7 @@ class DeepLab(nn.Module):
 
 SEG_NETWORKS: dict[str, Callable[[int], nn.Module]] = {
     "unet": lambda out: UNet(out, width=32, depth=4),
+    "unet-16": lambda out: UNet(out, width=16, depth=4),
     "unet-small": lambda out: UNet(out, width=16, depth=3),
     "unet-tiny": lambda out: UNet(out, width=8, depth=2),
     "deeplabv3-resnet50": lambda out: DeepLab(out, "resnet50"),
@@ -116,7 +117,8 @@ def upsample_region(
     """Rows [y, y+height) × cols [x, x+width) of ``maps`` (B, C, h, w) bilinearly resized to
     (side, side), computed without materialising the (side, side) map. Equal to
     ``F.interpolate(maps, (side, side), mode="bilinear", align_corners=False)[..., y:, x:]``
-    inside the square; zero outside it (the grid's padding beyond the letterboxed square)."""
+    inside the square; zero outside it (the grid's padding beyond the letterboxed square, and
+    above or left of it where a training grid is offset)."""
     batch, _c, h, w = maps.shape
     device = maps.device
     ys = (torch.arange(y, y + height, device=device, dtype=torch.float32) + 0.5) * (h / side) - 0.5
@@ -126,8 +128,10 @@ def upsample_region(
     gx = ((xs.clamp(0, w - 1) + 0.5) * 2 / w - 1).view(1, width).expand(height, width)
     grid = torch.stack([gx, gy], -1).unsqueeze(0).expand(batch, height, width, 2)
     out = F.grid_sample(maps, grid.to(maps.dtype), mode="bilinear", align_corners=False)
-    inside_y = (torch.arange(y, y + height, device=device) < side).view(1, 1, height, 1)
-    inside_x = (torch.arange(x, x + width, device=device) < side).view(1, 1, 1, width)
+    rows = torch.arange(y, y + height, device=device)
+    cols = torch.arange(x, x + width, device=device)
+    inside_y = ((rows >= 0) & (rows < side)).view(1, 1, height, 1)
+    inside_x = ((cols >= 0) & (cols < side)).view(1, 1, 1, width)
     return out * (inside_y & inside_x).to(out.dtype)
 
 

@@ -107,6 +107,7 @@ class DetectionMethod(Method):
     the memory of a step; a method adds :meth:`plan`, :meth:`train_batch` and :meth:`detect`."""
 
     use_global = False
+    moves_grid = False  # boxes and stitched maps assume the grid starts at the image's corner
     side_key: ClassVar[str] = "patch_size"  # the recipe key that sets what the network sees
 
     def __init__(self, recipe: Recipe, num_classes: int, reader: PatchReader) -> None:
@@ -548,10 +549,11 @@ class DetSliced(DetectionMethod, PatchGD):
 
     def patches(self, image_id: str, train: bool = False) -> tuple[PatchGrid, np.ndarray]:
         """Every window (no foreground filter, so mirroring changes nothing here)."""
-        if (image_id, NO_FLIP) not in self._patches:
+        key = (image_id, NO_FLIP, (0, 0))
+        if key not in self._patches:
             grid = self.reader.grid(image_id, self.recipe.patch_size, self.window_stride())
-            self._patches[image_id, NO_FLIP] = (grid, np.arange(grid.num_patches))
-        return self._patches[image_id, NO_FLIP]
+            self._patches[key] = (grid, np.arange(grid.num_patches))
+        return self._patches[key]
 
     def plan(self, image_ids: list[str], seed: int, train: bool) -> list[ReadRequest]:
         if train:

@@ -123,12 +123,15 @@ class Method(ABC):
 
     task: ClassVar[str] = ""
     name: ClassVar[str] = ""
+    # Whether training may lay the patch grid with an offset (``grid_offset: random``): the
+    # method reads the grid of :meth:`patches` with ``train=True`` everywhere in training.
+    moves_grid: ClassVar[bool] = False
 
     def __init__(self, recipe: Recipe, num_classes: int, reader: PatchReader) -> None:
         self.recipe = recipe
         self.num_classes = num_classes
         self.reader = reader
-        self._patches: dict[tuple[str, Flip], tuple[PatchGrid, np.ndarray]] = {}
+        self._patches: dict[tuple[str, Flip, tuple[int, int]], tuple[PatchGrid, np.ndarray]] = {}
         # The training stream's augmentation (set by the trainer): training plans and targets
         # ask it how each image is mirrored this epoch, as the stream's reads do.
         self.augment: PatchAugment | None = None
@@ -141,17 +144,27 @@ class Method(ABC):
         """How training reads mirror ``image_id`` this epoch (never outside training)."""
         return self.augment.flip(image_id) if train and self.augment is not None else NO_FLIP
 
+    def grid_offset(self, image_id: str, train: bool = True) -> tuple[int, int]:
+        """Where this epoch's training grid of ``image_id`` starts (``grid_offset``); (0, 0)
+        outside training."""
+        if not train or self.augment is None or not self.moves_grid:
+            return 0, 0
+        return self.augment.offset(image_id, self.recipe.stride or self.recipe.patch_size)
+
     def patches(self, image_id: str, train: bool = False) -> tuple[PatchGrid, np.ndarray]:
         """The grid of ``image_id`` and the row-major indices of the patches used (N of them);
-        ``train``: of the image as this epoch's training reads mirror it."""
-        flip = self.flip(image_id, train)
-        if (image_id, flip) not in self._patches:
-            grid = self.reader.grid(image_id, self.recipe.patch_size, self.recipe.stride)
+        ``train``: of the image as this epoch's training reads mirror and offset it."""
+        flip, offset = self.flip(image_id, train), self.grid_offset(image_id, train)
+        key = (image_id, flip, offset)
+        if key not in self._patches:
+            grid = self.reader.grid(image_id, self.recipe.patch_size, self.recipe.stride, offset)
             kept = kept_patches(
                 self.reader.dataset, image_id, grid, self.recipe.foreground_threshold, flip
             )
-            self._patches[image_id, flip] = (grid, kept)
-        return self._patches[image_id, flip]
+            if len(self._patches) > 4096:  # offsets vary by epoch: keep the cache bounded
+                self._patches.clear()
+            self._patches[key] = (grid, kept)
+        return self._patches[key]
 
     @abstractmethod
     def plan(self, image_ids: list[str], seed: int, train: bool) -> list[ReadRequest]:

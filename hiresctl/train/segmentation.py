@@ -225,6 +225,7 @@ class SegTiled(SegmentationMethod, PatchGD):
     branch; ``patchgd-global`` adds up(θ1(resize(image, p))) to the concatenation."""
 
     use_global = False
+    moves_grid = True
 
     def memory(
         self, model: nn.Module, images: list[Any], cost: PatchCost
@@ -246,7 +247,7 @@ class SegTiled(SegmentationMethod, PatchGD):
         rng = np.random.default_rng(seed)
         requests: list[ReadRequest] = []
         for b, image_id in enumerate(image_ids):
-            grid, _ = self.patches(image_id)
+            grid, _ = self.patches(image_id, train=True)
             everything = np.arange(grid.num_patches)  # the latent is filled everywhere
             for chunk in _chunks(everything, self.recipe.fill_batch):
                 requests.append(ReadRequest(image_id, "patches", grid, chunk, ReadTag("fill", b)))
@@ -256,7 +257,8 @@ class SegTiled(SegmentationMethod, PatchGD):
         return requests + self.inner_groups(image_ids, rng)
 
     def _canvas(self, image_ids: list[str]) -> tuple[int, int]:
-        grids = [self.patches(i)[0] for i in image_ids]
+        """(height, width) of a training batch's stitched canvas: its grids' frames."""
+        grids = [self.patches(i, train=True)[0] for i in image_ids]
         p = self.recipe.patch_size
         return max(g.rows for g in grids) * p, max(g.cols for g in grids) * p
 
@@ -270,16 +272,19 @@ class SegTiled(SegmentationMethod, PatchGD):
     ) -> None:
         p = grid.patch_size
         for index, tile in zip(indices.tolist(), tiles, strict=True):
-            y, x = grid.origin(index)
+            y, x = grid.frame_origin(index)
             canvas[b, ..., y : y + p, x : x + p] = tile.to(canvas.dtype)
 
     def _global_latent(
         self, g: torch.Tensor, image_ids: list[str], height: int, width: int
     ) -> torch.Tensor:
-        return torch.cat([
-            upsample_region(g[b : b + 1], self.side(image_id), 0, 0, height, width)
-            for b, image_id in enumerate(image_ids)
-        ])  # fmt: skip
+        pieces = []
+        for b, image_id in enumerate(image_ids):
+            top, left = self.patches(image_id, train=True)[0].offset  # the image in the frame
+            pieces.append(
+                upsample_region(g[b : b + 1], self.side(image_id), -top, -left, height, width)
+            )
+        return torch.cat(pieces)
 
     def train_batch(
         self, ctx: StepContext, image_ids: list[str], targets: torch.Tensor, reads: Reads

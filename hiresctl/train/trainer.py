@@ -261,7 +261,7 @@ class Trainer:
             (self.out / "recipe.yaml").write_text(dump_recipe(recipe))
             (self.out / "classes.json").write_text(json.dumps(self.run.classes))
         writer = self._tensorboard()
-        augment = PatchAugment(recipe.augment, recipe.seed, recipe.geometric)
+        augment = PatchAugment(recipe.augment, recipe.seed, recipe.geometric, recipe.grid_offset)
         run.method.augment = augment  # training plans and targets mirror as the reads do
         stream = PatchStream(run.reader, num_workers=recipe.num_workers, augment=augment)
         ctx = step_context(run, optimizer, scaler, recipe.accumulation_steps, augment)

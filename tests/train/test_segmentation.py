@@ -14,7 +14,8 @@ import torch.nn.functional as F
 import zarr
 from torch import nn
 
-from hiresctl.data import LabelledImage, PatchStream
+from hiresctl.data import LabelledImage, PatchAugment, PatchStream
+from hiresctl.data.reader import normalize
 from hiresctl.eval import evaluate
 from hiresctl.models import PatchSegmenter, upsample_region
 from hiresctl.train import Trainer, build_run, load_recipe, predict_segmentation
@@ -24,7 +25,7 @@ from hiresctl.train.segmentation import (
     segmentation_loss,
     segmentation_metrics,
 )
-from storage import Dataset
+from storage import Dataset, UsageError
 from tests.ngff import assert_labels_have_parents, assert_valid_ngff
 from tests.stores import make_store
 
@@ -60,6 +61,51 @@ def test_planned_mask_reads_rebuild_the_mask_exactly(tmp_path: Path) -> None:
     assert sorted(seen) == list(range(4 * 3))  # every patch of the 4×3 grid, once
     np.testing.assert_array_equal(canvas[0, :100, :70].numpy(), (mask == 7).astype(np.int64))
     assert (canvas[0, 100:] == IGNORE).all() and (canvas[0, :, 70:] == IGNORE).all()
+
+
+def test_an_offset_training_grid_stitches_pixels_and_labels_in_one_frame(tmp_path: Path) -> None:
+    """With ``grid_offset: random`` each epoch lays the grid elsewhere; the patches and the
+    mask under them land in the canvas at the same places, the image shifted by the offset."""
+    rng = np.random.default_rng(1)
+    mask = rng.integers(0, 2, (100, 70), dtype=np.uint8)
+    pixels = rng.integers(0, 255, (100, 70, 3), dtype=np.uint8)
+    store = make_store(tmp_path, {"a": pixels}, masks={"a": mask})
+    recipe = _recipe(grid_offset="random", geometric="flip")
+    run = build_run(recipe, Dataset(store), ["0", "1"], torch.device("cpu"), mask_values=[0, 1])
+    method = run.method
+    augment = PatchAugment("none", seed=0, geometric="flip", grid_offset="random")
+    method.augment = augment
+    offsets = set()
+    for epoch in range(6):
+        augment.epoch = epoch
+        top, left = method.patches("a", train=True)[0].offset
+        assert 0 <= top < 32 and 0 <= left < 32
+        offsets.add((top, left))
+        height, width = method._canvas(["a"])
+        assert height >= 100 + top and width >= 70 + left
+        labels = torch.full((1, height, width), IGNORE, dtype=torch.long)
+        image = torch.zeros(1, 3, height, width)
+        for request, tensor in PatchStream(run.reader, augment=augment)(
+            method.plan(["a"], epoch, train=True)
+        ):
+            target = labels if request.kind == "mask" else image
+            if request.tag.role in ("mask", "fill"):
+                method._place(target, 0, request.grid, request.indices, tensor)
+        flip = augment.flip("a")
+        seen = flip.pixels(np.moveaxis(pixels, -1, 0))
+        expected = normalize(torch.from_numpy(seen).float() / 255)
+        torch.testing.assert_close(image[0, :, top : top + 100, left : left + 70], expected)
+        np.testing.assert_array_equal(
+            labels[0, top : top + 100, left : left + 70].numpy(), flip.pixels(mask)
+        )
+        assert (labels[0, :top] == IGNORE).all() and (labels[0, :, :left] == IGNORE).all()
+        assert method.patches("a")[0].offset == (0, 0)  # evaluation's grid is not moved
+    assert len(offsets) > 1
+
+
+def test_a_fixed_grid_method_refuses_an_offset() -> None:
+    with pytest.raises(UsageError, match="lays a fixed patch grid"):
+        load_recipe(task="seg", method="downsample", overrides={"grid_offset": "random"})
 
 
 def _bright_square_store(tmp_path: Path) -> tuple[Path, np.ndarray]:
