@@ -15,6 +15,7 @@ import yaml
 
 from hiresctl.data import LabelledImage
 from hiresctl.eval import evaluate, run_task
+from hiresctl.eval.stats import Comparison, Interval, compare_runs
 from hiresctl.report import figures
 from hiresctl.report.model import LOWER_IS_BETTER, METRIC_NAMES, Figure, RunReport
 from hiresctl.report.render import charts, render_html, render_markdown
@@ -350,9 +351,16 @@ def _time(row: dict[str, Any]) -> str:
     return text
 
 
-def verdict(task: str, rows: dict[str, dict[str, Any]], reports: list[RunReport]) -> str:
-    """One paragraph: which run won on the deciding metric, by how much, at what cost, and
-    what each run saw of the images."""
+def verdict(
+    task: str,
+    rows: dict[str, dict[str, Any]],
+    reports: list[RunReport],
+    intervals: dict[str, Interval] | None = None,
+    comparisons: list[Comparison] | None = None,
+) -> str:
+    """One paragraph: which run won on the deciding metric, by how much, at what cost, what
+    each run saw of the images, and whether each difference is more than the test images'
+    sampling noise (``comparisons``: the winner against every other run, paired)."""
     key = get_task(task).table_metrics[0]
     scored: list[tuple[RunReport, float]] = [
         (r, float(rows[r.name][key])) for r in reports if rows[r.name].get(key) is not None
@@ -363,16 +371,35 @@ def verdict(task: str, rows: dict[str, dict[str, Any]], reports: list[RunReport]
     top, value = scored[0]
     name = METRIC_NAMES.get(key, key)
     lead = "has the best" if len(scored) > 1 else "reaches"
-    text = (f"{top.name} ({top.result['method']}) {lead} {name}: {value:.3f}, at "
+    shown = _interval_text((intervals or {}).get(top.name))
+    text = (f"{top.name} ({top.result['method']}) {lead} {name}: {value:.3f}{shown}, at "
             f"{rows[top.name]['train_peak_gb'] or 0:.2f} GB peak training memory{_time(rows[top.name])} and "
             f"{rows[top.name]['eval_images_per_second'] or 0:.2f} images/s in evaluation; "
             f"it sees {top.setting['sees']}.")  # fmt: skip
+    tested = {c.b: c for c in comparisons or [] if c.a == top.name}
     for other, score in scored[1:]:
-        text += (f" {other.name} ({other.result['method']}) reaches {score:.3f} "
+        shown = _interval_text((intervals or {}).get(other.name))
+        text += (f" {other.name} ({other.result['method']}) reaches {score:.3f}{shown} "
                  f"({score - value:+.3f}) at {rows[other.name]['train_peak_gb'] or 0:.2f} GB"
                  f"{_time(rows[other.name])}; "
                  f"it sees {other.setting['sees']}.")  # fmt: skip
+        if other.name in tested:
+            text += f" Paired on the same images, {_difference_text(tested[other.name])}."
     return text
+
+
+def _interval_text(interval: Interval | None) -> str:
+    if interval is None or not math.isfinite(interval.low):
+        return ""
+    return f" (95% interval {interval.low:.3f}–{interval.high:.3f} over {interval.images} images)"
+
+
+def _difference_text(c: Comparison) -> str:
+    """``the difference is real (McNemar p = 0.003)`` or ``… within noise (…)``."""
+    where = f"{c.test}, p = {c.p_value:.2g}" if c.p_value >= 0.001 else f"{c.test}, p < 0.001"
+    if c.significant:
+        return f"the difference is real ({where})"
+    return f"the difference is within the test images' noise ({where})"
 
 
 def build_report(
@@ -420,6 +447,9 @@ def build_report(
         reports.append(report)
     rows = {r.name: _table_row(r) for r in reports}
     best = best_runs(rows)
+    deciding = get_task(task).table_metrics[0]
+    leader = best[deciding][0] if best.get(deciding) else None
+    intervals, comparisons = compare_runs(task, {r.name: r.result for r in reports}, leader)
     entries = dataset.entries(complete_only=True)
     splits: dict[str, int] = {}
     for entry in entries:
@@ -441,9 +471,11 @@ def build_report(
         "split": split,
         "dataset": dataset_summary,
         "deciding_metric": get_task(task).table_metrics[0],
-        "verdict": verdict(task, rows, reports),
+        "verdict": verdict(task, rows, reports, intervals, comparisons),
         "table": rows,
         "best": best,
+        "intervals": {name: i.to_json() for name, i in intervals.items()},
+        "comparisons": [c.to_json() for c in comparisons],
         "runs": [
             {"name": r.name, "run": str(r.folder), "method": r.result["method"],
              "setting": r.setting, "recipe": r.recipe, "training": r.summary,

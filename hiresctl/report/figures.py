@@ -66,7 +66,12 @@ def line_chart(
 ) -> str:
     """An inline SVG line chart: one polyline (with points) per named series."""
     left, right, top, bottom = 52, 12, 28, 40
-    legend_rows = math.ceil(len(series) / 2)
+    # Legend: two entries a row when every name fits half the plot's width, else one a row,
+    # so that no name runs into its neighbour's swatch (11 px text: about 6.5 px a character).
+    half = (width - left - right) // 2
+    per_row = 2 if all(len(name) * 6.5 + 18 <= half for name in series) else 1
+    longest = int((width - left - right - 18) / 6.5)
+    legend_rows = math.ceil(len(series) / per_row)
     height += 14 * legend_rows + 4
     plot_w, plot_h = width - left - right, height - top - bottom - 14 * legend_rows - 4
     points = [(x, y) for values in series.values() for x, y in values
@@ -123,10 +128,13 @@ def line_chart(
         if len(clean) <= 60:
             out.extend(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="{colour}"/>'
                        for x, y in clean)  # fmt: skip
-        lx = left + (i % 2) * (plot_w // 2)
-        ly = top + plot_h + 50 + 14 * (i // 2)
-        out.append(f'<rect x="{lx}" y="{ly - 9}" width="10" height="10" fill="{colour}"/>'
-                   f'<text x="{lx + 14}" y="{ly}">{html.escape(name[:28])}</text>')  # fmt: skip
+        lx = left + (i % per_row) * half
+        ly = top + plot_h + 50 + 14 * (i // per_row)
+        label = name if len(name) <= longest else name[: longest - 1] + "…"
+        out.append(
+            f'<rect x="{lx}" y="{ly - 9}" width="10" height="10" fill="{colour}"/>'
+            f'<text x="{lx + 14}" y="{ly}">{html.escape(label)}</text>'
+        )
     out.append("</svg>")
     return "".join(out)
 

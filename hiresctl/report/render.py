@@ -80,6 +80,8 @@ figure img{max-width:320px;display:block;image-rendering:pixelated}
 figcaption{font-size:.82em;color:#3b4554;margin-top:4px}
 details{margin:6px 0}pre{background:#fff;padding:10px;overflow:auto;font-size:.85em}
 .legend span{display:inline-block;width:12px;height:12px;margin:0 4px -1px 10px}
+.wide{overflow-x:auto;max-width:100%}.wide table{margin-bottom:6px}
+.ci{font-size:.8em;color:#5a6473;font-weight:400;white-space:nowrap}
 """
 
 
@@ -137,6 +139,35 @@ def charts(metrics: dict[str, Any], reports: list[RunReport]) -> list[tuple[str,
             svg = figures.line_chart(series, title, "false positive rate", "true positive rate",
                                      limits=(0.0, 1.0), diagonal=True)  # fmt: skip
             out.append((f"roc-{figures.slug(r.name)}", title, svg))
+    return out
+
+
+def _interval(metrics: dict[str, Any], run: str, column: str) -> str:
+    """`` [0.712–0.804]``: the 95% interval of the deciding metric's ``column`` for ``run``."""
+    found = (metrics.get("intervals") or {}).get(run)
+    if column != metrics["deciding_metric"] or not found or found["low"] is None:
+        return ""
+    if not (math.isfinite(found["low"]) and math.isfinite(found["high"])):
+        return ""
+    return f" [{found['low']:.3f}–{found['high']:.3f}]"
+
+
+def _comparison_sentences(metrics: dict[str, Any]) -> list[str]:
+    """One line per paired comparison of the winner with another run."""
+    name = METRIC_NAMES.get(metrics["deciding_metric"], metrics["deciding_metric"])
+    out = []
+    for c in metrics.get("comparisons") or []:
+        p = f"p = {c['p_value']:.2g}" if c["p_value"] >= 0.001 else "p < 0.001"
+        verdict = "a real difference" if c["significant"] else "within the test images' noise"
+        extra = ""
+        if c.get("discordant"):
+            a_only, b_only = c["discordant"]
+            extra = f"; {a_only} images only {c['a']} gets right, {b_only} only {c['b']}"
+        out.append(
+            f"{c['a']} − {c['b']}: {name} {c['difference']:+.3f} "
+            f"(95% interval {c['low']:+.3f} to {c['high']:+.3f}), {c['test']} {p} over "
+            f"{c['images']} images{extra}: {verdict}."
+        )
     return out
 
 
@@ -275,28 +306,44 @@ def _run_section_html(r: RunReport, svgs: dict[str, str]) -> str:
     return "".join(out)
 
 
-def render_html(metrics: dict[str, Any], reports: list[RunReport]) -> str:
-    svgs = {stem: svg for stem, _, svg in charts(metrics, reports)}
+def _split_columns(metrics: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """The side-by-side columns as two tables that each fit a laptop's width: what each run
+    reached (with what it saw), and what it cost."""
     columns = _comparison_columns(metrics)
+    costs = [c for c in columns if c in COST_COLUMNS or c in PREPARED_COLUMNS]
+    return [c for c in columns if c not in costs], costs
+
+
+def _html_run_rows(
+    metrics: dict[str, Any], reports: list[RunReport], columns: list[str], settings: bool
+) -> tuple[list[str], list[list[tuple[str, str]]]]:
     best = metrics["best"]
-    head = [
-        "Run",
-        "Method",
-        *(t for _, t in SETTING_COLUMNS),
-        *(METRIC_NAMES.get(c, c) for c in columns),
-    ]
+    head = ["Run", "Method"]
+    head += [t for _, t in SETTING_COLUMNS] if settings else []
+    head += [METRIC_NAMES.get(c, c) for c in columns]
     rows = []
     for r in reports:
         row = metrics["table"][r.name]
         cells = [(f'<a href="#run-{_h(figures.slug(r.name))}">{_h(r.name)}</a>', ""),
                  (_h(r.result["method"]), "")]  # fmt: skip
-        cells += [(_h(r.setting.get(k, "—")), "") for k, _ in SETTING_COLUMNS]
+        if settings:
+            cells += [(_h(r.setting.get(k, "—")), "") for k, _ in SETTING_COLUMNS]
         for c in columns:
             won = r.name in best.get(c, [])
-            cells.append(
-                (_num(row.get(c), _digits(c)) + (" ★" if won else ""), "best" if won else "")
-            )
+            text = _num(row.get(c), _digits(c)) + (" ★" if won else "")
+            interval = _interval(metrics, r.name, c)
+            if interval:
+                text += f'<br><span class="ci">{_h(interval.strip())}</span>'
+            cells.append((text, "best" if won else ""))
         rows.append(cells)
+    return head, rows
+
+
+def render_html(metrics: dict[str, Any], reports: list[RunReport]) -> str:
+    svgs = {stem: svg for stem, _, svg in charts(metrics, reports)}
+    quality, costs = _split_columns(metrics)
+    head, rows = _html_run_rows(metrics, reports, quality, settings=True)
+    cost_head, cost_rows = _html_run_rows(metrics, reports, costs, settings=False)
     data = metrics["dataset"]
     size = (f'{data["smallest"][0]}×{data["smallest"][1]} to {data["largest"][0]}×{data["largest"][1]}'
             if data["smallest"] else "—")  # fmt: skip
@@ -313,9 +360,30 @@ def render_html(metrics: dict[str, Any], reports: list[RunReport]) -> str:
         "★ marks the best value of a column (lowest for memory and NLR)</p>",
         f'<div class="verdict">{_h(metrics["verdict"])}</div>',
         "<h2>Runs side by side</h2>",
-        '<div style="overflow-x:auto">',
+        '<div class="wide">',
         _html_table(head, rows, left=2 + len(SETTING_COLUMNS)),
         "</div>",
+        *(
+            [
+                '<p class="meta">Brackets: 95% bootstrap interval over the test images '
+                "(2000 resamples).</p>"
+            ]
+            if metrics.get("intervals")
+            else []
+        ),
+        "<h3>What each run cost</h3>",
+        '<div class="wide">',
+        _html_table(cost_head, cost_rows, left=2),
+        "</div>",
+        *(
+            [
+                "<h3>Is the difference real?</h3><ul>",
+                *(f"<li>{_h(line)}</li>" for line in _comparison_sentences(metrics)),
+                "</ul>",
+            ]
+            if metrics.get("comparisons")
+            else []
+        ),
         *(["<h2>Precision–recall</h2>", f'<div class="charts">{pr}</div>'] if pr else []),
         "<h2>Training</h2>",
         f'<div class="charts">{curves}</div>' if curves else "<p>No training curves recorded.</p>",
@@ -357,28 +425,41 @@ def _md_table(head: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_markdown(metrics: dict[str, Any], reports: list[RunReport]) -> str:
-    columns = _comparison_columns(metrics)
+def _md_run_rows(
+    metrics: dict[str, Any], reports: list[RunReport], columns: list[str], settings: bool
+) -> str:
     best = metrics["best"]
+    rows = []
+    for r in reports:
+        row = metrics["table"][r.name]
+        cells = [r.name, r.result["method"]]
+        cells += [r.setting.get(k, "—") for k, _ in SETTING_COLUMNS] if settings else []
+        for c in columns:
+            text = _num(row.get(c), _digits(c))
+            text = f"**{text} ★**" if r.name in best.get(c, []) else text
+            cells.append(text + _interval(metrics, r.name, c))
+        rows.append(cells)
+    head = ["Run", "Method"]
+    head += [t for _, t in SETTING_COLUMNS] if settings else []
+    head += [METRIC_NAMES.get(c, c) for c in columns]
+    return _md_table(head, rows)
+
+
+def render_markdown(metrics: dict[str, Any], reports: list[RunReport]) -> str:
+    quality, costs = _split_columns(metrics)
     out = [f"# {_headline(metrics)}\n",
            f"Deciding metric: {METRIC_NAMES.get(metrics['deciding_metric'])}; **bold ★** marks the "
            "best value of a column (lowest for memory and NLR).\n",
            f"> {metrics['verdict']}\n", "## Runs side by side\n"]  # fmt: skip
-    rows = []
-    for r in reports:
-        row = metrics["table"][r.name]
-        cells = [r.name, r.result["method"], *(r.setting.get(k, "—") for k, _ in SETTING_COLUMNS)]
-        for c in columns:
-            text = _num(row.get(c), _digits(c))
-            cells.append(f"**{text} ★**" if r.name in best.get(c, []) else text)
-        rows.append(cells)
-    head = [
-        "Run",
-        "Method",
-        *(t for _, t in SETTING_COLUMNS),
-        *(METRIC_NAMES.get(c, c) for c in columns),
-    ]
-    out.append(_md_table(head, rows))
+    out.append(_md_run_rows(metrics, reports, quality, settings=True))
+    if metrics.get("intervals"):
+        out.append("Brackets: 95% bootstrap interval over the test images (2000 resamples).\n")
+    out.append("### What each run cost\n")
+    out.append(_md_run_rows(metrics, reports, costs, settings=False))
+    if metrics.get("comparisons"):
+        out.append("### Is the difference real?\n")
+        out += [f"- {line}" for line in _comparison_sentences(metrics)]
+        out.append("")
     pr = [(stem, title) for stem, title, _ in charts(metrics, reports) if stem.startswith("pr-")]
     if pr:
         out.append("## Precision–recall\n")
