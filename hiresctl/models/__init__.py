@@ -20,6 +20,7 @@ from hiresctl.models.patchgd import (
     PatchEncoder,
     PatchGDClassifier,
     PatchGDHead,
+    scale_gradient,
 )
 from hiresctl.models.segmentation import (
     SEG_NETWORKS,
@@ -48,6 +49,7 @@ __all__ = [
     "create_seg_network",
     "load_pretrained",
     "load_weights",
+    "scale_gradient",
     "sinusoidal",
     "upsample_region",
 ]

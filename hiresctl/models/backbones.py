@@ -51,20 +51,27 @@ class Backbone(nn.Module):
         return self.forward_features(x)
 
 
-def _conv_pool_stack(widths: tuple[int, ...]) -> nn.Sequential:
+def _conv_pool_stack(widths: tuple[int, ...], space_to_depth: bool = False) -> nn.Sequential:
     """3×3 conv → BatchNorm → ReLU per width, a 2×2 max-pool between consecutive ones.
 
     The first conv runs at full resolution, so strokes a few pixels wide survive it (a stride-2
-    first layer halves a 10-pixel digit before anything has looked at it)."""
+    first layer halves a 10-pixel digit before anything has looked at it). With
+    ``space_to_depth`` every 2×2 block of pixels first becomes 12 channels (nothing is lost),
+    and the first conv and pool are replaced by one conv at half resolution on them: a quarter
+    of the pixels, none of their information dropped, and no full-resolution activation to
+    write, read and normalise (the full-resolution stage is memory-bound on a CPU)."""
     layers: list[nn.Module] = []
     cin = 3
+    if space_to_depth:
+        layers.append(nn.PixelUnshuffle(2))
+        cin = 12
     for i, width in enumerate(widths):
         layers += [
             nn.Conv2d(cin, width, 3, padding=1, bias=False),
             nn.BatchNorm2d(width),
             nn.ReLU(inplace=True),
         ]
-        if i < len(widths) - 1:
+        if i < len(widths) - 1 and not (space_to_depth and i == 0):
             layers.append(nn.MaxPool2d(2))
         cin = width
     return nn.Sequential(*layers)
@@ -82,6 +89,18 @@ def _cnn5() -> Backbone:
     max-pool: the plain CNN one writes first for small objects on a large canvas; the learning
     benchmark's bare-PyTorch reference is this network."""
     return Backbone(_conv_pool_stack((32, 64, 64, 128, 128)), 128, pool="max")
+
+
+def _tiny_s2d() -> Backbone:
+    """``tiny`` with a space-to-depth stem: each 2×2 pixel block becomes 12 channels and the
+    16-wide first conv runs on those at half resolution, where ``tiny``'s ran at full
+    resolution and was max-pooled; the same widths, depth and final resolution."""
+    return Backbone(_conv_pool_stack((16, 32, 48, 64), space_to_depth=True), 64, pool="max")
+
+
+def _cnn5_s2d() -> Backbone:
+    """``cnn5`` with the space-to-depth stem of ``tiny-s2d``."""
+    return Backbone(_conv_pool_stack((32, 64, 64, 128, 128), space_to_depth=True), 128, pool="max")
 
 
 def _resnet(name: str) -> Callable[[], Backbone]:
@@ -105,6 +124,8 @@ BACKBONES: dict[str, Callable[[], Backbone]] = {
     "resnet50": _resnet("resnet50"),
     "mobilenet_v2": _mobilenet_v2,
     "cnn5": _cnn5,
+    "tiny-s2d": _tiny_s2d,
+    "cnn5-s2d": _cnn5_s2d,
 }
 
 

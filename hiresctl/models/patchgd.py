@@ -12,6 +12,26 @@ FUSIONS = ("add", "concat")
 HEAD_POOLS = ("max", "avg", "avgmax")
 
 
+class _ScaleGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(factor)  # type: ignore[attr-defined]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (factor,) = ctx.saved_tensors  # type: ignore[attr-defined]
+        return grad * factor, None
+
+
+def scale_gradient(x: torch.Tensor, factor: float | torch.Tensor) -> torch.Tensor:
+    """``x`` unchanged, with the gradient that flows back through it multiplied by ``factor``
+    (a number, or a tensor broadcast against ``x``, e.g. one factor per image)."""
+    factor = torch.as_tensor(factor, dtype=x.dtype, device=x.device)
+    scaled: torch.Tensor = _ScaleGradient.apply(x, factor)
+    return scaled
+
+
 class PatchEncoder(nn.Module):
     """θ1: backbone features of a patch, projected to ``latent_dim`` (D) by a Linear, or kept as
     they are (``latent_dim=None``: D is the backbone's width).

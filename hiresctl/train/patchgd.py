@@ -20,6 +20,7 @@ from hiresctl.data import (
 )
 from hiresctl.models import (
     PatchGDClassifier,
+    scale_gradient,
 )
 from hiresctl.train.memory import PatchCost
 from hiresctl.train.methods import (
@@ -55,6 +56,7 @@ class PatchGD(Method):
     """
 
     use_global = False
+    moves_grid = True
 
     def calibrate(self, ctx: StepContext, batches: list[list[str]]) -> None:
         model: PatchGDClassifier = ctx.model  # type: ignore[assignment]
@@ -129,11 +131,8 @@ class PatchGD(Method):
                 requests.append(ReadRequest(image_id, "patches", grid, chunk, ReadTag("fill", b)))
         if self.use_global:
             for b, image_id in enumerate(image_ids):
-                requests.append(
-                    ReadRequest(
-                        image_id, "global", self.patches(image_id)[0], tag=ReadTag("global", b)
-                    )
-                )
+                grid = self.patches(image_id, train)[0]
+                requests.append(ReadRequest(image_id, "global", grid, tag=ReadTag("global", b)))
         if not train:
             return requests
         return requests + self.inner_groups(image_ids, rng)
@@ -142,9 +141,10 @@ class PatchGD(Method):
         """The reads of the inner iterations: J groups of k patches per image, each patch of an
         image once before any repeats, tagged ``ReadTag("group", b, last, number=j)`` (``last``: the last read of step j)."""
         requests: list[ReadRequest] = []
-        orders, sizes, groups = [], [], []
+        orders, sizes, groups, grids = [], [], [], []
         for image_id in image_ids:
-            _, kept = self.patches(image_id, train=True)
+            grid, kept = self.patches(image_id, train=True)
+            grids.append(grid)
             k = self.patches_per_step(len(kept))
             orders.append(rng.permutation(kept))
             sizes.append(k)
@@ -158,7 +158,7 @@ class PatchGD(Method):
                     ReadRequest(
                         image_id,
                         "patches",
-                        self.patches(image_id)[0],
+                        grids[b],
                         indices,
                         ReadTag("group", b, last=b == len(image_ids) - 1, number=j),
                     )
@@ -188,9 +188,11 @@ class PatchGD(Method):
                     yield group
                     group = []
 
-    def _latent(self, image_ids: list[str], device: torch.device, dim: int) -> torch.Tensor:
-        rows = max(self.patches(i)[0].rows for i in image_ids)
-        cols = max(self.patches(i)[0].cols for i in image_ids)
+    def _latent(
+        self, image_ids: list[str], device: torch.device, dim: int, train: bool = False
+    ) -> torch.Tensor:
+        rows = max(self.patches(i, train)[0].rows for i in image_ids)
+        cols = max(self.patches(i, train)[0].cols for i in image_ids)
         return torch.zeros(len(image_ids), dim, rows, cols, device=device)
 
     @staticmethod
@@ -237,7 +239,7 @@ class PatchGD(Method):
     ) -> BatchOutput:
         model: PatchGDClassifier = ctx.model  # type: ignore[assignment]
         targets = targets.to(ctx.device)
-        latent = self._latent(image_ids, ctx.device, model.latent_dim)
+        latent = self._latent(image_ids, ctx.device, model.latent_dim, train=True)
         global_pixels: list[torch.Tensor | None] = [None] * len(image_ids)
         losses: list[float] = []
         logits = torch.zeros(len(image_ids), self.num_classes)
@@ -299,7 +301,25 @@ class PatchGD(Method):
             write(latent, r.tag.image, r.grid, r.indices, features[start : start + len(r.indices)])
             start += len(r.indices)
         ctx.patches_with_grad += start
-        return features[start:] if self.use_global else None
+        if not self.use_global:
+            return None
+        return scale_gradient(features[start:], self.global_grad_factor(group, features))
+
+    def global_grad_factor(
+        self, group: list[tuple[ReadRequest, torch.Tensor]], features: torch.Tensor
+    ) -> torch.Tensor:
+        """(B, 1, …) factors on each global patch's gradient (``global_grad``; None: the
+        image's k/N, so that over a batch its global patch weighs on the encoder as one of
+        its patches does)."""
+        factors = torch.ones(len(group))
+        if self.recipe.global_grad is not None:
+            factors.fill_(self.recipe.global_grad)
+        else:
+            for r, _ in group:
+                kept = len(self.patches(r.image_id, train=True)[1])
+                factors[r.tag.image] = len(r.indices) / max(1, kept)
+        shape = (len(group),) + (1,) * (features.dim() - 1)
+        return factors.to(features.device, features.dtype).view(shape)
 
     def _eval_latent(
         self, ctx: StepContext, image_ids: list[str], reads: Reads

@@ -18,9 +18,16 @@ from typing import Any
 
 import yaml
 
-from hiresctl.data.transforms import AUGMENTATIONS, GEOMETRIC
+from hiresctl.data.transforms import AUGMENTATIONS, GEOMETRIC, GRID_OFFSETS
 from hiresctl.models.patchgd import HEAD_POOLS
-from hiresctl.train.registry import method_class, method_defaults, task_class, unknown
+from hiresctl.train.registry import (
+    method_class,
+    method_defaults,
+    method_names,
+    task_class,
+    task_names,
+    unknown,
+)
 from storage.errors import UsageError
 
 SCHEDULES = ("linear", "cosine", "constant")
@@ -41,6 +48,9 @@ class Recipe:
     foreground_threshold: float = 0.0  # skip patches with less foreground than this (0 = keep all)
     augment: str = "none"  # none | color | stain (per-image consistent, photometric)
     geometric: str = "none"  # none | flip (mirror whole images; masks and boxes follow)
+    # PatchGD: lay each training image's patch grid with a random offset (below one patch) every
+    # epoch, so patch borders cut objects elsewhere each time; evaluation's grid starts at 0
+    grid_offset: str = "none"  # none | random
     num_workers: int = 0  # DataLoader worker processes reading ahead of compute
     train_split: str = "train"
     val_split: str = "val"
@@ -53,6 +63,12 @@ class Recipe:
     head_width: int = 256
     dropout: float = 0.2
     fusion: str = "add"  # patchgd-global: add | concat
+    # patchgd-global: the factor on the gradient the global patch sends back into the shared
+    # encoder. Fused into every cell (or pixel) of the image, it gathers the gradient of all of
+    # them in every inner step, where a patch gathers its own cells' once per batch; None
+    # scales it by k/N (patches per step / patches in the image), so over a batch the global
+    # patch pulls on the encoder as one patch does. 1 is the paper's unscaled global branch.
+    global_grad: float | None = 1.0
     # PatchGD head: max (a stride-1 block, then the grid's maximum) | avg (the paper's: three more
     # blocks at stride 2, then the average) | avgmax (both poolings after the first block)
     head_pool: str = "max"
@@ -139,6 +155,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "positional": ("none", "1d", "2d"),
     "augment": AUGMENTATIONS,
     "geometric": GEOMETRIC,
+    "grid_offset": GRID_OFFSETS,
 }
 
 _FIELDS = {f.name: f for f in fields(Recipe)}
@@ -208,12 +225,25 @@ def _check(recipe: Recipe, where: str) -> None:
         raise UsageError(f"{where}: max_instances must be at least 1, got {recipe.max_instances}")
     if recipe.head_context < 0:
         raise UsageError(f"{where}: head_context must be at least 0, got {recipe.head_context}")
+    if recipe.global_grad is not None and not 0 <= recipe.global_grad <= 1:
+        raise UsageError(f"{where}: global_grad must be in [0, 1], got {recipe.global_grad}")
     if not 0 < recipe.sample_fraction <= 1:
         raise UsageError(
             f"{where}: sample_fraction must be in (0, 1], got {recipe.sample_fraction}"
         )
     if not 0 <= recipe.overlap < 1:
         raise UsageError(f"{where}: overlap must be in [0, 1), got {recipe.overlap}")
+    if recipe.grid_offset != "none" and not method_class(recipe.task, recipe.method).moves_grid:
+        movable = [
+            f"{t}/{m}"
+            for t in task_names()
+            for m in method_names(t)
+            if method_class(t, m).moves_grid
+        ]
+        raise UsageError(
+            f"{where}: grid_offset {recipe.grid_offset!r}: {recipe.task} method {recipe.method} "
+            f"lays a fixed patch grid (methods that move it: {', '.join(movable)})"
+        )
     if recipe.lr <= 0:
         raise UsageError(f"{where}: lr must be positive, got {recipe.lr}")
     if recipe.memory_budget is not None:
