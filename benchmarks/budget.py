@@ -81,6 +81,7 @@ def measure(task: str, method: str, store: Path, side: int) -> dict:
     options = ["train", "--task", task, "--method", method, "--data", str(store), "--out", str(out),
                "--memory-budget", BUDGET, "--set", "epochs=1", "--set", "val_split=none",
                "--set", "batch_size=1", "--set", "accumulation_steps=1", "--device", "cpu",
+               "--set", "precision=fp32",
                "--json"]  # fmt: skip
     if method in ("abmil", "transmil", "ips-features"):
         _hiresctl("embed", str(store), "--backbone", "resnet18", "--patch-size", "256",

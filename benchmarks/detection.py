@@ -64,7 +64,7 @@ def quality(args: argparse.Namespace) -> list[str]:
         "--task", "det", "--set", "backbone=tiny", "--set", "latent_dim=64", "--set", "head_convs=2",
         "--set", f"patch_size={args.patch_size}", "--set", f"epochs={args.epochs}",
         "--set", "lr=3e-3", "--set", "batch_size=2", "--set", "accumulation_steps=1",
-        "--set", "max_detections=100", "--device", "cpu",
+        "--set", "max_detections=100", "--device", "cpu", "--set", "precision=fp32",
     ]  # fmt: skip
     lines = [
         f"Command: `python benchmarks/detection.py --side {args.side} --count {args.count} "
@@ -113,7 +113,7 @@ def scale(args: argparse.Namespace) -> list[str]:
         report, summary, _ = train_eval(
             store, root / f"run-{method}",
             ["--task", "det", "--recipe", str(recipe), "--set", "epochs=1",
-             "--set", "val_split=none", "--device", "cpu"],
+             "--set", "val_split=none", "--device", "cpu", "--set", "precision=fp32"],
         )  # fmt: skip
         print(method, summary["peak_memory_gb"], summary["images_per_second"], flush=True)
         lines.append(
@@ -148,7 +148,8 @@ def growth(sides: list[int]) -> list[str]:
             train = subprocess.run(
                 [sys.executable, "-m", "hiresctl", "train", "--data", str(store), "--out", str(out),
                  "--json", "--task", "det", "--recipe", str(recipe), "--set", "epochs=1",
-                 "--set", "val_split=none", "--set", "inner_steps=1", "--device", "cpu"],
+                 "--set", "val_split=none", "--set", "inner_steps=1", "--device", "cpu",
+                 "--set", "precision=fp32"],
                 capture_output=True, text=True,
             )  # fmt: skip
             if train.returncode:

@@ -59,14 +59,29 @@ TASKS = {  # synth kind, extra synth arguments, default side, what the label is
 # the share of a patch's pixels that must be foreground for it to be kept (embedding too)
 FOREGROUND = {"sparse-slide": 0.1}
 # The encoders, as the reference builds them (bare PyTorch) and as hiresctl names them.
-ENCODERS = {"tiny": (16, 32, 48, 64), "cnn5": (32, 64, 64, 128, 128)}
+ENCODERS = {
+    "tiny": (16, 32, 48, 64),
+    "cnn5": (32, 64, 64, 128, 128),
+    "tiny-s2d": (16, 32, 48, 64),
+    "cnn5-s2d": (32, 64, 64, 128, 128),
+}
 
 
-def make_dataset(root: Path, task: str, side: int, count: int, classes: int, seed: int = 3) -> Path:
+def make_dataset(
+    root: Path,
+    task: str,
+    side: int,
+    count: int,
+    classes: int,
+    seed: int = 3,
+    mnist: Path | None = None,
+) -> Path:
     store = root / "ds.zarr"
     kind, extra, _, _ = TASKS[task]
     if kind == "ultramnist":
         extra = [*extra, "--classes", str(classes)]
+    if mnist is not None:
+        extra = [*extra, "--mnist", str(mnist)]
     if not (store / "zarr.json").exists():
         hiresctl = [sys.executable, "-m", "hiresctl"]
         subprocess.run(
@@ -193,6 +208,8 @@ def main() -> None:
         help="abmil/transmil: encoder weights for `hiresctl embed` (default: random)",
     )
     parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--mnist", type=Path, default=None,
+                        help="folder of MNIST's IDX files: the task's digits are real MNIST")  # fmt: skip
     parser.add_argument("--methods", default=",".join(("reference", *METHODS)))
     parser.add_argument(
         "--memory-budget", default=None, help="every hiresctl run's budget, e.g. 3GiB"
@@ -205,8 +222,9 @@ def main() -> None:
     if args.foreground_threshold is None:
         args.foreground_threshold = FOREGROUND.get(args.task, 0.0)
     side = args.side or TASKS[args.task][2]
-    root = HERE / "data" / f"learning_{args.task}_{side}_{args.count}"
-    store = make_dataset(root, args.task, side, args.count, args.classes)
+    digits = "_mnist" if args.mnist else ""
+    root = HERE / "data" / f"learning_{args.task}{digits}_{side}_{args.count}"
+    store = make_dataset(root, args.task, side, args.count, args.classes, mnist=args.mnist)
     rows = []
     for method in args.methods.split(","):
         runs = []
@@ -215,6 +233,7 @@ def main() -> None:
                 result = train_reference(
                     root / "synth", args.epochs, args.batch_size, seed=seed,
                     widths=ENCODERS[args.backbone], log=lambda line: None,
+                    space_to_depth=args.backbone.endswith("-s2d"),
                 )  # fmt: skip
                 result["val_curve"] = [row["val_accuracy"] for row in result["curve"]]
                 result["train_peak_gb"] = result["peak_memory_gb"]
@@ -238,6 +257,8 @@ def main() -> None:
         command += f" --classes {args.classes}"
     if args.memory_budget:
         command += f" --memory-budget {args.memory_budget}"
+    if args.mnist:
+        command += " --mnist MNIST_DIR"
     if args.report:
         runs_of_seed0 = [root / f"run-{m}-0" for m, _ in rows if m != "reference"]
         subprocess.run(
@@ -254,9 +275,17 @@ def main() -> None:
         else ""
     )
     lines = [
-        f"## Learning: {args.task}, {time.strftime('%Y-%m-%d')}, CPU (2 cores)",
+        f"## Learning: {args.task}{' (real MNIST)' if args.mnist else ''}, "
+        f"{time.strftime('%Y-%m-%d')}, CPU (2 cores)",
         "",
-        f"Command: `{command}`. Data: `hiresctl synth {kind}`, {args.count} images of {side}² "
+        f"Command: `{command}`. Data: `hiresctl synth {kind}"
+        + (
+            " --mnist MNIST_DIR` (real MNIST digits: MNIST-train in training images, t10k in "
+            "the others)"
+            if args.mnist
+            else "` (scikit-learn's 8×8 digits, upscaled)"
+        )
+        + f", {args.count} images of {side}² "
         f"(70/15/15% train/val/test), label: {label}. Every row: the `{args.backbone}` encoder "
         f"({'-'.join(map(str, ENCODERS[args.backbone]))} wide 3×3 convs, max-pooling, global max), "
         f"{args.epochs} epochs, batch {args.batch_size}, AdamW lr 1e-3; patch {args.patch_size} for "
@@ -290,7 +319,7 @@ def main() -> None:
         )
     # one section per task and encoder: the tiny table and the cnn5 table stand side by side
     suffix = "" if args.backbone == "tiny" else f"-{args.backbone}"
-    publish(lines, f"learning-{args.task}{suffix}")
+    publish(lines, f"learning-{args.task}{'-mnist' if args.mnist else ''}{suffix}")
 
 
 if __name__ == "__main__":

@@ -131,13 +131,13 @@ def metrics(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
 
 
 def score(
-    model: nn.Module, data: list[tuple[np.ndarray, ...]], multiple: int
+    model: nn.Module, data: list[tuple[np.ndarray, ...]], multiple: int, tile: int = 0
 ) -> dict[str, dict[str, float]]:
     """Mean over images of each metric (undefined counted as 0), inside the FOV and whole image."""
     rows: dict[str, list[dict[str, float]]] = {"fov": [], "image": []}
     per_image_f1 = []
     for image, vessels, fov in data:
-        pred, truth = predict(model, image, multiple), vessels.astype(bool)
+        pred, truth = predict(model, image, multiple, tile), vessels.astype(bool)
         rows["fov"].append(metrics(pred[fov], truth[fov]))
         rows["image"].append(metrics(pred, truth))
         per_image_f1.append(rows["fov"][-1]["f1"])
@@ -207,6 +207,7 @@ def train_reference(
     assert best_state is not None
     model.load_state_dict(best_state)
     test_scores = score(model, test, multiple)
+    tiled = score(model, test, multiple, tile=crop)["fov"]  # the same weights, tile by tile
     return {
         "method": "plain PyTorch U-Net",
         "width": width,
@@ -218,6 +219,7 @@ def train_reference(
         "seconds": time.perf_counter() - start,
         "val_f1": best,
         "test": test_scores,
+        "test_tiled_fov": tiled,
         "curve": curve,
         "peak_memory_gb": psutil.Process().memory_info().rss / 1e9,
     }

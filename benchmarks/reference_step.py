@@ -70,7 +70,7 @@ PATCH = 128
 CLASSES = 10
 PATCHGD = {"latent": 256, "fraction": 0.25, "inner": 4, "lr": 1e-3}
 IPS = {"M": 32, "I": 32, "heads": 8, "dim_key": 16, "dim_value": 16, "dim_inner": 512}
-COMMON = {"patch_size": PATCH, "batch_size": 1, "epochs": 1, "train_split": "train",
+COMMON = {"patch_size": PATCH, "batch_size": 1, "epochs": 1, "precision": "fp32", "train_split": "train",
           "val_split": "none", "calibration_batches": 0, "warmup": 0.0}  # fmt: skip
 HIRESCTL = {
     "patchgd": {**COMMON, "backbone": "resnet50", "latent_dim": PATCHGD["latent"],

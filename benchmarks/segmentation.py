@@ -22,7 +22,7 @@ sys.path.insert(0, str(HERE))
 from learning import train_eval  # noqa: E402
 from training import publish  # noqa: E402
 
-METHODS = ("patchgd-global", "tiled", "downsample", "full")
+METHODS = ("patchgd-global", "patchgd", "downsample", "full")
 
 
 def make_dataset(root: Path, side: int, count: int, seed: int = 5) -> Path:
@@ -51,7 +51,7 @@ def main() -> None:
     common = [
         "--task", "seg", "--set", f"backbone={args.backbone}", "--set", f"patch_size={args.patch_size}",
         "--set", f"epochs={args.epochs}", "--set", "lr=3e-3", "--set", "batch_size=2",
-        "--set", "accumulation_steps=1", "--device", "cpu",
+        "--set", "accumulation_steps=1", "--device", "cpu", "--set", "precision=fp32",
     ]  # fmt: skip
     rows = []
     for method in METHODS:
@@ -67,7 +67,7 @@ def main() -> None:
         f"--epochs {args.epochs} --patch-size {args.patch_size}`: `hiresctl synth seg-vessels`, "
         f"{args.count} images of {args.side}² (70/15/15% train/val/test), vessels tapering to 1 px. "
         f"Same `{args.backbone}` θ1 (8 output channels), patch {args.patch_size}, {args.epochs} epochs, "
-        "batch 2, lr 3e-3, seed 0 for every method; patchgd-global and tiled run J=4 inner steps of "
+        "batch 2, lr 3e-3, seed 0 for every method; patchgd-global and patchgd run J=4 inner steps of "
         f"k=4 patches; downsample sees the image resized to {args.patch_size}². Test split, "
         "best-validation checkpoint, metrics per image at full resolution then averaged "
         "(undefined values count as 0).",

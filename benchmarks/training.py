@@ -154,7 +154,7 @@ method, store, image = sys.argv[1], sys.argv[2], sys.argv[3]
 # the method's own defaults (what `hiresctl train --method M` gets), with the sizes fixed
 recipe = load_recipe(None, "cls", method, dict(
     backbone="tiny", patch_size=256, batch_size=1, patches_per_step=16, inner_steps=1,
-    memory_size=16, iter_size=16, full_max_pixels=2**40))
+    memory_size=16, iter_size=16, full_max_pixels=2**40, precision="fp32"))
 run = build_run(recipe, Dataset(store), ["0", "1"], torch.device("cpu"))
 ctx = step_context(run, torch.optim.AdamW(run.model.parameters()), None, 1)
 peak = PeakMemory(torch.device("cpu"))
@@ -233,7 +233,8 @@ def bench_data_wait(workers: list[int]) -> list[tuple]:
         proc = subprocess.run(
             [sys.executable, "-m", "hiresctl", "train", "--data", str(store), "--out", str(out), "--json",
              "--set", "backbone=tiny", "--set", "patch_size=256", "--set", "epochs=1",
-             "--set", f"num_workers={count}", "--set", "val_split=none", "--set", "train_split=train"],
+             "--set", f"num_workers={count}", "--set", "val_split=none", "--set", "train_split=train",
+             "--set", "precision=fp32"],
             capture_output=True, text=True,
         )  # fmt: skip
         if proc.returncode not in (0, 1):

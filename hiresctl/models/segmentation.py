@@ -157,6 +157,27 @@ class PatchSegmenter(nn.Module):
             latent = torch.cat([latent, global_latent.to(latent.dtype)], 1)
         return self.head(latent)
 
+    # θ2 is linear and 1×1, and bilinear upsampling is linear per channel, so the head of the
+    # concatenation splits into a patch part and a global part, and the global part may be
+    # applied before upsampling: W·[z, up(g)] + b = W_z·z + up(W_g·g) + b. Training uses the
+    # split to upsample `outputs` channels instead of `latent_dim` over the whole canvas.
+
+    def local_logits(self, latent: torch.Tensor) -> torch.Tensor:
+        """W_z·z: the patch latent's part of the logits, without the bias."""
+        weight = self.head.weight[:, : self.latent_dim]
+        return torch.nn.functional.conv2d(latent, weight.to(latent.dtype))
+
+    def global_logits(self, global_latent: torch.Tensor) -> torch.Tensor:
+        """W_g·g at the global patch's resolution (upsample it to place it), without the bias."""
+        weight = self.head.weight[:, self.latent_dim :]
+        return torch.nn.functional.conv2d(global_latent, weight.to(global_latent.dtype))
+
+    def bias(self) -> torch.Tensor:
+        """The head's bias as (1, outputs, 1, 1)."""
+        bias = self.head.bias
+        assert bias is not None
+        return bias.view(1, -1, 1, 1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Whole-image use (downsample/full baselines): θ2(θ1(x)) without a global branch."""
         return self.segment(self.encoder(x), None)

@@ -45,7 +45,6 @@ RECIPE_KEYS = (
 METHOD_KEYS = {  # the sampling keys that mean something for a method
     "patchgd": ("sample_fraction", "patches_per_step", "inner_steps"),
     "patchgd-global": ("sample_fraction", "patches_per_step", "inner_steps", "fusion"),
-    "tiled": ("patches_per_step", "inner_steps"),
     "ips": ("memory_size", "iter_size", "positional"),
     "downsample": ("input_size",),
 }  # fmt: skip

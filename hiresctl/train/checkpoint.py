@@ -16,7 +16,13 @@ from storage import StoreError
 # Recipe keys added after runs were already being saved, with the value those runs computed
 # with, so a checkpoint written before a key existed keeps meaning what it meant.
 # (Before head_context, PatchGD's head always began with one stride-1 block.)
-OLDER_DEFAULTS: dict[str, object] = {"head_pool": "avg", "head_context": 1, "inner_update": "step"}
+# (Before global_grad, the global patch's gradient reached the encoder unscaled.)
+OLDER_DEFAULTS: dict[str, object] = {
+    "head_pool": "avg",
+    "head_context": 1,
+    "inner_update": "step",
+    "global_grad": 1.0,
+}
 
 
 def atomic_save(obj: Any, path: Path) -> None:

@@ -9,8 +9,10 @@ import math
 import os
 import resource
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -98,8 +100,13 @@ class PatchCost:
         return PatchCost(int(self.grad * factor), int(self.nograd * factor))
 
 
-def patch_cost(module: nn.Module, sample: torch.Tensor) -> PatchCost:
-    """Measure :class:`PatchCost` for ``sample`` (one patch) by running ``module`` on it.
+def patch_cost(
+    module: nn.Module,
+    sample: torch.Tensor,
+    autocast: Callable[[], AbstractContextManager[Any]] = nullcontext,
+) -> PatchCost:
+    """Measure :class:`PatchCost` for ``sample`` (one patch) by running ``module`` on it, in the
+    ``autocast`` training runs in (bfloat16 activations take half the bytes).
 
     Counting what autograd saves, not every layer's output, is what makes the estimate close:
     an in-place ReLU shares its input's storage, and a functional op (a residual sum, a
@@ -108,11 +115,14 @@ def patch_cost(module: nn.Module, sample: torch.Tensor) -> PatchCost:
     engine and thread pools up, so the process memory measured after this includes them.
     """
     parameters = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    # autocast saves its low-precision copies of the weights: once a step, not per patch
+    weight_shapes = {tuple(p.shape) for p in module.parameters() if p.dim() > 1}
     saved: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
-        if storage.data_ptr() not in parameters:
+        cast_weight = tensor.dtype != torch.float32 and tuple(tensor.shape) in weight_shapes
+        if storage.data_ptr() not in parameters and not cast_weight:
             saved[storage.data_ptr()] = storage.nbytes()
         return tensor
 
@@ -130,12 +140,16 @@ def patch_cost(module: nn.Module, sample: torch.Tensor) -> PatchCost:
             m.register_forward_hook(hook) for m in module.modules() if not list(m.children())
         ]
         try:
-            with torch.no_grad():
+            with torch.no_grad(), autocast():
                 module(sample)
         finally:
             for handle in handles:
                 handle.remove()
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with (
+            torch.enable_grad(),
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+            autocast(),
+        ):
             output = module(sample)
         outputs = output.values() if isinstance(output, dict) else [output]
         total = sum(o.float().sum() for o in outputs if isinstance(o, torch.Tensor))

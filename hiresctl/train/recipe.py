@@ -12,6 +12,7 @@ import difflib
 import re
 import types
 import typing
+import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import yaml
 from hiresctl.data.transforms import AUGMENTATIONS, GEOMETRIC, GRID_OFFSETS
 from hiresctl.models.patchgd import HEAD_POOLS
 from hiresctl.train.registry import (
+    canonical_method,
     method_class,
     method_defaults,
     method_names,
@@ -123,7 +125,9 @@ class Recipe:
     warmup: float = 0.1  # fraction of the run spent warming up
     min_lr_ratio: float = 0.0  # final lr / peak lr
     max_grad_norm: float | None = None
-    precision: str = "auto"  # auto = mixed precision on CUDA, fp32 on CPU
+    # auto = bfloat16 autocast where the device computes it natively (CUDA GPUs, else float16;
+    # CPUs with AMX or AVX-512 BF16), float32 elsewhere
+    precision: str = "auto"
     seed: int = 0
     memory_budget: str | None = None  # e.g. "4GiB": choose patches/step, batch, accumulation
     checkpoint_every: int = 0  # also checkpoint every N image batches (0 = end of epoch only)
@@ -316,6 +320,10 @@ def load_recipe(
         if method is None:
             chosen_method = data.get("method", chosen_method)
     chosen_method = chosen_method or "patchgd-global"
+    if isinstance(chosen_task, str) and isinstance(chosen_method, str):
+        chosen_method, note = canonical_method(chosen_task, chosen_method)
+        if note:
+            warnings.warn(note, FutureWarning, stacklevel=2)
     values: dict[str, Any] = {"task": chosen_task, "method": chosen_method}
     if isinstance(chosen_task, str) and isinstance(chosen_method, str):
         try:

@@ -36,6 +36,7 @@ PLUGIN_VARIABLE = "HIRESCTL_PLUGINS"
 _TASKS: dict[str, type[Any]] = {}
 _METHODS: dict[str, dict[str, type[Any]]] = {}
 _DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {}
+_ALIASES: dict[tuple[str, str], str] = {}  # (task, former name) → name
 
 
 def _replacing(kind: str, key: str, old: type[Any] | None, new: type[Any]) -> None:
@@ -79,6 +80,23 @@ def register_method(
     return add
 
 
+def register_alias(task: str, former: str, name: str) -> None:
+    """Accept ``former``, a method's earlier name, for ``task``'s method ``name``: recipes and
+    checkpoints that name it keep loading (with a note that the name changed)."""
+    _ALIASES[task, former] = name
+
+
+def canonical_method(task: str, name: str) -> tuple[str, str | None]:
+    """(the method's name, a one-line note when ``name`` is a former name of it, else None)."""
+    if (task, name) in _ALIASES:
+        current = _ALIASES[task, name]
+        return current, (
+            f"{task} method {name!r} is now called {current!r} (the same method, one name across "
+            f"tasks); {name!r} is still accepted"
+        )
+    return name, None
+
+
 def unknown(what: str, valid: list[str], name: str) -> UsageError:
     """The error for a name that is not among ``valid``, with the nearest one as a hint."""
     close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
@@ -108,6 +126,7 @@ def method_class(task: str, name: str) -> type[Any]:
     table = _METHODS.get(task)
     if table is None:
         raise unknown(f"unknown task {task!r}", list(_TASKS), task)
+    name = canonical_method(task, name)[0]
     if name not in table:
         raise unknown(f"method {name!r} is not a {task} method", list(table), name)
     return table[name]
@@ -115,7 +134,7 @@ def method_class(task: str, name: str) -> type[Any]:
 
 def method_defaults(task: str, name: str) -> dict[str, Any]:
     method_class(task, name)
-    return dict(_DEFAULTS[task, name])
+    return dict(_DEFAULTS[task, canonical_method(task, name)[0]])
 
 
 def load_plugins() -> list[str]:

@@ -46,6 +46,7 @@ from hiresctl.train.run import (
     PlannedReads,
     Run,
     TrainingDiverged,
+    autocast_factory,
     batch_seed,
     build_run,
     check_inputs,
@@ -87,7 +88,8 @@ def _memory_plan(run: Run, budget_text: str, images: list[LabelledImage]) -> Mem
     encoder: nn.Module | None = None
     if run.method.encodes_pixels:  # a feature method's "encoder" takes features, not pixels
         encoder = getattr(model, "encoder", None) or getattr(model, "backbone", None) or model
-    cost = patch_cost(encoder, sample) if encoder is not None else PatchCost(0, 0)
+    autocast = autocast_factory(run.device, recipe.precision)
+    cost = patch_cost(encoder, sample, autocast) if encoder is not None else PatchCost(0, 0)
     fixed = 4 * parameter_bytes(model)  # weights, gradients, two AdamW moments
     # measured after `patch_cost`'s backward, so the autograd engine's threads are in it
     baseline = current_rss_bytes() if run.device.type == "cpu" else 0

@@ -186,7 +186,7 @@ def test_segmentation_report_has_overlays_and_crops(tmp_path: Path, cli: Callabl
                 "--labels", tmp_path / "syn" / "labels.csv", "--masks", tmp_path / "syn" / "masks",
                 "--chunk", "32")  # fmt: skip
     assert tiled.code == 0, tiled.stderr
-    trained = cli("train", "--task", "seg", "--method", "tiled", "--data", tmp_path / "ds.zarr",
+    trained = cli("train", "--task", "seg", "--method", "patchgd", "--data", tmp_path / "ds.zarr",
                   "--out", tmp_path / "run", "--set", "backbone=unet-tiny", "--set", "patch_size=32",
                   "--set", "epochs=1")  # fmt: skip
     assert trained.code == 0, trained.stderr

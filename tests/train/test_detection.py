@@ -19,8 +19,9 @@ from storage import Dataset, UsageError
 from storage.annotations import Annotations
 from tests.stores import make_store, planted_objects
 
+# float32 whatever `auto` picks on this CPU: the tests compare stitched maps and gradients exactly
 SMALL = {"backbone": "tiny", "latent_dim": 32, "head_convs": 2, "patch_size": 64,
-         "batch_size": 4, "accumulation_steps": 1, "lr": 3e-3, "seed": 0}  # fmt: skip
+         "batch_size": 4, "accumulation_steps": 1, "lr": 3e-3, "seed": 0, "precision": "fp32"}  # fmt: skip
 
 
 def _split(i: int) -> str:

@@ -130,7 +130,7 @@ def _brightness_model(use_global: bool) -> PatchSegmenter:
     return model
 
 
-@pytest.mark.parametrize("method", ["tiled", "patchgd-global"])
+@pytest.mark.parametrize("method", ["patchgd", "patchgd-global"])
 def test_patch_and_global_outputs_land_in_place(tmp_path: Path, method: str) -> None:
     store, truth = _bright_square_store(tmp_path)
     run = build_run(_recipe(method), Dataset(store), ["0", "1"], torch.device("cpu"),
@@ -148,7 +148,7 @@ def test_patch_and_global_outputs_land_in_place(tmp_path: Path, method: str) -> 
 
     [matrix], _ = predict_segmentation(run, [LabelledImage("sq", 0)], on_tile=on_tile)
     assert (canvas >= 0).all(), "tiles cover the image"
-    if method == "tiled":  # the patch latent: exactly the square, in place (not transposed)
+    if method == "patchgd":  # the patch latent: exactly the square, in place (not transposed)
         np.testing.assert_array_equal(canvas, truth)
         assert matrix[1, 1] == truth.sum() and matrix[0, 1] == matrix[1, 0] == 0
     else:  # the global latent is a 32² view upsampled: the square, blurred, in the same place
@@ -229,7 +229,7 @@ def test_cli_trains_evaluates_and_predicts_multiclass_masks(
                 "--labels", tmp_path / "syn" / "labels.csv", "--masks", tmp_path / "syn" / "masks",
                 "--mask-classes", tmp_path / "syn" / "classes.csv", "--chunk", "32")  # fmt: skip
     assert tiled.code == 0, tiled.stderr
-    trained = cli("train", "--task", "seg", "--method", "tiled", "--data", tmp_path / "ds.zarr",
+    trained = cli("train", "--task", "seg", "--method", "patchgd", "--data", tmp_path / "ds.zarr",
                   "--out", tmp_path / "run", "--set", "backbone=unet-tiny", "--set", "patch_size=32",
                   "--set", "epochs=1", "--json")  # fmt: skip
     assert trained.code == 0, trained.stderr
@@ -318,3 +318,18 @@ def test_predicting_a_20k_image_holds_tiles_not_the_image(tmp_path: Path) -> Non
     assert grown < 350e6, f"prediction grew resident memory by {grown / 1e6:.0f} MB"
     level0 = zarr.open_array(tmp_path / "pred.zarr" / "big" / "0", mode="r")
     assert level0.shape == (1, side, side)
+
+
+def test_the_split_head_equals_the_head_over_the_concatenation() -> None:
+    """Training applies θ2 as W_z·z + up(W_g·g) + b; prediction as W·[z, up(g)] + b."""
+    torch.manual_seed(0)
+    model = PatchSegmenter(nn.Identity(), 3, latent_dim=8, use_global=True)
+    latent, g = torch.randn(2, 8, 40, 56), torch.randn(2, 8, 16, 16)
+    up = upsample_region(g, 64, -5, -3, 40, 56)  # an offset grid: the image starts at (5, 3)
+    joint = model.segment(latent, up)
+    split = (
+        model.local_logits(latent)
+        + upsample_region(model.global_logits(g), 64, -5, -3, 40, 56)
+        + model.bias()
+    )
+    torch.testing.assert_close(split, joint, atol=1e-5, rtol=1e-5)

@@ -200,9 +200,9 @@ def test_recipe_errors_name_the_nearest_key(tmp_path: Path, cli: Callable) -> No
         match=r"method 'ipx' is not a cls method \(did you mean 'ips'\?\); valid: .*patchgd-global",
     ):
         load_recipe(overrides={"method": "ipx"})
-    with pytest.raises(UsageError, match="method 'tiled' is not a cls method"):
-        load_recipe(method="tiled")
-    assert load_recipe(task="seg", method="tiled").backbone == "unet"  # task defaults
+    with pytest.raises(UsageError, match="method 'sliced' is not a cls method"):
+        load_recipe(method="sliced")
+    assert load_recipe(task="seg", method="patchgd").backbone == "unet"  # task defaults
     with pytest.raises(UsageError, match=r"backbone 'resnet81' is not a cls backbone .*'resnet18'"):
         load_recipe(overrides={"backbone": "resnet81"})  # checked when the recipe loads
     bad = tmp_path / "bad.yaml"
@@ -292,10 +292,27 @@ def test_classification_defaults_to_an_encoder_that_learns_from_scratch(cli: Cal
     (BENCHMARKS.md, "defaults"); a method's own defaults still win over the task's, and
     `hiresctl methods` lists both."""
     assert load_recipe(None, "cls", "patchgd-global").backbone == "tiny"
-    assert load_recipe(None, "seg", "tiled").backbone == "unet"
+    assert load_recipe(None, "seg", "patchgd").backbone == "unet"
     assert load_recipe(None, "cls", None, {"backbone": "resnet18"}).backbone == "resnet18"
     listed = cli("methods", "--json")
     rows = {(r["task"], r["method"]): r["defaults"] for r in json.loads(listed.stdout)}
     assert rows["cls", "patchgd-global"]["backbone"] == "tiny"
     assert rows["cls", "patchgd-global"]["fusion"] == "concat"
-    assert rows["seg", "tiled"]["backbone"] == "unet"
+    assert rows["seg", "patchgd"]["backbone"] == "unet"
+    assert ("seg", "tiled") not in rows  # a former name is accepted, not listed
+
+
+def test_a_former_method_name_loads_with_a_note(tmp_path: Path) -> None:
+    """Segmentation's PatchGD was ``tiled``: recipes and checkpoints naming it keep loading."""
+    with pytest.warns(FutureWarning, match="'tiled' is now called 'patchgd'"):
+        recipe = load_recipe(task="seg", method="tiled")
+    assert recipe.method == "patchgd"
+    old = tmp_path / "old.yaml"
+    old.write_text("task: seg\nmethod: tiled\nbackbone: unet-tiny\n")
+    with pytest.warns(FutureWarning):
+        assert load_recipe(old).method == "patchgd"
+    from hiresctl.train.checkpoint import checkpoint_recipe
+    from hiresctl.train.registry import method_class
+
+    saved = checkpoint_recipe({"recipe": {"task": "seg", "method": "tiled"}}, tmp_path / "x.pt")
+    assert method_class(saved.task, saved.method) is method_class("seg", "patchgd")

@@ -1,0 +1,213 @@
+"""How close training runs to the machine's own limits (C1), measured in one run.
+
+    python benchmarks/limits.py [--threads 2] [--batch 16] [--repeats 5]
+
+First the machine's ceilings, each the median of ``--repeats`` timings: fp32 matrix multiply
+(2048²), a large 3×3 convolution (64 → 64 channels on 16 images of 128², channels-last,
+forward and backward) and memory bandwidth (a 256 MiB copy). Then every registered encoder,
+training (forward and backward of a batch of ``--batch`` patches) and without gradient (a
+forward, as latent fills, selection and evaluation run), at the patch sizes the recipes use,
+in the memory layout hiresctl runs it in (channels-last, see ``hiresctl.models``) and in the
+default layout: FLOP/s counted by ``torch.utils.flop_counter`` and as a share of the
+convolution ceiling. Last, one training step of each classification method (Megapixel MNIST
+512² from the synthesizer, the classification defaults) with its FLOP/s. Names the CPU.
+The table replaces the "Machine limits (C1)" section of BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE / "data"
+sys.path.insert(0, str(HERE))
+from training import _hiresctl, publish  # noqa: E402
+
+# (encoder, patch sides the recipes use it at)
+ENCODERS = {
+    "tiny": (64, 256),
+    "tiny-s2d": (64, 256),
+    "cnn5": (64, 256),
+    "cnn5-s2d": (64, 256),
+    "resnet18": (256,),
+    "resnet50": (256,),
+    "mobilenet_v2": (256,),
+    "unet-16": (128,),
+    "unet": (128,),
+}
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def timed(run: Callable[[], object], repeats: int) -> float:
+    """Median seconds of ``run`` after one warm-up call."""
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def flops(run: Callable[[], object]) -> int:
+    with FlopCounterMode(display=False) as counter:
+        run()
+    return int(counter.get_total_flops())
+
+
+def ceilings(repeats: int) -> dict[str, float]:
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    matmul = 2 * 2048**3 / timed(lambda: a @ b, repeats)
+    conv = torch.nn.Conv2d(64, 64, 3, padding=1, bias=False).to(memory_format=torch.channels_last)
+    x = torch.randn(16, 64, 128, 128).to(memory_format=torch.channels_last).requires_grad_()
+
+    def conv_step() -> None:
+        conv(x).sum().backward()
+
+    conv_rate = flops(conv_step) / timed(conv_step, repeats)
+    big = torch.empty(64 * 2**20, dtype=torch.float32)
+    other = torch.empty_like(big)
+    bandwidth = 2 * big.numel() * 4 / timed(lambda: other.copy_(big), repeats)  # read + write
+    return {"matmul": matmul, "conv": conv_rate, "bandwidth": bandwidth}
+
+
+def encoder(name: str) -> torch.nn.Module:
+    from hiresctl.models import BACKBONES, create_backbone, create_seg_network
+
+    return create_backbone(name) if name in BACKBONES else create_seg_network(name, 8)
+
+
+def encoder_rows(batch: int, repeats: int, conv: float) -> list[str]:
+    rows = []
+    for name, sides in ENCODERS.items():
+        for side in sides:
+            cells = [f"`{name}`", f"{side}²"]
+            for layout in (torch.channels_last, torch.contiguous_format):
+                model = encoder(name).to(memory_format=layout)
+                x = torch.randn(batch, 3, side, side).to(memory_format=layout)
+
+                def train_step(model: torch.nn.Module = model, x: torch.Tensor = x) -> None:
+                    model.train()
+                    model(x).float().sum().backward()
+
+                def no_grad(model: torch.nn.Module = model, x: torch.Tensor = x) -> None:
+                    model.eval()
+                    with torch.inference_mode():
+                        model(x)
+
+                for step in (train_step, no_grad):
+                    rate = flops(step) / timed(step, repeats)
+                    cells.append(f"{rate / 1e9:.0f} ({rate / conv:.0%})")
+            rows.append("| " + " | ".join(cells) + " |")
+    return rows
+
+
+def method_rows(repeats: int, conv: float) -> list[str]:
+    """One training step of each classification method on Megapixel MNIST 512²."""
+    import shutil
+
+    from hiresctl.data import PatchStream
+    from hiresctl.train import Trainer, load_recipe
+    from hiresctl.train.run import step_context
+
+    source = DATA / "c1_mm512_src"
+    store = DATA / "c1_mm512.zarr"
+    if not (store / "zarr.json").exists():
+        _hiresctl("synth", "megapixel-mnist", str(source), "--count", "8", "--size", "512")
+        _hiresctl(
+            "tile",
+            str(source / "images"),
+            "--labels",
+            str(source / "labels.csv"),
+            "--out",
+            str(store),
+        )
+        shutil.rmtree(source)
+    rows = []
+    for method in ("patchgd-global", "patchgd", "ips", "downsample", "full"):
+        settings = {"batch_size": 4, "epochs": 1, "train_split": "train", "val_split": "none"}
+        settings.update({"patch_size": 64, "memory_size": 8} if method != "full" else {})
+        recipe = load_recipe(None, "cls", method, settings)
+        out = DATA / "c1_runs" / method
+        shutil.rmtree(out, ignore_errors=True)
+        trainer = Trainer(store, out, recipe, log=lambda message: None)
+        run = trainer.run
+        images = [im.image_id for im in trainer.train_images[:4]]
+        targets = torch.tensor([im.target for im in trainer.train_images[:4]])
+        optimizer = torch.optim.AdamW(run.model.parameters(), lr=1e-3)
+        ctx = step_context(run, optimizer, None, 1, None)
+        stream = PatchStream(run.reader)
+        plan = run.method.plan(images, 0, train=True)
+        reads = list(stream(plan))  # pixels in memory: the step's compute alone
+
+        def step(run=run, ctx=ctx, images=images, targets=targets, reads=reads) -> None:
+            run.method.train_batch(ctx, images, targets, iter(reads))
+
+        seconds = timed(step, repeats)
+        rate = flops(step) / seconds
+        rows.append(f"| {method} | {seconds:.2f} | {rate / 1e9:.0f} ({rate / conv:.0%}) |")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--skip-methods", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    limit = ceilings(args.repeats)
+    date = time.strftime("%Y-%m-%d")
+    lines = [
+        f"## Machine limits (C1), {date}, {cpu_name()}, {args.threads} threads, fp32",
+        "",
+        f"Command: `python benchmarks/limits.py --threads {args.threads} --batch {args.batch}`. "
+        "Ceilings measured in the same run (medians): fp32 matmul 2048² "
+        f"**{limit['matmul'] / 1e9:.0f} GFLOP/s**, a 3×3 convolution 64→64 on 16 × 128² "
+        f"(channels-last, forward + backward) **{limit['conv'] / 1e9:.0f} GFLOP/s**, memory "
+        f"bandwidth (256 MiB copy) **{limit['bandwidth'] / 1e9:.1f} GB/s**. Each encoder on a "
+        f"batch of {args.batch} patches: GFLOP/s counted by torch's flop counter, in brackets "
+        "as a share of the convolution ceiling; training = forward and backward, no-grad = a "
+        "forward in inference mode. hiresctl runs encoders channels-last.",
+        "",
+        "| encoder | patch | training, channels-last | no-grad, channels-last | training, "
+        "default layout | no-grad, default layout |",
+        "|---|---|---|---|---|---|",
+        *encoder_rows(args.batch, args.repeats, limit["conv"]),
+    ]
+    if not args.skip_methods:
+        lines += [
+            "",
+            "One training step of each classification method, batch 4 of Megapixel MNIST 512² "
+            "(patch 64, the classification defaults; pixels already in memory), median seconds "
+            "and GFLOP/s (share of the convolution ceiling):",
+            "",
+            "| method | seconds | GFLOP/s |",
+            "|---|---|---|",
+            *method_rows(args.repeats, limit["conv"]),
+        ]
+    publish(lines, "limits")
+
+
+if __name__ == "__main__":
+    main()
