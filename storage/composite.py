@@ -189,3 +189,64 @@ def _resize_region(
 
 
 # ------------------------------------------------------------------------------------- opening
+
+
+class ColourLabelReader(SourceReader):
+    """A colour-coded label image (RGB, as aerial datasets ship masks: LoveDA, Potsdam, the seed
+    paper's Dubai set) seen as one channel of class values: each pixel's colour looked up in
+    ``table`` (0xRRGGBB → value); a colour not in it becomes ``other``, or, when ``other`` is
+    None, is an error naming the colour and how many pixels of the region have it."""
+
+    def __init__(self, base: SourceReader, table: dict[int, int], other: int | None) -> None:
+        if base.info.channels < 3 or np.dtype(base.info.dtype) != np.uint8:
+            raise SourceError(
+                base.info.path,
+                f"a colour-coded mask must be 8-bit RGB, found {base.info.channels} channel(s) "
+                f"of {np.dtype(base.info.dtype)}",
+            )
+        self.base = base
+        self.keys = np.array(sorted(table), dtype=np.int64)
+        self.values = np.array([table[k] for k in sorted(table)], dtype=np.uint8)
+        self.other = other
+        self.read_unit = base.read_unit
+        self.info = SourceInfo(
+            path=base.info.path,
+            channels=1,
+            dtype="uint8",
+            level_shapes=base.info.level_shapes,
+            mpp=base.info.mpp,
+            fill_value=0,
+            extra=dict(base.info.extra),
+        )
+
+    def unknown(self, rgb: np.ndarray) -> dict[int, int]:
+        """{0xRRGGBB: pixels} of the colours of ``rgb`` (3, h, w) that the table lacks."""
+        codes = _codes(rgb)
+        found = np.searchsorted(self.keys, codes).clip(0, max(len(self.keys) - 1, 0))
+        missing = codes[self.keys[found] != codes] if len(self.keys) else codes.ravel()
+        colours, counts = np.unique(missing, return_counts=True)
+        return dict(zip(colours.tolist(), counts.tolist(), strict=True))
+
+    def _read(self, level: int, y: int, x: int, height: int, width: int) -> np.ndarray:
+        rgb = self.base.read_region(level, y, x, height, width)
+        codes = _codes(rgb)
+        index = np.searchsorted(self.keys, codes).clip(0, len(self.keys) - 1)
+        known = self.keys[index] == codes
+        out = np.where(known, self.values[index], self.other or 0).astype(np.uint8)
+        if self.other is None and not known.all():
+            colour, count = max(self.unknown(rgb).items(), key=lambda item: item[1])
+            raise SourceError(
+                self.info.path,
+                f"colour #{colour:06X} ({count} pixels in the region y={y} x={x}) is not a "
+                "class of --mask-classes",
+            )
+        return out[None]
+
+    def close(self) -> None:
+        self.base.close()
+
+
+def _codes(rgb: np.ndarray) -> np.ndarray:
+    """0xRRGGBB of every pixel of (c ≥ 3, h, w) uint8 (alpha and further bands ignored)."""
+    r, g, b = (rgb[i].astype(np.int64) for i in range(3))
+    return (r << 16) | (g << 8) | b

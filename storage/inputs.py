@@ -15,7 +15,7 @@ from typing import Any
 from storage.annotations import (
     image_stem,
 )
-from storage.composite import MosaicReader, ResampledReader
+from storage.composite import ColourLabelReader, MosaicReader, ResampledReader
 from storage.errors import SourceError, UsageError
 from storage.readers import (
     DEFAULT_MAX_PIXELS,
@@ -100,6 +100,9 @@ class SourceSpec:
     mosaic: str | None = None
     labels: bool = False  # a label image (mask): palette indices kept, resampled by nearest
     reference_mpp: float | None = None  # a mask's pixel size is its image's
+    # colour masks: (0xRRGGBB, stored value) pairs and the value of unnamed colours (None: error)
+    colours: tuple[tuple[int, int], ...] = ()
+    other_colour: int | None = None
 
     @property
     def name(self) -> str:
@@ -108,11 +111,15 @@ class SourceSpec:
     def open(self, options: TileOptions) -> SourceReader:
         if self.mosaic:
             reader: SourceReader = MosaicReader(self.mosaic, self.paths, options.max_pixels)
-        else:
-            reader = open_source(self.paths[0], options.max_pixels, labels=self.labels)
+        else:  # a colour-coded mask is read as colours (a palette one through its palette)
+            labels = self.labels and not self.colours
+            reader = open_source(self.paths[0], options.max_pixels, labels=labels)
         if self.labels and self.reference_mpp is not None and options.source_mpp is None:
             reader.info = replace(reader.info, mpp=self.reference_mpp)
-        return _resample(reader, options, nearest=self.labels)
+        reader = _resample(reader, options, nearest=self.labels)
+        if self.colours:
+            reader = ColourLabelReader(reader, dict(self.colours), self.other_colour)
+        return reader
 
 
 @dataclass
@@ -235,10 +242,14 @@ class MaskSet:
             raise UsageError(f"{option} {where}: not a folder or a CSV table")
         self.classes: dict[int, str] = {}
         self.ignore: list[int] = []
+        self.colours: tuple[tuple[int, int], ...] = ()  # colour masks: (0xRRGGBB, value)
+        self.other: int | None = None
+        self.classes_file = str(classes) if classes is not None else None
         if classes is not None:
-            named = _read_classes(classes)
-            self.ignore = sorted(v for v, n in named.items() if n.lower() == "ignore")
-            self.classes = {v: n for v, n in named.items() if v not in self.ignore}
+            table = _read_classes(classes)
+            self.ignore = list(table.ignore)
+            self.classes = {v: n for v, n in table.names.items() if v not in self.ignore}
+            self.colours, self.other = table.colours, table.other
 
     def lookup(self, spec: SourceSpec) -> str | None:
         name = Path(spec.name).name
@@ -290,8 +301,44 @@ def _read_file_table(path: Path, option: str) -> dict[str, str]:
     return table
 
 
-def _read_classes(path: str | os.PathLike[str]) -> dict[int, str]:
-    classes: dict[int, str] = {}
+IGNORE_VALUE = 255  # the stored value of colours a --mask-classes table marks "ignore"
+
+
+@dataclass(frozen=True)
+class MaskClasses:
+    """What a ``--mask-classes`` table says. Rows name integer mask values (``3,road``), or
+    colours (``#3C1098,building``: the masks are then RGB, each row's colour is stored as the
+    row's rank, 0, 1, …, and its colour kept for the NGFF label's palette). A row named
+    ``ignore`` marks a value or colour that is no class; in a colour table ``*,ignore`` marks
+    every colour no row names (else such a colour fails its image)."""
+
+    names: dict[int, str]  # stored value → class name (ignored values included)
+    ignore: tuple[int, ...] = ()
+    colours: tuple[tuple[int, int], ...] = ()  # (0xRRGGBB, stored value), colour tables only
+    other: int | None = None  # stored value of unnamed colours ("*,ignore"), else None
+
+
+def _colour(text: str) -> int | None:
+    """0xRRGGBB of ``#RRGGBB`` (or ``#RGB``), None for anything else."""
+    text = text.strip()
+    if not text.startswith("#"):
+        return None
+    digits = text[1:]
+    if len(digits) == 3:
+        digits = "".join(c * 2 for c in digits)
+    if len(digits) != 6:
+        return None
+    try:
+        return int(digits, 16)
+    except ValueError:
+        return None
+
+
+def _read_classes(path: str | os.PathLike[str]) -> MaskClasses:
+    names: dict[int, str] = {}
+    colours: dict[int, int] = {}
+    other: int | None = None
+    kinds: set[str] = set()
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
@@ -302,18 +349,51 @@ def _read_classes(path: str | os.PathLike[str]) -> dict[int, str]:
                     f"{path}: mask classes CSV needs columns 'value' and 'name' (found {fields})"
                 )
             for line, row in enumerate(reader, start=2):
+                text = (row.get("value") or "").strip()
+                name = (row.get("name") or "").strip()
+                if text == "*":
+                    if name.lower() != "ignore":
+                        raise UsageError(
+                            f"{path}:{line}: '*' (every other colour) can only be 'ignore'"
+                        )
+                    other = IGNORE_VALUE
+                    kinds.add("colour")
+                    continue
+                colour = _colour(text)
+                if colour is not None:
+                    kinds.add("colour")
+                    if colour in colours:
+                        raise UsageError(f"{path}:{line}: colour {text} is repeated")
+                    value = (
+                        IGNORE_VALUE
+                        if name.lower() == "ignore"
+                        else len([v for v in colours.values() if v != IGNORE_VALUE])
+                    )
+                    colours[colour] = value
+                    names.setdefault(value, name or text)
+                    continue
                 try:
-                    value = int((row.get("value") or "").strip())
+                    value = int(text)
                 except ValueError:
                     raise UsageError(
-                        f"{path}:{line}: value {row.get('value')!r} is not an integer"
+                        f"{path}:{line}: value {row.get('value')!r} is neither an integer nor a "
+                        "colour (#RRGGBB)"
                     ) from None
-                if value < 0 or value in classes:
+                kinds.add("value")
+                if value < 0 or value in names:
                     raise UsageError(f"{path}:{line}: value {value} is negative or repeated")
-                classes[value] = (row.get("name") or "").strip() or str(value)
+                names[value] = name or str(value)
     except OSError as exc:
         raise UsageError(f"{path}: cannot read mask classes CSV: {exc.strerror}") from exc
-    return classes
+    if len(kinds) > 1:
+        raise UsageError(f"{path}: rows name both integer values and colours; use one kind")
+    if colours and len([v for v in colours.values() if v != IGNORE_VALUE]) >= IGNORE_VALUE:
+        raise UsageError(f"{path}: at most {IGNORE_VALUE} colour classes")
+    ignore = sorted(
+        {v for v, n in names.items() if n.lower() == "ignore"}
+        | ({IGNORE_VALUE} if other is not None else set())
+    )
+    return MaskClasses(names, tuple(ignore), tuple(sorted(colours.items())), other)
 
 
 def fingerprint(spec: SourceSpec) -> str:

@@ -33,15 +33,23 @@ def label_image_attrs(
     mpp: float | None,
     values: Sequence[int],
     classes: dict[int, str],
+    colours: dict[int, int] | None = None,
     source: str = "../../",
 ) -> dict[str, Any]:
-    """NGFF 0.5 ``ome`` attribute of a multiscale label image: scales, colours, class names."""
+    """NGFF 0.5 ``ome`` attribute of a multiscale label image: scales, colours (a value's own
+    0xRRGGBB from ``colours`` where the masks were colour-coded, else the palette), names."""
     meta = image_multiscales(name, level_scales, mpp)
+    own = colours or {}
+
+    def rgba(i: int, value: int) -> list[int]:
+        if value in own:
+            code = own[value]
+            return [code >> 16 & 255, code >> 8 & 255, code & 255, 255]
+        return PALETTE[i % len(PALETTE)]
+
     meta["image-label"] = {
         "version": "0.5",
-        "colors": [
-            {"label-value": int(v), "rgba": PALETTE[i % len(PALETTE)]} for i, v in enumerate(values)
-        ],
+        "colors": [{"label-value": int(v), "rgba": rgba(i, int(v))} for i, v in enumerate(values)],
         "properties": [
             {"label-value": int(v), "class": classes.get(int(v), str(v))} for v in values
         ],

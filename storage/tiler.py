@@ -37,6 +37,7 @@ from storage.blocks import BlockJob, cached_reader, forget_cached, run_block
 from storage.boxes import annotation_file_id, boxes_for, write_boxes
 from storage.chunks import remove_partial_writes
 from storage.codecs import JpegCodec
+from storage.composite import ColourLabelReader
 from storage.errors import SourceError, StoreError, UsageError
 from storage.inputs import (
     ImageResult,
@@ -92,6 +93,7 @@ class _Plan:
     mask: SourceSpec | None = None  # the mask image tiled beside the image
     classes: dict[int, str] = field(default_factory=dict)
     ignore: list[int] = field(default_factory=list)  # mask values left out of training and metrics
+    colours: tuple[tuple[int, int], ...] = ()  # colour masks: (0xRRGGBB, stored value)
     roi: SourceSpec | None = None  # the region-of-interest mask tiled beside the image
 
     @property
@@ -183,11 +185,14 @@ def _prepare(
     }
     if mask_path is not None:
         assert masks is not None
-        plan.mask = _check_mask(mask_path, info, options)
+        plan.mask = _check_mask(mask_path, info, options, colours=masks)
         plan.classes = masks.classes
         plan.ignore = masks.ignore
+        plan.colours = masks.colours
         identity["mask_source"] = mask_path
         identity["mask_fingerprint"] = fingerprint(plan.mask)
+        if masks.colours:  # another colour table stores other values: re-tile
+            identity["mask_colours"] = [[f"#{c:06X}", v] for c, v in masks.colours]
     if roi_path is not None:
         plan.roi = _check_mask(roi_path, info, options, "region-of-interest mask")
         identity["roi_source"] = roi_path
@@ -286,11 +291,21 @@ def _create_levels(
         )
 
 
-def _check_mask(path: str, info: Any, options: TileOptions, what: str = "mask") -> SourceSpec:
+def _check_mask(
+    path: str,
+    info: Any,
+    options: TileOptions,
+    what: str = "mask",
+    colours: MaskSet | None = None,
+) -> SourceSpec:
     """The mask's source spec, after checking it can label this image (one integer channel,
-    the image's size once resampled like it)."""
+    or colours its classes table names; the image's size once resampled like it)."""
     base_mpp = info.extra.get("resampled_from_mpp", info.mpp)
-    spec = SourceSpec((path,), labels=True, reference_mpp=base_mpp)
+    table = colours.colours if colours is not None else ()
+    other = colours.other if colours is not None else None
+    spec = SourceSpec(
+        (path,), labels=True, reference_mpp=base_mpp, colours=table, other_colour=other
+    )
     try:
         reader = spec.open(options)
     except SourceError as exc:
@@ -308,9 +323,35 @@ def _check_mask(path: str, info: Any, options: TileOptions, what: str = "mask") 
             raise SourceError(
                 info.path, f"{what} {path} is {mh}×{mw} pixels but the image is {h}×{w}"
             )
+        if table and other is None:
+            assert isinstance(reader, ColourLabelReader) and colours is not None
+            _check_colours(reader, path, info.path, colours.classes_file or "--mask-classes")
     finally:
         reader.close()
     return spec
+
+
+def _check_colours(reader: ColourLabelReader, path: str, image: str, classes: str) -> None:
+    """Refuse a colour mask with a colour its table does not name, before anything is written:
+    the whole mask is scanned block by block, and the error names the colours and their
+    pixel counts."""
+    height, width = reader.info.level_shapes[0]
+    found: dict[int, int] = {}
+    step = 2048
+    for y in range(0, height, step):
+        for x in range(0, width, step):
+            rgb = reader.base.read_region(0, y, x, min(step, height - y), min(step, width - x))
+            for colour, count in reader.unknown(rgb).items():
+                found[colour] = found.get(colour, 0) + count
+    if found:
+        worst = sorted(found.items(), key=lambda item: -item[1])
+        listed = ", ".join(f"#{c:06X} ({n} pixels)" for c, n in worst[:3])
+        more = f" and {len(worst) - 3} more" if len(worst) > 3 else ""
+        raise SourceError(
+            image,
+            f"mask {path} has colours that {classes} does not name: {listed}{more}; name them, "
+            "or add the row '*,ignore' to leave every unnamed colour out",
+        )
 
 
 def _name_classes(group: Any, classes: dict[int, str], ignore: list[int]) -> None:
@@ -484,7 +525,8 @@ def _finalize_mask(
     else:
         classes = {**plan.classes, **{v: "ignore" for v in plan.ignore}}
         ignore = list(plan.ignore)
-    group.attrs["ome"] = label_image_attrs(name, level_scales, mpp, values, classes)
+    palette = {v: c for c, v in plan.colours} if name == MASK else {}
+    group.attrs["ome"] = label_image_attrs(name, level_scales, mpp, values, classes, palette)
     source = plan.roi if name == ROI else plan.mask
     summary = {
         "source": source.name if source else None,

@@ -99,8 +99,9 @@ def tile(
     mask_classes: Annotated[
         Path | None,
         typer.Option(
-            help="CSV with columns value,name naming the mask values; a value named 'ignore' "
-            "is left out of training and evaluation."
+            help="CSV with columns value,name naming the mask values, or colours (#3C1098,"
+            "building) for colour-coded masks; a value or colour named 'ignore' is left out of "
+            "training and evaluation, and '*,ignore' leaves out every colour no row names."
         ),
     ] = None,
     roi: Annotated[

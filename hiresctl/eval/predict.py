@@ -151,8 +151,9 @@ def predict_masks(
         shapes = label_pyramid(group, thumbnail=1024)
         scales = [(height / h, width / w) for h, w in shapes]
         source = f"{Path(data).resolve()}/images/{entry.id}"
-        group.attrs["ome"] = label_image_attrs("prediction", scales, entry.mpp,
-                                               run.mask_values, classes, source)  # fmt: skip
+        group.attrs["ome"] = label_image_attrs(
+            "prediction", scales, entry.mpp, run.mask_values, classes, source=source
+        )
         row: dict[str, Any] = {"id": entry.id, "source": entry.source, "shape": [height, width],
                                "levels": len(shapes), "output": f"{out}/{entry.id}"}  # fmt: skip
         row["pixels"] = {name: int(c) for name, c in zip(run.classes, counts, strict=True)}

@@ -101,7 +101,7 @@ def test_mask_classes_csv_names_the_values(tmp_path: Path) -> None:
     assert names == {0: "background", 1: "road", 2: "2", 3: "3", 5: "lake"}
     bad = tmp_path / "bad.csv"
     bad.write_text("value,name\nx,road\n")
-    with pytest.raises(UsageError, match="not an integer"):
+    with pytest.raises(UsageError, match="neither an integer nor a colour"):
         MaskSet(tmp_path / "masks", bad)
 
 
@@ -241,3 +241,82 @@ def test_a_value_named_ignore_is_no_class_and_is_read_as_ignored(tmp_path: Path)
     reader = PatchReader(ds, mask_values=list(classes))
     read = reader.read_mask_region("scan", 0, 0, 30, 40)
     np.testing.assert_array_equal(read, np.where(mask == 3, -1, mask.astype(np.int64)))
+
+
+def _colour_pair(folder: Path, name: str, colours: list[tuple[int, int, int]]) -> np.ndarray:
+    """An image and an RGB mask painted in ``colours`` (random per pixel); the colour indices."""
+    (folder / "src").mkdir(exist_ok=True)
+    (folder / "masks").mkdir(exist_ok=True)
+    tifffile.imwrite(folder / "src" / f"{name}.tif", coord_pixels(60, 44), photometric="rgb")
+    index = np.random.default_rng(3).integers(0, len(colours), (60, 44))
+    rgb = np.array(colours, np.uint8)[index]
+    Image.fromarray(rgb).save(folder / "masks" / f"{name}.png")
+    return index
+
+
+def test_colour_coded_masks_become_class_values_with_their_palette(tmp_path: Path) -> None:
+    """Aerial datasets colour their masks: each row's colour is stored as the row's rank, the
+    NGFF label keeps the colours, and a colour named 'ignore' is no class."""
+    colours = [(60, 16, 152), (132, 41, 246), (254, 221, 58), (0, 0, 0)]
+    index = _colour_pair(tmp_path, "scene", colours)
+    (tmp_path / "classes.csv").write_text(
+        "value,name\n#3C1098,building\n#8429F6,road\n#FEDD3A,water\n#000,ignore\n"
+    )
+    [result] = tile(
+        [SourceSpec((str(tmp_path / "src" / "scene.tif"),))],
+        tmp_path / "ds.zarr",
+        SMALL,
+        masks=MaskSet(tmp_path / "masks", tmp_path / "classes.csv"),
+    )
+    assert result.status == "written", result.error
+    ds = Dataset(tmp_path / "ds.zarr")
+    stored = np.asarray(ds.mask("scene")[0])
+    np.testing.assert_array_equal(stored, np.array([0, 1, 2, 255], np.uint8)[index])
+    assert ds.mask_classes() == {0: "building", 1: "road", 2: "water"}
+    label = zarr.open_group(tmp_path / "ds.zarr" / "images" / "scene" / "labels" / "mask")
+    palette = {c["label-value"]: c["rgba"] for c in label.attrs["ome"]["image-label"]["colors"]}
+    assert palette[0] == [60, 16, 152, 255] and palette[2] == [254, 221, 58, 255]
+    assert_valid_ngff(tmp_path / "ds.zarr", expect={"ImageLabel"})
+
+
+def test_a_colour_no_row_names_fails_its_image_naming_colour_and_pixels(tmp_path: Path) -> None:
+    colours = [(60, 16, 152), (255, 0, 255)]
+    index = _colour_pair(tmp_path, "scene", colours)
+    (tmp_path / "classes.csv").write_text("value,name\n#3C1098,building\n")
+    options = SMALL
+    [result] = tile(
+        [SourceSpec((str(tmp_path / "src" / "scene.tif"),))],
+        tmp_path / "ds.zarr",
+        options,
+        masks=MaskSet(tmp_path / "masks", tmp_path / "classes.csv"),
+    )
+    assert result.status == "failed"
+    assert f"#FF00FF ({int((index == 1).sum())} pixels)" in (result.error or "")
+    assert "'*,ignore'" in (result.error or "")
+    # with '*,ignore' the unnamed colour is left out instead
+    (tmp_path / "classes.csv").write_text("value,name\n#3C1098,building\n*,ignore\n")
+    [result] = tile(
+        [SourceSpec((str(tmp_path / "src" / "scene.tif"),))],
+        tmp_path / "ds.zarr",
+        options,
+        masks=MaskSet(tmp_path / "masks", tmp_path / "classes.csv"),
+    )
+    assert result.status == "written", result.error
+    stored = np.asarray(Dataset(tmp_path / "ds.zarr").mask("scene")[0])
+    np.testing.assert_array_equal(stored, np.where(index == 1, 255, 0))
+
+
+@pytest.mark.parametrize(
+    "rows, problem",
+    [
+        ("3,road\n#3C1098,building\n", "both integer values and colours"),
+        ("#3C1098,a\n#3c1098,b\n", "colour #3c1098 is repeated"),
+        ("*,road\n", "can only be 'ignore'"),
+        ("blue,road\n", "neither an integer nor a colour"),
+    ],
+)
+def test_a_bad_colour_table_is_named(tmp_path: Path, rows: str, problem: str) -> None:
+    (tmp_path / "masks").mkdir()
+    (tmp_path / "classes.csv").write_text("value,name\n" + rows)
+    with pytest.raises(UsageError, match=problem):
+        MaskSet(tmp_path / "masks", tmp_path / "classes.csv")
