@@ -148,6 +148,16 @@ def embed_features(store: Path, args: argparse.Namespace) -> tuple[str, float]:
     return name, time.perf_counter() - start
 
 
+def split_variant(spec: str) -> tuple[str, list[str]]:
+    """``patchgd-global:global_grad=1,fusion=add`` → the method and its extra ``--set``s (a row
+    that changes one setting of a method's defaults, for ablations)."""
+    method, _, changes = spec.partition(":")
+    extra = []
+    for change in filter(None, changes.split(",")):
+        extra += ["--set", change]
+    return method, extra
+
+
 def method_options(method: str, args: argparse.Namespace) -> list[str]:
     budget = ["--memory-budget", args.memory_budget] if args.memory_budget else []
     ips = ["--set", "latent_dim=64", "--set", f"memory_size={args.ips_memory}",
@@ -226,7 +236,8 @@ def main() -> None:
     root = HERE / "data" / f"learning_{args.task}{digits}_{side}_{args.count}"
     store = make_dataset(root, args.task, side, args.count, args.classes, mnist=args.mnist)
     rows = []
-    for method in args.methods.split(","):
+    for spec in args.methods.split(";" if ";" in args.methods else ","):
+        method, extra = split_variant(spec)
         runs = []
         for seed in range(args.seeds):
             if method == "reference":
@@ -241,11 +252,12 @@ def main() -> None:
             else:
                 if method in FEATURE_METHODS:
                     embed_features(store, args)  # once: a second method's call skips every image
-                options = [*method_options(method, args), "--set", f"seed={seed}"]
-                result = train_and_evaluate(store, root / f"run-{method}-{seed}", options)
+                options = [*method_options(method, args), *extra, "--set", f"seed={seed}"]
+                name = spec.replace(":", "-").replace("=", "").replace(",", "-")
+                result = train_and_evaluate(store, root / f"run-{name}-{seed}", options)
             runs.append(result)
-            print(method, seed, f"test {result['test_accuracy']:.3f}", flush=True)
-        rows.append((method, summarise(runs)))
+            print(spec, seed, f"test {result['test_accuracy']:.3f}", flush=True)
+        rows.append((spec, summarise(runs)))
     kind, _, _, label = TASKS[args.task]
     command = (
         f"python benchmarks/learning.py --task {args.task} --side {side} --count {args.count} "
@@ -260,7 +272,11 @@ def main() -> None:
     if args.mnist:
         command += " --mnist MNIST_DIR"
     if args.report:
-        runs_of_seed0 = [root / f"run-{m}-0" for m, _ in rows if m != "reference"]
+        runs_of_seed0 = [
+            root / f"run-{m.replace(':', '-').replace('=', '').replace(',', '-')}-0"
+            for m, _ in rows
+            if m != "reference"
+        ]
         subprocess.run(
             [sys.executable, "-m", "hiresctl", "eval", *map(str, runs_of_seed0), "--data",
              str(store), "--split", "test", "--report", "--out", str(args.report)],

@@ -42,7 +42,11 @@ OCCLUSION_BATCH = 64  # latent variants per θ2 pass when PatchGD explains a pre
 # with a step per inner iteration (J per batch on the same images) the training loss of Megapixel
 # MNIST rose above chance (2.56 after an epoch) where averaging the J gradients matched the
 # whole-image network (2.46; it: 2.45).
-PATCHGD_DEFAULTS: dict[str, Any] = {"latent_dim": None, "inner_update": "batch"}
+PATCHGD_DEFAULTS: dict[str, Any] = {
+    "latent_dim": None,
+    "inner_update": "batch",
+    "grid_offset": "random",
+}
 
 
 @register_method("cls", "patchgd", defaults=PATCHGD_DEFAULTS)
@@ -390,7 +394,7 @@ class PatchGD(Method):
 @register_method(
     "cls",
     "patchgd-global",
-    defaults={**PATCHGD_DEFAULTS, "accumulation_steps": 1, "fusion": "concat"},
+    defaults={**PATCHGD_DEFAULTS, "accumulation_steps": 1, "fusion": "concat", "global_grad": None},
 )
 class PatchGDGlobal(PatchGD):
     """PatchGD + global patch (§2): PatchGD with the whole image resized to one patch, encoded

@@ -199,3 +199,31 @@ def test_foreground_patches_follow_the_training_mirror(tmp_path: Path) -> None:
         assert np.concatenate([r.indices for r in planned]).tolist() == kept.tolist()
         assert run.method.patches("a")[1].tolist() == [0]
     assert len(seen) == 4 and NO_FLIP in seen
+
+
+def test_an_offset_grid_keeps_fill_steps_and_latent_on_one_grid(coord_store: Path) -> None:
+    """With ``grid_offset: random`` a PatchGD batch's fill, inner steps and latent share the
+    epoch's moved grid; the patch at grid cell (r, c) holds the pixels the moved grid puts
+    there, and evaluation's grid is not moved."""
+    from hiresctl.data import PatchAugment
+
+    run = _run(coord_store, method="patchgd-global", grid_offset="random")
+    augment = PatchAugment("none", seed=0, grid_offset="random")
+    run.method.augment = augment
+    offsets = set()
+    for epoch in range(5):
+        augment.epoch = epoch
+        grid, kept = run.method.patches("a", train=True)
+        offsets.add(grid.offset)
+        plan = run.method.plan(["a"], epoch, train=True)
+        assert {r.grid for r in plan} == {grid}
+        latent = run.method._latent(["a"], torch.device("cpu"), 16, train=True)
+        assert latent.shape[-2:] == (grid.rows, grid.cols)
+        steps = [r for r in plan if r.tag.role == "group"]
+        assert sorted(np.concatenate([r.indices for r in steps]).tolist()) == kept.tolist()
+        # the coordinate image says where a pixel came from: cell (1, 1)'s first pixel is
+        # image pixel (s - offset_y, s - offset_x)
+        patch = run.reader.read_patches_unit("a", grid, [grid.index(1, 1)])[0] * 255
+        top, left = grid.offset
+        assert (round(float(patch[0, 0, 0])), round(float(patch[1, 0, 0]))) == (32 - top, 32 - left)
+    assert len(offsets) > 1 and run.method.patches("a")[0].offset == (0, 0)
