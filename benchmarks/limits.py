@@ -17,6 +17,7 @@ The table replaces the "Machine limits (C1)" section of BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
 import statistics
 import sys
@@ -73,20 +74,36 @@ def flops(run: Callable[[], object]) -> int:
     return int(counter.get_total_flops())
 
 
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def autocast(precision: str) -> contextlib.AbstractContextManager[object]:
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast("cpu", dtype=dtype)
+
+
 def ceilings(repeats: int) -> dict[str, float]:
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    matmul = 2 * 2048**3 / timed(lambda: a @ b, repeats)
-    conv = torch.nn.Conv2d(64, 64, 3, padding=1, bias=False).to(memory_format=torch.channels_last)
-    x = torch.randn(16, 64, 128, 128).to(memory_format=torch.channels_last).requires_grad_()
+    out = {}
+    for precision, dtype in PRECISIONS.items():
+        a = torch.randn(2048, 2048, dtype=dtype or torch.float32)
+        b = torch.randn(2048, 2048, dtype=dtype or torch.float32)
+        out[f"matmul_{precision}"] = 2 * 2048**3 / timed(lambda a=a, b=b: a @ b, repeats)
+        conv = torch.nn.Conv2d(64, 64, 3, padding=1, bias=False)
+        conv = conv.to(memory_format=torch.channels_last)
+        x = torch.randn(16, 64, 128, 128).to(memory_format=torch.channels_last).requires_grad_()
 
-    def conv_step() -> None:
-        conv(x).sum().backward()
+        def conv_step(conv=conv, x=x, precision=precision) -> None:
+            with autocast(precision):
+                y = conv(x)
+            y.float().sum().backward()
 
-    conv_rate = flops(conv_step) / timed(conv_step, repeats)
+        out[f"conv_{precision}"] = flops(conv_step) / timed(conv_step, repeats)
     big = torch.empty(64 * 2**20, dtype=torch.float32)
     other = torch.empty_like(big)
-    bandwidth = 2 * big.numel() * 4 / timed(lambda: other.copy_(big), repeats)  # read + write
-    return {"matmul": matmul, "conv": conv_rate, "bandwidth": bandwidth}
+    out["bandwidth"] = 2 * big.numel() * 4 / timed(lambda: other.copy_(big), repeats)
+    return out
 
 
 def encoder(name: str) -> torch.nn.Module:
@@ -95,22 +112,30 @@ def encoder(name: str) -> torch.nn.Module:
     return create_backbone(name) if name in BACKBONES else create_seg_network(name, 8)
 
 
-def encoder_rows(batch: int, repeats: int, conv: float) -> list[str]:
+# (precision, layout) of each measured column pair: what hiresctl runs, then the default layout
+SETUPS = (("bf16", torch.channels_last), ("fp32", torch.channels_last),
+          ("fp32", torch.contiguous_format))  # fmt: skip
+
+
+def encoder_rows(batch: int, repeats: int, limit: dict[str, float]) -> list[str]:
     rows = []
     for name, sides in ENCODERS.items():
         for side in sides:
             cells = [f"`{name}`", f"{side}²"]
-            for layout in (torch.channels_last, torch.contiguous_format):
+            for precision, layout in SETUPS:
                 model = encoder(name).to(memory_format=layout)
                 x = torch.randn(batch, 3, side, side).to(memory_format=layout)
+                conv = limit[f"conv_{precision}"]
 
-                def train_step(model: torch.nn.Module = model, x: torch.Tensor = x) -> None:
+                def train_step(model=model, x=x, precision=precision) -> None:
                     model.train()
-                    model(x).float().sum().backward()
+                    with autocast(precision):
+                        y = model(x)
+                    y.float().sum().backward()
 
-                def no_grad(model: torch.nn.Module = model, x: torch.Tensor = x) -> None:
+                def no_grad(model=model, x=x, precision=precision) -> None:
                     model.eval()
-                    with torch.inference_mode():
+                    with torch.inference_mode(), autocast(precision):
                         model(x)
 
                 for step in (train_step, no_grad):
@@ -120,13 +145,9 @@ def encoder_rows(batch: int, repeats: int, conv: float) -> list[str]:
     return rows
 
 
-def method_rows(repeats: int, conv: float) -> list[str]:
+def method_rows(repeats: int, limit: dict[str, float]) -> list[str]:
     """One training step of each classification method on Megapixel MNIST 512²."""
     import shutil
-
-    from hiresctl.data import PatchStream
-    from hiresctl.train import Trainer, load_recipe
-    from hiresctl.train.run import step_context
 
     source = DATA / "c1_mm512_src"
     store = DATA / "c1_mm512.zarr"
@@ -143,28 +164,43 @@ def method_rows(repeats: int, conv: float) -> list[str]:
         shutil.rmtree(source)
     rows = []
     for method in ("patchgd-global", "patchgd", "ips", "downsample", "full"):
-        settings = {"batch_size": 4, "epochs": 1, "train_split": "train", "val_split": "none"}
-        settings.update({"patch_size": 64, "memory_size": 8} if method != "full" else {})
-        recipe = load_recipe(None, "cls", method, settings)
-        out = DATA / "c1_runs" / method
-        shutil.rmtree(out, ignore_errors=True)
-        trainer = Trainer(store, out, recipe, log=lambda message: None)
-        run = trainer.run
-        images = [im.image_id for im in trainer.train_images[:4]]
-        targets = torch.tensor([im.target for im in trainer.train_images[:4]])
-        optimizer = torch.optim.AdamW(run.model.parameters(), lr=1e-3)
-        ctx = step_context(run, optimizer, None, 1, None)
-        stream = PatchStream(run.reader)
-        plan = run.method.plan(images, 0, train=True)
-        reads = list(stream(plan))  # pixels in memory: the step's compute alone
-
-        def step(run=run, ctx=ctx, images=images, targets=targets, reads=reads) -> None:
-            run.method.train_batch(ctx, images, targets, iter(reads))
-
-        seconds = timed(step, repeats)
-        rate = flops(step) / seconds
-        rows.append(f"| {method} | {seconds:.2f} | {rate / 1e9:.0f} ({rate / conv:.0%}) |")
+        cells = [method]
+        for precision in PRECISIONS:
+            cells.append(method_step(store, method, precision, repeats, limit))
+        rows.append("| " + " | ".join(cells) + " |")
     return rows
+
+
+def method_step(
+    store: Path, method: str, precision: str, repeats: int, limit: dict[str, float]
+) -> str:
+    """``seconds, GFLOP/s (share of the ceiling)`` of one training step of ``method``."""
+    import shutil
+
+    from hiresctl.data import PatchStream
+    from hiresctl.train import Trainer, load_recipe
+    from hiresctl.train.run import step_context
+
+    settings = {"batch_size": 4, "epochs": 1, "train_split": "train", "val_split": "none",
+                "precision": precision, "backbone": "tiny-s2d"}  # fmt: skip
+    if method != "full":
+        settings.update({"patch_size": 64, "memory_size": 8})
+    recipe = load_recipe(None, "cls", method, settings)
+    out = DATA / "c1_runs" / method
+    shutil.rmtree(out, ignore_errors=True)
+    trainer = Trainer(store, out, recipe, log=lambda message: None)
+    run = trainer.run
+    images = [im.image_id for im in trainer.train_images[:4]]
+    targets = torch.tensor([im.target for im in trainer.train_images[:4]])
+    ctx = step_context(run, torch.optim.AdamW(run.model.parameters(), lr=1e-3), None, 1, None)
+    reads = list(PatchStream(run.reader)(run.method.plan(images, 0, train=True)))
+
+    def step() -> None:  # pixels already in memory: the step's compute alone
+        run.method.train_batch(ctx, images, targets, iter(reads))
+
+    seconds = timed(step, repeats)
+    rate = flops(step) / seconds
+    return f"{seconds:.2f} s, {rate / 1e9:.0f} ({rate / limit[f'conv_{precision}']:.0%})"
 
 
 def main() -> None:
@@ -179,32 +215,35 @@ def main() -> None:
     limit = ceilings(args.repeats)
     date = time.strftime("%Y-%m-%d")
     lines = [
-        f"## Machine limits (C1), {date}, {cpu_name()}, {args.threads} threads, fp32",
+        f"## Machine limits (C1), {date}, {cpu_name()}, {args.threads} threads",
         "",
         f"Command: `python benchmarks/limits.py --threads {args.threads} --batch {args.batch}`. "
-        "Ceilings measured in the same run (medians): fp32 matmul 2048² "
-        f"**{limit['matmul'] / 1e9:.0f} GFLOP/s**, a 3×3 convolution 64→64 on 16 × 128² "
-        f"(channels-last, forward + backward) **{limit['conv'] / 1e9:.0f} GFLOP/s**, memory "
-        f"bandwidth (256 MiB copy) **{limit['bandwidth'] / 1e9:.1f} GB/s**. Each encoder on a "
-        f"batch of {args.batch} patches: GFLOP/s counted by torch's flop counter, in brackets "
-        "as a share of the convolution ceiling; training = forward and backward, no-grad = a "
-        "forward in inference mode. hiresctl runs encoders channels-last.",
+        "Ceilings measured in the same run (medians): matmul 2048² "
+        f"**{limit['matmul_fp32'] / 1e9:.0f} GFLOP/s** float32, "
+        f"**{limit['matmul_bf16'] / 1e9:.0f}** bfloat16; a 3×3 convolution 64→64 on 16 × 128² "
+        f"(channels-last, forward + backward) **{limit['conv_fp32'] / 1e9:.0f} GFLOP/s** "
+        f"float32, **{limit['conv_bf16'] / 1e9:.0f}** in bfloat16 autocast; memory bandwidth "
+        f"(256 MiB copy) **{limit['bandwidth'] / 1e9:.1f} GB/s**. Each encoder on a batch of "
+        f"{args.batch} patches: GFLOP/s counted by torch's flop counter and, in brackets, as a "
+        "share of the convolution ceiling of the same precision; training = forward and "
+        "backward, no-grad = a forward in inference mode. hiresctl runs encoders channels-last, "
+        "in bfloat16 autocast on CPUs like this one (`precision: auto`).",
         "",
-        "| encoder | patch | training, channels-last | no-grad, channels-last | training, "
-        "default layout | no-grad, default layout |",
-        "|---|---|---|---|---|---|",
-        *encoder_rows(args.batch, args.repeats, limit["conv"]),
+        "| encoder | patch | training, bf16 | no-grad, bf16 | training, fp32 | no-grad, fp32 | "
+        "training, fp32 default layout | no-grad, fp32 default layout |",
+        "|---|---|---|---|---|---|---|---|",
+        *encoder_rows(args.batch, args.repeats, limit),
     ]
     if not args.skip_methods:
         lines += [
             "",
             "One training step of each classification method, batch 4 of Megapixel MNIST 512² "
-            "(patch 64, the classification defaults; pixels already in memory), median seconds "
-            "and GFLOP/s (share of the convolution ceiling):",
+            "(`tiny-s2d`, patch 64, IPS M = 8, the methods' defaults; pixels already in memory): "
+            "median seconds, GFLOP/s and the share of the convolution ceiling of its precision.",
             "",
-            "| method | seconds | GFLOP/s |",
+            "| method | bf16 | fp32 |",
             "|---|---|---|",
-            *method_rows(args.repeats, limit["conv"]),
+            *method_rows(args.repeats, limit),
         ]
     publish(lines, "limits")
 

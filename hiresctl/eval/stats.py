@@ -1,5 +1,8 @@
 """Is a difference real? Intervals over test images and paired tests between runs.
 
+COCO AP is not a mean over images: its interval and paired test come from recomputing AP with
+pycocotools on the same ``COCO_RESAMPLES`` resampled image sets for every run.
+
 A test split of a few dozen images gives a metric that moves by points from one draw of images
 to the next, so a report that ranks runs must say how sure it is. For a metric that is a mean
 over images (accuracy: each image right or wrong; segmentation's F1, IoU and mean IoU, computed
@@ -20,6 +23,7 @@ from typing import Any
 import numpy as np
 
 RESAMPLES = 2000
+COCO_RESAMPLES = 200  # COCO AP is recomputed by pycocotools for every resample
 LEVEL = 0.95
 
 
@@ -153,6 +157,96 @@ def paired_comparison(
     )
 
 
+def coco_ap_draws(
+    truth: dict[str, Any],
+    results: list[dict[str, Any]],
+    draws: np.ndarray,
+    max_detections: int = 100,
+) -> np.ndarray:
+    """COCO AP (pycocotools) of the test images resampled by each row of ``draws`` (positions
+    into ``truth["images"]``; an image drawn twice counts twice, under a new id)."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    by_image: dict[int, list[dict[str, Any]]] = {}
+    for a in truth["annotations"]:
+        by_image.setdefault(a["image_id"], []).append(a)
+    found_by_image: dict[int, list[dict[str, Any]]] = {}
+    for d in results:
+        found_by_image.setdefault(d["image_id"], []).append(d)
+    out = np.zeros(len(draws))
+    for row, draw in enumerate(draws):
+        images: list[dict[str, Any]] = []
+        annotations: list[dict[str, Any]] = []
+        found: list[dict[str, Any]] = []
+        for new_id, position in enumerate(draw.tolist(), start=1):
+            image = truth["images"][position]
+            images.append({**image, "id": new_id})
+            for a in by_image.get(image["id"], []):
+                annotations.append({**a, "id": len(annotations) + 1, "image_id": new_id})
+            found += [{**d, "image_id": new_id} for d in found_by_image.get(image["id"], [])]
+        if not annotations or not found:
+            continue
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+            gt = COCO()
+            gt.dataset = {**truth, "images": images, "annotations": annotations}
+            gt.createIndex()
+            evaluation = COCOeval(gt, gt.loadRes(found), "bbox")
+            evaluation.params.maxDets = [1, 10, max_detections]
+            evaluation.evaluate()
+            evaluation.accumulate()
+            evaluation.summarize()
+        out[row] = max(0.0, float(evaluation.stats[0]))
+    return out
+
+
+def _compare_coco(
+    results: dict[str, dict[str, Any]], best: str | None
+) -> tuple[dict[str, Interval], list[Comparison]]:
+    """Intervals and paired comparisons of COCO AP: every run's AP on the same resampled
+    image sets (``COCO_RESAMPLES``), each run's own detections against the truth."""
+    import json
+    from pathlib import Path
+
+    loaded = {}
+    for name, result in results.items():
+        files = result.get("files") or {}
+        try:
+            truth = json.loads(Path(files["ground_truth"]).read_text())
+            found = json.loads(Path(files["detections"]).read_text())
+        except (KeyError, OSError, ValueError):
+            continue
+        loaded[name] = (truth, found, int(result.get("max_detections") or 100))
+    if not loaded:
+        return {}, []
+    count = len(next(iter(loaded.values()))[0]["images"])
+    draws = _resample(count, COCO_RESAMPLES, 0)
+    tail = (1 - LEVEL) / 2 * 100
+    aps, intervals = {}, {}
+    for name, (truth, found, max_dets) in loaded.items():
+        aps[name] = coco_ap_draws(truth, found, draws, max_dets)
+        low, high = np.percentile(aps[name], [tail, 100 - tail])
+        value = float(results[name]["metrics"].get("ap", math.nan))
+        intervals[name] = Interval("ap", value, float(low), float(high), count,
+                                   resamples=COCO_RESAMPLES)  # fmt: skip
+    best = best if best in intervals else max(intervals, key=lambda n: intervals[n].value)
+    comparisons = []
+    for name in intervals:
+        if name == best or len(loaded[name][0]["images"]) != count:
+            continue
+        diff = aps[best] - aps[name]
+        low, high = (float(v) for v in np.percentile(diff, [tail, 100 - tail]))
+        point = intervals[best].value - intervals[name].value
+        share = float((diff <= 0).mean() if point >= 0 else (diff >= 0).mean())
+        p = min(1.0, 2 * share) if share else 1 / COCO_RESAMPLES
+        comparisons.append(Comparison(best, name, "ap", point, low, high, p,
+                                      "paired bootstrap of COCO AP", count))  # fmt: skip
+    return intervals, comparisons
+
+
 def per_image_scores(task: str, result: dict[str, Any]) -> tuple[str, dict[str, float], bool]:
     """The deciding metric's name, its value per image id (the metric is their mean), and
     whether the values are right/wrong outcomes; an empty dict where the metric is not a mean
@@ -172,6 +266,8 @@ def compare_runs(
 ) -> tuple[dict[str, Interval], list[Comparison]]:
     """Each run's interval of the deciding metric, and the best run (``best``, else the highest
     value) against every other, paired on the images both were scored on."""
+    if task == "det":
+        return _compare_coco(results, best)
     intervals: dict[str, Interval] = {}
     scores: dict[str, dict[str, float]] = {}
     binary = False

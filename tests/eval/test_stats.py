@@ -82,3 +82,40 @@ def test_compare_runs_pairs_the_winner_with_every_run_on_shared_images() -> None
     assert intervals["x"].value == pytest.approx(0.4) and not comparisons  # undefined counts 0
     assert compare_runs("det", {"x": {"per_image": [{"id": "1"}]}}) == ({}, [])
     assert math.isnan(bootstrap_interval(np.array([]), "f1").value)
+
+
+def test_coco_ap_intervals_resample_images_and_pair_the_runs(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """AP is recomputed by pycocotools on resampled image sets; a run that finds every box
+    beats one that finds half of them, paired on the same draws."""
+    import json
+
+    from hiresctl.eval.stats import coco_ap_draws
+
+    images = [{"id": i, "file_name": f"{i}.tif", "width": 100, "height": 100} for i in range(1, 21)]
+    annotations = [{"id": i, "image_id": i, "category_id": 1, "bbox": [10, 10, 30, 30],
+                    "area": 900.0, "iscrowd": 0} for i in range(1, 21)]  # fmt: skip
+    truth = {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "x"}]}
+    every = [{"image_id": i, "category_id": 1, "bbox": [10, 10, 30, 30], "score": 0.9}
+             for i in range(1, 21)]  # fmt: skip
+    half = [d for d in every if d["image_id"] % 2]
+    draws = np.array([list(range(20)), [0] * 20])
+    np.testing.assert_allclose(coco_ap_draws(truth, every, draws), [1.0, 1.0], atol=1e-6)
+    assert coco_ap_draws(truth, half, draws)[1] > 0.99  # image 1 only: it was found
+    results = {}
+    for name, found in (("all", every), ("half", half)):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "gt.json").write_text(json.dumps(truth))
+        (folder / "det.json").write_text(json.dumps(found))
+        results[name] = {
+            "metrics": {"ap": 1.0 if name == "all" else 0.5},
+            "files": {
+                "ground_truth": str(folder / "gt.json"),
+                "detections": str(folder / "det.json"),
+            },
+        }
+    intervals, comparisons = compare_runs("det", results)
+    assert intervals["all"].low == intervals["all"].high == pytest.approx(1.0)
+    assert intervals["half"].low < 0.5 < intervals["half"].high
+    [c] = comparisons
+    assert (c.a, c.b) == ("all", "half") and c.significant and c.low > 0
