@@ -19,6 +19,7 @@ from zarr.codecs import ZstdCodec
 import storage.codecs  # noqa: F401  (registers the JPEG chunk codec for reading)
 from storage.chunks import check_objects, missing_problem, record_objects
 from storage.errors import StoreError
+from storage.pyramid import level_shapes
 
 __all__ = [
     "ANNOTATIONS",
@@ -148,6 +149,7 @@ class Dataset:
         )
         # Images whose metadata could not be read, one line each; entries() leaves them out.
         self.problems: list[str] = []
+        self._shapes: dict[str, list[int]] | None = None
         self._verified: set[tuple[str, str]] = set()  # arrays whose stored objects were checked
 
     def image_ids(self) -> list[str]:
@@ -168,6 +170,12 @@ class Dataset:
         attrs = hires_attrs(group)
         if not attrs:
             raise StoreError(f"{self.path}/{IMAGES}/{image_id}", "image group without metadata")
+        problem = _implausible(attrs, self._manifest_shapes().get(image_id))
+        if problem:
+            raise StoreError(
+                f"{self.path}/{IMAGES}/{image_id}/zarr.json",
+                f"unreadable metadata: {problem}; retile the image (--overwrite)",
+            )
         return ImageEntry(
             id=image_id,
             group=f"{IMAGES}/{image_id}",
@@ -216,14 +224,32 @@ class Dataset:
                 "retile the image (--overwrite)",
             ) from None
 
+    def _manifest_shapes(self) -> dict[str, list[int]]:
+        """{image id: level-0 shape} as the root's manifest records them (cached)."""
+        if self._shapes is None:
+            rows = self.meta.get("manifest") or []
+            self._shapes = {
+                str(r["id"]): list(r["shape"])
+                for r in rows
+                if isinstance(r, dict) and "id" in r and isinstance(r.get("shape"), list)
+            }
+        return self._shapes
+
     def _member(self, image_id: str, path: str) -> Any:
         """An array of an image group, or :class:`StoreError` naming it when it is missing or its
-        metadata is damaged."""
+        metadata is damaged or disagrees with what the tiler recorded (the image's attributes:
+        shape, dtype, levels, chunking), checked before anything is sized from it."""
         group = self.image_group(image_id)
         where = f"{self.path}/{IMAGES}/{image_id}/{path}"
         try:
             node = group[path]
             if (image_id, path) not in self._verified and isinstance(node, zarr.Array):
+                mismatch = _array_mismatch(node, path, hires_attrs(group))
+                if mismatch:
+                    raise StoreError(
+                        f"{where}/zarr.json",
+                        f"unreadable metadata: {mismatch}; retile the image (--overwrite)",
+                    )
                 problem = missing_problem(node)  # a deleted shard would read as fill
                 if problem:
                     raise StoreError(where, problem)
@@ -239,6 +265,18 @@ class Dataset:
             raise StoreError(
                 where, f"damaged metadata ({type(exc).__name__}); retile the image (--overwrite)"
             ) from None
+
+    def verify(self, image_id: str) -> None:
+        """Open what sizes an image's grids and reads (its level 0, and its mask's and region's
+        level 0 where it has them) and check their metadata against the tiler's record:
+        :class:`StoreError` naming the array and the field when they disagree. A run calls it
+        for every image it opens, so a damaged image is left out, not met mid-run; the other
+        levels are checked when first read."""
+        self.level(image_id, 0)
+        labels = hires_attrs(self.image_group(image_id))
+        for name in (MASK, ROI):
+            if labels.get(name):
+                self._member(image_id, f"labels/{name}/0")
 
     def level(self, image_id: str, level: int = 0) -> zarr.Array:
         """The (c, y, x) array of one pyramid level."""
@@ -263,8 +301,17 @@ class Dataset:
         except StoreError as exc:
             return [str(exc)]
         problems = []
+        attrs = hires_attrs(group)
+        where = f"{self.path}/{IMAGES}/{image_id}"
+        implausible = _implausible(attrs, self._manifest_shapes().get(image_id))
+        if implausible:  # nothing may be sized from it: no array is checked
+            return [f"{where}/zarr.json: unreadable metadata: {implausible}"]
         for name, array in arrays:
-            problems += check_objects(array, f"{self.path}/{IMAGES}/{image_id}/{name}")
+            mismatch = _array_mismatch(array, name, attrs)
+            if mismatch:  # its declared grid may be anything: its objects are not walked
+                problems.append(f"{where}/{name}/zarr.json: unreadable metadata: {mismatch}")
+                continue
+            problems += check_objects(array, f"{where}/{name}")
         return problems
 
     def feature_sets(self, image_id: str) -> list[str]:
@@ -380,6 +427,77 @@ class Dataset:
 
     def __repr__(self) -> str:
         return f"Dataset({self.path!r}, images={len(self.image_ids())})"
+
+
+# What the tiler can have written: a source over MAX_PIXELS is refused before tiling (the
+# default limit is 2**37), so a larger declared shape is damage or an attack, never data.
+MAX_PIXELS = 2**40
+MAX_CHANNELS = 1024
+DTYPES = {"|u1", "<u2", ">u2", "<u4", ">u4", "<f4", ">f4", "|i1", "<i2", "<i4"}
+
+
+def _implausible(attrs: dict[str, Any], recorded: list[int] | None) -> str | None:
+    """What is wrong with an image's own attributes before anything is sized from them: the
+    shape against sane bounds and against the root's manifest, the levels against the shape."""
+    shape = attrs.get("shape")
+    if not (
+        isinstance(shape, list)
+        and len(shape) == 3
+        and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)
+    ):
+        return f"shape {shape!r} is not three positive integers"
+    channels, height, width = shape
+    if channels > MAX_CHANNELS or height * width > MAX_PIXELS:
+        return f"shape {shape} is beyond what the tiler writes ({MAX_PIXELS} pixels)"
+    if recorded is not None and list(recorded) != shape:
+        return f"shape {shape} differs from the store's manifest ({recorded})"
+    if str(attrs.get("dtype", "|u1")) not in DTYPES:
+        return f"dtype {attrs.get('dtype')!r} is not one the tiler writes"
+    tiling = attrs.get("tiling") or {}
+    thumbnail = tiling.get("thumbnail_size", 1024)
+    chunk = tiling.get("chunk", 256)
+    if not (
+        isinstance(thumbnail, int) and thumbnail >= 16 and isinstance(chunk, int) and chunk >= 16
+    ):
+        return f"tiling {tiling!r} names no valid chunk and thumbnail sizes"
+    expected = len(level_shapes(height, width, thumbnail))
+    if attrs.get("levels") not in (None, expected):
+        return f"levels {attrs.get('levels')!r} where a {height}×{width} image has {expected}"
+    return None
+
+
+def _array_mismatch(array: zarr.Array, path: str, attrs: dict[str, Any]) -> str | None:
+    """How ``array`` (``path`` in its image group) disagrees with the image's attributes: its
+    shape, data type and chunks, for the pyramid levels and label levels; the thumbnail and
+    foreground must stay thumbnail-sized. None when it agrees (or the image's attributes are
+    themselves unusable: :func:`_implausible` names that)."""
+    shape = attrs.get("shape")
+    if _implausible(attrs, None) or not isinstance(shape, list):
+        return None
+    channels, height, width = shape
+    tiling = attrs.get("tiling") or {}
+    thumbnail, chunk = tiling.get("thumbnail_size", 1024), tiling.get("chunk", 256)
+    levels = level_shapes(height, width, thumbnail)
+    declared = tuple(array.shape)
+    parts = path.split("/")
+    labels = len(parts) == 3 and parts[0] == "labels" and parts[1] in (MASK, ROI)
+    if parts[-1].isdigit() and (len(parts) == 1 or labels):
+        level = int(parts[-1])
+        if level >= len(levels):
+            return f"level {level} does not exist for a {height}×{width} image"
+        bands = channels if len(parts) == 1 else 1
+        wanted = (bands, *levels[level])
+        if declared != wanted:
+            return f"shape {list(declared)} where the tiler recorded {list(wanted)}"
+        if len(parts) == 1 and array.dtype != np.dtype(attrs.get("dtype", "|u1")):
+            return f"data type {array.dtype} where the tiler recorded {attrs.get('dtype')}"
+        if tuple(array.chunks) != (bands, chunk, chunk):
+            return f"chunks {list(array.chunks)} where the tiler wrote {[bands, chunk, chunk]}"
+        return None
+    small = len(declared) == 3 and max(declared[1:]) <= thumbnail and declared[0] <= channels
+    if parts[-1] in (THUMBNAIL, FOREGROUND) and len(parts) == 1 and not small:
+        return f"shape {list(declared)} is larger than a {thumbnail}-pixel thumbnail"
+    return None
 
 
 def _version(text: str) -> tuple[int, ...]:

@@ -39,9 +39,20 @@ def labelled_images(
             problems.append(f"{where}: has no class label; skipped")
         elif str(entry.label) not in index:
             problems.append(f"{where}: label {entry.label!r} is not a class of this run; skipped")
+        elif problem := _unreadable(dataset, entry.id):
+            problems.append(f"{problem}; skipped")
         else:
             images.append(LabelledImage(entry.id, index[str(entry.label)]))
     return images, problems + [f"{p}; skipped" for p in dataset.problems]
+
+
+def _unreadable(dataset: Dataset, image_id: str) -> str | None:
+    """Why a run cannot use an image whose arrays disagree with the tiler's record, else None."""
+    try:
+        dataset.verify(image_id)
+    except StoreError as exc:
+        return str(exc)
+    return None
 
 
 def _annotated_images(
@@ -56,6 +67,8 @@ def _annotated_images(
             problems.append(f"{where}: tiling did not finish (status {entry.status}); skipped")
         elif not (entry.mask if has == "mask" else entry.extra.get(has)):
             problems.append(f"{where}: has no {missing}; skipped")
+        elif problem := _unreadable(dataset, entry.id):
+            problems.append(f"{problem}; skipped")
         else:
             images.append(LabelledImage(entry.id, 0))
     return images, problems + [f"{p}; skipped" for p in dataset.problems]
@@ -76,12 +89,16 @@ def detection_images(
     return _annotated_images(dataset, split, "boxes", "object annotations")
 
 
-def require_images(images: list[LabelledImage], dataset: Dataset, split: str) -> None:
+def require_images(
+    images: list[LabelledImage], dataset: Dataset, split: str, problems: list[str] | None = None
+) -> None:
+    """Refuse an empty split; the line names why images were left out, when some were."""
     if not images:
+        left = f"; {len(problems)} left out, first: {problems[0]}" if problems else ""
         raise StoreError(
             dataset.path,
             f"no labelled, completely tiled images in split {split!r} "
             "(tile with --labels CSV for classification, --masks DIR for segmentation or "
             "--coco FILE for detection, "
-            "or choose another split)",
+            f"or choose another split){left}",
         )

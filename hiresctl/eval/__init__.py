@@ -34,7 +34,7 @@ def evaluate(run_dir: str | Path, data: str | Path, split: str = "test", device:
     torch_device = resolve_device(device)
     run = run or load_run(run_dir, dataset, torch_device, checkpoint)
     images, problems = run.task.images(dataset, split, run.classes)
-    require_images(images, dataset, split)
+    require_images(images, dataset, split, problems)
     body, stats = run.task.evaluate(run, images, Path(run_dir), split, on_tile=on_tile)
     result = result_header(run, run_dir, data, split, len(images), stats, torch_device)
     result.update(body)

@@ -167,7 +167,7 @@ class Trainer:
             classes, mask_values = task.classes(self.dataset)
         self.recipe = recipe
         self.train_images, self.problems = task.images(self.dataset, recipe.train_split, classes)
-        require_images(self.train_images, self.dataset, recipe.train_split)
+        require_images(self.train_images, self.dataset, recipe.train_split, self.problems)
         self.val_images, val_problems = task.images(self.dataset, recipe.val_split, classes)
         self.problems += val_problems
         self.problems = list(dict.fromkeys(self.problems))  # a damaged image is named once
