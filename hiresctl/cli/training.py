@@ -122,6 +122,16 @@ def methods(
                    + (f" [defaults: {changed}]" if changed else ""))  # fmt: skip
 
 
+RESCALE_HELP = (
+    "Take images of another bit depth than the run's training images (16-bit into an 8-bit "
+    "run), each read as a fraction of its type's range."
+)
+DROP_CHANNELS_HELP = (
+    "Take images with more channels than the run saw, using the first ones (an RGBA image's "
+    "alpha, or extra fluorescence bands, dropped)."
+)
+
+
 @app.command("eval")
 def eval_(
     runs: Annotated[
@@ -140,6 +150,8 @@ def eval_(
     device: Annotated[
         DeviceChoice, typer.Option(help="auto picks CUDA when present.")
     ] = DeviceChoice.auto,
+    rescale: Annotated[bool, typer.Option(help=RESCALE_HELP)] = False,
+    drop_channels: Annotated[bool, typer.Option(help=DROP_CHANNELS_HELP)] = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object on stdout.")
     ] = False,
@@ -153,9 +165,13 @@ def eval_(
     if out is not None and not report:
         raise UsageError("--out names the report folder; add --report")
     if report or len(runs) > 1:
-        _eval_side_by_side(runs, data, split, checkpoint, device.value, report, out, as_json)
+        _eval_side_by_side(runs, data, split, checkpoint, device.value, report, out, as_json,
+                           rescale, drop_channels)  # fmt: skip
         return
-    result = evaluate(runs[0], data, split, device.value, checkpoint)
+    result = evaluate(runs[0], data, split, device.value, checkpoint, rescale=rescale,
+                      drop_channels=drop_channels)  # fmt: skip
+    for note in result.get("input_conversions", []):
+        err.print(f"[yellow]converted[/] {note}", highlight=False, soft_wrap=True)
     for problem in result["skipped"]:
         err.print(f"[yellow]skipped[/] {problem}", highlight=False, soft_wrap=True)
     if as_json:
@@ -196,7 +212,7 @@ def _print_result(run: Path, data: Path, split: str, result: dict[str, Any]) -> 
 
 def _eval_side_by_side(
     runs: list[Path], data: Path, split: str, checkpoint: str, device: str, report: bool,
-    out: Path | None, as_json: bool,
+    out: Path | None, as_json: bool, rescale: bool = False, drop_channels: bool = False,
 ) -> None:  # fmt: skip
     """Several runs (or a report): one table, the best of each column marked."""
     from hiresctl.report.build import METRIC_NAMES, build_report
@@ -207,7 +223,11 @@ def _eval_side_by_side(
             status.update(message)
             err.print(f"[dim]{message}[/]", highlight=False)
 
-        metrics = build_report(runs, data, split, out, device, checkpoint, log, write=report)
+        metrics = build_report(runs, data, split, out, device, checkpoint, log, write=report,
+                               rescale=rescale, drop_channels=drop_channels)  # fmt: skip
+    notes = [n for r in metrics["runs"] for n in r["evaluation"].get("input_conversions", [])]
+    for note in dict.fromkeys(notes):
+        err.print(f"[yellow]converted[/] {note}", highlight=False, soft_wrap=True)
     skipped = [p for r in metrics["runs"] for p in r["evaluation"]["skipped"]]
     for problem in dict.fromkeys(skipped):
         err.print(f"[yellow]skipped[/] {problem}", highlight=False, soft_wrap=True)
@@ -284,6 +304,8 @@ def predict(
     device: Annotated[
         DeviceChoice, typer.Option(help="auto picks CUDA when present.")
     ] = DeviceChoice.auto,
+    rescale: Annotated[bool, typer.Option(help=RESCALE_HELP)] = False,
+    drop_channels: Annotated[bool, typer.Option(help=DROP_CHANNELS_HELP)] = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="One JSON line per image on stdout.")
     ] = False,
@@ -318,8 +340,11 @@ def predict(
 
     result = run_predict(
         run, paths, out, split, device.value, checkpoint, chosen or None, probabilities,
-        TileOptions(mpp=mpp, source_mpp=source_mpp), on_image, score_threshold,
+        TileOptions(mpp=mpp, source_mpp=source_mpp), on_image, score_threshold, rescale,
+        drop_channels,
     )  # fmt: skip
+    for note in result.notes:
+        err.print(f"[yellow]converted[/] {note}", highlight=False, soft_wrap=True)
     for problem in result.problems:
         err.print(f"[bold red]failed[/] {problem}", highlight=False, soft_wrap=True)
     written = sorted(p.name for p in out.iterdir()) if out.is_dir() else []

@@ -10,6 +10,7 @@ import yaml
 from hiresctl.data import require_images
 from hiresctl.eval.common import result_header, save_result
 from hiresctl.train import Run, load_run, resolve_device
+from hiresctl.train.inputs import screen_inputs
 from hiresctl.train.tasks import TileHook
 from storage import Dataset, StoreError
 
@@ -26,6 +27,7 @@ def run_task(run_dir: str | Path) -> str:
 
 def evaluate(run_dir: str | Path, data: str | Path, split: str = "test", device: str = "auto",
              checkpoint: str = "best", on_tile: TileHook | None = None, run: Run | None = None,
+             rescale: bool = False, drop_channels: bool = False,
              ) -> dict[str, Any]:  # fmt: skip
     """Evaluate a run with its task's metrics on ``split``; also written to
     ``RUN/eval-<split>.json``. ``on_tile``: segmentation's hook on every predicted tile with its
@@ -34,11 +36,17 @@ def evaluate(run_dir: str | Path, data: str | Path, split: str = "test", device:
     torch_device = resolve_device(device)
     run = run or load_run(run_dir, dataset, torch_device, checkpoint)
     images, problems = run.task.images(dataset, split, run.classes)
+    screen = screen_inputs(run.trained_on, [dataset.entry(im.image_id) for im in images],
+                           str(dataset.path), rescale, drop_channels)  # fmt: skip
+    usable = {entry.id for entry in screen.kept}
+    images = [im for im in images if im.image_id in usable]
+    problems += [f"{line}; skipped" for line in screen.refused]
     require_images(images, dataset, split, problems)
     body, stats = run.task.evaluate(run, images, Path(run_dir), split, on_tile=on_tile)
     result = result_header(run, run_dir, data, split, len(images), stats, torch_device)
     result.update(body)
     result["skipped"] = problems
+    result["input_conversions"] = screen.note_lines()
     return save_result(run_dir, split, result)
 
 

@@ -34,7 +34,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,7 @@ from hiresctl.train import (
     predict_segmentation,
     resolve_device,
 )
+from hiresctl.train.inputs import screen_inputs
 from hiresctl.train.segmentation import PREDICT_TILE, SegmentationMethod, binary_image_metrics
 from storage import Dataset, StoreError, UsageError
 from storage.annotations import geotransform
@@ -88,8 +89,10 @@ def predict_masks(
     checkpoint: str = "best",
     probabilities: bool = False,
     on_image: Callable[[dict[str, Any]], None] | None = None,
+    screen: Callable[[Run, Dataset, list[Any]], list[Any]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Predict every complete image of ``data`` (or of ``split``) with a segmentation run."""
+    """Predict every complete image of ``data`` (or of ``split``) with a segmentation run;
+    ``screen`` keeps the images the run can take (``PredictJob.screen``)."""
     dataset = Dataset(data)
     torch_device = resolve_device(device)
     run = load_run(run_dir, dataset, torch_device, checkpoint)
@@ -104,6 +107,8 @@ def predict_masks(
         raise StoreError(
             dataset.path, f"no completely tiled images{f' in split {split!r}' if split else ''}"
         )
+    if screen is not None:
+        entries = screen(run, dataset, entries)
     chunk = math.gcd(run.recipe.patch_size, PREDICT_TILE)
     while chunk > 512:
         chunk //= 2
@@ -493,8 +498,9 @@ def _segmentation_outputs(
 @dataclass
 class PredictResult:
     rows: list[dict[str, Any]]
-    problems: list[str]  # sources that could not be tiled, each with its reason
+    problems: list[str]  # sources that could not be tiled or taken, each with its reason
     out: Path
+    notes: list[str] = field(default_factory=list)  # conversions of inputs, one line per kind
 
 
 def _tile_sources(sources: list[str], folder: str, options: Any, problems: list[str]) -> Path:
@@ -519,6 +525,8 @@ def predict(
     tile_options: Any = None,
     on_image: Callable[[dict[str, Any]], None] | None = None,
     score_threshold: float | None = None,
+    rescale: bool = False,
+    drop_channels: bool = False,
 ) -> PredictResult:
     """Apply a run to one dataset store (``inputs == [store]``) or to source files, tiled into a
     temporary store first (bad sources are named in ``problems``; the others are predicted)."""
@@ -549,11 +557,23 @@ def predict(
         if not is_store and split is not None:
             raise UsageError("--split selects images of a dataset store, not of source files")
         folder.mkdir(parents=True, exist_ok=True)
+        converted: dict[str, str] = {}
+
+        def on_row(row: dict[str, Any]) -> None:  # each row says how its input was converted
+            if row.get("id") in converted:
+                row["input_conversion"] = converted[row["id"]]
+            if on_image is not None:
+                on_image(row)
+
         job = PredictJob(Path(run_dir), data, folder, split, device, checkpoint, wanted,
-                         probabilities, on_image, score_threshold, problems)  # fmt: skip
+                         probabilities, on_row, score_threshold, problems, rescale,
+                         drop_channels, converted)  # fmt: skip
         rows = predictor.write(job)
+    for row in rows:
+        if row.get("id") in converted:
+            row["input_conversion"] = converted[row["id"]]
     _write_rows(rows, folder, wanted)
-    return PredictResult(rows, problems, folder)
+    return PredictResult(rows, problems, folder, job.notes)
 
 
 @dataclass
@@ -571,15 +591,32 @@ class PredictJob:
     on_image: Callable[[dict[str, Any]], None] | None
     score_threshold: float | None
     problems: list[str]
+    rescale: bool = False
+    drop_channels: bool = False
+    converted: dict[str, str] = field(default_factory=dict)  # image id → conversion made
+    notes: list[str] = field(default_factory=list)  # one line per kind of conversion
 
     def load(self) -> tuple[Run, Dataset, list[Any]]:
-        """The run, the store and its completely tiled images (of ``split``)."""
+        """The run, the store and its completely tiled images (of ``split``) the run can take."""
         dataset = Dataset(self.data)
         run = load_run(self.run_dir, dataset, resolve_device(self.device), self.checkpoint)
         entries = [e for e in dataset.entries(split=self.split) if e.complete]
         if not entries and not self.problems:
             raise StoreError(dataset.path, "no completely tiled images to predict")
-        return run, dataset, entries
+        return run, dataset, self.screen(run, dataset, entries)
+
+    def screen(self, run: Run, dataset: Dataset, entries: list[Any]) -> list[Any]:
+        """The ``entries`` the run can take (``hiresctl.train.inputs``): the refused go to
+        ``problems``, the conversions made to ``converted`` and ``notes``."""
+        screen = screen_inputs(run.trained_on, entries, str(dataset.path), self.rescale,
+                               self.drop_channels)  # fmt: skip
+        self.problems += screen.refused
+        self.notes += screen.note_lines()
+        for note, ids in screen.notes.items():
+            self.converted.update(dict.fromkeys(ids, note))
+        if not screen.kept and entries:
+            raise StoreError(dataset.path, f"no image the run can take: {screen.refused[0]}")
+        return screen.kept
 
 
 @dataclass
@@ -628,7 +665,7 @@ def _predict_segmentation(job: PredictJob) -> list[dict[str, Any]]:
             job.on_image(row)
 
     rows = predict_masks(job.run_dir, job.data, store, job.split, job.device, job.checkpoint,
-                         job.probabilities, on_image=finish)  # fmt: skip
+                         job.probabilities, on_image=finish, screen=job.screen)  # fmt: skip
     if "ngff" not in job.wanted:
         shutil.rmtree(store, ignore_errors=True)
     return rows

@@ -411,6 +411,8 @@ def build_report(
     checkpoint: str = "best",
     log: Callable[[str], None] = lambda message: None,
     write: bool = True,
+    rescale: bool = False,
+    drop_channels: bool = False,
 ) -> dict[str, Any]:
     """Evaluate ``runs`` on ``split`` of ``data`` and write ``report.html``, ``report.md`` and
     ``metrics.json`` (plus ``figures/``) into ``out``; returns the metrics object. Without
@@ -435,7 +437,8 @@ def build_report(
         run = load_run(folder, dataset, torch_device, checkpoint)
         collector = OverlayCollector(run)
         hook = collector if write and drawer is not None else None
-        result = evaluate(folder, data, split, device, checkpoint, on_tile=hook, run=run)
+        result = evaluate(folder, data, split, device, checkpoint, on_tile=hook, run=run,
+                          rescale=rescale, drop_channels=drop_channels)  # fmt: skip
         recipe = yaml.safe_load((folder / "recipe.yaml").read_text()) or {}
         first = result["per_image"][0]["id"] if result.get("per_image") else None
         setting = describe_setting(run, first) if first else {}

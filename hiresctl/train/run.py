@@ -119,6 +119,9 @@ class Run:
     reader: PatchReader
     world: distributed.World = field(default_factory=distributed.World)
     mask_values: list[int] | None = None  # segmentation: the mask value of each class
+    # what the training images were (channels, dtypes, µm/px, level): ``hiresctl.train.inputs``;
+    # None for a fresh run or a checkpoint that predates the record
+    trained_on: dict[str, Any] | None = None
 
 
 def get_task(name: str) -> Task:
@@ -262,6 +265,7 @@ def load_run(
     check_inputs(run, state, path)
     load_weights_into(run.model, state, path)
     run.model.eval()
+    run.trained_on = state.get("trained_on")
     return run
 
 

@@ -28,6 +28,7 @@ from hiresctl.train.checkpoint import (
     load_checkpoint,
     load_weights_into,
 )
+from hiresctl.train.inputs import input_record
 from hiresctl.train.memory import (
     MemoryPlan,
     PatchCost,
@@ -272,6 +273,13 @@ class Trainer:
         train_seconds, wait_seconds, images_seen = 0.0, 0.0, 0
         last_val: dict[str, Any] = {}
         inputs = run.method.inputs_identity()  # what a loaded checkpoint must read again
+        trained_on = (  # what eval and predict check their inputs against
+            self.checkpoint.get("trained_on")
+            if self.checkpoint is not None
+            else input_record(
+                (self.dataset.entry(im.image_id) for im in self.train_images), recipe.level
+            )
+        )
 
         def state(epoch: int, batch: int) -> dict[str, Any]:
             return {
@@ -288,6 +296,7 @@ class Trainer:
                 "mask_values": self.run.mask_values,
                 "rng": {"torch": torch.get_rng_state()},
                 "inputs": inputs,
+                "trained_on": trained_on,
             }
 
         try:
@@ -419,6 +428,7 @@ class Trainer:
             "memory_plan": self.memory_plan.describe() if self.memory_plan else None,
             "memory_estimate_gb": self.memory_plan.estimate / 1e9 if self.memory_plan else None,
             "skipped": self.problems,
+            "trained_on": trained_on,
         }
         if self.world.main:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))

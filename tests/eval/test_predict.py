@@ -192,3 +192,68 @@ def test_classification_predict_tiles_sources_on_the_fly_and_names_bad_ones(
     assert sorted(p.name for p in (tmp_path / "csv-only").iterdir()) == ["predictions.csv"]
     wrong = cli("predict", tmp_path / "run", store, "--out", tmp_path / "x", "--format", "geojson")
     assert wrong.code == 2 and "geojson" in wrong.stderr
+
+
+def test_inputs_unlike_the_training_images_are_converted_or_refused(
+    tmp_path: Path, cli: Callable
+) -> None:
+    """A run trained on RGB uint8: a grey image is converted (said once, and in the output);
+    a 16-bit RGBA image is refused, naming what differs, until the flags that accept it."""
+    images, labels = planted_images(8, 64, 32, seed=2, split_of=lambda i: "train")
+    store = make_store(tmp_path / "data", images, labels)
+    trained = cli("train", "--data", store, "--out", tmp_path / "run", "--set", "backbone=tiny",
+                  "--set", "patch_size=32", "--set", "epochs=1", "--set", "val_split=none")  # fmt: skip
+    assert trained.code == 0, trained.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["trained_on"]["channels"] == [3] and summary["trained_on"]["dtypes"] == ["uint8"]
+    new = tmp_path / "new"
+    new.mkdir()
+    grey = images["im000"].mean(-1).astype(np.uint8)
+    tifffile.imwrite(new / "grey.tif", grey)
+    rgba16 = np.concatenate([images["im001"], np.full((64, 64, 1), 255, np.uint8)], -1)
+    tifffile.imwrite(new / "rgba16.tif", rgba16.astype(np.uint16) * 257, photometric="rgb",
+                     extrasamples=["unassalpha"])  # fmt: skip
+    result = cli("predict", tmp_path / "run", new, "--out", tmp_path / "pred", "--json")
+    assert result.code == 1, result.stderr
+    assert "rgba16: has 4 channel(s), the run was trained on 3" in result.stderr
+    assert "--drop-channels" in result.stderr and "Traceback" not in result.stderr
+    [row] = [json.loads(line) for line in result.stdout.splitlines()]
+    assert row["id"] == "grey" and row["input_conversion"] == "grey repeated to RGB"
+    assert result.stderr.count("grey repeated to RGB") == 1
+    written = json.loads((tmp_path / "pred" / "predictions.json").read_text())
+    assert written[0]["input_conversion"] == "grey repeated to RGB"
+    dropped = cli("predict", tmp_path / "run", new / "rgba16.tif", "--out", tmp_path / "p2",
+                  "--drop-channels")  # fmt: skip
+    assert dropped.code == 1 and "is uint16, the run was trained on uint8" in dropped.stderr
+    accepted = cli("predict", tmp_path / "run", new / "rgba16.tif", "--out", tmp_path / "p3",
+                   "--drop-channels", "--rescale", "--json")  # fmt: skip
+    assert accepted.code == 0, accepted.stderr
+    [row] = [json.loads(line) for line in accepted.stdout.splitlines()]
+    assert "first 3 used" in row["input_conversion"] and "uint16" in row["input_conversion"]
+
+
+def test_a_pixel_size_far_from_training_is_refused_until_resampled(
+    tmp_path: Path, cli: Callable
+) -> None:
+    images, labels = planted_images(6, 64, 32, seed=3, split_of=lambda i: "train")
+    sources = tmp_path / "src"
+    sources.mkdir()
+    rows = ["source,label,split"]
+    for name, pixels in images.items():
+        tifffile.imwrite(sources / f"{name}.tif", pixels, photometric="rgb")
+        rows.append(f"{name}.tif,{labels[name][0]},train")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    tiled = cli("tile", sources, "--out", tmp_path / "ds.zarr", "--labels",
+                tmp_path / "labels.csv", "--source-mpp", "0.5")  # fmt: skip
+    assert tiled.code == 0, tiled.stderr
+    trained = cli("train", "--data", tmp_path / "ds.zarr", "--out", tmp_path / "run", "--set",
+                  "backbone=tiny", "--set", "patch_size=32", "--set", "epochs=1", "--set",
+                  "val_split=none")  # fmt: skip
+    assert trained.code == 0, trained.stderr
+    source = sources / "im000.tif"
+    far = cli("predict", tmp_path / "run", source, "--out", tmp_path / "p", "--source-mpp", "1.0")
+    assert far.code != 0 and "is 1 µm/px, the run was trained at 0.5 µm/px" in far.stderr
+    assert "--mpp 0.5" in far.stderr
+    resampled = cli("predict", tmp_path / "run", source, "--out", tmp_path / "q",
+                    "--source-mpp", "1.0", "--mpp", "0.5")  # fmt: skip
+    assert resampled.code == 0, resampled.stderr
