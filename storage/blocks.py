@@ -13,7 +13,7 @@ import numpy as np
 import zarr
 
 from storage.chunks import DirectChunks
-from storage.errors import SourceError
+from storage.errors import NoSpaceError, SourceError, no_space
 from storage.inputs import SourceSpec, TileOptions
 from storage.pyramid import halve, halve_mode
 from storage.readers import (
@@ -93,6 +93,9 @@ def run_block(job: BlockJob) -> str | None:
     except SourceError as exc:
         return exc.problem
     except Exception as exc:
+        full = no_space(exc)
+        if full is not None:  # every other task would fail the same way: stop the run
+            raise NoSpaceError(f"{job.store}/{job.group}", full) from None
         return f"{type(exc).__name__}: {exc}"
 
 

@@ -5,11 +5,15 @@ Every message names the file (or key) and the problem, so the CLI can print it a
 
 from __future__ import annotations
 
+import errno
+
 __all__ = [
     "HiresError",
+    "NoSpaceError",
     "SourceError",
     "StoreError",
     "UsageError",
+    "no_space",
 ]
 
 
@@ -37,3 +41,43 @@ class StoreError(HiresError):
 
 class UsageError(HiresError):
     """An option has a bad value (the CLI exits with 2)."""
+
+
+class NoSpaceError(HiresError):
+    """A write failed because the destination is full, over quota or read-only: everything
+    finished before it is kept (and marked so); the same command resumes once it can write."""
+
+    def __init__(
+        self,
+        path: object,
+        cause: OSError,
+        needed: int | None = None,
+        then: str = "what finished is kept and marked complete: free space (or choose another "
+        "output) and run the same command again to resume",
+    ) -> None:
+        self.path = str(path)
+        self.cause = cause
+        what = {
+            errno.ENOSPC: "no space left on the device",
+            errno.EDQUOT: "the disk quota is exceeded",
+            errno.EROFS: "the destination is read-only",
+        }.get(cause.errno or 0, cause.strerror or str(cause))
+        more = f"; about {needed / 1e6:.0f} MB more are needed" if needed else ""
+        super().__init__(f"{self.path}: {what} (errno {cause.errno}){more}; {then}")
+
+
+FULL = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def no_space(exc: BaseException | None) -> OSError | None:
+    """The OSError saying the destination is full, over quota or read-only that ``exc`` is
+    or was raised from (writers wrap it: zarr's stores, dask's tasks), else None."""
+    seen = 0
+    while exc is not None and seen < 20:
+        if isinstance(exc, OSError) and exc.errno in FULL:
+            return exc
+        if isinstance(exc, NoSpaceError):
+            return exc.cause
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return None

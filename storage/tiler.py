@@ -38,7 +38,7 @@ from storage.boxes import annotation_file_id, boxes_for, write_boxes
 from storage.chunks import remove_partial_writes
 from storage.codecs import JpegCodec
 from storage.composite import ColourLabelReader
-from storage.errors import SourceError, StoreError, UsageError
+from storage.errors import NoSpaceError, SourceError, StoreError, UsageError, no_space
 from storage.inputs import (
     ImageResult,
     LabelTable,
@@ -442,6 +442,16 @@ def _execute(
 # ---------------------------------------------------------------------------------- finishing
 
 
+def _space_needed(store: str, done: int, left: int) -> int | None:
+    """Bytes the blocks ``left`` will take, at the size of the ``done`` ones so far (a local
+    store only)."""
+    folder = Path(store)
+    if done <= 0 or left <= 0 or not folder.is_dir():
+        return None
+    written = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    return int(written / done * left)
+
+
 def _finalize(root: zarr.Group, plan: _Plan, options: TileOptions) -> None:
     group = root[plan.group]
     assert isinstance(group, zarr.Group)
@@ -734,12 +744,19 @@ def _tile_locked(
             for p in active
             if not p.failed and pass_index < len(p.passes)
         ) - len(jobs)
-        _execute(jobs, options, on_done)
+        try:
+            _execute(jobs, options, on_done)
+        except NoSpaceError as exc:  # blocks done are kept: the same command resumes there
+            left = total - done[0]
+            raise NoSpaceError(exc.path, exc.cause, _space_needed(store, done[0], left)) from None
     for plan in active:
         if not plan.failed:
             try:
                 _finalize(root, plan, options)
             except Exception as exc:
+                full = no_space(exc)
+                if full is not None:  # the next images would fail the same way
+                    raise NoSpaceError(f"{store}/{plan.group}", full) from None
                 plan.failed = True
                 plan.result.status = "failed"
                 plan.result.error = f"finishing the image failed: {type(exc).__name__}: {exc}"

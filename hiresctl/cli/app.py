@@ -9,7 +9,7 @@ import warnings
 
 from hiresctl.cli import data, training  # noqa: F401  (registers the commands)
 from hiresctl.cli.common import app, err
-from storage.errors import HiresError, UsageError
+from storage.errors import HiresError, NoSpaceError, UsageError, no_space
 
 
 def main() -> None:
@@ -23,4 +23,12 @@ def main() -> None:
         sys.exit(2)
     except HiresError as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except Exception as exc:  # a full, over-quota or read-only destination, wherever it is met
+        full = no_space(exc)
+        if full is None:
+            raise
+        where = full.filename or "the output"
+        err.print(f"[bold red]error:[/] {NoSpaceError(where, full)}", highlight=False,
+                  soft_wrap=True)  # fmt: skip
         sys.exit(1)

@@ -59,6 +59,7 @@ from hiresctl.train.inputs import screen_inputs
 from hiresctl.train.segmentation import PREDICT_TILE, SegmentationMethod, binary_image_metrics
 from storage import Dataset, StoreError, UsageError
 from storage.annotations import geotransform
+from storage.errors import NoSpaceError, no_space
 from storage.ngff import PALETTE, label_image_attrs, label_pyramid
 from storage.store import hires_attrs, image_multiscales
 
@@ -568,7 +569,19 @@ def predict(
         job = PredictJob(Path(run_dir), data, folder, split, device, checkpoint, wanted,
                          probabilities, on_row, score_threshold, problems, rescale,
                          drop_channels, converted)  # fmt: skip
-        rows = predictor.write(job)
+        try:
+            rows = predictor.write(job)
+        except Exception as exc:
+            full = no_space(exc)
+            if full is None:
+                raise
+            raise NoSpaceError(
+                full.filename or folder,
+                full,
+                then="the images predicted before it are written and marked complete in "
+                f"{STORE}: free space and run the same command again (it predicts every image "
+                "again)",
+            ) from None
     for row in rows:
         if row.get("id") in converted:
             row["input_conversion"] = converted[row["id"]]

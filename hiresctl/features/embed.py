@@ -26,6 +26,7 @@ import torch
 from hiresctl.data import PatchReader, PatchStream, ReadRequest, ReadTag, kept_patches
 from hiresctl.models import create_backbone
 from storage import Dataset, StoreError, UsageError
+from storage.errors import NoSpaceError, no_space
 from storage.lock import WriterLock
 from storage.store import FEATURES, hires_attrs
 
@@ -120,6 +121,16 @@ def embed_store(
                                       overwrite)  # fmt: skip
             except (StoreError, UsageError) as exc:
                 result = EmbedResult(image_id, "failed", error=str(exc))
+            except Exception as exc:  # a full or read-only store stops the run: resumable
+                full = no_space(exc)
+                if full is None:
+                    raise
+                raise NoSpaceError(
+                    f"{data}/images/{image_id}/features/{options.name}",
+                    full,
+                    then="the images embedded before it are complete: free space and run the "
+                    "same command again (they are skipped)",
+                ) from None
             results.append(result)
             if on_result is not None:
                 on_result(result)

@@ -12,6 +12,7 @@ from torch import nn
 from hiresctl.models.files import one_line, safe_torch_load
 from hiresctl.train.recipe import Recipe, valid_keys
 from storage import StoreError
+from storage.errors import NoSpaceError, no_space
 
 # Recipe keys added after runs were already being saved, with the value those runs computed
 # with, so a checkpoint written before a key existed keeps meaning what it meant.
@@ -35,6 +36,16 @@ def atomic_save(obj: Any, path: Path) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except Exception as exc:
+        full = no_space(exc)
+        if full is None:
+            raise
+        then = (
+            "the checkpoint it would have replaced is kept: free space and continue with --resume"
+            if path.exists()
+            else "no checkpoint was written yet: free space and run the same command again"
+        )
+        raise NoSpaceError(path, full, then=then) from None
     finally:
         tmp.unlink(missing_ok=True)
     try:
