@@ -7,7 +7,7 @@ import csv
 import hashlib
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,33 @@ from storage.store import (
 
 BLOCK_TARGET = 4096  # level-0 pixels per block side (rounded to chunk * 2**m)
 SPLITS = ("train", "val", "test")
+
+
+def csv_rows(
+    path: str | os.PathLike[str], what: str, columns: tuple[str, ...]
+) -> Iterator[tuple[int, dict[str, str]]]:
+    """(line number, row with stripped names) of a CSV a user wrote, read as spreadsheets write
+    it (a UTF-8 byte-order mark, CRLF); one ``UsageError`` naming the file for a missing column,
+    text that is not UTF-8, a broken CSV or a file that cannot be read (``what`` names it)."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            reader.fieldnames = [f.strip() for f in reader.fieldnames or []]
+            missing = [c for c in columns if c not in reader.fieldnames]
+            if missing:
+                wanted = " and ".join(repr(c) for c in columns)
+                raise UsageError(
+                    f"{path}: {what} needs columns {wanted} (found {reader.fieldnames})"
+                )
+            yield from enumerate(reader, start=2)
+    except UnicodeDecodeError as exc:
+        raise UsageError(
+            f"{path}: {what} is not UTF-8 text (byte {exc.start}); save it as UTF-8 CSV"
+        ) from None
+    except csv.Error as exc:
+        raise UsageError(f"{path}: not a readable CSV ({exc})") from None
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read {what}: {exc.strerror}") from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,41 +178,24 @@ class LabelTable:
         self.path = str(path)
         self.rows: dict[str, dict[str, str]] = {}
         first_line: dict[str, int] = {}
-        try:
-            with open(path, newline="", encoding="utf-8-sig") as fh:
-                reader = csv.DictReader(fh)
-                reader.fieldnames = [f.strip() for f in reader.fieldnames or []]
-                fields = reader.fieldnames
-                if "source" not in fields or "label" not in fields:
-                    raise UsageError(
-                        f"{path}: labels CSV needs columns 'source' and 'label' (found {fields})"
-                    )
-                for line, row in enumerate(reader, start=2):
-                    source = (row.get("source") or "").strip()
-                    if not source:
-                        raise UsageError(f"{path}:{line}: empty 'source'")
-                    split = (row.get("split") or "").strip()
-                    if split and split not in SPLITS:
-                        raise UsageError(f"{path}:{line}: split {split!r} is not one of {SPLITS}")
-                    entry = {"label": (row.get("label") or "").strip(), "split": split}
-                    if source in self.rows and self.rows[source] != entry:
-                        before = self.rows[source]
-                        raise UsageError(
-                            f"{path}:{line}: {source!r} is listed twice with different values "
-                            f"(line {first_line[source]}: label {before['label']!r}, split "
-                            f"{before['split'] or '-'}; line {line}: label {entry['label']!r}, "
-                            f"split {entry['split'] or '-'}); keep one"
-                        )
-                    first_line.setdefault(source, line)
-                    self.rows[source] = entry
-        except UnicodeDecodeError as exc:
-            raise UsageError(
-                f"{path}: labels CSV is not UTF-8 text (byte {exc.start}); save it as UTF-8 CSV"
-            ) from None
-        except csv.Error as exc:
-            raise UsageError(f"{path}: not a readable CSV ({exc})") from None
-        except OSError as exc:
-            raise UsageError(f"{path}: cannot read labels CSV: {exc.strerror}") from exc
+        for line, row in csv_rows(path, "labels CSV", ("source", "label")):
+            source = (row.get("source") or "").strip()
+            if not source:
+                raise UsageError(f"{path}:{line}: empty 'source'")
+            split = (row.get("split") or "").strip()
+            if split and split not in SPLITS:
+                raise UsageError(f"{path}:{line}: split {split!r} is not one of {SPLITS}")
+            entry = {"label": (row.get("label") or "").strip(), "split": split}
+            if source in self.rows and self.rows[source] != entry:
+                before = self.rows[source]
+                raise UsageError(
+                    f"{path}:{line}: {source!r} is listed twice with different values "
+                    f"(line {first_line[source]}: label {before['label']!r}, split "
+                    f"{before['split'] or '-'}; line {line}: label {entry['label']!r}, "
+                    f"split {entry['split'] or '-'}); keep one"
+                )
+            first_line.setdefault(source, line)
+            self.rows[source] = entry
 
     def lookup(self, spec: SourceSpec) -> dict[str, str] | None:
         candidates = [spec.name, Path(spec.name).name, str(Path(spec.name).resolve())]
@@ -271,33 +281,16 @@ def _read_file_table(path: Path, option: str) -> dict[str, str]:
     """``source,<file column>`` rows of a ``--masks``/``--roi`` table: source → file path."""
     column = option.lstrip("-").removesuffix("s")  # --masks: mask, --roi: roi
     table: dict[str, str] = {}
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            reader.fieldnames = [f.strip() for f in reader.fieldnames or []]
-            if "source" not in reader.fieldnames or column not in reader.fieldnames:
-                raise UsageError(
-                    f"{path}: a {option} table needs columns 'source' and '{column}' "
-                    f"(found {reader.fieldnames})"
-                )
-            for line, row in enumerate(reader, start=2):
-                source, file = (row.get("source") or "").strip(), (row.get(column) or "").strip()
-                if not source or not file:
-                    raise UsageError(f"{path}:{line}: empty 'source' or '{column}'")
-                target = Path(file) if Path(file).is_absolute() else path.parent / file
-                if not target.is_file():
-                    raise UsageError(f"{path}:{line}: {column} file {file} not found")
-                if table.get(source, str(target)) != str(target):
-                    raise UsageError(f"{path}:{line}: {source!r} is listed twice with other files")
-                table[source] = str(target)
-    except UnicodeDecodeError as exc:
-        raise UsageError(
-            f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8 CSV"
-        ) from None
-    except csv.Error as exc:
-        raise UsageError(f"{path}: not a readable CSV ({exc})") from None
-    except OSError as exc:
-        raise UsageError(f"{path}: cannot read {option} table: {exc.strerror}") from exc
+    for line, row in csv_rows(path, f"{option} table", ("source", column)):
+        source, file = (row.get("source") or "").strip(), (row.get(column) or "").strip()
+        if not source or not file:
+            raise UsageError(f"{path}:{line}: empty 'source' or '{column}'")
+        target = Path(file) if Path(file).is_absolute() else path.parent / file
+        if not target.is_file():
+            raise UsageError(f"{path}:{line}: {column} file {file} not found")
+        if table.get(source, str(target)) != str(target):
+            raise UsageError(f"{path}:{line}: {source!r} is listed twice with other files")
+        table[source] = str(target)
     return table
 
 
@@ -339,52 +332,39 @@ def _read_classes(path: str | os.PathLike[str]) -> MaskClasses:
     colours: dict[int, int] = {}
     other: int | None = None
     kinds: set[str] = set()
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            reader.fieldnames = [f.strip() for f in reader.fieldnames or []]
-            fields = reader.fieldnames
-            if "value" not in fields or "name" not in fields:
-                raise UsageError(
-                    f"{path}: mask classes CSV needs columns 'value' and 'name' (found {fields})"
-                )
-            for line, row in enumerate(reader, start=2):
-                text = (row.get("value") or "").strip()
-                name = (row.get("name") or "").strip()
-                if text == "*":
-                    if name.lower() != "ignore":
-                        raise UsageError(
-                            f"{path}:{line}: '*' (every other colour) can only be 'ignore'"
-                        )
-                    other = IGNORE_VALUE
-                    kinds.add("colour")
-                    continue
-                colour = _colour(text)
-                if colour is not None:
-                    kinds.add("colour")
-                    if colour in colours:
-                        raise UsageError(f"{path}:{line}: colour {text} is repeated")
-                    value = (
-                        IGNORE_VALUE
-                        if name.lower() == "ignore"
-                        else len([v for v in colours.values() if v != IGNORE_VALUE])
-                    )
-                    colours[colour] = value
-                    names.setdefault(value, name or text)
-                    continue
-                try:
-                    value = int(text)
-                except ValueError:
-                    raise UsageError(
-                        f"{path}:{line}: value {row.get('value')!r} is neither an integer nor a "
-                        "colour (#RRGGBB)"
-                    ) from None
-                kinds.add("value")
-                if value < 0 or value in names:
-                    raise UsageError(f"{path}:{line}: value {value} is negative or repeated")
-                names[value] = name or str(value)
-    except OSError as exc:
-        raise UsageError(f"{path}: cannot read mask classes CSV: {exc.strerror}") from exc
+    for line, row in csv_rows(path, "mask classes CSV", ("value", "name")):
+        text = (row.get("value") or "").strip()
+        name = (row.get("name") or "").strip()
+        if text == "*":
+            if name.lower() != "ignore":
+                raise UsageError(f"{path}:{line}: '*' (every other colour) can only be 'ignore'")
+            other = IGNORE_VALUE
+            kinds.add("colour")
+            continue
+        colour = _colour(text)
+        if colour is not None:
+            kinds.add("colour")
+            if colour in colours:
+                raise UsageError(f"{path}:{line}: colour {text} is repeated")
+            value = (
+                IGNORE_VALUE
+                if name.lower() == "ignore"
+                else len([v for v in colours.values() if v != IGNORE_VALUE])
+            )
+            colours[colour] = value
+            names.setdefault(value, name or text)
+            continue
+        try:
+            value = int(text)
+        except ValueError:
+            raise UsageError(
+                f"{path}:{line}: value {row.get('value')!r} is neither an integer nor a "
+                "colour (#RRGGBB)"
+            ) from None
+        kinds.add("value")
+        if value < 0 or value in names:
+            raise UsageError(f"{path}:{line}: value {value} is negative or repeated")
+        names[value] = name or str(value)
     if len(kinds) > 1:
         raise UsageError(f"{path}: rows name both integer values and colours; use one kind")
     if colours and len([v for v in colours.values() if v != IGNORE_VALUE]) >= IGNORE_VALUE:
