@@ -94,12 +94,23 @@ def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return bce + 1 - dice
 
 
-def predict(model: nn.Module, image: np.ndarray, multiple: int) -> np.ndarray:
-    """(h, w) bool vessel prediction of the whole image (padded to a multiple, cropped back)."""
+def predict(model: nn.Module, image: np.ndarray, multiple: int, tile: int = 0) -> np.ndarray:
+    """(h, w) bool vessel prediction of the whole image (padded to a multiple, cropped back);
+    with ``tile``, of each ``tile``² tile on its own (edge to edge, padded with zeros past the
+    image, as a patch method predicts), to measure what seeing no context across tiles costs."""
     _, h, w = image.shape
     x = torch.from_numpy(image)[None]
-    x = F.pad(x, (0, (-w) % multiple, 0, (-h) % multiple), mode="reflect")
     model.eval()
+    if tile:
+        x = F.pad(x, (0, (-w) % tile, 0, (-h) % tile))
+        out = torch.zeros(x.shape[-2:], dtype=torch.bool)
+        with torch.no_grad():
+            for y in range(0, x.shape[-2], tile):
+                for left in range(0, x.shape[-1], tile):
+                    piece = x[..., y : y + tile, left : left + tile]
+                    out[y : y + tile, left : left + tile] = model(piece)[0, 0] > 0
+        return out[:h, :w].numpy()
+    x = F.pad(x, (0, (-w) % multiple, 0, (-h) % multiple), mode="reflect")
     with torch.no_grad():
         return (model(x)[0, 0, :h, :w] > 0).numpy()
 
