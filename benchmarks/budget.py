@@ -32,7 +32,8 @@ import psutil
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data"
 sys.path.insert(0, str(HERE))
-from training import all_in_training, publish  # noqa: E402
+from _common import all_in_training, publish  # noqa: E402
+from _common import hiresctl as _hiresctl  # noqa: E402
 
 SYNTH = {"cls": "fine-detail", "det": "det-mosaic", "seg": "seg-vessels"}
 SETTINGS = {
@@ -42,13 +43,6 @@ SETTINGS = {
 }
 BUDGET = "64GiB"  # far above need: the plan estimates, it does not shrink
 LOW, HIGH = 0.95, 1.15
-
-
-def _hiresctl(*args: str) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, "-m", "hiresctl", *args], capture_output=True, text=True)
-    if proc.returncode:
-        raise RuntimeError(f"hiresctl {' '.join(args[:3])}: {proc.stderr[-2000:]}")
-    return proc
 
 
 def make_store(task: str, side: int) -> Path:

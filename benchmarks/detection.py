@@ -32,8 +32,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from _common import all_in_training, publish  # noqa: E402
 from learning import train_eval  # noqa: E402
-from training import all_in_training, publish  # noqa: E402
 
 METHODS = ("patchgd-global", "patchgd", "downsample", "sliced")
 

@@ -32,8 +32,8 @@ HERE = Path(__file__).resolve().parent
 DATA = HERE / "data"
 RECIPES = HERE.parent / "recipes"
 sys.path.insert(0, str(HERE))
+from _common import publish  # noqa: E402
 from reference_drive import TEST, TRAIN, VAL, train_reference  # noqa: E402
-from training import publish  # noqa: E402
 
 METHODS = ("reference", "full", "downsample", "patchgd", "patchgd-global")
 KEYS = ("f1", "iou", "accuracy", "balanced_accuracy", "plr", "nlr")

@@ -39,8 +39,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from _common import publish  # noqa: E402
 from reference import train_reference  # noqa: E402
-from training import publish  # noqa: E402
 
 METHODS = ("full", "patchgd-global", "patchgd", "ips", "e2e-mil", "abmil", "ips-features",
            "downsample")  # fmt: skip

@@ -1,6 +1,6 @@
 """How close training runs to the machine's own limits (C1), measured in one run.
 
-    python benchmarks/limits.py [--threads 2] [--batch 16] [--repeats 5]
+    python benchmarks/limits.py [--threads 2] [--batch 16] [--repeats 5] [--device cuda]
 
 First the machine's ceilings, each the median of ``--repeats`` timings: fp32 matrix multiply
 (2048²), a large 3×3 convolution (64 → 64 channels on 16 images of 128², channels-last,
@@ -10,8 +10,10 @@ forward, as latent fills, selection and evaluation run), at the patch sizes the 
 in the memory layout hiresctl runs it in (channels-last, see ``hiresctl.models``) and in the
 default layout: FLOP/s counted by ``torch.utils.flop_counter`` and as a share of the
 convolution ceiling. Last, one training step of each classification method (Megapixel MNIST
-512² from the synthesizer, the classification defaults) with its FLOP/s. Names the CPU.
-The table replaces the "Machine limits (C1)" section of BENCHMARKS.md.
+512² from the synthesizer, the classification defaults) with its FLOP/s. Names the CPU (or,
+with ``--device cuda``, the GPU: the same rows with the matrix multiply at 8192², the section
+"Machine limits (C1, GPU)"). The table replaces the "Machine limits (C1)" section of
+BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from torch.utils.flop_counter import FlopCounterMode
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data"
 sys.path.insert(0, str(HERE))
-from training import _hiresctl, publish  # noqa: E402
+from _common import hiresctl as _hiresctl  # noqa: E402
+from _common import publish  # noqa: E402
 
 # (encoder, patch sides the recipes use it at)
 ENCODERS = {
@@ -57,13 +60,27 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+DEVICE = torch.device("cpu")  # set by --device
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else cpu_name()
+
+
 def timed(run: Callable[[], object], repeats: int) -> float:
-    """Median seconds of ``run`` after one warm-up call."""
+    """Median seconds of ``run`` after one warm-up call (a GPU's queue drained each time)."""
     run()
+    sync()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         run()
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -81,18 +98,24 @@ def autocast(precision: str) -> contextlib.AbstractContextManager[object]:
     dtype = PRECISIONS[precision]
     if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast("cpu", dtype=dtype)
+    return torch.autocast(DEVICE.type, dtype=dtype)
+
+
+def matmul_side() -> int:
+    return 8192 if DEVICE.type == "cuda" else 2048
 
 
 def ceilings(repeats: int) -> dict[str, float]:
     out = {}
+    n = matmul_side()
     for precision, dtype in PRECISIONS.items():
-        a = torch.randn(2048, 2048, dtype=dtype or torch.float32)
-        b = torch.randn(2048, 2048, dtype=dtype or torch.float32)
-        out[f"matmul_{precision}"] = 2 * 2048**3 / timed(lambda a=a, b=b: a @ b, repeats)
+        a = torch.randn(n, n, dtype=dtype or torch.float32, device=DEVICE)
+        b = torch.randn(n, n, dtype=dtype or torch.float32, device=DEVICE)
+        out[f"matmul_{precision}"] = 2 * n**3 / timed(lambda a=a, b=b: a @ b, repeats)
         conv = torch.nn.Conv2d(64, 64, 3, padding=1, bias=False)
-        conv = conv.to(memory_format=torch.channels_last)
-        x = torch.randn(16, 64, 128, 128).to(memory_format=torch.channels_last).requires_grad_()
+        conv = conv.to(DEVICE, memory_format=torch.channels_last)
+        x = torch.randn(16, 64, 128, 128, device=DEVICE)
+        x = x.to(memory_format=torch.channels_last).requires_grad_()
 
         def conv_step(conv=conv, x=x, precision=precision) -> None:
             with autocast(precision):
@@ -100,7 +123,7 @@ def ceilings(repeats: int) -> dict[str, float]:
             y.float().sum().backward()
 
         out[f"conv_{precision}"] = flops(conv_step) / timed(conv_step, repeats)
-    big = torch.empty(64 * 2**20, dtype=torch.float32)
+    big = torch.empty(64 * 2**20, dtype=torch.float32, device=DEVICE)
     other = torch.empty_like(big)
     out["bandwidth"] = 2 * big.numel() * 4 / timed(lambda: other.copy_(big), repeats)
     return out
@@ -123,8 +146,8 @@ def encoder_rows(batch: int, repeats: int, limit: dict[str, float]) -> list[str]
         for side in sides:
             cells = [f"`{name}`", f"{side}²"]
             for precision, layout in SETUPS:
-                model = encoder(name).to(memory_format=layout)
-                x = torch.randn(batch, 3, side, side).to(memory_format=layout)
+                model = encoder(name).to(DEVICE, memory_format=layout)
+                x = torch.randn(batch, 3, side, side, device=DEVICE).to(memory_format=layout)
                 conv = limit[f"conv_{precision}"]
 
                 def train_step(model=model, x=x, precision=precision) -> None:
@@ -188,7 +211,7 @@ def method_step(
     recipe = load_recipe(None, "cls", method, settings)
     out = DATA / "c1_runs" / method
     shutil.rmtree(out, ignore_errors=True)
-    trainer = Trainer(store, out, recipe, log=lambda message: None)
+    trainer = Trainer(store, out, recipe, device=DEVICE.type, log=lambda message: None)
     run = trainer.run
     images = [im.image_id for im in trainer.train_images[:4]]
     targets = torch.tensor([im.target for im in trainer.train_images[:4]])
@@ -209,16 +232,22 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-methods", action="store_true")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    gpu = DEVICE.type == "cuda"
     limit = ceilings(args.repeats)
     date = time.strftime("%Y-%m-%d")
     lines = [
-        f"## Machine limits (C1), {date}, {cpu_name()}, {args.threads} threads",
+        f"## Machine limits (C1{', GPU' if gpu else ''}), {date}, {device_name()}"
+        + ("" if gpu else f", {args.threads} threads"),
         "",
-        f"Command: `python benchmarks/limits.py --threads {args.threads} --batch {args.batch}`. "
-        "Ceilings measured in the same run (medians): matmul 2048² "
+        f"Command: `python benchmarks/limits.py --threads {args.threads} --batch {args.batch}"
+        + (" --device cuda" if gpu else "")
+        + f"`. Ceilings measured in the same run (medians): matmul {matmul_side()}² "
         f"**{limit['matmul_fp32'] / 1e9:.0f} GFLOP/s** float32, "
         f"**{limit['matmul_bf16'] / 1e9:.0f}** bfloat16; a 3×3 convolution 64→64 on 16 × 128² "
         f"(channels-last, forward + backward) **{limit['conv_fp32'] / 1e9:.0f} GFLOP/s** "
@@ -227,7 +256,7 @@ def main() -> None:
         f"{args.batch} patches: GFLOP/s counted by torch's flop counter and, in brackets, as a "
         "share of the convolution ceiling of the same precision; training = forward and "
         "backward, no-grad = a forward in inference mode. hiresctl runs encoders channels-last, "
-        "in bfloat16 autocast on CPUs like this one (`precision: auto`).",
+        "in bfloat16 autocast where the device computes it natively (`precision: auto`).",
         "",
         "| encoder | patch | training, bf16 | no-grad, bf16 | training, fp32 | no-grad, fp32 | "
         "training, fp32 default layout | no-grad, fp32 default layout |",
@@ -245,7 +274,7 @@ def main() -> None:
             "|---|---|---|",
             *method_rows(args.repeats, limit),
         ]
-    publish(lines, "limits")
+    publish(lines, "limits-gpu" if gpu else "limits")
 
 
 if __name__ == "__main__":

@@ -63,8 +63,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data"
 sys.path.insert(0, str(HERE))
+from _common import publish  # noqa: E402
 from steps import hiresctl_steps, store  # noqa: E402
-from training import publish  # noqa: E402
 
 PATCH = 128
 CLASSES = 10

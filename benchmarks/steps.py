@@ -42,7 +42,8 @@ import torch.nn.functional as F
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data"
 sys.path.insert(0, str(HERE))
-from training import _hiresctl, all_in_training, publish  # noqa: E402
+from _common import all_in_training, publish  # noqa: E402
+from _common import hiresctl as _hiresctl  # noqa: E402
 
 WARMUP = 2
 METHODS = ["patchgd-global", "patchgd", "ips", "downsample", "full"]

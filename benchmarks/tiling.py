@@ -28,6 +28,9 @@ import psutil
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data"
+sys.path.insert(0, str(HERE))
+from _common import publish  # noqa: E402
+
 TILE = 256
 
 
@@ -300,8 +303,6 @@ def write_table(rows, args, notes: list[str]) -> None:
             f"| {row} | {what} | {peer} | {t_h:.2f} | {peer_s} | {ratio} | {m_h:.2f} | {peer_m} | {s_h / 1e6:.0f} | {peer_out} | {verdict(row, t_h, t_p, m_h, rows)} |"
         )
     lines += ["", *notes]
-    from training import publish
-
     publish(lines, "tiling")
 
 

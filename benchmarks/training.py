@@ -31,10 +31,8 @@ import psutil
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data"
 sys.path.insert(0, str(HERE))
-
-
-def _hiresctl(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "hiresctl", *args], check=True, capture_output=True)
+from _common import hiresctl as _hiresctl  # noqa: E402
+from _common import publish, sparse_store  # noqa: E402
 
 
 def jpeg_store() -> tuple[Path, Path]:
@@ -98,49 +96,6 @@ def bench_reads(reads: int, repeats: int) -> list[tuple]:
 
 
 # ---------------------------------------------------------------------------------------- M1
-
-
-def sparse_store(path: Path, sides: list[int]) -> Path:
-    """Images of the given sides in which only a few chunks are written (the rest is fill)."""
-    import zarr
-
-    from storage import FORMAT_VERSION
-
-    if path.exists():
-        return path
-    root = zarr.open_group(str(path), mode="w")
-    root.attrs["hiresctl"] = {"kind": "dataset", "format_version": FORMAT_VERSION}
-    images = root.create_group("images")
-    rng = np.random.default_rng(0)
-    for side in sides:
-        group = images.create_group(f"side{side}")
-        level, size = 0, side
-        while True:
-            array = group.create_array(
-                str(level),
-                shape=(3, size, size),
-                chunks=(3, 256, 256),
-                dtype="uint8",
-                fill_value=245,
-            )
-            array[:, :512, :512] = rng.integers(
-                0, 255, (3, min(512, size), min(512, size)), dtype=np.uint8
-            )
-            if size <= 1024:
-                break
-            level, size = level + 1, size // 2
-        thumb = group.create_array(
-            "thumbnail", shape=(3, 1024, 1024), chunks=(3, 256, 256), dtype="uint8", fill_value=245
-        )
-        thumb[:, :64, :64] = 30
-        group.create_array(
-            "foreground", shape=(1, 1024, 1024), chunks=(1, 256, 256), dtype="uint8", fill_value=1
-        )
-        group.attrs["hiresctl"] = {
-            "status": "complete", "shape": [3, side, side], "levels": level + 1, "label": "1",
-            "split": "train", "fill_value": 245, "dtype": "|u1", "tiling": {"chunk": 256},
-        }  # fmt: skip
-    return path
 
 
 STEP = """
@@ -254,20 +209,6 @@ def bench_data_wait(workers: list[int]) -> list[tuple]:
 # ------------------------------------------------------------------------------------ report
 
 
-def write_section(text: str, name: str = "training") -> None:
-    """Replace the ``name`` section of BENCHMARKS.md (between its markers) with ``text``."""
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    bench_md = HERE.parent / "BENCHMARKS.md"
-    current = bench_md.read_text() if bench_md.exists() else "# Benchmarks\n"
-    block = f"{start}\n{text.rstrip()}\n{end}\n"
-    if start in current and end in current:
-        head, rest = current.split(start, 1)
-        current = head + block + rest.split(end, 1)[1].lstrip("\n")
-    else:
-        current = current.rstrip() + "\n\n" + block
-    bench_md.write_text(current)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", default="S1,M1,L1")
@@ -332,29 +273,6 @@ def main() -> None:
             )
             lines.append(f"| {how} | {wait:.1%} | {speed:.2f} | {images} | ≤ 10% |")
         publish(lines, "wait")
-
-
-def all_in_training(synth: Path) -> Path:
-    """A copy of a synth folder's labels.csv with every image in the training split (for
-    benchmarks that time or measure training steps alone)."""
-    import csv
-
-    rows = list(csv.DictReader((synth / "labels.csv").open()))
-    labels = synth / "labels_train.csv"
-    with labels.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, ["source", "label", "split"])
-        writer.writeheader()
-        writer.writerows(
-            {"source": r["source"], "label": r["label"], "split": "train"} for r in rows
-        )
-    return labels
-
-
-def publish(lines: list[str], name: str) -> None:
-    """Print a table and make it the ``name`` section of BENCHMARKS.md."""
-    text = "\n".join(lines) + "\n"
-    print(text, flush=True)
-    write_section(text, name)
 
 
 if __name__ == "__main__":
