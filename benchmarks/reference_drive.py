@@ -209,7 +209,7 @@ def train_reference(
             next_check += check_every
             f1 = score(model, val, multiple)["fov"]["f1"]
             curve.append(
-                {"seconds": round(trained, 1), "steps": steps, "loss": float(loss), "val_f1": f1}
+                {"seconds": round(trained, 1), "steps": steps, "loss": loss.item(), "val_f1": f1}
             )
             log(json.dumps(curve[-1]))
             if f1 > best:
