@@ -102,7 +102,7 @@ def test_tile_stops_at_a_full_disk_and_resumes_what_was_left(
     assert all(dataset.check(e.id) == [] for e in dataset.entries())
 
 
-def test_a_full_disk_at_checkpoint_embed_and_predict_is_one_line(
+def test_a_full_disk_at_checkpoint_embed_predict_and_report_is_one_line(
     tmp_path: Path, small_fs: Callable[[int], Path]
 ) -> None:
     src = _sources(tmp_path / "src", 8)
@@ -130,6 +130,8 @@ def test_a_full_disk_at_checkpoint_embed_and_predict_is_one_line(
     assert _hiresctl(*train, "--out", run).returncode == 0
     predicted = _hiresctl("predict", run, store, "--out", small / "pred")
     _one_line_error(predicted, "pred")
+    report = _hiresctl("eval", run, "--data", store, "--report", "--out", small / "report")
+    _one_line_error(report, "report")
     # embed writes into the store itself: on a disk that fills, then grows
     copy = small_fs(4096) / "ds.zarr"
     subprocess.run(["cp", "-r", str(store), str(copy)], check=True)
