@@ -3,9 +3,11 @@ figures (heatmaps of where classifiers looked, segmentation overlays), and which
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,35 @@ from hiresctl.train import (
     resolve_device,
 )
 from storage import Dataset, StoreError, UsageError
+from storage.errors import NoSpaceError, no_space
+
+
+@contextlib.contextmanager
+def _writing(out: Path) -> Iterator[None]:
+    """A full, over-quota or read-only ``out`` while the report is written: one error naming the
+    folder; ``report.html``, written last and whole, is then absent, so nothing looks done."""
+    try:
+        yield
+    except Exception as exc:
+        full = no_space(exc)
+        if full is None:
+            raise
+        raise NoSpaceError(
+            out / "report.html", full,
+            then="the report was not written: free space (or choose another --out) and run the "
+            "same command again",
+        ) from exc  # fmt: skip
+
+
+def _write_whole(path: Path, text: str) -> None:
+    """``path`` written under a temporary name, then renamed: never a partial file in place."""
+    part = path.with_name(f".{path.name}.part")
+    try:
+        part.write_text(text)
+        os.replace(part, path)
+    finally:
+        part.unlink(missing_ok=True)
+
 
 SHOWN = 6  # worst images shown per run
 THUMB = 320  # longest side of a shown thumbnail
@@ -428,7 +459,9 @@ def build_report(
     if write:
         if out.exists() and not out.is_dir():
             raise UsageError(f"{out}: --out exists and is not a folder")
-        out.mkdir(parents=True, exist_ok=True)
+        with _writing(out):
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "report.html").unlink(missing_ok=True)  # an earlier report is not this one
     dataset = Dataset(data)
     torch_device = resolve_device(device)
     reports: list[RunReport] = []
@@ -446,7 +479,8 @@ def build_report(
                            read_metrics(folder), result, setting)  # fmt: skip
         if write and drawer is not None:
             log(f"drawing {name}'s figures")
-            drawer(report, run, dataset, out, collector)
+            with _writing(out):
+                drawer(report, run, dataset, out, collector)
         reports.append(report)
     rows = {r.name: _table_row(r) for r in reports}
     best = best_runs(rows)
@@ -489,11 +523,12 @@ def build_report(
     if not write:
         return metrics
     log(f"writing the report into {out}")
-    for stem, _, svg in charts(metrics, reports):
-        (out / "figures").mkdir(exist_ok=True)
-        (out / "figures" / f"{stem}.svg").write_text(svg)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
-    (out / "report.md").write_text(render_markdown(metrics, reports))
-    (out / "report.html").write_text(render_html(metrics, reports))
+    with _writing(out):
+        for stem, _, svg in charts(metrics, reports):
+            (out / "figures").mkdir(exist_ok=True)
+            (out / "figures" / f"{stem}.svg").write_text(svg)
+        _write_whole(out / "metrics.json", json.dumps(metrics, indent=2, default=str))
+        _write_whole(out / "report.md", render_markdown(metrics, reports))
+        _write_whole(out / "report.html", render_html(metrics, reports))  # last: the report is done
     metrics["report"] = str(out / "report.html")
     return metrics
