@@ -115,18 +115,18 @@ class PatchReader:
 
     def mask_array(self, image_id: str, level: int | None = None) -> Any:
         """The segmentation mask of one level (``labels/mask``)."""
-        key = (f"{image_id}\0mask", self.level if level is None else level)
-        with self._lock:
-            if key not in self._arrays:
-                self._arrays[key] = self.dataset.mask(image_id, key[1])
-            return self._arrays[key]
+        return self._label_array(image_id, "mask", level)
 
     def roi_array(self, image_id: str, level: int | None = None) -> Any:
         """The region-of-interest mask of one level (``labels/roi``), or None without one."""
-        key = (f"{image_id}\0roi", self.level if level is None else level)
+        return self._label_array(image_id, "roi", level)
+
+    def _label_array(self, image_id: str, label: str, level: int | None) -> Any:
+        """A label image's array of one level, opened once (``Dataset.mask`` or ``.roi``)."""
+        key = (f"{image_id}\0{label}", self.level if level is None else level)
         with self._lock:
             if key not in self._arrays:
-                self._arrays[key] = self.dataset.roi(image_id, key[1])
+                self._arrays[key] = getattr(self.dataset, label)(image_id, key[1])
             return self._arrays[key]
 
     def direct(self, image_id: str, mask: bool = False) -> DirectChunks | None:
