@@ -180,6 +180,10 @@ def method_options(method: str, args: argparse.Namespace) -> list[str]:
     return options
 
 
+SUMMARISED = ("test_accuracy", "test_auc", "feature_seconds", "val_curve", "train_peak_gb",
+              "images_per_second", "seconds")  # fmt: skip
+
+
 def summarise(runs: list[dict]) -> dict:
     def median(key: str) -> float:
         return statistics.median(r[key] for r in runs)
@@ -220,7 +224,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--mnist", type=Path, default=None,
                         help="folder of MNIST's IDX files: the task's digits are real MNIST")  # fmt: skip
-    parser.add_argument("--methods", default=",".join(("reference", *METHODS)))
+    parser.add_argument("--methods", default=",".join(("reference", *METHODS)),
+                        help="rows to train (',' or ';' between them); '' republishes the kept rows")  # fmt: skip
     parser.add_argument(
         "--memory-budget", default=None, help="every hiresctl run's budget, e.g. 3GiB"
     )
@@ -235,8 +240,12 @@ def main() -> None:
     digits = "_mnist" if args.mnist else ""
     root = HERE / "data" / f"learning_{args.task}{digits}_{side}_{args.count}"
     store = make_dataset(root, args.task, side, args.count, args.classes, mnist=args.mnist)
-    rows = []
-    for spec in args.methods.split(";" if ";" in args.methods else ","):
+    # each row's runs are kept as they finish, per encoder, epochs and seeds: a later call with
+    # other --methods adds rows to the same table, and --methods '' republishes what is kept
+    kept_file = root / f"results_{args.backbone}_{args.epochs}ep_{args.seeds}seeds.json"
+    kept: dict[str, list[dict]] = json.loads(kept_file.read_text()) if kept_file.exists() else {}
+    specs = [m for m in args.methods.split(";" if ";" in args.methods else ",") if m]
+    for spec in specs:
         method, extra = split_variant(spec)
         runs = []
         for seed in range(args.seeds):
@@ -257,7 +266,13 @@ def main() -> None:
                 result = train_and_evaluate(store, root / f"run-{name}-{seed}", options)
             runs.append(result)
             print(spec, seed, f"test {result['test_accuracy']:.3f}", flush=True)
-        rows.append((spec, summarise(runs)))
+        kept[spec] = [
+            {key: r[key] for key in SUMMARISED if key in r} for r in runs
+        ]  # fmt: skip
+        kept_file.write_text(json.dumps(kept, indent=1))
+    rows = [(spec, summarise(runs)) for spec, runs in kept.items()]
+    if not rows:
+        sys.exit(f"no rows measured or kept in {kept_file}")
     kind, _, _, label = TASKS[args.task]
     command = (
         f"python benchmarks/learning.py --task {args.task} --side {side} --count {args.count} "
