@@ -5,6 +5,7 @@ benchmarks/X.py`` puts this folder first on ``sys.path``); it imports none of th
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,15 @@ def hiresctl(*args: str) -> subprocess.CompletedProcess[str]:
     if proc.returncode:
         raise RuntimeError(f"hiresctl {' '.join(args[:2])}: {proc.stderr[-2000:]}")
     return proc
+
+
+def child_json(code: str, *args: str) -> dict:
+    """Run ``python -c code args`` in a fresh process (so its peak memory is its own) and return
+    the JSON object its last output line prints; a failure raised with the end of its stderr."""
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(args[:2])}: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def all_in_training(synth: Path) -> Path:

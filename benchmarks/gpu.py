@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data"
 sys.path.insert(0, str(HERE))
-from _common import publish, sparse_store  # noqa: E402
+from _common import child_json, publish, sparse_store  # noqa: E402
 
 STEP = """
 import json, sys, time, torch
@@ -64,14 +63,7 @@ print(json.dumps({"peak": peak.peak_bytes(), "kind": peak.kind, "times": times,
 
 def step(method: str, store: Path, image: str, device: str, settings: dict, steps: int) -> dict:
     """``steps`` training steps of ``method`` on ``image`` in a fresh process (its own peak)."""
-    proc = subprocess.run(
-        [sys.executable, "-c", STEP, method, str(store), image, device, json.dumps(settings),
-         str(steps)],
-        capture_output=True, text=True,
-    )  # fmt: skip
-    if proc.returncode:
-        raise RuntimeError(f"{method} on {image}: {proc.stderr[-2000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = child_json(STEP, method, str(store), image, device, json.dumps(settings), str(steps))
     print(method, image, result, flush=True)
     return result
 

@@ -31,8 +31,8 @@ import psutil
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data"
 sys.path.insert(0, str(HERE))
+from _common import child_json, publish, sparse_store  # noqa: E402
 from _common import hiresctl as _hiresctl  # noqa: E402
-from _common import publish, sparse_store  # noqa: E402
 
 
 def jpeg_store() -> tuple[Path, Path]:
@@ -129,13 +129,7 @@ def bench_memory(sides: list[int], full_sides: list[int]) -> list[tuple]:
     results: dict[tuple[str, int], dict] = {}
     for method in ("patchgd-global", "ips", "full"):
         for side in sides if method != "full" else full_sides:
-            proc = subprocess.run(
-                [sys.executable, "-c", STEP, method, str(store), f"side{side}"],
-                capture_output=True, text=True,
-            )  # fmt: skip
-            if proc.returncode:
-                raise RuntimeError(proc.stderr[-2000:])
-            results[(method, side)] = json.loads(proc.stdout.strip().splitlines()[-1])
+            results[(method, side)] = child_json(STEP, method, str(store), f"side{side}")
             print(method, side, results[(method, side)], flush=True)
     rows = []
     for method in ("patchgd-global", "ips", "full"):
