@@ -35,23 +35,20 @@ from _common import child_json, publish, sparse_store  # noqa: E402
 
 STEP = """
 import json, sys, time, torch
-from hiresctl.data import PatchStream
-from hiresctl.train import build_run, load_recipe, step_context
+from hiresctl.train import build_run, load_recipe
 from hiresctl.train.memory import PeakMemory
-from hiresctl.train.run import PlannedReads
 from storage import Dataset
 method, store, image, device, settings, steps = sys.argv[1:7]
 device = torch.device(device)
 recipe = load_recipe(None, "cls", method, json.loads(settings))
 run = build_run(recipe, Dataset(store), ["0", "1"], device)
-ctx = step_context(run, torch.optim.AdamW(run.model.parameters()), None, 1)
+ctx = run.context(torch.optim.AdamW(run.model.parameters()))
 peak = PeakMemory(device)
 times = []
 for _ in range(int(steps)):
     peak.reset()
     start = time.perf_counter()
-    reads = PlannedReads(PatchStream(run.reader), iter([run.method.plan([image], 0, True)]))
-    run.method.train_batch(ctx, [image], torch.tensor([1]), reads.batch())
+    run.step([image], torch.tensor([1]), ctx=ctx)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     times.append(time.perf_counter() - start)

@@ -247,8 +247,8 @@ def main() -> None:
     specs = [m for m in args.methods.split(";" if ";" in args.methods else ",") if m]
     for spec in specs:
         method, extra = split_variant(spec)
-        runs = []
-        for seed in range(args.seeds):
+        runs = list(kept.get(spec, []))[: args.seeds]  # seeds already measured are kept
+        for seed in range(len(runs), args.seeds):
             if method == "reference":
                 result = train_reference(
                     root / "synth", args.epochs, args.batch_size, seed=seed,
@@ -264,12 +264,10 @@ def main() -> None:
                 options = [*method_options(method, args), *extra, "--set", f"seed={seed}"]
                 name = spec.replace(":", "-").replace("=", "").replace(",", "-")
                 result = train_and_evaluate(store, root / f"run-{name}-{seed}", options)
-            runs.append(result)
+            runs.append({key: result[key] for key in SUMMARISED if key in result})
             print(spec, seed, f"test {result['test_accuracy']:.3f}", flush=True)
-        kept[spec] = [
-            {key: r[key] for key in SUMMARISED if key in r} for r in runs
-        ]  # fmt: skip
-        kept_file.write_text(json.dumps(kept, indent=1))
+            kept[spec] = runs  # written after every seed: an interrupted call resumes there
+            kept_file.write_text(json.dumps(kept, indent=1))
     rows = [(spec, summarise(runs)) for spec, runs in kept.items()]
     if not rows:
         sys.exit(f"no rows measured or kept in {kept_file}")

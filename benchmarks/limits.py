@@ -211,9 +211,7 @@ def method_step(
     """``seconds, GFLOP/s (share of the ceiling)`` of one training step of ``method``."""
     import shutil
 
-    from hiresctl.data import PatchStream
     from hiresctl.train import Trainer, load_recipe
-    from hiresctl.train.run import step_context
 
     settings = {"batch_size": 4, "epochs": 1, "train_split": "train", "val_split": "none",
                 "precision": precision, "backbone": "tiny-s2d"}  # fmt: skip
@@ -226,8 +224,8 @@ def method_step(
     run = trainer.run
     images = [im.image_id for im in trainer.train_images[:4]]
     targets = torch.tensor([im.target for im in trainer.train_images[:4]])
-    ctx = step_context(run, torch.optim.AdamW(run.model.parameters(), lr=1e-3), None, 1, None)
-    reads = list(PatchStream(run.reader)(run.method.plan(images, 0, train=True)))
+    ctx = run.context(torch.optim.AdamW(run.model.parameters(), lr=1e-3))
+    reads = list(run.reads(images, train=True))
 
     def step() -> None:  # pixels already in memory: the step's compute alone
         run.method.train_batch(ctx, images, targets, iter(reads))

@@ -100,10 +100,8 @@ def bench_reads(reads: int, repeats: int) -> list[tuple]:
 
 STEP = """
 import json, sys, time, torch
-from hiresctl.data import PatchStream
-from hiresctl.train import build_run, load_recipe, step_context
+from hiresctl.train import build_run, load_recipe
 from hiresctl.train.memory import PeakMemory, current_rss_bytes
-from hiresctl.train.run import PlannedReads
 from storage import Dataset
 method, store, image = sys.argv[1], sys.argv[2], sys.argv[3]
 # the method's own defaults (what `hiresctl train --method M` gets), with the sizes fixed
@@ -111,13 +109,12 @@ recipe = load_recipe(None, "cls", method, dict(
     backbone="tiny", patch_size=256, batch_size=1, patches_per_step=16, inner_steps=1,
     memory_size=16, iter_size=16, full_max_pixels=2**40, precision="fp32"))
 run = build_run(recipe, Dataset(store), ["0", "1"], torch.device("cpu"))
-ctx = step_context(run, torch.optim.AdamW(run.model.parameters()), None, 1)
+ctx = run.context(torch.optim.AdamW(run.model.parameters()))
 peak = PeakMemory(torch.device("cpu"))
 base = current_rss_bytes()
 peak.reset()
 start = time.perf_counter()
-reads = PlannedReads(PatchStream(run.reader), iter([run.method.plan([image], 0, True)]))
-run.method.train_batch(ctx, [image], torch.tensor([1]), reads.batch())
+run.step([image], torch.tensor([1]), ctx=ctx)
 print(json.dumps({"peak": peak.peak_bytes(), "base": base, "seconds": time.perf_counter() - start,
                   "patches": run.reader.patches_read}))
 """

@@ -6,18 +6,22 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hiresctl.data import ReadRequest, ReadTag
 from hiresctl.models import ImageClassifier
-from hiresctl.train import Method, PatchCost, register_method
-from hiresctl.train.methods import BatchOutput, Reads, StepContext
+from hiresctl.train import ClassificationMethod, PatchCost, register_method
+from hiresctl.train.methods import Reads, StepContext
 
 
 @register_method("cls", "patch-vote", defaults={"bag_size": 8})
-class PatchVote(Method):
-    """Each of ``bag_size`` random kept patches classifies the image; logits are their mean."""
+class PatchVote(ClassificationMethod):
+    """Each of ``bag_size`` random kept patches classifies the image; logits are their mean.
+
+    The classification base owns the training step (cross-entropy, the optimizer's hooks) and
+    inference; a method gives the model, its reads and :meth:`forward`."""
+
+    model: ImageClassifier
 
     def build_model(self) -> nn.Module:
         return ImageClassifier(self.backbone(), self.num_classes)
@@ -31,23 +35,10 @@ class PatchVote(Method):
             reads.append(ReadRequest(image_id, "patches", grid, chosen, ReadTag("vote", b)))
         return reads
 
-    def vote(self, ctx: StepContext, reads: Reads) -> torch.Tensor:
-        return torch.stack([ctx.model(pixels.to(ctx.device)).mean(0) for _, pixels in reads])
-
-    def train_batch(
-        self, ctx: StepContext, image_ids: list[str], targets: torch.Tensor, reads: Reads
-    ) -> BatchOutput:
-        ctx.model.train()
-        with ctx.autocast():
-            logits = self.vote(ctx, reads)
-            loss = F.cross_entropy(logits.float(), targets.to(ctx.device))
-        ctx.learn(loss)
-        return BatchOutput(float(loss.detach()), logits.detach().float().cpu())
-
-    def predict(self, ctx: StepContext, image_ids: list[str], reads: Reads) -> torch.Tensor:
-        ctx.model.eval()
-        with torch.no_grad(), ctx.autocast():
-            return self.vote(ctx, reads).float().cpu()
+    def forward(
+        self, ctx: StepContext, image_ids: list[str], reads: Reads, train: bool
+    ) -> torch.Tensor:
+        return torch.stack([self.model(pixels.to(ctx.device)).mean(0) for _, pixels in reads])
 
     def memory(
         self, model: nn.Module, images: list[object], cost: PatchCost

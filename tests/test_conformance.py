@@ -30,9 +30,10 @@ from hiresctl.train import (
     register_method,
     task_names,
 )
-from hiresctl.train.classify import Downsample
+from hiresctl.train.classification.baselines import Downsample
 from hiresctl.train.registry import method_class
 from storage import Dataset
+from storage.errors import UsageError
 from tests.stores import make_store, planted_images, planted_objects
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -198,6 +199,22 @@ def test_a_method_registered_twice_warns_and_the_new_one_wins() -> None:
             warnings.simplefilter("ignore")
             register_method("cls", "downsample")(original)
     assert method_class("cls", "downsample") is original
+
+
+def test_a_method_that_is_not_of_its_tasks_base_is_refused_when_it_registers() -> None:
+    """A segmentation method registered for classification never reaches a run: the task
+    reads its methods as its ``method_base`` without checking again."""
+    from hiresctl.train import ClassificationMethod, SegmentationMethod
+    from hiresctl.train.segmentation.baselines import SegDownsample
+
+    for task in task_names():
+        base = get_task(task).method_base
+        assert all(issubclass(method_class(task, m), base) for m in method_names(task))
+    assert get_task("cls").method_base is ClassificationMethod
+    assert get_task("seg").method_base is SegmentationMethod
+    with pytest.raises(UsageError, match=r"must subclass .*ClassificationMethod"):
+        register_method("cls", "misfiled")(SegDownsample)
+    assert "misfiled" not in method_names("cls")
 
 
 def test_the_worked_example_adds_a_method_the_command_line_trains_and_reports(

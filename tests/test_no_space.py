@@ -148,3 +148,23 @@ def test_a_full_disk_at_checkpoint_embed_predict_and_report_is_one_line(
     assert resumed.returncode == 0, resumed.stderr
     statuses = [json.loads(line)["status"] for line in resumed.stdout.splitlines()]
     assert "skipped" in statuses and "written" in statuses  # the finished ones are kept
+
+
+def test_writes_that_failed_beside_the_reported_one_print_no_traceback() -> None:
+    """A full disk fails several of zarr's concurrent chunk writes; the first is the command's
+    one line, the others must not follow it as asyncio's "never retrieved" tracebacks."""
+    import errno
+    import logging
+
+    from hiresctl.cli.app import FullDiskEchoes
+
+    def record(message: str, exc: BaseException) -> logging.LogRecord:
+        return logging.LogRecord("asyncio", logging.ERROR, __file__, 1, message, None,
+                                 (type(exc), exc, None))  # fmt: skip
+
+    full = OSError(errno.ENOSPC, "No space left on device")
+    echoes = FullDiskEchoes()
+    assert not echoes.filter(record("Task exception was never retrieved", full))
+    assert not echoes.filter(record("Future exception was never retrieved", full))
+    assert echoes.filter(record("Task exception was never retrieved", ValueError("a bug")))
+    assert echoes.filter(record("Exception in callback", full))

@@ -11,7 +11,7 @@ from hiresctl.data.images import (
     segmentation_images,
 )
 from hiresctl.data.reader import PatchReader, normalize, to_tensor, to_unit_rgb
-from hiresctl.data.stream import NO_TAG, PatchStream, ReadRequest, ReadTag
+from hiresctl.data.stream import NO_TAG, PatchStream, PlannedReads, ReadRequest, ReadTag
 from hiresctl.data.transforms import AUGMENTATIONS, GEOMETRIC, PatchAugment, flip_boxes
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "PatchGrid",
     "PatchReader",
     "PatchStream",
+    "PlannedReads",
     "ReadRequest",
     "ReadTag",
     "class_names",

@@ -8,6 +8,7 @@ them in the same order while the next requests are already being read.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -163,3 +164,32 @@ class PatchStream:
             prefetch_factor=self.prefetch,
         )
         yield from loader
+
+
+class PlannedReads:
+    """One stream of reads for a sequence of image batches (each batch's plan, in order); hands
+    each batch its own reads and counts the seconds spent waiting for them."""
+
+    def __init__(self, stream: PatchStream, plans: Iterator[list[ReadRequest]]) -> None:
+        self.lengths: deque[int] = deque()
+
+        def flat() -> Iterator[ReadRequest]:
+            for plan in plans:
+                self.lengths.append(len(plan))
+                yield from plan
+
+        self._items = stream(flat())
+        self.wait_seconds = 0.0
+
+    def _next(self) -> tuple[ReadRequest, torch.Tensor]:
+        start = time.perf_counter()
+        item = next(self._items)
+        self.wait_seconds += time.perf_counter() - start
+        return item
+
+    def batch(self) -> Iterator[tuple[ReadRequest, torch.Tensor]]:
+        first = self._next()  # pulling the first read makes the plan's length known
+        count = self.lengths.popleft()
+        yield first
+        for _ in range(count - 1):
+            yield self._next()

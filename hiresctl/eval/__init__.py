@@ -11,7 +11,7 @@ from hiresctl.data import require_images
 from hiresctl.eval.common import result_header, save_result
 from hiresctl.train import Run, load_run, resolve_device
 from hiresctl.train.inputs import screen_inputs
-from hiresctl.train.tasks import TileHook
+from hiresctl.train.task import TileHook
 from storage import Dataset, StoreError
 
 

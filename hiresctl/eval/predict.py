@@ -56,7 +56,9 @@ from hiresctl.train import (
     resolve_device,
 )
 from hiresctl.train.inputs import screen_inputs
-from hiresctl.train.segmentation import PREDICT_TILE, SegmentationMethod, binary_image_metrics
+from hiresctl.train.segmentation import SegmentationMethod
+from hiresctl.train.segmentation.base import PREDICT_TILE
+from hiresctl.train.segmentation.metrics import binary_image_metrics
 from storage import Dataset, StoreError, UsageError
 from storage.annotations import geotransform
 from storage.errors import NoSpaceError, no_space
@@ -280,7 +282,7 @@ def detect_images(
     """Boxes of each image (batch by batch), written as COCO results, GeoJSON and overlays;
     boxes below ``score_threshold`` (default 0.2; 0.05 is what COCO evaluation keeps) are left
     out."""
-    from hiresctl.train.detection import PREDICT_SCORE_THRESHOLD
+    from hiresctl.train.detection.base import PREDICT_SCORE_THRESHOLD
 
     threshold = PREDICT_SCORE_THRESHOLD if score_threshold is None else score_threshold
 

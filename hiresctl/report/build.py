@@ -249,7 +249,7 @@ def _coco_files(result: dict[str, Any]) -> tuple[list[Any], list[Any]]:
     """Per image of the evaluation (in its order): (true boxes, labels) and (boxes, scores,
     labels) of the detections at or above the matching threshold, from the COCO files the
     evaluation wrote."""
-    from hiresctl.train.detection import coco_boxes
+    from hiresctl.train.detection.coco import coco_boxes
 
     truth = _read_json(Path(result["files"]["ground_truth"]))
     found = _read_json(Path(result["files"]["detections"])) or []
@@ -285,7 +285,7 @@ def _detection_figures(
 ) -> None:
     """The worst images (lowest recall at IoU 0.5, then most false positives): boxes on the
     thumbnail and a full-resolution crop around the smallest object it missed."""
-    from hiresctl.train.detection import match_detections
+    from hiresctl.train.detection.coco import match_detections
 
     result = report.result
     rows = result["per_image"]

@@ -116,9 +116,11 @@ class Method(ABC):
     """Base of every method: the patch grid of each image (foreground-filtered), the hooks the
     loop, evaluation, ``--memory-budget`` and the report call, and the shared helpers.
 
-    A method subclasses its task's base (this class for classification, ``DetectionMethod``,
-    ``SegmentationMethod``), implements the three abstract hooks, and registers itself with
-    ``@register_method(task, name)``; ``task`` and ``name`` are set by the registration.
+    A method subclasses its task's base (``ClassificationMethod``, ``DetectionMethod``,
+    ``SegmentationMethod``: the registry refuses another), implements the abstract hooks, and
+    registers itself with ``@register_method(task, name)``; ``task`` and ``name`` are set by
+    the registration. ``self.model`` is the network :meth:`build_model` made, on its device
+    (set when the run is built); a method's base narrows its type.
     """
 
     task: ClassVar[str] = ""
@@ -126,6 +128,7 @@ class Method(ABC):
     # Whether training may lay the patch grid with an offset (``grid_offset: random``): the
     # method reads the grid of :meth:`patches` with ``train=True`` everywhere in training.
     moves_grid: ClassVar[bool] = False
+    model: nn.Module
 
     def __init__(self, recipe: Recipe, num_classes: int, reader: PatchReader) -> None:
         self.recipe = recipe
@@ -285,7 +288,7 @@ def recalibrate_batchnorm(module: nn.Module, inputs: list[torch.Tensor]) -> None
     module.train(was_training)
 
 
-def _chunks(indices: np.ndarray, size: int) -> list[np.ndarray]:
+def chunks(indices: np.ndarray, size: int) -> list[np.ndarray]:
     return [indices[i : i + size] for i in range(0, len(indices), size)] or [indices[:0]]
 
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -345,3 +347,22 @@ def load_recipe(
 
 def dump_recipe(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+
+
+def lr_lambda(recipe: Recipe, total_steps: int) -> Callable[[int], float]:
+    """The learning-rate factor of each schedule step: linear warm-up over ``warmup`` of
+    ``total_steps``, then ``schedule`` (constant, linear or cosine) down to ``min_lr_ratio``."""
+    warmup = round(recipe.warmup * total_steps)
+    floor = recipe.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if recipe.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        if recipe.schedule == "cosine":
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        return floor + (1 - floor) * (1 - progress)
+
+    return factor

@@ -5,7 +5,10 @@ Everything that lists tasks or methods reads it: the recipe's choices and per-me
 A method lands by writing its class and decorating it (docs/methods.md, "Adding a method")::
 
     @register_method("cls", "my-method", defaults={"lr": 3e-4})
-    class MyMethod(Method): ...
+    class MyMethod(ClassificationMethod): ...
+
+A method subclasses its task's ``method_base`` (``ClassificationMethod``, ``DetectionMethod``,
+``SegmentationMethod``); registration refuses one that does not.
 
 The built-in tasks and methods register when ``hiresctl.train`` is imported, and so do
 plugins: the entry points of group ``hiresctl.methods`` of installed packages, and the modules
@@ -48,12 +51,24 @@ def _replacing(kind: str, key: str, old: type[Any] | None, new: type[Any]) -> No
         )
 
 
+def _check_base(task_cls: type[Any], task: str, name: str, cls: type[Any]) -> None:
+    """Refuse a method that does not subclass its task's ``method_base``."""
+    base = getattr(task_cls, "method_base", None)
+    if base is not None and not issubclass(cls, base):
+        raise UsageError(
+            f"{task} method {name!r} ({cls.__module__}.{cls.__qualname__}) must subclass "
+            f"{base.__module__}.{base.__qualname__}, the base of every {task} method"
+        )
+
+
 def register_task(name: str) -> Callable[[T], T]:
-    """Class decorator: the :class:`~hiresctl.train.tasks.Task` named ``name`` (cls, det, seg)."""
+    """Class decorator: the :class:`~hiresctl.train.task.Task` named ``name`` (cls, det, seg)."""
 
     def add(cls: T) -> T:
         _replacing("task", name, _TASKS.get(name), cls)
         cls.name = name  # type: ignore[attr-defined]
+        for method_name, method in _METHODS.get(name, {}).items():  # registered before the task
+            _check_base(cls, name, method_name, method)
         _TASKS[name] = cls
         _METHODS.setdefault(name, {})
         return cls
@@ -69,6 +84,8 @@ def register_method(
     registration and are not inherited: a detection PatchGD is not a classification PatchGD."""
 
     def add(cls: T) -> T:
+        if task in _TASKS:
+            _check_base(_TASKS[task], task, name, cls)
         table = _METHODS.setdefault(task, {})
         _replacing("method", f"{task}/{name}", table.get(name), cls)
         cls.task = task  # type: ignore[attr-defined]

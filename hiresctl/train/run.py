@@ -1,35 +1,35 @@
-"""A run in memory: its recipe, task, method, model, device and reader; building one, loading a
-trained one from its folder, and what every loop over images shares (the planned reads of
-batches, precision, the hooks a method calls)."""
+"""Building a run (recipe, task, method, model, device and reader) or loading a trained one from
+its folder, and what every loop over images shares: an inference pass's planned reads, timing and
+peak memory, the step context a method gets."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 import zlib
-from collections import deque
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
-from hiresctl.data import PatchAugment, PatchReader, PatchStream, ReadRequest
+from hiresctl.data import PatchAugment, PatchReader, PatchStream, PlannedReads, ReadRequest
 from hiresctl.train import distributed
 from hiresctl.train.checkpoint import checkpoint_recipe, load_checkpoint, load_weights_into
+from hiresctl.train.context import (
+    TrainingDiverged,
+    autocast_factory,
+    cpu_has_bf16,
+    effective_precision,
+)
 from hiresctl.train.memory import PeakMemory
-from hiresctl.train.methods import Method, StepContext, create_method
+from hiresctl.train.methods import StepContext, create_method
 from hiresctl.train.recipe import Recipe
 from hiresctl.train.registry import task_class
+from hiresctl.train.task import Run, Task
 from storage import Dataset
-from storage.errors import HiresError, StoreError, UsageError
-
-if TYPE_CHECKING:  # annotations only: the tasks import this module
-    from hiresctl.train.tasks.base import Task
+from storage.errors import StoreError, UsageError
 
 CHECKPOINTS = "checkpoints"
 LAST = "last.pt"
@@ -50,10 +50,6 @@ def read_metrics(folder: Path) -> list[dict[str, Any]]:
     return rows
 
 
-class TrainingDiverged(HiresError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
-
-
 def resolve_device(name: str, world: distributed.World | None = None) -> torch.device:
     if name not in ("auto", "cpu", "cuda"):
         raise UsageError(f"--device {name!r}: choose auto, cpu or cuda")
@@ -71,57 +67,6 @@ def seed_all(seed: int) -> None:
 
 def batch_seed(*parts: int) -> int:
     return zlib.crc32(":".join(map(str, parts)).encode())
-
-
-def autocast_factory(
-    device: torch.device, precision: str
-) -> Callable[[], contextlib.AbstractContextManager[Any]]:
-    precision = effective_precision(device, precision)
-    if precision == "fp32":
-        return contextlib.nullcontext
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return lambda: torch.autocast(device.type, dtype=dtype)
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (Intel AMX tiles or AVX-512 BF16), the
-    case where oneDNN's bfloat16 convolutions beat float32 ones."""
-    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
-        check = getattr(torch.cpu, probe, None)
-        try:
-            if check is not None and check():
-                return True
-        except RuntimeError:  # an older torch without the probe's kernel
-            continue
-    return False
-
-
-def effective_precision(device: torch.device, precision: str) -> str:
-    """``auto``: bfloat16 autocast where the device computes it natively (a CUDA GPU that
-    supports it, else float16; a CPU with AMX or AVX-512 BF16), float32 elsewhere."""
-    if precision != "auto":
-        return precision
-    if device.type == "cpu":
-        return "bf16" if cpu_has_bf16() else "fp32"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-
-
-@dataclass
-class Run:
-    """Everything of one run held in memory while it trains or evaluates."""
-
-    recipe: Recipe
-    classes: list[str]
-    task: Task
-    method: Method
-    model: nn.Module
-    device: torch.device
-    reader: PatchReader
-    world: distributed.World = field(default_factory=distributed.World)
-    mask_values: list[int] | None = None  # segmentation: the mask value of each class
-    # what the training images were (channels, dtypes, µm/px, level): ``hiresctl.train.inputs``;
-    # None for a fresh run or a checkpoint that predates the record
-    trained_on: dict[str, Any] | None = None
 
 
 def get_task(name: str) -> Task:
@@ -149,36 +94,9 @@ def build_run(
     # and ResNet-18 ran 20–45% faster (BENCHMARKS.md, "Machine limits (C1)"). The values and
     # the state dict's keys are unchanged, so checkpoints load either way.
     model = method.build_model().to(device).to(memory_format=torch.channels_last)
-    return Run(recipe, classes, task, method, model, device, reader,
+    method.model = model  # the method's own reference, typed by its base
+    return Run(recipe, classes, task, method, device, reader,
                world or distributed.World(), mask_values)  # fmt: skip
-
-
-class PlannedReads:
-    """One stream of reads for a sequence of image batches; hands each batch its own reads."""
-
-    def __init__(self, stream: PatchStream, plans: Iterator[list[ReadRequest]]) -> None:
-        self.lengths: deque[int] = deque()
-
-        def flat() -> Iterator[ReadRequest]:
-            for plan in plans:
-                self.lengths.append(len(plan))
-                yield from plan
-
-        self._items = stream(flat())
-        self.wait_seconds = 0.0
-
-    def _next(self) -> tuple[ReadRequest, torch.Tensor]:
-        start = time.perf_counter()
-        item = next(self._items)
-        self.wait_seconds += time.perf_counter() - start
-        return item
-
-    def batch(self) -> Iterator[tuple[ReadRequest, torch.Tensor]]:
-        first = self._next()  # pulling the first read makes the plan's length known
-        count = self.lengths.popleft()
-        yield first
-        for _ in range(count - 1):
-            yield self._next()
 
 
 class Inference:
@@ -211,39 +129,9 @@ def step_context(
     run: Run, optimizer: torch.optim.Optimizer | None, scaler: Any, accumulation: int,
     augment: PatchAugment | None = None,
 ) -> StepContext:  # fmt: skip
-    """The loop's hooks for a method; ``augment``: reads the plan could not know in advance
-    (IPS's re-read of its selection) are augmented as the planned ones are."""
-    autocast = autocast_factory(run.device, run.recipe.precision)
-    ctx: StepContext
-
-    def backward(loss: torch.Tensor) -> None:
-        if not torch.isfinite(loss.detach()).all():
-            raise TrainingDiverged(f"loss became {float(loss.detach())} (not finite)")
-        scaled = loss / accumulation
-        if scaler is not None:
-            scaler.scale(scaled).backward()
-        else:
-            scaled.backward()
-        ctx.micro_steps += 1
-
-    def step() -> None:
-        assert optimizer is not None
-        distributed.average_gradients(run.model, run.world)
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        if run.recipe.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.recipe.max_grad_norm)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        ctx.micro_steps = 0
-
-    read = PatchStream(run.reader, augment=augment).read
-    ctx = StepContext(run.model, run.device, autocast, backward, step, read, accumulation)
-    return ctx
+    """The loop's hooks for the run's method (:meth:`Run.context` with the loop's optimizer,
+    scaler, accumulation and augmentation)."""
+    return run.context(optimizer, scaler, accumulation, augment)
 
 
 def load_run(
@@ -289,3 +177,26 @@ def check_inputs(run: Run, state: dict[str, Any], path: Path) -> None:
             "run was trained (`hiresctl embed` with those settings under another --name, then "
             "evaluate a run trained on it), or retrain",
         )
+
+
+__all__ = [
+    "BEST",
+    "CHECKPOINTS",
+    "LAST",
+    "METRICS",
+    "Inference",
+    "Run",
+    "TrainingDiverged",
+    "autocast_factory",
+    "batch_seed",
+    "build_run",
+    "check_inputs",
+    "cpu_has_bf16",
+    "effective_precision",
+    "get_task",
+    "load_run",
+    "read_metrics",
+    "resolve_device",
+    "seed_all",
+    "step_context",
+]

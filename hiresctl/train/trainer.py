@@ -12,7 +12,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from hiresctl.data import LabelledImage, PatchAugment, PatchStream, require_images
+from hiresctl.data import LabelledImage, PatchAugment, PatchStream, PlannedReads, require_images
 from hiresctl.train import distributed
 from hiresctl.train.checkpoint import (
     atomic_save,
@@ -38,13 +38,14 @@ from hiresctl.train.memory import (
     patch_cost,
     plan_memory,
 )
-from hiresctl.train.recipe import Recipe, dump_recipe, parse_bytes
+from hiresctl.train.methods import BatchOutput, StepContext
+from hiresctl.train.progress import describe_epoch, describe_progress
+from hiresctl.train.recipe import Recipe, dump_recipe, lr_lambda, parse_bytes
 from hiresctl.train.run import (
     BEST,
     CHECKPOINTS,
     LAST,
     METRICS,
-    PlannedReads,
     Run,
     TrainingDiverged,
     autocast_factory,
@@ -61,23 +62,6 @@ from storage import Dataset
 from storage.errors import UsageError
 
 PROGRESS_SECONDS = 60.0
-
-
-def lr_lambda(recipe: Recipe, total_steps: int) -> Callable[[int], float]:
-    warmup = round(recipe.warmup * total_steps)
-    floor = recipe.min_lr_ratio
-
-    def factor(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if recipe.schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        if recipe.schedule == "cosine":
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-        return floor + (1 - floor) * (1 - progress)
-
-    return factor
 
 
 def _memory_plan(run: Run, budget_text: str, images: list[LabelledImage]) -> MemoryPlan:
@@ -106,6 +90,32 @@ def _memory_plan(run: Run, budget_text: str, images: list[LabelledImage]) -> Mem
         patches_wanted=patches_wanted,
         apart=run.method.memory_apart(model, images, cost),
     )
+
+
+@dataclass
+class _Loop:
+    """What one ``fit`` carries from batch to batch and epoch to epoch."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: Any
+    precision: str
+    start_epoch: int = 0
+    start_batch: int = 0
+    global_step: int = 0
+    best: float | None = None
+    writer: Any = None
+    augment: PatchAugment | None = None
+    stream: PatchStream | None = None
+    ctx: StepContext | None = None
+    peak: PeakMemory | None = None
+    inputs: dict[str, Any] | None = None
+    trained_on: dict[str, Any] | None = None
+    train_seconds: float = 0.0
+    wait_seconds: float = 0.0
+    images_seen: int = 0
+    epoch_start: float = 0.0
+    last_val: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -231,208 +241,237 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> TrainResult:
+        loop = self._start()
+        try:
+            for epoch in range(loop.start_epoch, self.recipe.epochs):
+                first = loop.start_batch if epoch == loop.start_epoch else 0
+                row = self._train_epoch(loop, epoch, first)
+                self._end_epoch(loop, epoch, row)
+        finally:
+            if loop.writer is not None:
+                loop.writer.close()
+        summary = self._summary(loop)
+        if self.world.main:
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        return TrainResult(self.out, summary, self.problems)
+
+    def _start(self) -> _Loop:
+        """The optimizer, schedule and scaler (restored on ``--resume``), the run folder's
+        recipe and classes, the augmentation, the read stream and the step context."""
         recipe, run = self.recipe, self.run
         model = run.model
         distributed.broadcast_model(model, self.world)
         optimizer = torch.optim.AdamW(
             model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay
         )
-        batches_per_epoch = len(self._batches(0))
-        total = recipe.epochs * batches_per_epoch
+        total = recipe.epochs * len(self._batches(0))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe, total))
         precision = effective_precision(self.device, recipe.precision)
         scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-        start_epoch, start_batch, global_step, best = 0, 0, 0, None
+        loop = _Loop(optimizer, scheduler, scaler, precision)
         if self.checkpoint is not None:
-            check_inputs(run, self.checkpoint, self.out / CHECKPOINTS / LAST)
-            load_weights_into(model, self.checkpoint, self.out / CHECKPOINTS / LAST)
-            # The scheduler exists already, so loading the optimizer restores the lr it had.
-            optimizer.load_state_dict(self.checkpoint["optimizer"])
-            scheduler.load_state_dict(self.checkpoint["scheduler"])
-            if scaler is not None and self.checkpoint.get("scaler"):
-                scaler.load_state_dict(self.checkpoint["scaler"])
-            start_epoch = self.checkpoint["epoch"]
-            start_batch = self.checkpoint["batch"]
-            global_step = self.checkpoint["step"]
-            best = self.checkpoint.get("best")
-            torch.set_rng_state(self.checkpoint["rng"]["torch"])
-            self.log(
-                f"resuming {self.out} at epoch {start_epoch + 1}, batch {start_batch}, step {global_step}"
-            )
+            self._resume(loop, self.checkpoint)
         if self.world.main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "recipe.yaml").write_text(dump_recipe(recipe))
             (self.out / "classes.json").write_text(json.dumps(self.run.classes))
-        writer = self._tensorboard()
+        loop.writer = self._tensorboard()
         augment = PatchAugment(recipe.augment, recipe.seed, recipe.geometric, recipe.grid_offset)
         run.method.augment = augment  # training plans and targets mirror as the reads do
-        stream = PatchStream(run.reader, num_workers=recipe.num_workers, augment=augment)
-        ctx = step_context(run, optimizer, scaler, recipe.accumulation_steps, augment)
-        peak = PeakMemory(self.device)
-        peak.reset()
-        train_seconds, wait_seconds, images_seen = 0.0, 0.0, 0
-        last_val: dict[str, Any] = {}
-        inputs = run.method.inputs_identity()  # what a loaded checkpoint must read again
-        trained_on = (  # what eval and predict check their inputs against
+        loop.augment = augment
+        loop.stream = PatchStream(run.reader, num_workers=recipe.num_workers, augment=augment)
+        loop.ctx = step_context(run, optimizer, scaler, recipe.accumulation_steps, augment)
+        loop.peak = PeakMemory(self.device)
+        loop.peak.reset()
+        loop.inputs = run.method.inputs_identity()  # what a loaded checkpoint must read again
+        loop.trained_on = (  # what eval and predict check their inputs against
             self.checkpoint.get("trained_on")
             if self.checkpoint is not None
             else input_record(
                 (self.dataset.entry(im.image_id) for im in self.train_images), recipe.level
             )
         )
+        return loop
 
-        def state(epoch: int, batch: int) -> dict[str, Any]:
-            return {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "epoch": epoch,
-                "batch": batch,
-                "step": global_step,
-                "best": best,
-                "recipe": recipe.to_dict(),
-                "classes": self.run.classes,
-                "mask_values": self.run.mask_values,
-                "rng": {"torch": torch.get_rng_state()},
-                "inputs": inputs,
-                "trained_on": trained_on,
-            }
+    def _resume(self, loop: _Loop, checkpoint: dict[str, Any]) -> None:
+        """Weights, optimizer, schedule, scaler, position and RNG of ``last.pt``."""
+        last = self.out / CHECKPOINTS / LAST
+        check_inputs(self.run, checkpoint, last)
+        load_weights_into(self.run.model, checkpoint, last)
+        # The scheduler exists already, so loading the optimizer restores the lr it had.
+        loop.optimizer.load_state_dict(checkpoint["optimizer"])
+        loop.scheduler.load_state_dict(checkpoint["scheduler"])
+        if loop.scaler is not None and checkpoint.get("scaler"):
+            loop.scaler.load_state_dict(checkpoint["scaler"])
+        loop.start_epoch, loop.start_batch = checkpoint["epoch"], checkpoint["batch"]
+        loop.global_step = checkpoint["step"]
+        loop.best = checkpoint.get("best")
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        self.log(
+            f"resuming {self.out} at epoch {loop.start_epoch + 1}, batch {loop.start_batch}, "
+            f"step {loop.global_step}"
+        )
 
-        try:
-            for epoch in range(start_epoch, recipe.epochs):
-                augment.epoch = epoch
-                batches = self._batches(epoch)
-                first = start_batch if epoch == start_epoch else 0
-                plans = (
-                    run.method.plan(
-                        [im.image_id for im in batch],
-                        batch_seed(recipe.seed, epoch, index, self.world.rank),
-                        train=True,
-                    )
-                    for index, batch in enumerate(batches)
-                    if index >= first
+    def _state(self, loop: _Loop, epoch: int, batch: int) -> dict[str, Any]:
+        """A checkpoint: everything ``--resume`` restores, and what evaluation checks."""
+        return {
+            "model": self.run.model.state_dict(),
+            "optimizer": loop.optimizer.state_dict(),
+            "scheduler": loop.scheduler.state_dict(),
+            "scaler": loop.scaler.state_dict() if loop.scaler is not None else None,
+            "epoch": epoch,
+            "batch": batch,
+            "step": loop.global_step,
+            "best": loop.best,
+            "recipe": self.recipe.to_dict(),
+            "classes": self.run.classes,
+            "mask_values": self.run.mask_values,
+            "rng": {"torch": torch.get_rng_state()},
+            "inputs": loop.inputs,
+            "trained_on": loop.trained_on,
+        }
+
+    def _train_epoch(self, loop: _Loop, epoch: int, first: int) -> dict[str, Any]:
+        """Batches ``first``… of ``epoch``, then the method's calibration; the epoch's
+        training columns of metrics.jsonl."""
+        recipe, run = self.recipe, self.run
+        assert loop.augment is not None and loop.stream is not None and loop.ctx is not None
+        loop.augment.epoch = epoch
+        batches = self._batches(epoch)
+        plans = (
+            run.method.plan(
+                [im.image_id for im in batch],
+                batch_seed(recipe.seed, epoch, index, self.world.rank),
+                train=True,
+            )
+            for index, batch in enumerate(batches)
+            if index >= first
+        )
+        reads = PlannedReads(loop.stream, plans)
+        losses: list[float] = []
+        correct, count, judged = 0, 0, 0
+        epoch_start = last_report = time.perf_counter()
+        for index in range(first, len(batches)):
+            batch = batches[index]
+            targets = torch.tensor([im.target for im in batch])
+            output = self._train_batch(loop, epoch, index, batch, targets, reads)
+            losses.append(output.loss)
+            right, seen = run.task.score(output, targets)
+            correct += right
+            judged += seen
+            count += len(batch)
+            now = time.perf_counter()
+            if now - last_report >= self.progress_seconds and index + 1 < len(batches):
+                last_report = now
+                self.log(describe_progress(epoch + 1, recipe.epochs, index + 1 - first,
+                                            len(batches) - first, count * self.world.size,
+                                            now - epoch_start, losses))  # fmt: skip
+            if loop.writer is not None:
+                loop.writer.add_scalar("train/loss", output.loss, loop.global_step)
+                loop.writer.add_scalar(
+                    "train/lr", loop.scheduler.get_last_lr()[0], loop.global_step
                 )
-                reads = PlannedReads(stream, plans)
-                losses, correct, count, judged = [], 0, 0, 0
-                epoch_start = last_report = time.perf_counter()
-                for index in range(first, len(batches)):
-                    batch = batches[index]
-                    targets = torch.tensor([im.target for im in batch])
-                    try:
-                        output = run.method.train_batch(
-                            ctx, [im.image_id for im in batch], targets, reads.batch()
-                        )
-                    except TrainingDiverged as exc:
-                        raise TrainingDiverged(
-                            f"{self.out}: {exc} at epoch {epoch + 1}, batch {index + 1}, step {global_step}; "
-                            f"the last good checkpoint is kept in {self.out / CHECKPOINTS} (lower lr or check the data)"
-                        ) from None
-                    with warnings.catch_warnings():
-                        # The schedule counts image batches; with accumulation the first batch
-                        # ends before the first optimizer step, which torch warns about.
-                        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")
-                        scheduler.step()
-                    global_step += 1
-                    losses.append(output.loss)
-                    right, seen = run.task.score(output, targets)
-                    correct += right
-                    judged += seen
-                    count += len(batch)
-                    now = time.perf_counter()
-                    if now - last_report >= self.progress_seconds and index + 1 < len(batches):
-                        last_report = now
-                        self.log(
-                            _describe_progress(
-                                epoch + 1,
-                                recipe.epochs,
-                                index + 1 - first,
-                                len(batches) - first,
-                                count * self.world.size,
-                                now - epoch_start,
-                                losses,
-                            )
-                        )
-                    if writer is not None:
-                        writer.add_scalar("train/loss", output.loss, global_step)
-                        writer.add_scalar("train/lr", scheduler.get_last_lr()[0], global_step)
-                    if (
-                        recipe.checkpoint_every
-                        and (index + 1) % recipe.checkpoint_every == 0
-                        and index + 1 < len(batches)
-                    ):
-                        self._save(LAST, state(epoch, index + 1))
-                if recipe.calibration_batches:
-                    run.method.calibrate(
-                        ctx,
-                        [[im.image_id for im in b] for b in batches[: recipe.calibration_batches]],
-                    )
-                seconds = time.perf_counter() - epoch_start
-                train_seconds += seconds
-                wait_seconds += reads.wait_seconds
-                images_seen += count * self.world.size
-                row: dict[str, Any] = {
-                    "epoch": epoch + 1,
-                    "step": global_step,
-                    "lr": scheduler.get_last_lr()[0],
-                    "train_loss": float(np.mean(losses)) if losses else None,
-                    "train_accuracy": correct / judged if judged else None,
-                    "images_per_second": count * self.world.size / seconds if seconds else None,
-                    "data_wait_fraction": reads.wait_seconds / seconds if seconds else None,
-                    "peak_memory_gb": peak.peak_bytes() / 1e9,
-                }
-                last_val = self._validate()
-                row.update(
-                    {f"val_{k}": v for k, v in last_val.items()
-                     if isinstance(v, int | float) and not isinstance(v, bool)}
-                )  # fmt: skip
-                score = last_val.get(self.monitor)
-                improved = score is not None and (best is None or score >= best)
-                if improved:
-                    best = score
-                self._save(LAST, state(epoch + 1, 0))
-                if improved or not self.val_images:
-                    self._save(BEST, state(epoch + 1, 0))
-                row["seconds"] = time.perf_counter() - epoch_start  # training, validation, saving
-                self._metrics_line(row)
-                if writer is not None:
-                    for key, value in row.items():
-                        if isinstance(value, float) and key not in ("epoch", "step"):
-                            writer.add_scalar(key.replace("_", "/", 1), value, global_step)
-                self.log(_describe_epoch(row, recipe.epochs, self.monitor))
-        finally:
-            if writer is not None:
-                writer.close()
-        summary = {
+            every = recipe.checkpoint_every
+            if every and (index + 1) % every == 0 and index + 1 < len(batches):
+                self._save(LAST, self._state(loop, epoch, index + 1))
+        if recipe.calibration_batches:
+            calibration = batches[: recipe.calibration_batches]
+            run.method.calibrate(loop.ctx, [[im.image_id for im in b] for b in calibration])
+        seconds = time.perf_counter() - epoch_start
+        loop.train_seconds += seconds
+        loop.wait_seconds += reads.wait_seconds
+        loop.images_seen += count * self.world.size
+        loop.epoch_start = epoch_start
+        return {
+            "epoch": epoch + 1,
+            "step": loop.global_step,
+            "lr": loop.scheduler.get_last_lr()[0],
+            "train_loss": float(np.mean(losses)) if losses else None,
+            "train_accuracy": correct / judged if judged else None,
+            "images_per_second": count * self.world.size / seconds if seconds else None,
+            "data_wait_fraction": reads.wait_seconds / seconds if seconds else None,
+            "peak_memory_gb": loop.peak.peak_bytes() / 1e9 if loop.peak else None,
+        }
+
+    def _train_batch(
+        self, loop: _Loop, epoch: int, index: int, batch: list[LabelledImage],
+        targets: torch.Tensor, reads: PlannedReads,
+    ) -> BatchOutput:  # fmt: skip
+        """One image batch through the method, then the schedule's step."""
+        assert loop.ctx is not None
+        try:
+            output = self.run.method.train_batch(
+                loop.ctx, [im.image_id for im in batch], targets, reads.batch()
+            )
+        except TrainingDiverged as exc:
+            raise TrainingDiverged(
+                f"{self.out}: {exc} at epoch {epoch + 1}, batch {index + 1}, step "
+                f"{loop.global_step}; the last good checkpoint is kept in "
+                f"{self.out / CHECKPOINTS} (lower lr or check the data)"
+            ) from None
+        with warnings.catch_warnings():
+            # The schedule counts image batches; with accumulation the first batch ends
+            # before the first optimizer step, which torch warns about.
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")
+            loop.scheduler.step()
+        loop.global_step += 1
+        return output
+
+    def _end_epoch(self, loop: _Loop, epoch: int, row: dict[str, Any]) -> None:
+        """Validation, ``last.pt`` (and ``best.pt`` when the monitored metric improved), the
+        metrics line, TensorBoard and the epoch's line in the log."""
+        loop.last_val = self._validate()
+        row.update(
+            {f"val_{k}": v for k, v in loop.last_val.items()
+             if isinstance(v, int | float) and not isinstance(v, bool)}
+        )  # fmt: skip
+        score = loop.last_val.get(self.monitor)
+        improved = score is not None and (loop.best is None or score >= loop.best)
+        if improved:
+            loop.best = score
+        self._save(LAST, self._state(loop, epoch + 1, 0))
+        if improved or not self.val_images:
+            self._save(BEST, self._state(loop, epoch + 1, 0))
+        row["seconds"] = time.perf_counter() - loop.epoch_start  # training, validation, saving
+        self._metrics_line(row)
+        if loop.writer is not None:
+            for key, value in row.items():
+                if isinstance(value, float) and key not in ("epoch", "step"):
+                    loop.writer.add_scalar(key.replace("_", "/", 1), value, loop.global_step)
+        self.log(describe_epoch(row, self.recipe.epochs, self.monitor))
+
+    def _summary(self, loop: _Loop) -> dict[str, Any]:
+        """summary.json: what ran, how fast, at what peak, with which result."""
+        recipe, run = self.recipe, self.run
+        peak = loop.peak.peak_bytes() if loop.peak else 0
+        train_seconds = loop.train_seconds
+        return {
             "task": recipe.task,
             "method": recipe.method,
             "epochs": recipe.epochs,
-            "steps": global_step,
-            "classes": self.run.classes,
+            "steps": loop.global_step,
+            "classes": run.classes,
             "train_images": len(self.train_images),
             "val_images": len(self.val_images),
-            "peak_memory_gb": peak.peak_bytes() / 1e9,
-            "peak_memory_kind": peak.kind,
-            "images_per_second": images_seen / train_seconds if train_seconds else None,
-            "data_wait_fraction": wait_seconds / train_seconds if train_seconds else None,
-            "patches_with_grad": ctx.patches_with_grad,
+            "peak_memory_gb": peak / 1e9,
+            "peak_memory_kind": loop.peak.kind if loop.peak else None,
+            "images_per_second": loop.images_seen / train_seconds if train_seconds else None,
+            "data_wait_fraction": loop.wait_seconds / train_seconds if train_seconds else None,
+            "patches_with_grad": loop.ctx.patches_with_grad if loop.ctx else 0,
             "train_seconds": self._seconds_so_far(),
             "prepared_seconds": run.method.prepared_seconds(),
             "device": str(self.device),
-            "precision": precision,
+            "precision": loop.precision,
             "world_size": self.world.size,
-            "val": dict(last_val),
+            "val": dict(loop.last_val),
             "monitor": self.monitor,
-            "best_val": best,
-            "best_val_accuracy": best if self.monitor == "accuracy" else None,
+            "best_val": loop.best,
+            "best_val_accuracy": loop.best if self.monitor == "accuracy" else None,
             "memory_plan": self.memory_plan.describe() if self.memory_plan else None,
             "memory_estimate_gb": self.memory_plan.estimate / 1e9 if self.memory_plan else None,
             "skipped": self.problems,
-            "trained_on": trained_on,
+            "trained_on": loop.trained_on,
         }
-        if self.world.main:
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
-        return TrainResult(self.out, summary, self.problems)
 
     def _validate(self) -> dict[str, Any]:
         if not self.val_images:
@@ -450,27 +489,4 @@ class Trainer:
         return SummaryWriter(str(self.out / "tensorboard"))
 
 
-def _describe_progress(
-    epoch: int, epochs: int, done: int, total: int, images: int, seconds: float, losses: list[float]
-) -> str:
-    """``epoch 2/10 · batch 40/105 · loss 2.2103 · 1.41 images/s · about 3 min left in the epoch``
-    (the loss is this epoch's mean so far)."""
-    left = seconds / max(1, done) * (total - done)
-    eta = f"{left / 60:.0f} min" if left >= 90 else f"{left:.0f} s"
-    return (
-        f"epoch {epoch}/{epochs} · batch {done}/{total} · loss {float(np.mean(losses)):.4f} · "
-        f"{images / max(seconds, 1e-9):.2f} images/s · about {eta} left in the epoch"
-    )
-
-
-def _describe_epoch(row: dict[str, Any], epochs: int, monitor: str = "accuracy") -> str:
-    parts = [f"epoch {row['epoch']}/{epochs}", f"loss {row['train_loss']:.4f}"]
-    if row.get(f"val_{monitor}") is not None:
-        parts.append(f"val {monitor.replace('_', ' ')} {row[f'val_{monitor}']:.3f}")
-    if row.get("images_per_second"):
-        parts.append(f"{row['images_per_second']:.2f} images/s")
-    parts.append(f"peak {row['peak_memory_gb']:.2f} GB")
-    return " · ".join(parts)
-
-
-__all__ = ["TrainResult", "Trainer", "lr_lambda"]
+__all__ = ["TrainResult", "Trainer"]

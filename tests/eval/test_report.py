@@ -290,7 +290,7 @@ def _num_text(value: float | None) -> str:
 
 def test_detection_overlay_colours_matches_misses_and_false_boxes() -> None:
     from hiresctl.report import figures
-    from hiresctl.train.detection import match_detections
+    from hiresctl.train.detection.coco import match_detections
 
     truth = np.array([[10, 10, 30, 30], [50, 50, 70, 70]], np.float32)
     truth_labels = np.array([0, 1])

@@ -14,7 +14,8 @@ import torch
 from hiresctl.data import PatchAugment, PatchReader, PatchStream, detection_images
 from hiresctl.eval import evaluate
 from hiresctl.train import PatchCost, Trainer, build_run, load_recipe, step_context
-from hiresctl.train.detection import DetPatchGD, DetSliced, merge_detections
+from hiresctl.train.detection.patchgd import DetPatchGD
+from hiresctl.train.detection.sliced import DetSliced, merge_detections
 from storage import Dataset, UsageError
 from storage.annotations import Annotations
 from tests.stores import make_store, planted_objects

@@ -7,10 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hiresctl.data import PatchStream
 from hiresctl.train import Recipe, build_run, step_context
 from hiresctl.train.memory import PeakMemory
-from hiresctl.train.run import PlannedReads
 from storage import Dataset
 from tests.stores import make_store, planted_images
 
@@ -41,10 +39,7 @@ def test_mixed_precision_step_on_cuda_records_peak_allocated(method: str, tmp_pa
     peak = PeakMemory(device)
     peak.reset()
     ids = list(images)
-    plan = run.method.plan(ids, 0, True)
-    output = run.method.train_batch(
-        ctx, ids, torch.tensor([0, 1]), PlannedReads(PatchStream(run.reader), iter([plan])).batch()
-    )
+    output = run.step(ids, torch.tensor([0, 1]), ctx=ctx)
     assert torch.isfinite(torch.tensor(output.loss))
     assert peak.kind == "cuda_allocated" and peak.peak_bytes() > 0
     assert all(p.device.type == "cuda" for p in run.model.parameters())

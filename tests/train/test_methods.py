@@ -10,9 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from hiresctl.data import PatchStream, ReadRequest
+from hiresctl.data import ReadRequest
 from hiresctl.train import Recipe, build_run, step_context
-from hiresctl.train.run import PlannedReads
 from storage import Dataset
 from tests.conftest import coord_pixels
 from tests.stores import make_store
@@ -34,8 +33,7 @@ def _run(store: Path, **changes: object):  # type: ignore[no-untyped-def]
 
 
 def _reads(run, image_ids: list[str], train: bool, seed: int = 0):  # type: ignore[no-untyped-def]
-    plan = run.method.plan(image_ids, seed, train)
-    return PlannedReads(PatchStream(run.reader), iter([plan])).batch()
+    return run.reads(image_ids, train, seed)
 
 
 def test_latent_position_holds_that_patchs_feature(coord_store: Path) -> None:

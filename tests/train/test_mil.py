@@ -129,10 +129,8 @@ def test_ips_on_features_keeps_the_top_m_of_the_bag_and_trains_only_those(
 ) -> None:
     """Streamed I at a time, the selection ends with the bag's best M by score (one head: the
     ranking of a set is that of its instances), and only those M are encoded with gradient."""
-    from hiresctl.data import PatchStream
     from hiresctl.features import EmbedOptions, embed_store
     from hiresctl.train import Recipe, build_run, step_context
-    from hiresctl.train.run import PlannedReads
     from storage import Dataset
 
     images, labels = planted_images(4, 128, 32, seed=5)
@@ -147,8 +145,7 @@ def test_ips_on_features_keeps_the_top_m_of_the_bag_and_trains_only_those(
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     ctx = step_context(run, optimizer, None, 1)
     for train in (False, True):
-        plan = method.plan(ids, 7, train)
-        reads = list(PlannedReads(PatchStream(run.reader), iter([plan])).batch())
+        reads = list(run.reads(ids, train, seed=7))
         for request, bag in reads:
             kept, positions, width = method._select(ctx, request, bag, train)
             rows, cols, _, _ = method.cells(request.image_id)
@@ -162,12 +159,9 @@ def test_ips_on_features_keeps_the_top_m_of_the_bag_and_trains_only_those(
     # a memory larger than the bag keeps the whole bag
     big = build_run(recipe.replace(memory_size=40), Dataset(store), ["0", "1"], torch.device("cpu"))
     for train in (False, True):
-        plan = big.method.plan(ids[:1], 7, train)
-        ((request, bag),) = list(PlannedReads(PatchStream(big.reader), iter([plan])).batch())
+        ((request, bag),) = list(big.reads(ids[:1], train, seed=7))
         kept, _, _ = big.method._select(step_context(big, None, None, 1), request, bag, train)
         assert kept.tolist() == list(range(len(bag)))
     ctx.patches_with_grad = 0
-    plan = method.plan(ids, 7, True)
-    reads = PlannedReads(PatchStream(run.reader), iter([plan])).batch()
-    method.train_batch(ctx, ids, torch.tensor([0, 1]), reads)
+    run.step(ids, torch.tensor([0, 1]), seed=7, ctx=ctx)
     assert ctx.patches_with_grad == 2 * 3  # M per image, not the bag's 16

@@ -19,12 +19,8 @@ from hiresctl.data.reader import normalize
 from hiresctl.eval import evaluate
 from hiresctl.models import PatchSegmenter, upsample_region
 from hiresctl.train import Trainer, build_run, load_recipe, predict_segmentation
-from hiresctl.train.segmentation import (
-    IGNORE,
-    binary_image_metrics,
-    segmentation_loss,
-    segmentation_metrics,
-)
+from hiresctl.train.segmentation import IGNORE, segmentation_loss
+from hiresctl.train.segmentation.metrics import binary_image_metrics, segmentation_metrics
 from storage import Dataset, UsageError
 from tests.ngff import assert_labels_have_parents, assert_valid_ngff
 from tests.stores import make_store

@@ -82,7 +82,7 @@ def test_resume_continues_steps_and_optimizer_state(
     straight = cli("train", "--out", tmp_path / "straight", *args)
     assert straight.code == 0, straight.stderr
 
-    import hiresctl.train.patchgd as methods
+    import hiresctl.train.classification.patchgd as methods
 
     original = methods.PatchGDGlobal.train_batch
     calls = []
@@ -135,7 +135,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
     )
     last = run / "checkpoints" / "last.pt"
     digest = hashlib.sha256(last.read_bytes()).hexdigest()
-    import hiresctl.train.patchgd as methods
+    import hiresctl.train.classification.patchgd as methods
 
     def nan_loss(*args: object, **kwargs: object) -> torch.Tensor:
         return torch.tensor(float("nan"), requires_grad=True)

@@ -1,45 +1,29 @@
-"""Classification methods besides PatchGD: Iterative Patch Selection (docs/methods.md §3) and
-the whole-image baselines (§6): ``downsample`` and ``full``."""
+"""Iterative Patch Selection (docs/methods.md §3): select M of N patches without gradient,
+train on them."""
 
 from __future__ import annotations
 
-from abc import abstractmethod
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from hiresctl.data import (
-    PatchGrid,
-    ReadRequest,
-    ReadTag,
-)
-from hiresctl.models import (
-    ImageClassifier,
-    IPSClassifier,
-)
+from hiresctl.data import ReadRequest, ReadTag
+from hiresctl.models import IPSClassifier
+from hiresctl.train.classification.base import ClassificationMethod
 from hiresctl.train.memory import PatchCost
-from hiresctl.train.methods import (
-    FULL_SETTING,
-    BatchOutput,
-    Heatmap,
-    Method,
-    Reads,
-    StepContext,
-    _chunks,
-    full_grid,
-    resized_setting,
-)
+from hiresctl.train.methods import Heatmap, Reads, StepContext, chunks
 from hiresctl.train.registry import register_method
 
 
 # patch 50 is the Megapixel MNIST setting: see its recipe
 @register_method("cls", "ips", defaults={"latent_dim": 128, "weight_decay": 0.1, "schedule": "cosine",
                                          "min_lr_ratio": 1e-3, "dropout": 0.1})  # fmt: skip
-class IPS(Method):
+class IPS(ClassificationMethod):
     """Iterative Patch Selection (§3): select M of N patches without gradient, train on them."""
+
+    model: IPSClassifier
 
     def memory(
         self, model: nn.Module, images: list[Any], cost: PatchCost
@@ -88,7 +72,7 @@ class IPS(Method):
             grid, kept = self.patches(image_id, train)
             order = rng.permutation(kept)  # ties break at random
             parts = (
-                [order[:memory], *_chunks(order[memory:], step)] if len(order) > memory else [order]
+                [order[:memory], *chunks(order[memory:], step)] if len(order) > memory else [order]
             )
             parts = [p for p in parts if len(p)]
             for i, part in enumerate(parts):
@@ -107,7 +91,7 @@ class IPS(Method):
         self, ctx: StepContext, reads: Reads, count: int
     ) -> list[tuple[ReadRequest, torch.Tensor]]:
         """Per image, the M best-scoring patches' indices; pixels read again from the store."""
-        model: IPSClassifier = ctx.model  # type: ignore[assignment]
+        model = self.model
         model.eval()
         selected: list[tuple[ReadRequest, torch.Tensor]] = []
         memory_emb: torch.Tensor | None = None
@@ -144,7 +128,7 @@ class IPS(Method):
     def _logits(
         self, ctx: StepContext, selected: list[tuple[ReadRequest, torch.Tensor]]
     ) -> torch.Tensor:
-        model: IPSClassifier = ctx.model  # type: ignore[assignment]
+        model = self.model
         pixels = torch.cat([p for _, p in selected]).to(ctx.device, non_blocking=True)
         emb = model.encoder(pixels).float()
         out, start = [], 0
@@ -157,29 +141,20 @@ class IPS(Method):
             )
         return torch.cat(out)
 
-    def train_batch(
-        self, ctx: StepContext, image_ids: list[str], targets: torch.Tensor, reads: Reads
-    ) -> BatchOutput:
-        selected = self._select(ctx, reads, len(image_ids))
-        ctx.model.train()
-        with ctx.autocast():
-            logits = self._logits(ctx, selected)
-            loss = F.cross_entropy(logits.float(), targets.to(ctx.device))
-        ctx.patches_with_grad += sum(len(p) for _, p in selected)
-        ctx.learn(loss)
-        return BatchOutput(float(loss.detach()), logits.detach().float().cpu())
-
-    def predict(self, ctx: StepContext, image_ids: list[str], reads: Reads) -> torch.Tensor:
-        selected = self._select(ctx, reads, len(image_ids))
-        ctx.model.eval()
-        with torch.no_grad(), ctx.autocast():
-            return self._logits(ctx, selected).float().cpu()
+    def forward(
+        self, ctx: StepContext, image_ids: list[str], reads: Reads, train: bool
+    ) -> torch.Tensor:
+        selected = self._select(ctx, reads, len(image_ids))  # in eval mode, without gradient
+        if train:
+            self.model.train()
+            ctx.patches_with_grad += sum(len(p) for _, p in selected)
+        return self._logits(ctx, selected)
 
     def explain(
         self, ctx: StepContext, image_ids: list[str], reads: Reads
     ) -> tuple[torch.Tensor, list[Heatmap]]:
         """The M selected patches, scored by the aggregator's attention; unselected patches 0."""
-        model: IPSClassifier = ctx.model  # type: ignore[assignment]
+        model = self.model
         selected = self._select(ctx, reads, len(image_ids))
         model.eval()
         maps = []
@@ -199,106 +174,4 @@ class IPS(Method):
         return logits, maps
 
 
-class WholeImage(Method):
-    """Baselines that see the whole image at once: ``downsample`` (§6) and ``full``."""
-
-    def build_model(self) -> nn.Module:
-        return ImageClassifier(self.backbone(), self.num_classes)
-
-    @abstractmethod
-    def request(self, image_id: str, b: int) -> ReadRequest:
-        """The one read of ``image_id``, the ``b``-th image of its batch."""
-
-    def plan(self, image_ids: list[str], seed: int, train: bool) -> list[ReadRequest]:
-        return [self.request(image_id, b) for b, image_id in enumerate(image_ids)]
-
-    def _forward(self, ctx: StepContext, reads: Reads) -> torch.Tensor:
-        images = [p for _, p in reads]
-        if len({tuple(p.shape) for p in images}) == 1:
-            return ctx.model(torch.stack(images).to(ctx.device, non_blocking=True))
-        return torch.cat([ctx.model(p.unsqueeze(0).to(ctx.device)) for p in images])
-
-    def train_batch(
-        self, ctx: StepContext, image_ids: list[str], targets: torch.Tensor, reads: Reads
-    ) -> BatchOutput:
-        ctx.model.train()
-        with ctx.autocast():
-            logits = self._forward(ctx, reads)
-            loss = F.cross_entropy(logits.float(), targets.to(ctx.device))
-        ctx.learn(loss)
-        return BatchOutput(float(loss.detach()), logits.detach().float().cpu())
-
-    def predict(self, ctx: StepContext, image_ids: list[str], reads: Reads) -> torch.Tensor:
-        ctx.model.eval()
-        with torch.no_grad(), ctx.autocast():
-            return self._forward(ctx, reads).float().cpu()
-
-    @abstractmethod
-    def input_side(self, image_id: str) -> tuple[int, int]:
-        """(side of the square the model sees, side of the level square it covers)."""
-
-    def memory(
-        self, model: nn.Module, images: list[Any], cost: PatchCost
-    ) -> tuple[int, int, int | None]:
-        side = max(self.input_side(im.image_id)[0] for im in images)
-        return 0, cost.scaled(side, self.recipe.patch_size).grad, None
-
-    def explain(
-        self, ctx: StepContext, image_ids: list[str], reads: Reads
-    ) -> tuple[torch.Tensor, list[Heatmap]]:
-        """Gradient × input saliency of the predicted class on the input, pooled to ≤ 32²."""
-        ctx.model.eval()
-        logits, maps = [], []
-        for request, pixels in reads:
-            image = pixels[0] if pixels.dim() == 4 else pixels
-            x = image.unsqueeze(0).to(ctx.device).float().requires_grad_(True)
-            with torch.enable_grad():
-                out = ctx.model(x)
-                (grad,) = torch.autograd.grad(out[0, out[0].argmax()], x)
-            saliency = (grad * x.detach()).abs().sum(1, keepdim=True)
-            seen, covered = self.input_side(request.image_id)
-            pool = max(1, seen // 32)
-            scores = F.avg_pool2d(saliency, pool, ceil_mode=True)[0, 0].cpu().numpy()
-            maps.append(Heatmap(request.image_id, scores.astype(np.float32),
-                                covered * pool / seen, "input saliency (gradient × input)"))  # fmt: skip
-            logits.append(out.detach().float().cpu())
-        return torch.cat(logits), maps
-
-
-@register_method("cls", "downsample")
-class Downsample(WholeImage):
-    """The whole image resized to ``input_size`` (default ``patch_size``), read from the pyramid."""
-
-    def describe(self, image_id: str) -> dict[str, str] | None:
-        _, height, width = self.reader.shape(image_id)
-        return resized_setting(height, width, self.recipe.input_size or self.recipe.patch_size)
-
-    def request(self, image_id: str, b: int) -> ReadRequest:
-        _, height, width = self.reader.shape(image_id)
-        size = self.recipe.input_size or self.recipe.patch_size
-        return ReadRequest(
-            image_id, "global", PatchGrid.of(height, width, size), tag=ReadTag("image", b)
-        )
-
-    def input_side(self, image_id: str) -> tuple[int, int]:
-        _, height, width = self.reader.shape(image_id)
-        return self.recipe.input_size or self.recipe.patch_size, max(height, width)
-
-
-@register_method("cls", "full")
-class Full(WholeImage):
-    """The whole level at full resolution (padded square); refuses images over ``full_max_pixels``."""
-
-    def describe(self, image_id: str) -> dict[str, str] | None:
-        return dict(FULL_SETTING)
-
-    def request(self, image_id: str, b: int) -> ReadRequest:
-        grid = full_grid(self, image_id, "ips")
-        return ReadRequest(image_id, "patches", grid, np.zeros(1, np.int64), ReadTag("image", b))
-
-    def _forward(self, ctx: StepContext, reads: Reads) -> torch.Tensor:
-        return super()._forward(ctx, ((r, p[0]) for r, p in reads))
-
-    def input_side(self, image_id: str) -> tuple[int, int]:
-        _, height, width = self.reader.shape(image_id)
-        return max(height, width), max(height, width)
+__all__ = ["IPS"]

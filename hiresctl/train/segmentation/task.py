@@ -7,21 +7,22 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 
-from hiresctl.data import LabelledImage, segmentation_images
+from hiresctl.data import LabelledImage, ReadRequest, segmentation_images
 from hiresctl.models import SEG_NETWORKS
 from hiresctl.train import distributed
+from hiresctl.train.methods import Reads, StepContext
 from hiresctl.train.registry import register_task
-from hiresctl.train.run import Inference, Run
-from hiresctl.train.segmentation import (
-    SegmentationMethod,
+from hiresctl.train.run import Inference
+from hiresctl.train.segmentation.base import SegmentationMethod, predicted_classes
+from hiresctl.train.segmentation.metrics import (
     binary_image_metrics,
     confusion,
     monitor_key,
-    predicted_classes,
     segmentation_metrics,
 )
-from hiresctl.train.tasks.base import Task, TileHook
+from hiresctl.train.task import Run, Task, TileHook
 from storage import Dataset, StoreError
 
 
@@ -36,8 +37,7 @@ def predict_segmentation(
     against the store's mask (streamed tile by tile too), with timing and peak memory.
     ``on_tile(image_id, y, x, logits, classes, truth)`` sees every tile (e.g. to write
     predictions); ``truth`` is the tile's class indices (-1 unknown), None without targets."""
-    method = run.method
-    assert isinstance(method, SegmentationMethod)
+    method: SegmentationMethod = run.task.method(run)
     inference = Inference(run, (method.plan_image(im.image_id) for im in images), num_workers)
     classes = len(run.classes)
     matrices = []
@@ -58,7 +58,8 @@ def predict_segmentation(
 
 
 @register_task("seg")
-class Segmentation(Task):
+class Segmentation(Task[SegmentationMethod]):
+    method_base = SegmentationMethod
     title = "segmentation"
     # θ1 is a U-Net with 8 output channels, k=4 patches per inner step (the seed paper's DRIVE
     # setting, docs/methods.md §5). Measured on DRIVE (BENCHMARKS.md, "Learning: DRIVE"): with
@@ -104,6 +105,17 @@ class Segmentation(Task):
 
     def monitor(self, classes: list[str]) -> str:
         return monitor_key(len(classes))
+
+    def infer(
+        self, run: Run, ctx: StepContext, image_ids: list[str], reads: Reads
+    ) -> list[list[tuple[int, int, torch.Tensor]]]:
+        """Each image's tiles (y, x, logits); the batch's reads are held until every image's
+        have arrived (for tests and benchmarks: evaluation streams image by image)."""
+        method = self.method(run)
+        by_image: dict[str, list[tuple[ReadRequest, torch.Tensor]]] = {}
+        for request, pixels in reads:
+            by_image.setdefault(request.image_id, []).append((request, pixels))
+        return [list(method.predict_tiles(ctx, i, iter(by_image.get(i, [])))) for i in image_ids]
 
     def validate(
         self, run: Run, images: list[LabelledImage], world: distributed.World

@@ -15,19 +15,19 @@ import torch
 from hiresctl.data import LabelledImage, detection_images
 from hiresctl.models.detection import DET_BACKBONES
 from hiresctl.train import distributed
-from hiresctl.train.detection import (
+from hiresctl.train.detection.base import PREDICT_SCORE_THRESHOLD, DetectionMethod
+from hiresctl.train.detection.coco import (
     COCO_KEYS,
-    PREDICT_SCORE_THRESHOLD,
-    DetectionMethod,
     coco_boxes,
     coco_ground_truth,
     coco_metrics,
     coco_results,
     match_detections,
 )
+from hiresctl.train.methods import Reads, StepContext
 from hiresctl.train.registry import register_task
-from hiresctl.train.run import Inference, Run
-from hiresctl.train.tasks.base import Task, TileHook
+from hiresctl.train.run import Inference
+from hiresctl.train.task import Run, Task, TileHook
 from storage import Dataset, StoreError
 
 
@@ -39,8 +39,7 @@ def predict_detections(
 ) -> tuple[list[dict[str, torch.Tensor]], dict[str, float]]:
     """Boxes (x0, y0, x1, y1 in level-0 pixels), scores and labels per image at the evaluation
     score threshold, with timing and peak memory."""
-    method = run.method
-    assert isinstance(method, DetectionMethod)
+    method: DetectionMethod = run.task.method(run)
     size = batch_size or run.recipe.batch_size
     batches = [images[i : i + size] for i in range(0, len(images), size)]
     plans = (method.plan([im.image_id for im in batch], 0, train=False) for batch in batches)
@@ -83,8 +82,9 @@ def coco_truth(run: Run, images: list[LabelledImage]) -> dict[str, Any]:
 
 
 @register_task("det")
-class Detection(Task):
+class Detection(Task[DetectionMethod]):
     title = "detection"
+    method_base = DetectionMethod
     # ResNet+FPN FCOS on 512-pixel patches, GroupNorm (no head BatchNorm to recalibrate), the
     # global map fused by one conv over the concatenation (docs/methods.md §4, §7)
     defaults: ClassVar[dict[str, Any]] = {
@@ -119,6 +119,11 @@ class Detection(Task):
 
     def monitor(self, classes: list[str]) -> str:
         return "ap"
+
+    def infer(
+        self, run: Run, ctx: StepContext, image_ids: list[str], reads: Reads
+    ) -> list[dict[str, torch.Tensor]]:
+        return self.method(run).detect(ctx, image_ids, reads)
 
     def validate(
         self, run: Run, images: list[LabelledImage], world: distributed.World

@@ -6,17 +6,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from hiresctl.data import LabelledImage, class_names, labelled_images
 from hiresctl.models import BACKBONES
 from hiresctl.train import distributed
-from hiresctl.train.methods import Heatmap
+from hiresctl.train.classification.base import ClassificationMethod
+from hiresctl.train.classification.metrics import classification_metrics, per_class
+from hiresctl.train.methods import Heatmap, Reads, StepContext
 from hiresctl.train.registry import register_task
-from hiresctl.train.run import Inference, Run, batch_seed
-from hiresctl.train.tasks.base import Task, TileHook
+from hiresctl.train.run import Inference, batch_seed
+from hiresctl.train.task import Run, Task, TileHook
 from storage import Dataset, StoreError
 
 
@@ -54,54 +55,10 @@ def predict_images(
     return torch.cat(logits), torch.cat(targets), stats
 
 
-def classification_metrics(
-    logits: torch.Tensor, targets: torch.Tensor, classes: int
-) -> dict[str, Any]:
-    """Accuracy, balanced accuracy, macro F1, quadratic kappa, AUC (binary), confusion matrix."""
-    from sklearn import metrics as skm
-
-    y_true = targets.numpy()
-    y_pred = logits.argmax(1).numpy() if len(logits) else np.zeros(0, dtype=int)
-    labels = list(range(classes))
-    out: dict[str, Any] = {"count": len(y_true)}
-    if not len(y_true):
-        return out
-    out["accuracy"] = float(skm.accuracy_score(y_true, y_pred))
-    matrix = skm.confusion_matrix(y_true, y_pred, labels=labels)
-    recalls = [matrix[i, i] / matrix[i].sum() for i in labels if matrix[i].sum()]
-    out["balanced_accuracy"] = float(np.mean(recalls))
-    out["macro_f1"] = float(
-        skm.f1_score(y_true, y_pred, labels=sorted(set(y_true)), average="macro", zero_division=0)
-    )
-    if len(set(y_true)) > 1 or len(set(y_pred)) > 1:
-        kappa = skm.cohen_kappa_score(y_true, y_pred, labels=labels, weights="quadratic")
-        out["kappa_quadratic"] = float(kappa) if np.isfinite(kappa) else 0.0
-    if classes == 2 and len(set(y_true)) == 2:
-        probs = logits.softmax(1)[:, 1].numpy()
-        out["auc"] = float(skm.roc_auc_score(y_true, probs))
-    out["confusion_matrix"] = matrix.tolist()
-    return out
-
-
-def per_class(matrix: list[list[int]], classes: list[str]) -> dict[str, dict[str, Any]]:
-    """Precision, recall, F1 and support of each class from a confusion matrix (rows: true)."""
-    m = np.asarray(matrix, dtype=float)
-    out: dict[str, dict[str, Any]] = {}
-    if m.size == 0:
-        return out
-    for i, name in enumerate(classes):
-        tp, predicted, support = m[i, i], m[:, i].sum(), m[i].sum()
-        precision = tp / predicted if predicted else None
-        recall = tp / support if support else None
-        f1 = (2 * precision * recall / (precision + recall)
-              if precision and recall else (0.0 if support else None))  # fmt: skip
-        out[name] = {"precision": precision, "recall": recall, "f1": f1, "support": int(support)}
-    return out
-
-
 @register_task("cls")
-class Classification(Task):
+class Classification(Task[ClassificationMethod]):
     title = "classification"
+    method_base = ClassificationMethod
     # Nothing pretrained is downloaded, so the default encoder is one that learns from scratch:
     # on Megapixel MNIST 256² (10-pixel digits, 700 training images) `tiny` reached 0.37
     # validation accuracy after 6 epochs of the defaults, where ResNet-18 stayed at chance
@@ -126,6 +83,9 @@ class Classification(Task):
         self, dataset: Dataset, split: str, classes: list[str]
     ) -> tuple[list[LabelledImage], list[str]]:
         return labelled_images(dataset, split, classes)
+
+    def infer(self, run: Run, ctx: StepContext, image_ids: list[str], reads: Reads) -> torch.Tensor:
+        return self.method(run).predict(ctx, image_ids, reads)
 
     def validate(
         self, run: Run, images: list[LabelledImage], world: distributed.World
@@ -165,4 +125,4 @@ class Classification(Task):
         return body, stats
 
 
-__all__ = ["Classification", "classification_metrics", "per_class", "predict_images"]
+__all__ = ["Classification", "predict_images"]

@@ -11,14 +11,14 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hiresctl.data import PatchGrid, PatchReader, ReadRequest, ReadTag
 from hiresctl.models.ips import FeatureEncoder, IPSClassifier
 from hiresctl.models.mil import EndToEndMIL, Standardize, create_aggregator
+from hiresctl.train.classification.base import ClassificationMethod
 from hiresctl.train.memory import PatchCost
-from hiresctl.train.methods import BatchOutput, Heatmap, Method, Reads, StepContext, _chunks
+from hiresctl.train.methods import Heatmap, Reads, StepContext, chunks
 from hiresctl.train.recipe import Recipe
 from hiresctl.train.registry import register_method
 from storage import StoreError, UsageError
@@ -30,7 +30,7 @@ STANDARDIZE_IMAGES = 256
 # CLAM's settings for attention MIL on frozen features: Adam 2e-4, weight decay 1e-5, dropout 0.25
 @register_method("cls", "abmil", defaults={"lr": 2e-4, "weight_decay": 1e-5, "dropout": 0.25,
                                            "calibration_batches": 0})  # fmt: skip
-class FeatureMIL(Method):
+class FeatureMIL(ClassificationMethod):
     """An aggregator trained on each image's stored feature set: no pixel is read, so an epoch
     costs the aggregator's work alone (the features were paid for once by ``hiresctl embed``)."""
 
@@ -164,30 +164,21 @@ class FeatureMIL(Method):
         logits, weights = [], []
         for request, bag in reads:
             with ctx.autocast():
-                out, w = ctx.model(self._bag(request, bag, train).to(ctx.device))
+                out, w = self.model(self._bag(request, bag, train).to(ctx.device))
             logits.append(out.float())
             weights.append(w.detach().float().cpu())
         return torch.stack(logits), weights
 
-    def train_batch(
-        self, ctx: StepContext, image_ids: list[str], targets: torch.Tensor, reads: Reads
-    ) -> BatchOutput:
-        ctx.model.train()
-        logits, _ = self._forward(ctx, reads, train=True)
-        loss = F.cross_entropy(logits, targets.to(ctx.device))
-        ctx.learn(loss)
-        return BatchOutput(float(loss.detach()), logits.detach().cpu())
-
-    def predict(self, ctx: StepContext, image_ids: list[str], reads: Reads) -> torch.Tensor:
-        ctx.model.eval()
-        with torch.no_grad():
-            return self._forward(ctx, reads, train=False)[0].cpu()
+    def forward(
+        self, ctx: StepContext, image_ids: list[str], reads: Reads, train: bool
+    ) -> torch.Tensor:
+        return self._forward(ctx, reads, train)[0]
 
     def explain(
         self, ctx: StepContext, image_ids: list[str], reads: Reads
     ) -> tuple[torch.Tensor, list[Heatmap]]:
         """Logits, and each instance's attention weight placed on its patch's cell."""
-        ctx.model.eval()
+        self.model.eval()
         with torch.no_grad():
             logits, weights = self._forward(ctx, reads, train=False)
         maps = [
@@ -243,6 +234,8 @@ class FeatureIPS(FeatureMIL):
     with gradient. The bag is read whole (features are small); what stays bounded is the
     activations, M per image whatever N is."""
 
+    model: IPSClassifier
+
     def aggregator_model(self, dim: int) -> tuple[nn.Module, Standardize]:
         r = self.recipe
         encoder = FeatureEncoder(dim, r.latent_dim or dim, r.dropout)
@@ -255,7 +248,7 @@ class FeatureIPS(FeatureMIL):
         self, ctx: StepContext, request: ReadRequest, bag: torch.Tensor, train: bool
     ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(the M selected instances' indices, their grid positions, the grid's columns)."""
-        model: IPSClassifier = ctx.model  # type: ignore[assignment]
+        model = self.model
         rows, cols, (_, width), _ = self.cells(request.image_id)
         positions = torch.as_tensor(rows * width + cols, device=ctx.device)
         memory, step = self.recipe.memory_size, self.recipe.iter_size
@@ -280,7 +273,7 @@ class FeatureIPS(FeatureMIL):
     def _forward(
         self, ctx: StepContext, reads: Reads, train: bool
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        model: IPSClassifier = ctx.model  # type: ignore[assignment]
+        model = self.model
         logits, weights = [], []
         for request, bag in reads:
             bag = bag.to(ctx.device)
@@ -324,11 +317,13 @@ class FeatureIPS(FeatureMIL):
 
 
 @register_method("cls", "e2e-mil", defaults={"dropout": 0.25, "calibration_batches": 0})
-class E2EMIL(Method):
+class E2EMIL(ClassificationMethod):
     """The backbone and gated attention trained together on ``bag_size`` [K] random kept
     patches per image per step, all the batch's patches through the backbone as one batch (so
     BatchNorm sees several images). Evaluation encodes every kept patch without gradient,
     ``fill_batch`` at a time, and attends over all of them."""
+
+    model: EndToEndMIL
 
     def build_model(self) -> nn.Module:
         r = self.recipe
@@ -346,7 +341,7 @@ class E2EMIL(Method):
                     ReadRequest(image_id, "patches", grid, chosen, ReadTag("bag", b, last=True))
                 )
                 continue
-            parts = _chunks(kept, self.recipe.fill_batch)
+            parts = chunks(kept, self.recipe.fill_batch)
             for i, part in enumerate(parts):
                 requests.append(
                     ReadRequest(
@@ -355,29 +350,26 @@ class E2EMIL(Method):
                 )
         return requests
 
-    def train_batch(
-        self, ctx: StepContext, image_ids: list[str], targets: torch.Tensor, reads: Reads
-    ) -> BatchOutput:
-        model: EndToEndMIL = ctx.model  # type: ignore[assignment]
-        model.train()
+    def forward(
+        self, ctx: StepContext, image_ids: list[str], reads: Reads, train: bool
+    ) -> torch.Tensor:
+        """Training: the K patches of every image through the backbone as one batch."""
+        if not train:
+            return self._eval(ctx, reads)[0]
         bags = list(reads)
-        with ctx.autocast():
-            features = model.encode(torch.cat([p for _, p in bags]).to(ctx.device))
-            logits, start = [], 0
-            for _, pixels in bags:
-                out, _ = model.aggregator(features[start : start + len(pixels)].float())
-                logits.append(out.float())
-                start += len(pixels)
+        features = self.model.encode(torch.cat([p for _, p in bags]).to(ctx.device))
+        logits, start = [], 0
+        for _, pixels in bags:
+            out, _ = self.model.aggregator(features[start : start + len(pixels)].float())
+            logits.append(out.float())
+            start += len(pixels)
         ctx.patches_with_grad += start
-        stacked = torch.stack(logits)
-        loss = F.cross_entropy(stacked, targets.to(ctx.device))
-        ctx.learn(loss)
-        return BatchOutput(float(loss.detach()), stacked.detach().cpu())
+        return torch.stack(logits)
 
     def _eval(
         self, ctx: StepContext, reads: Reads
     ) -> tuple[torch.Tensor, list[tuple[ReadRequest, np.ndarray, torch.Tensor]]]:
-        model: EndToEndMIL = ctx.model  # type: ignore[assignment]
+        model = self.model
         model.eval()
         logits, bags, pieces, indices = [], [], [], []
         with torch.no_grad():
