@@ -91,15 +91,21 @@ def sparse_store(path: Path, sides: list[int]) -> Path:
 
 
 def write_section(text: str, name: str) -> None:
-    """Replace the ``name`` section of BENCHMARKS.md (between its markers) with ``text``."""
+    """Replace the ``name`` section of BENCHMARKS.md (between its markers) with ``text``; the
+    reading written under the old table (its lines starting "Reading it") stays, unless
+    ``text`` brings its own."""
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     current = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else "# Benchmarks\n"
-    block = f"{start}\n{text.rstrip()}\n{end}\n"
     if start in current and end in current:
         head, rest = current.split(start, 1)
-        current = head + block + rest.split(end, 1)[1].lstrip("\n")
+        old, tail = rest.split(end, 1)
+        reading = [line for line in old.splitlines() if line.startswith("Reading it")]
+        if reading and not any(line.startswith("Reading it") for line in text.splitlines()):
+            text = text.rstrip() + "\n" + "\n".join(reading)
+        block = f"{start}\n{text.rstrip()}\n{end}\n"
+        current = head + block + tail.lstrip("\n")
     else:
-        current = current.rstrip() + "\n\n" + block
+        current = current.rstrip() + "\n\n" + f"{start}\n{text.rstrip()}\n{end}\n"
     BENCHMARKS_MD.write_text(current)
 
 
