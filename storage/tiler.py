@@ -39,6 +39,17 @@ from storage.chunks import remove_partial_writes
 from storage.codecs import JpegCodec
 from storage.composite import ColourLabelReader
 from storage.errors import NoSpaceError, SourceError, StoreError, UsageError, no_space
+from storage.format import (
+    FORMAT_VERSION,
+    IMAGES,
+    MASK,
+    ROI,
+    THUMBNAIL,
+    hires_attrs,
+    record_arrays,
+    upgrade_layout,
+    write_foreground,
+)
 from storage.inputs import (
     ImageResult,
     LabelTable,
@@ -55,18 +66,7 @@ from storage.pyramid import foreground_mask, level_shapes, resize_thumbnail
 from storage.readers import (
     SourceReader,
 )
-from storage.store import (
-    FORMAT_VERSION,
-    IMAGES,
-    MASK,
-    ROI,
-    THUMBNAIL,
-    hires_attrs,
-    image_multiscales,
-    record_arrays,
-    upgrade_layout,
-    write_foreground,
-)
+from storage.store import image_multiscales
 
 __all__ = [
     "ImageResult",
