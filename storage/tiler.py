@@ -16,13 +16,10 @@ How it works (memory is bounded by blocks, never by image size):
 
 from __future__ import annotations
 
-import hashlib
-import math
 import os
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +30,7 @@ from zarr.codecs import ZstdCodec
 from storage.annotations import (
     Annotations,
 )
-from storage.blocks import BlockJob, cached_reader, forget_cached, run_block
-from storage.boxes import annotation_file_id, boxes_for, write_boxes
-from storage.chunks import remove_partial_writes
-from storage.codecs import JpegCodec
-from storage.composite import ColourLabelReader
+from storage.blocks import BlockJob, forget_cached, run_block
 from storage.errors import NoSpaceError, SourceError, StoreError, UsageError, no_space
 from storage.format import (
     FORMAT_VERSION,
@@ -56,17 +49,13 @@ from storage.inputs import (
     MaskSet,
     SourceSpec,
     TileOptions,
-    fingerprint,
-    image_id_for,
-    split_for,
 )
 from storage.lock import WriterLock
 from storage.ngff import label_image_attrs
-from storage.pyramid import foreground_mask, level_shapes, resize_thumbnail
-from storage.readers import (
-    SourceReader,
-)
+from storage.pyramid import foreground_mask, resize_thumbnail
 from storage.store import image_multiscales
+from storage.tileplan import Plan, pass_blocks, prepare
+from storage.tileplan import jobs as pass_jobs
 
 __all__ = [
     "ImageResult",
@@ -76,327 +65,6 @@ __all__ = [
     "TileOptions",
     "tile",
 ]
-
-# ----------------------------------------------------------------------------------- planning
-
-
-@dataclass
-class _Plan:
-    spec: SourceSpec
-    result: ImageResult
-    group: str = ""
-    shapes: list[tuple[int, int]] = field(default_factory=list)
-    passes: list[tuple[int, int, int]] = field(default_factory=list)  # (base, top, block)
-    reader: SourceReader | None = None
-    failed: bool = False
-    started: float = 0.0
-    mask: SourceSpec | None = None  # the mask image tiled beside the image
-    classes: dict[int, str] = field(default_factory=dict)
-    ignore: list[int] = field(default_factory=list)  # mask values left out of training and metrics
-    colours: tuple[tuple[int, int], ...] = ()  # colour masks: (0xRRGGBB, stored value)
-    roi: SourceSpec | None = None  # the region-of-interest mask tiled beside the image
-
-    @property
-    def mask_group(self) -> str:
-        return f"{self.group}/labels/{MASK}"
-
-    @property
-    def roi_group(self) -> str:
-        return f"{self.group}/labels/{ROI}"
-
-    def label_layers(self) -> list[tuple[str, str, SourceSpec]]:
-        """(name, group, source) of each label image tiled beside the image."""
-        found = [(MASK, self.mask_group, self.mask), (ROI, self.roi_group, self.roi)]
-        return [(name, group, spec) for name, group, spec in found if spec is not None]
-
-
-def _passes(n_levels: int, chunk: int, block_size: int) -> tuple[int, list[tuple[int, int, int]]]:
-    m = max(0, int(math.log2(max(1, block_size // chunk))))
-    block = chunk << m
-    passes = []
-    base = 0
-    while True:
-        top = min(base + m, n_levels - 1)
-        passes.append((base, top, block))
-        if top >= n_levels - 1:
-            break
-        base = top
-    return block, passes
-
-
-def _codecs(options: TileOptions, channels: int, dtype: np.dtype) -> dict[str, Any]:
-    if options.codec == "jpeg":
-        if dtype != np.uint8 or channels not in (1, 3):
-            raise SourceError(
-                "",
-                f"--codec jpeg needs 8-bit gray or RGB; this image is {channels}-channel {dtype}",
-            )
-        return {
-            "serializer": JpegCodec(quality=options.jpeg_quality),
-            "compressors": None,
-        }
-    return {"compressors": [ZstdCodec(level=options.zstd_level)]}
-
-
-def _prepare(
-    root: zarr.Group,
-    store: str,
-    spec: SourceSpec,
-    options: TileOptions,
-    labels: LabelTable | None,
-    taken: set[str],
-    masks: MaskSet | None = None,
-    annotations: Annotations | None = None,
-    rois: MaskSet | None = None,
-) -> _Plan:
-    plan = _Plan(spec=spec, result=ImageResult(source=spec.name), started=time.perf_counter())
-    reader = spec.open(options)
-    plan.reader = reader
-    info = reader.info
-    boxes = boxes_for(spec, reader, annotations) if annotations is not None else None
-    label_row = labels.lookup(spec) if labels else None
-    if labels is not None and (label_row is None or not label_row["label"]):
-        raise SourceError(spec.name, f"no label for this image in {labels.path}")
-    mask_path = masks.lookup(spec) if masks is not None else None
-    if masks is not None and mask_path is None:
-        raise SourceError(spec.name, f"no mask for this image in {masks.folder}")
-    roi_path = rois.lookup(spec) if rois is not None else None
-    if rois is not None and roi_path is None:
-        raise SourceError(spec.name, f"no region-of-interest mask for this image in {rois.folder}")
-    image_id = image_id_for(spec)
-    if image_id in taken:
-        image_id = f"{image_id}-{hashlib.sha256(spec.name.encode()).hexdigest()[:6]}"
-    taken.add(image_id)
-    plan.result.id = image_id
-    plan.group = f"{IMAGES}/{image_id}"
-    height, width = info.level_shapes[0]
-    plan.shapes = level_shapes(height, width, options.thumbnail_size)
-    _, plan.passes = _passes(len(plan.shapes), options.chunk, options.block_size)
-    plan.result.shape = [info.channels, height, width]
-    plan.result.levels = len(plan.shapes)
-    fp = fingerprint(spec)
-    split = (label_row or {}).get("split") or split_for(
-        image_id, options.split_seed, options.split_fractions
-    )
-    identity: dict[str, Any] = {
-        "source": spec.name,
-        "fingerprint": fp,
-        "tiling": options.tiling_key(),
-    }
-    if mask_path is not None:
-        assert masks is not None
-        plan.mask = _check_mask(mask_path, info, options, colours=masks)
-        plan.classes = masks.classes
-        plan.ignore = masks.ignore
-        plan.colours = masks.colours
-        identity["mask_source"] = mask_path
-        identity["mask_fingerprint"] = fingerprint(plan.mask)
-        if masks.colours:  # another colour table stores other values: re-tile
-            identity["mask_colours"] = [[f"#{c:06X}", v] for c, v in masks.colours]
-    if roi_path is not None:
-        plan.roi = _check_mask(roi_path, info, options, "region-of-interest mask")
-        identity["roi_source"] = roi_path
-        identity["roi_fingerprint"] = fingerprint(plan.roi)
-    existing = root.get(plan.group)
-    if existing is not None and not options.overwrite:
-        attrs = hires_attrs(existing)
-        same = all(attrs.get(k) == v for k, v in identity.items())
-        if same:
-            # label and split may change without re-tiling
-            attrs.update(
-                {
-                    "label": (label_row or {}).get("label", attrs.get("label")),
-                    "split": split,
-                }
-            )
-            if boxes is not None:
-                assert annotations is not None
-                assert isinstance(existing, zarr.Group)
-                attrs["boxes"] = write_boxes(
-                    existing, boxes, annotations, annotation_file_id(annotations, spec)
-                )
-            existing.attrs["hiresctl"] = attrs
-            if mask_path is not None and masks is not None and (masks.classes or masks.ignore):
-                # names and the ignored values may change without re-tiling
-                _name_classes(existing, masks.classes, masks.ignore)
-            if attrs.get("status") == "complete":
-                plan.result.status = "skipped"
-                return plan
-            plan.result.status = "resumed"
-            remove_partial_writes(Path(store) / plan.group)  # a killed run's half-written files
-            return plan
-    if existing is not None:
-        del root[plan.group]
-    plan.result.status = "written"
-    dtype = np.dtype(info.dtype)
-    codecs = _codecs(options, info.channels, dtype)
-    group = root.require_group(plan.group)
-    meta: dict[str, Any] = {
-        **identity,
-        "status": "incomplete",
-        "shape": [info.channels, height, width],
-        "levels": len(plan.shapes),
-        "dtype": dtype.str,
-        "mpp": info.mpp,
-        "fill_value": int(info.fill_value),
-        "label": (label_row or {}).get("label"),
-        "split": split,
-        **{k: v for k, v in info.extra.items() if k not in ("tiles",)},
-    }
-    if boxes is not None:
-        assert annotations is not None
-        meta["boxes"] = write_boxes(
-            group, boxes, annotations, annotation_file_id(annotations, spec)
-        )
-    group.attrs["hiresctl"] = meta
-    _create_levels(group, plan, options, info.channels, dtype, info.fill_value, codecs)
-    for name, _, label_spec in plan.label_layers():
-        label_group = group.require_group("labels").require_group(name)
-        label_dtype = np.dtype(cached_reader(label_spec, options).info.dtype)
-        zstd = {"compressors": [ZstdCodec(level=options.zstd_level)]}
-        _create_levels(label_group, plan, options, 1, label_dtype, 0, zstd)
-    return plan
-
-
-def _create_levels(
-    group: zarr.Group,
-    plan: _Plan,
-    options: TileOptions,
-    channels: int,
-    dtype: np.dtype,
-    fill_value: int,
-    codecs: dict[str, Any],
-) -> None:
-    """The pyramid's arrays (chunked and sharded as the tasks write them) and progress cells."""
-    for level, (lh, lw) in enumerate(plan.shapes):
-        shard = _shard_side(level, plan.passes, options.chunk)
-        group.create_array(
-            str(level),
-            shape=(channels, lh, lw),
-            dtype=dtype,
-            chunks=(channels, options.chunk, options.chunk),
-            shards=(channels, shard, shard) if shard > options.chunk else None,
-            fill_value=fill_value,
-            dimension_names=("c", "y", "x"),
-            **codecs,
-        )
-    for index, (base, _top, block) in enumerate(plan.passes):
-        bh, bw = plan.shapes[base]
-        group.create_array(
-            f"_progress_{index}",
-            shape=(math.ceil(bh / block), math.ceil(bw / block)),
-            dtype="uint8",
-            chunks=(1, 1),
-            fill_value=0,
-        )
-
-
-def _check_mask(
-    path: str,
-    info: Any,
-    options: TileOptions,
-    what: str = "mask",
-    colours: MaskSet | None = None,
-) -> SourceSpec:
-    """The mask's source spec, after checking it can label this image (one integer channel,
-    or colours its classes table names; the image's size once resampled like it)."""
-    base_mpp = info.extra.get("resampled_from_mpp", info.mpp)
-    table = colours.colours if colours is not None else ()
-    other = colours.other if colours is not None else None
-    spec = SourceSpec(
-        (path,), labels=True, reference_mpp=base_mpp, colours=table, other_colour=other
-    )
-    try:
-        reader = spec.open(options)
-    except SourceError as exc:
-        raise SourceError(info.path, f"{what} {path}: {exc.problem}") from None
-    try:
-        mask = reader.info
-        if mask.channels != 1 or np.dtype(mask.dtype).kind not in "ui":
-            raise SourceError(
-                info.path,
-                f"{what} {path}: must be one channel of integer labels (gray or palette), "
-                f"found {mask.channels} channel(s) of {np.dtype(mask.dtype)}",
-            )
-        (mh, mw), (h, w) = mask.level_shapes[0], info.level_shapes[0]
-        if abs(mh - h) > 1 or abs(mw - w) > 1:  # one pixel: rounding when both are resampled
-            raise SourceError(
-                info.path, f"{what} {path} is {mh}×{mw} pixels but the image is {h}×{w}"
-            )
-        if table and other is None:
-            assert isinstance(reader, ColourLabelReader) and colours is not None
-            _check_colours(reader, path, info.path, colours.classes_file or "--mask-classes")
-    finally:
-        reader.close()
-    return spec
-
-
-def _check_colours(reader: ColourLabelReader, path: str, image: str, classes: str) -> None:
-    """Refuse a colour mask with a colour its table does not name, before anything is written:
-    the whole mask is scanned block by block, and the error names the colours and their
-    pixel counts."""
-    height, width = reader.info.level_shapes[0]
-    found: dict[int, int] = {}
-    step = 2048
-    for y in range(0, height, step):
-        for x in range(0, width, step):
-            rgb = reader.base.read_region(0, y, x, min(step, height - y), min(step, width - x))
-            for colour, count in reader.unknown(rgb).items():
-                found[colour] = found.get(colour, 0) + count
-    if found:
-        worst = sorted(found.items(), key=lambda item: -item[1])
-        listed = ", ".join(f"#{c:06X} ({n} pixels)" for c, n in worst[:3])
-        more = f" and {len(worst) - 3} more" if len(worst) > 3 else ""
-        raise SourceError(
-            image,
-            f"mask {path} has colours that {classes} does not name: {listed}{more}; name them, "
-            "or add the row '*,ignore' to leave every unnamed colour out",
-        )
-
-
-def _name_classes(group: Any, classes: dict[int, str], ignore: list[int]) -> None:
-    labels = group.get("labels")
-    if labels is None or MASK not in labels:
-        return
-    mask = labels[MASK]
-    attrs = hires_attrs(mask)
-    attrs["classes"] = {str(k): v for k, v in classes.items()}
-    attrs["ignore"] = list(ignore)
-    mask.attrs["hiresctl"] = attrs
-
-
-def _shard_side(level: int, passes: list[tuple[int, int, int]], chunk: int) -> int:
-    """A level's shard is the footprint one task writes in it."""
-    for base, top, block in passes:
-        if base < level <= top or (level == 0 and base == 0):
-            return block >> (level - base)
-    return chunk
-
-
-def _pass_blocks(plan: _Plan, pass_index: int) -> int:
-    base, _top, block = plan.passes[pass_index]
-    height, width = plan.shapes[base]
-    layers = 1 + len(plan.label_layers())
-    return layers * math.ceil(height / block) * math.ceil(width / block)
-
-
-def _jobs(
-    store: str, plan: _Plan, pass_index: int, options: TileOptions, root: zarr.Group
-) -> list[BlockJob]:
-    """The unfinished blocks of one pass: the image's, then its label images'."""
-    base, top, block = plan.passes[pass_index]
-    layers = [(plan.group, plan.spec, False)]
-    layers += [(group, spec, True) for _, group, spec in plan.label_layers()]
-    jobs = []
-    for group, spec, labels in layers:
-        progress: Any = root[f"{group}/_progress_{pass_index}"]
-        done = np.asarray(progress[...])
-        jobs += [
-            BlockJob(store, group, spec, options, pass_index, base, top, block, r, c, labels)
-            for r, c in zip(*np.nonzero(done == 0), strict=True)
-        ]
-    return jobs
-
 
 # --------------------------------------------------------------------------------- execution
 
@@ -452,7 +120,7 @@ def _space_needed(store: str, done: int, left: int) -> int | None:
     return int(written / done * left)
 
 
-def _finalize(root: zarr.Group, plan: _Plan, options: TileOptions) -> None:
+def _finalize(root: zarr.Group, plan: Plan, options: TileOptions) -> None:
     group = root[plan.group]
     assert isinstance(group, zarr.Group)
     attrs = hires_attrs(group)
@@ -510,7 +178,7 @@ def _finalize(root: zarr.Group, plan: _Plan, options: TileOptions) -> None:
 
 def _finalize_mask(
     group: Any,
-    plan: _Plan,
+    plan: Plan,
     name: str,
     level_scales: list[tuple[float, float]],
     mpp: float | None,
@@ -686,20 +354,20 @@ def _tile_locked(
     rois: MaskSet | None = None,
 ) -> list[ImageResult]:
     root = _open_root(store, options)
-    plans: list[_Plan] = []
+    plans: list[Plan] = []
     taken: set[str] = set()
     emit = on_result or (lambda r: None)
     for spec in sources:
         try:
-            plan = _prepare(root, store, spec, options, labels, taken, masks, annotations, rois)
+            plan = prepare(root, store, spec, options, labels, taken, masks, annotations, rois)
         except SourceError as exc:
-            plan = _Plan(
+            plan = Plan(
                 spec=spec,
                 result=ImageResult(source=spec.name, error=exc.problem),
                 failed=True,
             )
         except Exception as exc:  # an unexpected problem with one file must not stop the others
-            plan = _Plan(
+            plan = Plan(
                 spec=spec,
                 result=ImageResult(source=spec.name, error=f"{type(exc).__name__}: {exc}"),
                 failed=True,
@@ -715,7 +383,7 @@ def _tile_locked(
         group: p for p in active for _, group, _ in p.label_layers()
     }
     max_passes = max((len(p.passes) for p in active), default=0)
-    total = sum(_pass_blocks(p, i) for p in active for i in range(len(p.passes)))
+    total = sum(pass_blocks(p, i) for p in active for i in range(len(p.passes)))
     done = [0]
     lock = threading.Lock()
 
@@ -736,11 +404,11 @@ def _tile_locked(
             job
             for p in active
             if not p.failed and pass_index < len(p.passes)
-            for job in _jobs(store, p, pass_index, options, root)
+            for job in pass_jobs(store, p, pass_index, options, root)
         ]
         # blocks finished by an earlier, interrupted run count as done
         done[0] += sum(
-            _pass_blocks(p, pass_index)
+            pass_blocks(p, pass_index)
             for p in active
             if not p.failed and pass_index < len(p.passes)
         ) - len(jobs)
