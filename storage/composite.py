@@ -10,13 +10,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from storage.errors import SourceError
-from storage.readers import (
-    DEFAULT_MAX_PIXELS,
-    SourceInfo,
-    SourceReader,
-    TiffReader,
-    _check_size,
-)
+from storage.source import DEFAULT_MAX_PIXELS, SourceInfo, SourceReader, check_size
+from storage.tiff import TiffReader
 
 __all__ = ["MosaicReader", "ResampledReader"]
 
@@ -71,7 +66,7 @@ class MosaicReader(SourceReader):
             h, w = r.info.level_shapes[0]
             self._tiles.append((r, row, col))
             height, width = max(height, row + h), max(width, col + w)
-        _check_size(name, height, width, max_pixels)
+        check_size(name, height, width, max_pixels)
         first = readers[0].info
         self.info = SourceInfo(
             path=name,
