@@ -12,7 +12,7 @@ import numpy as np
 import tifffile
 import zarr
 
-from hiresctl.eval.predict import mask_polygons
+from hiresctl.eval.outputs import mask_polygons
 from tests.ngff import assert_valid_ngff
 from tests.stores import make_store, planted_images
 

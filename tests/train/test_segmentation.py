@@ -275,7 +275,7 @@ def test_predicting_a_20k_image_holds_tiles_not_the_image(tmp_path: Path) -> Non
     prediction (read, segment, write the label pyramid) must hold only tiles."""
     import tifffile
 
-    from hiresctl.eval.predict import predict_masks
+    from hiresctl.eval.outputs import predict_masks
     from hiresctl.train import atomic_save
     from hiresctl.train.memory import PeakMemory, current_rss_bytes
     from storage.tiler import MaskSet, SourceSpec, TileOptions, tile
