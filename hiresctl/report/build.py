@@ -16,8 +16,9 @@ import yaml
 from hiresctl.eval import evaluate, run_task
 from hiresctl.eval.stats import Comparison, Interval, compare_runs
 from hiresctl.report.drawers import OverlayCollector, figure_drawer, read_json
+from hiresctl.report.markdown import render_markdown
 from hiresctl.report.model import LOWER_IS_BETTER, METRIC_NAMES, RunReport
-from hiresctl.report.render import charts, render_html, render_markdown
+from hiresctl.report.render import charts, render_html
 from hiresctl.train import (
     Run,
     get_task,

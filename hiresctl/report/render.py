@@ -84,7 +84,7 @@ details{margin:6px 0}pre{background:#fff;padding:10px;overflow:auto;font-size:.8
 """
 
 
-def _num(value: Any, digits: int = 4) -> str:
+def number_text(value: Any, digits: int = 4) -> str:
     if value is None:
         return "—"
     if isinstance(value, bool):
@@ -98,7 +98,7 @@ def _num(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
-def _digits(column: str) -> int:
+def decimals(column: str) -> int:
     if column in ("train_seconds", *PREPARED_COLUMNS):
         return 0
     return 2 if column in COST_COLUMNS else 4
@@ -141,7 +141,7 @@ def charts(metrics: dict[str, Any], reports: list[RunReport]) -> list[tuple[str,
     return out
 
 
-def _interval(metrics: dict[str, Any], run: str, column: str) -> str:
+def interval_text(metrics: dict[str, Any], run: str, column: str) -> str:
     """`` [0.712–0.804]``: the 95% interval of the deciding metric's ``column`` for ``run``."""
     found = (metrics.get("intervals") or {}).get(run)
     if column != metrics["deciding_metric"] or not found or found["low"] is None:
@@ -151,7 +151,7 @@ def _interval(metrics: dict[str, Any], run: str, column: str) -> str:
     return f" [{found['low']:.3f}–{found['high']:.3f}]"
 
 
-def _comparison_sentences(metrics: dict[str, Any]) -> list[str]:
+def comparison_sentences(metrics: dict[str, Any]) -> list[str]:
     """One line per paired comparison of the winner with another run."""
     name = METRIC_NAMES.get(metrics["deciding_metric"], metrics["deciding_metric"])
     out = []
@@ -180,7 +180,7 @@ def _comparison_columns(metrics: dict[str, Any]) -> list[str]:
     return present + list(COST_COLUMNS) + (list(PREPARED_COLUMNS) if prepared else [])
 
 
-def _headline(metrics: dict[str, Any]) -> str:
+def headline(metrics: dict[str, Any]) -> str:
     task = get_task(metrics["task"]).title
     count = len(metrics["runs"])
     return f"{task.capitalize()}: {count} run{'s' if count > 1 else ''} on {metrics['data']} [{metrics['split']}]"
@@ -244,20 +244,23 @@ def _run_section_html(r: RunReport, svgs: dict[str, str]) -> str:
     if train:
         out.append(f'<p class="meta">Trained {train.get("epochs")} epochs ({train.get("steps")} steps) '
                    f'on {train.get("train_images")} images, {_h(train.get("device"))}, '
-                   f'{_h(train.get("precision"))}; peak memory {_num(train.get("peak_memory_gb"), 2)} GB '
-                   f'({_h(train.get("peak_memory_kind"))}), {_num(train.get("images_per_second"), 2)} '
-                   f'images/s, data wait {_num((train.get("data_wait_fraction") or 0) * 100, 0)}%. '
+                   f'{_h(train.get("precision"))}; peak memory {number_text(train.get("peak_memory_gb"), 2)} GB '
+                   f'({_h(train.get("peak_memory_kind"))}), {number_text(train.get("images_per_second"), 2)} '
+                   f'images/s, data wait {number_text((train.get("data_wait_fraction") or 0) * 100, 0)}%. '
                    f'Best validation {_h(train.get("monitor") or "accuracy")}: '
-                   f'{_num(train.get("best_val", train.get("best_val_accuracy")))}.</p>')  # fmt: skip
+                   f'{number_text(train.get("best_val", train.get("best_val_accuracy")))}.</p>')  # fmt: skip
     out.append(f"<h3>Metrics on {_h(result['split'])} ({result['count']} images)</h3>")
-    rows = [[(_h(METRIC_NAMES.get(k, k)), ""), (_num(v), "")] for k, v in result["metrics"].items()]
+    rows = [
+        [(_h(METRIC_NAMES.get(k, k)), ""), (number_text(v), "")]
+        for k, v in result["metrics"].items()
+    ]
     rows.append(
         [
             ("Peak memory (GB)", ""),
-            (f"{_num(result['peak_memory_gb'], 3)} ({_h(result['peak_memory_kind'])})", ""),
+            (f"{number_text(result['peak_memory_gb'], 3)} ({_h(result['peak_memory_kind'])})", ""),
         ]
     )
-    rows.append([("Images/s", ""), (_num(result["images_per_second"], 2), "")])
+    rows.append([("Images/s", ""), (number_text(result["images_per_second"], 2), "")])
     out.append(_html_table(["metric", "value"], rows))
     if result.get("undefined"):
         undefined = ", ".join(f"{k}: {v}" for k, v in result["undefined"].items() if v)
@@ -269,13 +272,13 @@ def _run_section_html(r: RunReport, svgs: dict[str, str]) -> str:
     if by_size:
         out.append("<h3>COCO metrics by object size</h3>")
         out.append(_html_table(["size", "objects", "AP", "AR"], [
-            [(_h(f"{name} ({SIZE_RANGES[name]})"), ""), (str(v["objects"]), ""), (_num(v["ap"]), ""),
-             (_num(v["ar"]), "")] for name, v in by_size.items()]))  # fmt: skip
+            [(_h(f"{name} ({SIZE_RANGES[name]})"), ""), (str(v["objects"]), ""), (number_text(v["ap"]), ""),
+             (number_text(v["ar"]), "")] for name, v in by_size.items()]))  # fmt: skip
     per_class = result.get("per_class") or {}
     if per_class:
         out.append("<h3>Per class</h3>")
         head = ["class", *next(iter(per_class.values())).keys()]
-        out.append(_html_table(head, [[(_h(n), ""), *((_num(v), "") for v in vals.values())]
+        out.append(_html_table(head, [[(_h(n), ""), *((number_text(v), "") for v in vals.values())]
                                       for n, vals in per_class.items()]))  # fmt: skip
     if result.get("confusion_matrix"):
         what = get_task(result["task"]).judged
@@ -305,7 +308,7 @@ def _run_section_html(r: RunReport, svgs: dict[str, str]) -> str:
     return "".join(out)
 
 
-def _split_columns(metrics: dict[str, Any]) -> tuple[list[str], list[str]]:
+def split_columns(metrics: dict[str, Any]) -> tuple[list[str], list[str]]:
     """The side-by-side columns as two tables that each fit a laptop's width: what each run
     reached (with what it saw), and what it cost."""
     columns = _comparison_columns(metrics)
@@ -329,8 +332,8 @@ def _html_run_rows(
             cells += [(_h(r.setting.get(k, "—")), "") for k, _ in SETTING_COLUMNS]
         for c in columns:
             won = r.name in best.get(c, [])
-            text = _num(row.get(c), _digits(c)) + (" ★" if won else "")
-            interval = _interval(metrics, r.name, c)
+            text = number_text(row.get(c), decimals(c)) + (" ★" if won else "")
+            interval = interval_text(metrics, r.name, c)
             if interval:
                 text += f'<br><span class="ci">{_h(interval.strip())}</span>'
             cells.append((text, "best" if won else ""))
@@ -340,7 +343,7 @@ def _html_run_rows(
 
 def render_html(metrics: dict[str, Any], reports: list[RunReport]) -> str:
     svgs = {stem: svg for stem, _, svg in charts(metrics, reports)}
-    quality, costs = _split_columns(metrics)
+    quality, costs = split_columns(metrics)
     head, rows = _html_run_rows(metrics, reports, quality, settings=True)
     cost_head, cost_rows = _html_run_rows(metrics, reports, costs, settings=False)
     data = metrics["dataset"]
@@ -353,7 +356,7 @@ def render_html(metrics: dict[str, Any], reports: list[RunReport]) -> str:
                  if stem.startswith("pr-"))  # fmt: skip
     created = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     body = [
-        f"<h1>{_h(_headline(metrics))}</h1>",
+        f"<h1>{_h(headline(metrics))}</h1>",
         f'<p class="meta">hiresctl {__version__} · {created} · deciding metric: '
         f"{_h(METRIC_NAMES.get(metrics['deciding_metric'], metrics['deciding_metric']))} · "
         "★ marks the best value of a column (lowest for memory and NLR)</p>",
@@ -377,7 +380,7 @@ def render_html(metrics: dict[str, Any], reports: list[RunReport]) -> str:
         *(
             [
                 "<h3>Is the difference real?</h3><ul>",
-                *(f"<li>{_h(line)}</li>" for line in _comparison_sentences(metrics)),
+                *(f"<li>{_h(line)}</li>" for line in comparison_sentences(metrics)),
                 "</ul>",
             ]
             if metrics.get("comparisons")
@@ -406,117 +409,6 @@ def render_html(metrics: dict[str, Any], reports: list[RunReport]) -> str:
         "Images link to their full thumbnails under figures/.</p>"
     )
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>{_h(_headline(metrics))}</title><meta name=\"viewport\" "
+            f"<title>{_h(headline(metrics))}</title><meta name=\"viewport\" "
             f"content=\"width=device-width, initial-scale=1\"><style>{CSS}</style></head>"
             f"<body><main>{''.join(body)}</main></body></html>\n")  # fmt: skip
-
-
-# ---------------------------------------------------------------------------- Markdown
-
-
-def _md_table(head: list[str], rows: list[list[str]]) -> str:
-    def clean(text: str) -> str:
-        return text.replace("|", "\\|").replace("\n", " ")
-
-    lines = ["| " + " | ".join(clean(h) for h in head) + " |",
-             "|" + "|".join("---" for _ in head) + "|"]  # fmt: skip
-    lines += ["| " + " | ".join(clean(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
-def _md_run_rows(
-    metrics: dict[str, Any], reports: list[RunReport], columns: list[str], settings: bool
-) -> str:
-    best = metrics["best"]
-    rows = []
-    for r in reports:
-        row = metrics["table"][r.name]
-        cells = [r.name, r.result["method"]]
-        cells += [r.setting.get(k, "—") for k, _ in SETTING_COLUMNS] if settings else []
-        for c in columns:
-            text = _num(row.get(c), _digits(c))
-            text = f"**{text} ★**" if r.name in best.get(c, []) else text
-            cells.append(text + _interval(metrics, r.name, c))
-        rows.append(cells)
-    head = ["Run", "Method"]
-    head += [t for _, t in SETTING_COLUMNS] if settings else []
-    head += [METRIC_NAMES.get(c, c) for c in columns]
-    return _md_table(head, rows)
-
-
-def render_markdown(metrics: dict[str, Any], reports: list[RunReport]) -> str:
-    quality, costs = _split_columns(metrics)
-    out = [f"# {_headline(metrics)}\n",
-           f"Deciding metric: {METRIC_NAMES.get(metrics['deciding_metric'])}; **bold ★** marks the "
-           "best value of a column (lowest for memory and NLR).\n",
-           f"> {metrics['verdict']}\n", "## Runs side by side\n"]  # fmt: skip
-    out.append(_md_run_rows(metrics, reports, quality, settings=True))
-    if metrics.get("intervals"):
-        out.append("Brackets: 95% bootstrap interval over the test images (2000 resamples).\n")
-    out.append("### What each run cost\n")
-    out.append(_md_run_rows(metrics, reports, costs, settings=False))
-    if metrics.get("comparisons"):
-        out.append("### Is the difference real?\n")
-        out += [f"- {line}" for line in _comparison_sentences(metrics)]
-        out.append("")
-    pr = [(stem, title) for stem, title, _ in charts(metrics, reports) if stem.startswith("pr-")]
-    if pr:
-        out.append("## Precision–recall\n")
-        out += [f"![{title}](figures/{stem}.svg)\n" for stem, title in pr]
-    out.append("## Training\n")
-    for stem, title, _ in charts(metrics, reports):
-        if stem.startswith("curve-"):
-            out.append(f"![{title}](figures/{stem}.svg)\n")
-    data = metrics["dataset"]
-    out.append("## Dataset\n")
-    out.append(f"{data['path']}: {data['images']} complete images "
-               f"({', '.join(f'{k} {v}' for k, v in sorted(data['splits'].items()))}); classes "
-               f"{', '.join(map(str, data['classes']))}.\n")  # fmt: skip
-    for r in reports:
-        result = r.result
-        out.append(f"## {r.name} — {result['method']}\n")
-        shown = recipe_settings(r.recipe)
-        out.append(_md_table(["setting", "value"], [[k, str(v)] for k, v in shown.items()]))
-        out.append(f"### Metrics on {result['split']} ({result['count']} images)\n")
-        rows = [[METRIC_NAMES.get(k, k), _num(v)] for k, v in result["metrics"].items()]
-        rows.append(
-            [
-                "Peak memory (GB)",
-                f"{_num(result['peak_memory_gb'], 3)} ({result['peak_memory_kind']})",
-            ]
-        )
-        rows.append(["Images/s", _num(result["images_per_second"], 2)])
-        out.append(_md_table(["metric", "value"], rows))
-        by_size = result.get("by_size")
-        if by_size:
-            out.append("### COCO metrics by object size\n")
-            out.append(_md_table(["size", "objects", "AP", "AR"], [
-                [f"{name} ({SIZE_RANGES[name]})", str(v["objects"]), _num(v["ap"]), _num(v["ar"])]
-                for name, v in by_size.items()]))  # fmt: skip
-        per_class = result.get("per_class") or {}
-        if per_class:
-            out.append("### Per class\n")
-            head = ["class", *next(iter(per_class.values())).keys()]
-            out.append(
-                _md_table(
-                    head, [[n, *(_num(v) for v in vals.values())] for n, vals in per_class.items()]
-                )
-            )
-        matrix = result.get("confusion_matrix")
-        if matrix and len(matrix) <= 40:
-            out.append("### Confusion matrix (rows: true, columns: predicted)\n")
-            out.append(_md_table(["", *map(str, result["classes"])],
-                                 [[str(n), *map(str, row)] for n, row in zip(result["classes"], matrix, strict=True)]))  # fmt: skip
-        if r.roc:
-            out.append(f"![ROC](figures/roc-{figures.slug(r.name)}.svg)\n")
-        if r.shown:
-            out.append("### Worst images\n")
-            legend = get_task(result["task"]).legend
-            if legend:
-                tp, fp, fn = legend
-                out.append(f"Green: {tp}; red: {fp}; blue: {fn}.\n")
-            for fig in r.shown:
-                link = f" ([thumbnail]({fig.link}))" if fig.link else ""
-                out.append(f"![{fig.caption}]({fig.path})  \n{fig.caption}{link}\n")
-    out.append("Numbers: `metrics.json` beside this file.\n")
-    return "\n".join(out)
