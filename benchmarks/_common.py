@@ -26,6 +26,22 @@ def hiresctl(*args: str) -> subprocess.CompletedProcess[str]:
     return proc
 
 
+def synth_store(
+    root: Path, kind: str, count: int, side: int, seed: int, synth: list[str], tile: list[str]
+) -> Path:
+    """``root/ds.zarr`` of ``count`` images of ``hiresctl synth KIND`` (into ``root/synth``,
+    with the ``synth`` options) tiled with the ``tile`` options (``{synth}`` in one stands for
+    the synth folder); made once, then reused."""
+    store, folder = root / "ds.zarr", root / "synth"
+    if not (store / "zarr.json").exists():
+        size = ["--count", str(count), "--size", str(side), "--seed", str(seed)]
+        hiresctl("synth", kind, str(folder), *size, *synth)
+        labels = ["--labels", str(folder / "labels.csv")]
+        extra = [part.replace("{synth}", str(folder)) for part in tile]
+        hiresctl("tile", str(folder / "images"), *labels, *extra, "--out", str(store))
+    return store
+
+
 def child_json(code: str, *args: str) -> dict:
     """Run ``python -c code args`` in a fresh process (so its peak memory is its own) and return
     the JSON object its last output line prints; a failure raised with the end of its stderr."""
@@ -67,9 +83,12 @@ def sparse_store(path: Path, sides: list[int]) -> Path:
         level, size = 0, side
         while True:
             array = group.create_array(
-                str(level), shape=(3, size, size), chunks=(3, 256, 256), dtype="uint8",
+                str(level),
+                shape=(3, size, size),
+                chunks=(3, 256, 256),
+                dtype="uint8",
                 fill_value=245,
-            )  # fmt: skip
+            )
             array[:, :512, :512] = rng.integers(
                 0, 255, (3, min(512, size), min(512, size)), dtype=np.uint8
             )
@@ -84,9 +103,15 @@ def sparse_store(path: Path, sides: list[int]) -> Path:
             "foreground", shape=(1, 1024, 1024), chunks=(1, 256, 256), dtype="uint8", fill_value=1
         )
         group.attrs["hiresctl"] = {
-            "status": "complete", "shape": [3, side, side], "levels": level + 1, "label": "1",
-            "split": "train", "fill_value": 245, "dtype": "|u1", "tiling": {"chunk": 256},
-        }  # fmt: skip
+            "status": "complete",
+            "shape": [3, side, side],
+            "levels": level + 1,
+            "label": "1",
+            "split": "train",
+            "fill_value": 245,
+            "dtype": "|u1",
+            "tiling": {"chunk": 256},
+        }
     return path
 
 

@@ -53,10 +53,19 @@ def make_store(task: str, side: int) -> Path:
     synth = DATA / f"b1_{task}_{side}_src"
     _hiresctl("synth", SYNTH[task], str(synth), "--count", "2", "--size", str(side), "--seed", "3")
     labels = all_in_training(synth)
-    extra = {"det": ["--coco", str(synth / "annotations.json")],
-             "seg": ["--masks", str(synth / "masks"), "--mask-classes", str(synth / "classes.csv")]}  # fmt: skip
-    _hiresctl("tile", str(synth / "images"), "--labels", str(labels), "--out", str(store),
-              *extra.get(task, []))  # fmt: skip
+    extra = {
+        "det": ["--coco", str(synth / "annotations.json")],
+        "seg": ["--masks", str(synth / "masks"), "--mask-classes", str(synth / "classes.csv")],
+    }
+    _hiresctl(
+        "tile",
+        str(synth / "images"),
+        "--labels",
+        str(labels),
+        "--out",
+        str(store),
+        *extra.get(task, []),
+    )
     return store
 
 
@@ -72,14 +81,36 @@ def methods() -> dict[str, list[str]]:
 def measure(task: str, method: str, store: Path, side: int) -> dict:
     out = DATA / "b1_runs" / f"{task}-{method}-{side}"
     subprocess.run(["rm", "-rf", str(out)], check=True)
-    options = ["train", "--task", task, "--method", method, "--data", str(store), "--out", str(out),
-               "--memory-budget", BUDGET, "--set", "epochs=1", "--set", "val_split=none",
-               "--set", "batch_size=1", "--set", "accumulation_steps=1", "--device", "cpu",
-               "--set", "precision=fp32",
-               "--json"]  # fmt: skip
+    options = [
+        "train",
+        "--task",
+        task,
+        "--method",
+        method,
+        "--data",
+        str(store),
+        "--out",
+        str(out),
+        "--memory-budget",
+        BUDGET,
+        "--set",
+        "epochs=1",
+        "--set",
+        "val_split=none",
+        "--set",
+        "batch_size=1",
+        "--set",
+        "accumulation_steps=1",
+        "--device",
+        "cpu",
+        "--set",
+        "precision=fp32",
+        "--json",
+    ]
     if method in ("abmil", "transmil", "ips-features"):
-        _hiresctl("embed", str(store), "--backbone", "resnet18", "--patch-size", "256",
-                  "--name", "b1")  # fmt: skip
+        _hiresctl(
+            "embed", str(store), "--backbone", "resnet18", "--patch-size", "256", "--name", "b1"
+        )
         options += ["--set", "features=b1"]
     else:
         options += SETTINGS[task]
@@ -89,10 +120,15 @@ def measure(task: str, method: str, store: Path, side: int) -> dict:
 
 def baseline_gb() -> float:
     """The RSS of a process that has imported what `hiresctl train` imports, before any model."""
-    code = ("import psutil, torch, torchvision, hiresctl.train, hiresctl.models; "
-            "print(psutil.Process().memory_info().rss / 1e9)")  # fmt: skip
-    return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                check=True).stdout)  # fmt: skip
+    code = (
+        "import psutil, torch, torchvision, hiresctl.train, hiresctl.models; "
+        "print(psutil.Process().memory_info().rss / 1e9)"
+    )
+    return float(
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        ).stdout
+    )
 
 
 def main() -> None:
@@ -113,8 +149,11 @@ def main() -> None:
                 estimate, peak = summary["memory_estimate_gb"], summary["peak_memory_gb"]
                 results[f"{task} {method} {side}"] = [task, method, side, estimate, peak]
                 kept.write_text(json.dumps(results, indent=1))
-                print(f"{task} {method} {side}: estimate {estimate:.2f} GB, peak {peak:.2f} GB, "
-                      f"ratio {estimate / peak:.2f}", flush=True)  # fmt: skip
+                print(
+                    f"{task} {method} {side}: estimate {estimate:.2f} GB, peak {peak:.2f} GB, "
+                    f"ratio {estimate / peak:.2f}",
+                    flush=True,
+                )
     order = {t: i for i, t in enumerate(SYNTH)}
     rows = sorted(results.values(), key=lambda r: (order.get(r[0], 9), r[2]))
     measured_tasks = ",".join(sorted({r[0] for r in rows}, key=lambda t: order.get(t, 9)))
@@ -138,8 +177,10 @@ def main() -> None:
     for task, method, side, estimate, peak in rows:
         ratio = estimate / peak
         verdict = "met" if LOW <= ratio <= HIGH else "not met"
-        lines.append(f"| {task} | {method} | {side}² | {estimate:.2f} (+{estimate - base:.2f}) | "
-                     f"{peak:.2f} (+{peak - base:.2f}) | {ratio:.2f} | **{verdict}** |")  # fmt: skip
+        lines.append(
+            f"| {task} | {method} | {side}² | {estimate:.2f} (+{estimate - base:.2f}) | "
+            f"{peak:.2f} (+{peak - base:.2f}) | {ratio:.2f} | **{verdict}** |"
+        )
     publish(lines, "budget")
 
 

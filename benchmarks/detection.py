@@ -32,25 +32,16 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import all_in_training, publish  # noqa: E402
+from _common import all_in_training, publish, synth_store  # noqa: E402
 from learning import train_eval  # noqa: E402
 
 METHODS = ("patchgd-global", "patchgd", "downsample", "sliced")
 
 
 def make_dataset(root: Path, side: int, count: int, objects: int | None, seed: int = 7) -> Path:
-    store = root / "ds.zarr"
-    if not store.exists():
-        hiresctl = [sys.executable, "-m", "hiresctl"]
-        synth = root / "synth"
-        extra = ["--objects", str(objects)] if objects else []
-        subprocess.run([*hiresctl, "synth", "det-mosaic", str(synth), "--count", str(count),
-                        "--size", str(side), "--seed", str(seed), *extra],
-                       check=True, capture_output=True)  # fmt: skip
-        subprocess.run([*hiresctl, "tile", str(synth / "images"), "--labels", str(synth / "labels.csv"),
-                        "--coco", str(synth / "annotations.json"), "--chunk", "128", "--out", str(store)],
-                       check=True, capture_output=True)  # fmt: skip
-    return store
+    extra = ["--objects", str(objects)] if objects else []
+    coco = ["--coco", "{synth}/annotations.json", "--chunk", "128"]
+    return synth_store(root, "det-mosaic", count, side, seed, extra, coco)
 
 
 def _value(value: float | None) -> str:
@@ -61,11 +52,31 @@ def quality(args: argparse.Namespace) -> list[str]:
     root = HERE / "data" / f"detection_{args.side}_{args.count}_{args.objects}"
     store = make_dataset(root, args.side, args.count, args.objects)
     common = [
-        "--task", "det", "--set", "backbone=tiny", "--set", "latent_dim=64", "--set", "head_convs=2",
-        "--set", f"patch_size={args.patch_size}", "--set", f"epochs={args.epochs}",
-        "--set", "lr=3e-3", "--set", "batch_size=2", "--set", "accumulation_steps=1",
-        "--set", "max_detections=100", "--device", "cpu", "--set", "precision=fp32",
-    ]  # fmt: skip
+        "--task",
+        "det",
+        "--set",
+        "backbone=tiny",
+        "--set",
+        "latent_dim=64",
+        "--set",
+        "head_convs=2",
+        "--set",
+        f"patch_size={args.patch_size}",
+        "--set",
+        f"epochs={args.epochs}",
+        "--set",
+        "lr=3e-3",
+        "--set",
+        "batch_size=2",
+        "--set",
+        "accumulation_steps=1",
+        "--set",
+        "max_detections=100",
+        "--device",
+        "cpu",
+        "--set",
+        "precision=fp32",
+    ]
     lines = [
         f"Command: `python benchmarks/detection.py --side {args.side} --count {args.count} "
         f"--objects {args.objects} --epochs {args.epochs} --patch-size {args.patch_size}`: "
@@ -82,8 +93,9 @@ def quality(args: argparse.Namespace) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for method in METHODS:
-        report, summary, _ = train_eval(store, root / f"run-{method}",
-                                                ["--method", method, *common])  # fmt: skip
+        report, summary, _ = train_eval(
+            store, root / f"run-{method}", ["--method", method, *common]
+        )
         m = report["metrics"]
         print(method, m, flush=True)
         lines.append(
@@ -111,10 +123,23 @@ def scale(args: argparse.Namespace) -> list[str]:
     for method in METHODS:
         recipe = HERE.parent / "recipes" / f"det-mosaic-{method}.yaml"
         report, summary, _ = train_eval(
-            store, root / f"run-{method}",
-            ["--task", "det", "--recipe", str(recipe), "--set", "epochs=1",
-             "--set", "val_split=none", "--device", "cpu", "--set", "precision=fp32"],
-        )  # fmt: skip
+            store,
+            root / f"run-{method}",
+            [
+                "--task",
+                "det",
+                "--recipe",
+                str(recipe),
+                "--set",
+                "epochs=1",
+                "--set",
+                "val_split=none",
+                "--device",
+                "cpu",
+                "--set",
+                "precision=fp32",
+            ],
+        )
         print(method, summary["peak_memory_gb"], summary["images_per_second"], flush=True)
         lines.append(
             f"| {method} | {summary['peak_memory_gb']:.2f} | {summary['images_per_second']:.3f} | "
@@ -135,23 +160,73 @@ def growth(sides: list[int]) -> list[str]:
         if not (store / "zarr.json").exists():
             hiresctl = [sys.executable, "-m", "hiresctl"]
             synth = root / "synth"
-            subprocess.run([*hiresctl, "synth", "det-mosaic", str(synth), "--count", "1",
-                            "--size", str(side), "--seed", "11"], check=True, capture_output=True)  # fmt: skip
-            subprocess.run([*hiresctl, "tile", str(synth / "images"), "--labels",
-                            str(all_in_training(synth)), "--coco", str(synth / "annotations.json"),
-                            "--chunk", "256", "--out", str(store)], check=True, capture_output=True)  # fmt: skip
+            subprocess.run(
+                [
+                    *hiresctl,
+                    "synth",
+                    "det-mosaic",
+                    str(synth),
+                    "--count",
+                    "1",
+                    "--size",
+                    str(side),
+                    "--seed",
+                    "11",
+                ],
+                check=True,
+                capture_output=True,
+            )
+            subprocess.run(
+                [
+                    *hiresctl,
+                    "tile",
+                    str(synth / "images"),
+                    "--labels",
+                    str(all_in_training(synth)),
+                    "--coco",
+                    str(synth / "annotations.json"),
+                    "--chunk",
+                    "256",
+                    "--out",
+                    str(store),
+                ],
+                check=True,
+                capture_output=True,
+            )
         for method in GROWN:
             recipe = HERE.parent / "recipes" / f"det-mosaic-{method}.yaml"
             out = root / f"run-{method}"
             subprocess.run(["rm", "-rf", str(out)], check=True)
             start = time.perf_counter()
             train = subprocess.run(
-                [sys.executable, "-m", "hiresctl", "train", "--data", str(store), "--out", str(out),
-                 "--json", "--task", "det", "--recipe", str(recipe), "--set", "epochs=1",
-                 "--set", "val_split=none", "--set", "inner_steps=1", "--device", "cpu",
-                 "--set", "precision=fp32"],
-                capture_output=True, text=True,
-            )  # fmt: skip
+                [
+                    sys.executable,
+                    "-m",
+                    "hiresctl",
+                    "train",
+                    "--data",
+                    str(store),
+                    "--out",
+                    str(out),
+                    "--json",
+                    "--task",
+                    "det",
+                    "--recipe",
+                    str(recipe),
+                    "--set",
+                    "epochs=1",
+                    "--set",
+                    "val_split=none",
+                    "--set",
+                    "inner_steps=1",
+                    "--device",
+                    "cpu",
+                    "--set",
+                    "precision=fp32",
+                ],
+                capture_output=True,
+                text=True,
+            )
             if train.returncode:
                 raise RuntimeError(train.stderr[-2000:])
             summary = json.loads(train.stdout.strip().splitlines()[-1])

@@ -78,11 +78,26 @@ def make_store(root: Path) -> Path:
                 )
     (tables / "classes.csv").write_text("value,name\n0,background\n255,vessel\n")
     subprocess.run(
-        [sys.executable, "-m", "hiresctl", "tile", *(str(r[0]) for r in rows), "--out", str(store),
-         "--labels", str(tables / "labels.csv"), "--masks", str(tables / "masks.csv"),
-         "--mask-classes", str(tables / "classes.csv"), "--roi", str(tables / "roi.csv")],
-        check=True, capture_output=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "hiresctl",
+            "tile",
+            *(str(r[0]) for r in rows),
+            "--out",
+            str(store),
+            "--labels",
+            str(tables / "labels.csv"),
+            "--masks",
+            str(tables / "masks.csv"),
+            "--mask-classes",
+            str(tables / "classes.csv"),
+            "--roi",
+            str(tables / "roi.csv"),
+        ],
+        check=True,
+        capture_output=True,
+    )
     return store
 
 
@@ -91,19 +106,38 @@ def hiresctl_row(store: Path, method: str, seed: int) -> dict:
     subprocess.run(["rm", "-rf", str(out)], check=True)
     start = time.perf_counter()
     train = subprocess.run(
-        [sys.executable, "-m", "hiresctl", "train", "--task", "seg", "--data", str(store),
-         "--out", str(out), "--recipe", str(RECIPES / f"seg-drive-{method}.yaml"),
-         "--set", f"seed={seed}", "--device", "cpu", "--json"],
-        capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "hiresctl",
+            "train",
+            "--task",
+            "seg",
+            "--data",
+            str(store),
+            "--out",
+            str(out),
+            "--recipe",
+            str(RECIPES / f"seg-drive-{method}.yaml"),
+            "--set",
+            f"seed={seed}",
+            "--device",
+            "cpu",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+    )
     if train.returncode:
         raise RuntimeError(train.stderr[-2000:])
     wall = time.perf_counter() - start
     summary = json.loads(train.stdout.strip().splitlines()[-1])
     evaluated = subprocess.run(
         [sys.executable, "-m", "hiresctl", "eval", str(out), "--data", str(store), "--json"],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     result = json.loads(evaluated.stdout)
     return {
         **{k: result["metrics"][k] for k in KEYS},
@@ -141,10 +175,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-root", type=Path, required=True, help="the DRIVE folder")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--methods", default=",".join(METHODS),
-                        help="rows to train; '' republishes the rows kept from earlier calls")  # fmt: skip
-    parser.add_argument("--budget", type=float, default=None,
-                        help="the reference's training seconds (default: the longest hiresctl row's)")  # fmt: skip
+    parser.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help="rows to train; '' republishes the rows kept from earlier calls",
+    )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="the reference's training seconds (default: the longest hiresctl row's)",
+    )
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     methods = [m for m in args.methods.split(",") if m]  # none: the kept results, republished

@@ -74,17 +74,32 @@ def main() -> None:
     args = parser.parse_args()
     sides = sorted({args.g1_side, args.g2_side})
     store = sparse_store(DATA / f"gpu_sparse_{'_'.join(map(str, sides))}.zarr", sides)
-    common = {"batch_size": 1, "precision": "auto", "full_max_pixels": 2**40,
-              "calibration_batches": 0}  # fmt: skip
-    g1 = step("ips", store, f"side{args.g1_side}", args.device,
-              {**common, "backbone": "resnet18", "patch_size": 256, "memory_size": 16,
-               "iter_size": 16}, 1)  # fmt: skip
+    common = {
+        "batch_size": 1,
+        "precision": "auto",
+        "full_max_pixels": 2**40,
+        "calibration_batches": 0,
+    }
+    g1 = step(
+        "ips",
+        store,
+        f"side{args.g1_side}",
+        args.device,
+        {**common, "backbone": "resnet18", "patch_size": 256, "memory_size": 16, "iter_size": 16},
+        1,
+    )
     g1_seconds = g1["times"][0]
     g2 = {
-        method: step(method, store, f"side{args.g2_side}", args.device,
-                     {**common, "backbone": "resnet50", "patch_size": 256}, args.steps)
+        method: step(
+            method,
+            store,
+            f"side{args.g2_side}",
+            args.device,
+            {**common, "backbone": "resnet50", "patch_size": 256},
+            args.steps,
+        )
         for method in ("patchgd-global", "full")
-    }  # fmt: skip
+    }
     rate = {m: 1 / statistics.median(r["times"][1:] or r["times"]) for m, r in g2.items()}
     gb = {m: r["peak"] / 2**30 for m, r in g2.items()}
     gigapixels = args.g1_side**2 / 1e9

@@ -39,23 +39,43 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import publish  # noqa: E402
+from _common import publish, synth_store  # noqa: E402
 from reference import train_reference  # noqa: E402
 
-METHODS = ("full", "patchgd-global", "patchgd", "ips", "e2e-mil", "abmil", "ips-features",
-           "downsample")  # fmt: skip
+METHODS = (
+    "full",
+    "patchgd-global",
+    "patchgd",
+    "ips",
+    "e2e-mil",
+    "abmil",
+    "ips-features",
+    "downsample",
+)
 # train on `hiresctl embed` features (the extraction's time counted in)
 FEATURE_METHODS = ("abmil", "transmil", "ips-features")
 TASKS = {  # synth kind, extra synth arguments, default side, what the label is
-    "megapixel-mnist": ("megapixel-mnist", ["--task", "majority"], 256,
-                        "the digit present three times among five (10 classes) over line scribbles"),
+    "megapixel-mnist": (
+        "megapixel-mnist",
+        ["--task", "majority"],
+        256,
+        "the digit present three times among five (10 classes) over line scribbles",
+    ),
     "ultramnist": ("ultramnist", [], 512, "the sum of 3–5 digits scaled ×1–9"),
-    "fine-detail": ("fine-detail", [], 512,
-                    "a 32² one-pixel checkerboard or a flat square of the same mean (2 classes)"),
-    "sparse-slide": ("sparse-slide", [], 1024,
-                     "whether 1–3 lesions of large nuclei sit among the decoy aggregates of small "
-                     "ones (2 classes)"),
-}  # fmt: skip
+    "fine-detail": (
+        "fine-detail",
+        [],
+        512,
+        "a 32² one-pixel checkerboard or a flat square of the same mean (2 classes)",
+    ),
+    "sparse-slide": (
+        "sparse-slide",
+        [],
+        1024,
+        "whether 1–3 lesions of large nuclei sit among the decoy aggregates of small "
+        "ones (2 classes)",
+    ),
+}
 # the share of a patch's pixels that must be foreground for it to be kept (embedding too)
 FOREGROUND = {"sparse-slide": 0.1}
 # The encoders, as the reference builds them (bare PyTorch) and as hiresctl names them.
@@ -76,25 +96,12 @@ def make_dataset(
     seed: int = 3,
     mnist: Path | None = None,
 ) -> Path:
-    store = root / "ds.zarr"
     kind, extra, _, _ = TASKS[task]
     if kind == "ultramnist":
         extra = [*extra, "--classes", str(classes)]
     if mnist is not None:
         extra = [*extra, "--mnist", str(mnist)]
-    if not (store / "zarr.json").exists():
-        hiresctl = [sys.executable, "-m", "hiresctl"]
-        subprocess.run(
-            [*hiresctl, "synth", kind, str(root / "synth"), "--count", str(count),
-             "--size", str(side), "--seed", str(seed), *extra],
-            check=True, capture_output=True,
-        )  # fmt: skip
-        subprocess.run(
-            [*hiresctl, "tile", str(root / "synth" / "images"), "--labels",
-             str(root / "synth" / "labels.csv"), "--out", str(store)],
-            check=True, capture_output=True,
-        )  # fmt: skip
-    return store
+    return synth_store(root, kind, count, side, seed, extra, [])
 
 
 def train_and_evaluate(store: Path, out: Path, options: list[str]) -> dict:
@@ -119,17 +126,42 @@ def train_eval(store: Path, out: Path, options: list[str]) -> tuple[dict, dict, 
     subprocess.run(["rm", "-rf", str(out)], check=True)
     start = time.perf_counter()
     train = subprocess.run(
-        [sys.executable, "-m", "hiresctl", "train", "--data", str(store), "--out", str(out), "--json", *options],
-        capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "hiresctl",
+            "train",
+            "--data",
+            str(store),
+            "--out",
+            str(out),
+            "--json",
+            *options,
+        ],
+        capture_output=True,
+        text=True,
+    )
     if train.returncode:
         raise RuntimeError(train.stderr[-2000:])
     seconds = time.perf_counter() - start
     summary = json.loads(train.stdout.strip().splitlines()[-1])
     evaluated = subprocess.run(
-        [sys.executable, "-m", "hiresctl", "eval", str(out), "--data", str(store), "--split", "test", "--json"],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "hiresctl",
+            "eval",
+            str(out),
+            "--data",
+            str(store),
+            "--split",
+            "test",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(evaluated.stdout), summary, seconds
 
 
@@ -138,8 +170,21 @@ def embed_features(store: Path, args: argparse.Namespace) -> tuple[str, float]:
     (``hiresctl embed`` skips images already done, so a second method pays nothing)."""
     name = f"bench-{args.backbone}-{args.patch_size}"
     start = time.perf_counter()
-    command = [sys.executable, "-m", "hiresctl", "embed", str(store), "--backbone", args.backbone,
-               "--patch-size", str(args.patch_size), "--name", name, "--device", "cpu"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "hiresctl",
+        "embed",
+        str(store),
+        "--backbone",
+        args.backbone,
+        "--patch-size",
+        str(args.patch_size),
+        "--name",
+        name,
+        "--device",
+        "cpu",
+    ]
     if args.embed_weights:
         command += ["--pretrained", str(args.embed_weights)]
     if args.foreground_threshold:
@@ -158,30 +203,38 @@ def split_variant(spec: str) -> tuple[str, list[str]]:
     return method, extra
 
 
+def sets(**values: object) -> list[str]:
+    """``--set key=value`` options of ``hiresctl train``."""
+    return [part for key, value in values.items() for part in ("--set", f"{key}={value}")]
+
+
 def method_options(method: str, args: argparse.Namespace) -> list[str]:
     budget = ["--memory-budget", args.memory_budget] if args.memory_budget else []
-    ips = ["--set", "latent_dim=64", "--set", f"memory_size={args.ips_memory}",
-           "--set", f"iter_size={args.ips_memory}", "--set", "heads=4"]  # fmt: skip
+    ips = sets(latent_dim=64, memory_size=args.ips_memory, iter_size=args.ips_memory, heads=4)
+    common = ["--method", method, "--device", "cpu", *budget]
+    common += sets(epochs=args.epochs, batch_size=args.batch_size)
     if method in FEATURE_METHODS:
-        options = ["--method", method, "--device", "cpu", "--set", f"epochs={args.epochs}",
-                   "--set", f"batch_size={args.batch_size}", "--set", "lr=1e-3",
-                   "--set", f"features=bench-{args.backbone}-{args.patch_size}", *budget]  # fmt: skip
+        options = common + sets(lr="1e-3", features=f"bench-{args.backbone}-{args.patch_size}")
         return options + (ips if method == "ips-features" else [])
-    options = ["--method", method, "--device", "cpu",
-               "--set", f"backbone={args.backbone}", "--set", f"patch_size={args.patch_size}",
-               "--set", f"epochs={args.epochs}", "--set", f"batch_size={args.batch_size}",
-               "--set", "head_width=64", *budget]  # fmt: skip
+    options = common + sets(backbone=args.backbone, patch_size=args.patch_size, head_width=64)
     if args.foreground_threshold:
-        options += ["--set", f"foreground_threshold={args.foreground_threshold}"]
+        options += sets(foreground_threshold=args.foreground_threshold)
     if method == "e2e-mil":
-        options += ["--set", f"bag_size={args.bag_size}"]
+        options += sets(bag_size=args.bag_size)
     if method == "ips":
         options += ips
     return options
 
 
-SUMMARISED = ("test_accuracy", "test_auc", "feature_seconds", "val_curve", "train_peak_gb",
-              "images_per_second", "seconds")  # fmt: skip
+SUMMARISED = (
+    "test_accuracy",
+    "test_auc",
+    "feature_seconds",
+    "val_curve",
+    "train_peak_gb",
+    "images_per_second",
+    "seconds",
+)
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -222,17 +275,32 @@ def main() -> None:
         help="abmil/transmil: encoder weights for `hiresctl embed` (default: random)",
     )
     parser.add_argument("--seeds", type=int, default=1)
-    parser.add_argument("--mnist", type=Path, default=None,
-                        help="folder of MNIST's IDX files: the task's digits are real MNIST")  # fmt: skip
-    parser.add_argument("--methods", default=",".join(("reference", *METHODS)),
-                        help="rows to train (',' or ';' between them); '' republishes the kept rows")  # fmt: skip
+    parser.add_argument(
+        "--mnist",
+        type=Path,
+        default=None,
+        help="folder of MNIST's IDX files: the task's digits are real MNIST",
+    )
+    parser.add_argument(
+        "--methods",
+        default=",".join(("reference", *METHODS)),
+        help="rows to train (',' or ';' between them); '' republishes the kept rows",
+    )
     parser.add_argument(
         "--memory-budget", default=None, help="every hiresctl run's budget, e.g. 3GiB"
     )
-    parser.add_argument("--foreground-threshold", type=float, default=None,
-                        help="patches kept (and embedded) by their foreground share; default per task")  # fmt: skip
-    parser.add_argument("--report", type=Path, default=None,
-                        help="also write `hiresctl eval --report` over the first seed's runs here")  # fmt: skip
+    parser.add_argument(
+        "--foreground-threshold",
+        type=float,
+        default=None,
+        help="patches kept (and embedded) by their foreground share; default per task",
+    )
+    parser.add_argument(
+        "--report",
+        type=Path,
+        default=None,
+        help="also write `hiresctl eval --report` over the first seed's runs here",
+    )
     args = parser.parse_args()
     if args.foreground_threshold is None:
         args.foreground_threshold = FOREGROUND.get(args.task, 0.0)
@@ -251,10 +319,14 @@ def main() -> None:
         for seed in range(len(runs), args.seeds):
             if method == "reference":
                 result = train_reference(
-                    root / "synth", args.epochs, args.batch_size, seed=seed,
-                    widths=ENCODERS[args.backbone], log=lambda line: None,
+                    root / "synth",
+                    args.epochs,
+                    args.batch_size,
+                    seed=seed,
+                    widths=ENCODERS[args.backbone],
+                    log=lambda line: None,
                     space_to_depth=args.backbone.endswith("-s2d"),
-                )  # fmt: skip
+                )
                 result["val_curve"] = [row["val_accuracy"] for row in result["curve"]]
                 result["train_peak_gb"] = result["peak_memory_gb"]
                 result["feature_seconds"] = 0.0
@@ -291,13 +363,29 @@ def main() -> None:
             if m != "reference"
         ]
         subprocess.run(
-            [sys.executable, "-m", "hiresctl", "eval", *map(str, runs_of_seed0), "--data",
-             str(store), "--split", "test", "--report", "--out", str(args.report)],
-            check=True, capture_output=True,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "hiresctl",
+                "eval",
+                *map(str, runs_of_seed0),
+                "--data",
+                str(store),
+                "--split",
+                "test",
+                "--report",
+                "--out",
+                str(args.report),
+            ],
+            check=True,
+            capture_output=True,
+        )
         print(f"report: {args.report / 'report.html'}", flush=True)
-    kept = (f"; patches with at least {args.foreground_threshold:.0%} foreground"
-            if args.foreground_threshold else "")  # fmt: skip
+    kept = (
+        f"; patches with at least {args.foreground_threshold:.0%} foreground"
+        if args.foreground_threshold
+        else ""
+    )
     budget = (
         f"; every hiresctl run under `--memory-budget {args.memory_budget}`"
         if args.memory_budget

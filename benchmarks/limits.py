@@ -147,8 +147,11 @@ def encoder(name: str) -> torch.nn.Module:
 
 
 # (precision, layout) of each measured column pair: what hiresctl runs, then the default layout
-SETUPS = (("bf16", torch.channels_last), ("fp32", torch.channels_last),
-          ("fp32", torch.contiguous_format))  # fmt: skip
+SETUPS = (
+    ("bf16", torch.channels_last),
+    ("fp32", torch.channels_last),
+    ("fp32", torch.contiguous_format),
+)
 
 
 def encoder_rows(batch: int, repeats: int, limit: dict[str, float]) -> list[str]:
@@ -213,8 +216,14 @@ def method_step(
 
     from hiresctl.train import Trainer, load_recipe
 
-    settings = {"batch_size": 4, "epochs": 1, "train_split": "train", "val_split": "none",
-                "precision": precision, "backbone": "tiny-s2d"}  # fmt: skip
+    settings = {
+        "batch_size": 4,
+        "epochs": 1,
+        "train_split": "train",
+        "val_split": "none",
+        "precision": precision,
+        "backbone": "tiny-s2d",
+    }
     if method != "full":
         settings.update({"patch_size": 64, "memory_size": 8})
     recipe = load_recipe(None, "cls", method, settings)

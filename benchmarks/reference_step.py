@@ -70,18 +70,44 @@ PATCH = 128
 CLASSES = 10
 PATCHGD = {"latent": 256, "fraction": 0.25, "inner": 4, "lr": 1e-3}
 IPS = {"M": 32, "I": 32, "heads": 8, "dim_key": 16, "dim_value": 16, "dim_inner": 512}
-COMMON = {"patch_size": PATCH, "batch_size": 1, "epochs": 1, "precision": "fp32", "train_split": "train",
-          "val_split": "none", "calibration_batches": 0, "warmup": 0.0}  # fmt: skip
+COMMON = {
+    "patch_size": PATCH,
+    "batch_size": 1,
+    "epochs": 1,
+    "precision": "fp32",
+    "train_split": "train",
+    "val_split": "none",
+    "calibration_batches": 0,
+    "warmup": 0.0,
+}
 HIRESCTL = {
-    "patchgd": {**COMMON, "backbone": "resnet50", "latent_dim": PATCHGD["latent"],
-                "head_width": 256, "head_context": 1, "head_pool": "avg",
-                "sample_fraction": PATCHGD["fraction"], "inner_steps": PATCHGD["inner"],
-                "inner_update": "batch", "lr": PATCHGD["lr"]},
-    "ips": {**COMMON, "backbone": "resnet18", "latent_dim": None, "memory_size": IPS["M"],
-            "iter_size": IPS["I"], "heads": IPS["heads"], "dim_key": IPS["dim_key"],
-            "dim_value": IPS["dim_value"], "dim_inner": IPS["dim_inner"], "positional": "1d",
-            "dropout": 0.1, "weight_decay": 0.1},
-}  # fmt: skip
+    "patchgd": {
+        **COMMON,
+        "backbone": "resnet50",
+        "latent_dim": PATCHGD["latent"],
+        "head_width": 256,
+        "head_context": 1,
+        "head_pool": "avg",
+        "sample_fraction": PATCHGD["fraction"],
+        "inner_steps": PATCHGD["inner"],
+        "inner_update": "batch",
+        "lr": PATCHGD["lr"],
+    },
+    "ips": {
+        **COMMON,
+        "backbone": "resnet18",
+        "latent_dim": None,
+        "memory_size": IPS["M"],
+        "iter_size": IPS["I"],
+        "heads": IPS["heads"],
+        "dim_key": IPS["dim_key"],
+        "dim_value": IPS["dim_value"],
+        "dim_inner": IPS["dim_inner"],
+        "positional": "1d",
+        "dropout": 0.1,
+        "weight_decay": 0.1,
+    },
+}
 
 
 def _rss() -> float:
@@ -110,8 +136,9 @@ def _jpegs(side: int, images: int) -> Path:
         target = folder / f"{path.stem}.jpeg"
         if not target.exists():
             pixels = tifffile.imread(path)
-            cv2.imwrite(str(target), cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR),
-                        [cv2.IMWRITE_JPEG_QUALITY, 95])  # fmt: skip
+            cv2.imwrite(
+                str(target), cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95]
+            )
     return folder
 
 
@@ -134,23 +161,48 @@ def reference_patchgd(checkout: Path, side: int, images: int) -> dict[str, Any]:
     grid = side // PATCH
 
     def head(name: str, latent: int) -> torch.nn.Module:  # fix 2: get_head with 10 classes
-        return ref_models.CNN_Block(num_layers_sr=(1, 3), latent_dim=latent, feature_dim=256,
-                                    num_classes=CLASSES, num_patches=grid)  # fmt: skip
+        return ref_models.CNN_Block(
+            num_layers_sr=(1, 3),
+            latent_dim=latent,
+            feature_dim=256,
+            num_classes=CLASSES,
+            num_patches=grid,
+        )
 
     train_utils.get_head_from_name = head
     sources = _sources(side, images)
-    frame = pd.DataFrame({"image_id": [p.stem for p, _ in sources],
-                          "digit_sum": [label for _, label in sources]})  # fmt: skip
-    dataset = UltraMNISTDataset(frame, str(_jpegs(side, images)),
-                                get_transforms(side, [0.1307] * 3, [0.3081] * 3))  # fmt: skip
+    frame = pd.DataFrame(
+        {"image_id": [p.stem for p, _ in sources], "digit_sum": [label for _, label in sources]}
+    )
+    dataset = UltraMNISTDataset(
+        frame, str(_jpegs(side, images)), get_transforms(side, [0.1307] * 3, [0.3081] * 3)
+    )
     trainer = train_utils.Trainer(
-        seed=0, experiment="r1", train_dataset=dataset, val_dataset=dataset, batch_size=1,
-        num_workers=0, num_classes=CLASSES, accelarator="cpu", run_name="r1", head="original",
-        latent_dimension=PATCHGD["latent"], num_patches=grid, patch_size=PATCH, stride=PATCH,
-        percent_sampling=PATCHGD["fraction"], learning_rate=PATCHGD["lr"], epochs=1,
-        inner_iteration=PATCHGD["inner"], grad_accumulation=True, warmup_epochs=0,
-        decay_factor=2, monitor_wandb=False, save_models=False, model_save_dir=str(DATA / "r1"),
-    )  # fmt: skip
+        seed=0,
+        experiment="r1",
+        train_dataset=dataset,
+        val_dataset=dataset,
+        batch_size=1,
+        num_workers=0,
+        num_classes=CLASSES,
+        accelarator="cpu",
+        run_name="r1",
+        head="original",
+        latent_dimension=PATCHGD["latent"],
+        num_patches=grid,
+        patch_size=PATCH,
+        stride=PATCH,
+        percent_sampling=PATCHGD["fraction"],
+        learning_rate=PATCHGD["lr"],
+        epochs=1,
+        inner_iteration=PATCHGD["inner"],
+        grad_accumulation=True,
+        warmup_epochs=0,
+        decay_factor=2,
+        monitor_wandb=False,
+        save_models=False,
+        model_save_dir=str(DATA / "r1"),
+    )
     ends: list[float] = []
     step = trainer.scheduler.step
 
@@ -173,11 +225,29 @@ def reference_ips(checkout: Path, side: int, images: int) -> dict[str, Any]:
 
     n = (side // PATCH) ** 2
     task = {"id": 0, "name": "label", "act_fn": "softmax", "metric": "accuracy"}
-    conf = Struct(n_class=CLASSES, M=IPS["M"], I=IPS["I"], D=512, use_pos=True,
-                  tasks={"task0": task}, shuffle=True, shuffle_style="batch", is_image=True,
-                  enc_type="resnet18", pretrained=False, n_chan_in=3, n_res_blocks=4,
-                  n_token=1, H=IPS["heads"], D_k=IPS["dim_key"], D_v=IPS["dim_value"],
-                  D_inner=IPS["dim_inner"], attn_dropout=0.1, dropout=0.1, N=n)  # fmt: skip
+    conf = Struct(
+        n_class=CLASSES,
+        M=IPS["M"],
+        I=IPS["I"],
+        D=512,
+        use_pos=True,
+        tasks={"task0": task},
+        shuffle=True,
+        shuffle_style="batch",
+        is_image=True,
+        enc_type="resnet18",
+        pretrained=False,
+        n_chan_in=3,
+        n_res_blocks=4,
+        n_token=1,
+        H=IPS["heads"],
+        D_k=IPS["dim_key"],
+        D_v=IPS["dim_value"],
+        D_inner=IPS["dim_inner"],
+        attn_dropout=0.1,
+        dropout=0.1,
+        N=n,
+    )
     device = torch.device("cpu")
     net = IPSNet(device, conf).to(device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.1)
@@ -211,8 +281,16 @@ def ours(method: str, side: int, images: int) -> dict[str, Any]:
 
 def measure(row: str, side: int, images: int, checkout: Path | None) -> dict[str, Any]:
     """One side of one row in a fresh process (its peak its own)."""
-    command = [sys.executable, __file__, "--one", row, "--side", str(side), "--images",
-               str(images)] + (["--checkout", str(checkout)] if checkout else [])  # fmt: skip
+    command = [
+        sys.executable,
+        __file__,
+        "--one",
+        row,
+        "--side",
+        str(side),
+        "--images",
+        str(images),
+    ] + (["--checkout", str(checkout)] if checkout else [])
     proc = subprocess.run(command, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"{row}: {proc.stderr[-3000:]}")
@@ -256,12 +334,17 @@ def main() -> None:
         mine = measure(method, args.side, args.images, None)
         results.append((method, mine, theirs))
         t_ours, t_ref = statistics.median(mine["steps"]), statistics.median(theirs["steps"])
-        print(f"{method}: hiresctl {t_ours:.2f} s at {mine['peak']:.2f} GB, reference "
-              f"{t_ref:.2f} s at {theirs['peak']:.2f} GB", flush=True)  # fmt: skip
+        print(
+            f"{method}: hiresctl {t_ours:.2f} s at {mine['peak']:.2f} GB, reference "
+            f"{t_ref:.2f} s at {theirs['peak']:.2f} GB",
+            flush=True,
+        )
     if not results:
         return
-    machine = (f"{os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, "
-               f"{platform.machine()}, CPU only, {results[0][1]['threads']} threads")  # fmt: skip
+    machine = (
+        f"{os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, "
+        f"{platform.machine()}, CPU only, {results[0][1]['threads']} threads"
+    )
     command = "python benchmarks/reference_step.py --reference-patchgd PATCHGD --reference-ips IPS"
     lines = [
         f"## Against the reference code (R1), {time.strftime('%Y-%m-%d')}, {machine}",

@@ -12,30 +12,21 @@ resolution against the full-resolution masks (per-image metrics averaged over im
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import publish  # noqa: E402
+from _common import publish, synth_store  # noqa: E402
 from learning import train_eval  # noqa: E402
 
 METHODS = ("patchgd-global", "patchgd", "downsample", "full")
 
 
 def make_dataset(root: Path, side: int, count: int, seed: int = 5) -> Path:
-    store = root / "ds.zarr"
-    if not store.exists():
-        hiresctl = [sys.executable, "-m", "hiresctl"]
-        synth = root / "synth"
-        subprocess.run([*hiresctl, "synth", "seg-vessels", str(synth), "--count", str(count),
-                        "--size", str(side), "--seed", str(seed)], check=True, capture_output=True)  # fmt: skip
-        subprocess.run([*hiresctl, "tile", str(synth / "images"), "--labels", str(synth / "labels.csv"),
-                        "--masks", str(synth / "masks"), "--mask-classes", str(synth / "classes.csv"),
-                        "--chunk", "64", "--out", str(store)], check=True, capture_output=True)  # fmt: skip
-    return store
+    masks = ["--masks", "{synth}/masks", "--mask-classes", "{synth}/classes.csv", "--chunk", "64"]
+    return synth_store(root, "seg-vessels", count, side, seed, [], masks)
 
 
 def main() -> None:
@@ -49,10 +40,25 @@ def main() -> None:
     root = HERE / "data" / f"segmentation_{args.side}_{args.count}"
     store = make_dataset(root, args.side, args.count)
     common = [
-        "--task", "seg", "--set", f"backbone={args.backbone}", "--set", f"patch_size={args.patch_size}",
-        "--set", f"epochs={args.epochs}", "--set", "lr=3e-3", "--set", "batch_size=2",
-        "--set", "accumulation_steps=1", "--device", "cpu", "--set", "precision=fp32",
-    ]  # fmt: skip
+        "--task",
+        "seg",
+        "--set",
+        f"backbone={args.backbone}",
+        "--set",
+        f"patch_size={args.patch_size}",
+        "--set",
+        f"epochs={args.epochs}",
+        "--set",
+        "lr=3e-3",
+        "--set",
+        "batch_size=2",
+        "--set",
+        "accumulation_steps=1",
+        "--device",
+        "cpu",
+        "--set",
+        "precision=fp32",
+    ]
     rows = []
     for method in METHODS:
         report, summary, seconds = train_eval(

@@ -49,8 +49,16 @@ WARMUP = 2
 METHODS = ["patchgd-global", "patchgd", "ips", "downsample", "full"]
 # float32: the bare loop runs float32, and E1's history was measured so (`auto` picks bfloat16 on
 # CPUs with AMX since 2026-12-06)
-SETTINGS = {"backbone": "resnet18", "patch_size": 256, "batch_size": 1, "epochs": 1, "precision": "fp32",
-            "train_split": "train", "val_split": "none", "calibration_batches": 0}  # fmt: skip
+SETTINGS = {
+    "backbone": "resnet18",
+    "patch_size": 256,
+    "batch_size": 1,
+    "epochs": 1,
+    "precision": "fp32",
+    "train_split": "train",
+    "val_split": "none",
+    "calibration_batches": 0,
+}
 
 
 def store(side: int, images: int) -> Path:
@@ -59,8 +67,17 @@ def store(side: int, images: int) -> Path:
     if path.exists():
         return path
     source = DATA / f"e1_{side}_{images}_src"
-    _hiresctl("synth", "ultramnist", str(source), "--count", str(images), "--size", str(side),
-              "--classes", "10")  # fmt: skip
+    _hiresctl(
+        "synth",
+        "ultramnist",
+        str(source),
+        "--count",
+        str(images),
+        "--size",
+        str(side),
+        "--classes",
+        "10",
+    )
     labels = all_in_training(source)
     _hiresctl("tile", str(source / "images"), "--labels", str(labels), "--out", str(path))
     return path
@@ -224,10 +241,21 @@ def bare_steps(data: Path, method: str, repeats: int) -> list[float]:
 def measure(data: Path, method: str, work: Path, repeats: int) -> dict[str, Any]:
     """One method in a fresh process (its own peak), printed as one line of key=value."""
     proc = subprocess.run(
-        [sys.executable, __file__, "--one", method, "--data", str(data), "--work", str(work),
-         "--repeats", str(repeats)],
-        capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            __file__,
+            "--one",
+            method,
+            "--data",
+            str(data),
+            "--work",
+            str(work),
+            "--repeats",
+            str(repeats),
+        ],
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode:
         raise RuntimeError(f"{method}: {proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -265,8 +293,11 @@ def main() -> None:
         rows.append(
             (method, ours, bare, result["wait"], len(result["hiresctl"]), len(result["bare"]))
         )
-        print(f"{method}: hiresctl {ours:.2f} s, bare {bare:.2f} s, ratio {ours / bare:.3f}, "
-              f"data wait {result['wait']:.1%}", flush=True)  # fmt: skip
+        print(
+            f"{method}: hiresctl {ours:.2f} s, bare {bare:.2f} s, ratio {ours / bare:.3f}, "
+            f"data wait {result['wait']:.1%}",
+            flush=True,
+        )
     machine = f"{os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, {platform.machine()}, CPU only"
     lines = [
         f"## Step efficiency (E1), {time.strftime('%Y-%m-%d')}, {machine}",
@@ -283,8 +314,10 @@ def main() -> None:
     ]
     for method, ours, bare, wait, n_ours, n_bare in rows:
         verdict = "met" if ours / bare <= 1.15 else "not met"
-        lines.append(f"| {method} | {ours:.2f} | {bare:.2f} | {ours / bare:.2f}× | {wait:.1%} | "
-                     f"{n_ours}, {n_bare} | ≤ 1.15×: **{verdict}** |")  # fmt: skip
+        lines.append(
+            f"| {method} | {ours:.2f} | {bare:.2f} | {ours / bare:.2f}× | {wait:.1%} | "
+            f"{n_ours}, {n_bare} | ≤ 1.15×: **{verdict}** |"
+        )
     publish(lines, "steps")
 
 

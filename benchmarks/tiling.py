@@ -173,8 +173,32 @@ def main() -> None:
         sys.exit("vips not found: apt-get install libvips-tools")
 
     print("T1: JPEG store vs vips tiffsave", flush=True)
-    hires_jpeg = [*hires, str(slide), "--out", str(out / "h.zarr"), "--codec", "jpeg", "--jpeg-quality", "90"]  # fmt: skip
-    vips_jpeg = [vips, "tiffsave", str(slide), str(out / "v.tif"), "--tile", "--pyramid", "--compression", "jpeg", "--Q", "90", "--tile-width", "256", "--tile-height", "256"]  # fmt: skip
+    hires_jpeg = [
+        *hires,
+        str(slide),
+        "--out",
+        str(out / "h.zarr"),
+        "--codec",
+        "jpeg",
+        "--jpeg-quality",
+        "90",
+    ]
+    vips_jpeg = [
+        vips,
+        "tiffsave",
+        str(slide),
+        str(out / "v.tif"),
+        "--tile",
+        "--pyramid",
+        "--compression",
+        "jpeg",
+        "--Q",
+        "90",
+        "--tile-width",
+        "256",
+        "--tile-height",
+        "256",
+    ]
     (t_h, m_h, s_h), (t_v, m_v, s_v) = bench_side_by_side(
         [("hiresctl --codec jpeg", lambda: hires_jpeg), ("vips tiffsave", lambda: vips_jpeg)],
         args.repeats,

@@ -86,13 +86,25 @@ def bench_reads(reads: int, repeats: int) -> list[tuple]:
         rates["decode"].append(reads / (time.perf_counter() - start))
     med = {k: statistics.median(v) for k, v in rates.items()}
     return [
-        ("S1", f"{reads} random 256² reads, level 0, 16384² JPEG slide, 1 process",
-         "`openslide.OpenSlide.read_region` (+ RGB array)", f"{med['hiresctl']:.0f} patches/s",
-         f"{med['openslide']:.0f} patches/s", f"{med['hiresctl'] / med['openslide']:.2f}×", "≥ 3× openslide"),
-        ("S2", "same reads vs decoding the chunks alone", "JPEG decode of the same 256² chunks",
-         f"{med['hiresctl']:.0f} patches/s", f"{med['decode']:.0f} patches/s",
-         f"{100 * med['hiresctl'] / med['decode']:.0f}% of the decode limit", "≥ 70%"),
-    ]  # fmt: skip
+        (
+            "S1",
+            f"{reads} random 256² reads, level 0, 16384² JPEG slide, 1 process",
+            "`openslide.OpenSlide.read_region` (+ RGB array)",
+            f"{med['hiresctl']:.0f} patches/s",
+            f"{med['openslide']:.0f} patches/s",
+            f"{med['hiresctl'] / med['openslide']:.2f}×",
+            "≥ 3× openslide",
+        ),
+        (
+            "S2",
+            "same reads vs decoding the chunks alone",
+            "JPEG decode of the same 256² chunks",
+            f"{med['hiresctl']:.0f} patches/s",
+            f"{med['decode']:.0f} patches/s",
+            f"{100 * med['hiresctl'] / med['decode']:.0f}% of the decode limit",
+            "≥ 70%",
+        ),
+    ]
 
 
 # ---------------------------------------------------------------------------------------- M1
@@ -177,12 +189,34 @@ def bench_data_wait(workers: list[int]) -> list[tuple]:
         out = work / f"run{count}"
         subprocess.run(["rm", "-rf", str(out)], check=True)
         proc = subprocess.run(
-            [sys.executable, "-m", "hiresctl", "train", "--data", str(store), "--out", str(out), "--json",
-             "--set", "backbone=tiny", "--set", "patch_size=256", "--set", "epochs=1",
-             "--set", f"num_workers={count}", "--set", "val_split=none", "--set", "train_split=train",
-             "--set", "precision=fp32"],
-            capture_output=True, text=True,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "hiresctl",
+                "train",
+                "--data",
+                str(store),
+                "--out",
+                str(out),
+                "--json",
+                "--set",
+                "backbone=tiny",
+                "--set",
+                "patch_size=256",
+                "--set",
+                "epochs=1",
+                "--set",
+                f"num_workers={count}",
+                "--set",
+                "val_split=none",
+                "--set",
+                "train_split=train",
+                "--set",
+                "precision=fp32",
+            ],
+            capture_output=True,
+            text=True,
+        )
         if proc.returncode not in (0, 1):
             raise RuntimeError(proc.stderr[-2000:])
         summary = json.loads(proc.stdout.strip().splitlines()[-1])

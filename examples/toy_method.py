@@ -47,5 +47,7 @@ class PatchVote(ClassificationMethod):
 
     def describe(self, image_id: str) -> dict[str, str]:
         kept = len(self.patches(image_id)[1])
-        return {"sampling": f"K={self.recipe.bag_size} of N={kept} patches vote; all N in eval",
-                "sees": "full resolution, one patch at a time"}  # fmt: skip
+        return {
+            "sampling": f"K={self.recipe.bag_size} of N={kept} patches vote; all N in eval",
+            "sees": "full resolution, one patch at a time",
+        }

@@ -153,9 +153,8 @@ class Annotations:
         root = Path(path)
         if root.is_dir():
             files = sorted(
-                p for p in root.iterdir()
-                if p.is_file() and p.suffix.lower() in GEOJSON_SUFFIXES
-            )  # fmt: skip
+                p for p in root.iterdir() if p.is_file() and p.suffix.lower() in GEOJSON_SUFFIXES
+            )
             if not files:
                 raise UsageError(f"--annotations {root}: no .geojson files in this folder")
         elif root.is_file():
@@ -318,8 +317,12 @@ def _features(file: Path, data: Any) -> list[tuple[list[float], str | None, str]
         if not points:
             raise UsageError(f"{file}: {entry} has no geometry coordinates")
         xy = np.array(points)
-        box = [float(xy[:, 0].min()), float(xy[:, 1].min()),
-               float(xy[:, 0].max()), float(xy[:, 1].max())]  # fmt: skip
+        box = [
+            float(xy[:, 0].min()),
+            float(xy[:, 1].min()),
+            float(xy[:, 0].max()),
+            float(xy[:, 1].max()),
+        ]
         out.append((box, _class_name(feature.get("properties")), entry))
     return out
 
@@ -374,6 +377,4 @@ def geo_to_pixels(boxes: ImageBoxes, extra: dict[str, Any], source: str, where: 
     b = boxes.boxes
     px = (b[:, [0, 2]] - x0) / sx
     py = (b[:, [1, 3]] - y0) / sy  # sy < 0: north-up rasters flip y
-    return np.stack(
-        [px.min(1), py.min(1), px.max(1), py.max(1)], axis=1
-    ) if len(b) else b  # fmt: skip
+    return np.stack([px.min(1), py.min(1), px.max(1), py.max(1)], axis=1) if len(b) else b

@@ -68,10 +68,12 @@ def write_boxes(
     sub = group.create_group(ANNOTATIONS)
     zstd = [ZstdCodec(level=3)]
     count = len(xyxy)
-    box_array = sub.create_array("boxes", shape=(count, 4), dtype="float32",
-                                 chunks=(max(1, count), 4), compressors=zstd)  # fmt: skip
-    label_array = sub.create_array("labels", shape=(count,), dtype="int32",
-                                   chunks=(max(1, count),), compressors=zstd)  # fmt: skip
+    box_array = sub.create_array(
+        "boxes", shape=(count, 4), dtype="float32", chunks=(max(1, count), 4), compressors=zstd
+    )
+    label_array = sub.create_array(
+        "labels", shape=(count,), dtype="int32", chunks=(max(1, count),), compressors=zstd
+    )
     if count:
         box_array[...] = xyxy
         label_array[...] = labels

@@ -11,8 +11,8 @@ import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
-from storage.chunks import record_objects
 from storage.pyramid import level_shapes
+from storage.record import record_objects
 
 #: Version of the layout in FORMAT.md; readers refuse a newer major version.
 FORMAT_VERSION = "1.1"  # 1.1: the foreground mask left labels/ (an array beside the thumbnail)

@@ -72,10 +72,15 @@ def label_pyramid(
         lh, lw = shapes[level]
         chunk = min(base.chunks[1], max(lh, lw))
         target = group.create_array(
-            str(level), shape=(channels, lh, lw), dtype=base.dtype, chunks=(channels, chunk, chunk),
-            fill_value=0, dimension_names=("c", "y", "x"), compressors=[ZstdCodec(level=3)],
+            str(level),
+            shape=(channels, lh, lw),
+            dtype=base.dtype,
+            chunks=(channels, chunk, chunk),
+            fill_value=0,
+            dimension_names=("c", "y", "x"),
+            compressors=[ZstdCodec(level=3)],
             overwrite=True,
-        )  # fmt: skip
+        )
         sh, sw = shapes[level - 1]
         for y in range(0, sh, block):
             for x in range(0, sw, block):

@@ -185,17 +185,25 @@ def _is_slide(path: Path, head: bytes) -> bool:
 #: Every source format, in the order a file is tried against them (the first that recognises
 #: its content opens it; the name never decides alone). A new format is one entry here.
 SOURCE_FORMATS: tuple[SourceFormat, ...] = (
-    SourceFormat("whole-slide image (OpenSlide: SVS, NDPI, MRXS, SCN, VMS, BIF)",
-                 frozenset(OPENSLIDE_SUFFIXES - {".tif"}), _is_slide,
-                 lambda path, max_pixels, labels: OpenSlideReader(path, max_pixels)),
-    SourceFormat("TIFF/OME-TIFF/BigTIFF", frozenset({".tif", ".tiff", ".btf", ".tf8"}),
-                 lambda path, head: head[:4] in _TIFF_MAGIC,
-                 lambda path, max_pixels, labels: TiffReader(path, max_pixels)),
-    SourceFormat("PNG, JPEG, BMP, GIF or WebP",
-                 frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}),
-                 lambda path, head: head.startswith(_PIL_MAGIC),
-                 lambda path, max_pixels, labels: ImageFileReader(path, max_pixels, labels=labels)),
-)  # fmt: skip
+    SourceFormat(
+        "whole-slide image (OpenSlide: SVS, NDPI, MRXS, SCN, VMS, BIF)",
+        frozenset(OPENSLIDE_SUFFIXES - {".tif"}),
+        _is_slide,
+        lambda path, max_pixels, labels: OpenSlideReader(path, max_pixels),
+    ),
+    SourceFormat(
+        "TIFF/OME-TIFF/BigTIFF",
+        frozenset({".tif", ".tiff", ".btf", ".tf8"}),
+        lambda path, head: head[:4] in _TIFF_MAGIC,
+        lambda path, max_pixels, labels: TiffReader(path, max_pixels),
+    ),
+    SourceFormat(
+        "PNG, JPEG, BMP, GIF or WebP",
+        frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}),
+        lambda path, head: head.startswith(_PIL_MAGIC),
+        lambda path, max_pixels, labels: ImageFileReader(path, max_pixels, labels=labels),
+    ),
+)
 
 
 def source_suffixes() -> frozenset[str]:

@@ -16,7 +16,6 @@ import zarr
 import zarr.abc.store
 
 import storage.codecs  # noqa: F401  (registers the JPEG chunk codec for reading)
-from storage.chunks import check_objects, missing_problem
 from storage.errors import StoreError
 from storage.format import (
     ANNOTATIONS,
@@ -37,6 +36,7 @@ from storage.format import (
     upgrade_layout,
     version_tuple,
 )
+from storage.record import check_objects, missing_problem
 
 __all__ = [
     "ANNOTATIONS",

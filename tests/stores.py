@@ -56,9 +56,13 @@ def make_store(
     out = root / "ds.zarr"
     specs = [SourceSpec((str(sources / f"{name}.tif"),)) for name in images]
     results = tile(
-        specs, out, TileOptions(chunk=chunk, thumbnail_size=thumbnail_size, workers=1), table,
-        masks=mask_set, annotations=boxes,
-    )  # fmt: skip
+        specs,
+        out,
+        TileOptions(chunk=chunk, thumbnail_size=thumbnail_size, workers=1),
+        table,
+        masks=mask_set,
+        annotations=boxes,
+    )
     failed = [r for r in results if r.status == "failed"]
     if failed:
         raise RuntimeError(f"tiling failed: {[r.error for r in failed]}")
@@ -112,21 +116,33 @@ def planted_objects(
             for _attempt in range(100):
                 s = int(rng.integers(20, 41))
                 y, x = (int(v) for v in rng.integers(0, side - s, 2))
-                if all(x + s <= px or px + ps <= x or y + s <= py or py + ps <= y
-                       for py, px, ps in placed):  # fmt: skip
+                if all(
+                    x + s <= px or px + ps <= x or y + s <= py or py + ps <= y
+                    for py, px, ps in placed
+                ):
                     break
             else:
                 continue
             placed.append((y, x, s))
             category = int(rng.integers(0, 2))
             pixels[y : y + s, x : x + s] = (230, 60, 60) if category == 0 else (60, 230, 60)
-            annotations.append({"id": len(annotations) + 1, "image_id": i + 1,
-                                "category_id": category + 1, "bbox": [x, y, s, s],
-                                "area": s * s, "iscrowd": 0})  # fmt: skip
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": i + 1,
+                    "category_id": category + 1,
+                    "bbox": [x, y, s, s],
+                    "area": s * s,
+                    "iscrowd": 0,
+                }
+            )
         name = f"ob{i:03d}"
         images[name] = pixels
         labels[name] = ("objects", split_of(i) if split_of else "train")
         coco_images.append({"id": i + 1, "file_name": f"{name}.tif", "width": side, "height": side})
-    coco = {"images": coco_images, "annotations": annotations,
-            "categories": [{"id": 1, "name": "red"}, {"id": 2, "name": "green"}]}  # fmt: skip
+    coco = {
+        "images": coco_images,
+        "annotations": annotations,
+        "categories": [{"id": 1, "name": "red"}, {"id": 2, "name": "green"}],
+    }
     return images, labels, coco

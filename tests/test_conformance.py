@@ -40,13 +40,27 @@ ROOT = Path(__file__).resolve().parents[1]
 PAIRS = [(task, method) for task in task_names() for method in method_names(task)]
 SPLIT = {0: "train", 1: "train", 2: "train", 3: "train", 4: "val", 5: "val", 6: "test", 7: "test"}
 TINY: dict[str, dict[str, Any]] = {
-    "cls": {"backbone": "tiny", "patch_size": 32, "head_width": 16, "memory_size": 4,
-            "iter_size": 4, "bag_size": 4, "mil_hidden": 16, "attention_dim": 8,
-            "calibration_batches": 1, "input_size": 64},
-    "det": {"backbone": "tiny", "latent_dim": 32, "head_convs": 2, "patch_size": 64,
-            "input_size": 64},
+    "cls": {
+        "backbone": "tiny",
+        "patch_size": 32,
+        "head_width": 16,
+        "memory_size": 4,
+        "iter_size": 4,
+        "bag_size": 4,
+        "mil_hidden": 16,
+        "attention_dim": 8,
+        "calibration_batches": 1,
+        "input_size": 64,
+    },
+    "det": {
+        "backbone": "tiny",
+        "latent_dim": 32,
+        "head_convs": 2,
+        "patch_size": 64,
+        "input_size": 64,
+    },
     "seg": {"backbone": "unet-tiny", "patch_size": 32, "input_size": 64},
-}  # fmt: skip
+}
 
 
 def _split(i: int) -> str:
@@ -60,8 +74,9 @@ def stores(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("conformance")
     images, labels = planted_images(8, 128, 32, seed=1, split_of=_split)
     cls = make_store(root / "cls", images, labels)
-    embed_store(cls, EmbedOptions(backbone="tiny", patch_size=32, batch_size=16),
-                torch.device("cpu"))  # fmt: skip
+    embed_store(
+        cls, EmbedOptions(backbone="tiny", patch_size=32, batch_size=16), torch.device("cpu")
+    )
     boxes, box_labels, coco = planted_objects(8, 128, seed=2, split_of=_split)
     det = make_store(root / "det", boxes, box_labels, chunk=64, coco=coco)
     rng = np.random.default_rng(3)
@@ -72,14 +87,23 @@ def stores(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _recipe(task: str, method: str, **changes: Any) -> Any:
-    return load_recipe(task=task, method=method,
-                       overrides={**TINY[task], "epochs": 1, "batch_size": 2, **changes})  # fmt: skip
+    return load_recipe(
+        task=task, method=method, overrides={**TINY[task], "epochs": 1, "batch_size": 2, **changes}
+    )
 
 
 def test_the_registry_lists_every_built_in_method() -> None:
     assert set(task_names()) == {"cls", "det", "seg"}
-    assert {"patchgd-global", "patchgd", "ips", "downsample", "full", "abmil", "transmil",
-            "e2e-mil"} <= set(method_names("cls"))  # fmt: skip
+    assert {
+        "patchgd-global",
+        "patchgd",
+        "ips",
+        "downsample",
+        "full",
+        "abmil",
+        "transmil",
+        "e2e-mil",
+    } <= set(method_names("cls"))
     assert set(method_names("det")) == {"patchgd-global", "patchgd", "downsample", "sliced"}
     for task in task_names():
         assert figure_drawer(task) is not None, f"the report draws nothing for {task}"
@@ -111,13 +135,15 @@ def test_every_method_trains_evaluates_predicts_and_reports(
     assert min(per_image, per_patch) >= 0 and per_image + per_patch > 0
     assert wanted is None or wanted >= 1
 
-    predicted = predict(tmp_path / "run", [str(store)], tmp_path / "pred", split="test",
-                        device="cpu")  # fmt: skip
+    predicted = predict(
+        tmp_path / "run", [str(store)], tmp_path / "pred", split="test", device="cpu"
+    )
     assert len(predicted.rows) == 2 and not predicted.problems
     assert json.loads((tmp_path / "pred" / "predictions.json").read_text())
 
-    report = build_report([tmp_path / "run"], store, split="test", out=tmp_path / "report",
-                          device="cpu")  # fmt: skip
+    report = build_report(
+        [tmp_path / "run"], store, split="test", out=tmp_path / "report", device="cpu"
+    )
     assert (tmp_path / "report" / "report.html").is_file()
     assert report["runs"][0]["method"] == method
 
@@ -133,8 +159,10 @@ def test_every_method_plans_its_memory_budget(
     assert 0 < plan.estimate <= 3 * 2**30
 
 
-@pytest.mark.parametrize(("method", "key"),
-                         [("ips", "memory_size"), ("ips-features", "memory_size"), ("e2e-mil", "bag_size")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("method", "key"),
+    [("ips", "memory_size"), ("ips-features", "memory_size"), ("e2e-mil", "bag_size")],
+)
 def test_selection_estimates_no_more_than_the_image_holds(
     method: str, key: str, stores: dict[str, Path]
 ) -> None:
@@ -169,8 +197,18 @@ def test_every_recipe_trains_one_epoch_on_a_tiny_store(
     import sys
 
     task = load_recipe(path).task
-    args = ["train", "--recipe", path, "--data", stores[task], "--out", tmp_path / "run",
-            "--device", "cpu", "--json"]  # fmt: skip
+    args = [
+        "train",
+        "--recipe",
+        path,
+        "--data",
+        stores[task],
+        "--out",
+        tmp_path / "run",
+        "--device",
+        "cpu",
+        "--json",
+    ]
     for key, value in {
         "epochs": 1,
         "batch_size": 1,
@@ -178,8 +216,9 @@ def test_every_recipe_trains_one_epoch_on_a_tiny_store(
         "train_split": "val",
     }.items():
         args += ["--set", f"{key}={value}"]
-    done = subprocess.run([sys.executable, "-m", "hiresctl", *map(str, args)],
-                          capture_output=True, text=True)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "hiresctl", *map(str, args)], capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.splitlines()[-1])["steps"] == 2
 
@@ -229,21 +268,48 @@ def test_the_worked_example_adds_a_method_the_command_line_trains_and_reports(
     env = {**os.environ, "HIRESCTL_PLUGINS": str(ROOT / "examples" / "toy_method.py")}
 
     def hiresctl(*args: object) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "hiresctl", *map(str, args)], env=env,
-                              capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
+        return subprocess.run(
+            [sys.executable, "-m", "hiresctl", *map(str, args)],
+            env=env,
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+        )
 
     listed = hiresctl("methods", "--task", "cls", "--json")
     assert "patch-vote" in [row["method"] for row in json.loads(listed.stdout)], listed.stderr
-    trained = hiresctl("train", "--method", "patch-vote", "--data", stores["cls"], "--out", "run",
-                       "--set", "backbone=tiny", "--set", "patch_size=32", "--set", "epochs=1",
-                       "--set", "batch_size=2", "--memory-budget", "2GiB", "--device", "cpu")  # fmt: skip
+    trained = hiresctl(
+        "train",
+        "--method",
+        "patch-vote",
+        "--data",
+        stores["cls"],
+        "--out",
+        "run",
+        "--set",
+        "backbone=tiny",
+        "--set",
+        "patch_size=32",
+        "--set",
+        "epochs=1",
+        "--set",
+        "batch_size=2",
+        "--memory-budget",
+        "2GiB",
+        "--device",
+        "cpu",
+    )
     assert trained.returncode == 0, trained.stderr
     assert "memory budget" in trained.stderr
-    reported = hiresctl("eval", "run", "--data", stores["cls"], "--report", "--out", "report",
-                        "--device", "cpu")  # fmt: skip
+    reported = hiresctl(
+        "eval", "run", "--data", stores["cls"], "--report", "--out", "report", "--device", "cpu"
+    )
     assert reported.returncode == 0, reported.stderr
     html = (tmp_path / "report" / "report.html").read_text()
     assert "patch-vote" in html and "K=8 of N=16 patches vote" in html
-    plain = subprocess.run([sys.executable, "-m", "hiresctl", "methods", "--task", "cls"],
-                           capture_output=True, text=True)  # fmt: skip
+    plain = subprocess.run(
+        [sys.executable, "-m", "hiresctl", "methods", "--task", "cls"],
+        capture_output=True,
+        text=True,
+    )
     assert "patch-vote" not in plain.stdout  # only where the plugin is named

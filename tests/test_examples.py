@@ -19,8 +19,11 @@ def _example(name: str, folder: Path) -> subprocess.CompletedProcess[str]:
     assert shutil.which("hiresctl", path=env["PATH"])
     proc = subprocess.run(
         ["bash", str(ROOT / "examples" / name), str(folder)],
-        capture_output=True, text=True, env=env, timeout=1200,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1200,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 

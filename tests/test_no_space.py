@@ -159,8 +159,9 @@ def test_writes_that_failed_beside_the_reported_one_print_no_traceback() -> None
     from hiresctl.cli.app import FullDiskEchoes
 
     def record(message: str, exc: BaseException) -> logging.LogRecord:
-        return logging.LogRecord("asyncio", logging.ERROR, __file__, 1, message, None,
-                                 (type(exc), exc, None))  # fmt: skip
+        return logging.LogRecord(
+            "asyncio", logging.ERROR, __file__, 1, message, None, (type(exc), exc, None)
+        )
 
     full = OSError(errno.ENOSPC, "No space left on device")
     echoes = FullDiskEchoes()

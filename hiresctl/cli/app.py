@@ -43,6 +43,7 @@ def main() -> None:
         if full is None:
             raise
         where = full.filename or "the output"
-        err.print(f"[bold red]error:[/] {NoSpaceError(where, full)}", highlight=False,
-                  soft_wrap=True)  # fmt: skip
+        err.print(
+            f"[bold red]error:[/] {NoSpaceError(where, full)}", highlight=False, soft_wrap=True
+        )
         sys.exit(1)

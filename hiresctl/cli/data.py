@@ -175,10 +175,20 @@ def tile(
         [SourceSpec(tuple(paths), mosaic=mosaic)] if mosaic else [SourceSpec((p,)) for p in paths]
     )
     options = TileOptions(
-        chunk=chunk, block_size=block_size, codec=codec.value, jpeg_quality=jpeg_quality, thumbnail_size=thumbnail_size,
-        mpp=mpp, mag=mag, source_mpp=source_mpp, max_pixels=max_pixels, split_seed=split_seed,
-        overwrite=overwrite, workers=workers, scheduler=scheduler,
-    )  # fmt: skip
+        chunk=chunk,
+        block_size=block_size,
+        codec=codec.value,
+        jpeg_quality=jpeg_quality,
+        thumbnail_size=thumbnail_size,
+        mpp=mpp,
+        mag=mag,
+        source_mpp=source_mpp,
+        max_pixels=max_pixels,
+        split_seed=split_seed,
+        overwrite=overwrite,
+        workers=workers,
+        scheduler=scheduler,
+    )
     options.validate()
     table = LabelTable(labels) if labels else None
     if mask_classes and not masks:
@@ -199,9 +209,13 @@ def tile(
     failed = []
 
     with Progress(
-        TextColumn("tiling"), BarColumn(), TextColumn("{task.completed}/{task.total} blocks"),
-        TimeRemainingColumn(), console=err, transient=True,
-    ) as progress:  # fmt: skip
+        TextColumn("tiling"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} blocks"),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+    ) as progress:
         bar = progress.add_task("tile", total=None)
 
         def on_block(done: int, total: int) -> None:
@@ -292,10 +306,14 @@ def info(
         table.add_column(col)
     for row in summary["images"]:
         table.add_row(
-            row["id"], "×".join(str(v) for v in row["shape"]), str(row["levels"]),
-            f"{row['mpp']:.3g}" if row["mpp"] else "-", str(row["label"] or "-"), row["split"],
+            row["id"],
+            "×".join(str(v) for v in row["shape"]),
+            str(row["levels"]),
+            f"{row['mpp']:.3g}" if row["mpp"] else "-",
+            str(row["label"] or "-"),
+            row["split"],
             row["status"] if row["status"] == "complete" else f"[yellow]{row['status']}[/]",
-        )  # fmt: skip
+        )
     Console().print(table)
     if ds.problems:
         raise typer.Exit(1)
@@ -351,10 +369,17 @@ def embed(
     from hiresctl.train import resolve_device
 
     options = EmbedOptions(
-        backbone=backbone, pretrained=str(pretrained) if pretrained else None,
-        patch_size=patch_size, level=level, mpp=mpp, foreground_threshold=foreground_threshold,
-        dtype=dtype, name=name, batch_size=batch_size, seed=seed,
-    )  # fmt: skip
+        backbone=backbone,
+        pretrained=str(pretrained) if pretrained else None,
+        patch_size=patch_size,
+        level=level,
+        mpp=mpp,
+        foreground_threshold=foreground_threshold,
+        dtype=dtype,
+        name=name,
+        batch_size=batch_size,
+        seed=seed,
+    )
     if patch_size < 1 or batch_size < 1:
         raise UsageError("--patch-size and --batch-size must be at least 1")
     failed = []
@@ -368,8 +393,11 @@ def embed(
         elif result.status == "written":
             rate = result.patches / result.seconds if result.seconds else 0.0
             share = result.read_seconds / result.seconds if result.seconds else 0.0
-            err.print(f"{result.image_id}: {result.patches} patches, {rate:.0f} patches/s, "
-                      f"{share:.0%} waiting for reads", highlight=False)  # fmt: skip
+            err.print(
+                f"{result.image_id}: {result.patches} patches, {rate:.0f} patches/s, "
+                f"{share:.0%} waiting for reads",
+                highlight=False,
+            )
 
     started = time.perf_counter()
     results = embed_store(
@@ -382,9 +410,13 @@ def embed(
     busy = sum(r.seconds for r in written)
     err.print(
         f"{len(written)} embedded, {skipped} already done, {len(failed)} failed in {seconds:.1f} s"
-        + (f"; {len(written) / seconds:.2f} images/s, {reads / busy:.0%} of it waiting for reads"
-           if written and busy else ""), soft_wrap=True,
-    )  # fmt: skip
+        + (
+            f"; {len(written) / seconds:.2f} images/s, {reads / busy:.0%} of it waiting for reads"
+            if written and busy
+            else ""
+        ),
+        soft_wrap=True,
+    )
     if export_h5 is not None:
         paths = write_h5(dataset, options.set_name, export_h5)
         err.print(f"{len(paths)} h5 files in {export_h5}")

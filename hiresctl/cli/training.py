@@ -111,15 +111,23 @@ def methods(
         for method in method_names(name):
             doc = " ".join((method_class(name, method).__doc__ or "").split())
             about = doc.split(". ")[0].rstrip(".") + "." if doc else ""
-            rows.append({"task": name, "method": method, "about": about,
-                         "defaults": {**common, **method_defaults(name, method)}})  # fmt: skip
+            rows.append(
+                {
+                    "task": name,
+                    "method": method,
+                    "about": about,
+                    "defaults": {**common, **method_defaults(name, method)},
+                }
+            )
     if as_json:
         typer.echo(json.dumps(rows, default=str))
         return
     for row in rows:
         changed = ", ".join(f"{k}={v}" for k, v in row["defaults"].items())
-        typer.echo(f"{row['task']:4} {row['method']:15} {row['about']}"
-                   + (f" [defaults: {changed}]" if changed else ""))  # fmt: skip
+        typer.echo(
+            f"{row['task']:4} {row['method']:15} {row['about']}"
+            + (f" [defaults: {changed}]" if changed else "")
+        )
 
 
 RESCALE_HELP = (
@@ -165,11 +173,22 @@ def eval_(
     if out is not None and not report:
         raise UsageError("--out names the report folder; add --report")
     if report or len(runs) > 1:
-        _eval_side_by_side(runs, data, split, checkpoint, device.value, report, out, as_json,
-                           rescale, drop_channels)  # fmt: skip
+        _eval_side_by_side(
+            runs,
+            data,
+            split,
+            checkpoint,
+            device.value,
+            report,
+            out,
+            as_json,
+            rescale,
+            drop_channels,
+        )
         return
-    result = evaluate(runs[0], data, split, device.value, checkpoint, rescale=rescale,
-                      drop_channels=drop_channels)  # fmt: skip
+    result = evaluate(
+        runs[0], data, split, device.value, checkpoint, rescale=rescale, drop_channels=drop_channels
+    )
     for note in result.get("input_conversions", []):
         err.print(f"[yellow]converted[/] {note}", highlight=False, soft_wrap=True)
     for problem in result["skipped"]:
@@ -192,8 +211,10 @@ def _print_result(run: Path, data: Path, split: str, result: dict[str, Any]) -> 
         for key in ("iou", "ap"):
             if key in values:
                 value = values.get(key)
-                table.add_row(f"{key.upper() if key == 'ap' else 'IoU'} {name}",
-                              "—" if value is None else f"{value:.4f}")  # fmt: skip
+                table.add_row(
+                    f"{key.upper() if key == 'ap' else 'IoU'} {name}",
+                    "—" if value is None else f"{value:.4f}",
+                )
     table.add_row(
         "peak memory (GB)", f"{result['peak_memory_gb']:.3f} ({result['peak_memory_kind']})"
     )
@@ -211,9 +232,17 @@ def _print_result(run: Path, data: Path, split: str, result: dict[str, Any]) -> 
 
 
 def _eval_side_by_side(
-    runs: list[Path], data: Path, split: str, checkpoint: str, device: str, report: bool,
-    out: Path | None, as_json: bool, rescale: bool = False, drop_channels: bool = False,
-) -> None:  # fmt: skip
+    runs: list[Path],
+    data: Path,
+    split: str,
+    checkpoint: str,
+    device: str,
+    report: bool,
+    out: Path | None,
+    as_json: bool,
+    rescale: bool = False,
+    drop_channels: bool = False,
+) -> None:
     """Several runs (or a report): one table, the best of each column marked."""
     from hiresctl.report.build import METRIC_NAMES, build_report
 
@@ -223,8 +252,18 @@ def _eval_side_by_side(
             status.update(message)
             err.print(f"[dim]{message}[/]", highlight=False)
 
-        metrics = build_report(runs, data, split, out, device, checkpoint, log, write=report,
-                               rescale=rescale, drop_channels=drop_channels)  # fmt: skip
+        metrics = build_report(
+            runs,
+            data,
+            split,
+            out,
+            device,
+            checkpoint,
+            log,
+            write=report,
+            rescale=rescale,
+            drop_channels=drop_channels,
+        )
     notes = [n for r in metrics["runs"] for n in r["evaluation"].get("input_conversions", [])]
     for note in dict.fromkeys(notes):
         err.print(f"[yellow]converted[/] {note}", highlight=False, soft_wrap=True)
@@ -339,16 +378,29 @@ def predict(
         )
 
     result = run_predict(
-        run, paths, out, split, device.value, checkpoint, chosen or None, probabilities,
-        TileOptions(mpp=mpp, source_mpp=source_mpp), on_image, score_threshold, rescale,
+        run,
+        paths,
+        out,
+        split,
+        device.value,
+        checkpoint,
+        chosen or None,
+        probabilities,
+        TileOptions(mpp=mpp, source_mpp=source_mpp),
+        on_image,
+        score_threshold,
+        rescale,
         drop_channels,
-    )  # fmt: skip
+    )
     for note in result.notes:
         err.print(f"[yellow]converted[/] {note}", highlight=False, soft_wrap=True)
     for problem in result.problems:
         err.print(f"[bold red]failed[/] {problem}", highlight=False, soft_wrap=True)
     written = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    err.print(f"{len(result.rows)} images predicted into {out} ({', '.join(written)})"
-              + (f"; NGFF in {out / STORE}" if STORE in written else ""), highlight=False)  # fmt: skip
+    err.print(
+        f"{len(result.rows)} images predicted into {out} ({', '.join(written)})"
+        + (f"; NGFF in {out / STORE}" if STORE in written else ""),
+        highlight=False,
+    )
     if result.problems:
         raise typer.Exit(1)

@@ -87,12 +87,22 @@ class PatchReader:
 
     # Pickled into DataLoader workers: each worker reopens the store lazily.
     def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.dataset.path, "level": self.level, "threads": 1,
-                "mask_values": self.mask_values, "box_classes": self.box_classes}  # fmt: skip
+        return {
+            "path": self.dataset.path,
+            "level": self.level,
+            "threads": 1,
+            "mask_values": self.mask_values,
+            "box_classes": self.box_classes,
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["path"], state["level"], state["threads"], state["mask_values"],  # type: ignore[misc]
-                      state["box_classes"])  # fmt: skip
+        self.__init__(  # type: ignore[misc]
+            state["path"],
+            state["level"],
+            state["threads"],
+            state["mask_values"],
+            state["box_classes"],
+        )
 
     def entry(self, image_id: str) -> ImageEntry:
         with self._lock:
@@ -159,9 +169,14 @@ class PatchReader:
         """(c, size, size) pixels at (y, x) of the read level, padded past the edges with the
         store's fill value (``height`` rows instead of ``size`` when given)."""
         out = _padded_region(
-            self.array(image_id), self.direct(image_id), y, x, height or size, size,
+            self.array(image_id),
+            self.direct(image_id),
+            y,
+            x,
+            height or size,
+            size,
             self.entry(image_id).fill_value,
-        )  # fmt: skip
+        )
         with self._lock:
             self.patches_read += 1
             self.pixels_read += size * (height or size)
@@ -175,9 +190,14 @@ class PatchReader:
         if self._lut is None:
             raise RuntimeError("this reader was built without mask classes (mask_values)")
         values = _padded_region(
-            self.mask_array(image_id), self.direct(image_id, mask=True), y, x, height or size,
-            size, -1,
-        )[0]  # fmt: skip
+            self.mask_array(image_id),
+            self.direct(image_id, mask=True),
+            y,
+            x,
+            height or size,
+            size,
+            -1,
+        )[0]
         classes = self._classes(values)
         roi = self.roi_array(image_id)
         if roi is not None:
@@ -203,9 +223,12 @@ class PatchReader:
         return flip.source(y, x, p, p, height, width)
 
     def read_mask_patches(
-        self, image_id: str, grid: PatchGrid, indices: Sequence[int] | np.ndarray,
+        self,
+        image_id: str,
+        grid: PatchGrid,
+        indices: Sequence[int] | np.ndarray,
         flip: Flip = NO_FLIP,
-    ) -> torch.Tensor:  # fmt: skip
+    ) -> torch.Tensor:
         """(n, p, p) int64 class indices of the mask under the given patches (-1: ignore), of
         the image mirrored by ``flip``."""
         p = grid.patch_size
@@ -255,16 +278,22 @@ class PatchReader:
         return boxes[keep].astype(np.float32), labels[keep]
 
     def read_patches(
-        self, image_id: str, grid: PatchGrid, indices: Sequence[int] | np.ndarray,
+        self,
+        image_id: str,
+        grid: PatchGrid,
+        indices: Sequence[int] | np.ndarray,
         flip: Flip = NO_FLIP,
-    ) -> torch.Tensor:  # fmt: skip
+    ) -> torch.Tensor:
         """(n, 3, p, p) normalised float patches at the given row-major grid indices."""
         return normalize(self.read_patches_unit(image_id, grid, indices, flip))
 
     def read_patches_unit(
-        self, image_id: str, grid: PatchGrid, indices: Sequence[int] | np.ndarray,
+        self,
+        image_id: str,
+        grid: PatchGrid,
+        indices: Sequence[int] | np.ndarray,
         flip: Flip = NO_FLIP,
-    ) -> torch.Tensor:  # fmt: skip
+    ) -> torch.Tensor:
         """(n, 3, p, p) RGB patches in [0, 1] (before normalisation, for augmentation) of the
         image mirrored by ``flip`` (the grid is laid over the mirrored image)."""
         origins = [self._source(image_id, grid, int(i), flip) for i in indices]

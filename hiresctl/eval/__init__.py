@@ -25,10 +25,17 @@ def run_task(run_dir: str | Path) -> str:
     return str(recipe.get("task", "cls"))
 
 
-def evaluate(run_dir: str | Path, data: str | Path, split: str = "test", device: str = "auto",
-             checkpoint: str = "best", on_tile: TileHook | None = None, run: Run | None = None,
-             rescale: bool = False, drop_channels: bool = False,
-             ) -> dict[str, Any]:  # fmt: skip
+def evaluate(
+    run_dir: str | Path,
+    data: str | Path,
+    split: str = "test",
+    device: str = "auto",
+    checkpoint: str = "best",
+    on_tile: TileHook | None = None,
+    run: Run | None = None,
+    rescale: bool = False,
+    drop_channels: bool = False,
+) -> dict[str, Any]:
     """Evaluate a run with its task's metrics on ``split``; also written to
     ``RUN/eval-<split>.json``. ``on_tile``: segmentation's hook on every predicted tile with its
     truth; ``run``: the run already loaded from ``run_dir``, else it is loaded here."""
@@ -36,8 +43,13 @@ def evaluate(run_dir: str | Path, data: str | Path, split: str = "test", device:
     torch_device = resolve_device(device)
     run = run or load_run(run_dir, dataset, torch_device, checkpoint)
     images, problems = run.task.images(dataset, split, run.classes)
-    screen = screen_inputs(run.trained_on, [dataset.entry(im.image_id) for im in images],
-                           str(dataset.path), rescale, drop_channels)  # fmt: skip
+    screen = screen_inputs(
+        run.trained_on,
+        [dataset.entry(im.image_id) for im in images],
+        str(dataset.path),
+        rescale,
+        drop_channels,
+    )
     usable = {entry.id for entry in screen.kept}
     images = [im for im in images if im.image_id in usable]
     problems += [f"{line}; skipped" for line in screen.refused]

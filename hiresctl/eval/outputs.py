@@ -1,6 +1,6 @@
 """What ``hiresctl predict`` writes for each task (see ``predict.py`` for the folder): the
 predictions store (label pyramids, heatmaps), overlays, QuPath GeoJSON polygons and boxes, COCO
-results and their ground truth, each image's row; written tile by tile."""
+results and their ground truth (``boxes.py``), each image's row; written tile by tile."""
 
 from __future__ import annotations
 
@@ -21,9 +21,7 @@ from hiresctl.eval import overlays
 from hiresctl.train import (
     Heatmap,
     Run,
-    coco_truth,
     load_run,
-    predict_detections,
     predict_images,
     predict_segmentation,
     resolve_device,
@@ -32,7 +30,6 @@ from hiresctl.train.segmentation import SegmentationMethod
 from hiresctl.train.segmentation.base import PREDICT_TILE
 from hiresctl.train.segmentation.metrics import binary_image_metrics
 from storage import Dataset, StoreError, UsageError
-from storage.annotations import geotransform
 from storage.ngff import PALETTE, label_image_attrs, label_pyramid
 from storage.store import hires_attrs, image_multiscales
 
@@ -74,8 +71,16 @@ def predict_masks(
         raise UsageError(f"{run_dir}: a {run.recipe.task} run; predict writes masks of seg runs")
     values = np.asarray(run.mask_values)
     classes = dict(zip(run.mask_values, run.classes, strict=True))
-    root = open_out(out, {"run": str(run_dir), "data": str(data), "task": "seg",
-                           "method": run.recipe.method, "classes": classes})  # fmt: skip
+    root = open_out(
+        out,
+        {
+            "run": str(run_dir),
+            "data": str(data),
+            "task": "seg",
+            "method": run.recipe.method,
+            "classes": classes,
+        },
+    )
     entries = [e for e in dataset.entries(split=split) if e.complete]
     if not entries:
         raise StoreError(
@@ -96,25 +101,42 @@ def predict_masks(
         group.attrs["hiresctl"] = {"status": "incomplete", "source": entry.source}
         _, height, width = run.reader.shape(entry.id)
         level0 = group.create_array(
-            "0", shape=(1, height, width), dtype=dtype, chunks=(1, chunk, chunk), fill_value=0,
-            dimension_names=("c", "y", "x"), compressors=[ZstdCodec(level=3)],
-        )  # fmt: skip
+            "0",
+            shape=(1, height, width),
+            dtype=dtype,
+            chunks=(1, chunk, chunk),
+            fill_value=0,
+            dimension_names=("c", "y", "x"),
+            compressors=[ZstdCodec(level=3)],
+        )
         outputs = 1 if len(run.classes) == 2 else len(run.classes)
         probs = None
         if probabilities:
             probs = group.create_array(
-                "probabilities", shape=(outputs, height, width), dtype="float16",
-                chunks=(outputs, chunk, chunk), fill_value=0, dimension_names=("c", "y", "x"),
+                "probabilities",
+                shape=(outputs, height, width),
+                dtype="float16",
+                chunks=(outputs, chunk, chunk),
+                fill_value=0,
+                dimension_names=("c", "y", "x"),
                 compressors=[ZstdCodec(level=3)],
-            )  # fmt: skip
+            )
 
         counts = np.zeros(len(values), dtype=np.int64)
 
         def write(
-            image_id: str, y: int, x: int, logits: torch.Tensor, pred: np.ndarray,
-            truth: np.ndarray | None, level0: Any = level0, probs: Any = probs,
-            counts: np.ndarray = counts, bottom: int = height, right: int = width,
-        ) -> None:  # fmt: skip
+            image_id: str,
+            y: int,
+            x: int,
+            logits: torch.Tensor,
+            pred: np.ndarray,
+            truth: np.ndarray | None,
+            level0: Any = level0,
+            probs: Any = probs,
+            counts: np.ndarray = counts,
+            bottom: int = height,
+            right: int = width,
+        ) -> None:
             h, w = pred.shape
             inside = pred[: max(0, min(h, bottom - y)), : max(0, min(w, right - x))]
             counts += np.bincount(inside.ravel(), minlength=len(values))[: len(values)]
@@ -133,12 +155,21 @@ def predict_masks(
         group.attrs["ome"] = label_image_attrs(
             "prediction", scales, entry.mpp, run.mask_values, classes, source=source
         )
-        row: dict[str, Any] = {"id": entry.id, "source": entry.source, "shape": [height, width],
-                               "levels": len(shapes), "output": f"{out}/{entry.id}"}  # fmt: skip
+        row: dict[str, Any] = {
+            "id": entry.id,
+            "source": entry.source,
+            "shape": [height, width],
+            "levels": len(shapes),
+            "output": f"{out}/{entry.id}",
+        }
         row["pixels"] = {name: int(c) for name, c in zip(run.classes, counts, strict=True)}
         if has_mask and len(run.classes) == 2:
-            row.update({k: (v if np.isfinite(v) else None)
-                        for k, v in binary_image_metrics(matrix).items()})  # fmt: skip
+            row.update(
+                {
+                    k: (v if np.isfinite(v) else None)
+                    for k, v in binary_image_metrics(matrix).items()
+                }
+            )
         row["seconds"] = round(time.perf_counter() - started, 3)
         row["peak_memory_gb"] = stats["peak_memory_gb"]
         group.attrs["hiresctl"] = {"status": "complete", **row}  # completion is the last write
@@ -156,16 +187,27 @@ def _heatmap_image(
 ) -> None:
     """A one-level float32 NGFF image of a heatmap; ``scale``: level-0 pixels per cell."""
     rows, cols = heat.scores.shape
-    array = group.create_array("0", shape=(1, rows, cols), dtype="float32", chunks=(1, rows, cols),
-                               fill_value=0, dimension_names=("c", "y", "x"))  # fmt: skip
+    array = group.create_array(
+        "0",
+        shape=(1, rows, cols),
+        dtype="float32",
+        chunks=(1, rows, cols),
+        fill_value=0,
+        dimension_names=("c", "y", "x"),
+    )
     array[0] = heat.scores
     group.attrs["ome"] = image_multiscales("heatmap", [scale], mpp)
 
 
 def classify_images(
-    run: Run, dataset: Dataset, entries: list[Any], root: zarr.Group | None, out: Path,
-    formats: set[str], on_image: Callable[[dict[str, Any]], None] | None,
-) -> list[dict[str, Any]]:  # fmt: skip
+    run: Run,
+    dataset: Dataset,
+    entries: list[Any],
+    root: zarr.Group | None,
+    out: Path,
+    formats: set[str],
+    on_image: Callable[[dict[str, Any]], None] | None,
+) -> list[dict[str, Any]]:
     """Predict each image's class and where the model looked (batch by batch)."""
     rows = []
     size = run.recipe.batch_size
@@ -179,8 +221,12 @@ def classify_images(
         seconds = (time.perf_counter() - began) / len(batch)
         for entry, scores in zip(batch, logits.softmax(1), strict=True):
             best = int(scores.argmax())
-            row: dict[str, Any] = {"id": entry.id, "source": entry.source, "predicted": run.classes[best],
-                                   "confidence": round(float(scores[best]), 6)}  # fmt: skip
+            row: dict[str, Any] = {
+                "id": entry.id,
+                "source": entry.source,
+                "predicted": run.classes[best],
+                "confidence": round(float(scores[best]), 6),
+            }
             row.update(
                 {
                     f"p_{name}": round(float(v), 6)
@@ -218,159 +264,22 @@ def classify_images(
     return rows
 
 
-# ----------------------------------------------------------------------------- detection
-
-
-def box_features(
-    boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, classes: list[str],
-    transform: list[float] | None = None,
-) -> list[dict[str, Any]]:  # fmt: skip
-    """QuPath detections (GeoJSON features): one closed rectangle per box, in level-0 pixels
-    or, given a GDAL geotransform, in its CRS."""
-    features = []
-    for (x0, y0, x1, y1), score, label in zip(boxes.tolist(), scores.tolist(), labels.tolist(),
-                                              strict=True):  # fmt: skip
-        ring = [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
-        if transform is not None:
-            gx, sx, _, gy, _, sy = transform
-            ring = [[gx + x * sx, gy + y * sy] for x, y in ring]
-        features.append({
-            "type": "Feature",
-            "geometry": {"type": "Polygon", "coordinates": [ring]},
-            "properties": {
-                "objectType": "detection",
-                "classification": {"name": classes[label], "color": _rgb(label + 1)},
-                "measurements": {"score": round(float(score), 5)},
-            },
-        })  # fmt: skip
-    return features
-
-
-def detect_images(
-    run: Run, dataset: Dataset, entries: list[Any], out: Path, formats: set[str],
-    on_image: Callable[[dict[str, Any]], None] | None, score_threshold: float | None = None,
-) -> list[dict[str, Any]]:  # fmt: skip
-    """Boxes of each image (batch by batch), written as COCO results, GeoJSON and overlays;
-    boxes below ``score_threshold`` (default 0.2; 0.05 is what COCO evaluation keeps) are left
-    out."""
-    from hiresctl.train.detection.base import PREDICT_SCORE_THRESHOLD
-
-    threshold = PREDICT_SCORE_THRESHOLD if score_threshold is None else score_threshold
-
-    rows: list[dict[str, Any]] = []
-    results: list[dict[str, Any]] = []
-    ids = CocoIds(dataset, entries, run.classes)
-    size = run.recipe.batch_size
-    for start in range(0, len(entries), size):
-        batch = entries[start : start + size]
-        found, stats = predict_detections(run, [LabelledImage(e.id, 0) for e in batch])
-        for entry, d in zip(batch, found, strict=True):
-            keep = d["scores"] >= threshold
-            boxes = d["boxes"][keep].numpy()
-            scores, labels = d["scores"][keep].numpy(), d["labels"][keep].numpy()
-            number = ids.image[entry.id]
-            counts = np.bincount(labels, minlength=len(run.classes))
-            row: dict[str, Any] = {"id": entry.id, "source": entry.source, "coco_image_id": number,
-                                   "detections": len(boxes)}  # fmt: skip
-            row.update({f"n_{name}": int(c) for name, c in zip(run.classes, counts, strict=True)})
-            for box, score, label in zip(boxes.tolist(), scores.tolist(), labels.tolist(),
-                                         strict=True):  # fmt: skip
-                results.append({"image_id": number, "category_id": ids.category[int(label)],
-                                "bbox": [round(box[0], 2), round(box[1], 2),
-                                         round(box[2] - box[0], 2), round(box[3] - box[1], 2)],
-                                "score": round(float(score), 5)})  # fmt: skip
-            if "geojson" in formats:
-                folder = out / "geojson"
-                folder.mkdir(parents=True, exist_ok=True)
-                features = box_features(boxes, scores, labels, run.classes)
-                path = folder / f"{entry.id}.geojson"
-                path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
-                row["geojson"] = str(path)
-                geo = geotransform(entry.extra)
-                if geo is not None:
-                    transform, crs = geo
-                    collection: dict[str, Any] = {
-                        "type": "FeatureCollection",
-                        "features": box_features(boxes, scores, labels, run.classes, transform),
-                    }
-                    if crs:
-                        collection["crs"] = {"type": "name", "properties": {"name": crs}}
-                    crs_path = folder / f"{entry.id}.crs.geojson"
-                    crs_path.write_text(json.dumps(collection))
-                    row["geojson_crs"] = str(crs_path)
-            if "png" in formats:
-                overlays.save_png(out / "overlays" / f"{entry.id}.png",
-                                 overlays.boxes_overlay(dataset.thumbnail(entry.id), entry.shape[1:],
-                                                       boxes, labels, _rgb))  # fmt: skip
-            row["seconds"] = round(stats["seconds"] / len(batch), 3)
-            row["peak_memory_gb"] = stats["peak_memory_gb"]
-            rows.append(row)
-            if on_image is not None:
-                on_image(row)
-    if "coco" in formats:
-        (out / "detections.json").write_text(json.dumps(results))
-        truth = ids.ground_truth(run)
-        if truth["annotations"] or any(dataset.has_boxes(e.id) for e in entries):
-            (out / "annotations.json").write_text(json.dumps(truth))
-    return rows
-
-
-class CocoIds:
-    """The COCO ids predictions are written in: the user's own where the store was tiled from a
-    COCO file (its ``images[].id`` and ``categories[].id``), else image ids 1..N in order and
-    category ids 1..C in the run's class order. :meth:`ground_truth` is the store's boxes in the
-    same ids, so ``COCO(annotations.json).loadRes(detections.json)`` scores the pair directly
-    (and with a COCO file, the user's own file scores it the same way)."""
-
-    def __init__(self, dataset: Dataset, entries: list[Any], classes: list[str]) -> None:
-        self.dataset, self.entries, self.classes = dataset, entries, classes
-        found = {e.id: dataset.coco_ids(e.id) for e in entries}
-        names: dict[str, int] = {}
-        for _, by_name in found.values():
-            names.update(by_name)
-        self.category = [names.get(name, i + 1) for i, name in enumerate(classes)]
-        if len(set(self.category)) < len(self.category):  # ids that collide: use our own
-            self.category = list(range(1, len(classes) + 1))
-        used = {file_id for file_id, _ in found.values() if file_id is not None}
-        self.image: dict[str, Any] = {}
-        free = 1
-        for entry in entries:
-            file_id = found[entry.id][0]
-            if file_id is None:
-                while free in used:
-                    free += 1
-                file_id = free
-                used.add(free)
-            self.image[entry.id] = file_id
-
-    def ground_truth(self, run: Run) -> dict[str, Any]:
-        """The store's boxes as :func:`coco_truth` reads them, renumbered into these ids."""
-        boxed = [e for e in self.entries if self.dataset.has_boxes(e.id)]
-        truth = coco_truth(run, [LabelledImage(e.id, 0) for e in boxed])
-        number = {i + 1: self.image[e.id] for i, e in enumerate(boxed)}
-        images = [{"id": self.image[e.id], "file_name": Path(str(e.source)).name,
-                   "height": int(e.shape[1]), "width": int(e.shape[2])} for e in self.entries]  # fmt: skip
-        annotations = [{**a, "image_id": number[a["image_id"]],
-                        "category_id": self.category[a["category_id"] - 1]}
-                       for a in truth["annotations"]]  # fmt: skip
-        categories = [
-            {"id": c, "name": n} for c, n in zip(self.category, self.classes, strict=True)
-        ]
-        return {"images": images, "annotations": annotations, "categories": categories}
-
-
 # -------------------------------------------------------------------------- segmentation
 
 
-def _rgb(value_index: int) -> list[int]:
+def class_rgb(value_index: int) -> list[int]:
+    """The colour of class ``value_index`` in QuPath files (the label palette; grey for 0)."""
     colour = PALETTE[value_index % len(PALETTE)]
     return list(colour[:3]) if value_index else [128, 128, 128]
 
 
 def mask_polygons(
-    labels: np.ndarray, values: list[int], names: dict[int, str], scale: tuple[float, float],
+    labels: np.ndarray,
+    values: list[int],
+    names: dict[int, str],
+    scale: tuple[float, float],
     offset: tuple[float, float] = (0.0, 0.0),
-) -> list[dict[str, Any]]:  # fmt: skip
+) -> list[dict[str, Any]]:
     """GeoJSON Features (QuPath annotations) of every non-background class region of a
     (h, w) mask of ``values``: outer rings with their holes, in pixel coordinates multiplied by
     ``scale`` (y, x) and shifted by ``offset``. Value index 0 is the background.
@@ -393,8 +302,9 @@ def mask_polygons(
             continue
         outers: list[np.ndarray] = []
         holes: list[np.ndarray] = []
-        for contour in find_contours(binary, 0.5, fully_connected="low",
-                                     positive_orientation="high"):  # fmt: skip
+        for contour in find_contours(
+            binary, 0.5, fully_connected="low", positive_orientation="high"
+        ):
             xy = _corners(contour[:-1, ::-1] - 1.0)  # (row, col) → (x, y), padding removed
             if len(xy) < 3:
                 continue
@@ -409,20 +319,30 @@ def mask_polygons(
                     break
 
         def position(ring: np.ndarray) -> list[list[float]]:
-            points = [[round((float(x) + 0.5) * scale[1] + offset[1], 2),
-                       round((float(y) + 0.5) * scale[0] + offset[0], 2)] for x, y in ring]  # fmt: skip
+            points = [
+                [
+                    round((float(x) + 0.5) * scale[1] + offset[1], 2),
+                    round((float(y) + 0.5) * scale[0] + offset[0], 2),
+                ]
+                for x, y in ring
+            ]
             return [*points, points[0]]
 
         for group in rings:
-            features.append({
-                "type": "Feature",
-                "geometry": {"type": "Polygon", "coordinates": [position(r) for r in group]},
-                "properties": {
-                    "objectType": "annotation",
-                    "classification": {"name": names.get(value, str(value)), "color": _rgb(index)},
-                    "value": int(value),
-                },
-            })  # fmt: skip
+            features.append(
+                {
+                    "type": "Feature",
+                    "geometry": {"type": "Polygon", "coordinates": [position(r) for r in group]},
+                    "properties": {
+                        "objectType": "annotation",
+                        "classification": {
+                            "name": names.get(value, str(value)),
+                            "color": class_rgb(index),
+                        },
+                        "value": int(value),
+                    },
+                }
+            )
     return features
 
 
@@ -439,9 +359,14 @@ def _corners(xy: np.ndarray) -> np.ndarray:
 
 
 def segmentation_outputs(
-    root: zarr.Group, dataset: Dataset, row: dict[str, Any], values: list[int],
-    names: dict[int, str], out: Path, formats: set[str],
-) -> None:  # fmt: skip
+    root: zarr.Group,
+    dataset: Dataset,
+    row: dict[str, Any],
+    values: list[int],
+    names: dict[int, str],
+    out: Path,
+    formats: set[str],
+) -> None:
     """GeoJSON polygons and the PNG overlay of one predicted image, from its label pyramid."""
     group: Any = root[row["id"]]
     levels = [group[str(i)] for i in range(row["levels"])]
@@ -462,15 +387,13 @@ def segmentation_outputs(
         for index, value in enumerate(values):
             if index:
                 where = small == value
-                base[where] = base[where] * 0.4 + np.asarray(_rgb(index), np.float32) * 0.6
+                base[where] = base[where] * 0.4 + np.asarray(class_rgb(index), np.float32) * 0.6
         overlays.save_png(out / "overlays" / f"{row['id']}.png", base.astype(np.uint8))
 
 
 __all__ = [
     "STORE",
-    "CocoIds",
     "classify_images",
-    "detect_images",
     "mask_polygons",
     "open_out",
     "predict_masks",

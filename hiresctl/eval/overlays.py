@@ -101,9 +101,13 @@ def boxes_overlay(
 
 
 def _rectangle(
-    rgb: np.ndarray, box: Sequence[float], scale: tuple[float, float],
-    origin: tuple[float, float], colour: Sequence[int], thickness: int = 1,
-) -> None:  # fmt: skip
+    rgb: np.ndarray,
+    box: Sequence[float],
+    scale: tuple[float, float],
+    origin: tuple[float, float],
+    colour: Sequence[int],
+    thickness: int = 1,
+) -> None:
     """Outline level-0 ``box`` (x0, y0, x1, y1) on ``rgb``, which shows level 0 from ``origin``
     (y, x) scaled by ``scale`` (y, x); boxes too small to see become 3-pixel marks."""
     (sy, sx), (oy, ox) = scale, origin
@@ -114,10 +118,15 @@ def _rectangle(
 
 
 def detection_overlay(
-    image: np.ndarray, scale: tuple[float, float], origin: tuple[float, float],
-    truth: np.ndarray, truth_found: np.ndarray, boxes: np.ndarray, hits: np.ndarray,
+    image: np.ndarray,
+    scale: tuple[float, float],
+    origin: tuple[float, float],
+    truth: np.ndarray,
+    truth_found: np.ndarray,
+    boxes: np.ndarray,
+    hits: np.ndarray,
     thickness: int = 1,
-) -> np.ndarray:  # fmt: skip
+) -> np.ndarray:
     """``image`` (showing level 0 from ``origin`` (y, x) at ``scale``) with detections that
     match a true box in green (TP), the others in red (FP), and true boxes no detection found
     in blue (FN)."""

@@ -39,10 +39,10 @@ from typing import Any
 import zarr
 
 from hiresctl.eval import run_task
+from hiresctl.eval.boxes import detect_images
 from hiresctl.eval.outputs import (
     STORE,
     classify_images,
-    detect_images,
     open_out,
     predict_masks,
     segmentation_outputs,
@@ -102,8 +102,10 @@ def predict(
     wanted = set(formats or predictor.formats)
     unknown = wanted - set(predictor.formats)
     if unknown:
-        raise UsageError(f"--format {', '.join(sorted(unknown))}: a {task} run writes "
-                         f"{', '.join(predictor.formats)}")  # fmt: skip
+        raise UsageError(
+            f"--format {', '.join(sorted(unknown))}: a {task} run writes "
+            f"{', '.join(predictor.formats)}"
+        )
     folder = Path(out)
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"{out}: --out exists and is not a folder")
@@ -130,9 +132,22 @@ def predict(
             if on_image is not None:
                 on_image(row)
 
-        job = PredictJob(Path(run_dir), data, folder, split, device, checkpoint, wanted,
-                         probabilities, on_row, score_threshold, problems, rescale,
-                         drop_channels, converted)  # fmt: skip
+        job = PredictJob(
+            Path(run_dir),
+            data,
+            folder,
+            split,
+            device,
+            checkpoint,
+            wanted,
+            probabilities,
+            on_row,
+            score_threshold,
+            problems,
+            rescale,
+            drop_channels,
+            converted,
+        )
         try:
             rows = predictor.write(job)
         except Exception as exc:
@@ -185,8 +200,9 @@ class PredictJob:
     def screen(self, run: Run, dataset: Dataset, entries: list[Any]) -> list[Any]:
         """The ``entries`` the run can take (``hiresctl.train.inputs``): the refused go to
         ``problems``, the conversions made to ``converted`` and ``notes``."""
-        screen = screen_inputs(run.trained_on, entries, str(dataset.path), self.rescale,
-                               self.drop_channels)  # fmt: skip
+        screen = screen_inputs(
+            run.trained_on, entries, str(dataset.path), self.rescale, self.drop_channels
+        )
         self.problems += screen.refused
         self.notes += screen.note_lines()
         for note, ids in screen.notes.items():
@@ -241,8 +257,17 @@ def _predict_segmentation(job: PredictJob) -> list[dict[str, Any]]:
         if job.on_image is not None:
             job.on_image(row)
 
-    rows = predict_masks(job.run_dir, job.data, store, job.split, job.device, job.checkpoint,
-                         job.probabilities, on_image=finish, screen=job.screen)  # fmt: skip
+    rows = predict_masks(
+        job.run_dir,
+        job.data,
+        store,
+        job.split,
+        job.device,
+        job.checkpoint,
+        job.probabilities,
+        on_image=finish,
+        screen=job.screen,
+    )
     if "ngff" not in job.wanted:
         shutil.rmtree(store, ignore_errors=True)
     return rows
@@ -251,8 +276,9 @@ def _predict_segmentation(job: PredictJob) -> list[dict[str, Any]]:
 @predicts("det", ("coco", "geojson", "csv", "json", "png"))
 def _predict_detection(job: PredictJob) -> list[dict[str, Any]]:
     run, dataset, entries = job.load()
-    return detect_images(run, dataset, entries, job.folder, job.wanted, job.on_image,
-                         job.score_threshold)  # fmt: skip
+    return detect_images(
+        run, dataset, entries, job.folder, job.wanted, job.on_image, job.score_threshold
+    )
 
 
 @predicts("cls", ("ngff", "csv", "json", "png"))
@@ -260,8 +286,15 @@ def _predict_classification(job: PredictJob) -> list[dict[str, Any]]:
     run, dataset, entries = job.load()
     root = None
     if "ngff" in job.wanted:
-        root = open_out(job.folder / STORE, {"run": str(job.run_dir), "data": str(job.data),
-                                              "task": run.recipe.task, "method": run.recipe.method})  # fmt: skip
+        root = open_out(
+            job.folder / STORE,
+            {
+                "run": str(job.run_dir),
+                "data": str(job.data),
+                "task": run.recipe.task,
+                "method": run.recipe.method,
+            },
+        )
     return classify_images(run, dataset, entries, root, job.folder, job.wanted, job.on_image)
 
 

@@ -230,8 +230,9 @@ def _compare_coco(
         aps[name] = coco_ap_draws(truth, found, draws, max_dets)
         low, high = np.percentile(aps[name], [tail, 100 - tail])
         value = float(results[name]["metrics"].get("ap", math.nan))
-        intervals[name] = Interval("ap", value, float(low), float(high), count,
-                                   resamples=COCO_RESAMPLES)  # fmt: skip
+        intervals[name] = Interval(
+            "ap", value, float(low), float(high), count, resamples=COCO_RESAMPLES
+        )
     best = best if best in intervals else max(intervals, key=lambda n: intervals[n].value)
     comparisons = []
     for name in intervals:
@@ -242,8 +243,9 @@ def _compare_coco(
         point = intervals[best].value - intervals[name].value
         share = float((diff <= 0).mean() if point >= 0 else (diff >= 0).mean())
         p = min(1.0, 2 * share) if share else 1 / COCO_RESAMPLES
-        comparisons.append(Comparison(best, name, "ap", point, low, high, p,
-                                      "paired bootstrap of COCO AP", count))  # fmt: skip
+        comparisons.append(
+            Comparison(best, name, "ap", point, low, high, p, "paired bootstrap of COCO AP", count)
+        )
     return intervals, comparisons
 
 

@@ -117,8 +117,9 @@ def embed_store(
         results = []
         for image_id in ids:
             try:
-                result = _embed_image(dataset, image_id, backbone, options, checksum, device,
-                                      overwrite)  # fmt: skip
+                result = _embed_image(
+                    dataset, image_id, backbone, options, checksum, device, overwrite
+                )
             except (StoreError, UsageError) as exc:
                 result = EmbedResult(image_id, "failed", error=str(exc))
             except Exception as exc:  # a full or read-only store stops the run: resumable
@@ -147,9 +148,14 @@ def _identity(options: EmbedOptions, checksum: str, level: int) -> dict[str, Any
 
 
 def _embed_image(
-    dataset: Dataset, image_id: str, backbone: torch.nn.Module, options: EmbedOptions,
-    checksum: str, device: torch.device, overwrite: bool,
-) -> EmbedResult:  # fmt: skip
+    dataset: Dataset,
+    image_id: str,
+    backbone: torch.nn.Module,
+    options: EmbedOptions,
+    checksum: str,
+    device: torch.device,
+    overwrite: bool,
+) -> EmbedResult:
     started = time.perf_counter()
     level = choose_level(dataset, image_id, options)
     identity = _identity(options, checksum, level)
@@ -176,18 +182,26 @@ def _embed_image(
     width = int(getattr(backbone, "num_features"))  # noqa: B009
     rows = max(1, min(len(kept), 2**20 // max(1, width)))
     features = target.create_array(
-        "features", shape=(len(kept), width), chunks=(rows, width), dtype=options.dtype,
+        "features",
+        shape=(len(kept), width),
+        chunks=(rows, width),
+        dtype=options.dtype,
         dimension_names=("patch", "feature"),
-    )  # fmt: skip
+    )
     coords = target.create_array(
-        "coords", shape=(len(kept), 2), chunks=(max(1, len(kept)), 2), dtype="int64",
+        "coords",
+        shape=(len(kept), 2),
+        chunks=(max(1, len(kept)), 2),
+        dtype="int64",
         dimension_names=("patch", "xy"),
-    )  # fmt: skip
+    )
     r, c = grid.position(kept)
     coords[...] = np.stack([c * grid.stride * scale, r * grid.stride * scale], 1).round()
     chunks = [kept[i : i + options.batch_size] for i in range(0, len(kept), options.batch_size)]
-    plan = [ReadRequest(image_id, "patches", grid, chunk, ReadTag("chunk", number=start)) for chunk, start in
-            zip(chunks, range(0, len(kept), options.batch_size), strict=True)]  # fmt: skip
+    plan = [
+        ReadRequest(image_id, "patches", grid, chunk, ReadTag("chunk", number=start))
+        for chunk, start in zip(chunks, range(0, len(kept), options.batch_size), strict=True)
+    ]
     stream = PatchStream(reader)
     read_seconds = 0.0
     items = iter(stream(plan))

@@ -173,12 +173,22 @@ def load_weights(body: nn.Module, path: str | Path) -> None:
         raise UsageError(f"{path}: no tensor matches the backbone's layers (wrong architecture?)")
     # A partial load would train on a mix of pretrained and random layers without a word:
     # every tensor must come from the file, but for a classifier head the product drops ...
-    missing = [k for k in own if k not in matched and not k.startswith(HEAD_KEYS)
-               and not k.endswith("num_batches_tracked")]  # fmt: skip
+    missing = [
+        k
+        for k in own
+        if k not in matched
+        and not k.startswith(HEAD_KEYS)
+        and not k.endswith("num_batches_tracked")
+    ]
     # ... and every tensor of the file must find its place (resnet34's file holds all of
     # resnet18's names and shapes, and more); BatchNorm statistics may go unused (GroupNorm).
-    unused = [k for k in state if k not in used and not k.startswith(HEAD_KEYS)
-              and not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]  # fmt: skip
+    unused = [
+        k
+        for k in state
+        if k not in used
+        and not k.startswith(HEAD_KEYS)
+        and not k.endswith(("running_mean", "running_var", "num_batches_tracked"))
+    ]
     if unused and not missing:
         raise UsageError(
             f"{path}: holds {len(unused)} tensors the network lacks (first {unused[0]!r}); "

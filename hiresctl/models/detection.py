@@ -88,10 +88,17 @@ def create_fpn_backbone(
                 nn.ReLU(inplace=True),
             )
 
-        body = nn.Sequential(OrderedDict([
-            ("stem", block(3, 16)), ("c2", block(16, 32)), ("c3", block(32, 48)),
-            ("c4", block(48, 64)), ("c5", block(64, 96)),
-        ]))  # fmt: skip
+        body = nn.Sequential(
+            OrderedDict(
+                [
+                    ("stem", block(3, 16)),
+                    ("c2", block(16, 32)),
+                    ("c3", block(32, 48)),
+                    ("c4", block(48, 64)),
+                    ("c5", block(64, 96)),
+                ]
+            )
+        )
         layers = {"c3": "0", "c4": "1", "c5": "2"}
         return FPNBackbone(body, layers, [48, 64, 96], channels, (8, 16, 32), p6p7=False)
     net = getattr(torchvision.models, name)(weights=None, norm_layer=_group_norm)
@@ -122,9 +129,12 @@ MATCH_CHUNK = 32768  # anchors matched at once: bounds the (anchors × boxes × 
 
 
 def match_anchors(
-    anchors: torch.Tensor, boxes: torch.Tensor, counts: list[int], radius: float,
+    anchors: torch.Tensor,
+    boxes: torch.Tensor,
+    counts: list[int],
+    radius: float,
     chunk: int = MATCH_CHUNK,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """FCOS's assignment of true boxes to anchor points (torchvision's ``FCOS.compute_loss``
     rule, the same result): a point takes the smallest box whose centre is within ``radius``
     strides, that contains it and whose largest side distance suits the point's level; -1
@@ -189,9 +199,14 @@ class PatchFCOS(nn.Module):
             for branch in (head.classification_head, head.regression_head):
                 branch.conv = RecomputedTower(*branch.conv)
         self.detector = FCOS(
-            encoder, num_classes, anchor_generator=anchors, head=head,
-            score_thresh=0.2, nms_thresh=0.6, detections_per_img=max_detections,
-        )  # fmt: skip
+            encoder,
+            num_classes,
+            anchor_generator=anchors,
+            head=head,
+            score_thresh=0.2,
+            nms_thresh=0.6,
+            detections_per_img=max_detections,
+        )
         self.num_classes = num_classes
         self.channels = channels
         self.use_global = use_global
@@ -238,8 +253,10 @@ class PatchFCOS(nn.Module):
         resampled onto the stitched grid (zero past the square)."""
         if self.fusion is None or global_maps is None:
             return stitched
-        return [self.fuse_level(level, stitched[level], global_maps[level], sides)
-                for level in range(len(stitched))]  # fmt: skip
+        return [
+            self.fuse_level(level, stitched[level], global_maps[level], sides)
+            for level in range(len(stitched))
+        ]
 
     def fuse_level(
         self, level: int, maps: torch.Tensor, global_map: torch.Tensor, sides: list[int]
@@ -248,10 +265,19 @@ class PatchFCOS(nn.Module):
         assert self.fusion is not None
         stride = self.strides[level]
         height, width = maps.shape[-2:]
-        up = torch.cat([
-            upsample_region(global_map[b : b + 1].float(), sides[b] / stride, 0, 0, height, width)  # type: ignore[arg-type]
-            for b in range(len(sides))
-        ]).to(maps.dtype)  # fmt: skip
+        up = torch.cat(
+            [
+                upsample_region(
+                    global_map[b : b + 1].float(),
+                    sides[b] / stride,  # type: ignore[arg-type]
+                    0,
+                    0,
+                    height,
+                    width,
+                )
+                for b in range(len(sides))
+            ]
+        ).to(maps.dtype)
         conv = self.fusion[level]
         assert isinstance(conv, nn.Conv2d)
         if self.fusion_mode == "add":
@@ -282,8 +308,10 @@ class PatchFCOS(nn.Module):
         anchors = self._anchors(features, height, width)
         counts = [f.shape[-2] * f.shape[-1] for f in features]
         radius = self.detector.center_sampling_radius
-        matched = [match_anchors(a, t["boxes"], counts, radius)
-                   for a, t in zip(anchors, targets, strict=True)]  # fmt: skip
+        matched = [
+            match_anchors(a, t["boxes"], counts, radius)
+            for a, t in zip(anchors, targets, strict=True)
+        ]
         out: dict[str, torch.Tensor] = self.detector.head.compute_loss(
             targets, head, anchors, matched
         )
@@ -316,8 +344,10 @@ class PatchFCOS(nn.Module):
         anchors = self._anchors(stitched, height, width)
         counts = [f.shape[-2] * f.shape[-1] for f in stitched]
         radius = self.detector.center_sampling_radius
-        matched = [match_anchors(a, t["boxes"], counts, radius).split(counts)
-                   for a, t in zip(anchors, targets, strict=True)]  # fmt: skip
+        matched = [
+            match_anchors(a, t["boxes"], counts, radius).split(counts)
+            for a, t in zip(anchors, targets, strict=True)
+        ]
         anchors_by_level = [a.split(counts) for a in anchors]
         foreground = max(1, sum(int((m >= 0).sum()) for per_image in matched for m in per_image))
         head = self.detector.head
@@ -365,12 +395,17 @@ class PatchFCOS(nn.Module):
         points = height * width
         if classification:
             logits = head.classification_head([x])
-            return {"cls_logits": logits,
-                    "bbox_regression": logits.new_zeros(batch, points, 4),
-                    "bbox_ctrness": logits.new_zeros(batch, points, 1)}  # fmt: skip
+            return {
+                "cls_logits": logits,
+                "bbox_regression": logits.new_zeros(batch, points, 4),
+                "bbox_ctrness": logits.new_zeros(batch, points, 1),
+            }
         regression, centerness = head.regression_head([x])
-        return {"cls_logits": regression.new_zeros(batch, points, self.num_classes),
-                "bbox_regression": regression, "bbox_ctrness": centerness}  # fmt: skip
+        return {
+            "cls_logits": regression.new_zeros(batch, points, self.num_classes),
+            "bbox_regression": regression,
+            "bbox_ctrness": centerness,
+        }
 
     def detect(
         self,

@@ -60,9 +60,13 @@ class ABMIL(nn.Module):
     """Attention MIL: Linear → ReLU → Dropout per instance, gated attention, a Linear."""
 
     def __init__(
-        self, in_dim: int, num_classes: int, hidden: int = 256, attention: int = 128,
+        self,
+        in_dim: int,
+        num_classes: int,
+        hidden: int = 256,
+        attention: int = 128,
         dropout: float = 0.25,
-    ) -> None:  # fmt: skip
+    ) -> None:
         super().__init__()
         self.standardize = Standardize(in_dim)
         self.embed = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout))
@@ -82,9 +86,14 @@ class TransformerMIL(nn.Module):
     layer, averaged over heads."""
 
     def __init__(
-        self, in_dim: int, num_classes: int, hidden: int = 256, heads: int = 4, layers: int = 2,
+        self,
+        in_dim: int,
+        num_classes: int,
+        hidden: int = 256,
+        heads: int = 4,
+        layers: int = 2,
         dropout: float = 0.1,
-    ) -> None:  # fmt: skip
+    ) -> None:
         super().__init__()
         if hidden % heads:
             raise UsageError(f"mil_hidden {hidden} must be a multiple of heads {heads}")
@@ -113,9 +122,14 @@ class TransformerMIL(nn.Module):
 
 
 def create_aggregator(
-    name: str, in_dim: int, num_classes: int, hidden: int, attention: int, dropout: float,
+    name: str,
+    in_dim: int,
+    num_classes: int,
+    hidden: int,
+    attention: int,
+    dropout: float,
     heads: int = 4,
-) -> nn.Module:  # fmt: skip
+) -> nn.Module:
     if name == "abmil":
         return ABMIL(in_dim, num_classes, hidden, attention, dropout)
     if name == "transmil":
@@ -127,9 +141,13 @@ class EndToEndMIL(nn.Module):
     """A backbone trained jointly with gated attention on a bag of patches (``e2e-mil``)."""
 
     def __init__(
-        self, backbone: Backbone, num_classes: int, hidden: int = 256, attention: int = 128,
+        self,
+        backbone: Backbone,
+        num_classes: int,
+        hidden: int = 256,
+        attention: int = 128,
         dropout: float = 0.25,
-    ) -> None:  # fmt: skip
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.aggregator = ABMIL(backbone.num_features, num_classes, hidden, attention, dropout)

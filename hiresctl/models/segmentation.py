@@ -77,8 +77,9 @@ class DeepLab(nn.Module):
         super().__init__()
         seg = torchvision.models.segmentation
         build = {"resnet50": seg.deeplabv3_resnet50, "mobilenet": seg.deeplabv3_mobilenet_v3_large}
-        self.net = build[backbone](weights=None, weights_backbone=None, num_classes=out_channels,
-                                   aux_loss=False)  # fmt: skip
+        self.net = build[backbone](
+            weights=None, weights_backbone=None, num_classes=out_channels, aux_loss=False
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)["out"]
@@ -141,8 +142,9 @@ class PatchSegmenter(nn.Module):
     latent alone without ``use_global``). ``outputs`` is 1 for binary tasks (a logit per pixel)
     or the number of classes."""
 
-    def __init__(self, encoder: nn.Module, outputs: int, latent_dim: int = 8,
-                 use_global: bool = True) -> None:  # fmt: skip
+    def __init__(
+        self, encoder: nn.Module, outputs: int, latent_dim: int = 8, use_global: bool = True
+    ) -> None:
         super().__init__()
         self.encoder = encoder
         self.latent_dim = latent_dim

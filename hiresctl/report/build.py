@@ -41,10 +41,11 @@ def _writing(out: Path) -> Iterator[None]:
         if full is None:
             raise
         raise NoSpaceError(
-            out / "report.html", full,
+            out / "report.html",
+            full,
             then="the report was not written: free space (or choose another --out) and run the "
             "same command again",
-        ) from exc  # fmt: skip
+        ) from exc
 
 
 def _write_whole(path: Path, text: str) -> None:
@@ -83,14 +84,16 @@ def describe_setting(run: Run, image_id: str) -> dict[str, str]:
 def _table_row(report: RunReport) -> dict[str, Any]:
     metrics = report.result["metrics"]
     row = {k: metrics.get(k) for k in get_task(report.result["task"]).table_metrics}
-    row.update({
-        "train_peak_gb": report.summary.get("peak_memory_gb"),
-        "train_images_per_second": report.summary.get("images_per_second"),
-        "eval_peak_gb": report.result.get("peak_memory_gb"),
-        "eval_images_per_second": report.result.get("images_per_second"),
-        "train_seconds": report.summary.get("train_seconds"),
-        "prepared_seconds": report.summary.get("prepared_seconds"),
-    })  # fmt: skip
+    row.update(
+        {
+            "train_peak_gb": report.summary.get("peak_memory_gb"),
+            "train_images_per_second": report.summary.get("images_per_second"),
+            "eval_peak_gb": report.result.get("peak_memory_gb"),
+            "eval_images_per_second": report.result.get("images_per_second"),
+            "train_seconds": report.summary.get("train_seconds"),
+            "prepared_seconds": report.summary.get("prepared_seconds"),
+        }
+    )
     if row["train_seconds"] is not None:  # what the run cost in all, its inputs counted in
         row["total_seconds"] = row["train_seconds"] + (row["prepared_seconds"] or 0.0)
     return row
@@ -101,8 +104,11 @@ def best_runs(rows: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
     best: dict[str, list[str]] = {}
     columns = {k for row in rows.values() for k in row}
     for column in columns:
-        values = {n: r[column] for n, r in rows.items()
-                  if isinstance(r.get(column), int | float) and math.isfinite(r[column])}  # fmt: skip
+        values = {
+            n: r[column]
+            for n, r in rows.items()
+            if isinstance(r.get(column), int | float) and math.isfinite(r[column])
+        }
         if len(values) < 2:
             continue
         pick = min if column in LOWER_IS_BETTER else max
@@ -142,17 +148,21 @@ def verdict(
     name = METRIC_NAMES.get(key, key)
     lead = "has the best" if len(scored) > 1 else "reaches"
     shown = _interval_text((intervals or {}).get(top.name))
-    text = (f"{top.name} ({top.result['method']}) {lead} {name}: {value:.3f}{shown}, at "
-            f"{rows[top.name]['train_peak_gb'] or 0:.2f} GB peak training memory{_time(rows[top.name])} and "
-            f"{rows[top.name]['eval_images_per_second'] or 0:.2f} images/s in evaluation; "
-            f"it sees {top.setting['sees']}.")  # fmt: skip
+    text = (
+        f"{top.name} ({top.result['method']}) {lead} {name}: {value:.3f}{shown}, at "
+        f"{rows[top.name]['train_peak_gb'] or 0:.2f} GB peak training memory{_time(rows[top.name])} and "
+        f"{rows[top.name]['eval_images_per_second'] or 0:.2f} images/s in evaluation; "
+        f"it sees {top.setting['sees']}."
+    )
     tested = {c.b: c for c in comparisons or [] if c.a == top.name}
     for other, score in scored[1:]:
         shown = _interval_text((intervals or {}).get(other.name))
-        text += (f" {other.name} ({other.result['method']}) reaches {score:.3f}{shown} "
-                 f"({score - value:+.3f}) at {rows[other.name]['train_peak_gb'] or 0:.2f} GB"
-                 f"{_time(rows[other.name])}; "
-                 f"it sees {other.setting['sees']}.")  # fmt: skip
+        text += (
+            f" {other.name} ({other.result['method']}) reaches {score:.3f}{shown} "
+            f"({score - value:+.3f}) at {rows[other.name]['train_peak_gb'] or 0:.2f} GB"
+            f"{_time(rows[other.name])}; "
+            f"it sees {other.setting['sees']}."
+        )
         if other.name in tested:
             text += f" Paired on the same images, {_difference_text(tested[other.name])}."
     return text
@@ -209,13 +219,29 @@ def build_report(
         run = load_run(folder, dataset, torch_device, checkpoint)
         collector = OverlayCollector(run)
         hook = collector if write and drawer is not None else None
-        result = evaluate(folder, data, split, device, checkpoint, on_tile=hook, run=run,
-                          rescale=rescale, drop_channels=drop_channels)  # fmt: skip
+        result = evaluate(
+            folder,
+            data,
+            split,
+            device,
+            checkpoint,
+            on_tile=hook,
+            run=run,
+            rescale=rescale,
+            drop_channels=drop_channels,
+        )
         recipe = yaml.safe_load((folder / "recipe.yaml").read_text()) or {}
         first = result["per_image"][0]["id"] if result.get("per_image") else None
         setting = describe_setting(run, first) if first else {}
-        report = RunReport(name, folder, recipe, read_json(folder / "summary.json") or {},
-                           read_metrics(folder), result, setting)  # fmt: skip
+        report = RunReport(
+            name,
+            folder,
+            recipe,
+            read_json(folder / "summary.json") or {},
+            read_metrics(folder),
+            result,
+            setting,
+        )
         if write and drawer is not None:
             log(f"drawing {name}'s figures")
             with _writing(out):
@@ -230,8 +256,10 @@ def build_report(
     splits: dict[str, int] = {}
     for entry in entries:
         splits[entry.split] = splits.get(entry.split, 0) + 1
-    shapes = sorted(((entry.shape[1], entry.shape[2]) for entry in entries),
-                    key=lambda shape: shape[0] * shape[1])  # fmt: skip
+    shapes = sorted(
+        ((entry.shape[1], entry.shape[2]) for entry in entries),
+        key=lambda shape: shape[0] * shape[1],
+    )
     dataset_summary = {
         "path": str(data),
         "images": len(entries),
@@ -253,12 +281,19 @@ def build_report(
         "intervals": {name: i.to_json() for name, i in intervals.items()},
         "comparisons": [c.to_json() for c in comparisons],
         "runs": [
-            {"name": r.name, "run": str(r.folder), "method": r.result["method"],
-             "setting": r.setting, "recipe": r.recipe, "training": r.summary,
-             "evaluation": r.result, "roc_auc": r.roc["auc"] if r.roc else None}
+            {
+                "name": r.name,
+                "run": str(r.folder),
+                "method": r.result["method"],
+                "setting": r.setting,
+                "recipe": r.recipe,
+                "training": r.summary,
+                "evaluation": r.result,
+                "roc_auc": r.roc["auc"] if r.roc else None,
+            }
             for r in reports
         ],
-    }  # fmt: skip
+    }
     if not write:
         return metrics
     log(f"writing the report into {out}")

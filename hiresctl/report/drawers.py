@@ -83,8 +83,10 @@ def _classification_figures(
         path = folder / f"{figures.slug(row['id'])}.png"
         png = figures.save_png(out / path, shown)
         verdict = "correct" if row["correct"] else "wrong"
-        caption = (f"{row['id']}: true {row['target']}, predicted {row['predicted']} ({verdict}, "
-                   f"p(true) {row['p_target']:.2f})")  # fmt: skip
+        caption = (
+            f"{row['id']}: true {row['target']}, predicted {row['predicted']} ({verdict}, "
+            f"p(true) {row['p_target']:.2f})"
+        )
         if heat is not None:
             caption += f"; {heat.kind}"
         report.shown.append(
@@ -96,8 +98,12 @@ def _classification_figures(
         if len(set(targets.tolist())) == 2:
             scores = np.array([r["probabilities"][1] for r in rows])
             fpr, tpr, auc = figures.roc_curve(targets, scores)
-            report.roc = {"fpr": fpr.tolist(), "tpr": tpr.tolist(), "auc": auc,
-                          "positive": classes[1]}  # fmt: skip
+            report.roc = {
+                "fpr": fpr.tolist(),
+                "tpr": tpr.tolist(),
+                "auc": auc,
+                "positive": classes[1],
+            }
 
 
 # -------------------------------------------------------------------------- segmentation
@@ -114,9 +120,14 @@ class OverlayCollector:
         self.crops: dict[str, tuple[int, int, int, np.ndarray, np.ndarray]] = {}
 
     def __call__(
-        self, image_id: str, y: int, x: int, logits: torch.Tensor, pred: np.ndarray,
+        self,
+        image_id: str,
+        y: int,
+        x: int,
+        logits: torch.Tensor,
+        pred: np.ndarray,
         truth: np.ndarray | None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         if truth is None:
             return
         if image_id not in self.small:
@@ -139,9 +150,13 @@ class OverlayCollector:
             ys, xs = np.nonzero(wrong)
             cy = int(np.clip(ys.mean() - CROP // 2, 0, max(0, pred.shape[0] - CROP)))
             cx = int(np.clip(xs.mean() - CROP // 2, 0, max(0, pred.shape[1] - CROP)))
-            self.crops[image_id] = (count, y + cy, x + cx,
-                                    pred[cy : cy + CROP, cx : cx + CROP].copy(),
-                                    truth[cy : cy + CROP, cx : cx + CROP].copy())  # fmt: skip
+            self.crops[image_id] = (
+                count,
+                y + cy,
+                x + cx,
+                pred[cy : cy + CROP, cx : cx + CROP].copy(),
+                truth[cy : cy + CROP, cx : cx + CROP].copy(),
+            )
 
 
 @draws("seg")
@@ -166,8 +181,14 @@ def _segmentation_figures(
         png = figures.save_png(out / path, overlay)
         score = row.get(key)
         caption = f"{image_id}: {key} {score:.3f}" if score is not None else image_id
-        report.shown.append(Figure(path.as_posix(), figures.data_uri(png),
-                                   caption + " (green TP, red FP, blue FN)", link.as_posix()))  # fmt: skip
+        report.shown.append(
+            Figure(
+                path.as_posix(),
+                figures.data_uri(png),
+                caption + " (green TP, red FP, blue FN)",
+                link.as_posix(),
+            )
+        )
         if image_id in collector.crops:
             count, y, x, pred, truth = collector.crops[image_id]
             region = run.reader.read_region(image_id, y, x, CROP)
@@ -176,10 +197,13 @@ def _segmentation_figures(
             crop_path = folder / f"{figures.slug(image_id)}-crop.png"
             zoom = figures.resize(crop, (CROP * 2, CROP * 2), nearest=True)
             png = figures.save_png(out / crop_path, zoom)
-            report.shown.append(Figure(
-                crop_path.as_posix(), figures.data_uri(png),
-                f"{image_id}: full resolution at y={y}, x={x} ({count} wrong pixels in its tile)",
-            ))  # fmt: skip
+            report.shown.append(
+                Figure(
+                    crop_path.as_posix(),
+                    figures.data_uri(png),
+                    f"{image_id}: full resolution at y={y}, x={x} ({count} wrong pixels in its tile)",
+                )
+            )
 
 
 # ----------------------------------------------------------------------------- detection
@@ -200,8 +224,9 @@ def _coco_files(result: dict[str, Any]) -> tuple[list[Any], list[Any]]:
     for d in kept:
         scores[d["image_id"] - 1].append(d["score"])
     boxes = coco_boxes({"images": truth["images"], "annotations": kept})
-    detections = [(b, np.asarray(s, np.float32), c)
-                  for (b, c), s in zip(boxes, scores, strict=True)]  # fmt: skip
+    detections = [
+        (b, np.asarray(s, np.float32), c) for (b, c), s in zip(boxes, scores, strict=True)
+    ]
     return coco_boxes(truth), detections
 
 
@@ -230,8 +255,13 @@ def _detection_figures(
     result = report.result
     rows = result["per_image"]
     truths, detections = _coco_files(result)
-    order = sorted(range(len(rows)), key=lambda i: (
-        rows[i]["recall"] if rows[i]["recall"] is not None else 1.0, -rows[i]["false_positives"]))  # fmt: skip
+    order = sorted(
+        range(len(rows)),
+        key=lambda i: (
+            rows[i]["recall"] if rows[i]["recall"] is not None else 1.0,
+            -rows[i]["false_positives"],
+        ),
+    )
     folder = Path("figures") / figures.slug(report.name)
     for i in order[:SHOWN]:
         row = rows[i]
@@ -247,9 +277,11 @@ def _detection_figures(
         shown = figures.detection_overlay(plain, scale, (0, 0), truth, found, boxes, hits)
         path = folder / f"{figures.slug(image_id)}.png"
         png = figures.save_png(out / path, shown)
-        caption = (f"{image_id}: found {row['found']} of {row['objects']} objects, "
-                   f"{row['false_positives']} false positives (boxes scored ≥ "
-                   f"{result['matching']['score_threshold']}, IoU ≥ 0.5)")  # fmt: skip
+        caption = (
+            f"{image_id}: found {row['found']} of {row['objects']} objects, "
+            f"{row['false_positives']} false positives (boxes scored ≥ "
+            f"{result['matching']['score_threshold']}, IoU ≥ 0.5)"
+        )
         report.shown.append(
             Figure(path.as_posix(), figures.data_uri(png), caption, link.as_posix())
         )
@@ -265,17 +297,22 @@ def _detection_figures(
         y0 = float(np.clip(cy - side / 2, 0, max(0.0, height - side)))
         region = run.reader.read_region(image_id, round(y0 * ratio), round(x0 * ratio), CROP)
         zoom = 2
-        pixels = figures.resize(figures.to_rgb8(np.asarray(region)), (CROP * zoom, CROP * zoom),
-                                nearest=True)  # fmt: skip
-        crop = figures.detection_overlay(pixels, (ratio * zoom, ratio * zoom), (y0, x0),
-                                         truth, found, boxes, hits, thickness=2)  # fmt: skip
+        pixels = figures.resize(
+            figures.to_rgb8(np.asarray(region)), (CROP * zoom, CROP * zoom), nearest=True
+        )
+        crop = figures.detection_overlay(
+            pixels, (ratio * zoom, ratio * zoom), (y0, x0), truth, found, boxes, hits, thickness=2
+        )
         crop_path = folder / f"{figures.slug(image_id)}-crop.png"
         png = figures.save_png(out / crop_path, crop)
         size = f"{focus[2] - focus[0]:.0f}×{focus[3] - focus[1]:.0f} px"
-        report.shown.append(Figure(
-            crop_path.as_posix(), figures.data_uri(png),
-            f"{image_id}: ×{zoom} zoom at x={x0:.0f}, y={y0:.0f} around a {size} object",
-        ))  # fmt: skip
+        report.shown.append(
+            Figure(
+                crop_path.as_posix(),
+                figures.data_uri(png),
+                f"{image_id}: ×{zoom} zoom at x={x0:.0f}, y={y0:.0f} around a {size} object",
+            )
+        )
 
 
 __all__ = ["FigureDrawer", "OverlayCollector", "draws", "figure_drawer", "read_json"]

@@ -74,8 +74,12 @@ def line_chart(
     legend_rows = math.ceil(len(series) / per_row)
     height += 14 * legend_rows + 4
     plot_w, plot_h = width - left - right, height - top - bottom - 14 * legend_rows - 4
-    points = [(x, y) for values in series.values() for x, y in values
-              if y is not None and math.isfinite(y)]  # fmt: skip
+    points = [
+        (x, y)
+        for values in series.values()
+        for x, y in values
+        if y is not None and math.isfinite(y)
+    ]
     xs = [p[0] for p in points] or [0.0, 1.0]
     ys = [p[1] for p in points] or [0.0, 1.0]
     x0, x1 = min(xs), max(xs)
@@ -110,14 +114,20 @@ def line_chart(
         out.append(
             f'<text x="{x:.1f}" y="{top + plot_h + 16}" text-anchor="middle">{_fmt(tick)}</text>'
         )
-    out.append(f'<text x="{left + plot_w / 2:.0f}" y="{top + plot_h + 32}" text-anchor="middle">'
-               f"{html.escape(xlabel)}</text>")  # fmt: skip
+    out.append(
+        f'<text x="{left + plot_w / 2:.0f}" y="{top + plot_h + 32}" text-anchor="middle">'
+        f"{html.escape(xlabel)}</text>"
+    )
     if ylabel:
-        out.append(f'<text transform="translate(12 {top + plot_h / 2:.0f}) rotate(-90)" '
-                   f'text-anchor="middle">{html.escape(ylabel)}</text>')  # fmt: skip
+        out.append(
+            f'<text transform="translate(12 {top + plot_h / 2:.0f}) rotate(-90)" '
+            f'text-anchor="middle">{html.escape(ylabel)}</text>'
+        )
     if diagonal:
-        out.append(f'<line x1="{sx(0):.1f}" y1="{sy(0):.1f}" x2="{sx(1):.1f}" y2="{sy(1):.1f}" '
-                   'class="diagonal"/>')  # fmt: skip
+        out.append(
+            f'<line x1="{sx(0):.1f}" y1="{sy(0):.1f}" x2="{sx(1):.1f}" y2="{sy(1):.1f}" '
+            'class="diagonal"/>'
+        )
     for i, (name, values) in enumerate(series.items()):
         colour = PALETTE[i % len(PALETTE)]
         clean = [(x, y) for x, y in values if y is not None and math.isfinite(y)]
@@ -126,8 +136,10 @@ def line_chart(
         path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in clean)
         out.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="2"/>')
         if len(clean) <= 60:
-            out.extend(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="{colour}"/>'
-                       for x, y in clean)  # fmt: skip
+            out.extend(
+                f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="{colour}"/>'
+                for x, y in clean
+            )
         lx = left + (i % per_row) * half
         ly = top + plot_h + 50 + 14 * (i // per_row)
         label = name if len(name) <= longest else name[: longest - 1] + "…"

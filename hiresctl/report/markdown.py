@@ -26,8 +26,10 @@ def _md_table(head: list[str], rows: list[list[str]]) -> str:
     def clean(text: str) -> str:
         return text.replace("|", "\\|").replace("\n", " ")
 
-    lines = ["| " + " | ".join(clean(h) for h in head) + " |",
-             "|" + "|".join("---" for _ in head) + "|"]  # fmt: skip
+    lines = [
+        "| " + " | ".join(clean(h) for h in head) + " |",
+        "|" + "|".join("---" for _ in head) + "|",
+    ]
     lines += ["| " + " | ".join(clean(c) for c in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
@@ -54,10 +56,13 @@ def _md_run_rows(
 
 def render_markdown(metrics: dict[str, Any], reports: list[RunReport]) -> str:
     quality, costs = split_columns(metrics)
-    out = [f"# {headline(metrics)}\n",
-           f"Deciding metric: {METRIC_NAMES.get(metrics['deciding_metric'])}; **bold ★** marks the "
-           "best value of a column (lowest for memory and NLR).\n",
-           f"> {metrics['verdict']}\n", "## Runs side by side\n"]  # fmt: skip
+    out = [
+        f"# {headline(metrics)}\n",
+        f"Deciding metric: {METRIC_NAMES.get(metrics['deciding_metric'])}; **bold ★** marks the "
+        "best value of a column (lowest for memory and NLR).\n",
+        f"> {metrics['verdict']}\n",
+        "## Runs side by side\n",
+    ]
     out.append(_md_run_rows(metrics, reports, quality, settings=True))
     if metrics.get("intervals"):
         out.append("Brackets: 95% bootstrap interval over the test images (2000 resamples).\n")
@@ -77,9 +82,11 @@ def render_markdown(metrics: dict[str, Any], reports: list[RunReport]) -> str:
             out.append(f"![{title}](figures/{stem}.svg)\n")
     data = metrics["dataset"]
     out.append("## Dataset\n")
-    out.append(f"{data['path']}: {data['images']} complete images "
-               f"({', '.join(f'{k} {v}' for k, v in sorted(data['splits'].items()))}); classes "
-               f"{', '.join(map(str, data['classes']))}.\n")  # fmt: skip
+    out.append(
+        f"{data['path']}: {data['images']} complete images "
+        f"({', '.join(f'{k} {v}' for k, v in sorted(data['splits'].items()))}); classes "
+        f"{', '.join(map(str, data['classes']))}.\n"
+    )
     for r in reports:
         result = r.result
         out.append(f"## {r.name} — {result['method']}\n")
@@ -98,9 +105,20 @@ def render_markdown(metrics: dict[str, Any], reports: list[RunReport]) -> str:
         by_size = result.get("by_size")
         if by_size:
             out.append("### COCO metrics by object size\n")
-            out.append(_md_table(["size", "objects", "AP", "AR"], [
-                [f"{name} ({SIZE_RANGES[name]})", str(v["objects"]), number_text(v["ap"]), number_text(v["ar"])]
-                for name, v in by_size.items()]))  # fmt: skip
+            out.append(
+                _md_table(
+                    ["size", "objects", "AP", "AR"],
+                    [
+                        [
+                            f"{name} ({SIZE_RANGES[name]})",
+                            str(v["objects"]),
+                            number_text(v["ap"]),
+                            number_text(v["ar"]),
+                        ]
+                        for name, v in by_size.items()
+                    ],
+                )
+            )
         per_class = result.get("per_class") or {}
         if per_class:
             out.append("### Per class\n")
@@ -117,8 +135,15 @@ def render_markdown(metrics: dict[str, Any], reports: list[RunReport]) -> str:
         matrix = result.get("confusion_matrix")
         if matrix and len(matrix) <= 40:
             out.append("### Confusion matrix (rows: true, columns: predicted)\n")
-            out.append(_md_table(["", *map(str, result["classes"])],
-                                 [[str(n), *map(str, row)] for n, row in zip(result["classes"], matrix, strict=True)]))  # fmt: skip
+            out.append(
+                _md_table(
+                    ["", *map(str, result["classes"])],
+                    [
+                        [str(n), *map(str, row)]
+                        for n, row in zip(result["classes"], matrix, strict=True)
+                    ],
+                )
+            )
         if r.roc:
             out.append(f"![ROC](figures/roc-{figures.slug(r.name)}.svg)\n")
         if r.shown:

@@ -7,18 +7,41 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-LOWER_IS_BETTER = {"nlr", "train_peak_gb", "eval_peak_gb", "train_seconds", "prepared_seconds",
-                   "total_seconds"}  # fmt: skip
+LOWER_IS_BETTER = {
+    "nlr",
+    "train_peak_gb",
+    "eval_peak_gb",
+    "train_seconds",
+    "prepared_seconds",
+    "total_seconds",
+}
 METRIC_NAMES = {
-    "accuracy": "Accuracy", "pixel_accuracy": "Pixel accuracy", "balanced_accuracy": "Balanced acc.", "macro_f1": "Macro F1",
-    "auc": "AUC", "kappa_quadratic": "Quadratic κ", "f1": "F1", "iou": "IoU",
-    "mean_iou": "Mean IoU", "plr": "PLR", "nlr": "NLR", "train_peak_gb": "Train peak GB",
-    "eval_peak_gb": "Eval peak GB", "train_images_per_second": "Train images/s",
-    "eval_images_per_second": "Eval images/s", "ap": "AP", "ap50": "AP50", "ap75": "AP75",
-    "ap_small": "APs", "ap_medium": "APm", "ap_large": "APl", "ar": "AR",
-    "train_seconds": "Train s", "prepared_seconds": "Features s",
+    "accuracy": "Accuracy",
+    "pixel_accuracy": "Pixel accuracy",
+    "balanced_accuracy": "Balanced acc.",
+    "macro_f1": "Macro F1",
+    "auc": "AUC",
+    "kappa_quadratic": "Quadratic κ",
+    "f1": "F1",
+    "iou": "IoU",
+    "mean_iou": "Mean IoU",
+    "plr": "PLR",
+    "nlr": "NLR",
+    "train_peak_gb": "Train peak GB",
+    "eval_peak_gb": "Eval peak GB",
+    "train_images_per_second": "Train images/s",
+    "eval_images_per_second": "Eval images/s",
+    "ap": "AP",
+    "ap50": "AP50",
+    "ap75": "AP75",
+    "ap_small": "APs",
+    "ap_medium": "APm",
+    "ap_large": "APl",
+    "ar": "AR",
+    "train_seconds": "Train s",
+    "prepared_seconds": "Features s",
     "total_seconds": "Total s",
-}  # fmt: skip
+}
 
 
 @dataclass

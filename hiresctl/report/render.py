@@ -47,7 +47,7 @@ METHOD_KEYS = {  # the sampling keys that mean something for a method
     "patchgd-global": ("sample_fraction", "patches_per_step", "inner_steps", "fusion"),
     "ips": ("memory_size", "iter_size", "positional"),
     "downsample": ("input_size",),
-}  # fmt: skip
+}
 
 
 SIZE_RANGES = {"small": "area < 32²", "medium": "32² to 96²", "large": "≥ 96²"}
@@ -108,15 +108,19 @@ def charts(metrics: dict[str, Any], reports: list[RunReport]) -> list[tuple[str,
     """(file stem, title, SVG) of every chart: curves across runs, and each run's ROC."""
     task = get_task(metrics["task"])
     monitor = reports[0].summary.get("monitor") or task.table_metrics[0]
-    wanted = [("train_loss", "Training loss"), (f"val_{monitor}",
-              f"Validation {METRIC_NAMES.get(monitor, monitor)}")]  # fmt: skip
+    wanted = [
+        ("train_loss", "Training loss"),
+        (f"val_{monitor}", f"Validation {METRIC_NAMES.get(monitor, monitor)}"),
+    ]
     if any("val_loss" in row for r in reports for row in r.curves):
         wanted.insert(1, ("val_loss", "Validation loss"))
     wanted.append(("train_accuracy", task.train_accuracy))
     out = []
     for key, title in wanted:
-        series = {r.name: [(row["epoch"], row.get(key)) for row in r.curves if "epoch" in row]
-                  for r in reports}  # fmt: skip
+        series = {
+            r.name: [(row["epoch"], row.get(key)) for row in r.curves if "epoch" in row]
+            for r in reports
+        }
         if any(y is not None for s in series.values() for _, y in s):
             out.append((f"curve-{key}", title, figures.line_chart(series, title, "epoch")))
     if any(r.result.get("pr_curve") for r in reports):  # precision over recall, per IoU
@@ -128,15 +132,20 @@ def charts(metrics: dict[str, Any], reports: list[RunReport]) -> list[tuple[str,
                     series[r.name] = list(zip(curve["recall"], curve[key], strict=True))
             if series:
                 title = f"Precision–recall at IoU {iou} (mean over classes)"
-                svg = figures.line_chart(series, title, "recall", "precision",
-                                         limits=(0.0, 1.0))  # fmt: skip
+                svg = figures.line_chart(series, title, "recall", "precision", limits=(0.0, 1.0))
                 out.append((f"pr-{key}", title, svg))
     for r in reports:
         if r.roc:
             series = {f"AUC {r.roc['auc']:.3f}": list(zip(r.roc["fpr"], r.roc["tpr"], strict=True))}
             title = f"ROC of {r.name} (positive: {r.roc['positive']})"
-            svg = figures.line_chart(series, title, "false positive rate", "true positive rate",
-                                     limits=(0.0, 1.0), diagonal=True)  # fmt: skip
+            svg = figures.line_chart(
+                series,
+                title,
+                "false positive rate",
+                "true positive rate",
+                limits=(0.0, 1.0),
+                diagonal=True,
+            )
             out.append((f"roc-{figures.slug(r.name)}", title, svg))
     return out
 
@@ -238,17 +247,21 @@ def _run_section_html(r: RunReport, svgs: dict[str, str]) -> str:
     out.append(
         _html_table(["setting", "value"], [[(_h(k), ""), (_h(v), "")] for k, v in shown.items()], 2)
     )
-    out.append("<details><summary>The whole resolved recipe</summary><pre>"
-               f"{_h(yaml.safe_dump(r.recipe, sort_keys=False))}</pre></details>")  # fmt: skip
+    out.append(
+        "<details><summary>The whole resolved recipe</summary><pre>"
+        f"{_h(yaml.safe_dump(r.recipe, sort_keys=False))}</pre></details>"
+    )
     train = r.summary
     if train:
-        out.append(f'<p class="meta">Trained {train.get("epochs")} epochs ({train.get("steps")} steps) '
-                   f'on {train.get("train_images")} images, {_h(train.get("device"))}, '
-                   f'{_h(train.get("precision"))}; peak memory {number_text(train.get("peak_memory_gb"), 2)} GB '
-                   f'({_h(train.get("peak_memory_kind"))}), {number_text(train.get("images_per_second"), 2)} '
-                   f'images/s, data wait {number_text((train.get("data_wait_fraction") or 0) * 100, 0)}%. '
-                   f'Best validation {_h(train.get("monitor") or "accuracy")}: '
-                   f'{number_text(train.get("best_val", train.get("best_val_accuracy")))}.</p>')  # fmt: skip
+        out.append(
+            f'<p class="meta">Trained {train.get("epochs")} epochs ({train.get("steps")} steps) '
+            f"on {train.get('train_images')} images, {_h(train.get('device'))}, "
+            f"{_h(train.get('precision'))}; peak memory {number_text(train.get('peak_memory_gb'), 2)} GB "
+            f"({_h(train.get('peak_memory_kind'))}), {number_text(train.get('images_per_second'), 2)} "
+            f"images/s, data wait {number_text((train.get('data_wait_fraction') or 0) * 100, 0)}%. "
+            f"Best validation {_h(train.get('monitor') or 'accuracy')}: "
+            f"{number_text(train.get('best_val', train.get('best_val_accuracy')))}.</p>"
+        )
     out.append(f"<h3>Metrics on {_h(result['split'])} ({result['count']} images)</h3>")
     rows = [
         [(_h(METRIC_NAMES.get(k, k)), ""), (number_text(v), "")]
@@ -271,15 +284,33 @@ def _run_section_html(r: RunReport, svgs: dict[str, str]) -> str:
     by_size = result.get("by_size")
     if by_size:
         out.append("<h3>COCO metrics by object size</h3>")
-        out.append(_html_table(["size", "objects", "AP", "AR"], [
-            [(_h(f"{name} ({SIZE_RANGES[name]})"), ""), (str(v["objects"]), ""), (number_text(v["ap"]), ""),
-             (number_text(v["ar"]), "")] for name, v in by_size.items()]))  # fmt: skip
+        out.append(
+            _html_table(
+                ["size", "objects", "AP", "AR"],
+                [
+                    [
+                        (_h(f"{name} ({SIZE_RANGES[name]})"), ""),
+                        (str(v["objects"]), ""),
+                        (number_text(v["ap"]), ""),
+                        (number_text(v["ar"]), ""),
+                    ]
+                    for name, v in by_size.items()
+                ],
+            )
+        )
     per_class = result.get("per_class") or {}
     if per_class:
         out.append("<h3>Per class</h3>")
         head = ["class", *next(iter(per_class.values())).keys()]
-        out.append(_html_table(head, [[(_h(n), ""), *((number_text(v), "") for v in vals.values())]
-                                      for n, vals in per_class.items()]))  # fmt: skip
+        out.append(
+            _html_table(
+                head,
+                [
+                    [(_h(n), ""), *((number_text(v), "") for v in vals.values())]
+                    for n, vals in per_class.items()
+                ],
+            )
+        )
     if result.get("confusion_matrix"):
         what = get_task(result["task"]).judged
         out.append(f"<h3>Confusion matrix ({what})</h3>")
@@ -292,10 +323,12 @@ def _run_section_html(r: RunReport, svgs: dict[str, str]) -> str:
         out.append(f"<h3>{task.worst_images}</h3>")
         if task.legend:
             tp, fp, fn = task.legend
-            out.append('<p class="legend">'
-                       f'<span style="background:rgb{figures.TP}"></span>{tp}'
-                       f'<span style="background:rgb{figures.FP}"></span>{fp}'
-                       f'<span style="background:rgb{figures.FN}"></span>{fn}</p>')  # fmt: skip
+            out.append(
+                '<p class="legend">'
+                f'<span style="background:rgb{figures.TP}"></span>{tp}'
+                f'<span style="background:rgb{figures.FP}"></span>{fp}'
+                f'<span style="background:rgb{figures.FN}"></span>{fn}</p>'
+            )
         out.append('<div class="gallery">')
         for fig in r.shown:
             img = f'<img src="{fig.uri}" alt="{_h(fig.caption)}">'
@@ -326,8 +359,10 @@ def _html_run_rows(
     rows = []
     for r in reports:
         row = metrics["table"][r.name]
-        cells = [(f'<a href="#run-{_h(figures.slug(r.name))}">{_h(r.name)}</a>', ""),
-                 (_h(r.result["method"]), "")]  # fmt: skip
+        cells = [
+            (f'<a href="#run-{_h(figures.slug(r.name))}">{_h(r.name)}</a>', ""),
+            (_h(r.result["method"]), ""),
+        ]
         if settings:
             cells += [(_h(r.setting.get(k, "—")), "") for k, _ in SETTING_COLUMNS]
         for c in columns:
@@ -347,13 +382,20 @@ def render_html(metrics: dict[str, Any], reports: list[RunReport]) -> str:
     head, rows = _html_run_rows(metrics, reports, quality, settings=True)
     cost_head, cost_rows = _html_run_rows(metrics, reports, costs, settings=False)
     data = metrics["dataset"]
-    size = (f'{data["smallest"][0]}×{data["smallest"][1]} to {data["largest"][0]}×{data["largest"][1]}'
-            if data["smallest"] else "—")  # fmt: skip
+    size = (
+        f"{data['smallest'][0]}×{data['smallest'][1]} to {data['largest'][0]}×{data['largest'][1]}"
+        if data["smallest"]
+        else "—"
+    )
     splits = ", ".join(f"{k}: {v}" for k, v in sorted(data["splits"].items()))
-    curves = "".join(f'<div class="chart">{svg}</div>' for stem, _, svg in charts(metrics, reports)
-                     if stem.startswith("curve-"))  # fmt: skip
-    pr = "".join(f'<div class="chart">{svg}</div>' for stem, svg in svgs.items()
-                 if stem.startswith("pr-"))  # fmt: skip
+    curves = "".join(
+        f'<div class="chart">{svg}</div>'
+        for stem, _, svg in charts(metrics, reports)
+        if stem.startswith("curve-")
+    )
+    pr = "".join(
+        f'<div class="chart">{svg}</div>' for stem, svg in svgs.items() if stem.startswith("pr-")
+    )
     created = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     body = [
         f"<h1>{_h(headline(metrics))}</h1>",
@@ -408,7 +450,9 @@ def render_html(metrics: dict[str, Any], reports: list[RunReport]) -> str:
         '<p class="meta">Numbers: metrics.json beside this page. '
         "Images link to their full thumbnails under figures/.</p>"
     )
-    return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>{_h(headline(metrics))}</title><meta name=\"viewport\" "
-            f"content=\"width=device-width, initial-scale=1\"><style>{CSS}</style></head>"
-            f"<body><main>{''.join(body)}</main></body></html>\n")  # fmt: skip
+    return (
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        f'<title>{_h(headline(metrics))}</title><meta name="viewport" '
+        f'content="width=device-width, initial-scale=1"><style>{CSS}</style></head>'
+        f"<body><main>{''.join(body)}</main></body></html>\n"
+    )

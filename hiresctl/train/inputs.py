@@ -46,8 +46,10 @@ class InputScreen:
     notes: dict[str, list[str]] = field(default_factory=dict)  # note → image ids
 
     def note_lines(self) -> list[str]:
-        return [f"{note} ({len(ids)} image(s): {', '.join(ids[:3])}{', …' if len(ids) > 3 else ''})"
-                for note, ids in self.notes.items()]  # fmt: skip
+        return [
+            f"{note} ({len(ids)} image(s): {', '.join(ids[:3])}{', …' if len(ids) > 3 else ''})"
+            for note, ids in self.notes.items()
+        ]
 
 
 def _differs(
@@ -60,17 +62,23 @@ def _differs(
     if trained and channels not in trained:
         want = max(trained)
         if want == 3 and channels in (1, 2):
-            note = ("grey repeated to RGB" if channels == 1
-                    else "grey + alpha: alpha dropped, grey repeated to RGB")  # fmt: skip
+            note = (
+                "grey repeated to RGB"
+                if channels == 1
+                else "grey + alpha: alpha dropped, grey repeated to RGB"
+            )
         elif channels > want and drop:
             note = f"{channels} channels: the first {want} used, the rest dropped (--drop-channels)"
         else:
             return (
                 f"has {channels} channel(s), the run was trained on {'/'.join(map(str, trained))}"
-                + ("; pass --drop-channels to use the first ones (an RGBA image's alpha)"
-                   if channels > want else ""),
+                + (
+                    "; pass --drop-channels to use the first ones (an RGBA image's alpha)"
+                    if channels > want
+                    else ""
+                ),
                 None,
-            )  # fmt: skip
+            )
     dtypes = record.get("dtypes") or []
     if dtypes and dtype not in dtypes:
         if not rescale:

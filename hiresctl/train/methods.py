@@ -245,8 +245,11 @@ class Method(ABC):
 def resized_setting(height: int, width: int, size: int) -> dict[str, str]:
     """The report's words for a method that sees the whole image resized to ``size``²."""
     side = max(height, width)
-    return {"patch": "—", "sampling": f"whole image resized to {size}²",
-            "sees": f"1/{side / size:.3g} resolution ({side}→{size} px per side)"}  # fmt: skip
+    return {
+        "patch": "—",
+        "sampling": f"whole image resized to {size}²",
+        "sees": f"1/{side / size:.3g} resolution ({side}→{size} px per side)",
+    }
 
 
 FULL_SETTING = {"patch": "—", "sampling": "whole image at once", "sees": "full resolution"}

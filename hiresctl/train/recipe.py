@@ -219,8 +219,19 @@ def _check(recipe: Recipe, where: str) -> None:
                 f"{where}: {key} {getattr(recipe, key)!r} is not one of {', '.join(choices)}"
             )
     positive = ("patch_size", "epochs", "batch_size", "accumulation_steps", "fill_batch")
-    for key in (*positive, "memory_size", "iter_size", "latent_dim", "head_width", "head_convs",
-                "max_detections", "mil_hidden", "attention_dim", "bag_size", "grad_batch"):  # fmt: skip
+    for key in (
+        *positive,
+        "memory_size",
+        "iter_size",
+        "latent_dim",
+        "head_width",
+        "head_convs",
+        "max_detections",
+        "mil_hidden",
+        "attention_dim",
+        "bag_size",
+        "grad_batch",
+    ):
         if key == "latent_dim" and recipe.latent_dim is None and recipe.task == "cls":
             continue  # the backbone's own width
         if key == "grad_batch" and recipe.grad_batch is None:

@@ -85,8 +85,12 @@ def build_run(
 ) -> Run:
     """A fresh run of ``recipe`` on ``dataset``: its task, reader, method and model (seeded)."""
     task = get_task(recipe.task)
-    reader = PatchReader(dataset, level=recipe.level, mask_values=mask_values,
-                         box_classes=classes if task.reads_boxes else None)  # fmt: skip
+    reader = PatchReader(
+        dataset,
+        level=recipe.level,
+        mask_values=mask_values,
+        box_classes=classes if task.reads_boxes else None,
+    )
     method = create_method(recipe, len(classes), reader)
     seed_all(recipe.seed)
     # Convolution weights channels-last: oneDNN (CPU) and cuDNN then run every convolution in
@@ -95,8 +99,9 @@ def build_run(
     # the state dict's keys are unchanged, so checkpoints load either way.
     model = method.build_model().to(device).to(memory_format=torch.channels_last)
     method.model = model  # the method's own reference, typed by its base
-    return Run(recipe, classes, task, method, device, reader,
-               world or distributed.World(), mask_values)  # fmt: skip
+    return Run(
+        recipe, classes, task, method, device, reader, world or distributed.World(), mask_values
+    )
 
 
 class Inference:
@@ -126,9 +131,12 @@ class Inference:
 
 
 def step_context(
-    run: Run, optimizer: torch.optim.Optimizer | None, scaler: Any, accumulation: int,
+    run: Run,
+    optimizer: torch.optim.Optimizer | None,
+    scaler: Any,
+    accumulation: int,
     augment: PatchAugment | None = None,
-) -> StepContext:  # fmt: skip
+) -> StepContext:
     """The loop's hooks for the run's method (:meth:`Run.context` with the loop's optimizer,
     scaler, accumulation and augmentation)."""
     return run.context(optimizer, scaler, accumulation, augment)
@@ -148,8 +156,9 @@ def load_run(
         )
     state = load_checkpoint(path)
     recipe = checkpoint_recipe(state, path).replace(pretrained=None)
-    run = build_run(recipe, dataset, list(state["classes"]), device,
-                    mask_values=state.get("mask_values"))  # fmt: skip
+    run = build_run(
+        recipe, dataset, list(state["classes"]), device, mask_values=state.get("mask_values")
+    )
     check_inputs(run, state, path)
     load_weights_into(run.model, state, path)
     run.model.eval()
@@ -158,8 +167,10 @@ def load_run(
 
 
 def _inputs_text(identity: dict[str, Any]) -> str:
-    return (f"feature set {identity['features']!r}: {identity['encoder']} ({identity['weights']}), "
-            f"patch {identity['patch_size']} at level {identity['level']}, {identity['dim']} wide")  # fmt: skip
+    return (
+        f"feature set {identity['features']!r}: {identity['encoder']} ({identity['weights']}), "
+        f"patch {identity['patch_size']} at level {identity['level']}, {identity['dim']} wide"
+    )
 
 
 def check_inputs(run: Run, state: dict[str, Any], path: Path) -> None:

@@ -25,9 +25,17 @@ from torch import nn
 
 from hiresctl.data import LabelledImage, PatchAugment, PatchReader, PatchStream, PlannedReads
 from hiresctl.train import distributed
-from hiresctl.train.context import make_context
+from hiresctl.train.context import autocast_factory, make_context
+from hiresctl.train.memory import (
+    MemoryPlan,
+    PatchCost,
+    current_rss_bytes,
+    parameter_bytes,
+    patch_cost,
+    plan_memory,
+)
 from hiresctl.train.methods import BatchOutput, Method, Reads, StepContext
-from hiresctl.train.recipe import Recipe
+from hiresctl.train.recipe import Recipe, parse_bytes
 from storage import Dataset
 
 M = TypeVar("M", bound=Method)
@@ -99,9 +107,13 @@ class Task(ABC, Generic[M]):
 
     @abstractmethod
     def evaluate(
-        self, run: Run, images: list[LabelledImage], folder: Path, split: str,
+        self,
+        run: Run,
+        images: list[LabelledImage],
+        folder: Path,
+        split: str,
         on_tile: TileHook | None = None,
-    ) -> tuple[dict[str, Any], dict[str, float]]:  # fmt: skip
+    ) -> tuple[dict[str, Any], dict[str, float]]:
         """``hiresctl eval``: the task's result fields (metrics, per class, per image, files it
         writes beside the run in ``folder``) and the timing and peak memory of inference."""
 
@@ -132,6 +144,34 @@ class Run:
     def model(self, model: nn.Module) -> None:
         self.method.model = model
 
+    def memory_plan(self, budget_text: str, images: list[LabelledImage]) -> MemoryPlan:
+        """``--memory-budget``: what a step costs (one patch measured through the encoder, the
+        method's model of the rest) and the batch, accumulation and patches per step chosen."""
+        recipe, model = self.recipe, self.model
+        budget = parse_bytes(budget_text)
+        size = recipe.patch_size
+        sample = torch.zeros(1, 3, size, size, device=self.device)
+        encoder: nn.Module | None = None
+        if self.method.encodes_pixels:  # a feature method's "encoder" takes features, not pixels
+            encoder = getattr(model, "encoder", None) or getattr(model, "backbone", None) or model
+        autocast = autocast_factory(self.device, recipe.precision)
+        cost = patch_cost(encoder, sample, autocast) if encoder is not None else PatchCost(0, 0)
+        fixed = 4 * parameter_bytes(model)  # weights, gradients, two AdamW moments
+        # measured after `patch_cost`'s backward, so the autograd engine's threads are in it
+        baseline = current_rss_bytes() if self.device.type == "cpu" else 0
+        per_image, per_patch, patches_wanted = self.method.memory(model, images, cost)
+        return plan_memory(
+            budget,
+            baseline=baseline,
+            fixed=fixed,
+            per_patch=per_patch,
+            per_image=per_image,
+            batch_size=recipe.batch_size,
+            accumulation_steps=recipe.accumulation_steps,
+            patches_wanted=patches_wanted,
+            apart=self.method.memory_apart(model, images, cost),
+        )
+
     def context(
         self,
         optimizer: torch.optim.Optimizer | None = None,
@@ -140,8 +180,17 @@ class Run:
         augment: PatchAugment | None = None,
     ) -> StepContext:
         """The hooks the method calls (an optimizer step needs ``optimizer``)."""
-        return make_context(self.model, self.device, self.reader, self.recipe, self.world,
-                            optimizer, scaler, accumulation, augment)  # fmt: skip
+        return make_context(
+            self.model,
+            self.device,
+            self.reader,
+            self.recipe,
+            self.world,
+            optimizer,
+            scaler,
+            accumulation,
+            augment,
+        )
 
     def reads(self, image_ids: list[str], train: bool, seed: int = 0) -> Reads:
         """One batch's planned reads (``seed`` fixes the plan's random choices), unaugmented."""

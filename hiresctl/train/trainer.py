@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from hiresctl.data import LabelledImage, PatchAugment, PatchStream, PlannedReads, require_images
 from hiresctl.train import distributed
@@ -31,24 +30,17 @@ from hiresctl.train.checkpoint import (
 from hiresctl.train.inputs import input_record
 from hiresctl.train.memory import (
     MemoryPlan,
-    PatchCost,
     PeakMemory,
-    current_rss_bytes,
-    parameter_bytes,
-    patch_cost,
-    plan_memory,
 )
 from hiresctl.train.methods import BatchOutput, StepContext
 from hiresctl.train.progress import describe_epoch, describe_progress
-from hiresctl.train.recipe import Recipe, dump_recipe, lr_lambda, parse_bytes
+from hiresctl.train.recipe import Recipe, dump_recipe, lr_lambda
 from hiresctl.train.run import (
     BEST,
     CHECKPOINTS,
     LAST,
     METRICS,
-    Run,
     TrainingDiverged,
-    autocast_factory,
     batch_seed,
     build_run,
     check_inputs,
@@ -62,34 +54,6 @@ from storage import Dataset
 from storage.errors import UsageError
 
 PROGRESS_SECONDS = 60.0
-
-
-def _memory_plan(run: Run, budget_text: str, images: list[LabelledImage]) -> MemoryPlan:
-    """Estimate what a step costs and choose batch, accumulation and patches per step."""
-    recipe, model = run.recipe, run.model
-    budget = parse_bytes(budget_text)
-    size = recipe.patch_size
-    sample = torch.zeros(1, 3, size, size, device=run.device)
-    encoder: nn.Module | None = None
-    if run.method.encodes_pixels:  # a feature method's "encoder" takes features, not pixels
-        encoder = getattr(model, "encoder", None) or getattr(model, "backbone", None) or model
-    autocast = autocast_factory(run.device, recipe.precision)
-    cost = patch_cost(encoder, sample, autocast) if encoder is not None else PatchCost(0, 0)
-    fixed = 4 * parameter_bytes(model)  # weights, gradients, two AdamW moments
-    # measured after `patch_cost`'s backward, so the autograd engine's threads are in it
-    baseline = current_rss_bytes() if run.device.type == "cpu" else 0
-    per_image, per_patch, patches_wanted = run.method.memory(model, images, cost)
-    return plan_memory(
-        budget,
-        baseline=baseline,
-        fixed=fixed,
-        per_patch=per_patch,
-        per_image=per_image,
-        batch_size=recipe.batch_size,
-        accumulation_steps=recipe.accumulation_steps,
-        patches_wanted=patches_wanted,
-        apart=run.method.memory_apart(model, images, cost),
-    )
 
 
 @dataclass
@@ -186,7 +150,7 @@ class Trainer:
         self.run = build_run(recipe, self.dataset, classes, self.device, self.world, mask_values)
         self.memory_plan: MemoryPlan | None = None
         if recipe.memory_budget and not resume:
-            self.memory_plan = _memory_plan(self.run, recipe.memory_budget, self.train_images)
+            self.memory_plan = self.run.memory_plan(recipe.memory_budget, self.train_images)
             changes: dict[str, Any] = {
                 "batch_size": self.memory_plan.batch_size,
                 "accumulation_steps": self.memory_plan.accumulation_steps,
@@ -363,9 +327,17 @@ class Trainer:
             now = time.perf_counter()
             if now - last_report >= self.progress_seconds and index + 1 < len(batches):
                 last_report = now
-                self.log(describe_progress(epoch + 1, recipe.epochs, index + 1 - first,
-                                            len(batches) - first, count * self.world.size,
-                                            now - epoch_start, losses))  # fmt: skip
+                self.log(
+                    describe_progress(
+                        epoch + 1,
+                        recipe.epochs,
+                        index + 1 - first,
+                        len(batches) - first,
+                        count * self.world.size,
+                        now - epoch_start,
+                        losses,
+                    )
+                )
             if loop.writer is not None:
                 loop.writer.add_scalar("train/loss", output.loss, loop.global_step)
                 loop.writer.add_scalar(
@@ -394,9 +366,14 @@ class Trainer:
         }
 
     def _train_batch(
-        self, loop: _Loop, epoch: int, index: int, batch: list[LabelledImage],
-        targets: torch.Tensor, reads: PlannedReads,
-    ) -> BatchOutput:  # fmt: skip
+        self,
+        loop: _Loop,
+        epoch: int,
+        index: int,
+        batch: list[LabelledImage],
+        targets: torch.Tensor,
+        reads: PlannedReads,
+    ) -> BatchOutput:
         """One image batch through the method, then the schedule's step."""
         assert loop.ctx is not None
         try:
@@ -422,9 +399,12 @@ class Trainer:
         metrics line, TensorBoard and the epoch's line in the log."""
         loop.last_val = self._validate()
         row.update(
-            {f"val_{k}": v for k, v in loop.last_val.items()
-             if isinstance(v, int | float) and not isinstance(v, bool)}
-        )  # fmt: skip
+            {
+                f"val_{k}": v
+                for k, v in loop.last_val.items()
+                if isinstance(v, int | float) and not isinstance(v, bool)
+            }
+        )
         score = loop.last_val.get(self.monitor)
         improved = score is not None and (loop.best is None or score >= loop.best)
         if improved:

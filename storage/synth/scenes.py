@@ -193,8 +193,14 @@ def seg_vessels(out: Path, count: int, size: int, seed: int) -> list[dict[str, A
         name = f"seg_vessels_{index:05d}.tiff"
         write_tiff(out / "images" / name, pixels)
         write_mask(out, name, mask)
-        rows.append({"source": name, "label": "vessels", "split": split,
-                     "vessel_fraction": float(mask.mean())})  # fmt: skip
+        rows.append(
+            {
+                "source": name,
+                "label": "vessels",
+                "split": split,
+                "vessel_fraction": float(mask.mean()),
+            }
+        )
     return rows
 
 
@@ -260,8 +266,14 @@ def seg_aerial(out: Path, count: int, size: int, seed: int) -> list[dict[str, An
         name = f"seg_aerial_{index:05d}.tiff"
         write_tiff(out / "images" / name, pixels)
         write_mask(out, name, mask)
-        rows.append({"source": name, "label": "aerial", "split": split,
-                     "class_fractions": np.bincount(mask.ravel(), minlength=3).tolist()})  # fmt: skip
+        rows.append(
+            {
+                "source": name,
+                "label": "aerial",
+                "split": split,
+                "class_fractions": np.bincount(mask.ravel(), minlength=3).tolist(),
+            }
+        )
     return rows
 
 
@@ -311,8 +323,9 @@ def det_mosaic(
         pixels = ground * _texture(rng, "grass", size, (90, 130, 70)) + (1 - ground) * _texture(
             rng, "gravel", size, (140, 125, 105)
         )
-        sides = sorted((int(v) for v in np.exp(rng.uniform(np.log(12), np.log(128), per_image))),
-                       reverse=True)  # fmt: skip
+        sides = sorted(
+            (int(v) for v in np.exp(rng.uniform(np.log(12), np.log(128), per_image))), reverse=True
+        )
         corners = place(rng, size, [s + 4 for s in sides]) or []
         name = f"det_mosaic_{index:05d}.tiff"
         image_id = index + 1
@@ -333,11 +346,22 @@ def det_mosaic(
             ys, xs = np.nonzero(alpha > 0.25)
             if not len(ys):
                 continue
-            box = [x + int(xs.min()), y + int(ys.min()), int(xs.max() - xs.min() + 1),
-                   int(ys.max() - ys.min() + 1)]  # fmt: skip
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id,
-                                "category_id": category + 1, "bbox": box,
-                                "area": float(box[2] * box[3]), "iscrowd": 0})  # fmt: skip
+            box = [
+                x + int(xs.min()),
+                y + int(ys.min()),
+                int(xs.max() - xs.min() + 1),
+                int(ys.max() - ys.min() + 1),
+            ]
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": category + 1,
+                    "bbox": box,
+                    "area": float(box[2] * box[3]),
+                    "iscrowd": 0,
+                }
+            )
         pixels += rng.normal(0, 3, pixels.shape).astype(np.float32)
         write_tiff(out / "images" / name, np.clip(pixels, 0, 255).astype(np.uint8))
         images.append({"id": image_id, "file_name": name, "width": size, "height": size})
@@ -347,9 +371,11 @@ def det_mosaic(
         "info": {"description": f"hiresctl synth det-mosaic, seed {seed}"},
         "images": images,
         "annotations": annotations,
-        "categories": [{"id": i + 1, "name": n, "supercategory": "digit" if i < 10 else "shape"}
-                       for i, n in enumerate(DET_CLASSES)],
-    }  # fmt: skip
+        "categories": [
+            {"id": i + 1, "name": n, "supercategory": "digit" if i < 10 else "shape"}
+            for i, n in enumerate(DET_CLASSES)
+        ],
+    }
     (out / "annotations.json").write_text(json.dumps(coco))
     return rows
 

@@ -23,8 +23,17 @@ def test_synth_tile_info_pipeline(cli, tmp_path: Path) -> None:
         "synth", "ultramnist", tmp_path / "s", "--count", "4", "--size", "256", "--classes", "10"
     )
     assert synth.code == 0, synth.stderr
-    tiled = cli("tile", tmp_path / "s" / "images", "--labels", tmp_path / "s" / "labels.csv",
-                "--out", tmp_path / "ds.zarr", "--json", "--chunk", "64")  # fmt: skip
+    tiled = cli(
+        "tile",
+        tmp_path / "s" / "images",
+        "--labels",
+        tmp_path / "s" / "labels.csv",
+        "--out",
+        tmp_path / "ds.zarr",
+        "--json",
+        "--chunk",
+        "64",
+    )
     assert tiled.code == 0, tiled.stderr
     lines = [json.loads(line) for line in tiled.stdout.splitlines()]
     assert [r["status"] for r in lines] == ["written"] * 4
@@ -93,14 +102,40 @@ def test_sources_from_stdin(cli, tmp_path: Path, monkeypatch) -> None:
 def test_detection_from_synth_to_coco_metrics(cli, tmp_path: Path) -> None:
     synth = cli("synth", "det-mosaic", tmp_path / "s", "--count", "4", "--size", "256")
     assert synth.code == 0, synth.stderr
-    tiled = cli("tile", tmp_path / "s" / "images", "--coco", tmp_path / "s" / "annotations.json",
-                "--labels", tmp_path / "s" / "labels.csv", "--out", tmp_path / "ds.zarr",
-                "--chunk", "64")  # fmt: skip
+    tiled = cli(
+        "tile",
+        tmp_path / "s" / "images",
+        "--coco",
+        tmp_path / "s" / "annotations.json",
+        "--labels",
+        tmp_path / "s" / "labels.csv",
+        "--out",
+        tmp_path / "ds.zarr",
+        "--chunk",
+        "64",
+    )
     assert tiled.code == 0, tiled.stderr
     run = tmp_path / "run"
-    trained = cli("train", "--task", "det", "--data", tmp_path / "ds.zarr", "--out", run,
-                  "--set", "backbone=tiny", "--set", "latent_dim=32", "--set", "head_convs=1",
-                  "--set", "patch_size=128", "--set", "epochs=1", "--json")  # fmt: skip
+    trained = cli(
+        "train",
+        "--task",
+        "det",
+        "--data",
+        tmp_path / "ds.zarr",
+        "--out",
+        run,
+        "--set",
+        "backbone=tiny",
+        "--set",
+        "latent_dim=32",
+        "--set",
+        "head_convs=1",
+        "--set",
+        "patch_size=128",
+        "--set",
+        "epochs=1",
+        "--json",
+    )
     assert trained.code == 0, trained.stderr
     assert json.loads(trained.stdout)["task"] == "det"
     split = json.loads(cli("info", tmp_path / "ds.zarr", "--json").stdout)["images"][-1]["split"]
@@ -113,9 +148,15 @@ def test_detection_from_synth_to_coco_metrics(cli, tmp_path: Path) -> None:
 
 def test_bad_coco_file_is_one_line_and_exit_2(cli, tmp_path: Path) -> None:
     tifffile.imwrite(tmp_path / "a.tif", coord_pixels(32, 32))
-    (tmp_path / "ann.json").write_text(json.dumps({
-        "images": [{"id": 1, "file_name": "a.tif"}], "categories": [{"id": 1, "name": "x"}],
-        "annotations": [{"id": 5, "image_id": 2, "category_id": 1, "bbox": [0, 0, 1, 1]}]}))  # fmt: skip
+    (tmp_path / "ann.json").write_text(
+        json.dumps(
+            {
+                "images": [{"id": 1, "file_name": "a.tif"}],
+                "categories": [{"id": 1, "name": "x"}],
+                "annotations": [{"id": 5, "image_id": 2, "category_id": 1, "bbox": [0, 0, 1, 1]}],
+            }
+        )
+    )
     result = cli(
         "tile", tmp_path / "a.tif", "--coco", tmp_path / "ann.json", "--out", tmp_path / "d"
     )

@@ -137,18 +137,25 @@ def test_flipped_reads_equal_reads_of_the_mirrored_image(tmp_path: Path) -> None
     everything = np.arange(grid.num_patches)
     for i, flip in enumerate(FLIPS):
         mirror = f"m{i}"
-        assert torch.equal(reader.read_patches_unit("a", grid, everything, flip),
-                           reader.read_patches_unit(mirror, grid, everything))  # fmt: skip
-        assert torch.equal(reader.read_mask_patches("a", grid, everything, flip),
-                           reader.read_mask_patches(mirror, grid, everything))  # fmt: skip
+        assert torch.equal(
+            reader.read_patches_unit("a", grid, everything, flip),
+            reader.read_patches_unit(mirror, grid, everything),
+        )
+        assert torch.equal(
+            reader.read_mask_patches("a", grid, everything, flip),
+            reader.read_mask_patches(mirror, grid, everything),
+        )
         # 100: the global patch comes from level 0, so it is exact too
-        assert torch.equal(reader.read_global_unit("a", 100, flip),
-                           reader.read_global_unit(mirror, 100))  # fmt: skip
-        assert torch.equal(reader.read_mask_global("a", 100, flip),
-                           reader.read_mask_global(mirror, 100))  # fmt: skip
+        assert torch.equal(
+            reader.read_global_unit("a", 100, flip), reader.read_global_unit(mirror, 100)
+        )
+        assert torch.equal(
+            reader.read_mask_global("a", 100, flip), reader.read_mask_global(mirror, 100)
+        )
     # and a flip does change what is read
-    assert not torch.equal(reader.read_patches_unit("a", grid, [0], FLIPS[1]),
-                           reader.read_patches_unit("a", grid, [0]))  # fmt: skip
+    assert not torch.equal(
+        reader.read_patches_unit("a", grid, [0], FLIPS[1]), reader.read_patches_unit("a", grid, [0])
+    )
 
 
 def test_flipped_boxes_cover_the_same_pixels_in_the_mirrored_image() -> None:

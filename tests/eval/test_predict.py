@@ -58,8 +58,10 @@ def _segments_meet(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """(n, m) whether segment i of ``a`` ((n, 2, 2)) and j of ``b`` intersect or touch."""
 
     def orient(p: np.ndarray, q: np.ndarray, r: np.ndarray) -> np.ndarray:
-        return np.sign((q[..., 0] - p[..., 0]) * (r[..., 1] - p[..., 1])
-                       - (q[..., 1] - p[..., 1]) * (r[..., 0] - p[..., 0]))  # fmt: skip
+        return np.sign(
+            (q[..., 0] - p[..., 0]) * (r[..., 1] - p[..., 1])
+            - (q[..., 1] - p[..., 1]) * (r[..., 0] - p[..., 0])
+        )
 
     p, q = a[:, None, 0], a[:, None, 1]
     r, t = b[None, :, 0], b[None, :, 1]
@@ -156,9 +158,23 @@ def test_classification_predict_tiles_sources_on_the_fly_and_names_bad_ones(
         12, 96, 32, seed=1, split_of=lambda i: "val" if i >= 9 else "train"
     )
     store = make_store(tmp_path / "data", images, labels)
-    trained = cli("train", "--data", store, "--out", tmp_path / "run", "--set", "backbone=tiny",
-                  "--set", "patch_size=32", "--set", "latent_dim=16", "--set", "head_width=16",
-                  "--set", "epochs=1")  # fmt: skip
+    trained = cli(
+        "train",
+        "--data",
+        store,
+        "--out",
+        tmp_path / "run",
+        "--set",
+        "backbone=tiny",
+        "--set",
+        "patch_size=32",
+        "--set",
+        "latent_dim=16",
+        "--set",
+        "head_width=16",
+        "--set",
+        "epochs=1",
+    )
     assert trained.code == 0, trained.stderr
     new = tmp_path / "new"
     new.mkdir()
@@ -186,8 +202,17 @@ def test_classification_predict_tiles_sources_on_the_fly_and_names_bad_ones(
         table = list(csv.DictReader(handle))
     assert [r["id"] for r in table] == [r["id"] for r in rows]
     assert json.loads((tmp_path / "pred" / "predictions.json").read_text()) == rows
-    only_csv = cli("predict", tmp_path / "run", store, "--out", tmp_path / "csv-only",
-                   "--format", "csv", "--split", "val")  # fmt: skip
+    only_csv = cli(
+        "predict",
+        tmp_path / "run",
+        store,
+        "--out",
+        tmp_path / "csv-only",
+        "--format",
+        "csv",
+        "--split",
+        "val",
+    )
     assert only_csv.code == 0, only_csv.stderr
     assert sorted(p.name for p in (tmp_path / "csv-only").iterdir()) == ["predictions.csv"]
     wrong = cli("predict", tmp_path / "run", store, "--out", tmp_path / "x", "--format", "geojson")
@@ -201,8 +226,21 @@ def test_inputs_unlike_the_training_images_are_converted_or_refused(
     a 16-bit RGBA image is refused, naming what differs, until the flags that accept it."""
     images, labels = planted_images(8, 64, 32, seed=2, split_of=lambda i: "train")
     store = make_store(tmp_path / "data", images, labels)
-    trained = cli("train", "--data", store, "--out", tmp_path / "run", "--set", "backbone=tiny",
-                  "--set", "patch_size=32", "--set", "epochs=1", "--set", "val_split=none")  # fmt: skip
+    trained = cli(
+        "train",
+        "--data",
+        store,
+        "--out",
+        tmp_path / "run",
+        "--set",
+        "backbone=tiny",
+        "--set",
+        "patch_size=32",
+        "--set",
+        "epochs=1",
+        "--set",
+        "val_split=none",
+    )
     assert trained.code == 0, trained.stderr
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["trained_on"]["channels"] == [3] and summary["trained_on"]["dtypes"] == ["uint8"]
@@ -211,8 +249,12 @@ def test_inputs_unlike_the_training_images_are_converted_or_refused(
     grey = images["im000"].mean(-1).astype(np.uint8)
     tifffile.imwrite(new / "grey.tif", grey)
     rgba16 = np.concatenate([images["im001"], np.full((64, 64, 1), 255, np.uint8)], -1)
-    tifffile.imwrite(new / "rgba16.tif", rgba16.astype(np.uint16) * 257, photometric="rgb",
-                     extrasamples=["unassalpha"])  # fmt: skip
+    tifffile.imwrite(
+        new / "rgba16.tif",
+        rgba16.astype(np.uint16) * 257,
+        photometric="rgb",
+        extrasamples=["unassalpha"],
+    )
     result = cli("predict", tmp_path / "run", new, "--out", tmp_path / "pred", "--json")
     assert result.code == 1, result.stderr
     assert "rgba16: has 4 channel(s), the run was trained on 3" in result.stderr
@@ -222,11 +264,20 @@ def test_inputs_unlike_the_training_images_are_converted_or_refused(
     assert result.stderr.count("grey repeated to RGB") == 1
     written = json.loads((tmp_path / "pred" / "predictions.json").read_text())
     assert written[0]["input_conversion"] == "grey repeated to RGB"
-    dropped = cli("predict", tmp_path / "run", new / "rgba16.tif", "--out", tmp_path / "p2",
-                  "--drop-channels")  # fmt: skip
+    dropped = cli(
+        "predict", tmp_path / "run", new / "rgba16.tif", "--out", tmp_path / "p2", "--drop-channels"
+    )
     assert dropped.code == 1 and "is uint16, the run was trained on uint8" in dropped.stderr
-    accepted = cli("predict", tmp_path / "run", new / "rgba16.tif", "--out", tmp_path / "p3",
-                   "--drop-channels", "--rescale", "--json")  # fmt: skip
+    accepted = cli(
+        "predict",
+        tmp_path / "run",
+        new / "rgba16.tif",
+        "--out",
+        tmp_path / "p3",
+        "--drop-channels",
+        "--rescale",
+        "--json",
+    )
     assert accepted.code == 0, accepted.stderr
     [row] = [json.loads(line) for line in accepted.stdout.splitlines()]
     assert "first 3 used" in row["input_conversion"] and "uint16" in row["input_conversion"]
@@ -243,17 +294,46 @@ def test_a_pixel_size_far_from_training_is_refused_until_resampled(
         tifffile.imwrite(sources / f"{name}.tif", pixels, photometric="rgb")
         rows.append(f"{name}.tif,{labels[name][0]},train")
     (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
-    tiled = cli("tile", sources, "--out", tmp_path / "ds.zarr", "--labels",
-                tmp_path / "labels.csv", "--source-mpp", "0.5")  # fmt: skip
+    tiled = cli(
+        "tile",
+        sources,
+        "--out",
+        tmp_path / "ds.zarr",
+        "--labels",
+        tmp_path / "labels.csv",
+        "--source-mpp",
+        "0.5",
+    )
     assert tiled.code == 0, tiled.stderr
-    trained = cli("train", "--data", tmp_path / "ds.zarr", "--out", tmp_path / "run", "--set",
-                  "backbone=tiny", "--set", "patch_size=32", "--set", "epochs=1", "--set",
-                  "val_split=none")  # fmt: skip
+    trained = cli(
+        "train",
+        "--data",
+        tmp_path / "ds.zarr",
+        "--out",
+        tmp_path / "run",
+        "--set",
+        "backbone=tiny",
+        "--set",
+        "patch_size=32",
+        "--set",
+        "epochs=1",
+        "--set",
+        "val_split=none",
+    )
     assert trained.code == 0, trained.stderr
     source = sources / "im000.tif"
     far = cli("predict", tmp_path / "run", source, "--out", tmp_path / "p", "--source-mpp", "1.0")
     assert far.code != 0 and "is 1 µm/px, the run was trained at 0.5 µm/px" in far.stderr
     assert "--mpp 0.5" in far.stderr
-    resampled = cli("predict", tmp_path / "run", source, "--out", tmp_path / "q",
-                    "--source-mpp", "1.0", "--mpp", "0.5")  # fmt: skip
+    resampled = cli(
+        "predict",
+        tmp_path / "run",
+        source,
+        "--out",
+        tmp_path / "q",
+        "--source-mpp",
+        "1.0",
+        "--mpp",
+        "0.5",
+    )
     assert resampled.code == 0, resampled.stderr

@@ -20,8 +20,14 @@ from hiresctl.train import load_run, predict_images
 from storage import Dataset
 from tests.stores import make_store, planted_images
 
-TINY = {"backbone": "tiny", "patch_size": 32, "latent_dim": 32, "head_width": 32, "batch_size": 4,
-        "lr": 3e-3}  # fmt: skip
+TINY = {
+    "backbone": "tiny",
+    "patch_size": 32,
+    "latent_dim": 32,
+    "head_width": 32,
+    "batch_size": 4,
+    "lr": 3e-3,
+}
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +61,18 @@ def test_report_numbers_equal_metrics_json_and_the_best_is_marked(
     planted: tuple[Path, dict[str, np.ndarray]], runs: list[Path], tmp_path: Path, cli: Callable
 ) -> None:
     store, _ = planted
-    result = cli("eval", *runs, "--data", store, "--split", "val", "--report",
-                 "--out", tmp_path / "report", "--json")  # fmt: skip
+    result = cli(
+        "eval",
+        *runs,
+        "--data",
+        store,
+        "--split",
+        "val",
+        "--report",
+        "--out",
+        tmp_path / "report",
+        "--json",
+    )
     assert result.code == 0, result.stderr
     printed = json.loads(result.stdout)
     saved = json.loads((tmp_path / "report" / "metrics.json").read_text())
@@ -64,8 +80,16 @@ def test_report_numbers_equal_metrics_json_and_the_best_is_marked(
     assert json.loads(json.dumps(printed, default=str)) == saved
     html = (tmp_path / "report" / "report.html").read_text()
     markdown = (tmp_path / "report" / "report.md").read_text()
-    for section in ("Runs side by side", "Training", "Dataset", "Confusion matrix",
-                    "Per class", "ROC", "Worst images", "The whole resolved recipe"):  # fmt: skip
+    for section in (
+        "Runs side by side",
+        "Training",
+        "Dataset",
+        "Confusion matrix",
+        "Per class",
+        "ROC",
+        "Worst images",
+        "The whole resolved recipe",
+    ):
         assert section in html, section
     names = [r["name"] for r in saved["runs"]]
     assert names == ["patchgd", "downsample"]
@@ -116,11 +140,33 @@ def test_report_counts_feature_extraction_in_a_feature_methods_time(
     store, _ = planted
     embedded = cli("embed", store, "--backbone", "tiny", "--patch-size", "32", "--name", "rep")
     assert embedded.code == 0, embedded.stderr
-    trained = cli("train", "--data", store, "--out", tmp_path / "abmil", "--method", "abmil",
-                  "--set", "epochs=1", "--set", "features=rep")  # fmt: skip
+    trained = cli(
+        "train",
+        "--data",
+        store,
+        "--out",
+        tmp_path / "abmil",
+        "--method",
+        "abmil",
+        "--set",
+        "epochs=1",
+        "--set",
+        "features=rep",
+    )
     assert trained.code == 0, trained.stderr
-    result = cli("eval", tmp_path / "abmil", runs[1], "--data", store, "--split", "val",
-                 "--report", "--out", tmp_path / "report", "--json")  # fmt: skip
+    result = cli(
+        "eval",
+        tmp_path / "abmil",
+        runs[1],
+        "--data",
+        store,
+        "--split",
+        "val",
+        "--report",
+        "--out",
+        tmp_path / "report",
+        "--json",
+    )
     assert result.code == 0, result.stderr
     table = json.loads(result.stdout)["table"]
     spent = sum(
@@ -170,8 +216,19 @@ def test_ips_heatmap_marks_the_selected_patches(
 
     store, _ = planted
     dataset = Dataset(store)
-    recipe = load_recipe(None, "cls", "ips", {"backbone": "tiny", "patch_size": 32, "latent_dim": 32,
-                                              "memory_size": 3, "iter_size": 4, "heads": 2})  # fmt: skip
+    recipe = load_recipe(
+        None,
+        "cls",
+        "ips",
+        {
+            "backbone": "tiny",
+            "patch_size": 32,
+            "latent_dim": 32,
+            "memory_size": 3,
+            "iter_size": 4,
+            "heads": 2,
+        },
+    )
     run = build_run(recipe, dataset, ["0", "1"], torch.device("cpu"))
     maps: list = []
     predict_images(run, [LabelledImage("im031", 1), LabelledImage("im033", 1)], 2, heatmaps=maps)
@@ -182,17 +239,50 @@ def test_ips_heatmap_marks_the_selected_patches(
 
 def test_segmentation_report_has_overlays_and_crops(tmp_path: Path, cli: Callable) -> None:
     assert cli("synth", "seg-vessels", tmp_path / "syn", "--count", "6", "--size", "128").code == 0
-    tiled = cli("tile", tmp_path / "syn" / "images", "--out", tmp_path / "ds.zarr",
-                "--labels", tmp_path / "syn" / "labels.csv", "--masks", tmp_path / "syn" / "masks",
-                "--chunk", "32")  # fmt: skip
+    tiled = cli(
+        "tile",
+        tmp_path / "syn" / "images",
+        "--out",
+        tmp_path / "ds.zarr",
+        "--labels",
+        tmp_path / "syn" / "labels.csv",
+        "--masks",
+        tmp_path / "syn" / "masks",
+        "--chunk",
+        "32",
+    )
     assert tiled.code == 0, tiled.stderr
-    trained = cli("train", "--task", "seg", "--method", "patchgd", "--data", tmp_path / "ds.zarr",
-                  "--out", tmp_path / "run", "--set", "backbone=unet-tiny", "--set", "patch_size=32",
-                  "--set", "epochs=1")  # fmt: skip
+    trained = cli(
+        "train",
+        "--task",
+        "seg",
+        "--method",
+        "patchgd",
+        "--data",
+        tmp_path / "ds.zarr",
+        "--out",
+        tmp_path / "run",
+        "--set",
+        "backbone=unet-tiny",
+        "--set",
+        "patch_size=32",
+        "--set",
+        "epochs=1",
+    )
     assert trained.code == 0, trained.stderr
     split = Dataset(tmp_path / "ds.zarr").entries()[0].split
-    result = cli("eval", tmp_path / "run", "--data", tmp_path / "ds.zarr", "--split", split,
-                 "--report", "--out", tmp_path / "report", "--json")  # fmt: skip
+    result = cli(
+        "eval",
+        tmp_path / "run",
+        "--data",
+        tmp_path / "ds.zarr",
+        "--split",
+        split,
+        "--report",
+        "--out",
+        tmp_path / "report",
+        "--json",
+    )
     assert result.code == 0, result.stderr
     saved = json.loads((tmp_path / "report" / "metrics.json").read_text())
     evaluation = saved["runs"][0]["evaluation"]
@@ -219,16 +309,25 @@ def test_report_renders_in_headless_chromium(
     out = tmp_path / "report"
     build_report(runs, store, "val", out, device="cpu")
     page = (out / "report.html").resolve().as_uri()
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-             f"--user-data-dir={tmp_path / 'profile'}"]  # fmt: skip
-    dom = subprocess.run(["chromium", *flags, "--dump-dom", page],
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ]
+    dom = subprocess.run(
+        ["chromium", *flags, "--dump-dom", page], capture_output=True, text=True, timeout=120
+    )
     assert dom.returncode == 0, dom.stderr[-2000:]
     assert "Runs side by side" in dom.stdout and "<svg" in dom.stdout
     shot = tmp_path / "shot.png"
-    taken = subprocess.run(["chromium", *flags, "--window-size=1280,1600",
-                            f"--screenshot={shot}", page],
-                           capture_output=True, text=True, timeout=120)  # fmt: skip
+    taken = subprocess.run(
+        ["chromium", *flags, "--window-size=1280,1600", f"--screenshot={shot}", page],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert taken.returncode == 0 and shot.is_file(), taken.stderr[-2000:]
     pixels = cv2.imread(str(shot))
     assert pixels is not None and pixels.shape[:2] == (1600, 1280)
@@ -245,13 +344,44 @@ def test_detection_report_shows_sizes_classes_curves_and_boxes(
         8, 128, seed=5, split_of=lambda i: "test" if i >= 5 else "train"
     )
     store = make_store(tmp_path / "data", images, labels, chunk=64, coco=coco)
-    trained = cli("train", "--task", "det", "--data", store, "--out", tmp_path / "run",
-                  "--set", "backbone=tiny", "--set", "latent_dim=32", "--set", "head_convs=1",
-                  "--set", "patch_size=64", "--set", "epochs=3", "--set", "lr=3e-3",
-                  "--set", "val_split=none", "--set", "geometric=flip")  # fmt: skip
+    trained = cli(
+        "train",
+        "--task",
+        "det",
+        "--data",
+        store,
+        "--out",
+        tmp_path / "run",
+        "--set",
+        "backbone=tiny",
+        "--set",
+        "latent_dim=32",
+        "--set",
+        "head_convs=1",
+        "--set",
+        "patch_size=64",
+        "--set",
+        "epochs=3",
+        "--set",
+        "lr=3e-3",
+        "--set",
+        "val_split=none",
+        "--set",
+        "geometric=flip",
+    )
     assert trained.code == 0, trained.stderr
-    result = cli("eval", tmp_path / "run", "--data", store, "--split", "test", "--report",
-                 "--out", tmp_path / "report", "--json")  # fmt: skip
+    result = cli(
+        "eval",
+        tmp_path / "run",
+        "--data",
+        store,
+        "--split",
+        "test",
+        "--report",
+        "--out",
+        tmp_path / "report",
+        "--json",
+    )
     assert result.code == 0, result.stderr
     saved = json.loads((tmp_path / "report" / "metrics.json").read_text())
     evaluation = saved["runs"][0]["evaluation"]
@@ -294,8 +424,9 @@ def test_detection_overlay_colours_matches_misses_and_false_boxes() -> None:
 
     truth = np.array([[10, 10, 30, 30], [50, 50, 70, 70]], np.float32)
     truth_labels = np.array([0, 1])
-    boxes = np.array([[11, 11, 30, 31], [10, 10, 30, 30], [53, 53, 73, 73], [80, 80, 95, 95]],
-                     np.float32)  # fmt: skip
+    boxes = np.array(
+        [[11, 11, 30, 31], [10, 10, 30, 30], [53, 53, 73, 73], [80, 80, 95, 95]], np.float32
+    )
     scores = np.array([0.9, 0.8, 0.7, 0.6])
     labels = np.array([0, 0, 0, 1])  # a match, its duplicate, the wrong class, nothing there
     hits, found = match_detections(truth, truth_labels, boxes, scores, labels)
@@ -307,6 +438,13 @@ def test_detection_overlay_colours_matches_misses_and_false_boxes() -> None:
     assert tuple(drawn[53, 60]) == figures.FP  # the wrong-class box over it
     assert tuple(drawn[11, 20]) == figures.TP  # the match (its duplicate drawn below it)
     # drawn from an origin and scale: the same box lands shifted and doubled
-    zoomed = figures.detection_overlay(np.zeros((100, 100, 3), np.uint8), (2.0, 2.0), (10, 10),
-                                       truth[:1], np.array([False]), boxes[:0], hits[:0])  # fmt: skip
+    zoomed = figures.detection_overlay(
+        np.zeros((100, 100, 3), np.uint8),
+        (2.0, 2.0),
+        (10, 10),
+        truth[:1],
+        np.array([False]),
+        boxes[:0],
+        hits[:0],
+    )
     assert tuple(zoomed[0, 20]) == figures.FN and tuple(zoomed[40, 20]) == figures.FN

@@ -92,11 +92,22 @@ def test_coco_ap_intervals_resample_images_and_pair_the_runs(tmp_path) -> None: 
     from hiresctl.eval.stats import coco_ap_draws
 
     images = [{"id": i, "file_name": f"{i}.tif", "width": 100, "height": 100} for i in range(1, 21)]
-    annotations = [{"id": i, "image_id": i, "category_id": 1, "bbox": [10, 10, 30, 30],
-                    "area": 900.0, "iscrowd": 0} for i in range(1, 21)]  # fmt: skip
+    annotations = [
+        {
+            "id": i,
+            "image_id": i,
+            "category_id": 1,
+            "bbox": [10, 10, 30, 30],
+            "area": 900.0,
+            "iscrowd": 0,
+        }
+        for i in range(1, 21)
+    ]
     truth = {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "x"}]}
-    every = [{"image_id": i, "category_id": 1, "bbox": [10, 10, 30, 30], "score": 0.9}
-             for i in range(1, 21)]  # fmt: skip
+    every = [
+        {"image_id": i, "category_id": 1, "bbox": [10, 10, 30, 30], "score": 0.9}
+        for i in range(1, 21)
+    ]
     half = [d for d in every if d["image_id"] % 2]
     draws = np.array([list(range(20)), [0] * 20])
     np.testing.assert_allclose(coco_ap_draws(truth, every, draws), [1.0, 1.0], atol=1e-6)

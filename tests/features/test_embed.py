@@ -35,8 +35,9 @@ def store(tmp_path: Path) -> Path:
 
 
 def test_features_are_the_encoders_on_the_kept_patches(store: Path) -> None:
-    options = EmbedOptions(backbone="tiny", patch_size=32, foreground_threshold=0.5,
-                           dtype="float32", batch_size=5)  # fmt: skip
+    options = EmbedOptions(
+        backbone="tiny", patch_size=32, foreground_threshold=0.5, dtype="float32", batch_size=5
+    )
     results = embed_store(store, options, CPU)
     assert [r.status for r in results] == ["written"] * 4
     dataset = Dataset(store)
@@ -83,8 +84,9 @@ def test_cli_overwrite_replaces_a_set_embedded_with_other_settings(
     assert first.code == 0, first.stderr
     refused = cli("embed", store, "--backbone", "tiny", "--patch-size", "48", "--name", "set")
     assert refused.code == 1 and "--overwrite" in refused.stderr
-    replaced = cli("embed", store, "--backbone", "tiny", "--patch-size", "48", "--name", "set",
-                   "--overwrite")  # fmt: skip
+    replaced = cli(
+        "embed", store, "--backbone", "tiny", "--patch-size", "48", "--name", "set", "--overwrite"
+    )
     assert replaced.code == 0, replaced.stderr
     for entry in Dataset(store).entries():
         assert Dataset(store).feature_set(entry.id, "set")[2]["patch_size"] == 48
@@ -95,8 +97,9 @@ def test_h5_export_is_what_trident_and_clam_read(
 ) -> None:
     import h5py
 
-    result = cli("embed", store, "--backbone", "tiny", "--patch-size", "32", "--export-h5",
-                 tmp_path / "h5")  # fmt: skip
+    result = cli(
+        "embed", store, "--backbone", "tiny", "--patch-size", "32", "--export-h5", tmp_path / "h5"
+    )
     assert result.code == 0, result.stderr
     assert "4 embedded" in result.stderr and "images/s" in result.stderr
     dataset = Dataset(store)
@@ -107,14 +110,22 @@ def test_h5_export_is_what_trident_and_clam_read(
             np.testing.assert_array_equal(handle["features"][...], features[...].astype(np.float32))
             np.testing.assert_array_equal(handle["coords"][...], coords[...])
             assert dict(handle["coords"].attrs) == {
-                "patch_size": 32, "patch_level": 0, "patch_size_level0": 32,
-            }  # fmt: skip
+                "patch_size": 32,
+                "patch_level": 0,
+                "patch_size_level0": 32,
+            }
 
 
 def test_mpp_chooses_the_level_and_coords_stay_level_0(tmp_path: Path) -> None:
     source = tmp_path / "slide.tif"
-    tifffile.imwrite(source, coord_pixels(256, 256), photometric="rgb", tile=(64, 64),
-                     resolution=(1e4 / 0.25, 1e4 / 0.25), resolutionunit="CENTIMETER")  # fmt: skip
+    tifffile.imwrite(
+        source,
+        coord_pixels(256, 256),
+        photometric="rgb",
+        tile=(64, 64),
+        resolution=(1e4 / 0.25, 1e4 / 0.25),
+        resolutionunit="CENTIMETER",
+    )
     out = tmp_path / "ds.zarr"
     [tiled] = tile([SourceSpec((str(source),))], out, TileOptions(chunk=32, thumbnail_size=32))
     assert Dataset(out).entry(tiled.id).mpp == pytest.approx(0.25)

@@ -65,8 +65,9 @@ def test_weights_of_another_architecture_are_refused_not_half_loaded(tmp_path: P
     torch.save({k: v for k, v in state.items() if not k.startswith("fc.")}, headless)
     fpn = create_fpn_backbone("resnet18", pretrained=headless)
     assert torch.equal(fpn.body.conv1.weight, state["conv1.weight"])
-    assert torch.equal(create_backbone("resnet18", pretrained=headless).body[0].weight,
-                       state["conv1.weight"])  # fmt: skip
+    assert torch.equal(
+        create_backbone("resnet18", pretrained=headless).body[0].weight, state["conv1.weight"]
+    )
 
 
 def test_embed_with_mismatched_weights_is_one_line(tmp_path: Path, cli) -> None:  # type: ignore[no-untyped-def]
@@ -76,8 +77,9 @@ def test_embed_with_mismatched_weights_is_one_line(tmp_path: Path, cli) -> None:
     store = make_store(tmp_path / "s", images, labels)
     path = tmp_path / "resnet34.pth"
     torch.save(torchvision.models.resnet34(weights=None).state_dict(), path)
-    result = cli("embed", store, "--backbone", "resnet18", "--pretrained", path,
-                 "--patch-size", "32")  # fmt: skip
+    result = cli(
+        "embed", store, "--backbone", "resnet18", "--pretrained", path, "--patch-size", "32"
+    )
     assert result.code == 2, result.stderr
     assert result.stderr.count("\n") == 1 and "resnet34.pth: no tensor matches" in result.stderr
     assert not list((store / "images").glob("*/features/*"))  # nothing half-written

@@ -22,8 +22,10 @@ def test_chunked_matching_and_recomputed_head_change_nothing_but_memory() -> Non
     boxes = torch.cat([corners, corners + 4 + torch.rand(40, 2) * 120], 1).clamp(max=256)
     boxes[1] = boxes[0] + torch.tensor([2.0, 2.0, -2.0, -2.0])  # nested: the smaller one wins
     boxes[2] = torch.tensor([8.0, 8.0, 24.0, 24.0])  # edges through the point (8, 8): not inside
-    targets = [{"boxes": boxes, "labels": torch.randint(0, 3, (40,))},
-               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]  # fmt: skip
+    targets = [
+        {"boxes": boxes, "labels": torch.randint(0, 3, (40,))},
+        {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)},
+    ]
     shapes = [(2, 32, 256 // s, 256 // s) for s in plain.strides]
     maps = [torch.randn(shape) for shape in shapes]
     reference_inputs = [m.clone().requires_grad_() for m in maps]
@@ -63,8 +65,10 @@ def test_staged_losses_equal_one_backward_of_the_whole_loss(use_global: bool) ->
     staged.load_state_dict(whole.state_dict())
     corners = torch.rand(30, 2) * 230
     boxes = torch.cat([corners, corners + 4 + torch.rand(30, 2) * 120], 1).clamp(max=256)
-    targets = [{"boxes": boxes, "labels": torch.randint(0, 3, (30,))},
-               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]  # fmt: skip
+    targets = [
+        {"boxes": boxes, "labels": torch.randint(0, 3, (30,))},
+        {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)},
+    ]
     maps = [torch.randn(2, 32, 256 // s, 256 // s) for s in whole.strides]
     globals_ = [torch.randn(2, 32, 64 // s, 64 // s) for s in whole.strides]
     sides = [256, 200]
@@ -108,7 +112,8 @@ def test_fusion_is_one_conv_over_the_stitched_and_the_upsampled_global_maps() ->
     torch.nn.init.normal_(conv.bias, std=0.1)
     maps, g = torch.randn(2, 32, 12, 10), torch.randn(2, 32, 4, 4)
     sides = [160, 120]  # the second image's square is smaller than the grid: zero past it
-    up = torch.cat([upsample_region(g[b : b + 1], sides[b] / model.strides[1], 0, 0, 12, 10)
-                    for b in range(2)])  # fmt: skip
+    up = torch.cat(
+        [upsample_region(g[b : b + 1], sides[b] / model.strides[1], 0, 0, 12, 10) for b in range(2)]
+    )
     expected = conv(torch.cat([maps, up], 1))
     torch.testing.assert_close(model.fuse_level(1, maps, g, sides), expected)

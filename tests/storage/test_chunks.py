@@ -52,9 +52,13 @@ def test_direct_reads_equal_zarr_reads(tmp_path: Path, codec: str) -> None:
 
 def test_unwritten_chunks_read_as_fill(tmp_path: Path) -> None:
     array = zarr.create_array(
-        str(tmp_path / "a.zarr"), shape=(3, 512, 512), chunks=(3, 128, 128), shards=(3, 256, 256),
-        dtype="uint8", fill_value=7,
-    )  # fmt: skip
+        str(tmp_path / "a.zarr"),
+        shape=(3, 512, 512),
+        chunks=(3, 128, 128),
+        shards=(3, 256, 256),
+        dtype="uint8",
+        fill_value=7,
+    )
     array[:, :128, :128] = 1
     direct = DirectChunks.open(array)
     assert direct is not None
@@ -65,9 +69,12 @@ def test_unwritten_chunks_read_as_fill(tmp_path: Path) -> None:
 
 def test_unknown_layouts_fall_back(tmp_path: Path) -> None:
     array = zarr.create_array(
-        str(tmp_path / "b.zarr"), shape=(3, 64, 64), chunks=(3, 32, 32), dtype="uint8",
+        str(tmp_path / "b.zarr"),
+        shape=(3, 64, 64),
+        chunks=(3, 32, 32),
+        dtype="uint8",
         compressors=[zarr.codecs.BloscCodec()],
-    )  # fmt: skip
+    )
     assert DirectChunks.open(array) is None
 
 
@@ -164,8 +171,11 @@ def test_the_store_records_which_shards_it_wrote(tmp_path: Path) -> None:
     pixels[:200, :200] = coord_pixels(200, 200)
     tifffile.imwrite(tmp_path / "a.tif", pixels, photometric="rgb")
     out = tmp_path / "ds.zarr"
-    tile([SourceSpec((str(tmp_path / "a.tif"),))], out,
-         TileOptions(chunk=128, block_size=256, workers=1))  # fmt: skip
+    tile(
+        [SourceSpec((str(tmp_path / "a.tif"),))],
+        out,
+        TileOptions(chunk=128, block_size=256, workers=1),
+    )
     shards = sorted(p for p in (out / "images" / "a" / "0" / "c").rglob("*") if p.is_file())
     assert len(shards) == 1  # three of the four 256² shards are all fill: not written
     assert Dataset(out).check("a") == []
@@ -193,9 +203,12 @@ def test_caches_are_bounded_for_the_process_not_per_array(
     arrays, readers = [], []
     for i in range(4):
         array = zarr.create_array(
-            str(tmp_path / f"{i}.zarr"), shape=(3, 256, 256), chunks=(3, 128, 128),
-            shards=(3, 128, 128), dtype="uint8",
-        )  # fmt: skip
+            str(tmp_path / f"{i}.zarr"),
+            shape=(3, 256, 256),
+            chunks=(3, 128, 128),
+            shards=(3, 128, 128),
+            dtype="uint8",
+        )
         array[...] = np.random.default_rng(i).integers(0, 255, (3, 256, 256), dtype=np.uint8)
         direct = DirectChunks.open(array)
         assert direct is not None

@@ -115,16 +115,24 @@ def test_palette_masks_keep_their_indices(tmp_path: Path) -> None:
     palette = Image.fromarray(indices, mode="P")
     palette.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0] + [0] * (256 * 3 - 9))
     palette.save(tmp_path / "masks" / "p.png")
-    tile([SourceSpec((str(tmp_path / "src" / "p.tif"),))], tmp_path / "ds.zarr", SMALL,
-         masks=MaskSet(tmp_path / "masks"))  # fmt: skip
+    tile(
+        [SourceSpec((str(tmp_path / "src" / "p.tif"),))],
+        tmp_path / "ds.zarr",
+        SMALL,
+        masks=MaskSet(tmp_path / "masks"),
+    )
     np.testing.assert_array_equal(Dataset(tmp_path / "ds.zarr").mask("p")[0], indices)
 
 
 def test_mask_follows_resampling_by_nearest_label(tmp_path: Path) -> None:
     mask = _pair(tmp_path, "r", 128, 96)
     options = TileOptions(chunk=32, block_size=64, thumbnail_size=32, source_mpp=0.5, mpp=1.0)
-    [result] = tile([SourceSpec((str(tmp_path / "src" / "r.tif"),))], tmp_path / "ds.zarr",
-                    options, masks=MaskSet(tmp_path / "masks"))  # fmt: skip
+    [result] = tile(
+        [SourceSpec((str(tmp_path / "src" / "r.tif"),))],
+        tmp_path / "ds.zarr",
+        options,
+        masks=MaskSet(tmp_path / "masks"),
+    )
     assert result.status == "written", result.error
     ds = Dataset(tmp_path / "ds.zarr")
     assert ds.level("r").shape == (3, 64, 48)
@@ -140,10 +148,14 @@ def test_bad_masks_fail_their_image_alone(tmp_path: Path) -> None:
     (tmp_path / "masks" / "colour_mask.png").unlink()
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "masks" / "colour.png")
     tifffile.imwrite(tmp_path / "src" / "orphan.tif", coord_pixels(64, 64), photometric="rgb")
-    specs = [SourceSpec((str(tmp_path / "src" / f"{n}.tif"),))
-             for n in ("good", "small", "colour", "orphan")]  # fmt: skip
-    results = {r.id or r.source: r for r in tile(specs, tmp_path / "ds.zarr", SMALL,
-                                                 masks=MaskSet(tmp_path / "masks"))}  # fmt: skip
+    specs = [
+        SourceSpec((str(tmp_path / "src" / f"{n}.tif"),))
+        for n in ("good", "small", "colour", "orphan")
+    ]
+    results = {
+        r.id or r.source: r
+        for r in tile(specs, tmp_path / "ds.zarr", SMALL, masks=MaskSet(tmp_path / "masks"))
+    }
     assert results["good"].status == "written"
     errors = {Path(r.source).stem: r.error for r in results.values() if r.status == "failed"}
     assert set(errors) == {"small", "colour", "orphan"}

@@ -60,9 +60,12 @@ def test_pyramidal_ome_tiff_levels_and_pixel_size(tmp_path: Path) -> None:
     path = tmp_path / "slide.ome.tif"
     with tifffile.TiffWriter(path, ome=True) as tw:
         tw.write(
-            pixels, tile=(128, 128), subifds=1, photometric="rgb",
+            pixels,
+            tile=(128, 128),
+            subifds=1,
+            photometric="rgb",
             metadata={"PhysicalSizeX": 0.25, "PhysicalSizeY": 0.25, "axes": "YXS"},
-        )  # fmt: skip
+        )
         tw.write(pixels[::2, ::2], tile=(128, 128), subfiletype=1, photometric="rgb")
     reader = open_source(path)
     assert reader.info.level_shapes == ((1024, 768), (512, 384))
@@ -217,9 +220,17 @@ def _header_only_tiff(path: Path, side: int, tile: int, byte_count: int) -> None
     import struct
 
     tags = [  # (tag, type, value): 3 = SHORT, 4 = LONG
-        (256, 4, side), (257, 4, side), (258, 3, 8), (259, 3, 1), (262, 3, 1), (277, 3, 1),
-        (322, 3, tile), (323, 3, tile), (324, 4, 8), (325, 4, byte_count),
-    ]  # fmt: skip
+        (256, 4, side),
+        (257, 4, side),
+        (258, 3, 8),
+        (259, 3, 1),
+        (262, 3, 1),
+        (277, 3, 1),
+        (322, 3, tile),
+        (323, 3, tile),
+        (324, 4, 8),
+        (325, 4, byte_count),
+    ]
     entries = b"".join(
         struct.pack("<HHII", t, kind, 1, v)
         if kind == 4
@@ -234,6 +245,9 @@ def test_a_header_claiming_200000_squared_pixels_is_refused_at_open(tmp_path: Pa
     the tile table the header lists cannot cover the image, so the file is refused at open
     without allocating anything, rather than when the first block fails to decode."""
     _header_only_tiff(tmp_path / "claim.tif", 200_000, 256, byte_count=10)
-    with pytest.raises(SourceError, match=r"claim\.tif: .*1 tile offsets for a 200000x200000 "
-                                          r"image of 611,524 tiles"):  # fmt: skip
+    with pytest.raises(
+        SourceError,
+        match=r"claim\.tif: .*1 tile offsets for a 200000x200000 "
+        r"image of 611,524 tiles",
+    ):
         open_source(tmp_path / "claim.tif")

@@ -131,8 +131,12 @@ def test_segmentation_synth_writes_matching_masks_reproducibly(tmp_path: Path, k
     classes = (tmp_path / "a" / "classes.csv").read_text().splitlines()
     assert set(np.unique(mask)) == set(range(len(classes) - 1))  # every class appears
     specs = [SourceSpec((str(tmp_path / "a" / "images" / n),)) for n in names]
-    results = tile(specs, tmp_path / "ds.zarr", TileOptions(chunk=64, thumbnail_size=64),
-                   masks=MaskSet(tmp_path / "a" / "masks", tmp_path / "a" / "classes.csv"))  # fmt: skip
+    results = tile(
+        specs,
+        tmp_path / "ds.zarr",
+        TileOptions(chunk=64, thumbnail_size=64),
+        masks=MaskSet(tmp_path / "a" / "masks", tmp_path / "a" / "classes.csv"),
+    )
     assert all(r.status == "written" for r in results)
     assert len(Dataset(tmp_path / "ds.zarr").mask_classes()) == len(classes) - 1
 
@@ -166,8 +170,12 @@ def test_det_mosaic_writes_coco_boxes_around_small_separate_objects(tmp_path: Pa
             assert x >= 0 and y >= 0 and x + w <= 512 and y + h <= 512
             assert 4 <= max(w, h) <= 128
             inside = pixels[y : y + h, x : x + w]
-            ring = np.concatenate([pixels[y - 2 : y - 1, x : x + w].reshape(-1, 3),
-                                   pixels[y + h + 1 : y + h + 2, x : x + w].reshape(-1, 3)])  # fmt: skip
+            ring = np.concatenate(
+                [
+                    pixels[y - 2 : y - 1, x : x + w].reshape(-1, 3),
+                    pixels[y + h + 1 : y + h + 2, x : x + w].reshape(-1, 3),
+                ]
+            )
             # The object (bright colours) is inside its box, the background hugs it outside.
             assert inside.max(axis=(0, 1)).max() > ring.max(axis=0).max() + 20
         for (ax, ay, aw, ah), (bx, by, bw, bh) in itertools.combinations(boxes, 2):
@@ -211,8 +219,9 @@ def _fake_mnist(folder: Path, per_digit: int = 3) -> dict[str, np.ndarray]:
 
 def test_megapixel_mnist_draws_real_digits_from_the_part_of_each_split(tmp_path: Path) -> None:
     parts = _fake_mnist(tmp_path / "mnist")
-    synthesize("megapixel-mnist", tmp_path / "out", count=8, size=256, seed=2,
-               mnist=tmp_path / "mnist")  # fmt: skip
+    synthesize(
+        "megapixel-mnist", tmp_path / "out", count=8, size=256, seed=2, mnist=tmp_path / "mnist"
+    )
     meta = json.loads((tmp_path / "out" / "synth.json").read_text())
     assert "MNIST" in meta["digits"]
     for row in meta["images"]:
@@ -223,16 +232,26 @@ def test_megapixel_mnist_draws_real_digits_from_the_part_of_each_split(tmp_path:
             assert (w, h) == (28, 28)  # native size, as in the IPS paper
             drawn = image[y : y + h, x : x + w]
             # the sample's own pixels (noise may only brighten background around them)
-            matches = [i for i, sample in enumerate(pool) if np.all(drawn >= sample)
-                       and np.array_equal(drawn[sample > 0], sample[sample > 0])]  # fmt: skip
+            matches = [
+                i
+                for i, sample in enumerate(pool)
+                if np.all(drawn >= sample) and np.array_equal(drawn[sample > 0], sample[sample > 0])
+            ]
             assert matches, f"no {row['split']} sample drawn at {obj['box']}"
             assert obj["digit"] in {i // 3 for i in matches}
 
 
 def test_ultramnist_and_det_mosaic_take_real_digits(tmp_path: Path) -> None:
     _fake_mnist(tmp_path / "mnist")
-    synthesize("ultramnist", tmp_path / "u", count=4, size=512, seed=1, classes=10,
-               mnist=tmp_path / "mnist")  # fmt: skip
+    synthesize(
+        "ultramnist",
+        tmp_path / "u",
+        count=4,
+        size=512,
+        seed=1,
+        classes=10,
+        mnist=tmp_path / "mnist",
+    )
     meta = json.loads((tmp_path / "u" / "synth.json").read_text())
     sides = [o["box"][2] for row in meta["images"] for o in row["objects"]]
     assert min(sides) >= 14  # a real digit is never shrunk below half its size

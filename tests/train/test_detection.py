@@ -21,8 +21,17 @@ from storage.annotations import Annotations
 from tests.stores import make_store, planted_objects
 
 # float32 whatever `auto` picks on this CPU: the tests compare stitched maps and gradients exactly
-SMALL = {"backbone": "tiny", "latent_dim": 32, "head_convs": 2, "patch_size": 64,
-         "batch_size": 4, "accumulation_steps": 1, "lr": 3e-3, "seed": 0, "precision": "fp32"}  # fmt: skip
+SMALL = {
+    "backbone": "tiny",
+    "latent_dim": 32,
+    "head_convs": 2,
+    "patch_size": 64,
+    "batch_size": 4,
+    "accumulation_steps": 1,
+    "lr": 3e-3,
+    "seed": 0,
+    "precision": "fp32",
+}
 
 
 def _split(i: int) -> str:
@@ -44,8 +53,11 @@ def test_stitched_maps_put_patch_r_c_at_its_place_in_the_image(tmp_path: Path) -
     # every level must equal, cell for cell, the maps of the patch read at (r·64, c·64).
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 255, (128, 192, 3), dtype=np.uint8)
-    coco = {"images": [{"id": 1, "file_name": "a.tif", "width": 192, "height": 128}],
-            "annotations": [], "categories": [{"id": 1, "name": "x"}]}  # fmt: skip
+    coco = {
+        "images": [{"id": 1, "file_name": "a.tif", "width": 192, "height": 128}],
+        "annotations": [],
+        "categories": [{"id": 1, "name": "x"}],
+    }
     store = make_store(tmp_path, {"a": pixels}, chunk=64, coco=coco)
     recipe = _recipe(method="patchgd")
     run = build_run(recipe, Dataset(store), ["x"], torch.device("cpu"))
@@ -72,8 +84,9 @@ def test_stitched_maps_put_patch_r_c_at_its_place_in_the_image(tmp_path: Path) -
 def test_patchgd_global_learns_planted_objects_and_finds_them_in_place(
     objects_store: Path, tmp_path: Path
 ) -> None:
-    untrained = Trainer(objects_store, tmp_path / "untrained", _recipe(epochs=1, lr=1e-9,
-                        val_split="none"))  # fmt: skip
+    untrained = Trainer(
+        objects_store, tmp_path / "untrained", _recipe(epochs=1, lr=1e-9, val_split="none")
+    )
     untrained.fit()
     before = evaluate(tmp_path / "untrained", objects_store, "test", "cpu")["metrics"]
     Trainer(objects_store, tmp_path / "run", _recipe(epochs=8, val_split="none")).fit()
@@ -143,8 +156,12 @@ def test_training_boxes_follow_the_mirrored_reads(objects_store: Path, method: s
     # With geometric=flip every epoch mirrors each image one of four ways; what the training
     # plan reads (patches on the grid, sliced windows, the resized whole image) and the boxes
     # the losses see must still agree: inside every target box is its square's colour.
-    run = build_run(_recipe(method=method, input_size=128, geometric="flip"),
-                    Dataset(objects_store), ["red", "green"], torch.device("cpu"))  # fmt: skip
+    run = build_run(
+        _recipe(method=method, input_size=128, geometric="flip"),
+        Dataset(objects_store),
+        ["red", "green"],
+        torch.device("cpu"),
+    )
     augment = PatchAugment("none", seed=0, geometric="flip")
     run.method.augment = augment
     stream = PatchStream(run.reader, augment=augment)
@@ -190,8 +207,12 @@ def test_patchgd_global_trains_its_fusion_convs(objects_store: Path, tmp_path: P
 
 
 def test_sliced_windows_overlap_cut_boxes_and_merge_by_nms(objects_store: Path) -> None:
-    run = build_run(_recipe(method="sliced", overlap=0.5), Dataset(objects_store),
-                    ["red", "green"], torch.device("cpu"))  # fmt: skip
+    run = build_run(
+        _recipe(method="sliced", overlap=0.5),
+        Dataset(objects_store),
+        ["red", "green"],
+        torch.device("cpu"),
+    )
     method = run.method
     assert isinstance(method, DetSliced)
     grid, kept = method.patches("ob000")
@@ -204,12 +225,21 @@ def test_sliced_windows_overlap_cut_boxes_and_merge_by_nms(objects_store: Path) 
     gone = method.window_targets("ob000", 0, 80, torch.device("cpu"))  # 10 of 40 px inside
     assert len(gone["boxes"]) == 0
     # the same object seen by two windows is one detection after merging
-    a = {"boxes": torch.tensor([[50.0, 10, 90, 30]]), "scores": torch.tensor([0.9]),
-         "labels": torch.tensor([1])}  # fmt: skip
-    b = {"boxes": torch.tensor([[51.0, 10, 90, 31]]), "scores": torch.tensor([0.7]),
-         "labels": torch.tensor([1])}  # fmt: skip
-    other = {"boxes": torch.tensor([[51.0, 10, 90, 31]]), "scores": torch.tensor([0.6]),
-             "labels": torch.tensor([0])}  # fmt: skip
+    a = {
+        "boxes": torch.tensor([[50.0, 10, 90, 30]]),
+        "scores": torch.tensor([0.9]),
+        "labels": torch.tensor([1]),
+    }
+    b = {
+        "boxes": torch.tensor([[51.0, 10, 90, 31]]),
+        "scores": torch.tensor([0.7]),
+        "labels": torch.tensor([1]),
+    }
+    other = {
+        "boxes": torch.tensor([[51.0, 10, 90, 31]]),
+        "scores": torch.tensor([0.6]),
+        "labels": torch.tensor([0]),
+    }
     merged = merge_detections([a, b, other], limit=100)
     assert merged["scores"].tolist() == pytest.approx([0.9, 0.6])
 
@@ -264,8 +294,9 @@ def test_predict_writes_coco_results_and_qupath_rectangles(
     from hiresctl.eval.predict import predict
 
     Trainer(objects_store, tmp_path / "run", _recipe(epochs=3, val_split="none")).fit()
-    result = predict(tmp_path / "run", [str(objects_store)], tmp_path / "out", split="test",
-                     device="cpu")  # fmt: skip
+    result = predict(
+        tmp_path / "run", [str(objects_store)], tmp_path / "out", split="test", device="cpu"
+    )
     assert [row["id"] for row in result.rows] == ["ob010", "ob011", "ob012", "ob013"]
     results = json.loads((tmp_path / "out" / "detections.json").read_text())
     assert results and all(r["score"] >= 0.2 for r in results)
@@ -295,8 +326,14 @@ def test_predict_writes_coco_results_and_qupath_rectangles(
         assert [names[i] for i in found.labels] == [
             ["red", "green"][r["category_id"] - 1] for r in mine
         ]
-    only = predict(tmp_path / "run", [str(objects_store)], tmp_path / "only", split="test",
-                   device="cpu", formats=["coco"])  # fmt: skip
+    only = predict(
+        tmp_path / "run",
+        [str(objects_store)],
+        tmp_path / "only",
+        split="test",
+        device="cpu",
+        formats=["coco"],
+    )
     assert sorted(p.name for p in only.out.iterdir()) == ["annotations.json", "detections.json"]
     with pytest.raises(UsageError, match="a det run writes coco, geojson"):
         predict(tmp_path / "run", [str(objects_store)], tmp_path / "bad", formats=["ngff"])
@@ -374,8 +411,19 @@ def test_coco_round_trip_in_the_users_own_ids(tmp_path: Path, cli) -> None:  # t
     user_file.write_text(json.dumps(coco))
     Trainer(store, tmp_path / "run", _recipe(epochs=4, val_split="none")).fit()
     reported = evaluate(tmp_path / "run", store, "test", "cpu")["metrics"]
-    result = cli("predict", tmp_path / "run", store, "--out", tmp_path / "pred", "--split", "test",
-                 "--score-threshold", "0.05", "--format", "coco")  # fmt: skip
+    result = cli(
+        "predict",
+        tmp_path / "run",
+        store,
+        "--out",
+        tmp_path / "pred",
+        "--split",
+        "test",
+        "--score-threshold",
+        "0.05",
+        "--format",
+        "coco",
+    )
     assert result.code == 0, result.stderr
     found = json.loads((tmp_path / "pred" / "detections.json").read_text())
     test_ids = {101 + 7 * i for i in range(8, 12)}

@@ -65,8 +65,15 @@ def test_a_phase_apart_from_the_patches_counts_as_the_larger_of_the_two() -> Non
     from hiresctl.train.memory import plan_memory
 
     GB = 10**9
-    common = {"baseline": GB, "fixed": GB, "per_patch": GB // 10, "per_image": GB,
-              "batch_size": 2, "accumulation_steps": 1, "patches_wanted": 8}  # fmt: skip
+    common = {
+        "baseline": GB,
+        "fixed": GB,
+        "per_patch": GB // 10,
+        "per_image": GB,
+        "batch_size": 2,
+        "accumulation_steps": 1,
+        "patches_wanted": 8,
+    }
     encoder_bound = plan_memory(20 * GB, apart=GB, **common)  # type: ignore[arg-type]
     assert encoder_bound.batch_size == 2 and encoder_bound.patches_per_step == 8
     assert encoder_bound.estimate == 2 * GB + 2 * (GB + 8 * GB // 10)

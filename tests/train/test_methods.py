@@ -17,8 +17,14 @@ from tests.conftest import coord_pixels
 from tests.stores import make_store
 
 # float32 whatever `auto` picks on this CPU: the tests compare latents and features exactly
-TINY = {"backbone": "tiny", "patch_size": 32, "latent_dim": 16, "head_width": 16, "batch_size": 2,
-        "precision": "fp32"}  # fmt: skip
+TINY = {
+    "backbone": "tiny",
+    "patch_size": 32,
+    "latent_dim": 16,
+    "head_width": 16,
+    "batch_size": 2,
+    "precision": "fp32",
+}
 
 
 @pytest.fixture

@@ -39,15 +39,31 @@ def test_feature_mil_learns_from_stored_features_and_attends_to_the_signal(
     embedded = cli("embed", planted, "--backbone", "tiny", "--patch-size", "32", "--name", "t32")
     assert embedded.code == 0, embedded.stderr
     run = tmp_path / "run"
-    trained = cli("train", "--data", planted, "--out", run, "--method", method, "--set",
-                  "epochs=12", "--set", "lr=2e-3", "--set", "batch_size=4", "--set",
-                  "mil_hidden=32", "--set", "attention_dim=16", "--json",
-                  *(a for s in settings for a in ("--set", s)))  # fmt: skip
+    trained = cli(
+        "train",
+        "--data",
+        planted,
+        "--out",
+        run,
+        "--method",
+        method,
+        "--set",
+        "epochs=12",
+        "--set",
+        "lr=2e-3",
+        "--set",
+        "batch_size=4",
+        "--set",
+        "mil_hidden=32",
+        "--set",
+        "attention_dim=16",
+        "--json",
+        *(a for s in settings for a in ("--set", s)),
+    )
     assert trained.code == 0, trained.stderr
     report = json.loads(cli("eval", run, "--data", planted, "--split", "val", "--json").stdout)
     assert report["metrics"]["accuracy"] >= 0.8, report  # 10 balanced images: chance is 0.5
-    predicted = cli("predict", run, planted, "--out", tmp_path / "pred", "--split", "val",
-                    "--json")  # fmt: skip
+    predicted = cli("predict", run, planted, "--out", tmp_path / "pred", "--split", "val", "--json")
     assert predicted.code == 0, predicted.stderr
     import zarr
 
@@ -57,15 +73,18 @@ def test_feature_mil_learns_from_stored_features_and_attends_to_the_signal(
     hits = 0
     for row in map(json.loads, predicted.stdout.splitlines()):
         entry = dataset.entry(row["id"])
-        heat = np.asarray(zarr.open_group(tmp_path / "pred" / "predictions.zarr" / row["id"],
-                                          mode="r")["0"][0])  # fmt: skip
+        heat = np.asarray(
+            zarr.open_group(tmp_path / "pred" / "predictions.zarr" / row["id"], mode="r")["0"][0]
+        )
         assert heat.shape == (4, 4)  # one cell per 32² patch of a 128² image
         if entry.label == "1" and row["predicted"] == "1":
             # the planted square's patch is the brightest: attention should sit on it
             pixels = np.asarray(dataset.level(row["id"], 0)[...]).mean(0)
             cells = pixels.reshape(4, 32, 4, 32).mean((1, 3))
-            hits += int(np.unravel_index(heat.argmax(), heat.shape) ==
-                        np.unravel_index(cells.argmax(), cells.shape))  # fmt: skip
+            hits += int(
+                np.unravel_index(heat.argmax(), heat.shape)
+                == np.unravel_index(cells.argmax(), cells.shape)
+            )
     assert hits >= 3
 
 
@@ -93,8 +112,17 @@ def test_a_run_refuses_features_embedded_again_with_another_encoder(
     assert trained.code == 0, trained.stderr
     assert cli("eval", run, "--data", store, "--split", "val").code == 0
     for other in (["--seed", "1"], ["--backbone", "resnet18"]):  # same width; another width
-        again = cli("embed", store, "--patch-size", "32", "--name", "f", "--overwrite",
-                    *(["--backbone", "tiny"] if "--backbone" not in other else []), *other)  # fmt: skip
+        again = cli(
+            "embed",
+            store,
+            "--patch-size",
+            "32",
+            "--name",
+            "f",
+            "--overwrite",
+            *(["--backbone", "tiny"] if "--backbone" not in other else []),
+            *other,
+        )
         assert again.code == 0, again.stderr
         result = cli("eval", run, "--data", store, "--split", "val")
         assert result.code != 0 and "Traceback" not in result.stderr
@@ -105,10 +133,32 @@ def test_a_run_refuses_features_embedded_again_with_another_encoder(
 def test_e2e_mil_learns_on_random_bags_and_evaluates_every_patch(
     planted: Path, tmp_path: Path, cli: Callable
 ) -> None:
-    trained = cli("train", "--data", planted, "--out", tmp_path / "run", "--method", "e2e-mil",
-                  "--set", "backbone=tiny", "--set", "patch_size=32", "--set", "bag_size=8",
-                  "--set", "mil_hidden=32", "--set", "attention_dim=16", "--set", "epochs=8",
-                  "--set", "lr=3e-3", "--set", "batch_size=4", "--json")  # fmt: skip
+    trained = cli(
+        "train",
+        "--data",
+        planted,
+        "--out",
+        tmp_path / "run",
+        "--method",
+        "e2e-mil",
+        "--set",
+        "backbone=tiny",
+        "--set",
+        "patch_size=32",
+        "--set",
+        "bag_size=8",
+        "--set",
+        "mil_hidden=32",
+        "--set",
+        "attention_dim=16",
+        "--set",
+        "epochs=8",
+        "--set",
+        "lr=3e-3",
+        "--set",
+        "batch_size=4",
+        "--json",
+    )
     assert trained.code == 0, trained.stderr
     report = json.loads(
         cli("eval", tmp_path / "run", "--data", planted, "--split", "val", "--json").stdout
@@ -118,8 +168,20 @@ def test_e2e_mil_learns_on_random_bags_and_evaluates_every_patch(
 
 def test_memory_budget_plans_feature_mil(planted: Path, tmp_path: Path, cli: Callable) -> None:
     cli("embed", planted, "--backbone", "tiny", "--patch-size", "32", "--name", "t32")
-    result = cli("train", "--data", planted, "--out", tmp_path / "run", "--method", "abmil",
-                 "--memory-budget", "8GiB", "--set", "epochs=1", "--json")  # fmt: skip
+    result = cli(
+        "train",
+        "--data",
+        planted,
+        "--out",
+        tmp_path / "run",
+        "--method",
+        "abmil",
+        "--memory-budget",
+        "8GiB",
+        "--set",
+        "epochs=1",
+        "--json",
+    )
     assert result.code == 0, result.stderr
     assert "memory budget 8.00 GiB" in result.stderr
 
@@ -135,10 +197,19 @@ def test_ips_on_features_keeps_the_top_m_of_the_bag_and_trains_only_those(
 
     images, labels = planted_images(4, 128, 32, seed=5)
     store = make_store(tmp_path / "s", images, labels)
-    embed_store(store, EmbedOptions(backbone="tiny", patch_size=32, batch_size=16),
-                torch.device("cpu"))  # fmt: skip
-    recipe = Recipe(method="ips-features", memory_size=3, iter_size=2, heads=1, batch_size=2,
-                    latent_dim=8, dim_key=8, dim_value=8)  # fmt: skip
+    embed_store(
+        store, EmbedOptions(backbone="tiny", patch_size=32, batch_size=16), torch.device("cpu")
+    )
+    recipe = Recipe(
+        method="ips-features",
+        memory_size=3,
+        iter_size=2,
+        heads=1,
+        batch_size=2,
+        latent_dim=8,
+        dim_key=8,
+        dim_value=8,
+    )
     run = build_run(recipe, Dataset(store), ["0", "1"], torch.device("cpu"))
     method, model = run.method, run.model
     ids = [e.id for e in Dataset(store).entries()][:2]

@@ -13,8 +13,18 @@ from hiresctl.models import create_backbone
 from storage import UsageError
 from tests.stores import make_store, planted_images
 
-TINY = ["--set", "backbone=tiny", "--set", "patch_size=32", "--set", "latent_dim=16",
-        "--set", "head_width=16", "--set", "epochs=1"]  # fmt: skip
+TINY = [
+    "--set",
+    "backbone=tiny",
+    "--set",
+    "patch_size=32",
+    "--set",
+    "latent_dim=16",
+    "--set",
+    "head_width=16",
+    "--set",
+    "epochs=1",
+]
 
 
 class Payload:

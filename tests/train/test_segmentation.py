@@ -34,8 +34,9 @@ def _recipe(method: str = "patchgd-global", **changes):
 def test_upsample_region_equals_a_crop_of_the_full_upsampling() -> None:
     maps = torch.randn(2, 3, 8, 8)
     full = F.interpolate(maps, size=(100, 100), mode="bilinear", align_corners=False)
-    np.testing.assert_allclose(upsample_region(maps, 100, 13, 57, 40, 43), full[..., 13:53, 57:100],
-                               atol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(
+        upsample_region(maps, 100, 13, 57, 40, 43), full[..., 13:53, 57:100], atol=1e-5
+    )
     beyond = upsample_region(maps, 100, 96, 0, 8, 8)  # rows 100.. are the grid's padding
     np.testing.assert_allclose(beyond[..., :4, :], full[..., 96:, :8], atol=1e-5)
     assert beyond[..., 4:, :].abs().max() == 0
@@ -129,8 +130,9 @@ def _brightness_model(use_global: bool) -> PatchSegmenter:
 @pytest.mark.parametrize("method", ["patchgd", "patchgd-global"])
 def test_patch_and_global_outputs_land_in_place(tmp_path: Path, method: str) -> None:
     store, truth = _bright_square_store(tmp_path)
-    run = build_run(_recipe(method), Dataset(store), ["0", "1"], torch.device("cpu"),
-                    mask_values=[0, 1])  # fmt: skip
+    run = build_run(
+        _recipe(method), Dataset(store), ["0", "1"], torch.device("cpu"), mask_values=[0, 1]
+    )
     run.model = _brightness_model(use_global=method == "patchgd-global")
     canvas = np.full(truth.shape, -1)
 
@@ -195,8 +197,13 @@ def _vessel_store(tmp_path: Path, count: int, size: int) -> Path:
 
     synthesize("seg-vessels", tmp_path / "syn", count=count, size=size, seed=2)
     specs = [SourceSpec((str(p),)) for p in sorted((tmp_path / "syn" / "images").iterdir())]
-    tile(specs, tmp_path / "ds.zarr", TileOptions(chunk=32, thumbnail_size=64, workers=1),
-         LabelTable(tmp_path / "syn" / "labels.csv"), masks=MaskSet(tmp_path / "syn" / "masks"))  # fmt: skip
+    tile(
+        specs,
+        tmp_path / "ds.zarr",
+        TileOptions(chunk=32, thumbnail_size=64, workers=1),
+        LabelTable(tmp_path / "syn" / "labels.csv"),
+        masks=MaskSet(tmp_path / "syn" / "masks"),
+    )
     return tmp_path / "ds.zarr"
 
 
@@ -221,13 +228,39 @@ def test_cli_trains_evaluates_and_predicts_multiclass_masks(
     from ome_zarr.reader import Reader
 
     assert cli("synth", "seg-aerial", tmp_path / "syn", "--count", "6", "--size", "128").code == 0
-    tiled = cli("tile", tmp_path / "syn" / "images", "--out", tmp_path / "ds.zarr",
-                "--labels", tmp_path / "syn" / "labels.csv", "--masks", tmp_path / "syn" / "masks",
-                "--mask-classes", tmp_path / "syn" / "classes.csv", "--chunk", "32")  # fmt: skip
+    tiled = cli(
+        "tile",
+        tmp_path / "syn" / "images",
+        "--out",
+        tmp_path / "ds.zarr",
+        "--labels",
+        tmp_path / "syn" / "labels.csv",
+        "--masks",
+        tmp_path / "syn" / "masks",
+        "--mask-classes",
+        tmp_path / "syn" / "classes.csv",
+        "--chunk",
+        "32",
+    )
     assert tiled.code == 0, tiled.stderr
-    trained = cli("train", "--task", "seg", "--method", "patchgd", "--data", tmp_path / "ds.zarr",
-                  "--out", tmp_path / "run", "--set", "backbone=unet-tiny", "--set", "patch_size=32",
-                  "--set", "epochs=1", "--json")  # fmt: skip
+    trained = cli(
+        "train",
+        "--task",
+        "seg",
+        "--method",
+        "patchgd",
+        "--data",
+        tmp_path / "ds.zarr",
+        "--out",
+        tmp_path / "run",
+        "--set",
+        "backbone=unet-tiny",
+        "--set",
+        "patch_size=32",
+        "--set",
+        "epochs=1",
+        "--json",
+    )
     assert trained.code == 0, trained.stderr
     summary = json.loads(trained.stdout)
     assert summary["classes"] == ["background", "road", "building"]
@@ -238,8 +271,15 @@ def test_cli_trains_evaluates_and_predicts_multiclass_masks(
     assert set(result["per_class"]) == {"background", "road", "building"}
     assert 0 <= result["metrics"]["mean_iou"] <= 1
     assert sum(map(sum, result["confusion_matrix"])) == 128 * 128 * result["count"]
-    predicted = cli("predict", tmp_path / "run", tmp_path / "ds.zarr", "--out",
-                    tmp_path / "pred", "--probabilities", "--json")  # fmt: skip
+    predicted = cli(
+        "predict",
+        tmp_path / "run",
+        tmp_path / "ds.zarr",
+        "--out",
+        tmp_path / "pred",
+        "--probabilities",
+        "--json",
+    )
     assert predicted.code == 0, predicted.stderr
     rows = [json.loads(line) for line in predicted.stdout.splitlines()]
     assert len(rows) == 6
@@ -260,11 +300,24 @@ def test_cli_trains_evaluates_and_predicts_multiclass_masks(
     assert_valid_ngff(tmp_path / "ds.zarr", expect={"Image", "Labels", "ImageLabel"})
     assert_labels_have_parents(tmp_path / "ds.zarr" / "images" / rows[0]["id"], caplog, 1)
     assert sum(rows[0]["pixels"].values()) == 128 * 128  # pixels per predicted class
-    for name in ("predictions.csv", "predictions.json", f"geojson/{rows[0]['id']}.geojson",
-                 f"overlays/{rows[0]['id']}.png"):  # fmt: skip
+    for name in (
+        "predictions.csv",
+        "predictions.json",
+        f"geojson/{rows[0]['id']}.geojson",
+        f"overlays/{rows[0]['id']}.png",
+    ):
         assert (tmp_path / "pred" / name).is_file(), name
-    wrong = cli("train", "--task", "seg", "--method", "ips", "--data", tmp_path / "ds.zarr",
-                "--out", tmp_path / "run2")  # fmt: skip
+    wrong = cli(
+        "train",
+        "--task",
+        "seg",
+        "--method",
+        "ips",
+        "--data",
+        tmp_path / "ds.zarr",
+        "--out",
+        tmp_path / "run2",
+    )
     assert wrong.code == 2 and "not a seg method" in wrong.stderr
     assert math.isfinite(summary["peak_memory_gb"])
 
@@ -289,21 +342,41 @@ def test_predicting_a_20k_image_holds_tiles_not_the_image(tmp_path: Path) -> Non
 
     (tmp_path / "src").mkdir()
     (tmp_path / "masks").mkdir()
-    for path, value_of_row in ((tmp_path / "src" / "big.tif", lambda y: 40 + (y // step) % 2 * 180),
-                               (tmp_path / "masks" / "big.tif", lambda y: (y // step) % 2)):  # fmt: skip
-        tifffile.imwrite(path, tiles(value_of_row), shape=(side, side), dtype=np.uint8,
-                         tile=(step, step), compression="zlib")  # fmt: skip
-    [result] = tile([SourceSpec((str(tmp_path / "src" / "big.tif"),))], tmp_path / "ds.zarr",
-                    TileOptions(chunk=512, thumbnail_size=512), masks=MaskSet(tmp_path / "masks"))  # fmt: skip
+    for path, value_of_row in (
+        (tmp_path / "src" / "big.tif", lambda y: 40 + (y // step) % 2 * 180),
+        (tmp_path / "masks" / "big.tif", lambda y: (y // step) % 2),
+    ):
+        tifffile.imwrite(
+            path,
+            tiles(value_of_row),
+            shape=(side, side),
+            dtype=np.uint8,
+            tile=(step, step),
+            compression="zlib",
+        )
+    [result] = tile(
+        [SourceSpec((str(tmp_path / "src" / "big.tif"),))],
+        tmp_path / "ds.zarr",
+        TileOptions(chunk=512, thumbnail_size=512),
+        masks=MaskSet(tmp_path / "masks"),
+    )
     assert result.status == "written", result.error
     recipe = _recipe("downsample", patch_size=512)
-    run = build_run(recipe, Dataset(tmp_path / "ds.zarr"), ["0", "1"], torch.device("cpu"),
-                    mask_values=[0, 1])  # fmt: skip
+    run = build_run(
+        recipe, Dataset(tmp_path / "ds.zarr"), ["0", "1"], torch.device("cpu"), mask_values=[0, 1]
+    )
     folder = tmp_path / "run"
     (folder / "checkpoints").mkdir(parents=True)
     (folder / "recipe.yaml").write_text("task: seg\n")
-    atomic_save({"recipe": recipe.to_dict(), "classes": ["0", "1"], "mask_values": [0, 1],
-                 "model": run.model.state_dict()}, folder / "checkpoints" / "best.pt")  # fmt: skip
+    atomic_save(
+        {
+            "recipe": recipe.to_dict(),
+            "classes": ["0", "1"],
+            "mask_values": [0, 1],
+            "model": run.model.state_dict(),
+        },
+        folder / "checkpoints" / "best.pt",
+    )
     del run
     peak = PeakMemory(torch.device("cpu"))
     before = current_rss_bytes()

@@ -33,8 +33,23 @@ TINY = [
 def test_patchgd_global_learns_a_planted_signal(
     planted: Path, tmp_path: Path, cli: Callable
 ) -> None:
-    result = cli("train", "--data", planted, "--out", tmp_path / "run", *TINY,
-                 "--set", "epochs=8", "--set", "lr=3e-3", "--set", "batch_size=4", "--set", "warmup=0.05", "--json")  # fmt: skip
+    result = cli(
+        "train",
+        "--data",
+        planted,
+        "--out",
+        tmp_path / "run",
+        *TINY,
+        "--set",
+        "epochs=8",
+        "--set",
+        "lr=3e-3",
+        "--set",
+        "batch_size=4",
+        "--set",
+        "warmup=0.05",
+        "--json",
+    )
     assert result.code == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["method"] == "patchgd-global" and summary["steps"] == 8 * 8
@@ -51,9 +66,28 @@ def test_patchgd_global_learns_a_planted_signal(
 
 
 def test_ips_learns_a_planted_signal(planted: Path, tmp_path: Path, cli: Callable) -> None:
-    result = cli("train", "--data", planted, "--out", tmp_path / "run", "--method", "ips", *TINY,
-                 "--set", "memory_size=4", "--set", "iter_size=4", "--set", "heads=4",
-                 "--set", "epochs=8", "--set", "lr=3e-3", "--set", "batch_size=4")  # fmt: skip
+    result = cli(
+        "train",
+        "--data",
+        planted,
+        "--out",
+        tmp_path / "run",
+        "--method",
+        "ips",
+        *TINY,
+        "--set",
+        "memory_size=4",
+        "--set",
+        "iter_size=4",
+        "--set",
+        "heads=4",
+        "--set",
+        "epochs=8",
+        "--set",
+        "lr=3e-3",
+        "--set",
+        "batch_size=4",
+    )
     assert result.code == 0, result.stderr
     report = json.loads(
         cli("eval", tmp_path / "run", "--data", planted, "--split", "val", "--json").stdout
@@ -154,8 +188,20 @@ def test_a_long_epoch_reports_progress_before_it_ends(
     import hiresctl.train.trainer as trainer
 
     monkeypatch.setattr(trainer, "PROGRESS_SECONDS", 0.0)  # a line after every batch
-    result = cli("train", "--data", planted, "--out", tmp_path / "run", *TINY, "--method", "downsample",
-                 "--set", "epochs=1", "--set", "batch_size=8")  # fmt: skip
+    result = cli(
+        "train",
+        "--data",
+        planted,
+        "--out",
+        tmp_path / "run",
+        *TINY,
+        "--method",
+        "downsample",
+        "--set",
+        "epochs=1",
+        "--set",
+        "batch_size=8",
+    )
     assert result.code == 0, result.stderr
     lines = [line for line in result.stderr.splitlines() if "left in the epoch" in line]
     # 30 training images in batches of 8: four batches, a line after each but the last
@@ -274,9 +320,21 @@ def test_ddp_two_gloo_ranks_hold_identical_weights(planted: Path, tmp_path: Path
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", str(script)],
-        capture_output=True, text=True, env=env, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29533",
+            str(script),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     assert ranks[0]["changed"] and ranks[1]["changed"]

@@ -76,8 +76,14 @@ class WholeImage(ClassificationMethod):
             seen, covered = self.input_side(request.image_id)
             pool = max(1, seen // 32)
             scores = F.avg_pool2d(saliency, pool, ceil_mode=True)[0, 0].cpu().numpy()
-            maps.append(Heatmap(request.image_id, scores.astype(np.float32),
-                                covered * pool / seen, "input saliency (gradient × input)"))  # fmt: skip
+            maps.append(
+                Heatmap(
+                    request.image_id,
+                    scores.astype(np.float32),
+                    covered * pool / seen,
+                    "input saliency (gradient × input)",
+                )
+            )
             logits.append(out.detach().float().cpu())
         return torch.cat(logits), maps
 

@@ -18,8 +18,17 @@ from hiresctl.train.registry import register_method
 
 
 # patch 50 is the Megapixel MNIST setting: see its recipe
-@register_method("cls", "ips", defaults={"latent_dim": 128, "weight_decay": 0.1, "schedule": "cosine",
-                                         "min_lr_ratio": 1e-3, "dropout": 0.1})  # fmt: skip
+@register_method(
+    "cls",
+    "ips",
+    defaults={
+        "latent_dim": 128,
+        "weight_decay": 0.1,
+        "schedule": "cosine",
+        "min_lr_ratio": 1e-3,
+        "dropout": 0.1,
+    },
+)
 class IPS(ClassificationMethod):
     """Iterative Patch Selection (§3): select M of N patches without gradient, train on them."""
 
@@ -47,8 +56,10 @@ class IPS(ClassificationMethod):
     def describe(self, image_id: str) -> dict[str, str] | None:
         _, kept = self.patches(image_id)
         r = self.recipe
-        return {"sampling": f"M={r.memory_size} of N={len(kept)} patches, I={r.iter_size}",
-                "sees": "full resolution, selected patches"}  # fmt: skip
+        return {
+            "sampling": f"M={r.memory_size} of N={len(kept)} patches, I={r.iter_size}",
+            "sees": "full resolution, selected patches",
+        }
 
     def build_model(self) -> nn.Module:
         r = self.recipe
@@ -169,8 +180,14 @@ class IPS(ClassificationMethod):
                 scores = np.zeros((grid.rows, grid.cols), dtype=np.float32)
                 rows, cols = grid.position(request.indices)
                 scores[rows, cols] = attention
-                maps.append(Heatmap(request.image_id, scores, float(grid.patch_size),
-                                    "selected patches (attention)"))  # fmt: skip
+                maps.append(
+                    Heatmap(
+                        request.image_id,
+                        scores,
+                        float(grid.patch_size),
+                        "selected patches (attention)",
+                    )
+                )
         return logits, maps
 
 

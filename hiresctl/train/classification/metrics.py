@@ -48,8 +48,11 @@ def per_class(matrix: list[list[int]], classes: list[str]) -> dict[str, dict[str
         tp, predicted, support = m[i, i], m[:, i].sum(), m[i].sum()
         precision = tp / predicted if predicted else None
         recall = tp / support if support else None
-        f1 = (2 * precision * recall / (precision + recall)
-              if precision and recall else (0.0 if support else None))  # fmt: skip
+        f1 = (
+            2 * precision * recall / (precision + recall)
+            if precision and recall
+            else (0.0 if support else None)
+        )
         out[name] = {"precision": precision, "recall": recall, "f1": f1, "support": int(support)}
     return out
 

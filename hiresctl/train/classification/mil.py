@@ -28,8 +28,11 @@ STANDARDIZE_IMAGES = 256
 
 
 # CLAM's settings for attention MIL on frozen features: Adam 2e-4, weight decay 1e-5, dropout 0.25
-@register_method("cls", "abmil", defaults={"lr": 2e-4, "weight_decay": 1e-5, "dropout": 0.25,
-                                           "calibration_batches": 0})  # fmt: skip
+@register_method(
+    "cls",
+    "abmil",
+    defaults={"lr": 2e-4, "weight_decay": 1e-5, "dropout": 0.25, "calibration_batches": 0},
+)
 class FeatureMIL(ClassificationMethod):
     """An aggregator trained on each image's stored feature set: no pixel is read, so an epoch
     costs the aggregator's work alone (the features were paid for once by ``hiresctl embed``)."""
@@ -69,9 +72,14 @@ class FeatureMIL(ClassificationMethod):
         first = self.reader.dataset.entries(complete_only=True)[0].id
         attrs = self._attrs(first)
         settings = attrs.get("settings", {})
-        return {"features": self.feature_set(), "encoder": settings.get("backbone"),
-                "weights": settings.get("weights"), "patch_size": settings.get("patch_size"),
-                "level": settings.get("level"), "dim": int(attrs["dim"])}  # fmt: skip
+        return {
+            "features": self.feature_set(),
+            "encoder": settings.get("backbone"),
+            "weights": settings.get("weights"),
+            "patch_size": settings.get("patch_size"),
+            "level": settings.get("level"),
+            "dim": int(attrs["dim"]),
+        }
 
     def prepared_seconds(self) -> float | None:
         """The feature set's extraction time over every complete image of the store (training
@@ -114,8 +122,15 @@ class FeatureMIL(ClassificationMethod):
     def aggregator_model(self, dim: int) -> tuple[nn.Module, Standardize]:
         """The model over bags of ``dim`` features, and its input standardisation."""
         r = self.recipe
-        model = create_aggregator(self.aggregator, dim, self.num_classes, r.mil_hidden,
-                                  r.attention_dim, r.dropout, r.heads)  # fmt: skip
+        model = create_aggregator(
+            self.aggregator,
+            dim,
+            self.num_classes,
+            r.mil_hidden,
+            r.attention_dim,
+            r.dropout,
+            r.heads,
+        )
         return model, model.standardize  # type: ignore[return-value]
 
     def cells(self, image_id: str) -> tuple[np.ndarray, np.ndarray, tuple[int, int], float]:
@@ -214,8 +229,17 @@ class FeatureMIL(ClassificationMethod):
 
 
 # a transformer over all instances is N² per layer, so its bags are capped
-@register_method("cls", "transmil", defaults={"lr": 2e-4, "weight_decay": 1e-5, "dropout": 0.1,
-                                              "max_instances": 4096, "calibration_batches": 0})  # fmt: skip
+@register_method(
+    "cls",
+    "transmil",
+    defaults={
+        "lr": 2e-4,
+        "weight_decay": 1e-5,
+        "dropout": 0.1,
+        "max_instances": 4096,
+        "calibration_batches": 0,
+    },
+)
 class TransMIL(FeatureMIL):
     """A small transformer aggregator on each image's stored feature set (bags capped at
     ``max_instances``: attention is N² per layer)."""
@@ -224,9 +248,21 @@ class TransMIL(FeatureMIL):
 
 
 # IPS's own settings (see `ips`); on features a selection iteration is cheap, so I is larger
-@register_method("cls", "ips-features", defaults={"latent_dim": 128, "weight_decay": 0.1,
-                 "schedule": "cosine", "min_lr_ratio": 1e-3, "dropout": 0.1, "memory_size": 32,
-                 "iter_size": 256, "positional": "2d", "calibration_batches": 0})  # fmt: skip
+@register_method(
+    "cls",
+    "ips-features",
+    defaults={
+        "latent_dim": 128,
+        "weight_decay": 0.1,
+        "schedule": "cosine",
+        "min_lr_ratio": 1e-3,
+        "dropout": 0.1,
+        "memory_size": 32,
+        "iter_size": 256,
+        "positional": "2d",
+        "calibration_batches": 0,
+    },
+)
 class FeatureIPS(FeatureMIL):
     """Iterative Patch Selection on each image's stored feature set (docs/methods.md §10): the
     instances are scored ``iter_size`` [I] at a time without gradient, the ``memory_size``
@@ -239,9 +275,16 @@ class FeatureIPS(FeatureMIL):
     def aggregator_model(self, dim: int) -> tuple[nn.Module, Standardize]:
         r = self.recipe
         encoder = FeatureEncoder(dim, r.latent_dim or dim, r.dropout)
-        model = IPSClassifier(encoder, self.num_classes, heads=r.heads, dim_key=r.dim_key,
-                              dim_value=r.dim_value, dim_inner=r.dim_inner, dropout=r.dropout,
-                              positional=r.positional)  # fmt: skip
+        model = IPSClassifier(
+            encoder,
+            self.num_classes,
+            heads=r.heads,
+            dim_key=r.dim_key,
+            dim_value=r.dim_value,
+            dim_inner=r.dim_inner,
+            dropout=r.dropout,
+            positional=r.positional,
+        )
         return model, encoder.standardize
 
     def _select(
@@ -327,8 +370,9 @@ class E2EMIL(ClassificationMethod):
 
     def build_model(self) -> nn.Module:
         r = self.recipe
-        return EndToEndMIL(self.backbone(), self.num_classes, r.mil_hidden, r.attention_dim,
-                           r.dropout)  # fmt: skip
+        return EndToEndMIL(
+            self.backbone(), self.num_classes, r.mil_hidden, r.attention_dim, r.dropout
+        )
 
     def plan(self, image_ids: list[str], seed: int, train: bool) -> list[ReadRequest]:
         rng = np.random.default_rng(seed)

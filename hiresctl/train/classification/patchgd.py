@@ -225,8 +225,14 @@ class PatchGD(ClassificationMethod):
         maps = []
         for b, image_id in enumerate(image_ids):
             grid = self.patches(image_id)[0]
-            maps.append(Heatmap(image_id, cam[b, : grid.rows, : grid.cols],
-                                float(grid.patch_size), "patch contribution (logit drop when occluded)"))  # fmt: skip
+            maps.append(
+                Heatmap(
+                    image_id,
+                    cam[b, : grid.rows, : grid.cols],
+                    float(grid.patch_size),
+                    "patch contribution (logit drop when occluded)",
+                )
+            )
         return out.detach().float().cpu(), maps
 
 

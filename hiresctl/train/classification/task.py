@@ -90,8 +90,9 @@ class Classification(Task[ClassificationMethod]):
     def validate(
         self, run: Run, images: list[LabelledImage], world: distributed.World
     ) -> dict[str, Any]:
-        logits, targets, _ = predict_images(run, images[world.rank :: world.size],
-                                            run.recipe.batch_size)  # fmt: skip
+        logits, targets, _ = predict_images(
+            run, images[world.rank :: world.size], run.recipe.batch_size
+        )
         gathered = distributed.gather_objects((logits, targets), world)
         all_logits = torch.cat([g[0] for g in gathered])  # type: ignore[index]
         all_targets = torch.cat([g[1] for g in gathered])  # type: ignore[index]
@@ -100,9 +101,13 @@ class Classification(Task[ClassificationMethod]):
         return out
 
     def evaluate(
-        self, run: Run, images: list[LabelledImage], folder: Path, split: str,
+        self,
+        run: Run,
+        images: list[LabelledImage],
+        folder: Path,
+        split: str,
         on_tile: TileHook | None = None,
-    ) -> tuple[dict[str, Any], dict[str, float]]:  # fmt: skip
+    ) -> tuple[dict[str, Any], dict[str, float]]:
         logits, targets, stats = predict_images(run, images, run.recipe.batch_size)
         metrics = classification_metrics(logits, targets, len(run.classes))
         matrix = metrics.pop("confusion_matrix", [])
@@ -120,8 +125,12 @@ class Classification(Task[ClassificationMethod]):
             }
             for image, t, p in zip(images, targets, probabilities, strict=True)
         ]
-        body = {"metrics": metrics, "confusion_matrix": matrix,
-                "per_class": per_class(matrix, run.classes), "per_image": per_image}  # fmt: skip
+        body = {
+            "metrics": metrics,
+            "confusion_matrix": matrix,
+            "per_class": per_class(matrix, run.classes),
+            "per_image": per_image,
+        }
         return body, stats
 
 

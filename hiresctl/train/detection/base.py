@@ -108,9 +108,16 @@ class DetectionMethod(Method):
 
     def build_model(self) -> PatchFCOS:
         r = self.recipe
-        return PatchFCOS(r.backbone, self.num_classes, r.channels, use_global=self.use_global,
-                         fusion=r.fusion, head_convs=r.head_convs, pretrained=r.pretrained,
-                         max_detections=r.max_detections)  # fmt: skip
+        return PatchFCOS(
+            r.backbone,
+            self.num_classes,
+            r.channels,
+            use_global=self.use_global,
+            fusion=r.fusion,
+            head_convs=r.head_convs,
+            pretrained=r.pretrained,
+            max_detections=r.max_detections,
+        )
 
     def calibrate(self, ctx: StepContext, batches: list[list[str]]) -> None:
         """GroupNorm only: nothing to re-estimate."""
@@ -153,8 +160,9 @@ class DetectionMethod(Method):
         staged = tower + 4 + (2 if self.use_global else 0)  # + the fused map and its gradient
         most_boxes = max((len(self.targets(im.image_id)[0]) for im in images), default=0)
         floats = recipe.channels * 4
-        return CanvasCost(model.strides, recipe.channels, floats * (towers + 4),
-                          floats * staged, most_boxes)  # fmt: skip
+        return CanvasCost(
+            model.strides, recipe.channels, floats * (towers + 4), floats * staged, most_boxes
+        )
 
     def memory(
         self, model: nn.Module, images: list[Any], cost: PatchCost
@@ -179,9 +187,11 @@ class DetectionMethod(Method):
 
     @staticmethod
     def _learn(
-        ctx: StepContext, model: PatchFCOS, features: list[torch.Tensor],
+        ctx: StepContext,
+        model: PatchFCOS,
+        features: list[torch.Tensor],
         truth: list[dict[str, torch.Tensor]],
-    ) -> float:  # fmt: skip
+    ) -> float:
         """One micro-step on maps the encoder just made with gradient: the head and losses in
         one pass and one backward (the encoder's graph is held through the head either way, so
         running the head a level at a time would not lower the peak). Returns the loss."""
@@ -197,8 +207,12 @@ class DetectionMethod(Method):
         train accuracy stays empty)."""
         if ctx.micro_steps:
             ctx.step()
-        return BatchOutput(float(np.mean(losses)) if losses else float("nan"),
-                           torch.zeros(batch, 0), inner, score=(0, 0))  # fmt: skip
+        return BatchOutput(
+            float(np.mean(losses)) if losses else float("nan"),
+            torch.zeros(batch, 0),
+            inner,
+            score=(0, 0),
+        )
 
 
 __all__ = [

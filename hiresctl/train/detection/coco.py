@@ -35,9 +35,16 @@ def coco_ground_truth(
         images.append({"id": number, "file_name": image_id, "height": height, "width": width})
         for box, label in zip(boxes.tolist(), labels.tolist(), strict=True):
             w, h = box[2] - box[0], box[3] - box[1]
-            annotations.append({"id": len(annotations) + 1, "image_id": number,
-                                "category_id": int(label) + 1, "bbox": [box[0], box[1], w, h],
-                                "area": w * h, "iscrowd": 0})  # fmt: skip
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": number,
+                    "category_id": int(label) + 1,
+                    "bbox": [box[0], box[1], w, h],
+                    "area": w * h,
+                    "iscrowd": 0,
+                }
+            )
     categories = [{"id": i + 1, "name": n} for i, n in enumerate(classes)]
     return {"images": images, "annotations": annotations, "categories": categories}
 
@@ -53,20 +60,32 @@ def coco_boxes(dataset: dict[str, Any]) -> list[tuple[np.ndarray, np.ndarray]]:
         x, y, w, h = a["bbox"]
         boxes[a["image_id"] - 1].append([x, y, x + w, y + h])
         labels[a["image_id"] - 1].append(a["category_id"] - 1)
-    return [(np.asarray(b, np.float32).reshape(-1, 4), np.asarray(c, np.int64))
-            for b, c in zip(boxes, labels, strict=True)]  # fmt: skip
+    return [
+        (np.asarray(b, np.float32).reshape(-1, 4), np.asarray(c, np.int64))
+        for b, c in zip(boxes, labels, strict=True)
+    ]
 
 
 def coco_results(detections: list[Detections]) -> list[dict[str, Any]]:
     """COCO results: one {image_id, category_id, bbox [x, y, w, h], score} per box."""
     out = []
     for number, d in enumerate(detections, start=1):
-        for box, score, label in zip(d["boxes"].tolist(), d["scores"].tolist(),
-                                     d["labels"].tolist(), strict=True):  # fmt: skip
-            out.append({"image_id": number, "category_id": int(label) + 1,
-                        "bbox": [round(box[0], 2), round(box[1], 2), round(box[2] - box[0], 2),
-                                 round(box[3] - box[1], 2)],
-                        "score": round(float(score), 5)})  # fmt: skip
+        for box, score, label in zip(
+            d["boxes"].tolist(), d["scores"].tolist(), d["labels"].tolist(), strict=True
+        ):
+            out.append(
+                {
+                    "image_id": number,
+                    "category_id": int(label) + 1,
+                    "bbox": [
+                        round(box[0], 2),
+                        round(box[1], 2),
+                        round(box[2] - box[0], 2),
+                        round(box[3] - box[1], 2),
+                    ],
+                    "score": round(float(score), 5),
+                }
+            )
     return out
 
 
@@ -79,15 +98,20 @@ def coco_metrics(
     from pycocotools.cocoeval import COCOeval
 
     classes = [c["name"] for c in ground_truth["categories"]]
-    out: dict[str, Any] = {"count": len(ground_truth["images"]),
-                           "objects": len(ground_truth["annotations"]),
-                           "detections": len(results)}  # fmt: skip
+    out: dict[str, Any] = {
+        "count": len(ground_truth["images"]),
+        "objects": len(ground_truth["annotations"]),
+        "detections": len(results),
+    }
     if not results or not ground_truth["annotations"]:
         out.update({k: 0.0 for k in (*COCO_KEYS, *RECALL_KEYS)})
-        counts = np.bincount([a["category_id"] - 1 for a in ground_truth["annotations"]],
-                             minlength=len(classes))  # fmt: skip
-        out["per_class"] = {name: {"ap": 0.0, "ap50": 0.0, "objects": int(counts[k])}
-                            for k, name in enumerate(classes)}  # fmt: skip
+        counts = np.bincount(
+            [a["category_id"] - 1 for a in ground_truth["annotations"]], minlength=len(classes)
+        )
+        out["per_class"] = {
+            name: {"ap": 0.0, "ap50": 0.0, "objects": int(counts[k])}
+            for k, name in enumerate(classes)
+        }
         out["by_size"] = _by_size(ground_truth, out)
         out["pr_curve"] = None
         out["max_detections"] = max_detections
@@ -108,13 +132,16 @@ def coco_metrics(
     for key, value in zip((*COCO_KEYS, *RECALL_KEYS), stats, strict=True):
         out[key] = None if value < 0 else value
     precision = evaluation.eval["precision"]  # (iou, recall, class, area, maxDets)
-    counts = np.bincount([a["category_id"] - 1 for a in ground_truth["annotations"]],
-                         minlength=len(classes))  # fmt: skip
+    counts = np.bincount(
+        [a["category_id"] - 1 for a in ground_truth["annotations"]], minlength=len(classes)
+    )
     per_class = {}
     for k, name in enumerate(classes):
-        per_class[name] = {"ap": _mean_valid(precision[:, :, k, 0, -1]),
-                           "ap50": _mean_valid(precision[0, :, k, 0, -1]),
-                           "objects": int(counts[k])}  # fmt: skip
+        per_class[name] = {
+            "ap": _mean_valid(precision[:, :, k, 0, -1]),
+            "ap50": _mean_valid(precision[0, :, k, 0, -1]),
+            "objects": int(counts[k]),
+        }
     out["per_class"] = per_class
     out["by_size"] = _by_size(ground_truth, out)
     # precision at each of COCO's 101 recall thresholds, averaged over the classes that have
@@ -139,15 +166,24 @@ SIZE_AREAS = {"small": (0.0, 32.0**2), "medium": (32.0**2, 96.0**2), "large": (9
 def _by_size(ground_truth: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
     """COCO's object sizes (area < 32², < 96², larger): objects, AP and AR of each."""
     areas = [float(a["area"]) for a in ground_truth["annotations"]]
-    return {size: {"objects": sum(low <= a < high for a in areas),
-                   "ap": metrics.get(f"ap_{size}"), "ar": metrics.get(f"ar_{size}")}
-            for size, (low, high) in SIZE_AREAS.items()}  # fmt: skip
+    return {
+        size: {
+            "objects": sum(low <= a < high for a in areas),
+            "ap": metrics.get(f"ap_{size}"),
+            "ar": metrics.get(f"ar_{size}"),
+        }
+        for size, (low, high) in SIZE_AREAS.items()
+    }
 
 
 def match_detections(
-    truth_boxes: np.ndarray, truth_labels: np.ndarray, boxes: np.ndarray, scores: np.ndarray,
-    labels: np.ndarray, iou: float = 0.5,
-) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    truth_boxes: np.ndarray,
+    truth_labels: np.ndarray,
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    labels: np.ndarray,
+    iou: float = 0.5,
+) -> tuple[np.ndarray, np.ndarray]:
     """Greedy matching as COCO does it at one IoU threshold: detections in descending score
     take the best-overlapping unmatched true box of their class. Returns (detection is a true
     positive, true box was found)."""
@@ -155,8 +191,10 @@ def match_detections(
     hit = np.zeros(len(truth_boxes), dtype=bool)
     if not len(boxes) or not len(truth_boxes):
         return found, hit
-    overlaps = box_iou(torch.as_tensor(boxes, dtype=torch.float32),
-                       torch.as_tensor(truth_boxes, dtype=torch.float32)).numpy()  # fmt: skip
+    overlaps = box_iou(
+        torch.as_tensor(boxes, dtype=torch.float32),
+        torch.as_tensor(truth_boxes, dtype=torch.float32),
+    ).numpy()
     same = np.asarray(labels)[:, None] == np.asarray(truth_labels)[None, :]
     overlaps = np.where(same, overlaps, 0.0)
     for d in np.argsort(-np.asarray(scores), kind="stable"):

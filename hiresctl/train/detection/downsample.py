@@ -36,8 +36,10 @@ class DetDownsample(DetectionMethod):
 
     def plan(self, image_ids: list[str], seed: int, train: bool) -> list[ReadRequest]:
         side = self.input_side()
-        return [ReadRequest(i, "global", PatchGrid.of(*self.size(i), side), tag=ReadTag("image", b))
-                for b, i in enumerate(image_ids)]  # fmt: skip
+        return [
+            ReadRequest(i, "global", PatchGrid.of(*self.size(i), side), tag=ReadTag("image", b))
+            for b, i in enumerate(image_ids)
+        ]
 
     def _scale(self, image_id: str) -> float:
         return self.input_side() / self.side(image_id)
@@ -51,8 +53,12 @@ class DetDownsample(DetectionMethod):
         truth = []
         for image_id in image_ids:
             boxes, labels = self.targets(image_id, train=True)
-            truth.append({"boxes": (boxes * self._scale(image_id)).to(ctx.device),
-                          "labels": labels.to(ctx.device)})  # fmt: skip
+            truth.append(
+                {
+                    "boxes": (boxes * self._scale(image_id)).to(ctx.device),
+                    "labels": labels.to(ctx.device),
+                }
+            )
         with ctx.autocast():
             features = model.encode(pixels)
         ctx.patches_with_grad += len(image_ids)
@@ -72,8 +78,9 @@ class DetDownsample(DetectionMethod):
         out = []
         for image_id, d in zip(image_ids, found, strict=True):
             boxes = d["boxes"].float().cpu() / self._scale(image_id)
-            out.append({"boxes": boxes, "scores": d["scores"].float().cpu(),
-                        "labels": d["labels"].cpu()})  # fmt: skip
+            out.append(
+                {"boxes": boxes, "scores": d["scores"].float().cpu(), "labels": d["labels"].cpu()}
+            )
         return out
 
 

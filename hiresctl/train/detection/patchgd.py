@@ -85,24 +85,30 @@ class DetPatchGD(DetectionMethod):
         grids = [self.patches(i)[0] for i in image_ids]
         rows, cols = max(g.rows for g in grids), max(g.cols for g in grids)
         p = self.recipe.patch_size
-        return [torch.zeros(len(image_ids), model.channels, rows * p // s, cols * p // s,
-                            device=device) for s in model.strides]  # fmt: skip
+        return [
+            torch.zeros(len(image_ids), model.channels, rows * p // s, cols * p // s, device=device)
+            for s in model.strides
+        ]
 
     @staticmethod
-    def _cells(
-        grid: PatchGrid, indices: np.ndarray, side: int
-    ) -> list[tuple[slice, slice]]:  # fmt: skip
+    def _cells(grid: PatchGrid, indices: np.ndarray, side: int) -> list[tuple[slice, slice]]:
         """Where each patch's map of ``side`` cells lies in the image grid: cell (i, j) of patch
         (r, c) is at (r·side + i, c·side + j)."""
         rows, cols = grid.position(indices)
-        return [(slice(r * side, (r + 1) * side), slice(c * side, (c + 1) * side))
-                for r, c in zip(rows.tolist(), cols.tolist(), strict=True)]  # fmt: skip
+        return [
+            (slice(r * side, (r + 1) * side), slice(c * side, (c + 1) * side))
+            for r, c in zip(rows.tolist(), cols.tolist(), strict=True)
+        ]
 
     @classmethod
     def _stitch(
-        cls, maps: list[torch.Tensor], b: int, grid: PatchGrid, indices: np.ndarray,
+        cls,
+        maps: list[torch.Tensor],
+        b: int,
+        grid: PatchGrid,
+        indices: np.ndarray,
         features: list[torch.Tensor],
-    ) -> None:  # fmt: skip
+    ) -> None:
         """Write each patch's map of every level at its place in the image grid."""
         for level, patch_maps in zip(maps, features, strict=True):
             for k, (rows, cols) in enumerate(cls._cells(grid, indices, patch_maps.shape[-1])):
@@ -119,9 +125,13 @@ class DetPatchGD(DetectionMethod):
         )
 
     def _fill_maps(
-        self, ctx: StepContext, model: PatchFCOS, maps: list[torch.Tensor],
-        request: ReadRequest, pixels: torch.Tensor,
-    ) -> None:  # fmt: skip
+        self,
+        ctx: StepContext,
+        model: PatchFCOS,
+        maps: list[torch.Tensor],
+        request: ReadRequest,
+        pixels: torch.Tensor,
+    ) -> None:
         if not len(request.indices):
             return
         with torch.no_grad(), ctx.autocast():
@@ -164,10 +174,15 @@ class DetPatchGD(DetectionMethod):
         return self._finish(ctx, losses, len(image_ids), inner)
 
     def _inner_step(
-        self, ctx: StepContext, model: PatchFCOS, maps: list[torch.Tensor],
-        members: list[ReadRequest], pixels: torch.Tensor, sides: list[int],
+        self,
+        ctx: StepContext,
+        model: PatchFCOS,
+        maps: list[torch.Tensor],
+        members: list[ReadRequest],
+        pixels: torch.Tensor,
+        sides: list[int],
         truth: list[dict[str, torch.Tensor]],
-    ) -> float:  # fmt: skip
+    ) -> float:
         """:meth:`train_batch`'s two phases for one group of patches; returns the loss. Both
         encode ``pixels`` in slices (``fill_batch`` without gradient, ``grad_batch`` with it,
         each slice's backward before the next slice runs): the encoder normalises each patch
@@ -188,8 +203,9 @@ class DetPatchGD(DetectionMethod):
                 kept.append(self._gathered(model, level, _grad(leaves[level]), members))
                 leaves[level].grad = None
 
-            parts = model.staged_losses(leaves, global_leaves, sides, truth, backward,
-                                        ctx.autocast, level_done)  # fmt: skip
+            parts = model.staged_losses(
+                leaves, global_leaves, sides, truth, backward, ctx.autocast, level_done
+            )
             grads = kept
             if global_leaves is not None:
                 grads = [
@@ -200,8 +216,13 @@ class DetPatchGD(DetectionMethod):
             for start in range(0, len(pixels), size):
                 with ctx.autocast():
                     features = model.encode(pixels[start : start + size])
-                torch.autograd.backward(features, [d[start : start + size].to(f.dtype)
-                                                   for d, f in zip(grads, features, strict=True)])  # fmt: skip
+                torch.autograd.backward(
+                    features,
+                    [
+                        d[start : start + size].to(f.dtype)
+                        for d, f in zip(grads, features, strict=True)
+                    ],
+                )
                 del features
             return sum(parts.values())
 
@@ -220,8 +241,9 @@ class DetPatchGD(DetectionMethod):
         start = 0
         for r in members:
             count = len(r.indices)
-            self._stitch(maps, r.tag.image, r.grid, r.indices,
-                         [f[start : start + count] for f in features])  # fmt: skip
+            self._stitch(
+                maps, r.tag.image, r.grid, r.indices, [f[start : start + count] for f in features]
+            )
             start += count
         return [f[start:] for f in features] if self.use_global else None
 
@@ -231,8 +253,9 @@ class DetPatchGD(DetectionMethod):
         """The group's patch maps cut from FPN level ``level``'s ``maps``, in :meth:`_place`'s
         order."""
         side = self.recipe.patch_size // model.strides[level]
-        return torch.cat([self._gather(maps, r.tag.image, r.grid, r.indices, side)
-                          for r in members])  # fmt: skip
+        return torch.cat(
+            [self._gather(maps, r.tag.image, r.grid, r.indices, side) for r in members]
+        )
 
     def detect(self, ctx: StepContext, image_ids: list[str], reads: Reads) -> list[Detections]:
         model = self.model
@@ -248,8 +271,9 @@ class DetPatchGD(DetectionMethod):
         with torch.no_grad(), ctx.autocast():
             fused = model.fuse(maps, g, [self.side(i) for i in image_ids])
             found = model.detect(fused, [self.size(i) for i in image_ids], EVAL_SCORE_THRESHOLD)
-        return [{k: v.float().cpu() if k != "labels" else v.cpu() for k, v in d.items()}
-                for d in found]  # fmt: skip
+        return [
+            {k: v.float().cpu() if k != "labels" else v.cpu() for k, v in d.items()} for d in found
+        ]
 
 
 @register_method("det", "patchgd-global", defaults={"accumulation_steps": 10, "grad_batch": 4})

@@ -50,10 +50,12 @@ class DetSliced(DetectionMethod):
         r = self.recipe
         grid, kept = self.patches(image_id)
         k = self.engine.patches_per_step(len(kept))
-        return {"sampling": f"windows {r.patch_size}² every {grid.stride} px "
-                            f"(overlap {r.overlap:.0%}), k={k} of N={len(kept)} per step; "
-                            "inference on every window, merged by NMS",
-                "sees": "full resolution, one window at a time"}  # fmt: skip
+        return {
+            "sampling": f"windows {r.patch_size}² every {grid.stride} px "
+            f"(overlap {r.overlap:.0%}), k={k} of N={len(kept)} per step; "
+            "inference on every window, merged by NMS",
+            "sees": "full resolution, one window at a time",
+        }
 
     def window_stride(self) -> int:
         return max(1, round(self.recipe.patch_size * (1 - self.recipe.overlap)))
@@ -127,21 +129,29 @@ class DetSliced(DetectionMethod):
             origins = [request.grid.origin(int(i)) for i in request.indices]
             sizes = [(min(p, height - y), min(p, width - x)) for y, x in origins]
             with torch.no_grad(), ctx.autocast():
-                windows = model.detect(model.encode(pixels.to(ctx.device)), sizes,
-                                       EVAL_SCORE_THRESHOLD)  # fmt: skip
+                windows = model.detect(
+                    model.encode(pixels.to(ctx.device)), sizes, EVAL_SCORE_THRESHOLD
+                )
             for (y, x), d in zip(origins, windows, strict=True):
                 offset = torch.tensor([x, y, x, y], dtype=torch.float32)
-                found[request.tag.image].append({"boxes": d["boxes"].float().cpu() + offset,
-                                              "scores": d["scores"].float().cpu(),
-                                              "labels": d["labels"].cpu()})  # fmt: skip
+                found[request.tag.image].append(
+                    {
+                        "boxes": d["boxes"].float().cpu() + offset,
+                        "scores": d["scores"].float().cpu(),
+                        "labels": d["labels"].cpu(),
+                    }
+                )
         return [merge_detections(parts, self.recipe.max_detections) for parts in found]
 
 
 def merge_detections(parts: list[Detections], limit: int) -> Detections:
     """The boxes of overlapping windows as one set: class-wise NMS, best ``limit`` kept."""
     if not parts:
-        return {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0),
-                "labels": torch.zeros(0, dtype=torch.int64)}  # fmt: skip
+        return {
+            "boxes": torch.zeros(0, 4),
+            "scores": torch.zeros(0),
+            "labels": torch.zeros(0, dtype=torch.int64),
+        }
     boxes = torch.cat([d["boxes"] for d in parts])
     scores = torch.cat([d["scores"] for d in parts])
     labels = torch.cat([d["labels"] for d in parts])

@@ -96,8 +96,11 @@ class Detection(Task[DetectionMethod]):
     table_metrics = ("ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large", "ar")
     train_accuracy = "Training pixel accuracy"  # detection reports none
     judged = "pixels"
-    legend = ("detection matching a true box (TP)", "detection matching none (FP)",
-              "true box no detection found (FN)")  # fmt: skip
+    legend = (
+        "detection matching a true box (TP)",
+        "detection matching none (FP)",
+        "true box no detection found (FN)",
+    )
 
     def backbones(self) -> tuple[str, ...]:
         return tuple(DET_BACKBONES)
@@ -136,9 +139,13 @@ class Detection(Task[DetectionMethod]):
         return detection_metrics(run, every, detections)
 
     def evaluate(
-        self, run: Run, images: list[LabelledImage], folder: Path, split: str,
+        self,
+        run: Run,
+        images: list[LabelledImage],
+        folder: Path,
+        split: str,
         on_tile: TileHook | None = None,
-    ) -> tuple[dict[str, Any], dict[str, float]]:  # fmt: skip
+    ) -> tuple[dict[str, Any], dict[str, float]]:
         found, stats = predict_detections(run, images)
         truth = coco_truth(run, images)
         results = coco_results(found)
@@ -151,30 +158,49 @@ class Detection(Task[DetectionMethod]):
             # what a user of `hiresctl predict` would see: boxes scored ≥ its threshold, matched
             # at IoU 0.5
             keep = d["scores"].numpy() >= PREDICT_SCORE_THRESHOLD
-            hits, found_truth = match_detections(true_boxes, true_labels, d["boxes"].numpy()[keep],
-                                                 d["scores"].numpy()[keep], d["labels"].numpy()[keep])  # fmt: skip
-            per_image.append({"id": image.image_id, "objects": len(true_boxes),
-                              "detections": len(d["scores"]), "shown": int(keep.sum()),
-                              "found": int(found_truth.sum()), "missed": int((~found_truth).sum()),
-                              "false_positives": int((~hits).sum()),
-                              "recall": float(found_truth.mean()) if len(true_boxes) else None})  # fmt: skip
+            hits, found_truth = match_detections(
+                true_boxes,
+                true_labels,
+                d["boxes"].numpy()[keep],
+                d["scores"].numpy()[keep],
+                d["labels"].numpy()[keep],
+            )
+            per_image.append(
+                {
+                    "id": image.image_id,
+                    "objects": len(true_boxes),
+                    "detections": len(d["scores"]),
+                    "shown": int(keep.sum()),
+                    "found": int(found_truth.sum()),
+                    "missed": int((~found_truth).sum()),
+                    "false_positives": int((~hits).sum()),
+                    "recall": float(found_truth.mean()) if len(true_boxes) else None,
+                }
+            )
         body = {
             "metrics": {k: metrics[k] for k in (*COCO_KEYS, "ar")},
-            "recall": {k: metrics.get(k) for k in ("ar1", "ar10", "ar", "ar_small", "ar_medium",
-                                                    "ar_large")},
+            "recall": {
+                k: metrics.get(k)
+                for k in ("ar1", "ar10", "ar", "ar_small", "ar_medium", "ar_large")
+            },
             "per_class": metrics["per_class"],
             "by_size": metrics["by_size"],
             "pr_curve": metrics["pr_curve"],
-            "matching": {"iou": 0.5, "score_threshold": PREDICT_SCORE_THRESHOLD,
-                         "note": "per_image found/missed/false_positives: boxes scored at least "
-                                 "score_threshold, matched to true boxes of their class at IoU ≥ iou"},
+            "matching": {
+                "iou": 0.5,
+                "score_threshold": PREDICT_SCORE_THRESHOLD,
+                "note": "per_image found/missed/false_positives: boxes scored at least "
+                "score_threshold, matched to true boxes of their class at IoU ≥ iou",
+            },
             "objects": metrics["objects"],
             "detections": metrics["detections"],
             "max_detections": run.recipe.max_detections,
-            "files": {"ground_truth": str(folder / f"ground-truth-{split}.json"),
-                      "detections": str(folder / f"detections-{split}.json")},
+            "files": {
+                "ground_truth": str(folder / f"ground-truth-{split}.json"),
+                "detections": str(folder / f"detections-{split}.json"),
+            },
             "per_image": per_image,
-        }  # fmt: skip
+        }
         return body, stats
 
 

@@ -35,8 +35,9 @@ class SegWholeImage(SegmentationMethod):
     """Baselines that segment the whole image in one forward pass."""
 
     def build_model(self) -> nn.Module:
-        return PatchSegmenter(self.network(), outputs(self.num_classes), self.recipe.channels,
-                              use_global=False)  # fmt: skip
+        return PatchSegmenter(
+            self.network(), outputs(self.num_classes), self.recipe.channels, use_global=False
+        )
 
     @abstractmethod
     def requests(self, image_id: str, b: int) -> list[ReadRequest]:
@@ -78,8 +79,9 @@ class SegWholeImage(SegmentationMethod):
             logits = self.model(torch.stack(images).to(ctx.device, non_blocking=True))
             loss = segmentation_loss(logits, target)
         ctx.learn(loss)
-        return BatchOutput(float(loss.detach()), torch.zeros(len(image_ids), 0), 1,
-                           self._score(logits, target))  # fmt: skip
+        return BatchOutput(
+            float(loss.detach()), torch.zeros(len(image_ids), 0), 1, self._score(logits, target)
+        )
 
     def _logits(self, ctx: StepContext, reads: Reads) -> torch.Tensor:
         [(_, pixels)] = list(reads)
@@ -103,8 +105,10 @@ class SegDownsample(SegWholeImage):
     def requests(self, image_id: str, b: int) -> list[ReadRequest]:
         _, height, width = self.reader.shape(image_id)
         grid = PatchGrid.of(height, width, self.recipe.input_size or self.recipe.patch_size)
-        return [ReadRequest(image_id, "global", grid, tag=ReadTag("image", b)),
-                ReadRequest(image_id, "mask_global", grid, tag=ReadTag("target", b))]  # fmt: skip
+        return [
+            ReadRequest(image_id, "global", grid, tag=ReadTag("image", b)),
+            ReadRequest(image_id, "mask_global", grid, tag=ReadTag("target", b)),
+        ]
 
     def predict_tiles(
         self, ctx: StepContext, image_id: str, reads: Reads
@@ -132,8 +136,10 @@ class SegFull(SegWholeImage):
     def requests(self, image_id: str, b: int) -> list[ReadRequest]:
         grid = full_grid(self, image_id, "patchgd")
         first = np.zeros(1, dtype=np.int64)
-        return [ReadRequest(image_id, "patches", grid, first, ReadTag("image", b)),
-                ReadRequest(image_id, "mask", grid, first, ReadTag("target", b))]  # fmt: skip
+        return [
+            ReadRequest(image_id, "patches", grid, first, ReadTag("image", b)),
+            ReadRequest(image_id, "mask", grid, first, ReadTag("target", b)),
+        ]
 
     def predict_tiles(
         self, ctx: StepContext, image_id: str, reads: Reads

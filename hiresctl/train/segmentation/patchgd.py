@@ -55,8 +55,12 @@ class SegPatchGD(SegmentationMethod):
         return per_image, cost.grad, self.engine.patches_per_step(len(kept))
 
     def build_model(self) -> nn.Module:
-        return PatchSegmenter(self.network(), outputs(self.num_classes), self.recipe.channels,
-                              use_global=self.use_global)  # fmt: skip
+        return PatchSegmenter(
+            self.network(),
+            outputs(self.num_classes),
+            self.recipe.channels,
+            use_global=self.use_global,
+        )
 
     def plan_train(self, image_ids: list[str], seed: int) -> list[ReadRequest]:
         rng = np.random.default_rng(seed)

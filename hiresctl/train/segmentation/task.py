@@ -125,9 +125,13 @@ class Segmentation(Task[SegmentationMethod]):
         return segmentation_metrics([m for part in gathered for m in part], run.classes)  # type: ignore[attr-defined]
 
     def evaluate(
-        self, run: Run, images: list[LabelledImage], folder: Path, split: str,
+        self,
+        run: Run,
+        images: list[LabelledImage],
+        folder: Path,
+        split: str,
         on_tile: TileHook | None = None,
-    ) -> tuple[dict[str, Any], dict[str, float]]:  # fmt: skip
+    ) -> tuple[dict[str, Any], dict[str, float]]:
         matrices, stats = predict_segmentation(run, images, on_tile=on_tile)
         metrics = segmentation_metrics(matrices, run.classes)
         binary = len(run.classes) == 2
@@ -135,8 +139,12 @@ class Segmentation(Task[SegmentationMethod]):
         for image, matrix in zip(images, matrices, strict=True):
             row: dict[str, Any] = {"id": image.image_id, "pixels": int(matrix.sum())}
             if binary:
-                row.update({k: (None if not np.isfinite(v) else v)
-                            for k, v in binary_image_metrics(matrix).items()})  # fmt: skip
+                row.update(
+                    {
+                        k: (None if not np.isfinite(v) else v)
+                        for k, v in binary_image_metrics(matrix).items()
+                    }
+                )
             else:
                 t = np.diag(matrix).astype(float)
                 union = matrix.sum(0) + matrix.sum(1) - t
@@ -144,8 +152,7 @@ class Segmentation(Task[SegmentationMethod]):
                     float((t[union > 0] / union[union > 0]).mean()) if (union > 0).any() else 0.0
                 )
             per_image.append(row)
-        scalars = {k: v for k, v in metrics.items()
-                   if isinstance(v, float) and k not in ("count",)}  # fmt: skip
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, float) and k not in ("count",)}
         body = {
             "metrics": scalars,
             "undefined": metrics.get("undefined", {}),
