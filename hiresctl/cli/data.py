@@ -158,10 +158,19 @@ def tile(
     as_json: Annotated[
         bool, typer.Option("--json", help="One JSON line per image on stdout.")
     ] = False,
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose", "-v", help="A line per image on a terminal too (always in a log or pipe)."
+        ),
+    ] = False,
 ) -> None:
-    """Tile sources into a chunked OME-Zarr dataset store (resumable; bad inputs fail alone)."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+    """Tile sources into a chunked OME-Zarr dataset store (resumable; bad inputs fail alone).
 
+    On a terminal a live line counts images by status with the time left; a log gets a line
+    per image. The end is one summary: totals and failures by reason, every failure in
+    ``OUT.failures.csv`` beside the store."""
+    from hiresctl.cli.progress import ImagesDisplay, failures_path
     from storage.annotations import Annotations
     from storage.tiler import LabelTable, MaskSet, SourceSpec, TileOptions
     from storage.tiler import tile as run_tile
@@ -206,58 +215,70 @@ def tile(
         if annotations
         else None
     )
-    failed = []
-
-    with Progress(
-        TextColumn("tiling"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} blocks"),
-        TimeRemainingColumn(),
-        console=err,
-        transient=True,
-    ) as progress:
-        bar = progress.add_task("tile", total=None)
-
-        def on_block(done: int, total: int) -> None:
-            progress.update(bar, completed=done, total=total)
+    out = Path(out)
+    with ImagesDisplay("tiled", len(specs), err, verbose=verbose) as display:
 
         def on_result(result: Any) -> None:
             if as_json:
                 typer.echo(json.dumps(result.to_json()))
             if result.status == "failed":
-                failed.append(result)
-                progress.console.print(
-                    f"[red]failed[/] {result.source}: {result.error}",
-                    highlight=False,
-                    soft_wrap=True,
-                )
-            elif not as_json:
-                progress.console.print(
+                line = f"[red]failed[/] {result.source}: {result.error}"
+            else:
+                line = (
                     f"[green]{result.status}[/] {result.source} → {result.id} "
-                    f"{result.shape} {result.levels} levels ({result.seconds:.1f} s)",
-                    highlight=False,
+                    f"{result.shape} {result.levels} levels ({result.seconds:.1f} s)"
                 )
+            display.image(result.status, str(result.source), line, result.error)
 
-        results = run_tile(
+        run_tile(
             specs,
             out,
             options,
             table,
             on_result=on_result,
-            on_block=on_block,
+            on_block=display.work,
             masks=mask_set,
             annotations=boxes,
             rois=roi_set,
         )
-    ok = len(results) - len(failed)
-    err.print(
-        f"{ok} of {len(results)} images in {out}" + (f"; {len(failed)} failed" if failed else "")
-    )
-    if failed:
+    listed = display.write_failures(failures_path(out))
+    display.summary(f"into {out}", listed)
+    if display.failures:
         raise typer.Exit(1)
 
 
 # -------------------------------------------------------------------------------------- info
+
+
+LISTED_IMAGES = 20  # `info` lists a store's images itself up to this many
+
+
+def _counted(counter: Any, most: int = 12) -> str:
+    """``train 1400 · val 300 · test 300`` (the ``most`` commonest, then how many more)."""
+    shown = " · ".join(f"{key} {n}" for key, n in counter.most_common(most))
+    rest = len(counter) - most
+    return shown + (f" · and {rest} more" if rest > 0 else "")
+
+
+def store_overview(path: Path, version: str, rows: list[dict[str, Any]]) -> list[str]:
+    """A store on a few lines whatever its size: images by status, split and label, levels and
+    the range of shapes."""
+    from collections import Counter
+
+    status = Counter(r["status"] for r in rows)
+    lines = [f"{path} (format {version}): {len(rows)} images, {_counted(status)}"]
+    if not rows:
+        return lines
+    lines.append(f"  splits: {_counted(Counter(r['split'] for r in rows))}")
+    labels = Counter(str(r["label"]) for r in rows if r["label"] is not None)
+    if labels:
+        lines.append(f"  labels: {_counted(labels)}")
+    levels = [r["levels"] for r in rows]
+    pixels = sorted(rows, key=lambda r: r["shape"][1] * r["shape"][2])
+    smallest, largest = ("×".join(map(str, r["shape"])) for r in (pixels[0], pixels[-1]))
+    sizes = smallest if smallest == largest else f"{smallest} to {largest}"
+    lines.append(f"  levels: {min(levels)}–{max(levels)}; shapes (c×y×x): {sizes}")
+    return lines
 
 
 @app.command()
@@ -279,8 +300,15 @@ def info(
             help="Also check every image's stored shards: none missing, every index intact.",
         ),
     ] = False,
+    images: Annotated[
+        bool,
+        typer.Option(
+            "--images", help=f"List every image (done anyway up to {LISTED_IMAGES} images)."
+        ),
+    ] = False,
 ) -> None:
-    """Describe a dataset store: images, shapes, levels, labels, splits, status."""
+    """Describe a dataset store: counts by split, label and status; with --images (or a small
+    store) every image's shape, levels, µm/px, label, split and status."""
     from storage.store import Dataset, upgrade_store
 
     if upgrade:
@@ -301,20 +329,27 @@ def info(
         if ds.problems:
             raise typer.Exit(1)
         return
-    table = Table(title=f"{dataset} (format {ds.format_version})")
-    for col in ("id", "shape (c,y,x)", "levels", "mpp", "label", "split", "status"):
-        table.add_column(col)
-    for row in summary["images"]:
-        table.add_row(
-            row["id"],
-            "×".join(str(v) for v in row["shape"]),
-            str(row["levels"]),
-            f"{row['mpp']:.3g}" if row["mpp"] else "-",
-            str(row["label"] or "-"),
-            row["split"],
-            row["status"] if row["status"] == "complete" else f"[yellow]{row['status']}[/]",
-        )
-    Console().print(table)
+    out = Console()
+    rows = summary["images"]
+    for line in store_overview(dataset, ds.format_version, rows):
+        out.print(line, highlight=False, soft_wrap=True)
+    if images or len(rows) <= LISTED_IMAGES:
+        table = Table()
+        for col in ("id", "shape (c,y,x)", "levels", "mpp", "label", "split", "status"):
+            table.add_column(col)
+        for row in rows:
+            table.add_row(
+                row["id"],
+                "×".join(str(v) for v in row["shape"]),
+                str(row["levels"]),
+                f"{row['mpp']:.3g}" if row["mpp"] else "-",
+                str(row["label"] or "-"),
+                row["split"],
+                row["status"] if row["status"] == "complete" else f"[yellow]{row['status']}[/]",
+            )
+        out.print(table)
+    else:
+        out.print(f"(--images lists all {len(rows)}; --json prints them as JSON)")
     if ds.problems:
         raise typer.Exit(1)
 

@@ -189,3 +189,75 @@ def test_a_second_writer_is_told_who_holds_the_store(cli, tmp_path: Path) -> Non
         warnings.simplefilter("error")
         members = dict(zarr.open_group(store, mode="r").members(max_depth=None))
     assert "images/a" in members
+
+
+def test_many_inputs_a_line_each_in_a_log_then_one_summary_with_failures_by_reason(
+    cli, tmp_path: Path, monkeypatch
+) -> None:
+    """Not on a terminal (a log, a pipe) every image is one line as it finishes, --json keeps
+    one object per image on stdout, and the end is a summary that groups failures by reason with
+    every failure in OUT.failures.csv; a later clean run removes that list."""
+    import csv
+
+    import hiresctl.cli.data as data
+
+    sources = []
+    for i in range(12):
+        path = tmp_path / f"good{i:02d}.tif"
+        tifffile.imwrite(path, coord_pixels(48, 40 + i))
+        sources.append(path)
+    for i in range(4):
+        (tmp_path / f"junk{i}.tif").write_text("not an image")
+        sources.append(tmp_path / f"junk{i}.tif")
+    (tmp_path / "empty.png").write_bytes(b"")
+    sources.append(tmp_path / "empty.png")
+    out = tmp_path / "ds.zarr"
+    result = cli("tile", *sources, "--out", out, "--json")
+    assert result.code == 1
+    objects = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(objects) == 17 and {o["status"] for o in objects} == {"written", "failed"}
+    lines = result.stderr.splitlines()
+    per_image = [line for line in lines if line.startswith(("written ", "failed "))]
+    assert len(per_image) == 17
+    summary = lines[lines.index(per_image[-1]) + 1 :]
+    assert summary[0].startswith(f"tiled 12 of 17 images into {out} in ")
+    assert any(line.startswith("  4 × not a supported image format") for line in summary)
+    assert any(line.startswith("  1 × empty file (0 bytes): empty.png") for line in summary)
+    listed = out.with_name("ds.zarr.failures.csv")
+    assert summary[-1] == f"every failure: {listed}"
+    with open(listed, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert sorted(Path(r["source"]).name for r in rows) == [
+        "empty.png",
+        "junk0.tif",
+        "junk1.tif",
+        "junk2.tif",
+        "junk3.tif",
+    ]
+    again = cli("tile", *sources[:12], "--out", out)
+    assert again.code == 0 and not listed.exists()
+    assert "12 skipped" in again.stderr.splitlines()[-1]
+    # a store over the listing threshold is summed up; --images lists it
+    monkeypatch.setattr(data, "LISTED_IMAGES", 5)
+    overview = cli("info", out).stdout
+    assert "12 images, complete 12" in overview and "good03" not in overview
+    assert "good03" in cli("info", out, "--images").stdout
+
+
+def test_on_a_terminal_one_live_line_and_no_line_per_image() -> None:
+    import io
+
+    from rich.console import Console
+
+    from hiresctl.cli.progress import ImagesDisplay
+
+    screen = io.StringIO()
+    console = Console(file=screen, force_terminal=True, width=120)
+    with ImagesDisplay("tiled", 3, console) as display:
+        display.image("written", "a.tif", "written a.tif → a")
+        display.image("failed", "b.tif", "failed b.tif: broken", "broken")
+        display.work(10, 20)
+    assert "written a.tif" not in screen.getvalue()
+    lines = display.summary("into ds.zarr")
+    assert lines[0].startswith("tiled 1 of 3 images into ds.zarr in ")
+    assert lines[1:] == ["1 failed, by reason:", "  1 × broken: b.tif"]
