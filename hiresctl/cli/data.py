@@ -169,7 +169,7 @@ def tile(
 
     On a terminal a live line counts images by status with the time left; a log gets a line
     per image. The end is one summary: totals and failures by reason, every failure in
-    ``OUT.failures.csv`` beside the store."""
+    ``OUT.tile-failures.csv`` beside the store."""
     from hiresctl.cli.progress import ImagesDisplay, failures_path
     from storage.annotations import Annotations
     from storage.tiler import LabelTable, MaskSet, SourceSpec, TileOptions
@@ -241,7 +241,7 @@ def tile(
             annotations=boxes,
             rois=roi_set,
         )
-    listed = display.write_failures(failures_path(out))
+    listed = display.write_failures(failures_path(out, "tile"))
     display.summary(f"into {out}", listed)
     if display.failures:
         raise typer.Exit(1)
@@ -395,8 +395,17 @@ def embed(
     as_json: Annotated[
         bool, typer.Option("--json", help="One JSON line per image on stdout.")
     ] = False,
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose", "-v", help="A line per image on a terminal too (always in a log or pipe)."
+        ),
+    ] = False,
 ) -> None:
-    """Encode every kept patch of every image once; store features and coords beside it."""
+    """Encode every kept patch of every image once; store features and coords beside it.
+
+    On a terminal a live line counts images; a log gets a line per image; failures end grouped
+    by reason, every one in ``DATASET.embed-failures.csv``."""
     import time
 
     from hiresctl.features import EmbedOptions, embed_store
@@ -417,34 +426,40 @@ def embed(
     )
     if patch_size < 1 or batch_size < 1:
         raise UsageError("--patch-size and --batch-size must be at least 1")
-    failed = []
+    from hiresctl.cli.progress import ImagesDisplay, failures_path
+    from storage import Dataset
+
+    total = len(Dataset(dataset).image_ids())
 
     def on_result(result: Any) -> None:
         if as_json:
             typer.echo(json.dumps(result.__dict__))
         if result.status == "failed":
-            failed.append(result)
-            err.print(f"[bold red]error:[/] {result.error}", highlight=False, soft_wrap=True)
-        elif result.status == "written":
+            line = f"[bold red]error:[/] {result.error}"
+        else:
             rate = result.patches / result.seconds if result.seconds else 0.0
             share = result.read_seconds / result.seconds if result.seconds else 0.0
-            err.print(
+            line = (
                 f"{result.image_id}: {result.patches} patches, {rate:.0f} patches/s, "
-                f"{share:.0%} waiting for reads",
-                highlight=False,
+                f"{share:.0%} waiting for reads"
+                if result.status == "written"
+                else f"{result.image_id}: {result.status}"
             )
+        display.image(result.status, result.image_id, line, result.error)
 
     started = time.perf_counter()
-    results = embed_store(
-        dataset, options, resolve_device(device), overwrite=overwrite, on_result=on_result
-    )
+    with ImagesDisplay("embedded", total, err, verbose=verbose, unit="patches") as display:
+        results = embed_store(
+            dataset, options, resolve_device(device), overwrite=overwrite, on_result=on_result
+        )
     seconds = time.perf_counter() - started
     written = [r for r in results if r.status == "written"]
     skipped = sum(r.status == "skipped" for r in results)
     reads = sum(r.read_seconds for r in written)
     busy = sum(r.seconds for r in written)
     err.print(
-        f"{len(written)} embedded, {skipped} already done, {len(failed)} failed in {seconds:.1f} s"
+        f"{len(written)} embedded, {skipped} already done, {len(display.failures)} failed in "
+        f"{seconds:.1f} s"
         + (
             f"; {len(written) / seconds:.2f} images/s, {reads / busy:.0%} of it waiting for reads"
             if written and busy
@@ -452,8 +467,10 @@ def embed(
         ),
         soft_wrap=True,
     )
+    store = Path(dataset)
+    display.summary("", display.write_failures(failures_path(store, "embed")), totals=False)
     if export_h5 is not None:
         paths = write_h5(dataset, options.set_name, export_h5)
         err.print(f"{len(paths)} h5 files in {export_h5}")
-    if failed:
+    if display.failures:
         raise typer.Exit(1)

@@ -106,8 +106,11 @@ class ImagesDisplay:
             writer.writerows(self.failures)
         return path
 
-    def summary(self, where: str, failures_file: Path | None = None) -> list[str]:
-        """The closing lines, printed and returned: totals, time and rate; failures by reason."""
+    def summary(
+        self, where: str, failures_file: Path | None = None, totals: bool = True
+    ) -> list[str]:
+        """The closing lines, printed and returned: totals, time and rate (unless the command
+        prints its own), then the failures by reason."""
         seconds = time.perf_counter() - self.start
         finished = sum(self.counts.values())
         good = finished - self.counts["failed"]
@@ -116,7 +119,7 @@ class ImagesDisplay:
         lines = [
             f"{self.verb} {good} of {self.total} images {where} in {duration(seconds)}{rate}"
             + (f" ({statuses})" if statuses else "")
-        ]
+        ][: 1 if totals else 0]
         if self.failures:
             grouped: dict[str, list[str]] = {}
             for source, reason in self.failures:
@@ -138,9 +141,10 @@ class ImagesDisplay:
         return lines
 
 
-def failures_path(out: Path) -> Path:
-    """Where a run over images into ``out`` lists its failures: ``<out>.failures.csv`` beside it."""
-    return out.with_name(f"{out.name}.failures.csv")
+def failures_path(out: Path, command: str) -> Path:
+    """Where ``command`` over the images of ``out`` lists its failures, beside it:
+    ``<out>.<command>-failures.csv``."""
+    return out.with_name(f"{out.name}.{command}-failures.csv")
 
 
 __all__ = ["ImagesDisplay", "duration", "failures_path"]

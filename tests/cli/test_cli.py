@@ -196,7 +196,7 @@ def test_many_inputs_a_line_each_in_a_log_then_one_summary_with_failures_by_reas
 ) -> None:
     """Not on a terminal (a log, a pipe) every image is one line as it finishes, --json keeps
     one object per image on stdout, and the end is a summary that groups failures by reason with
-    every failure in OUT.failures.csv; a later clean run removes that list."""
+    every failure in OUT.tile-failures.csv; a later clean run removes that list."""
     import csv
 
     import hiresctl.cli.data as data
@@ -223,7 +223,7 @@ def test_many_inputs_a_line_each_in_a_log_then_one_summary_with_failures_by_reas
     assert summary[0].startswith(f"tiled 12 of 17 images into {out} in ")
     assert any(line.startswith("  4 × not a supported image format") for line in summary)
     assert any(line.startswith("  1 × empty file (0 bytes): empty.png") for line in summary)
-    listed = out.with_name("ds.zarr.failures.csv")
+    listed = out.with_name("ds.zarr.tile-failures.csv")
     assert summary[-1] == f"every failure: {listed}"
     with open(listed, newline="") as handle:
         rows = list(csv.DictReader(handle))
