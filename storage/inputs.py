@@ -378,8 +378,10 @@ def _read_classes(path: str | os.PathLike[str]) -> MaskClasses:
 
 def fingerprint(spec: SourceSpec) -> str:
     """Content fingerprint: size plus the first and last MiB of every file (fast on huge files)."""
+    from storage.dicom import source_files
+
     h = hashlib.sha256()
-    for path in spec.paths:
+    for path in (f for p in spec.paths for f in source_files(p)):  # a DICOM folder: its files
         size = os.path.getsize(path)
         h.update(str(size).encode())
         with open(path, "rb") as fh:

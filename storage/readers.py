@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from storage import dicom
 from storage.errors import SourceError
 from storage.source import (
     DEFAULT_MAX_PIXELS,
@@ -49,12 +50,19 @@ class OpenSlideReader(SourceReader):
     background of a slide.
     """
 
-    def __init__(self, path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        name: str | os.PathLike[str] | None = None,
+    ) -> None:
+        """``name``: what errors and the image call the source (a DICOM series' folder, opened
+        through one of its instances)."""
         import openslide
 
-        self.path = str(path)
+        self.path = str(name or path)
         try:
-            self._slide = openslide.OpenSlide(self.path)
+            self._slide = openslide.OpenSlide(str(path))
         except Exception as exc:
             raise SourceError(self.path, f"OpenSlide cannot open it: {exc}") from exc
         dims = self._slide.level_dimensions
@@ -186,10 +194,16 @@ def _is_slide(path: Path, head: bytes) -> bool:
 #: its content opens it; the name never decides alone). A new format is one entry here.
 SOURCE_FORMATS: tuple[SourceFormat, ...] = (
     SourceFormat(
+        "DICOM whole-slide image (a series of instances, through OpenSlide 4)",
+        dicom.SUFFIXES,
+        lambda path, head: dicom.is_dicom(path, head),
+        lambda path, max_pixels, labels: _dicom_slide(path, max_pixels),
+    ),
+    SourceFormat(
         "whole-slide image (OpenSlide: SVS, NDPI, MRXS, SCN, VMS, BIF)",
         frozenset(OPENSLIDE_SUFFIXES - {".tif"}),
         _is_slide,
-        lambda path, max_pixels, labels: OpenSlideReader(path, max_pixels),
+        lambda path, max_pixels, labels: _dicom_slide(path, max_pixels),
     ),
     SourceFormat(
         "TIFF/OME-TIFF/BigTIFF",
@@ -204,6 +218,11 @@ SOURCE_FORMATS: tuple[SourceFormat, ...] = (
         lambda path, max_pixels, labels: ImageFileReader(path, max_pixels, labels=labels),
     ),
 )
+
+
+def _dicom_slide(path: Path, max_pixels: int) -> SourceReader:
+    dicom.check_slide(path)
+    return OpenSlideReader(path, max_pixels)
 
 
 def source_suffixes() -> frozenset[str]:
@@ -221,12 +240,18 @@ def open_source(
     if not p.exists():
         raise SourceError(p, "file not found")
     if p.is_dir():
-        raise SourceError(p, "is a folder (give image files, or use --mosaic for GeoTIFF tiles)")
+        if not dicom.instances(p):
+            raise SourceError(
+                p, "is a folder (give image files, or use --mosaic for GeoTIFF tiles)"
+            )
+        entry = dicom.series_entry(p)
+        dicom.check_slide(entry)
+        return OpenSlideReader(entry, max_pixels, name=p)
     size = p.stat().st_size
     if size == 0:
         raise SourceError(p, "empty file (0 bytes)")
     with open(p, "rb") as fh:
-        head = fh.read(16)
+        head = fh.read(dicom.MAGIC_OFFSET + 4)  # DICOM's magic follows a 128-byte preamble
     for source_format in SOURCE_FORMATS:
         if source_format.sniff(p, head):
             return source_format.opener(p, max_pixels, labels)

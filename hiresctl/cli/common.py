@@ -61,7 +61,9 @@ class DeviceChoice(StrEnum):
 
 
 def expand_sources(sources: list[str]) -> list[str]:
-    """Files, folders (searched for every source format's suffixes) and ``-`` (stdin)."""
+    """Files, folders (searched for every source format's suffixes) and ``-`` (stdin); the
+    instances of a DICOM series stand once (its folder, or its first file)."""
+    from storage.dicom import group_series
     from storage.readers import source_suffixes
 
     suffixes = source_suffixes()
@@ -80,4 +82,4 @@ def expand_sources(sources: list[str]) -> list[str]:
             paths += found
         else:
             paths.append(src)
-    return paths
+    return group_series(paths)
