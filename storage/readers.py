@@ -203,7 +203,7 @@ SOURCE_FORMATS: tuple[SourceFormat, ...] = (
         "whole-slide image (OpenSlide: SVS, NDPI, MRXS, SCN, VMS, BIF)",
         frozenset(OPENSLIDE_SUFFIXES - {".tif"}),
         _is_slide,
-        lambda path, max_pixels, labels: _dicom_slide(path, max_pixels),
+        lambda path, max_pixels, labels: OpenSlideReader(path, max_pixels),
     ),
     SourceFormat(
         "TIFF/OME-TIFF/BigTIFF",
