@@ -335,7 +335,8 @@ def main() -> None:
                     embed_features(store, args)  # once: a second method's call skips every image
                 options = [*method_options(method, args), *extra, "--set", f"seed={seed}"]
                 name = spec.replace(":", "-").replace("=", "").replace(",", "-")
-                result = train_and_evaluate(store, root / f"run-{name}-{seed}", options)
+                folder = root / f"run-{name}-{args.backbone}-{args.epochs}ep-{seed}"
+                result = train_and_evaluate(store, folder, options)
             runs.append({key: result[key] for key in SUMMARISED if key in result})
             print(spec, seed, f"test {result['test_accuracy']:.3f}", flush=True)
             kept[spec] = runs  # written after every seed: an interrupted call resumes there
@@ -358,7 +359,8 @@ def main() -> None:
         command += " --mnist MNIST_DIR"
     if args.report:
         runs_of_seed0 = [
-            root / f"run-{m.replace(':', '-').replace('=', '').replace(',', '-')}-0"
+            root
+            / f"run-{m.replace(':', '-').replace('=', '').replace(',', '-')}-{args.backbone}-{args.epochs}ep-0"
             for m, _ in rows
             if m != "reference"
         ]
