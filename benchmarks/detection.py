@@ -24,16 +24,14 @@ an inner step is the same for every step of an image); replaces the "detection-g
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import all_in_training, publish, synth_store  # noqa: E402
-from learning import train_eval  # noqa: E402
+from _common import all_in_training, hiresctl, publish, synth_store  # noqa: E402
+from learning import sets, train_eval, train_run  # noqa: E402
 
 METHODS = ("patchgd-global", "patchgd", "downsample", "sliced")
 
@@ -51,32 +49,10 @@ def _value(value: float | None) -> str:
 def quality(args: argparse.Namespace) -> list[str]:
     root = HERE / "data" / f"detection_{args.side}_{args.count}_{args.objects}"
     store = make_dataset(root, args.side, args.count, args.objects)
-    common = [
-        "--task",
-        "det",
-        "--set",
-        "backbone=tiny",
-        "--set",
-        "latent_dim=64",
-        "--set",
-        "head_convs=2",
-        "--set",
-        f"patch_size={args.patch_size}",
-        "--set",
-        f"epochs={args.epochs}",
-        "--set",
-        "lr=3e-3",
-        "--set",
-        "batch_size=2",
-        "--set",
-        "accumulation_steps=1",
-        "--set",
-        "max_detections=100",
-        "--device",
-        "cpu",
-        "--set",
-        "precision=fp32",
-    ]
+    common = ["--task", "det", "--device", "cpu"]
+    common += sets(backbone="tiny", latent_dim=64, head_convs=2, patch_size=args.patch_size)
+    common += sets(epochs=args.epochs, lr="3e-3", batch_size=2, accumulation_steps=1)
+    common += sets(max_detections=100, precision="fp32")
     lines = [
         f"Command: `python benchmarks/detection.py --side {args.side} --count {args.count} "
         f"--objects {args.objects} --epochs {args.epochs} --patch-size {args.patch_size}`: "
@@ -122,24 +98,9 @@ def scale(args: argparse.Namespace) -> list[str]:
     ]
     for method in METHODS:
         recipe = HERE.parent / "recipes" / f"det-mosaic-{method}.yaml"
-        report, summary, _ = train_eval(
-            store,
-            root / f"run-{method}",
-            [
-                "--task",
-                "det",
-                "--recipe",
-                str(recipe),
-                "--set",
-                "epochs=1",
-                "--set",
-                "val_split=none",
-                "--device",
-                "cpu",
-                "--set",
-                "precision=fp32",
-            ],
-        )
+        options = ["--task", "det", "--recipe", str(recipe), "--device", "cpu"]
+        options += sets(epochs=1, val_split="none", precision="fp32")
+        report, summary, _ = train_eval(store, root / f"run-{method}", options)
         print(method, summary["peak_memory_gb"], summary["images_per_second"], flush=True)
         lines.append(
             f"| {method} | {summary['peak_memory_gb']:.2f} | {summary['images_per_second']:.3f} | "
@@ -158,80 +119,37 @@ def growth(sides: list[int]) -> list[str]:
         root = HERE / "data" / f"detection_growth_{side}"
         store = root / "ds.zarr"
         if not (store / "zarr.json").exists():
-            hiresctl = [sys.executable, "-m", "hiresctl"]
             synth = root / "synth"
-            subprocess.run(
-                [
-                    *hiresctl,
-                    "synth",
-                    "det-mosaic",
-                    str(synth),
-                    "--count",
-                    "1",
-                    "--size",
-                    str(side),
-                    "--seed",
-                    "11",
-                ],
-                check=True,
-                capture_output=True,
+            hiresctl(
+                "synth",
+                "det-mosaic",
+                str(synth),
+                "--count",
+                "1",
+                "--size",
+                str(side),
+                "--seed",
+                "11",
             )
-            subprocess.run(
-                [
-                    *hiresctl,
-                    "tile",
-                    str(synth / "images"),
-                    "--labels",
-                    str(all_in_training(synth)),
-                    "--coco",
-                    str(synth / "annotations.json"),
-                    "--chunk",
-                    "256",
-                    "--out",
-                    str(store),
-                ],
-                check=True,
-                capture_output=True,
+            hiresctl(
+                "tile",
+                str(synth / "images"),
+                "--labels",
+                str(all_in_training(synth)),
+                "--coco",
+                str(synth / "annotations.json"),
+                "--chunk",
+                "256",
+                "--out",
+                str(store),
             )
         for method in GROWN:
             recipe = HERE.parent / "recipes" / f"det-mosaic-{method}.yaml"
-            out = root / f"run-{method}"
-            subprocess.run(["rm", "-rf", str(out)], check=True)
-            start = time.perf_counter()
-            train = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "hiresctl",
-                    "train",
-                    "--data",
-                    str(store),
-                    "--out",
-                    str(out),
-                    "--json",
-                    "--task",
-                    "det",
-                    "--recipe",
-                    str(recipe),
-                    "--set",
-                    "epochs=1",
-                    "--set",
-                    "val_split=none",
-                    "--set",
-                    "inner_steps=1",
-                    "--device",
-                    "cpu",
-                    "--set",
-                    "precision=fp32",
-                ],
-                capture_output=True,
-                text=True,
-            )
-            if train.returncode:
-                raise RuntimeError(train.stderr[-2000:])
-            summary = json.loads(train.stdout.strip().splitlines()[-1])
+            options = ["--task", "det", "--recipe", str(recipe), "--device", "cpu"]
+            options += sets(epochs=1, val_split="none", inner_steps=1, precision="fp32")
+            summary, took = train_run(store, root / f"run-{method}", options)
             peaks[method].append(summary["peak_memory_gb"])
-            seconds[method].append(time.perf_counter() - start)
+            seconds[method].append(took)
             print(side, method, summary["peak_memory_gb"], flush=True)
     listed = ",".join(str(s) for s in sides)
     lines = [

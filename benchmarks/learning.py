@@ -39,7 +39,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import publish, synth_store  # noqa: E402
+from _common import hiresctl, publish, synth_store  # noqa: E402
 from reference import train_reference  # noqa: E402
 
 METHODS = (
@@ -120,48 +120,26 @@ def train_and_evaluate(store: Path, out: Path, options: list[str]) -> dict:
     }
 
 
-def train_eval(store: Path, out: Path, options: list[str]) -> tuple[dict, dict, float]:
-    """``hiresctl train`` into a fresh ``out``, then ``hiresctl eval`` on the test split: the
-    evaluation report, the training summary and the training process's seconds (every task)."""
+def train_run(store: Path, out: Path, options: list[str]) -> tuple[dict, float]:
+    """``hiresctl train`` into a fresh ``out``: the training summary and the process's seconds."""
     subprocess.run(["rm", "-rf", str(out)], check=True)
     start = time.perf_counter()
+    command = ["train", "--data", str(store), "--out", str(out), "--json", *options]
     train = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "hiresctl",
-            "train",
-            "--data",
-            str(store),
-            "--out",
-            str(out),
-            "--json",
-            *options,
-        ],
+        [sys.executable, "-m", "hiresctl", *command],
         capture_output=True,
         text=True,
     )
     if train.returncode:
         raise RuntimeError(train.stderr[-2000:])
-    seconds = time.perf_counter() - start
-    summary = json.loads(train.stdout.strip().splitlines()[-1])
-    evaluated = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "hiresctl",
-            "eval",
-            str(out),
-            "--data",
-            str(store),
-            "--split",
-            "test",
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    return json.loads(train.stdout.strip().splitlines()[-1]), time.perf_counter() - start
+
+
+def train_eval(store: Path, out: Path, options: list[str]) -> tuple[dict, dict, float]:
+    """:func:`train_run`, then ``hiresctl eval`` on the test split: the evaluation report, the
+    training summary and the training process's seconds (every task)."""
+    summary, seconds = train_run(store, out, options)
+    evaluated = hiresctl("eval", str(out), "--data", str(store), "--split", "test", "--json")
     return json.loads(evaluated.stdout), summary, seconds
 
 

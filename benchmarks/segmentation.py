@@ -19,7 +19,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _common import publish, synth_store  # noqa: E402
-from learning import train_eval  # noqa: E402
+from learning import sets, train_eval  # noqa: E402
 
 METHODS = ("patchgd-global", "patchgd", "downsample", "full")
 
@@ -39,26 +39,9 @@ def main() -> None:
     args = parser.parse_args()
     root = HERE / "data" / f"segmentation_{args.side}_{args.count}"
     store = make_dataset(root, args.side, args.count)
-    common = [
-        "--task",
-        "seg",
-        "--set",
-        f"backbone={args.backbone}",
-        "--set",
-        f"patch_size={args.patch_size}",
-        "--set",
-        f"epochs={args.epochs}",
-        "--set",
-        "lr=3e-3",
-        "--set",
-        "batch_size=2",
-        "--set",
-        "accumulation_steps=1",
-        "--device",
-        "cpu",
-        "--set",
-        "precision=fp32",
-    ]
+    common = ["--task", "seg", "--device", "cpu"]
+    common += sets(backbone=args.backbone, patch_size=args.patch_size, epochs=args.epochs)
+    common += sets(lr="3e-3", batch_size=2, accumulation_steps=1, precision="fp32")
     rows = []
     for method in METHODS:
         report, summary, seconds = train_eval(

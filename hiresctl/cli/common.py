@@ -83,3 +83,12 @@ def expand_sources(sources: list[str]) -> list[str]:
         else:
             paths.append(src)
     return group_series(paths)
+
+
+# `--verbose` of the commands over many images (tile, embed): see hiresctl/cli/progress.py
+Verbose = Annotated[
+    bool,
+    typer.Option(
+        "--verbose", "-v", help="A line per image on a terminal too (always in a log or pipe)."
+    ),
+]

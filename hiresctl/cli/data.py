@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from hiresctl.cli.common import Codec, app, err, expand_sources
+from hiresctl.cli.common import Codec, Verbose, app, err, expand_sources
 from storage.errors import UsageError
 
 # ------------------------------------------------------------------------------------- synth
@@ -158,12 +158,7 @@ def tile(
     as_json: Annotated[
         bool, typer.Option("--json", help="One JSON line per image on stdout.")
     ] = False,
-    verbose: Annotated[
-        bool,
-        typer.Option(
-            "--verbose", "-v", help="A line per image on a terminal too (always in a log or pipe)."
-        ),
-    ] = False,
+    verbose: Verbose = False,
 ) -> None:
     """Tile sources into a chunked OME-Zarr dataset store (resumable; bad inputs fail alone).
 
@@ -395,12 +390,7 @@ def embed(
     as_json: Annotated[
         bool, typer.Option("--json", help="One JSON line per image on stdout.")
     ] = False,
-    verbose: Annotated[
-        bool,
-        typer.Option(
-            "--verbose", "-v", help="A line per image on a terminal too (always in a log or pipe)."
-        ),
-    ] = False,
+    verbose: Verbose = False,
 ) -> None:
     """Encode every kept patch of every image once; store features and coords beside it.
 
