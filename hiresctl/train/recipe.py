@@ -98,9 +98,10 @@ class Recipe:
     # (an optimizer step every `accumulation_steps` batches, as the whole-image network steps);
     # "step" makes every inner step a micro-step (the paper's ε counts inner iterations)
     inner_update: str = "step"
-    # BatchNorm mode of the no-grad fill pass. "train" (the reference) normalises each fill batch
-    # (the patches of one image) by its own statistics, which makes features image-relative in
-    # training but not in evaluation; "eval" uses the running statistics both times.
+    # BatchNorm mode of the no-grad fill pass. "train" (the reference; classification's PatchGD
+    # default) normalises each fill batch (patches of one image) by its own statistics, as the
+    # inner steps' patches are normalised by theirs, so one latent holds cells of one scale;
+    # "eval" uses the running statistics, as evaluation does (docs/methods.md §1).
     fill_mode: str = "eval"
     calibration_batches: int = 8  # training batches that re-estimate the head's BatchNorm per epoch
     # IPS
@@ -210,7 +211,7 @@ def _check(recipe: Recipe, where: str) -> None:
         method_class(recipe.task, recipe.method)
     except UsageError as exc:
         raise UsageError(f"{where}: {exc}") from None
-    if recipe.backbone not in task.backbones():
+    if not task.accepts_backbone(recipe.backbone):
         what = f"{where}: backbone {recipe.backbone!r} is not a {recipe.task} backbone"
         raise unknown(what, list(task.backbones()), recipe.backbone)
     for key, choices in _CHOICES.items():

@@ -231,3 +231,28 @@ def test_an_offset_grid_keeps_fill_steps_and_latent_on_one_grid(coord_store: Pat
         top, left = grid.offset
         assert (round(float(patch[0, 0, 0])), round(float(patch[1, 0, 0]))) == (32 - top, 32 - left)
     assert len(offsets) > 1 and run.method.patches("a")[0].offset == (0, 0)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_fill_normalises_as_fill_mode_says(coord_store: Path, mode: str) -> None:
+    """``fill_mode: train`` fills with each chunk's batch statistics (and moves the running
+    ones), ``eval`` with the running statistics (left as they were); the latent holds what the
+    encoder computes in that mode."""
+    import copy
+
+    run = _run(coord_store, method="patchgd", fill_mode=mode, fill_batch=6)
+    method, encoder = run.method, run.model.encoder
+    ctx = step_context(run, None, None, 1)
+    norm = next(m for m in encoder.modules() if isinstance(m, nn.BatchNorm2d))
+    norm.running_mean.fill_(3.0)  # far from any chunk's mean: eval and train differ plainly
+    reference = copy.deepcopy(encoder).train(mode == "train")
+    request = next(r for r in method.plan(["a"], 0, train=True) if r.tag.role == "fill")
+    pixels = run.reader.read_patches("a", request.grid, request.indices)
+    latent = method._latent(["a"], torch.device("cpu"), 16, train=True)
+    method.engine.fill(ctx, encoder, latent, request, pixels, True, method._write)
+    with torch.no_grad():
+        expect = reference(pixels)
+    rows, cols = request.grid.position(request.indices)
+    assert torch.allclose(latent[0, :, rows, cols].T, expect, atol=1e-5)
+    moved = not torch.equal(norm.running_mean, torch.full_like(norm.running_mean, 3.0))
+    assert moved == (mode == "train")
