@@ -56,6 +56,21 @@ class PlainCNN(nn.Module):
         return self.classifier(torch.amax(self.features(x), dim=(2, 3)))
 
 
+def build_network(
+    net: str, in_channels: int, num_classes: int, widths: tuple[int, ...], space_to_depth: bool
+) -> nn.Module:
+    """``plain``: :class:`PlainCNN`; otherwise a torchvision classification network by name
+    (``mobilenet_v2``, ``resnet18``…), random weights, as torchvision builds it (global
+    average pooling, its own head)."""
+    if net == "plain":
+        return PlainCNN(in_channels, num_classes, widths, space_to_depth)
+    import torchvision
+
+    if in_channels != 3:
+        raise SystemExit(f"{net}: torchvision's networks take RGB images, not {in_channels} bands")
+    return getattr(torchvision.models, net)(weights=None, num_classes=num_classes)
+
+
 def load_split(root: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{split: (images (n, c, h, w) float in [0, 1], labels (n,))} from a synth folder."""
     with open(root / "labels.csv", newline="", encoding="utf-8-sig") as handle:
@@ -92,8 +107,9 @@ def train_reference(
     widths: tuple[int, ...] = (32, 64, 64, 128, 128),
     log=print,
     space_to_depth: bool = False,
+    net: str = "plain",
 ) -> dict:
-    """Train :class:`PlainCNN` on ``root``'s train split; the test accuracy of the epoch with the
+    """Train :func:`build_network`'s network on ``root``'s train split; the test accuracy of the epoch with the
     best validation accuracy, the curve, seconds and peak RSS."""
     import psutil
 
@@ -101,7 +117,7 @@ def train_reference(
     data = load_split(root)
     x, y = data["train"]
     num_classes = int(max(int(v[1].max()) for v in data.values())) + 1
-    model = PlainCNN(x.shape[1], num_classes, widths, space_to_depth).to(
+    model = build_network(net, x.shape[1], num_classes, widths, space_to_depth).to(
         memory_format=torch.channels_last
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
@@ -143,8 +159,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--net", default="plain", help="plain, or a torchvision network's name")
     args = parser.parse_args()
-    result = train_reference(args.root, args.epochs, args.batch_size, seed=args.seed)
+    result = train_reference(args.root, args.epochs, args.batch_size, seed=args.seed, net=args.net)
     print(json.dumps({k: v for k, v in result.items() if k != "curve"}))
 
 
