@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Annotated, Any
@@ -356,13 +357,20 @@ def info(
 def embed(
     dataset: Annotated[Path, typer.Argument(help="Dataset store (from `hiresctl tile`).")],
     backbone: Annotated[
-        str, typer.Option(help="Registered backbone (tiny, resnet18, ...).")
+        str,
+        typer.Option(
+            help="Encoder: a registered backbone (tiny, resnet18, ...), a short name (uni, "
+            "uni2-h, virchow2, h-optimus-0, dinov2-s/b/l, resnet50-trunc), timm:NAME or "
+            "hf-hub:ORG/REPO[@REVISION]."
+        ),
     ] = "resnet18",
     pretrained: Annotated[
         Path | None,
         typer.Option(
-            help="Local state dict (torchvision/timm, or a hiresctl checkpoint); "
-            "nothing is downloaded. Default: random weights from --seed."
+            help="Local weights: a state dict (.safetensors, .bin, .pth) or a Hub-format "
+            "folder; else the name's entry in HIRESCTL_WEIGHTS / ~/.config/hiresctl/"
+            "weights.yaml, else the Hugging Face cache. Nothing is downloaded. Without any: "
+            "random weights from --seed (short names refuse)."
         ),
     ] = None,
     patch_size: Annotated[int, typer.Option(help="Patch side in pixels of the level read.")] = 256,
@@ -386,6 +394,14 @@ def embed(
     export_h5: Annotated[
         Path | None,
         typer.Option("--export-h5", help="Also write TRIDENT/CLAM-style <id>.h5 files here."),
+    ] = None,
+    export_stamp: Annotated[
+        Path | None,
+        typer.Option(
+            "--export-stamp",
+            help="Also write STAMP-style <id>.h5 files here (feats, coords in µm), which "
+            "STAMP, Patho-Bench and TITAN read.",
+        ),
     ] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="One JSON line per image on stdout.")
@@ -417,12 +433,16 @@ def embed(
     if patch_size < 1 or batch_size < 1:
         raise UsageError("--patch-size and --batch-size must be at least 1")
     from hiresctl.cli.progress import ImagesDisplay, failures_path
+    from hiresctl.train.distributed import gather_objects, init_world
     from storage import Dataset
 
+    # under torchrun each rank embeds its share of the images; rank 0 reports them all
+    world = init_world(resolve_device(device).type)
     total = len(Dataset(dataset).image_ids())
+    console = err if world.main else Console(file=io.StringIO())
 
     def on_result(result: Any) -> None:
-        if as_json:
+        if as_json and world.main:
             typer.echo(json.dumps(result.__dict__))
         if result.status == "failed":
             line = f"[bold red]error:[/] {result.error}"
@@ -438,10 +458,22 @@ def embed(
         display.image(result.status, result.image_id, line, result.error)
 
     started = time.perf_counter()
-    with ImagesDisplay("embedded", total, err, verbose=verbose, unit="patches") as display:
+    with ImagesDisplay("embedded", total, console, verbose=verbose, unit="patches") as display:
         results = embed_store(
-            dataset, options, resolve_device(device), overwrite=overwrite, on_result=on_result
+            dataset,
+            options,
+            resolve_device(device),
+            overwrite=overwrite,
+            on_result=on_result,
+            shard=(world.rank, world.size),
         )
+        if world.active:  # the other ranks' images, as if embedded here
+            shares = gather_objects(results, world)
+            for other in (r for share in shares[1:] for r in share):  # type: ignore[attr-defined]
+                on_result(other)
+                results.append(other)
+    if not world.main:
+        return
     seconds = time.perf_counter() - started
     written = [r for r in results if r.status == "written"]
     skipped = sum(r.status == "skipped" for r in results)
@@ -462,5 +494,14 @@ def embed(
     if export_h5 is not None:
         paths = write_h5(dataset, options.set_name, export_h5)
         err.print(f"{len(paths)} h5 files in {export_h5}")
-    if display.failures:
+    failed = False
+    if export_stamp is not None:
+        from hiresctl.features import export_stamp as write_stamp
+
+        paths, problems = write_stamp(dataset, options.set_name, export_stamp)
+        for problem in problems:
+            err.print(f"[bold red]error:[/] {problem}", soft_wrap=True)
+        err.print(f"{len(paths)} STAMP h5 files in {export_stamp}")
+        failed = bool(problems)
+    if display.failures or failed:
         raise typer.Exit(1)

@@ -16,8 +16,10 @@ from storage import Dataset, ImageEntry, StoreError
 from storage.chunks import DirectChunks
 
 # Backbones expect ImageNet-normalised RGB; stores hold 1, 3 or 4 channels of uint8/uint16.
-_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
-_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # every patch is read normalised with these; encoders
+IMAGENET_STD = (0.229, 0.224, 0.225)  # with other statistics renormalise (models/encoders.py)
+_MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+_STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
 
 def to_unit_rgb(pixels: np.ndarray) -> torch.Tensor:

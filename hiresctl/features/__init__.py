@@ -7,6 +7,7 @@ from hiresctl.features.embed import (
     choose_level,
     embed_store,
     export_h5,
+    export_stamp,
     weights_checksum,
 )
 
@@ -17,5 +18,6 @@ __all__ = [
     "choose_level",
     "embed_store",
     "export_h5",
+    "export_stamp",
     "weights_checksum",
 ]

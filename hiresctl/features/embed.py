@@ -12,7 +12,9 @@ settings match are skipped.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import math
 import time
 from collections.abc import Callable
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 
 from hiresctl.data import PatchReader, PatchStream, ReadRequest, ReadTag, kept_patches
+from hiresctl.data.reader import IMAGENET_MEAN, IMAGENET_STD
 from hiresctl.models import create_backbone
 from storage import Dataset, StoreError, UsageError
 from storage.errors import NoSpaceError, no_space
@@ -101,24 +104,31 @@ def embed_store(
     image_ids: list[str] | None = None,
     overwrite: bool = False,
     on_result: Callable[[EmbedResult], None] | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> list[EmbedResult]:
     """Embed every complete image of ``data`` (or ``image_ids``), holding the store's writer
-    lock; a failing image is reported and the others go on."""
+    lock; a failing image is reported and the others go on.
+
+    ``shard`` = (rank, ranks) under torchrun: rank r embeds every ranks-th image from the r-th,
+    so each image is written by one rank (and resumes as alone). Rank 0 holds the writer lock
+    for the whole job: the others start once it has it and it lets go once all are done."""
     if options.dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {options.dtype!r}")
-    if options.pretrained is not None and not Path(options.pretrained).is_file():
+    if options.pretrained is not None and not Path(options.pretrained).exists():
         raise UsageError(f"{options.pretrained}: pretrained weights not found")
-    with WriterLock(data):
+    rank, ranks = shard
+    with WriterLock(data) if rank == 0 else contextlib.nullcontext():
+        _barrier(ranks)  # no rank writes before rank 0 holds the lock
         dataset = Dataset(data, mode="r+")
-        ids = image_ids or [e.id for e in dataset.entries(complete_only=True)]
-        checksum = weights_checksum(options)
+        ids = (image_ids or [e.id for e in dataset.entries(complete_only=True)])[rank::ranks]
         torch.manual_seed(options.seed)
         backbone = create_backbone(options.backbone, options.pretrained).to(device).eval()
+        record = encoder_record(backbone, options)
         results = []
         for image_id in ids:
             try:
                 result = _embed_image(
-                    dataset, image_id, backbone, options, checksum, device, overwrite
+                    dataset, image_id, backbone, options, record, device, overwrite
                 )
             except (StoreError, UsageError) as exc:
                 result = EmbedResult(image_id, "failed", error=str(exc))
@@ -135,16 +145,52 @@ def embed_store(
             results.append(result)
             if on_result is not None:
                 on_result(result)
-        for problem in dataset.problems:
-            results.append(EmbedResult(problem.split(":")[0], "failed", error=problem))
+        if rank == 0:
+            for problem in dataset.problems:
+                results.append(EmbedResult(problem.split(":")[0], "failed", error=problem))
+        _barrier(ranks)  # every rank done before rank 0 lets the lock go
         return results
 
 
-def _identity(options: EmbedOptions, checksum: str, level: int) -> dict[str, Any]:
+def _barrier(ranks: int) -> None:
+    if ranks > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def encoder_record(backbone: torch.nn.Module, options: EmbedOptions) -> dict[str, Any]:
+    """What the feature set records of its encoder: an encoder's own provenance (timm, Hub
+    and short names), else the backbone's name, weights and the ImageNet transform every
+    registered backbone reads with."""
+    record = getattr(backbone, "provenance", None)
+    if record:
+        if record["weights"] == "random":
+            return {**record, "weights": f"random:{options.backbone}:seed{options.seed}"}
+        return dict(record)
+    return {
+        "encoder": options.backbone,
+        "weights": weights_checksum(options),
+        "transform": {
+            "size": None,
+            "interpolation": "bilinear",
+            "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD),
+        },
+        "pooling": getattr(backbone, "pooling", "avg"),
+        "width": int(getattr(backbone, "num_features")),  # noqa: B009
+        "torch": torch.__version__.split("+")[0],
+    }
+
+
+def _identity(options: EmbedOptions, record: dict[str, Any], level: int) -> dict[str, Any]:
     settings = asdict(options)
     for key in ("batch_size", "name", "level", "mpp"):
         settings.pop(key)
-    return {**settings, "level": level, "weights": checksum}
+    identity = {**settings, "level": level, "weights": record["weights"]}
+    if "architecture" in record:  # an encoder by timm, Hub or short name: how it reads
+        identity.update(transform=record["transform"], pooling=record["pooling"])
+    return identity
 
 
 def _embed_image(
@@ -152,13 +198,13 @@ def _embed_image(
     image_id: str,
     backbone: torch.nn.Module,
     options: EmbedOptions,
-    checksum: str,
+    record: dict[str, Any],
     device: torch.device,
     overwrite: bool,
 ) -> EmbedResult:
     started = time.perf_counter()
     level = choose_level(dataset, image_id, options)
-    identity = _identity(options, checksum, level)
+    identity = _identity(options, record, level)
     group = dataset.image_group(image_id)
     where = f"{dataset.path}/images/{image_id}/{FEATURES}/{options.set_name}"
     sets: Any = group.require_group(FEATURES)
@@ -221,7 +267,9 @@ def _embed_image(
         "count": len(kept),
         "dim": width,
         "encoder": options.backbone,
-        "normalisation": "imagenet",
+        "transform": record["transform"],  # what each patch went through before the encoder
+        "pooling": record["pooling"],
+        "provenance": record,
         "patch_size": options.patch_size,
         "level": level,
         "patch_size_level0": round(options.patch_size * scale),
@@ -243,29 +291,74 @@ def export_h5(data: str | Path, name: str, out: str | Path) -> list[Path]:
     """Write each complete feature set ``name`` as ``out/<id>.h5`` in the layout TRIDENT and
     CLAM read: datasets ``features`` (N, D) float32 and ``coords`` (N, 2) int64 level-0 (x, y),
     with ``coords`` attributes ``patch_size``, ``patch_level`` and ``patch_size_level0``."""
+
+    def write(handle: Any, entry: Any, features: Any, coords: Any, attrs: dict) -> None:
+        handle.create_dataset("features", data=np.asarray(features[...], dtype=np.float32))
+        xy = handle.create_dataset("coords", data=np.asarray(coords[...], dtype=np.int64))
+        xy.attrs["patch_size"] = attrs["patch_size"]
+        xy.attrs["patch_level"] = attrs["level"]
+        xy.attrs["patch_size_level0"] = attrs["patch_size_level0"]
+        handle.attrs["encoder"] = attrs["encoder"]
+        handle.attrs["weights"] = attrs["settings"]["weights"]
+        if attrs.get("mpp"):
+            handle.attrs["mpp"] = attrs["mpp"]
+
+    return _export(data, name, out, write, needs_mpp=False)[0]
+
+
+def export_stamp(data: str | Path, name: str, out: str | Path) -> tuple[list[Path], list[str]]:
+    """Write each complete feature set ``name`` as ``out/<id>.h5`` in the layout STAMP reads
+    (and Patho-Bench and TITAN after it): ``feats`` (N, D) float16, ``coords`` (N, 2) float32
+    (x, y) of each tile's top-left corner in micrometres, attributes ``unit`` ("um"),
+    ``tile_size_um``, ``tile_size_px``, ``extractor`` and ``feat_type`` ("tile"); hiresctl's
+    record of the encoder in ``hiresctl``. Images without a pixel size cannot be placed in
+    micrometres: each is a failure line, the others are written."""
+
+    def write(handle: Any, entry: Any, features: Any, coords: Any, attrs: dict) -> None:
+        handle.create_dataset("feats", data=np.asarray(features[...], dtype=np.float16))
+        level0 = np.asarray(coords[...], dtype=np.float64)
+        handle.create_dataset("coords", data=(level0 * entry.mpp).astype(np.float32))
+        handle.attrs["unit"] = "um"
+        handle.attrs["tile_size_um"] = float(attrs["patch_size_level0"] * entry.mpp)
+        handle.attrs["tile_size_px"] = int(attrs["patch_size"])
+        handle.attrs["extractor"] = str(attrs["encoder"])
+        handle.attrs["feat_type"] = "tile"
+        record = attrs.get("provenance") or {"weights": attrs["settings"]["weights"]}
+        handle.attrs["hiresctl"] = json.dumps(record)
+
+    return _export(data, name, out, write, needs_mpp=True)
+
+
+def _export(
+    data: str | Path,
+    name: str,
+    out: str | Path,
+    write: Callable[[Any, Any, Any, Any, dict], None],
+    needs_mpp: bool,
+) -> tuple[list[Path], list[str]]:
+    """``write`` each complete image's feature set ``name`` to ``out/<id>.h5`` (through a
+    temporary name, so a file that exists is whole); the files written and failure lines."""
     import h5py
 
     dataset = Dataset(data)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
-    written = []
+    written, failed = [], []
     for entry in dataset.entries(complete_only=True):
         found = dataset.feature_set(entry.id, name)
         if found is None:
+            continue
+        if needs_mpp and not entry.mpp:
+            failed.append(
+                f"{dataset.path}/images/{entry.id}: states no pixel size, so its tiles cannot "
+                "be placed in micrometres (tile it again with --mpp)"
+            )
             continue
         features, coords, attrs = found
         path = folder / f"{entry.id}.h5"
         tmp = path.with_name(f".{path.name}.tmp")
         with h5py.File(tmp, "w") as handle:
-            handle.create_dataset("features", data=np.asarray(features[...], dtype=np.float32))
-            xy = handle.create_dataset("coords", data=np.asarray(coords[...], dtype=np.int64))
-            xy.attrs["patch_size"] = attrs["patch_size"]
-            xy.attrs["patch_level"] = attrs["level"]
-            xy.attrs["patch_size_level0"] = attrs["patch_size_level0"]
-            handle.attrs["encoder"] = attrs["encoder"]
-            handle.attrs["weights"] = attrs["settings"]["weights"]
-            if attrs.get("mpp"):
-                handle.attrs["mpp"] = attrs["mpp"]
+            write(handle, entry, features, coords, attrs)
         tmp.replace(path)
         written.append(path)
-    return written
+    return written, failed

@@ -1,12 +1,13 @@
-"""Models: backbones (registry), PatchGD head and fusion, the IPS aggregator, segmenters."""
+"""Models: backbones (registry), encoders by timm, Hub and short name, PatchGD head and
+fusion, the IPS aggregator, segmenters."""
 
 from hiresctl.models.backbones import (
     BACKBONES,
     Backbone,
-    create_backbone,
     load_pretrained,
     load_weights,
 )
+from hiresctl.models.encoders import KNOWN, create_backbone, is_encoder_name, model_encoder
 from hiresctl.models.ips import (
     POSITIONAL_ENCODINGS,
     CrossAttentionAggregator,
@@ -33,6 +34,7 @@ from hiresctl.models.segmentation import (
 __all__ = [
     "BACKBONES",
     "FUSIONS",
+    "KNOWN",
     "POSITIONAL_ENCODINGS",
     "SEG_NETWORKS",
     "Backbone",
@@ -47,8 +49,10 @@ __all__ = [
     "UNet",
     "create_backbone",
     "create_seg_network",
+    "is_encoder_name",
     "load_pretrained",
     "load_weights",
+    "model_encoder",
     "scale_gradient",
     "sinusoidal",
     "upsample_region",

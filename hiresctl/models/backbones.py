@@ -14,8 +14,8 @@ import torch
 import torchvision
 from torch import nn
 
-from hiresctl.models.files import safe_torch_load
-from storage import StoreError, UsageError
+from hiresctl.models.weights import read_state
+from storage import UsageError
 
 POOLS = ("avg", "max")
 
@@ -129,8 +129,9 @@ BACKBONES: dict[str, Callable[[], Backbone]] = {
 }
 
 
-def create_backbone(name: str, pretrained: str | Path | None = None) -> Backbone:
-    """Build a registered backbone, optionally loading local weights."""
+def create_registered(name: str, pretrained: str | Path | None = None) -> Backbone:
+    """Build a registered backbone, optionally loading local weights (``create_backbone``
+    of ``encoders.py`` builds every name: these and the timm, Hub and short names)."""
     if name not in BACKBONES:
         raise UsageError(f"unknown backbone {name!r}; valid: {', '.join(BACKBONES)}")
     backbone = BACKBONES[name]()
@@ -152,16 +153,7 @@ def load_weights(body: nn.Module, path: str | Path) -> None:
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{path}: pretrained weights not found (give a local .pt/.pth file)")
-    try:
-        state = safe_torch_load(path, "pretrained weights")
-    except StoreError as exc:
-        raise UsageError(str(exc)) from None
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict):
-        raise UsageError(f"{path}: expected a state dict, found {type(state).__name__}")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+    state = read_state(path)
     own = body.state_dict()
     matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     used = set(matched)

@@ -138,6 +138,9 @@ class Method(ABC):
         # The training stream's augmentation (set by the trainer): training plans and targets
         # ask it how each image is mirrored this epoch, as the stream's reads do.
         self.augment: PatchAugment | None = None
+        # A checkpoint's record of its encoder (timm, Hub and short names): the backbone is
+        # rebuilt from it, the checkpoint bringing the weights (set before build_model).
+        self.encoder_record: dict[str, Any] | None = None
 
     @abstractmethod
     def build_model(self) -> nn.Module:
@@ -235,7 +238,7 @@ class Method(ABC):
         "patch" where it differs from ``patch_size``."""
 
     def backbone(self) -> Backbone:
-        return create_backbone(self.recipe.backbone, self.recipe.pretrained)
+        return create_backbone(self.recipe.backbone, self.recipe.pretrained, self.encoder_record)
 
     def largest(self, images: list[Any]) -> tuple[PatchGrid, np.ndarray]:
         """The grid and kept patches of the image of ``images`` with the most kept patches."""

@@ -82,8 +82,10 @@ def build_run(
     device: torch.device,
     world: distributed.World | None = None,
     mask_values: list[int] | None = None,
+    encoder: dict[str, Any] | None = None,
 ) -> Run:
-    """A fresh run of ``recipe`` on ``dataset``: its task, reader, method and model (seeded)."""
+    """A fresh run of ``recipe`` on ``dataset``: its task, reader, method and model (seeded);
+    ``encoder``: a checkpoint's record of its encoder, to rebuild it without its weights."""
     task = get_task(recipe.task)
     reader = PatchReader(
         dataset,
@@ -92,6 +94,7 @@ def build_run(
         box_classes=classes if task.reads_boxes else None,
     )
     method = create_method(recipe, len(classes), reader)
+    method.encoder_record = encoder
     seed_all(recipe.seed)
     # Convolution weights channels-last: oneDNN (CPU) and cuDNN then run every convolution in
     # that layout, whatever the input's; on 2 CPU cores a training step of `tiny`, `unet-16`
@@ -157,7 +160,12 @@ def load_run(
     state = load_checkpoint(path)
     recipe = checkpoint_recipe(state, path).replace(pretrained=None)
     run = build_run(
-        recipe, dataset, list(state["classes"]), device, mask_values=state.get("mask_values")
+        recipe,
+        dataset,
+        list(state["classes"]),
+        device,
+        mask_values=state.get("mask_values"),
+        encoder=state.get("encoder"),
     )
     check_inputs(run, state, path)
     load_weights_into(run.model, state, path)
@@ -182,9 +190,11 @@ def check_inputs(run: Run, state: dict[str, Any], path: Path) -> None:
     found = run.method.inputs_identity()
     if found != saved:
         now = _inputs_text(found) if found else "no such inputs"
+        fields = sorted(k for k in {*saved, *(found or {})} if saved.get(k) != (found or {}).get(k))
         raise StoreError(
             str(path),
-            f"trained on {_inputs_text(saved)}; the store now has {now}. Embed the store as the "
+            f"trained on {_inputs_text(saved)}; the store now has {now} (differing: "
+            f"{', '.join(fields)}). Embed the store as the "
             "run was trained (`hiresctl embed` with those settings under another --name, then "
             "evaluate a run trained on it), or retrain",
         )

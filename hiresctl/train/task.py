@@ -72,6 +72,11 @@ class Task(ABC, Generic[M]):
     def backbones(self) -> tuple[str, ...]:
         """The ``backbone`` names this task can build (checked when a recipe loads)."""
 
+    def accepts_backbone(self, name: str) -> bool:
+        """Whether ``name`` is a backbone of this task (a task taking timm or Hub names says
+        so here)."""
+        return name in self.backbones()
+
     @abstractmethod
     def classes(self, dataset: Dataset) -> tuple[list[str], list[int] | None]:
         """Class names of a new run, and for segmentation the mask value of each class; a

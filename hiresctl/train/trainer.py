@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from hiresctl.data import LabelledImage, PatchAugment, PatchStream, PlannedReads, require_images
+from hiresctl.models import model_encoder
 from hiresctl.train import distributed
 from hiresctl.train.checkpoint import (
     atomic_save,
@@ -293,6 +294,7 @@ class Trainer:
             "rng": {"torch": torch.get_rng_state()},
             "inputs": loop.inputs,
             "trained_on": loop.trained_on,
+            "encoder": model_encoder(self.run.model),  # rebuilds it where its weights are not
         }
 
     def _train_epoch(self, loop: _Loop, epoch: int, first: int) -> dict[str, Any]:

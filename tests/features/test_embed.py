@@ -3,8 +3,10 @@ per image, TRIDENT/CLAM h5 export, level chosen by µm/px."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -116,8 +118,9 @@ def test_h5_export_is_what_trident_and_clam_read(
             }
 
 
-def test_mpp_chooses_the_level_and_coords_stay_level_0(tmp_path: Path) -> None:
-    source = tmp_path / "slide.tif"
+def _slide(folder: Path) -> Path:
+    """A 256² tiled TIFF of 0.25 µm pixels whose values say where they are."""
+    source = folder / "slide.tif"
     tifffile.imwrite(
         source,
         coord_pixels(256, 256),
@@ -126,6 +129,11 @@ def test_mpp_chooses_the_level_and_coords_stay_level_0(tmp_path: Path) -> None:
         resolution=(1e4 / 0.25, 1e4 / 0.25),
         resolutionunit="CENTIMETER",
     )
+    return source
+
+
+def test_mpp_chooses_the_level_and_coords_stay_level_0(tmp_path: Path) -> None:
+    source = _slide(tmp_path)
     out = tmp_path / "ds.zarr"
     [tiled] = tile([SourceSpec((str(source),))], out, TileOptions(chunk=32, thumbnail_size=32))
     assert Dataset(out).entry(tiled.id).mpp == pytest.approx(0.25)
@@ -135,3 +143,125 @@ def test_mpp_chooses_the_level_and_coords_stay_level_0(tmp_path: Path) -> None:
     assert attrs["level"] == 1 and attrs["patch_size_level0"] == 64
     assert attrs["mpp"] == pytest.approx(0.5)
     assert coords[...].max() == 192  # the last patch's corner, in level-0 pixels
+
+
+def _stamp_coords(handle: Any) -> tuple[np.ndarray, float, float]:
+    """Coordinates as STAMP's loader reads them (stamp.modeling.data.get_coords, its "newer
+    STAMP format" branch): micrometres, the tile side from ``tile_size_um`` and the pixel size
+    as ``tile_size_um / tile_size_px``."""
+    coords_um = handle["coords"][:]
+    tile_size_um = float(handle.attrs["tile_size_um"])
+    return coords_um, tile_size_um, tile_size_um / int(handle.attrs["tile_size_px"])
+
+
+def test_stamp_export_is_what_stamp_reads(tmp_path: Path, cli: Callable) -> None:
+    """Features of a slide with a pixel size in STAMP's layout: ``feats`` as stored, coords
+    in µm on the tile grid, the pixel size of the level read; a store image without a pixel
+    size is one failure line and the others are written."""
+    import h5py
+
+    source = _slide(tmp_path)
+    plain = tmp_path / "plain.png"
+    import PIL.Image
+
+    PIL.Image.fromarray(coord_pixels(64, 64)).save(plain)
+    out = tmp_path / "ds.zarr"
+    tiled = tile(
+        [SourceSpec((str(source),)), SourceSpec((str(plain),))], out, TileOptions(chunk=32)
+    )
+    ids = {t.id for t in tiled}
+    result = cli(
+        "embed",
+        out,
+        "--backbone",
+        "tiny",
+        "--patch-size",
+        "32",
+        "--mpp",
+        "0.5",
+        "--export-stamp",
+        tmp_path / "stamp",
+    )
+    assert result.code != 0  # the image without a pixel size cannot be embedded at --mpp
+    result = cli(
+        "embed",
+        out,
+        "--backbone",
+        "tiny",
+        "--patch-size",
+        "32",
+        "--level",
+        "0",
+        "--name",
+        "l0",
+        "--export-stamp",
+        tmp_path / "stamp",
+    )
+    assert result.code == 1 and "plain: states no pixel size" in result.stderr
+    assert "1 STAMP h5 files" in result.stderr
+    dataset = Dataset(out)
+    [slide] = [i for i in ids if dataset.entry(i).mpp]
+    features, coords, _ = dataset.feature_set(slide, "l0")
+    with h5py.File(tmp_path / "stamp" / f"{slide}.h5", "r") as handle:
+        feats = handle["feats"][:]
+        coords_um, tile_um, mpp = _stamp_coords(handle)
+        assert handle.attrs["unit"] == "um" and handle.attrs["feat_type"] == "tile"
+        assert json.loads(handle.attrs["hiresctl"])["weights"] == "random:tiny:seed0"
+    np.testing.assert_array_equal(feats, features[...].astype(np.float16))
+    assert mpp == pytest.approx(0.25) and tile_um == pytest.approx(8.0)
+    np.testing.assert_allclose(coords_um, coords[...] * 0.25)
+    grid = coords_um / tile_um  # whole tiles apart, as STAMP's heatmaps place them
+    np.testing.assert_allclose(grid, np.round(grid))
+    assert not (tmp_path / "stamp" / f"{next(i for i in ids if i != slide)}.h5").exists()
+
+
+def test_torchrun_embeds_every_image_once_across_two_ranks(store: Path, tmp_path: Path) -> None:
+    """``torchrun --nproc_per_node 2 hiresctl embed``: each image written by one rank (its
+    features those of the one encoder), rank 0 reports all of them; run again, all skipped."""
+    import os
+    import subprocess
+    import sys
+
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29541",
+        "-m",
+        "hiresctl",
+        "embed",
+        str(store),
+        "--backbone",
+        "tiny",
+        "--patch-size",
+        "32",
+        "--device",
+        "cpu",
+        "--json",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    lines = [json.loads(line) for line in first.stdout.splitlines() if line.startswith("{")]
+    dataset = Dataset(store)
+    ids = [e.id for e in dataset.entries()]
+    assert sorted(r["image_id"] for r in lines) == sorted(ids)  # each once, all reported
+    assert {r["status"] for r in lines} == {"written"}
+    assert "4 embedded" in first.stderr
+    torch.manual_seed(0)
+    encoder = create_backbone("tiny").eval()
+    reader = PatchReader(dataset)
+    for image_id in ids:
+        features, _, _ = dataset.feature_set(image_id, "tiny")
+        grid = reader.grid(image_id, 32)
+        with torch.no_grad():
+            expected = encoder.forward_features(
+                reader.read_patches(image_id, grid, np.arange(features.shape[0]))
+            )
+        np.testing.assert_allclose(features[...], expected.numpy(), rtol=1e-3, atol=1e-3)
+    again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "0 embedded, 4 already done" in again.stderr

@@ -236,3 +236,36 @@ def test_ips_on_features_keeps_the_top_m_of_the_bag_and_trains_only_those(
     ctx.patches_with_grad = 0
     run.step(ids, torch.tensor([0, 1]), seed=7, ctx=ctx)
     assert ctx.patches_with_grad == 2 * 3  # M per image, not the bag's 16
+
+
+def test_features_read_another_way_are_refused_naming_the_field(
+    tmp_path: Path, cli: Callable
+) -> None:
+    """A Hub encoder's feature set records its transform: the same weights under the same
+    set name, normalised with other statistics, are refused when a run trained on the first
+    evaluates, naming the transform."""
+    from tests.encoders import hub_folder
+
+    images, labels = planted_images(
+        6, 64, 32, seed=4, split_of=lambda i: "val" if i >= 4 else "train"
+    )
+    store = make_store(tmp_path / "s", images, labels)
+    hub_folder(tmp_path / "a")
+    hub_folder(tmp_path / "b", mean=(0.5, 0.5, 0.5))  # the same weights (seed 0)
+    embed = ["embed", store, "--backbone", "hf-hub:lab/vit", "--patch-size", "32", "--name", "v"]
+    first = cli(*embed, "--pretrained", tmp_path / "a")
+    assert first.code == 0, first.stderr
+    from storage import Dataset
+
+    record = Dataset(store).feature_set("im000", "v")[2]
+    assert record["transform"]["mean"] == [0.6, 0.5, 0.4] and record["pooling"] == "model"
+    assert record["provenance"]["weights_source"] == "pretrained"
+    run = tmp_path / "run"
+    trained = cli("train", "--data", store, "--out", run, "--method", "abmil", "--set", "epochs=1")
+    assert trained.code == 0, trained.stderr
+    assert cli("eval", run, "--data", store, "--split", "val").code == 0
+    again = cli(*embed, "--pretrained", tmp_path / "b", "--overwrite")
+    assert again.code == 0, again.stderr
+    result = cli("eval", run, "--data", store, "--split", "val")
+    assert result.code != 0 and result.stderr.count("\n") == 1, result.stderr
+    assert "differing: transform" in result.stderr

@@ -72,7 +72,7 @@ class FeatureMIL(ClassificationMethod):
         first = self.reader.dataset.entries(complete_only=True)[0].id
         attrs = self._attrs(first)
         settings = attrs.get("settings", {})
-        return {
+        identity = {
             "features": self.feature_set(),
             "encoder": settings.get("backbone"),
             "weights": settings.get("weights"),
@@ -80,6 +80,12 @@ class FeatureMIL(ClassificationMethod):
             "level": settings.get("level"),
             "dim": int(attrs["dim"]),
         }
+        # how an encoder by timm, Hub or short name read its patches (sets of hiresctl's own
+        # backbones, and of earlier versions, hold the ImageNet transform and do not say it)
+        for key in ("transform", "pooling"):
+            if key in settings:
+                identity[key] = settings[key]
+        return identity
 
     def prepared_seconds(self) -> float | None:
         """The feature set's extraction time over every complete image of the store (training

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from hiresctl.data import LabelledImage, class_names, labelled_images
-from hiresctl.models import BACKBONES
+from hiresctl.models import BACKBONES, KNOWN, is_encoder_name
 from hiresctl.train import distributed
 from hiresctl.train.classification.base import ClassificationMethod
 from hiresctl.train.classification.metrics import classification_metrics, per_class
@@ -69,7 +69,10 @@ class Classification(Task[ClassificationMethod]):
     worst_images = "Worst images: where the model looked"
 
     def backbones(self) -> tuple[str, ...]:
-        return tuple(BACKBONES)
+        return (*BACKBONES, *KNOWN)
+
+    def accepts_backbone(self, name: str) -> bool:
+        return name in self.backbones() or is_encoder_name(name)
 
     def classes(self, dataset: Dataset) -> tuple[list[str], list[int] | None]:
         classes = class_names(dataset)

@@ -1,0 +1,213 @@
+"""Encoders by timm, Hub and short name: weights from a file, a Hub-format folder, the site's
+weights file or the Hugging Face cache (never the network); each encoder's own normalisation,
+resize and pooling, compared with what timm and torchvision compute themselves."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torchvision
+from safetensors.torch import save_file
+
+from hiresctl.data.reader import normalize
+from hiresctl.models import create_backbone
+from storage import UsageError
+from tests.encoders import hub_folder
+
+
+def _timm_features(model: torch.nn.Module, unit: torch.Tensor) -> torch.Tensor:
+    """What timm computes for [0, 1] RGB: its pretrained config's normalisation, its head's
+    pooling (pre-logits)."""
+    cfg = model.pretrained_cfg
+    mean = torch.tensor(cfg["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(cfg["std"]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        return model.forward_head(model.forward_features((unit - mean) / std), pre_logits=True)
+
+
+@pytest.fixture
+def unit() -> torch.Tensor:
+    return torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(autouse=True)
+def _no_site_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No weights file of this machine's user and an empty Hugging Face cache."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("HIRESCTL_WEIGHTS", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_timm_name_with_a_state_dict_file_computes_what_timm_computes(
+    tmp_path: Path, unit: torch.Tensor, suffix: str
+) -> None:
+    source = timm.create_model("test_vit", pretrained=False, num_classes=0).eval()
+    path = tmp_path / f"weights{suffix}"
+    state = {k: v.contiguous() for k, v in source.state_dict().items()}
+    if suffix == ".safetensors":
+        save_file(state, str(path))
+    else:
+        torch.save(state, path)
+    encoder = create_backbone("timm:test_vit", path).eval()
+    with torch.no_grad():
+        ours = encoder.forward_features(normalize(unit))  # the reader's ImageNet normalisation
+    # test_vit normalises with 0.5 / 0.5, not ImageNet's: the encoder renormalises
+    assert torch.allclose(ours, _timm_features(source, unit), atol=1e-5)
+    record = encoder.provenance
+    assert record["encoder"] == "timm:test_vit" and record["weights"].startswith("sha256:")
+    assert record["transform"]["mean"] == [0.5, 0.5, 0.5] and record["pooling"] == "model"
+
+
+def test_timm_name_without_weights_is_random_and_says_so(unit: torch.Tensor) -> None:
+    encoder = create_backbone("timm:test_resnet")
+    assert encoder.provenance["weights"] == "random"
+    assert encoder.forward_features(normalize(unit)).shape == (2, encoder.num_features)
+
+
+def test_hub_folder_brings_its_architecture_and_normalisation(
+    tmp_path: Path, unit: torch.Tensor
+) -> None:
+    source = hub_folder(tmp_path / "tiny", fixed_side=32)
+    encoder = create_backbone("hf-hub:lab/tiny", tmp_path / "tiny").eval()
+    assert encoder.transform.size == 32 and encoder.transform.mean == (0.6, 0.5, 0.4)
+    with torch.no_grad():
+        ours = encoder.forward_features(normalize(unit))  # 64² patches resized to its 32²
+    resized = torch.nn.functional.interpolate(
+        unit, size=(32, 32), mode="bicubic", align_corners=False, antialias=True
+    )
+    mean = torch.tensor([0.6, 0.5, 0.4]).view(1, 3, 1, 1)
+    std = torch.tensor([0.2, 0.25, 0.3]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        theirs = source.forward_head(source.forward_features((resized - mean) / std), True)
+    assert torch.allclose(ours, theirs, atol=1e-4)
+
+
+def test_hub_name_is_read_from_the_cache_alone(tmp_path: Path, unit: torch.Tensor) -> None:
+    repo = tmp_path / "hf" / "models--lab--tiny"
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    hub_folder(repo / "snapshots" / revision, fixed_side=None)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    encoder = create_backbone("hf-hub:lab/tiny")
+    assert encoder.provenance["weights_source"] == "hub-cache"
+    assert encoder.provenance["revision"] == revision
+    with pytest.raises(UsageError, match="weights not found on this machine"):
+        create_backbone("hf-hub:lab/absent")
+
+
+def test_site_weights_file_names_the_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hub_folder(tmp_path / "tiny", fixed_side=None)
+    site = tmp_path / "weights.yaml"
+    site.write_text(f"hf-hub:lab/tiny: {tmp_path / 'tiny'}\n")
+    monkeypatch.setenv("HIRESCTL_WEIGHTS", str(site))
+    assert create_backbone("hf-hub:lab/tiny").provenance["weights_source"] == "site"
+
+
+def test_short_name_without_weights_says_what_to_place_where() -> None:
+    with pytest.raises(UsageError) as caught:
+        create_backbone("uni")
+    message = str(caught.value)
+    assert "pytorch_model.bin" in message and "MahmoodLab/UNI" in message
+    assert "\n" not in message and "--pretrained" in message
+
+
+def test_weights_of_another_model_are_refused(tmp_path: Path) -> None:
+    other = timm.create_model("test_convnext", pretrained=False, num_classes=0)
+    path = tmp_path / "other.safetensors"
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(path))
+    with pytest.raises(UsageError, match="does not fit the encoder"):
+        create_backbone("timm:test_vit", path)
+
+
+def test_resnet50_trunc_is_torchvisions_resnet50_to_layer3_averaged(
+    tmp_path: Path, unit: torch.Tensor
+) -> None:
+    net = torchvision.models.resnet50(weights=None).eval()
+    path = tmp_path / "resnet50.pth"
+    torch.save(net.state_dict(), path)  # torchvision's names, with layer4 and fc left over
+    encoder = create_backbone("resnet50-trunc", path).eval()
+    with torch.no_grad():
+        x = normalize(unit)
+        for stage in (
+            net.conv1,
+            net.bn1,
+            net.relu,
+            net.maxpool,
+            net.layer1,
+            net.layer2,
+            net.layer3,
+        ):
+            x = stage(x)
+        expect = x.mean(dim=(2, 3))
+        ours = encoder.forward_features(normalize(unit))
+    assert ours.shape == (2, 1024) and torch.allclose(ours, expect, atol=1e-5)
+
+
+def test_cls_and_mean_pooling_leaves_the_register_tokens_out(unit: torch.Tensor) -> None:
+    """Virchow2's feature: the CLS token beside the mean of the patch tokens, its 4 register
+    tokens in neither."""
+    from hiresctl.models.encoders import Encoder, Transform
+
+    model = timm.create_model("test_vit", pretrained=False, num_classes=0, reg_tokens=4).eval()
+    encoder = Encoder(model, 2 * model.num_features, Transform(), "cls+mean")
+    with torch.no_grad():
+        tokens = model.forward_features(normalize(unit))
+        ours = encoder.forward_features(normalize(unit))
+    assert tokens.shape[1] == 1 + 4 + 16  # CLS, registers, a 4 × 4 grid of 16-pixel patches
+    expect = torch.cat([tokens[:, 0], tokens[:, 5:].mean(dim=1)], dim=1)
+    assert ours.shape == (2, 2 * model.num_features) and torch.allclose(ours, expect)
+
+
+def test_a_run_on_a_hub_encoder_evaluates_where_its_weights_are_not(
+    tmp_path: Path, cli: Callable
+) -> None:
+    """PatchGD trains a Hub encoder given as a folder; the checkpoint records the encoder, so
+    evaluation rebuilds it (architecture, normalisation, pooling) with the weights gone."""
+    import shutil
+
+    from tests.stores import make_store, planted_images
+
+    images, labels = planted_images(
+        6, 64, 32, seed=4, split_of=lambda i: "val" if i >= 4 else "train"
+    )
+    store = make_store(tmp_path / "s", images, labels)
+    hub_folder(tmp_path / "vit", fixed_side=32)
+    run = tmp_path / "run"
+    options = ["--set", "backbone=hf-hub:lab/vit", "--set", f"pretrained={tmp_path / 'vit'}"]
+    trained = cli(
+        "train",
+        "--data",
+        store,
+        "--out",
+        run,
+        "--method",
+        "patchgd",
+        "--set",
+        "epochs=1",
+        "--set",
+        "patch_size=32",
+        "--set",
+        "precision=fp32",
+        *options,
+        "--json",
+    )
+    assert trained.code == 0, trained.stderr
+    before = cli("eval", run, "--data", store, "--split", "val", "--json")
+    shutil.rmtree(tmp_path / "vit")
+    after = cli("eval", run, "--data", store, "--split", "val", "--json")
+    assert after.code == 0, after.stderr
+    assert json.loads(after.stdout)["metrics"] == json.loads(before.stdout)["metrics"]
+    from hiresctl.train.checkpoint import load_checkpoint
+
+    record = load_checkpoint(run / "checkpoints" / "best.pt")["encoder"]
+    assert record["transform"]["size"] == 32 and record["transform"]["mean"] == [0.6, 0.5, 0.4]
