@@ -7,7 +7,7 @@ import csv
 import hashlib
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -130,9 +130,12 @@ class SourceSpec:
     # colour masks: (0xRRGGBB, stored value) pairs and the value of unnamed colours (None: error)
     colours: tuple[tuple[int, int], ...] = ()
     other_colour: int | None = None
+    scene: int | None = None  # one scene of a multi-scene file (CZI)
 
     @property
     def name(self) -> str:
+        if self.scene is not None:
+            return f"{self.paths[0]} (scene {self.scene})"
         return self.mosaic or self.paths[0]
 
     def open(self, options: TileOptions) -> SourceReader:
@@ -140,7 +143,7 @@ class SourceSpec:
             reader: SourceReader = MosaicReader(self.mosaic, self.paths, options.max_pixels)
         else:  # a colour-coded mask is read as colours (a palette one through its palette)
             labels = self.labels and not self.colours
-            reader = open_source(self.paths[0], options.max_pixels, labels=labels)
+            reader = open_source(self.paths[0], options.max_pixels, labels=labels, scene=self.scene)
         if self.labels and self.reference_mpp is not None and options.source_mpp is None:
             reader.info = replace(reader.info, mpp=self.reference_mpp)
         reader = _resample(reader, options, nearest=self.labels)
@@ -381,6 +384,8 @@ def fingerprint(spec: SourceSpec) -> str:
     from storage.dicom import source_files
 
     h = hashlib.sha256()
+    if spec.scene is not None:
+        h.update(f"scene {spec.scene}".encode())
     for path in (f for p in spec.paths for f in source_files(p)):  # a DICOM folder: its files
         size = os.path.getsize(path)
         h.update(str(size).encode())
@@ -400,7 +405,31 @@ def image_id_for(spec: SourceSpec) -> str:
             break
     else:
         name = Path(name).stem if not spec.mosaic else name
+    if spec.scene is not None:
+        name = f"{name}_s{spec.scene}"
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "image"
+
+
+def expand_scenes(specs: Iterable[SourceSpec]) -> list[SourceSpec]:
+    """Each multi-scene file (CZI) as one spec per scene; every other spec as it is (a file
+    that cannot be opened stays one spec, and fails alone with its own error)."""
+    from storage import czi
+
+    out: list[SourceSpec] = []
+    for spec in specs:
+        path = Path(spec.paths[0])
+        if spec.mosaic or spec.scene is not None or path.suffix.lower() not in czi.SUFFIXES:
+            out.append(spec)
+            continue
+        try:
+            found = czi.scenes(path)
+        except SourceError:
+            found = []
+        if len(found) > 1:
+            out.extend(replace(spec, scene=k) for k in found)
+        else:
+            out.append(spec)
+    return out
 
 
 def split_for(image_id: str, seed: int, fractions: Sequence[float]) -> str:

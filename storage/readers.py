@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from storage import dicom
+from storage import czi, dicom
 from storage.errors import SourceError
 from storage.source import (
     DEFAULT_MAX_PIXELS,
@@ -200,6 +200,12 @@ SOURCE_FORMATS: tuple[SourceFormat, ...] = (
         lambda path, max_pixels, labels: _dicom_slide(path, max_pixels),
     ),
     SourceFormat(
+        "Zeiss CZI (pylibCZIrw)",
+        czi.SUFFIXES,
+        lambda path, head: czi.is_czi(head),
+        lambda path, max_pixels, labels: czi.CziReader(path, max_pixels),
+    ),
+    SourceFormat(
         "whole-slide image (OpenSlide: SVS, NDPI, MRXS, SCN, VMS, BIF)",
         frozenset(OPENSLIDE_SUFFIXES - {".tif"}),
         _is_slide,
@@ -231,14 +237,20 @@ def source_suffixes() -> frozenset[str]:
 
 
 def open_source(
-    path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS, labels: bool = False
+    path: str | os.PathLike[str],
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    labels: bool = False,
+    scene: int | None = None,
 ) -> SourceReader:
     """Open any supported source file, choosing the reader from its content, not its name.
 
-    With ``labels`` the file is a label image: palette images keep their indices."""
+    With ``labels`` the file is a label image: palette images keep their indices. ``scene``:
+    one scene of a multi-scene file (CZI)."""
     p = Path(path)
     if not p.exists():
         raise SourceError(p, "file not found")
+    if scene is not None:
+        return czi.CziReader(p, max_pixels, scene)
     if p.is_dir():
         if not dicom.instances(p):
             raise SourceError(

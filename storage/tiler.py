@@ -49,6 +49,7 @@ from storage.inputs import (
     MaskSet,
     SourceSpec,
     TileOptions,
+    expand_scenes,
 )
 from storage.lock import WriterLock
 from storage.ngff import label_image_attrs
@@ -336,6 +337,7 @@ def tile(
     options = options or TileOptions()
     options.validate()
     store = str(out)
+    sources = expand_scenes(sources)  # a multi-scene CZI: one image per scene
     with WriterLock(store):
         return _tile_locked(
             sources, store, options, labels, on_result, on_block, masks, annotations, rois

@@ -168,6 +168,7 @@ def tile(
     ``OUT.tile-failures.csv`` beside the store."""
     from hiresctl.cli.progress import ImagesDisplay, failures_path
     from storage.annotations import Annotations
+    from storage.inputs import expand_scenes
     from storage.tiler import LabelTable, MaskSet, SourceSpec, TileOptions
     from storage.tiler import tile as run_tile
 
@@ -177,7 +178,9 @@ def tile(
     if not paths:
         raise UsageError("no sources given")
     specs = (
-        [SourceSpec(tuple(paths), mosaic=mosaic)] if mosaic else [SourceSpec((p,)) for p in paths]
+        [SourceSpec(tuple(paths), mosaic=mosaic)]
+        if mosaic
+        else expand_scenes(SourceSpec((p,)) for p in paths)  # a CZI's scenes: one image each
     )
     options = TileOptions(
         chunk=chunk,
