@@ -231,6 +231,17 @@ class Encoder(Backbone):
         self.scale: torch.Tensor
         self.shift: torch.Tensor
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the blocks in the backward (timm's own checkpointing) instead of keeping
+        their activations; refused for a model timm cannot checkpoint."""
+        model = self.body.stages if isinstance(self.body, Trunk) else self.body
+        if not hasattr(model, "set_grad_checkpointing"):
+            raise UsageError(f"{self.provenance.get('encoder')}: no gradient checkpointing")
+        try:
+            model.set_grad_checkpointing(enable)  # type: ignore[operator]
+        except (AssertionError, NotImplementedError) as exc:
+            raise UsageError(f"gradient checkpointing is not supported here ({exc})") from None
+
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         t = self.transform
         if t.mean != IMAGENET_MEAN or t.std != IMAGENET_STD:

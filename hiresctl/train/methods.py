@@ -238,7 +238,18 @@ class Method(ABC):
         "patch" where it differs from ``patch_size``."""
 
     def backbone(self) -> Backbone:
-        return create_backbone(self.recipe.backbone, self.recipe.pretrained, self.encoder_record)
+        backbone = create_backbone(
+            self.recipe.backbone, self.recipe.pretrained, self.encoder_record
+        )
+        if self.recipe.grad_checkpointing:
+            set_checkpointing = getattr(backbone, "set_grad_checkpointing", None)
+            if set_checkpointing is None:
+                raise UsageError(
+                    f"grad_checkpointing: backbone {self.recipe.backbone!r} does not support "
+                    "it (timm encoders do)"
+                )
+            set_checkpointing(True)
+        return backbone
 
     def largest(self, images: list[Any]) -> tuple[PatchGrid, np.ndarray]:
         """The grid and kept patches of the image of ``images`` with the most kept patches."""

@@ -61,6 +61,10 @@ class Recipe:
     # model
     backbone: str = "resnet18"
     pretrained: str | None = None  # local path to backbone weights; nothing is downloaded
+    # recompute a transformer encoder's blocks in the backward instead of keeping their
+    # activations (timm encoders: ViTs and others that support it); --memory-budget measures
+    # the patch cost with it, so more patches fit a step
+    grad_checkpointing: bool = False
     # [D] feature size of a patch; None = the backbone's own features, unprojected (classification
     # PatchGD's default: a max over unprojected cells is the whole-image network's global max)
     latent_dim: int | None = 256

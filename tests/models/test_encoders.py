@@ -211,3 +211,23 @@ def test_a_run_on_a_hub_encoder_evaluates_where_its_weights_are_not(
 
     record = load_checkpoint(run / "checkpoints" / "best.pt")["encoder"]
     assert record["transform"]["size"] == 32 and record["transform"]["mean"] == [0.6, 0.5, 0.4]
+
+
+def test_grad_checkpointing_keeps_the_gradients_and_saves_memory(unit: torch.Tensor) -> None:
+    """Checkpointing a ViT's blocks recomputes them in the backward: the same gradients, and
+    what autograd keeps per patch (what --memory-budget plans with) shrinks."""
+    from hiresctl.models import PatchEncoder
+    from hiresctl.train.memory import patch_cost
+
+    encoder = create_backbone("timm:test_vit").train()
+    x = normalize(unit)
+    grads = []
+    costs = []
+    for checkpointing in (False, True):
+        encoder.set_grad_checkpointing(checkpointing)
+        encoder.zero_grad()
+        encoder.forward_features(x).square().sum().backward()
+        grads.append([p.grad.clone() for p in encoder.parameters()])
+        costs.append(patch_cost(PatchEncoder(encoder, None), x[:1]).grad)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(*grads, strict=True))
+    assert costs[1] < 0.7 * costs[0]
