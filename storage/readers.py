@@ -213,7 +213,7 @@ SOURCE_FORMATS: tuple[SourceFormat, ...] = (
     ),
     SourceFormat(
         "TIFF/OME-TIFF/BigTIFF",
-        frozenset({".tif", ".tiff", ".btf", ".tf8"}),
+        frozenset({".tif", ".tiff", ".btf", ".tf8", ".qptiff"}),
         lambda path, head: head[:4] in _TIFF_MAGIC,
         lambda path, max_pixels, labels: TiffReader(path, max_pixels),
     ),

@@ -57,12 +57,19 @@ def _axes(unit: str | None) -> list[dict[str, str]]:
 
 
 def image_multiscales(
-    name: str, level_scales: list[tuple[float, float]], mpp: float | None
+    name: str,
+    level_scales: list[tuple[float, float]],
+    mpp: float | None,
+    channels: list[dict[str, str]] | None = None,
+    dtype: str = "|u1",
 ) -> dict[str, Any]:
     """NGFF 0.5 ``ome`` attribute of an image group: one scale transform per level.
 
     ``level_scales`` holds (y, x) pixel sizes of each level relative to level 0; they are
     multiplied by ``mpp`` (µm) when the source states a pixel size, else kept in pixels.
+    ``channels`` (``label`` and ``color`` as RRGGBB, from the source: an OME-TIFF's or a
+    QPTIFF's channel names) become the ``omero`` block viewers show channel names from, each
+    window the full range of ``dtype``.
     """
     unit = "micrometer" if mpp else None
     base = mpp or 1.0
@@ -73,10 +80,20 @@ def image_multiscales(
         }
         for i, (sy, sx) in enumerate(level_scales)
     ]
-    return {
+    ome: dict[str, Any] = {
         "version": NGFF_VERSION,
         "multiscales": [{"name": name, "axes": _axes(unit), "datasets": datasets}],
     }
+    if channels:
+        top = float(np.iinfo(np.dtype(dtype)).max)
+        window = {"min": 0.0, "max": top, "start": 0.0, "end": top}
+        ome["omero"] = {
+            "channels": [
+                {"label": c["label"], "color": c["color"], "window": window, "active": True}
+                for c in channels
+            ]
+        }
+    return ome
 
 
 @dataclass(frozen=True, slots=True)

@@ -149,6 +149,9 @@ class TiffReader(SourceReader):
             extra["geo"] = geo
         if series.kind:
             extra["tiff_kind"] = series.kind
+        names = _channel_names(self._tif, series, channels)
+        if names:
+            extra["channel_names"] = names
         dtype = np.dtype(series.dtype)
         if dtype.kind not in "ui" or dtype.itemsize > 2:
             raise SourceError(self.path, f"pixel type {dtype} is not supported (8/16-bit only)")
@@ -283,3 +286,66 @@ class TiffReader(SourceReader):
 
 
 __all__ = ["TiffReader"]
+
+
+# ------------------------------------------------------------------------------ channel names
+
+#: a colour per channel where the file states none (viewers' usual first colours)
+DEFAULT_COLOURS = ("0000FF", "00FF00", "FF0000", "FFFF00", "FF00FF", "00FFFF", "FFFFFF")
+
+
+def _channel_names(tif: Any, series: Any, channels: int) -> list[dict[str, str]] | None:
+    """``label`` and ``color`` (RRGGBB) of each channel of a multiplexed image: an OME-TIFF's
+    ``Channel`` elements, or a QPTIFF's per-page ``Name``/``Biomarker`` and ``Color``; None
+    for RGB and single-channel images, or a file that names fewer channels than it has."""
+    if channels < 2 or (series.axes and "S" in series.axes):
+        return None
+    found: list[dict[str, str]] = []
+    if tif.is_ome and tif.ome_metadata:
+        found = _ome_channels(tif.ome_metadata)
+    elif getattr(tif, "is_qpi", False):
+        pages = [p for p in series.pages if p is not None][:channels]
+        found = [c for c in (_qpi_channel(str(p.description or "")) for p in pages) if c]
+    if len(found) != channels:
+        return None
+    for index, channel in enumerate(found):
+        channel.setdefault("color", DEFAULT_COLOURS[index % len(DEFAULT_COLOURS)])
+    return found
+
+
+def _ome_channels(xml: str) -> list[dict[str, str]]:
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return []
+    image = root.find("{*}Image/{*}Pixels")
+    out = []
+    for index, channel in enumerate(image.findall("{*}Channel") if image is not None else []):
+        entry = {"label": channel.get("Name") or f"channel {index}"}
+        colour = channel.get("Color")  # a signed 32-bit RGBA integer
+        if colour is not None and colour.lstrip("-").isdigit():
+            entry["color"] = f"{(int(colour) & 0xFFFFFFFF) >> 8:06X}"
+        out.append(entry)
+    return out
+
+
+def _qpi_channel(description: str) -> dict[str, str] | None:
+    """A QPTIFF page's ``<Name>`` (else ``<Biomarker>``) and ``<Color>`` ("r,g,b")."""
+    import re
+    import xml.etree.ElementTree as ET
+
+    text = re.sub(r"^\s*<\?xml[^>]*\?>", "", description)  # it declares UTF-16; it is text here
+    try:
+        root = ET.fromstring(text)
+    except (ET.ParseError, ValueError):
+        return None
+    name = root.findtext("Name") or root.findtext("Biomarker")
+    if not name:
+        return None
+    entry = {"label": name.strip()}
+    colour = (root.findtext("Color") or "").split(",")
+    if len(colour) == 3 and all(c.strip().isdigit() for c in colour):
+        entry["color"] = "".join(f"{min(255, int(c)):02X}" for c in colour)
+    return entry

@@ -170,7 +170,13 @@ def _finalize(root: zarr.Group, plan: Plan, options: TileOptions) -> None:
         name = f"_progress_{index}"
         if name in group:
             del group[name]
-    group.attrs["ome"] = image_multiscales(plan.result.id or "", level_scales, attrs.get("mpp"))
+    group.attrs["ome"] = image_multiscales(
+        plan.result.id or "",
+        level_scales,
+        attrs.get("mpp"),
+        attrs.get("channel_names"),
+        attrs.get("dtype", "|u1"),
+    )
     record_arrays(group)  # which shards exist: a deleted one is then told from an all-fill one
     attrs["status"] = "complete"
     attrs["foreground_fraction"] = float(mask.mean())
