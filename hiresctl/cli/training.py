@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from hiresctl.cli.common import DeviceChoice, Task, app, err, expand_sources
+from hiresctl.cli.common import DeviceChoice, Task, Verbose, app, err, expand_sources
 from storage.errors import UsageError
 
 # ------------------------------------------------------------------------------------- train
@@ -348,11 +348,17 @@ def predict(
     as_json: Annotated[
         bool, typer.Option("--json", help="One JSON line per image on stdout.")
     ] = False,
+    verbose: Verbose = False,
 ) -> None:
     """Apply a trained run: class predictions and heatmaps, or segmentation masks (NGFF) and
-    polygons (QuPath GeoJSON), with PNG overlays and a CSV/JSON row per image."""
+    polygons (QuPath GeoJSON), with PNG overlays and a CSV/JSON row per image.
+
+    On a terminal a live line counts images; a log gets a line per image; failures end grouped
+    by reason, every one in ``OUT/predict-failures.csv``."""
+    from hiresctl.cli.progress import ImagesDisplay
     from hiresctl.eval.predict import STORE
     from hiresctl.eval.predict import predict as run_predict
+    from storage import Dataset
     from storage.tiler import TileOptions
 
     if checkpoint not in ("best", "last"):
@@ -361,10 +367,15 @@ def predict(
     is_store = len(inputs) == 1 and (Path(inputs[0]) / "zarr.json").is_file()
     paths = inputs if is_store else expand_sources(inputs)
 
+    if is_store:
+        images = Dataset(inputs[0]).entries(split) if split else Dataset(inputs[0]).entries()
+        total = len(images)
+    else:
+        total = len(paths)
+
     def on_image(row: dict[str, Any]) -> None:
         if as_json:
             typer.echo(json.dumps(row))
-            return
         if "predicted" in row:
             what = f"{row['predicted']} ({row['confidence']:.2f})"
         elif "detections" in row:
@@ -373,34 +384,37 @@ def predict(
             what = f"{row['shape']}" + (f" F1 {row['f1']:.3f}" if row.get("f1") is not None else "")
             if "polygons" in row:
                 what += f", {row['polygons']} polygons"
-        err.print(
-            f"[green]predicted[/] {row['id']} {what} ({row['seconds']:.1f} s)", highlight=False
-        )
+        line = f"[green]predicted[/] {row['id']} {what} ({row['seconds']:.1f} s)"
+        display.image("predicted", str(row["id"]), line)
 
-    result = run_predict(
-        run,
-        paths,
-        out,
-        split,
-        device.value,
-        checkpoint,
-        chosen or None,
-        probabilities,
-        TileOptions(mpp=mpp, source_mpp=source_mpp),
-        on_image,
-        score_threshold,
-        rescale,
-        drop_channels,
-    )
+    with ImagesDisplay("predicted", total, err, verbose=verbose, unit="images") as display:
+        result = run_predict(
+            run,
+            paths,
+            out,
+            split,
+            device.value,
+            checkpoint,
+            chosen or None,
+            probabilities,
+            TileOptions(mpp=mpp, source_mpp=source_mpp),
+            on_image,
+            score_threshold,
+            rescale,
+            drop_channels,
+        )
     for note in result.notes:
         err.print(f"[yellow]converted[/] {note}", highlight=False, soft_wrap=True)
     for problem in result.problems:
-        err.print(f"[bold red]failed[/] {problem}", highlight=False, soft_wrap=True)
+        source, _, reason = problem.partition(": ")
+        display.image("failed", source, f"[bold red]failed[/] {problem}", reason or problem)
     written = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     err.print(
         f"{len(result.rows)} images predicted into {out} ({', '.join(written)})"
         + (f"; NGFF in {out / STORE}" if STORE in written else ""),
         highlight=False,
     )
+    failures = display.write_failures(out / "predict-failures.csv") if out.is_dir() else None
+    display.summary("", failures, totals=False)
     if result.problems:
         raise typer.Exit(1)

@@ -259,6 +259,9 @@ def test_inputs_unlike_the_training_images_are_converted_or_refused(
     assert result.code == 1, result.stderr
     assert "rgba16: has 4 channel(s), the run was trained on 3" in result.stderr
     assert "--drop-channels" in result.stderr and "Traceback" not in result.stderr
+    assert "1 failed, by reason:" in result.stderr  # the closing summary groups failures
+    failures = (tmp_path / "pred" / "predict-failures.csv").read_text().splitlines()
+    assert len(failures) == 2 and "rgba16" in failures[1]
     [row] = [json.loads(line) for line in result.stdout.splitlines()]
     assert row["id"] == "grey" and row["input_conversion"] == "grey repeated to RGB"
     assert result.stderr.count("grey repeated to RGB") == 1
