@@ -41,6 +41,7 @@ from hiresctl.train.run import (
     CHECKPOINTS,
     LAST,
     METRICS,
+    Run,
     TrainingDiverged,
     batch_seed,
     build_run,
@@ -151,11 +152,16 @@ class Trainer:
         self.run = build_run(recipe, self.dataset, classes, self.device, self.world, mask_values)
         self.memory_plan: MemoryPlan | None = None
         if recipe.memory_budget and not resume:
-            self.memory_plan = self.run.memory_plan(recipe.memory_budget, self.train_images)
+            self.memory_plan, checkpointed = budget_plan(
+                self.run, recipe.memory_budget, self.train_images
+            )
             changes: dict[str, Any] = {
                 "batch_size": self.memory_plan.batch_size,
                 "accumulation_steps": self.memory_plan.accumulation_steps,
             }
+            if checkpointed:
+                changes["grad_checkpointing"] = True
+                self.log("grad_checkpointing=true: the encoder recomputes its blocks to fit")
             if self.memory_plan.patches_per_step is not None:
                 changes["patches_per_step"] = self.memory_plan.patches_per_step
             self.recipe = recipe = recipe.replace(**changes)
@@ -472,3 +478,45 @@ class Trainer:
 
 
 __all__ = ["TrainResult", "Trainer"]
+
+
+def budget_plan(run: Run, budget: str, images: list[LabelledImage]) -> tuple[MemoryPlan, bool]:
+    """``--memory-budget``'s plan; with an encoder that can recompute its blocks in the
+    backward (timm's gradient checkpointing) and the recipe not asking for it, also the plan
+    with it, chosen when the step does not fit otherwise or it fits more patches or images per
+    step. Returns the plan and whether checkpointing was switched on for it."""
+    try:
+        plain: MemoryPlan | None = run.memory_plan(budget, images)
+        failure: UsageError | None = None
+    except UsageError as exc:
+        plain, failure = None, exc
+    encoder: Any = next(
+        (m for m in run.model.modules() if hasattr(m, "set_grad_checkpointing")), None
+    )
+    if encoder is not None and not run.recipe.grad_checkpointing:
+        try:
+            encoder.set_grad_checkpointing(True)
+        except UsageError:  # an encoder timm cannot checkpoint
+            encoder = None
+    if encoder is None or run.recipe.grad_checkpointing:
+        if plain is None:
+            assert failure is not None
+            raise failure
+        return plain, False
+    try:
+        checkpointed: MemoryPlan | None = run.memory_plan(budget, images)
+    except UsageError:
+        checkpointed = None
+    better = checkpointed is not None and (
+        plain is None
+        or (checkpointed.patches_per_step or 0) > (plain.patches_per_step or 0)
+        or checkpointed.batch_size > plain.batch_size
+    )
+    if better:
+        assert checkpointed is not None
+        return checkpointed, True
+    encoder.set_grad_checkpointing(False)
+    if plain is None:
+        assert failure is not None
+        raise failure
+    return plain, False

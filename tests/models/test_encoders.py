@@ -231,3 +231,43 @@ def test_grad_checkpointing_keeps_the_gradients_and_saves_memory(unit: torch.Ten
         costs.append(patch_cost(PatchEncoder(encoder, None), x[:1]).grad)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(*grads, strict=True))
     assert costs[1] < 0.7 * costs[0]
+
+
+def test_the_budget_turns_checkpointing_on_when_it_fits_more_patches(tmp_path: Path) -> None:
+    """With a timm encoder, --memory-budget plans the step with and without gradient
+    checkpointing and takes checkpointing where it fits more patches per step; with a budget
+    that fits every patch without it, it stays off."""
+    from hiresctl.data import LabelledImage
+    from hiresctl.train import Recipe, build_run
+    from hiresctl.train.trainer import budget_plan
+    from storage import Dataset
+    from tests.stores import make_store, planted_images
+
+    images, labels = planted_images(2, 512, 64, seed=1)
+    store = make_store(tmp_path / "s", images, labels)
+    recipe = Recipe(
+        method="patchgd",
+        backbone="timm:test_vit",
+        patch_size=64,
+        batch_size=1,
+        sample_fraction=1.0,
+        precision="fp32",
+        latent_dim=None,
+    )
+    run = build_run(recipe, Dataset(store), ["0", "1"], torch.device("cpu"))
+    train = [LabelledImage(i, 0) for i in sorted(images)]
+    huge = "1e12"
+    plain = run.memory_plan(huge, train)
+    encoder = run.model.encoder.backbone
+    encoder.set_grad_checkpointing(True)
+    checkpointed = run.memory_plan(huge, train)
+    encoder.set_grad_checkpointing(False)
+    assert plain.patches_per_step == checkpointed.patches_per_step == 64  # every patch fits
+    assert checkpointed.estimate < plain.estimate
+    between = str((plain.estimate + checkpointed.estimate) // 2)
+    chosen, on = budget_plan(run, between, train)
+    assert on and chosen.patches_per_step == 64 and encoder.body.grad_checkpointing
+    encoder.set_grad_checkpointing(False)
+    roomy = str(plain.estimate * 2)
+    chosen, on = budget_plan(run, roomy, train)
+    assert not on and chosen.patches_per_step == 64 and not encoder.body.grad_checkpointing
