@@ -155,10 +155,15 @@ def train_eval(store: Path, out: Path, options: list[str]) -> tuple[dict, dict, 
     return json.loads(evaluated.stdout), summary, seconds
 
 
+def feature_set(args: argparse.Namespace) -> str:
+    """The feature set's name: the embedding encoder's and the patch size."""
+    return f"bench-{args.embed_backbone or args.backbone}-{args.patch_size}"
+
+
 def embed_features(store: Path, args: argparse.Namespace) -> tuple[str, float]:
     """The feature set of the benchmark's encoder and patch size, and the seconds it took
     (``hiresctl embed`` skips images already done, so a second method pays nothing)."""
-    name = f"bench-{args.backbone}-{args.patch_size}"
+    name = feature_set(args)
     start = time.perf_counter()
     command = [
         sys.executable,
@@ -167,7 +172,7 @@ def embed_features(store: Path, args: argparse.Namespace) -> tuple[str, float]:
         "embed",
         str(store),
         "--backbone",
-        args.backbone,
+        args.embed_backbone or args.backbone,
         "--patch-size",
         str(args.patch_size),
         "--name",
@@ -204,7 +209,7 @@ def method_options(method: str, args: argparse.Namespace) -> list[str]:
     common = ["--method", method, "--device", "cpu", *budget]
     common += sets(epochs=args.epochs, batch_size=args.batch_size)
     if method in FEATURE_METHODS:
-        options = common + sets(lr="1e-3", features=f"bench-{args.backbone}-{args.patch_size}")
+        options = common + sets(lr="1e-3", features=feature_set(args))
         return options + (ips if method == "ips-features" else [])
     options = common + sets(backbone=args.backbone, patch_size=args.patch_size, head_width=64)
     if args.foreground_threshold:
@@ -264,6 +269,12 @@ def main() -> None:
         type=Path,
         default=None,
         help="abmil/transmil: encoder weights for `hiresctl embed` (default: random)",
+    )
+    parser.add_argument(
+        "--embed-backbone",
+        default=None,
+        help="abmil/transmil/ips-features: the encoder `hiresctl embed` runs (a short, timm or "
+        "Hub name, e.g. dinov2-s or resnet50-trunc, with --embed-weights); default: --backbone",
     )
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument(
@@ -435,9 +446,9 @@ def table(rows: list[tuple[str, dict]], side: int, args: argparse.Namespace) -> 
         "reference row is bare PyTorch on the TIFFs (`benchmarks/reference.py`), nothing of "
         f"hiresctl. `e2e-mil` trains on K = {args.bag_size} random patches per image per step; "
         "`abmil`, `transmil` and `ips-features` train on features `hiresctl embed` stored once "
-        "with the same encoder, "
+        + ("with the same encoder, " if not args.embed_backbone else "with ")
         + (
-            f"weights {args.embed_weights.name}"
+            f"`{args.embed_backbone or args.backbone}` with weights {args.embed_weights.name}"
             if args.embed_weights
             else "**random weights** (nothing pretrained can be downloaded here)"
         )
