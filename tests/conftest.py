@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +26,22 @@ def coord_pixels(height: int, width: int, channels: int = 3, dtype: str = "uint8
 @pytest.fixture
 def coord() -> Callable[..., np.ndarray]:
     return coord_pixels
+
+
+def torchrun(*arguments: str, port: int, ranks: int = 2) -> subprocess.CompletedProcess[str]:
+    """``torchrun --nproc_per_node ranks ARGS`` (one thread per rank), its output captured."""
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(ranks),
+        "--master_port",
+        str(port),
+        *arguments,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
 
 
 @dataclass

@@ -19,7 +19,7 @@ from hiresctl.features import EmbedOptions, embed_store
 from hiresctl.models import create_backbone
 from storage import Dataset
 from storage.tiler import SourceSpec, TileOptions, tile
-from tests.conftest import coord_pixels
+from tests.conftest import coord_pixels, torchrun
 from tests.ngff import assert_valid_ngff
 from tests.stores import make_store, planted_images
 
@@ -170,33 +170,11 @@ def test_stamp_export_is_what_stamp_reads(tmp_path: Path, cli: Callable) -> None
         [SourceSpec((str(source),)), SourceSpec((str(plain),))], out, TileOptions(chunk=32)
     )
     ids = {t.id for t in tiled}
-    result = cli(
-        "embed",
-        out,
-        "--backbone",
-        "tiny",
-        "--patch-size",
-        "32",
-        "--mpp",
-        "0.5",
-        "--export-stamp",
-        tmp_path / "stamp",
-    )
+    embed = ["embed", out, "--backbone", "tiny", "--patch-size", "32"]
+    stamp = ["--export-stamp", tmp_path / "stamp"]
+    result = cli(*embed, "--mpp", "0.5", *stamp)
     assert result.code != 0  # the image without a pixel size cannot be embedded at --mpp
-    result = cli(
-        "embed",
-        out,
-        "--backbone",
-        "tiny",
-        "--patch-size",
-        "32",
-        "--level",
-        "0",
-        "--name",
-        "l0",
-        "--export-stamp",
-        tmp_path / "stamp",
-    )
+    result = cli(*embed, "--level", "0", "--name", "l0", *stamp)
     assert result.code == 1 and "plain: states no pixel size" in result.stderr
     assert "1 STAMP h5 files" in result.stderr
     dataset = Dataset(out)
@@ -218,32 +196,9 @@ def test_stamp_export_is_what_stamp_reads(tmp_path: Path, cli: Callable) -> None
 def test_torchrun_embeds_every_image_once_across_two_ranks(store: Path, tmp_path: Path) -> None:
     """``torchrun --nproc_per_node 2 hiresctl embed``: each image written by one rank (its
     features those of the one encoder), rank 0 reports all of them; run again, all skipped."""
-    import os
-    import subprocess
-    import sys
-
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29541",
-        "-m",
-        "hiresctl",
-        "embed",
-        str(store),
-        "--backbone",
-        "tiny",
-        "--patch-size",
-        "32",
-        "--device",
-        "cpu",
-        "--json",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    first = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    command = ["-m", "hiresctl", "embed", str(store), "--backbone", "tiny", "--patch-size", "32"]
+    command += ["--device", "cpu", "--json"]
+    first = torchrun(*command, port=29541)
     assert first.returncode == 0, first.stderr[-3000:]
     lines = [json.loads(line) for line in first.stdout.splitlines() if line.startswith("{")]
     dataset = Dataset(store)
@@ -262,6 +217,6 @@ def test_torchrun_embeds_every_image_once_across_two_ranks(store: Path, tmp_path
                 reader.read_patches(image_id, grid, np.arange(features.shape[0]))
             )
         np.testing.assert_allclose(features[...], expected.numpy(), rtol=1e-3, atol=1e-3)
-    again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    again = torchrun(*command, port=29541)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "0 embedded, 4 already done" in again.stderr

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +13,7 @@ import torch
 
 from hiresctl.train import load_recipe
 from storage import UsageError
+from tests.conftest import torchrun
 from tests.stores import make_store, planted_images
 
 TINY = [
@@ -318,23 +316,7 @@ def test_ddp_two_gloo_ranks_hold_identical_weights(planted: Path, tmp_path: Path
                    {str(tmp_path)!r} + f"/rank{{rank}}.pt")
     """)
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            "29533",
-            str(script),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    proc = torchrun(str(script), port=29533)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     assert ranks[0]["changed"] and ranks[1]["changed"]
