@@ -271,3 +271,110 @@ def test_the_budget_turns_checkpointing_on_when_it_fits_more_patches(tmp_path: P
     roomy = str(plain.estimate * 2)
     chosen, on = budget_plan(run, roomy, train)
     assert not on and chosen.patches_per_step == 64 and not encoder.body.grad_checkpointing
+
+
+def test_full_refuses_an_encoder_of_one_input_size(tmp_path: Path) -> None:
+    """`full` with a ViT of fixed input side would shrink the whole image to it: refused in
+    one line; a patch method takes it (its patches are resized)."""
+    from hiresctl.train import Recipe, build_run
+    from storage import Dataset
+    from tests.stores import make_store, planted_images
+
+    images, labels = planted_images(2, 64, 32, seed=1)
+    store = make_store(tmp_path / "s", images, labels)
+    hub_folder(tmp_path / "vit", fixed_side=32)
+    options = {"backbone": "hf-hub:lab/vit", "pretrained": str(tmp_path / "vit")}
+    with pytest.raises(UsageError, match="takes 32² inputs only"):
+        build_run(Recipe(method="full", **options), Dataset(store), ["0", "1"], torch.device("cpu"))
+    build_run(Recipe(method="patchgd", **options), Dataset(store), ["0", "1"], torch.device("cpu"))
+
+
+def test_short_names_carry_the_transforms_their_sources_publish() -> None:
+    """docs/encoders.md cites each short name's source (model card, timm's configuration);
+    the registry holds exactly the size, interpolation, mean, std, pooling, width and Hub
+    repository that table states."""
+    from hiresctl.models.encoders import KNOWN
+
+    table = Path(__file__).resolve().parents[2] / "docs" / "encoders.md"
+    rows = {}
+    for line in table.read_text(encoding="utf-8").splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 10 and cells[0].startswith("`") and cells[0] != "name":
+            rows[cells[0].strip("`")] = cells
+    assert set(rows) == set(KNOWN)
+
+    def floats(text: str) -> tuple[float, ...]:
+        return tuple(float(v) for v in text.split(","))
+
+    for name, known in KNOWN.items():
+        _, architecture, hub, side, interpolation, mean, std, pooling, width, _ = rows[name]
+        t = known.transform
+        assert architecture.startswith(f"`{known.architecture}`"), name
+        assert hub.startswith(f"`{known.hub}`"), name
+        assert side == ("any" if t.size is None else str(t.size)), name
+        assert (interpolation, pooling, int(width)) == (t.interpolation, known.pooling, known.width)
+        assert floats(mean) == t.mean and floats(std) == t.std, name
+
+
+def _small_store(tmp_path: Path) -> Path:
+    from tests.stores import make_store, planted_images
+
+    images, labels = planted_images(2, 64, 32, seed=1)
+    return make_store(tmp_path / "s", images, labels)
+
+
+def test_embed_a_timm_vit_from_a_safetensors_file(tmp_path: Path, cli: Callable) -> None:
+    """`hiresctl embed DS --encoder timm:vit_small_patch16_224 --pretrained W.safetensors`:
+    the ViT's features of every patch (resized to its 224²), its transform recorded."""
+    from storage import Dataset
+
+    source = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0)
+    weights = tmp_path / "vit_small.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(weights))
+    store = _small_store(tmp_path)
+    result = cli(
+        "embed",
+        store,
+        "--encoder",
+        "timm:vit_small_patch16_224",
+        "--pretrained",
+        weights,
+        "--patch-size",
+        "32",
+        "--name",
+        "vit",
+        "--dtype",
+        "float32",
+    )
+    assert result.code == 0, result.stderr
+    features, _, attrs = Dataset(store).feature_set("im000", "vit")
+    assert features.shape == (4, 384)
+    assert attrs["transform"] == {
+        "size": 224,
+        "interpolation": "bicubic",
+        "mean": [0.5, 0.5, 0.5],
+        "std": [0.5, 0.5, 0.5],
+    }
+    assert attrs["provenance"]["weights_source"] == "pretrained"
+
+
+@pytest.mark.slow
+def test_embed_uni_from_its_folder(tmp_path: Path, cli: Callable) -> None:
+    """`hiresctl embed DS --encoder uni --pretrained UNI_DIR`: UNI's architecture (ViT-L/16,
+    random weights here, 1.2 GB) written as its Hub folder holds it (pytorch_model.bin), loaded
+    offline, 1024-wide CLS features at 224² with ImageNet statistics."""
+    from hiresctl.models.encoders import KNOWN, _layers
+    from storage import Dataset
+
+    uni = KNOWN["uni"]
+    model = timm.create_model(uni.architecture, num_classes=0, **_layers(uni.kwargs))
+    folder = tmp_path / "UNI"
+    folder.mkdir()
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    del model
+    store = _small_store(tmp_path)
+    result = cli("embed", store, "--encoder", "uni", "--pretrained", folder, "--patch-size", "32")
+    assert result.code == 0, result.stderr
+    features, _, attrs = Dataset(store).feature_set("im000", "uni")
+    assert features.shape == (4, 1024) and attrs["pooling"] == "cls"
+    assert attrs["transform"]["size"] == 224 and attrs["transform"]["interpolation"] == "bilinear"

@@ -24,6 +24,7 @@ from hiresctl.train.methods import (
     resized_setting,
 )
 from hiresctl.train.registry import register_method
+from storage.errors import UsageError
 
 
 class WholeImage(ClassificationMethod):
@@ -114,6 +115,17 @@ class Full(WholeImage):
 
     def describe(self, image_id: str) -> dict[str, str] | None:
         return dict(FULL_SETTING)
+
+    def build_model(self) -> nn.Module:
+        model = super().build_model()
+        transform = getattr(model.backbone, "transform", None)
+        if transform is not None and transform.size is not None:
+            raise UsageError(
+                f"full: {self.recipe.backbone} takes {transform.size}² inputs only and would "
+                "shrink the whole image to that; use an encoder of any input size (a CNN, or "
+                "a ViT with dynamic_img_size) or a patch method"
+            )
+        return model
 
     def request(self, image_id: str, b: int) -> ReadRequest:
         grid = full_grid(self, image_id, "ips")
