@@ -366,7 +366,7 @@ def embed(
             "--encoder",
             help="Encoder: a registered backbone (tiny, resnet18, ...), a short name (uni, "
             "uni2-h, virchow2, h-optimus-0, dinov2-s/b/l, resnet50-trunc), timm:NAME or "
-            "hf-hub:ORG/REPO[@REVISION]."
+            "hf-hub:ORG/REPO[@REVISION].",
         ),
     ] = "resnet18",
     pretrained: Annotated[
