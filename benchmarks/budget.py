@@ -41,6 +41,7 @@ SETTINGS = {
     "det": ["--set", "backbone=resnet18", "--set", "patch_size=512", "--set", "latent_dim=128"],
     "seg": ["--set", "patch_size=256"],
 }
+FEATURE_METHODS = ("abmil", "transmil", "ips-features")
 BUDGET = "64GiB"  # far above need: the plan estimates, it does not shrink
 LOW, HIGH = 0.95, 1.15
 
@@ -78,8 +79,13 @@ def methods() -> dict[str, list[str]]:
     return found
 
 
-def measure(task: str, method: str, store: Path, side: int) -> dict:
-    out = DATA / "b1_runs" / f"{task}-{method}-{side}"
+# methods that read the whole image at its size: a fixed-size encoder (a ViT) cannot take it
+WHOLE_IMAGE = ("full",)
+
+
+def measure(task: str, method: str, store: Path, side: int, encoder: str = "resnet18") -> dict:
+    tag = "" if encoder == "resnet18" else f"-{encoder.replace(':', '_').replace('/', '_')}"
+    out = DATA / "b1_runs" / f"{task}-{method}-{side}{tag}"
     subprocess.run(["rm", "-rf", str(out)], check=True)
     options = [
         "train",
@@ -107,13 +113,15 @@ def measure(task: str, method: str, store: Path, side: int) -> dict:
         "precision=fp32",
         "--json",
     ]
-    if method in ("abmil", "transmil", "ips-features"):
+    if method in FEATURE_METHODS:
         _hiresctl(
             "embed", str(store), "--backbone", "resnet18", "--patch-size", "256", "--name", "b1"
         )
         options += ["--set", "features=b1"]
     else:
         options += SETTINGS[task]
+        if task == "cls" and encoder != "resnet18":
+            options += ["--set", f"backbone={encoder}"]
     summary = json.loads(_hiresctl(*options).stdout.strip().splitlines()[-1])
     return summary
 
@@ -135,6 +143,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sides", default="1024,2048")
     parser.add_argument("--tasks", default="cls,det,seg")
+    parser.add_argument(
+        "--encoders",
+        default="resnet18",
+        help="classification's encoders, e.g. resnet18,timm:vit_small_patch16_224 (a ViT's "
+        "rows skip `full` and the feature methods)",
+    )
     args = parser.parse_args()
     sides = [int(s) for s in args.sides.split(",")]
     registered = methods()
@@ -144,13 +158,18 @@ def main() -> None:
     for task in args.tasks.split(","):
         for side in sides:
             store = make_store(task, side)
-            for method in registered.get(task, []):
-                summary = measure(task, method, store, side)
+            encoders = args.encoders.split(",") if task == "cls" else ["resnet18"]
+            for encoder, method in ((e, m) for e in encoders for m in registered.get(task, [])):
+                other = encoder != "resnet18"
+                if other and (method in WHOLE_IMAGE or method in FEATURE_METHODS):
+                    continue
+                summary = measure(task, method, store, side, encoder)
                 estimate, peak = summary["memory_estimate_gb"], summary["peak_memory_gb"]
-                results[f"{task} {method} {side}"] = [task, method, side, estimate, peak]
+                name = f"{method} ({encoder})" if other else method
+                results[f"{task} {name} {side}"] = [task, name, side, estimate, peak]
                 kept.write_text(json.dumps(results, indent=1))
                 print(
-                    f"{task} {method} {side}: estimate {estimate:.2f} GB, peak {peak:.2f} GB, "
+                    f"{task} {name} {side}: estimate {estimate:.2f} GB, peak {peak:.2f} GB, "
                     f"ratio {estimate / peak:.2f}",
                     flush=True,
                 )
@@ -162,11 +181,14 @@ def main() -> None:
     lines = [
         f"## Memory budget (B1), {time.strftime('%Y-%m-%d')}, {machine}",
         "",
-        f"Command: `python benchmarks/budget.py --sides {measured_sides} --tasks {measured_tasks}`. "
+        f"Command: `python benchmarks/budget.py --sides {measured_sides} --tasks {measured_tasks}"
+        f"{' --encoders ' + args.encoders if args.encoders != 'resnet18' else ''}`. "
         "One epoch on two training images per side, batch 1, `--memory-budget "
         f"{BUDGET}` (the plan estimates without shrinking anything), each run in a fresh process; "
         "ResNet-18 for classification and detection (FPN 128, patch 512), the segmentation "
-        "default network, patch 256; the feature methods on ResNet-18 features. Estimate: the "
+        "default network, patch 256; the feature methods on ResNet-18 features; a row "
+        "`method (encoder)` trains classification with that encoder instead (random "
+        "weights; a ViT's patches resized to its input side inside it). Estimate: the "
         "plan's step peak; peak: the run's peak RSS; in brackets both above the process "
         f"baseline of {base:.2f} GB (torch and hiresctl imported). Target: estimate / peak in "
         f"[{LOW}, {HIGH}].",
