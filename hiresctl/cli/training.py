@@ -355,9 +355,15 @@ def predict(
 
     On a terminal a live line counts images; a log gets a line per image; failures end grouped
     by reason, every one in ``OUT/predict-failures.csv``."""
+    import io
+
+    from rich.console import Console
+
     from hiresctl.cli.progress import ImagesDisplay
-    from hiresctl.eval.predict import STORE
+    from hiresctl.eval.predict import STORE, write_rows
     from hiresctl.eval.predict import predict as run_predict
+    from hiresctl.train import resolve_device
+    from hiresctl.train.distributed import gather_objects, init_world
     from storage import Dataset
     from storage.tiler import TileOptions
 
@@ -373,8 +379,12 @@ def predict(
     else:
         total = len(paths)
 
+    # under torchrun each rank predicts its share of the images; rank 0 reports them all
+    world = init_world(resolve_device(device.value).type)
+    console = err if world.main else Console(file=io.StringIO())
+
     def on_image(row: dict[str, Any]) -> None:
-        if as_json:
+        if as_json and world.main:
             typer.echo(json.dumps(row))
         if "predicted" in row:
             what = f"{row['predicted']} ({row['confidence']:.2f})"
@@ -387,7 +397,7 @@ def predict(
         line = f"[green]predicted[/] {row['id']} {what} ({row['seconds']:.1f} s)"
         display.image("predicted", str(row["id"]), line)
 
-    with ImagesDisplay("predicted", total, err, verbose=verbose, unit="images") as display:
+    with ImagesDisplay("predicted", total, console, verbose=verbose, unit="images") as display:
         result = run_predict(
             run,
             paths,
@@ -402,7 +412,21 @@ def predict(
             score_threshold,
             rescale,
             drop_channels,
+            shard=(world.rank, world.size),
         )
+        if world.active:  # every rank's rows, problems and notes, as if predicted here
+            shares: list[Any] = gather_objects(result, world)
+            for other in shares[1:]:
+                for row in other.rows:
+                    on_image(row)
+                result.rows += other.rows
+                result.problems += other.problems
+                result.notes += [n for n in other.notes if n not in result.notes]
+            result.rows.sort(key=lambda row: str(row.get("id")))
+            if world.main:
+                write_rows(result.rows, out, result.formats)
+    if not world.main:
+        return
     for note in result.notes:
         err.print(f"[yellow]converted[/] {note}", highlight=False, soft_wrap=True)
     for problem in result.problems:

@@ -4,10 +4,13 @@ results and their ground truth (``boxes.py``), each image's row; written tile by
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,17 +41,35 @@ GEOJSON_MAX_SIDE = 8192  # polygons are traced on the finest prediction level at
 
 
 def open_out(out: str | Path, meta: dict[str, Any]) -> zarr.Group:
+    """The predictions store at ``out``, created or reopened. Ranks of one torchrun job open it
+    one at a time (a lock on its folder) and rewrite its attributes only when they differ, so
+    none reads a half-written root; each then writes its own images' groups."""
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise UsageError(f"{out}: --out exists and is not a folder")
-    root = zarr.open_group(str(out), mode="a")
-    existing = hires_attrs(root)
-    if existing and existing.get("kind") != "predictions":
-        raise StoreError(str(out), "is a Zarr group but not a hiresctl predictions store")
-    if not existing and len(list(root.keys())):
-        raise StoreError(str(out), "is a Zarr group with other content; choose another --out")
-    root.attrs["hiresctl"] = {**meta, "kind": "predictions"}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _folder_lock(path.parent):
+        root = zarr.open_group(str(out), mode="a")
+        existing = hires_attrs(root)
+        if existing and existing.get("kind") != "predictions":
+            raise StoreError(str(out), "is a Zarr group but not a hiresctl predictions store")
+        if not existing and len(list(root.keys())):
+            raise StoreError(str(out), "is a Zarr group with other content; choose another --out")
+        record = json.loads(json.dumps({**meta, "kind": "predictions"}))
+        if existing != record:
+            root.attrs["hiresctl"] = record
     return root
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``folder``, waited for."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def predict_masks(

@@ -66,6 +66,7 @@ class PredictResult:
     problems: list[str]  # sources that could not be tiled or taken, each with its reason
     out: Path
     notes: list[str] = field(default_factory=list)  # conversions of inputs, one line per kind
+    formats: set[str] = field(default_factory=set)  # what the table files are written as
 
 
 def _tile_sources(sources: list[str], folder: str, options: Any, problems: list[str]) -> Path:
@@ -92,9 +93,15 @@ def predict(
     score_threshold: float | None = None,
     rescale: bool = False,
     drop_channels: bool = False,
+    shard: tuple[int, int] = (0, 1),
 ) -> PredictResult:
     """Apply a run to one dataset store (``inputs == [store]``) or to source files, tiled into a
-    temporary store first (bad sources are named in ``problems``; the others are predicted)."""
+    temporary store first (bad sources are named in ``problems``; the others are predicted).
+
+    ``shard`` = (rank, ranks) under torchrun: rank r predicts every ranks-th image of the store
+    from the r-th (of source files: tiles and predicts every ranks-th file), writing its images'
+    outputs; the table files (``predictions.csv``/``.json``) are written by the caller from
+    every rank's rows (:func:`write_rows`)."""
     task = run_task(run_dir)
     if task not in _PREDICTORS:
         raise UsageError(f"{run_dir}: predict does not handle {task!r} runs yet")
@@ -118,8 +125,12 @@ def predict(
     problems: list[str] = []
     with tempfile.TemporaryDirectory(prefix="hiresctl-predict-") as scratch:
         is_store = len(inputs) == 1 and (Path(inputs[0]) / "zarr.json").is_file()
+        rank, ranks = shard
+        share = inputs if is_store else inputs[rank::ranks]
+        if not share:  # more ranks than source files
+            return PredictResult([], problems, folder, [], wanted)
         data = (
-            Path(inputs[0]) if is_store else _tile_sources(inputs, scratch, tile_options, problems)
+            Path(inputs[0]) if is_store else _tile_sources(share, scratch, tile_options, problems)
         )
         if not is_store and split is not None:
             raise UsageError("--split selects images of a dataset store, not of source files")
@@ -147,6 +158,7 @@ def predict(
             rescale,
             drop_channels,
             converted,
+            shard=shard if is_store else (0, 1),
         )
         try:
             rows = predictor.write(job)
@@ -164,8 +176,9 @@ def predict(
     for row in rows:
         if row.get("id") in converted:
             row["input_conversion"] = converted[row["id"]]
-    _write_rows(rows, folder, wanted)
-    return PredictResult(rows, problems, folder, job.notes)
+    if shard[1] == 1:
+        write_rows(rows, folder, wanted)
+    return PredictResult(rows, problems, folder, job.notes, wanted)
 
 
 @dataclass
@@ -187,6 +200,7 @@ class PredictJob:
     drop_channels: bool = False
     converted: dict[str, str] = field(default_factory=dict)  # image id → conversion made
     notes: list[str] = field(default_factory=list)  # one line per kind of conversion
+    shard: tuple[int, int] = (0, 1)  # (rank, ranks): this rank's share of the store's images
 
     def load(self) -> tuple[Run, Dataset, list[Any]]:
         """The run, the store and its completely tiled images (of ``split``) the run can take."""
@@ -200,6 +214,8 @@ class PredictJob:
     def screen(self, run: Run, dataset: Dataset, entries: list[Any]) -> list[Any]:
         """The ``entries`` the run can take (``hiresctl.train.inputs``): the refused go to
         ``problems``, the conversions made to ``converted`` and ``notes``."""
+        rank, ranks = self.shard
+        entries = entries[rank::ranks]
         screen = screen_inputs(
             run.trained_on, entries, str(dataset.path), self.rescale, self.drop_channels
         )
@@ -298,7 +314,7 @@ def _predict_classification(job: PredictJob) -> list[dict[str, Any]]:
     return classify_images(run, dataset, entries, root, job.folder, job.wanted, job.on_image)
 
 
-def _write_rows(rows: list[dict[str, Any]], folder: Path, formats: set[str]) -> None:
+def write_rows(rows: list[dict[str, Any]], folder: Path, formats: set[str]) -> None:
     flat = [
         {k: (json.dumps(v) if isinstance(v, dict | list) else v) for k, v in row.items()}
         for row in rows

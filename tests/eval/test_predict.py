@@ -340,3 +340,57 @@ def test_a_pixel_size_far_from_training_is_refused_until_resampled(
         "0.5",
     )
     assert resampled.code == 0, resampled.stderr
+
+
+def test_torchrun_predicts_every_image_once_across_two_ranks(tmp_path: Path, cli: Callable) -> None:
+    """``torchrun --nproc_per_node 2 hiresctl predict RUN STORE``: each image predicted by one
+    rank into the one predictions store, rank 0 writes every row once; the same as one
+    process predicts."""
+    from tests.conftest import torchrun
+
+    images, labels = planted_images(6, 64, 32, seed=4)
+    store = make_store(tmp_path / "s", images, labels)
+    run = tmp_path / "run"
+    trained = cli(
+        "train",
+        "--data",
+        store,
+        "--out",
+        run,
+        "--method",
+        "downsample",
+        "--set",
+        "epochs=1",
+        "--set",
+        "backbone=tiny",
+        "--set",
+        "patch_size=32",
+        "--set",
+        "val_split=none",
+    )
+    assert trained.code == 0, trained.stderr
+    alone = cli("predict", run, store, "--out", tmp_path / "alone", "--format", "json,ngff")
+    assert alone.code == 0, alone.stderr
+    both = torchrun(
+        "-m",
+        "hiresctl",
+        "predict",
+        str(run),
+        str(store),
+        "--out",
+        str(tmp_path / "both"),
+        "--format",
+        "json,ngff",
+        "--device",
+        "cpu",
+        port=29547,
+    )
+    assert both.returncode == 0, both.stderr[-3000:]
+    rows = json.loads((tmp_path / "both" / "predictions.json").read_text())
+    expected = json.loads((tmp_path / "alone" / "predictions.json").read_text())
+    assert sorted(r["id"] for r in rows) == sorted(images)  # each image once
+    by_id = {r["id"]: r["predicted"] for r in expected}
+    assert {r["id"]: r["predicted"] for r in rows} == by_id
+    root = zarr.open_group(tmp_path / "both" / "predictions.zarr", mode="r")
+    assert sorted(root.group_keys()) == sorted(images)
+    assert "6 images predicted" in both.stderr
