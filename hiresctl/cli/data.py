@@ -438,7 +438,7 @@ def embed(
     if patch_size < 1 or batch_size < 1:
         raise UsageError("--patch-size and --batch-size must be at least 1")
     from hiresctl.cli.progress import ImagesDisplay, failures_path
-    from hiresctl.train.distributed import gather_objects, init_world
+    from hiresctl.train.distributed import gather_objects, init_world, shutdown
     from storage import Dataset
 
     # under torchrun each rank embeds its share of the images; rank 0 reports them all
@@ -477,6 +477,7 @@ def embed(
             for other in (r for share in shares[1:] for r in share):  # type: ignore[attr-defined]
                 on_result(other)
                 results.append(other)
+            shutdown(world)  # every rank leaves the group before exiting (gloo's threads)
     if not world.main:
         return
     seconds = time.perf_counter() - started

@@ -363,7 +363,7 @@ def predict(
     from hiresctl.eval.predict import STORE, write_rows
     from hiresctl.eval.predict import predict as run_predict
     from hiresctl.train import resolve_device
-    from hiresctl.train.distributed import gather_objects, init_world
+    from hiresctl.train.distributed import gather_objects, init_world, shutdown
     from storage import Dataset
     from storage.tiler import TileOptions
 
@@ -425,6 +425,7 @@ def predict(
             result.rows.sort(key=lambda row: str(row.get("id")))
             if world.main:
                 write_rows(result.rows, out, result.formats)
+            shutdown(world)  # every rank leaves the group before exiting (gloo's threads)
     if not world.main:
         return
     for note in result.notes:
