@@ -66,9 +66,17 @@ def build_network(
         return PlainCNN(in_channels, num_classes, widths, space_to_depth)
     import torchvision
 
+    network = getattr(torchvision.models, net)(weights=None, num_classes=num_classes)
+    if in_channels == 1:  # grey images repeated to RGB, as hiresctl reads them
+        return nn.Sequential(_Repeat(), network)
     if in_channels != 3:
         raise SystemExit(f"{net}: torchvision's networks take RGB images, not {in_channels} bands")
-    return getattr(torchvision.models, net)(weights=None, num_classes=num_classes)
+    return network
+
+
+class _Repeat(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.expand(-1, 3, -1, -1)
 
 
 def load_split(root: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
