@@ -53,6 +53,7 @@ def train(
 ) -> None:
     """Train a memory-bounded model on a dataset store (torchrun-ready)."""
     from hiresctl.train import Trainer, load_recipe, parse_set
+    from hiresctl.train.distributed import shutdown
 
     overrides = parse_set(set_ or [])
     if memory_budget is not None:
@@ -75,6 +76,7 @@ def train(
             f"images, validating on {len(trainer.val_images)}, {r.epochs} epochs, device {trainer.device}"
         )
     result = trainer.fit()
+    shutdown(trainer.world)  # every rank leaves the process group before exiting (gloo's threads)
     if trainer.world.main:
         s = result.summary
         log(
