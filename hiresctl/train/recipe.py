@@ -107,6 +107,11 @@ class Recipe:
     # inner steps' patches are normalised by theirs, so one latent holds cells of one scale;
     # "eval" uses the running statistics, as evaluation does (docs/methods.md §1).
     fill_mode: str = "eval"
+    # BatchNorm mode of IPS's no-grad selection in training: "train" normalises each scored group
+    # by its own statistics; "eval" uses the running statistics (0 and 1 at the start, so the
+    # first selections score unnormalised features and kept blank background on Megapixel MNIST,
+    # after which nothing was learned). Evaluation always selects on running statistics.
+    select_mode: str = "train"
     calibration_batches: int = 8  # training batches that re-estimate the head's BatchNorm per epoch
     # IPS
     memory_size: int = 100  # [M] patches kept
@@ -162,6 +167,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "fusion": ("add", "concat"),
     "head_pool": HEAD_POOLS,
     "fill_mode": ("train", "eval"),
+    "select_mode": ("train", "eval"),
     "inner_update": ("step", "batch"),
     "positional": ("none", "1d", "2d"),
     "augment": AUGMENTATIONS,

@@ -256,3 +256,18 @@ def test_fill_normalises_as_fill_mode_says(coord_store: Path, mode: str) -> None
     assert torch.allclose(latent[0, :, rows, cols].T, expect, atol=1e-5)
     moved = not torch.equal(norm.running_mean, torch.full_like(norm.running_mean, 3.0))
     assert moved == (mode == "train")
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_ips_selects_in_training_as_select_mode_says(coord_store: Path, mode: str) -> None:
+    """In training, IPS's no-grad selection normalises with batch statistics (``select_mode:
+    train``: the running ones move) or with the running ones (``eval``: left as they were);
+    evaluation's selection never moves them."""
+    run = _run(coord_store, method="ips", memory_size=2, iter_size=3, select_mode=mode)
+    norm = next(m for m in run.model.encoder.modules() if isinstance(m, nn.BatchNorm2d))
+    ctx = step_context(run, None, None, 1)
+    before = norm.running_mean.clone()
+    run.method._select(ctx, _reads(run, ["a"], train=False), 1)  # evaluation
+    assert torch.equal(norm.running_mean, before)
+    run.method._select(ctx, _reads(run, ["a"], train=True), 1, train=True)
+    assert (not torch.equal(norm.running_mean, before)) == (mode == "train")

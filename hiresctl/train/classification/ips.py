@@ -99,11 +99,15 @@ class IPS(ClassificationMethod):
         return requests
 
     def _select(
-        self, ctx: StepContext, reads: Reads, count: int
+        self, ctx: StepContext, reads: Reads, count: int, train: bool = False
     ) -> list[tuple[ReadRequest, torch.Tensor]]:
-        """Per image, the M best-scoring patches' indices; pixels read again from the store."""
+        """Per image, the M best-scoring patches' indices; pixels read again from the store.
+        Without gradient, the aggregator in eval mode; the encoder's BatchNorm in training as
+        ``select_mode`` says (batch statistics by default), in evaluation on running ones."""
         model = self.model
         model.eval()
+        if train and self.recipe.select_mode == "train":
+            model.encoder.train()
         selected: list[tuple[ReadRequest, torch.Tensor]] = []
         memory_emb: torch.Tensor | None = None
         memory_idx: torch.Tensor | None = None
@@ -155,7 +159,7 @@ class IPS(ClassificationMethod):
     def forward(
         self, ctx: StepContext, image_ids: list[str], reads: Reads, train: bool
     ) -> torch.Tensor:
-        selected = self._select(ctx, reads, len(image_ids))  # in eval mode, without gradient
+        selected = self._select(ctx, reads, len(image_ids), train)  # without gradient
         if train:
             self.model.train()
             ctx.patches_with_grad += sum(len(p) for _, p in selected)
