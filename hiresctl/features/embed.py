@@ -13,7 +13,6 @@ settings match are skipped.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import time
@@ -28,6 +27,7 @@ import torch
 from hiresctl.data import PatchReader, PatchStream, ReadRequest, ReadTag, kept_patches
 from hiresctl.data.reader import IMAGENET_MEAN, IMAGENET_STD
 from hiresctl.models import create_backbone
+from hiresctl.models.weights import weights_sha256
 from storage import Dataset, StoreError, UsageError
 from storage.errors import NoSpaceError, no_space
 from storage.lock import WriterLock
@@ -71,11 +71,7 @@ def weights_checksum(options: EmbedOptions) -> str:
     """sha256 of the weights file, or what determines random weights."""
     if options.pretrained is None:
         return f"random:{options.backbone}:seed{options.seed}"
-    digest = hashlib.sha256()
-    with open(options.pretrained, "rb") as handle:
-        for block in iter(lambda: handle.read(2**20), b""):
-            digest.update(block)
-    return f"sha256:{digest.hexdigest()}"
+    return f"sha256:{weights_sha256(Path(options.pretrained))}"
 
 
 def choose_level(dataset: Dataset, image_id: str, options: EmbedOptions) -> int:
