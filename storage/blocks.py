@@ -13,8 +13,9 @@ import numpy as np
 import zarr
 
 from storage.chunks import DirectChunks
-from storage.errors import NoSpaceError, SourceError, no_space
+from storage.errors import NoSpaceError, SourceError, StoreError, no_space
 from storage.inputs import SourceSpec, TileOptions
+from storage.passthrough import source_tile
 from storage.pyramid import halve, halve_mode
 from storage.readers import (
     SourceReader,
@@ -36,6 +37,7 @@ class BlockJob:
     row: int
     col: int
     labels: bool = False  # a label image: levels by 2x2 mode, not mean
+    copied: int = 0  # pass 0: levels 0 .. copied - 1 are the source's JPEG tiles, copied
 
 
 _cache_lock = threading.Lock()
@@ -131,17 +133,40 @@ class _BlockPyramid:
         self.shapes = [(int(base.shape[1]), int(base.shape[2]))] + [
             (sink.height, sink.width) for sink in self.sinks[1:] if sink is not None
         ]
-        self.leaf = _leaves(job, base, self.chunk)
+        # copied levels are written as the source stores them; computing starts above the last
+        self.copied = min(job.copied, self.top + 1)
+        self.leaf_level = max(0, self.copied - 1)
+        self.leaf = _leaves(job, base, self.chunk, self.leaf_level)
         self.shrink = halve_mode if job.labels else halve
 
     def run(self) -> None:
-        per_side = (self.job.block >> self.top) // self.chunk  # top-level chunks per side
-        for i in range(per_side):
-            for j in range(per_side):
-                self.build(self.top, self.job.row * per_side + i, self.job.col * per_side + j)
+        for r in range(self.copied):
+            self.copy(r)
+        if self.top >= self.copied:
+            per_side = (self.job.block >> self.top) // self.chunk  # top-level chunks per side
+            for i in range(per_side):
+                for j in range(per_side):
+                    self.build(self.top, self.job.row * per_side + i, self.job.col * per_side + j)
         for sink in self.sinks:
             if sink is not None:
                 sink.close()
+
+    def copy(self, r: int) -> None:
+        """Relative level ``r``'s chunks of this footprint: the source's tiles, undecoded."""
+        job, chunk = self.job, self.chunk
+        reader = cached_reader(job.spec, job.options)
+        height, width = self.shapes[r]
+        per_side = (job.block >> r) // chunk
+        sink = self.sinks[r]
+        assert sink is not None
+        for i in range(per_side):
+            for j in range(per_side):
+                row, col = job.row * per_side + i, job.col * per_side + j
+                if row * chunk >= height or col * chunk >= width:
+                    continue
+                data = source_tile(reader, r, row, col, (self.channels, chunk, chunk))
+                if data is not None:
+                    sink.put_encoded(row, col, data)
 
     def build(self, r: int, row: int, col: int) -> np.ndarray | None:
         """Chunk (row, col) of relative level ``r``, encoded; None past the image's edge."""
@@ -149,7 +174,7 @@ class _BlockPyramid:
         height, width = self.shapes[r]
         if row * chunk >= height or col * chunk >= width:
             return None
-        if r == 0:
+        if r == self.leaf_level:
             pixels = self.leaf(row, col)
         else:
             below_h, below_w = self.shapes[r - 1]
@@ -169,7 +194,7 @@ class _BlockPyramid:
                 quad[:, inside_w:] = quad[:, inside_w - 1 : inside_w]
             pixels = self.shrink(quad.transpose(2, 0, 1))
         sink = self.sinks[r]
-        if sink is not None:
+        if sink is not None and r >= self.copied:
             sink.put(row, col, pixels)
         return pixels
 
@@ -202,21 +227,34 @@ class _LevelSink:
         if encoded is not None:
             self.encoded[(row, col)] = encoded
 
+    def put_encoded(self, row: int, col: int, data: bytes) -> None:
+        """A chunk's stored bytes as they are (a copied JPEG tile)."""
+        if self.direct is None:
+            raise StoreError(
+                f"{self.array.store}/{self.array.path}",
+                "copied JPEG tiles need a local store with the tiler's shard layout",
+            )
+        self.encoded[(row, col)] = data
+
     def close(self) -> None:
         if self.direct is not None:
             self.direct.write_object(self.coords, self.encoded)
 
 
-def _leaves(job: BlockJob, base: zarr.Array, chunk: int) -> Callable[[int, int], np.ndarray]:
-    """The base level's chunks, full size (c, chunk, chunk) with the fill value past the edge,
-    read in leaves: the smallest power-of-two multiple of the chunk that holds whole source
-    tiles (a tile decoded once, not once per chunk), else the whole block."""
+def _leaves(
+    job: BlockJob, base: zarr.Array, chunk: int, level: int = 0
+) -> Callable[[int, int], np.ndarray]:
+    """The base level's chunks (pass 0: the source's ``level``, the last copied one), full size
+    (c, chunk, chunk) with the fill value past the edge, read in leaves: the smallest
+    power-of-two multiple of the chunk that holds whole source tiles (a tile decoded once, not
+    once per chunk), else the whole block."""
     if job.pass_index == 0:
         reader = cached_reader(job.spec, job.options)
-        side = _leaf_side(reader.read_unit, chunk, job.block)
+        unit = reader.read_unit if level == 0 else (chunk, chunk)
+        side = _leaf_side(unit, chunk, job.block >> level)
 
         def read(y: int, x: int) -> np.ndarray:
-            return reader.read_region(0, y, x, side, side)
+            return reader.read_region(level, y, x, side, side)
 
     else:
         side = chunk

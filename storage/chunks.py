@@ -101,8 +101,8 @@ def _chunk_codec(
     match codecs:
         case (JpegCodec() as jpeg,):
             return (
-                lambda data: decode_jpeg_chunk(data, shape),
-                lambda chunk: encode_jpeg_chunk(chunk, jpeg.quality),
+                lambda data: decode_jpeg_chunk(data, shape, jpeg.colorspace),
+                lambda chunk: encode_jpeg_chunk(chunk, jpeg.quality, jpeg.colorspace),
             )
         case (BytesCodec() as raw,):
             stored = _stored_dtype(raw, dtype)

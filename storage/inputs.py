@@ -57,13 +57,18 @@ def csv_rows(
         raise UsageError(f"{path}: cannot read {what}: {exc.strerror}") from exc
 
 
+#: ``auto``: the source's JPEG tiles copied where they can be (storage.passthrough), else zstd;
+#: ``passthrough``: the same, saying why where they cannot; ``zstd``: lossless; ``jpeg``: re-encoded
+CODECS = ("auto", "passthrough", "zstd", "jpeg")
+
+
 @dataclass(frozen=True, slots=True)
 class TileOptions:
     """Tiling parameters. Everything here is recorded in the store as provenance."""
 
     chunk: int = 256
     block_size: int = BLOCK_TARGET
-    codec: str = "zstd"
+    codec: str = "auto"
     jpeg_quality: int = 90
     zstd_level: int = 3
     thumbnail_size: int = 1024
@@ -84,8 +89,8 @@ class TileOptions:
             raise UsageError(
                 f"--block-size must be a power of two ≥ --chunk ({self.chunk}), got {self.block_size}"
             )
-        if self.codec not in ("zstd", "jpeg"):
-            raise UsageError(f"--codec must be zstd or jpeg, got {self.codec!r}")
+        if self.codec not in CODECS:
+            raise UsageError(f"--codec must be one of {', '.join(CODECS)}, got {self.codec!r}")
         if not 1 <= self.jpeg_quality <= 100:
             raise UsageError(f"--jpeg-quality must be 1..100, got {self.jpeg_quality}")
         if self.thumbnail_size < 16:
@@ -110,7 +115,7 @@ class TileOptions:
             "chunk": self.chunk,
             "block_size": self.block_size,
             "codec": self.codec,
-            "jpeg_quality": self.jpeg_quality if self.codec == "jpeg" else None,
+            "jpeg_quality": self.jpeg_quality if self.codec != "zstd" else None,
             "thumbnail_size": self.thumbnail_size,
             "mpp": self.mpp,
             "mag": self.mag,
@@ -164,6 +169,7 @@ class ImageResult:
     levels: int | None = None
     blocks: int | None = None  # blocks computed in this run (fewer than all when resuming)
     seconds: float = 0.0
+    note: str | None = None  # what the user should know though nothing failed (one line)
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if v is not None}

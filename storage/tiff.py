@@ -121,7 +121,9 @@ class TiffReader(SourceReader):
             page = lvl.keyframe
             self._check_segment(page, shapes[i])
             fast = len(lvl.pages) == 1 and (page.planarconfig == 1 or page.samplesperpixel == 1)
-            if fast and len(page.chunked) == 3 and page.chunked[2] == 1:
+            if fast and (
+                len(page.chunked) == 2 or (len(page.chunked) == 3 and page.chunked[2] == 1)
+            ):
                 self._pages.append(page)
                 self._arrays.append(None)
             else:
@@ -279,6 +281,25 @@ class TiffReader(SourceReader):
             raise SourceError(self.path, f"truncated: segment {index} is cut short")
         seg, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
         return seg.reshape(seg.shape[-3:])
+
+    def jpeg_page(self, level: int) -> Any | None:
+        """The tifffile page of ``level`` when its tiles are whole JPEG streams a store can
+        copy (one page, tiled, JPEG), else None."""
+        page = self._pages[level] if level < len(self._pages) else None
+        if page is None or page.compression != 7 or not page.is_tiled:
+            return None
+        return page
+
+    def raw_segment(self, level: int, index: int) -> bytes | None:
+        """Tile ``index`` (row-major) of ``level`` as stored, None when the file never wrote it."""
+        page = self._pages[level]
+        offset, count = page.dataoffsets[index], page.databytecounts[index]
+        if count == 0:
+            return None
+        data = os.pread(self._fd, count, offset)
+        if len(data) != count:
+            raise SourceError(self.path, f"truncated: tile {index} of level {level} is cut short")
+        return data
 
     def close(self) -> None:
         self._tif.close()

@@ -40,6 +40,7 @@ from storage.inputs import (
     image_id_for,
     split_for,
 )
+from storage.passthrough import CopyPlan, plan_copy
 from storage.pyramid import level_shapes
 from storage.readers import (
     SourceReader,
@@ -61,6 +62,7 @@ class Plan:
     ignore: list[int] = field(default_factory=list)  # mask values left out of training and metrics
     colours: tuple[tuple[int, int], ...] = ()  # colour masks: (0xRRGGBB, stored value)
     roi: SourceSpec | None = None  # the region-of-interest mask tiled beside the image
+    copied: int = 0  # levels 0 .. copied - 1 are the source's JPEG tiles (storage.passthrough)
 
     @property
     def mask_group(self) -> str:
@@ -90,8 +92,10 @@ def _passes(n_levels: int, chunk: int, block_size: int) -> tuple[int, list[tuple
     return block, passes
 
 
-def _codecs(options: TileOptions, channels: int, dtype: np.dtype) -> dict[str, Any]:
-    if options.codec == "jpeg":
+def _codecs(
+    options: TileOptions, channels: int, dtype: np.dtype, codec: str | None = None
+) -> dict[str, Any]:
+    if (codec or options.codec) == "jpeg":
         if dtype != np.uint8 or channels not in (1, 3):
             raise SourceError(
                 "",
@@ -102,6 +106,15 @@ def _codecs(options: TileOptions, channels: int, dtype: np.dtype) -> dict[str, A
             "compressors": None,
         }
     return {"compressors": [ZstdCodec(level=options.zstd_level)]}
+
+
+def _copy_plan(
+    reader: SourceReader, shapes: list[tuple[int, int]], options: TileOptions
+) -> CopyPlan:
+    if options.codec not in ("auto", "passthrough"):
+        return CopyPlan(0)
+    resampled = options.mpp is not None or options.mag is not None
+    return plan_copy(reader, shapes, options.chunk, resampled)
 
 
 def prepare(
@@ -141,13 +154,22 @@ def prepare(
     plan.result.shape = [info.channels, height, width]
     plan.result.levels = len(plan.shapes)
     fp = fingerprint(spec)
+    # copied levels are written by the first pass (the levels above it read the store back)
+    copy = _copy_plan(reader, plan.shapes[: plan.passes[0][1] + 1], options)
+    if copy.reason is not None and (options.codec == "passthrough" or copy.jpeg):
+        fallback = "zstd" if options.codec in ("auto", "passthrough") else options.codec
+        plan.result.note = f"JPEG tiles not copied: {copy.reason}; stored with {fallback}"
+    tiling = options.tiling_key()
+    if options.codec in ("auto", "passthrough"):  # what was done, so either asks the same
+        tiling["codec"] = "passthrough" if copy.levels else "zstd"
+        tiling["jpeg_quality"] = options.jpeg_quality if copy.levels else None
     split = (label_row or {}).get("split") or split_for(
         image_id, options.split_seed, options.split_fractions
     )
     identity: dict[str, Any] = {
         "source": spec.name,
         "fingerprint": fp,
-        "tiling": options.tiling_key(),
+        "tiling": tiling,
     }
     if mask_path is not None:
         assert masks is not None
@@ -187,15 +209,23 @@ def prepare(
                 _name_classes(existing, masks.classes, masks.ignore)
             if attrs.get("status") == "complete":
                 plan.result.status = "skipped"
+                plan.result.note = None  # said when it was tiled
                 return plan
             plan.result.status = "resumed"
             remove_partial_writes(Path(store) / plan.group)  # a killed run's half-written files
+            plan.copied = int(attrs.get("copied_levels", 0))
             return plan
     if existing is not None:
         del root[plan.group]
     plan.result.status = "written"
     dtype = np.dtype(info.dtype)
-    codecs = _codecs(options, info.channels, dtype)
+    plan.copied = copy.levels
+    codecs = [
+        {"serializer": JpegCodec(options.jpeg_quality, copy.colorspace), "compressors": None}
+        if level < copy.levels
+        else _codecs(options, info.channels, dtype, tiling["codec"].replace("passthrough", "jpeg"))
+        for level in range(len(plan.shapes))
+    ]
     group = root.require_group(plan.group)
     meta: dict[str, Any] = {
         **identity,
@@ -209,6 +239,8 @@ def prepare(
         "split": split,
         **{k: v for k, v in info.extra.items() if k not in ("tiles",)},
     }
+    if copy.levels:
+        meta["copied_levels"] = copy.levels
     if boxes is not None:
         assert annotations is not None
         meta["boxes"] = write_boxes(
@@ -220,7 +252,7 @@ def prepare(
         label_group = group.require_group("labels").require_group(name)
         label_dtype = np.dtype(cached_reader(label_spec, options).info.dtype)
         zstd = {"compressors": [ZstdCodec(level=options.zstd_level)]}
-        _create_levels(label_group, plan, options, 1, label_dtype, 0, zstd)
+        _create_levels(label_group, plan, options, 1, label_dtype, 0, [zstd] * len(plan.shapes))
     return plan
 
 
@@ -231,7 +263,7 @@ def _create_levels(
     channels: int,
     dtype: np.dtype,
     fill_value: int,
-    codecs: dict[str, Any],
+    codecs: list[dict[str, Any]],
 ) -> None:
     """The pyramid's arrays (chunked and sharded as the tasks write them) and progress cells."""
     for level, (lh, lw) in enumerate(plan.shapes):
@@ -244,7 +276,7 @@ def _create_levels(
             shards=(channels, shard, shard) if shard > options.chunk else None,
             fill_value=fill_value,
             dimension_names=("c", "y", "x"),
-            **codecs,
+            **codecs[level],
         )
     for index, (base, _top, block) in enumerate(plan.passes):
         bh, bw = plan.shapes[base]
@@ -351,14 +383,17 @@ def jobs(
 ) -> list[BlockJob]:
     """The unfinished blocks of one pass: the image's, then its label images'."""
     base, top, block = plan.passes[pass_index]
-    layers = [(plan.group, plan.spec, False)]
-    layers += [(group, spec, True) for _, group, spec in plan.label_layers()]
+    copied = plan.copied if pass_index == 0 else 0
+    layers = [(plan.group, plan.spec, False, copied)]
+    layers += [(group, spec, True, 0) for _, group, spec in plan.label_layers()]
     jobs = []
-    for group, spec, labels in layers:
+    for group, spec, labels, levels in layers:
         progress: Any = root[f"{group}/_progress_{pass_index}"]
         done = np.asarray(progress[...])
         jobs += [
-            BlockJob(store, group, spec, options, pass_index, base, top, block, r, c, labels)
+            BlockJob(
+                store, group, spec, options, pass_index, base, top, block, r, c, labels, levels
+            )
             for r, c in zip(*np.nonzero(done == 0), strict=True)
         ]
     return jobs

@@ -23,6 +23,8 @@ err = Console(stderr=True)
 
 
 class Codec(StrEnum):
+    auto = "auto"
+    passthrough = "passthrough"
     zstd = "zstd"
     jpeg = "jpeg"
 

@@ -132,9 +132,16 @@ def tile(
         int, typer.Option(help="Pixels per task side (memory per worker thread ∝ its square).")
     ] = 4096,
     codec: Annotated[
-        Codec, typer.Option(help="zstd (lossless) or jpeg (8-bit, lossy).")
-    ] = Codec.zstd,
-    jpeg_quality: Annotated[int, typer.Option(help="JPEG quality for --codec jpeg.")] = 90,
+        Codec,
+        typer.Option(
+            help="auto: a source's JPEG tiles copied undecoded where they fit the chunks, else "
+            "zstd; passthrough: the same, saying why where they do not; zstd (lossless); jpeg "
+            "(8-bit, re-encoded)."
+        ),
+    ] = Codec.auto,
+    jpeg_quality: Annotated[
+        int, typer.Option(help="JPEG quality for --codec jpeg and for levels a copy computes.")
+    ] = 90,
     thumbnail_size: Annotated[
         int, typer.Option(help="Longest side of the global thumbnail.")
     ] = 1024,
@@ -227,7 +234,9 @@ def tile(
                     f"[green]{result.status}[/] {result.source} → {result.id} "
                     f"{result.shape} {result.levels} levels ({result.seconds:.1f} s)"
                 )
-            display.image(result.status, str(result.source), line, result.error)
+                if result.note:
+                    line += f"\n  [yellow]note[/] {result.note}"
+            display.image(result.status, str(result.source), line, result.error, result.note)
 
         run_tile(
             specs,

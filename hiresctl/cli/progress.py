@@ -43,6 +43,7 @@ class ImagesDisplay:
         self.live = console.is_terminal and not verbose
         self.counts: Counter[str] = Counter()
         self.failures: list[tuple[str, str]] = []  # (source, reason)
+        self.notes: list[tuple[str, str]] = []  # (source, note): done, with something to know
         self.start = time.perf_counter()
         self._progress: Progress | None = None
         self._bar: TaskID | None = None
@@ -84,12 +85,22 @@ class ImagesDisplay:
         if self._progress is not None and self._bar is not None:
             self._progress.update(self._bar, completed=done, total=total or None)
 
-    def image(self, status: str, source: str, line: str, reason: str | None = None) -> None:
+    def image(
+        self,
+        status: str,
+        source: str,
+        line: str,
+        reason: str | None = None,
+        note: str | None = None,
+    ) -> None:
         """One image finished with ``status``; ``line`` is what a log shows for it; a failure's
-        ``reason`` (the message, without the file's name) groups it in the summary."""
+        ``reason`` (the message, without the file's name) groups it in the summary, and so does
+        a ``note`` on an image that did not fail."""
         self.counts[status] += 1
         if status == "failed":
             self.failures.append((source, reason or line))
+        elif note:
+            self.notes.append((source, note))
         if self._progress is not None and self._bar is not None:
             self._progress.update(self._bar, counts=self._counts_text())
         else:
@@ -120,25 +131,33 @@ class ImagesDisplay:
             f"{self.verb} {good} of {self.total} images {where} in {duration(seconds)}{rate}"
             + (f" ({statuses})" if statuses else "")
         ][: 1 if totals else 0]
+        if self.notes:
+            lines.append(f"{len(self.notes)} with a note, by note:")
+            lines += _grouped(self.notes)
         if self.failures:
-            grouped: dict[str, list[str]] = {}
-            for source, reason in self.failures:
-                grouped.setdefault(reason, []).append(source)
-            ranked = sorted(grouped.items(), key=lambda item: -len(item[1]))
             lines.append(f"{len(self.failures)} failed, by reason:")
-            for reason, sources in ranked[:SHOWN_REASONS]:
-                names = ", ".join(Path(s).name for s in sources[:SHOWN_NAMES])
-                more = (
-                    f" and {len(sources) - SHOWN_NAMES} more" if len(sources) > SHOWN_NAMES else ""
-                )
-                lines.append(f"  {len(sources)} × {reason}: {names}{more}")
-            if len(ranked) > SHOWN_REASONS:
-                lines.append(f"  … and {len(ranked) - SHOWN_REASONS} other reasons")
+            lines += _grouped(self.failures)
             if failures_file is not None:
                 lines.append(f"every failure: {failures_file}")
         for line in lines:
             self.console.print(line, highlight=False, soft_wrap=True)
         return lines
+
+
+def _grouped(items: list[tuple[str, str]]) -> list[str]:
+    """``(source, reason)`` pairs as one line per reason, the commonest first, a few names each."""
+    grouped: dict[str, list[str]] = {}
+    for source, reason in items:
+        grouped.setdefault(reason, []).append(source)
+    ranked = sorted(grouped.items(), key=lambda item: -len(item[1]))
+    lines = []
+    for reason, sources in ranked[:SHOWN_REASONS]:
+        names = ", ".join(Path(s).name for s in sources[:SHOWN_NAMES])
+        more = f" and {len(sources) - SHOWN_NAMES} more" if len(sources) > SHOWN_NAMES else ""
+        lines.append(f"  {len(sources)} × {reason}: {names}{more}")
+    if len(ranked) > SHOWN_REASONS:
+        lines.append(f"  … and {len(ranked) - SHOWN_REASONS} other reasons")
+    return lines
 
 
 def failures_path(out: Path, command: str) -> Path:

@@ -151,7 +151,17 @@ def test_eval_on_a_hostile_store_leaves_the_image_out_in_bounded_memory(tmp_path
     for image in ("im1", "im2"):
         _edit(store / "images" / image / "0" / "zarr.json", _set_shape)
     code, err, peak_kib = _run_measured(
-        [sys.executable, "-m", "hiresctl", "eval", str(run), "--data", str(store), "--split", "train"],
+        [
+            sys.executable,
+            "-m",
+            "hiresctl",
+            "eval",
+            str(run),
+            "--data",
+            str(store),
+            "--split",
+            "train",
+        ],
         tmp_path,
     )
     assert code == 1, err  # an input was left out
