@@ -93,11 +93,25 @@ def resize_thumbnail(src: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.rint(out).astype(src.dtype).transpose(2, 0, 1)
 
 
+def threshold_otsu(values: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold of float ``values`` over ``bins`` equal bins between their minimum and
+    maximum: the bin centre that maximises the between-class variance (the computation of
+    scikit-image's ``threshold_otsu``, without importing ``skimage.filters``, a third of a
+    second, which is most of a small tiling run's work)."""
+    hist, edges = np.histogram(values.ravel(), bins=bins)  # the first and last bins are filled
+    centers = (edges[:-1] + edges[1:]) / 2.0
+    counts = hist.astype(np.float32)
+    weight1 = np.cumsum(counts)
+    weight2 = np.cumsum(counts[::-1])[::-1]
+    mean1 = np.cumsum(counts * centers) / weight1
+    mean2 = (np.cumsum((counts * centers)[::-1]) / weight2[::-1])[::-1]
+    variance = weight1[:-1] * weight2[1:] * (mean1[:-1] - mean2[1:]) ** 2
+    return float(centers[np.argmax(variance)])
+
+
 def foreground_mask(thumb: np.ndarray, fill_value: int) -> np.ndarray:
     """Otsu on the thumbnail's intensity (and saturation for colour); the side that differs from
     the image border is foreground. Returns (1, h, w) uint8 in {0, 1}."""
-    from skimage.filters import threshold_otsu
-
     img = thumb.astype(np.float32)
     gray = img.mean(axis=0)
     signal = gray

@@ -90,13 +90,12 @@ def _execute(
             for future, result in as_completed(futures, with_results=True):
                 on_done(index[future.key], result)
         return
-    import dask
     from dask.callbacks import Callback
+    from dask.threaded import get
 
-    tasks = [
-        dask.delayed(run_block, pure=False)(j, dask_key_name=f"block-{i}")
-        for i, j in enumerate(jobs)
-    ]
+    # the threaded scheduler itself: dask.compute would first import dask.distributed (a
+    # sixth of a second) to see whether a client is running
+    graph = {f"block-{i}": (run_block, j) for i, j in enumerate(jobs)}
     by_key = {f"block-{i}": j for i, j in enumerate(jobs)}
 
     class _Progress(Callback):
@@ -105,7 +104,7 @@ def _execute(
                 on_done(by_key[key], result)
 
     with _Progress():
-        dask.compute(*tasks, scheduler="threads", num_workers=options.workers or os.cpu_count())
+        get(graph, list(graph), num_workers=options.workers or os.cpu_count())
 
 
 # ---------------------------------------------------------------------------------- finishing

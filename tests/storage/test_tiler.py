@@ -396,3 +396,22 @@ def test_tasks_free_their_chunks_without_the_garbage_collector(tmp_path: Path) -
     finally:
         gc.enable()
     assert alive == []
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_foreground_threshold_is_scikit_images_otsu(seed: int) -> None:
+    """The tiler's own Otsu (it spares importing skimage.filters) picks scikit-image's bin."""
+    from skimage.filters import threshold_otsu as theirs
+
+    from storage.pyramid import threshold_otsu
+
+    rng = np.random.default_rng(seed)
+    values = [
+        rng.random((64, 80)) * 255,
+        np.concatenate([rng.normal(50, 10, 3000), rng.normal(200, 30, 1000)]),
+        rng.integers(0, 3, (50, 50)),
+        rng.random((300, 200)) ** 3 * 100,
+    ]
+    for image in values:
+        image = image.astype(np.float32)
+        assert threshold_otsu(image) == theirs(image)
