@@ -362,9 +362,13 @@ def passthrough_note(slide: Path, command: list[str], out: Path, store_bytes: in
                 )
     jpeg = slide_jpeg_bytes(slide)
     ratio = store_bytes / jpeg
+    levels = group.attrs["hiresctl"]["levels"]
+    rest = (
+        "the rest computed, JPEG q 90" if copied < levels else "all of them; the thumbnail computed"
+    )
     return (
         f"T1p: `hiresctl tile --codec passthrough` copied levels 0–{copied - 1} of "
-        f"{group.attrs['hiresctl']['levels']} (the rest computed, JPEG q 90); level 0 equals "
+        f"{levels} ({rest}); level 0 equals "
         f"tifffile's decode of the slide (5 chunks checked); store {store_bytes / 1e6:.0f} MB "
         f"= {ratio:.2f}× the slide's JPEG tile bytes ({jpeg / 1e6:.0f} MB; target ≤ 1.1×: "
         f"**{'met' if ratio <= 1.1 else 'not met'}**)."
