@@ -109,10 +109,12 @@ def _codecs(
 
 
 def _copy_plan(
-    reader: SourceReader, shapes: list[tuple[int, int]], options: TileOptions
+    reader: SourceReader, shapes: list[tuple[int, int]], options: TileOptions, store: str
 ) -> CopyPlan:
     if options.codec not in ("auto", "passthrough"):
         return CopyPlan(0)
+    if "://" in store:  # copied chunks are written straight into shard files on a local disk
+        return CopyPlan(0, reason="the store is not on a local disk")
     resampled = options.mpp is not None or options.mag is not None
     return plan_copy(reader, shapes, options.chunk, resampled)
 
@@ -155,7 +157,7 @@ def prepare(
     plan.result.levels = len(plan.shapes)
     fp = fingerprint(spec)
     # copied levels are written by the first pass (the levels above it read the store back)
-    copy = _copy_plan(reader, plan.shapes[: plan.passes[0][1] + 1], options)
+    copy = _copy_plan(reader, plan.shapes[: plan.passes[0][1] + 1], options, store)
     if copy.reason is not None and (options.codec == "passthrough" or copy.jpeg):
         fallback = "zstd" if options.codec in ("auto", "passthrough") else options.codec
         plan.result.note = f"JPEG tiles not copied: {copy.reason}; stored with {fallback}"
