@@ -271,14 +271,21 @@ class TiffReader(SourceReader):
                 ]
         return out.transpose(2, 0, 1)
 
-    def _segment(self, page: Any, index: int) -> np.ndarray | None:
-        """One decoded tile or strip as (h, w, c), None when the file never wrote it."""
+    def _raw(self, page: Any, index: int) -> bytes | None:
+        """Tile or strip ``index`` of ``page`` as stored, None when the file never wrote it."""
         offset, count = page.dataoffsets[index], page.databytecounts[index]
         if count == 0:
             return None
         data = os.pread(self._fd, count, offset)
         if len(data) != count:
             raise SourceError(self.path, f"truncated: segment {index} is cut short")
+        return data
+
+    def _segment(self, page: Any, index: int) -> np.ndarray | None:
+        """One decoded tile or strip as (h, w, c), None when the file never wrote it."""
+        data = self._raw(page, index)
+        if data is None:
+            return None
         seg, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
         return seg.reshape(seg.shape[-3:])
 
@@ -292,14 +299,7 @@ class TiffReader(SourceReader):
 
     def raw_segment(self, level: int, index: int) -> bytes | None:
         """Tile ``index`` (row-major) of ``level`` as stored, None when the file never wrote it."""
-        page = self._pages[level]
-        offset, count = page.dataoffsets[index], page.databytecounts[index]
-        if count == 0:
-            return None
-        data = os.pread(self._fd, count, offset)
-        if len(data) != count:
-            raise SourceError(self.path, f"truncated: tile {index} of level {level} is cut short")
-        return data
+        return self._raw(self._pages[level], index)
 
     def close(self) -> None:
         self._tif.close()
