@@ -234,8 +234,8 @@ def tile(
                     f"[green]{result.status}[/] {result.source} → {result.id} "
                     f"{result.shape} {result.levels} levels ({result.seconds:.1f} s)"
                 )
-                if result.note:
-                    line += f"\n  [yellow]note[/] {result.note}"
+                if result.note:  # still one line per image in a log
+                    line += f" · [yellow]note[/] {result.note}"
             display.image(result.status, str(result.source), line, result.error, result.note)
 
         run_tile(

@@ -204,6 +204,8 @@ def test_tiles_that_cannot_be_chunks_are_stored_losslessly_with_one_note(
     assert rows["big"]["note"].startswith(note) and "--chunk 128" in rows["big"]["note"]
     assert "note" not in rows["fits"]
     assert result.stderr.count("its JPEG tiles are 128×128") == 2  # its line, the summary
+    [line] = [line for line in result.stderr.splitlines() if "big.tif →" in line]
+    assert line.startswith("written ") and "note JPEG tiles not copied" in line  # one line
     big = zarr.open_group(store / "images" / "big", mode="r")
     assert big.attrs["hiresctl"]["tiling"]["codec"] == "zstd"
     assert "copied_levels" not in big.attrs["hiresctl"]
