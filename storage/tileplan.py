@@ -119,6 +119,18 @@ def _copy_plan(
     return plan_copy(reader, shapes, options.chunk, resampled)
 
 
+def _auto_accepts(attrs: dict[str, Any], identity: dict[str, Any]) -> bool:
+    """``--codec auto`` takes an image tiled before with either codec it chooses between (a
+    store tiled losslessly before pass-through existed is not tiled again)."""
+    tiling = attrs.get("tiling")
+    if not isinstance(tiling, dict) or tiling.get("codec") not in ("zstd", "passthrough"):
+        return False
+    ignored = {"codec": None, "jpeg_quality": None}
+    wanted = {**identity, "tiling": {**identity["tiling"], **ignored}}
+    found = {**attrs, "tiling": {**tiling, **ignored}}
+    return all(found.get(k) == v for k, v in wanted.items())
+
+
 def prepare(
     root: zarr.Group,
     store: str,
@@ -191,6 +203,8 @@ def prepare(
     if existing is not None and not options.overwrite:
         attrs = hires_attrs(existing)
         same = all(attrs.get(k) == v for k, v in identity.items())
+        if not same and options.codec == "auto":
+            same = _auto_accepts(attrs, identity)
         if same:
             # label and split may change without re-tiling
             attrs.update(

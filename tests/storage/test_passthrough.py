@@ -215,6 +215,10 @@ def test_tiles_that_cannot_be_chunks_are_stored_losslessly_with_one_note(
     result = _tile(cli, plain, fits, codec="zstd")
     assert result.code == 0 and "note" not in result.stdout
     assert "copied_levels" not in zarr.open_group(plain / "images" / "fits").attrs["hiresctl"]
+    # the default (auto) takes that losslessly tiled image as it is: nothing is tiled again
+    again = _tile(cli, plain, fits)
+    assert again.code == 0 and json.loads(again.stdout)["status"] == "skipped"
+    assert zarr.open_group(plain / "images" / "fits").attrs["hiresctl"]["tiling"]["codec"] == "zstd"
 
 
 def test_a_truncated_tile_fails_its_image_alone(cli: Callable, tmp_path: Path) -> None:
