@@ -5,11 +5,9 @@ and the field, and nothing is sized from it (memory stays bounded)."""
 from __future__ import annotations
 
 import json
-import os
 import resource
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -96,20 +94,28 @@ def _run_capped(command: list[str], limit: int) -> tuple[int, str]:
     return proc.returncode, proc.stderr
 
 
-def _run_measured(command: list[str], out: Path) -> tuple[int, str, int]:
-    """Run ``command`` to its end: exit code, stderr and this one child's peak RSS in KiB
-    (``wait4`` reports the child alone, not every child this test process has had)."""
-    err_path = out / "stderr.txt"
-    with err_path.open("w") as err:
-        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err)
-        killer = threading.Timer(300, proc.kill)
-        killer.start()
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            killer.cancel()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, err_path.read_text(), usage.ru_maxrss
+# Runs a module as ``python -m`` would and writes its process's peak resident set (VmHWM, KiB)
+# on exit. Not ru_maxrss: Linux carries the parent's peak into a child's across fork and exec,
+# so a child of a large test process would report the test process's peak.
+_MEASURED = """
+import atexit, runpy, sys
+def report(path=sys.argv[1]):
+    with open("/proc/self/status") as status:
+        peak = next(line.split()[1] for line in status if line.startswith("VmHWM:"))
+    with open(path, "w") as out:
+        out.write(peak)
+atexit.register(report)
+sys.argv = sys.argv[2:]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
+
+
+def _run_measured(module: str, args: list[str], out: Path) -> tuple[int, str, int]:
+    """Run ``python -m module args`` to its end: exit code, stderr and its own peak RSS in KiB."""
+    peak_file = out / "peak.txt"
+    command = [sys.executable, "-c", _MEASURED, str(peak_file), module, *args]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    return proc.returncode, proc.stderr, int(peak_file.read_text())
 
 
 def test_info_check_on_a_hostile_shape_is_one_line_in_bounded_memory(tmp_path: Path) -> None:
@@ -151,18 +157,7 @@ def test_eval_on_a_hostile_store_leaves_the_image_out_in_bounded_memory(tmp_path
     for image in ("im1", "im2"):
         _edit(store / "images" / image / "0" / "zarr.json", _set_shape)
     code, err, peak_kib = _run_measured(
-        [
-            sys.executable,
-            "-m",
-            "hiresctl",
-            "eval",
-            str(run),
-            "--data",
-            str(store),
-            "--split",
-            "train",
-        ],
-        tmp_path,
+        "hiresctl", ["eval", str(run), "--data", str(store), "--split", "train"], tmp_path
     )
     assert code == 1, err  # an input was left out
     assert "im1/0/zarr.json: unreadable metadata" in err
