@@ -41,3 +41,21 @@ def hub_folder(
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(folder / "model.safetensors"))
     return model
+
+
+def transformers_vit_folder(
+    folder: Path, processor: dict | None = None, seed: int = 0, **config: int
+) -> torch.nn.Module:
+    """Write a transformers ``ViTModel`` (random weights from ``seed``; its pooler too, as
+    Phikon's folder holds it) with ``save_pretrained``, and ``processor`` as its
+    ``preprocessor_config.json``; the model as written, in evaluation mode."""
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(seed)
+    shape = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2}
+    shape |= {"intermediate_size": 64, "image_size": 32, "patch_size": 8}
+    model = ViTModel(ViTConfig(**(shape | config))).eval()
+    model.save_pretrained(folder)
+    if processor is not None:
+        (folder / "preprocessor_config.json").write_text(json.dumps(processor))
+    return model

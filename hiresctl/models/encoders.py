@@ -1,7 +1,7 @@
 """Encoders the field starts from: any timm model (``timm:NAME``), any Hub model in timm's
-format (``hf-hub:ORG/REPO[@REVISION]``) and short names for the pathology and natural-image
-encoders (``uni``, ``uni2-h``, ``virchow2``, ``h-optimus-0``, ``dinov2-s/b/l``,
-``resnet50-trunc``), beside hiresctl's own backbones (``backbones.py``).
+format or a transformers ViT (``hf-hub:ORG/REPO[@REVISION]``, ``hf_vit.py``) and short names
+for the pathology and natural-image encoders (``uni``, ``uni2-h``, ``virchow2``,
+``h-optimus-0``, ``phikon``, ``dinov2-s/b/l``, ``resnet50-trunc``), beside hiresctl's own backbones (``backbones.py``).
 
 Nothing is ever downloaded. An encoder's weights come from, in this order:
 
@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hiresctl.models import hf_vit
 from hiresctl.models.backbones import BACKBONES, Backbone, create_registered
 from hiresctl.models.weights import Published, Weights, find_weights, read_state, weights_sha256
 from storage import UsageError
@@ -150,6 +151,18 @@ KNOWN: dict[str, Known] = {
         )
         for size, arch, width in (("s", "small", 384), ("b", "base", 768), ("l", "large", 1024))
     },
+    # a transformers ViTModel (its Hub folder: config.json, model.safetensors), renamed to timm's
+    "phikon": Known(
+        hub="owkin/phikon",
+        architecture="vit_base_patch16_224",
+        kwargs={"img_size": 224, "norm_layer": "layernorm_eps12"},
+        transform=Transform(224, "bilinear"),
+        pooling="cls",
+        width=768,
+        precision="fp32",
+        files=("model.safetensors", "pytorch_model.bin"),
+        gated=False,
+    ),
     "resnet50-trunc": Known(
         hub="timm/resnet50.tv_in1k",
         architecture="resnet50",
@@ -165,7 +178,6 @@ KNOWN: dict[str, Known] = {
 }
 NOT_YET = {
     "conch": "CONCH is an open_clip model of its own package (conch), not loadable through timm",
-    "phikon": "Phikon is a transformers ViTModel, not a timm model",
 }
 
 
@@ -193,7 +205,11 @@ def is_encoder_name(name: str) -> bool:
 
 # ---------------------------------------------------------------------------------- the module
 
-LAYERS = {"swiglu_packed": ("timm.layers", "SwiGLUPacked"), "silu": ("torch.nn", "SiLU")}
+LAYERS = {
+    "swiglu_packed": ("timm.layers", "SwiGLUPacked"),
+    "silu": ("torch.nn", "SiLU"),
+    "layernorm_eps12": ("hiresctl.models.hf_vit", "LayerNormEps12"),
+}
 
 
 def _layers(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -221,6 +237,8 @@ class Encoder(Backbone):
         self.token_pooling = pooling
         self.provenance: dict[str, Any] = {}
         self.tokens = int(getattr(model, "num_prefix_tokens", 0))
+        # a vision transformer (patch tokens through attention blocks), not a CNN
+        self.transformer = hasattr(model, "patch_embed")
         imagenet = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
         mean, std = torch.tensor(transform.mean), torch.tensor(transform.std)
         # x·scale + shift turns an ImageNet-normalised patch into this encoder's normalisation
@@ -310,11 +328,14 @@ def create_encoder(name: str, pretrained: str | Path | None = None) -> Encoder:
     elif name.startswith("timm:"):
         architecture = name.removeprefix("timm:")
         model_args = dict(config.get("model_args") or {})
+    elif hf_vit.is_transformers_vit(config):  # hf-hub: a transformers ViT's folder
+        architecture = "vit_base_patch16_224"  # its shape set by the arguments
+        model_args = hf_vit.vit_args(config, weights.path or name)
     else:  # hf-hub: the folder's config says what it is
         if "architecture" not in config:
             raise UsageError(
                 f"{weights.path}: {name} needs the repository's config.json (timm's format: "
-                "architecture, model_args) beside its weights"
+                "architecture, model_args; or a transformers ViT's) beside its weights"
             )
         architecture = str(config["architecture"])
         model_args = dict(config.get("model_args") or {})
@@ -323,12 +344,18 @@ def create_encoder(name: str, pretrained: str | Path | None = None) -> Encoder:
     file = weights.file()
     if file is not None:
         state = read_state(file)
+        if hf_vit.has_transformers_layout(state):
+            state = hf_vit.to_timm(state)
         if isinstance(body, Trunk):
             body.load(state, file)
         else:
             _load(body, state, file)
     transform = _transform(known, model, config)
     pooling = known.pooling if known is not None else "model"
+    if known is None and hf_vit.is_transformers_vit(config):  # its processor's transform
+        folder = weights.path if weights.path is not None and weights.path.is_dir() else None
+        transform = Transform(**hf_vit.processor_transform(folder, config))
+        pooling = "cls"  # last_hidden_state[:, 0], as its users take it
     width = known.width if known is not None else int(getattr(model, "num_features"))  # noqa: B009
     encoder = Encoder(body, width, transform, pooling)
     encoder.provenance = {

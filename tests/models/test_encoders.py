@@ -5,6 +5,7 @@ resize and pooling, compared with what timm and torchvision compute themselves."
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from safetensors.torch import save_file
 from hiresctl.data.reader import normalize
 from hiresctl.models import create_backbone
 from storage import UsageError
-from tests.encoders import hub_folder
+from tests.encoders import hub_folder, transformers_vit_folder
 
 
 def _timm_features(model: torch.nn.Module, unit: torch.Tensor) -> torch.Tensor:
@@ -151,6 +152,88 @@ def test_resnet50_trunc_is_torchvisions_resnet50_to_layer3_averaged(
         expect = x.mean(dim=(2, 3))
         ours = encoder.forward_features(normalize(unit))
     assert ours.shape == (2, 1024) and torch.allclose(ours, expect, atol=1e-5)
+
+
+IMAGENET_PROCESSOR = {
+    "do_normalize": True,
+    "do_resize": True,
+    "image_mean": [0.485, 0.456, 0.406],
+    "image_std": [0.229, 0.224, 0.225],
+    "resample": 3,
+    "size": {"height": 32, "width": 32},
+}
+
+
+def _resized(unit: torch.Tensor, side: int, mode: str, mean: list, std: list) -> torch.Tensor:
+    resized = torch.nn.functional.interpolate(
+        unit, size=(side, side), mode=mode, align_corners=False, antialias=True
+    )
+    return (resized - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+def test_a_transformers_vit_folder_computes_what_transformers_computes(
+    tmp_path: Path, unit: torch.Tensor
+) -> None:
+    """A folder ``ViTModel.save_pretrained`` wrote (Phikon's kind) loads as a timm ViT: the CLS
+    token of ``last_hidden_state`` that transformers computes, with the folder's processor's
+    side, resampling and statistics."""
+    source = transformers_vit_folder(tmp_path / "vit", IMAGENET_PROCESSOR)
+    encoder = create_backbone("hf-hub:lab/vit", tmp_path / "vit").eval()
+    assert encoder.transform.size == 32 and encoder.transform.interpolation == "bicubic"
+    with torch.no_grad():
+        ours = encoder.forward_features(normalize(unit))  # 64² patches resized to its 32²
+        pixels = _resized(
+            unit, 32, "bicubic", IMAGENET_PROCESSOR["image_mean"], IMAGENET_PROCESSOR["image_std"]
+        )
+        theirs = source(pixel_values=pixels).last_hidden_state[:, 0]
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    assert encoder.provenance["pooling"] == "cls" and encoder.num_features == 32
+
+
+def test_a_transformers_vit_without_a_processor_file_takes_the_processors_defaults(
+    tmp_path: Path, unit: torch.Tensor
+) -> None:
+    """No ``preprocessor_config.json``: the statistics and resampling of transformers' own
+    ``ViTImageProcessor`` defaults, and a classifier's ``vit.`` prefix and head left aside."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    torch.manual_seed(0)
+    config = ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+        num_labels=3,
+    )
+    source = ViTForImageClassification(config).eval()
+    source.save_pretrained(tmp_path / "cls")
+    encoder = create_backbone("hf-hub:lab/cls", tmp_path / "cls").eval()
+    processor = ViTImageProcessor()
+    t = encoder.transform
+    assert t.mean == tuple(processor.image_mean) and t.std == tuple(processor.image_std)
+    assert t.interpolation == {2: "bilinear", 3: "bicubic"}[int(processor.resample)]
+    with torch.no_grad():
+        ours = encoder.forward_features(normalize(unit))
+        pixels = _resized(unit, 32, t.interpolation, processor.image_mean, processor.image_std)
+        hidden = source(pixel_values=pixels, output_hidden_states=True).hidden_states[-1]
+        theirs = source.vit.layernorm(hidden)[:, 0]
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_a_transformers_vit_with_a_tensor_missing_is_refused(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    transformers_vit_folder(tmp_path / "vit")
+    path = tmp_path / "vit" / "model.safetensors"
+    state = load_file(str(path))
+    del state["encoder.layer.1.attention.attention.key.weight"]
+    save_file(state, str(path))
+    with pytest.raises(
+        UsageError, match=re.escape("blocks.1.attn.qkv.weight' absent from the file")
+    ):
+        create_backbone("hf-hub:lab/vit", tmp_path / "vit")
 
 
 def test_cls_and_mean_pooling_leaves_the_register_tokens_out(unit: torch.Tensor) -> None:
@@ -377,4 +460,46 @@ def test_embed_uni_from_its_folder(tmp_path: Path, cli: Callable) -> None:
     assert result.code == 0, result.stderr
     features, _, attrs = Dataset(store).feature_set("im000", "uni")
     assert features.shape == (4, 1024) and attrs["pooling"] == "cls"
+    assert attrs["transform"]["size"] == 224 and attrs["transform"]["interpolation"] == "bilinear"
+
+
+@pytest.mark.slow
+def test_embed_phikon_from_its_folder(tmp_path: Path, cli: Callable, unit: torch.Tensor) -> None:
+    """`hiresctl embed DS --encoder phikon --pretrained PHIKON_DIR`: a ViT-B/16 of Phikon's
+    configuration (random weights here, 0.35 GB) saved by transformers' ``save_pretrained``
+    with Phikon's processor file, loaded by the short name: transformers' CLS feature, 768
+    wide, at 224² with ImageNet statistics and bilinear resizing."""
+    from storage import Dataset
+
+    processor = {
+        "do_normalize": True,
+        "do_resize": True,
+        "image_mean": [0.485, 0.456, 0.406],
+        "image_std": [0.229, 0.224, 0.225],
+        "size": 224,
+    }
+    shape = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12}
+    shape |= {"intermediate_size": 3072, "image_size": 224, "patch_size": 16}
+    source = transformers_vit_folder(tmp_path / "phikon", processor, **shape)
+    encoder = create_backbone("phikon", tmp_path / "phikon").eval()
+    with torch.no_grad():
+        ours = encoder.forward_features(normalize(unit))
+        pixels = _resized(unit, 224, "bilinear", processor["image_mean"], processor["image_std"])
+        theirs = source(pixel_values=pixels).last_hidden_state[:, 0]
+    assert torch.allclose(ours, theirs, atol=1e-4)
+    del source, encoder
+    store = _small_store(tmp_path)
+    result = cli(
+        "embed",
+        store,
+        "--encoder",
+        "phikon",
+        "--pretrained",
+        tmp_path / "phikon",
+        "--patch-size",
+        "32",
+    )
+    assert result.code == 0, result.stderr
+    features, _, attrs = Dataset(store).feature_set("im000", "phikon")
+    assert features.shape == (4, 768) and attrs["pooling"] == "cls"
     assert attrs["transform"]["size"] == 224 and attrs["transform"]["interpolation"] == "bilinear"
