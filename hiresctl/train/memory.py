@@ -70,6 +70,34 @@ def _malloc_trim() -> Callable[[int], int] | None:
     return trim
 
 
+@functools.cache
+def _mallopt() -> Callable[[int, int], int] | None:
+    try:
+        call: Callable[[int, int], int] = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc
+        return None
+    return call
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+MAPPED_FROM = 1 << 20  # bytes: a transformer's larger activations, not a CNN's many small ones
+
+
+def map_large_allocations(device: torch.device) -> bool:
+    """Have glibc map every CPU allocation of :data:`MAPPED_FROM` bytes or more and unmap it when
+    it is freed (``mallopt(M_MMAP_THRESHOLD)``, as ``MALLOC_MMAP_THRESHOLD_`` would), so freed
+    activations leave the process. A transformer's activations are many tensors of 0.3-5 MB,
+    which glibc otherwise serves from its heap and keeps resident after they are freed: a
+    ViT-S PatchGD step at 2048² peaked 0.5 GB above what it held, 0.84× its plan (BENCHMARKS.md,
+    B1). Mapped, the run is slower (page faults on every large allocation: 1.2× the time in
+    that run), so training asks for it under a memory budget only. Whether it was set: not on
+    CUDA, under another C library, or where the variable already says."""
+    if device.type != "cpu" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    call = _mallopt()
+    return call is not None and call(_M_MMAP_THRESHOLD, MAPPED_FROM) == 1
+
+
 def release_freed_memory(device: torch.device) -> None:
     """Return the heap memory the process has freed to the operating system (glibc's
     ``malloc_trim``). Between phases of a CPU step that allocate in different sizes (a head on

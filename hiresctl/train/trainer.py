@@ -29,10 +29,7 @@ from hiresctl.train.checkpoint import (
     load_weights_into,
 )
 from hiresctl.train.inputs import input_record
-from hiresctl.train.memory import (
-    MemoryPlan,
-    PeakMemory,
-)
+from hiresctl.train.memory import MemoryPlan, PeakMemory, map_large_allocations
 from hiresctl.train.methods import BatchOutput, StepContext
 from hiresctl.train.progress import describe_epoch, describe_progress
 from hiresctl.train.recipe import Recipe, dump_recipe, lr_lambda
@@ -151,6 +148,12 @@ class Trainer:
         self.monitor = task.monitor(classes)
         self.run = build_run(recipe, self.dataset, classes, self.device, self.world, mask_values)
         self.memory_plan: MemoryPlan | None = None
+        transformer = any(getattr(m, "transformer", False) for m in self.run.model.modules())
+        if recipe.memory_budget and transformer and map_large_allocations(self.device):
+            self.log(
+                "under a memory budget with a transformer encoder: allocations of 1 MiB or more "
+                "are mapped, so freed activations leave the process (slower; docs/encoders.md)"
+            )
         if recipe.memory_budget and not resume:
             self.memory_plan, checkpointed = budget_plan(
                 self.run, recipe.memory_budget, self.train_images

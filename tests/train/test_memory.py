@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -84,3 +89,51 @@ def test_a_phase_apart_from_the_patches_counts_as_the_larger_of_the_two() -> Non
     assert shrunk.estimate == 2 * GB + 5 * GB
     with pytest.raises(UsageError, match=r"needs about 6\.52 GiB"):  # 7e9 bytes: the head phase
         plan_memory(6 * GB, apart=5 * GB, **common)  # type: ignore[arg-type]
+
+
+_MAPPED_PROBE = """
+import ctypes, sys, torch
+from hiresctl.train.recipe import Recipe
+from hiresctl.train.trainer import Trainer
+
+class Info(ctypes.Structure):  # glibc's struct mallinfo2
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                 "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+budget = sys.argv[4] if sys.argv[4] != "none" else None
+recipe = Recipe(method="patchgd", backbone=sys.argv[3], patch_size=32, memory_budget=budget)
+Trainer(sys.argv[1], sys.argv[2], recipe, device="cpu", log=lambda line: None)
+big = torch.ones(4 << 20, dtype=torch.uint8); del big  # glibc would raise its threshold past 4 MB
+before = libc.mallinfo2().hblkhd
+kept = torch.ones(2 << 20, dtype=torch.uint8)  # 2 MB: mapped, or served from the heap
+print(libc.mallinfo2().hblkhd - before >= 2 << 20)
+"""
+
+
+@pytest.mark.parametrize(
+    "backbone,budget,mapped",
+    [("timm:test_vit", "8GiB", True), ("timm:test_vit", "none", False), ("tiny", "8GiB", False)],
+)
+def test_a_transformer_run_under_a_budget_maps_large_allocations(
+    tmp_path: Path, backbone: str, budget: str, mapped: bool
+) -> None:
+    """Training a transformer encoder under ``--memory-budget`` has glibc map allocations of
+    1 MiB and more, so freed activations leave the process and the peak stays near the plan
+    (B1). Without a budget (mapping is slower), or with a CNN, glibc keeps its own threshold,
+    which rises past a freed allocation's size and then serves such sizes from its heap."""
+    from tests.stores import make_store, planted_images
+
+    images, labels = planted_images(4, 64, 32, seed=1)
+    store = make_store(tmp_path / "s", images, labels)
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    probe = subprocess.run(
+        [sys.executable, "-c", _MAPPED_PROBE, str(store), str(tmp_path / "run"), backbone, budget],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    assert probe.stdout.split()[-1] == str(mapped)
