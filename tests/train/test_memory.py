@@ -92,48 +92,64 @@ def test_a_phase_apart_from_the_patches_counts_as_the_larger_of_the_two() -> Non
 
 
 _MAPPED_PROBE = """
-import ctypes, sys, torch
-from hiresctl.train.recipe import Recipe
-from hiresctl.train.trainer import Trainer
-
-class Info(ctypes.Structure):  # glibc's struct mallinfo2
-    _fields_ = [(n, ctypes.c_size_t) for n in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
-                 "uordblks", "fordblks", "keepcost")]
+import ctypes, sys
+import torch
+from hiresctl.train.memory import map_large_allocations
 
 libc = ctypes.CDLL("libc.so.6")
-libc.mallinfo2.restype = Info
-budget = sys.argv[4] if sys.argv[4] != "none" else None
-recipe = Recipe(method="patchgd", backbone=sys.argv[3], patch_size=32, memory_budget=budget)
-Trainer(sys.argv[1], sys.argv[2], recipe, device="cpu", log=lambda line: None)
-big = torch.ones(4 << 20, dtype=torch.uint8); del big  # glibc would raise its threshold past 4 MB
-before = libc.mallinfo2().hblkhd
-kept = torch.ones(2 << 20, dtype=torch.uint8)  # 2 MB: mapped, or served from the heap
-print(libc.mallinfo2().hblkhd - before >= 2 << 20)
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+if sys.argv[1] == "map":
+    map_large_allocations(torch.device("cpu"))
+libc.free(libc.malloc(16 << 20))  # glibc's own threshold rises to 16 MB when this is freed
+block = libc.malloc(2 << 20)
+# glibc's chunk header, just before the block: bit 1 of its size field marks a mapped chunk
+print(bool(ctypes.c_size_t.from_address(block - ctypes.sizeof(ctypes.c_size_t)).value & 2))
 """
+
+
+@pytest.mark.parametrize("call", ["map", "leave"])
+def test_mapping_large_allocations_keeps_them_off_the_heap(call: str) -> None:
+    """After :func:`map_large_allocations` a 2 MB block is mapped (and unmapped when freed)
+    even once a 16 MB block has been freed; glibc's own threshold rises past that freed size
+    and then serves 2 MB from its heap, which keeps it resident after it is freed."""
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    probe = subprocess.run(
+        [sys.executable, "-c", _MAPPED_PROBE, call], capture_output=True, text=True, env=env
+    )
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    assert probe.stdout.split()[-1] == str(call == "map")
 
 
 @pytest.mark.parametrize(
     "backbone,budget,mapped",
-    [("timm:test_vit", "8GiB", True), ("timm:test_vit", "none", False), ("tiny", "8GiB", False)],
+    [("timm:test_vit", "8GiB", True), ("timm:test_vit", None, False), ("tiny", "8GiB", False)],
 )
 def test_a_transformer_run_under_a_budget_maps_large_allocations(
-    tmp_path: Path, backbone: str, budget: str, mapped: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backbone: str, budget: str | None, mapped: bool
 ) -> None:
-    """Training a transformer encoder under ``--memory-budget`` has glibc map allocations of
-    1 MiB and more, so freed activations leave the process and the peak stays near the plan
-    (B1). Without a budget (mapping is slower), or with a CNN, glibc keeps its own threshold,
-    which rises past a freed allocation's size and then serves such sizes from its heap."""
+    """Training a transformer encoder under ``--memory-budget`` maps allocations of 1 MiB and
+    more (``mallopt(M_MMAP_THRESHOLD, 1 MiB)``), so freed activations leave the process and
+    the peak stays near the plan (B1). Without a budget (mapping is slower), or with a CNN,
+    glibc keeps its own threshold."""
+    from hiresctl.train import memory
+    from hiresctl.train.recipe import Recipe
+    from hiresctl.train.trainer import Trainer
     from tests.stores import make_store, planted_images
 
+    calls: list[tuple[int, int]] = []
+
+    def mallopt(option: int, value: int) -> int:
+        calls.append((option, value))
+        return 1
+
+    monkeypatch.setattr(memory, "_mallopt", lambda: mallopt)
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
     images, labels = planted_images(4, 64, 32, seed=1)
     store = make_store(tmp_path / "s", images, labels)
-    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
-    probe = subprocess.run(
-        [sys.executable, "-c", _MAPPED_PROBE, str(store), str(tmp_path / "run"), backbone, budget],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    assert probe.returncode == 0, probe.stderr[-2000:]
-    assert probe.stdout.split()[-1] == str(mapped)
+    recipe = Recipe(method="patchgd", backbone=backbone, patch_size=32, memory_budget=budget)
+    lines: list[str] = []
+    Trainer(store, tmp_path / "run", recipe, device="cpu", log=lines.append)
+    assert calls == ([(-3, 1 << 20)] if mapped else [])
+    assert any("are mapped" in line for line in lines) == mapped
