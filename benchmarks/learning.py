@@ -188,6 +188,20 @@ def embed_features(store: Path, args: argparse.Namespace) -> tuple[str, float]:
     return name, time.perf_counter() - start
 
 
+def row_specs(text: str) -> list[str]:
+    """``--methods`` as rows: ';' between rows, or ',' where what follows is a method (a
+    ``key=value`` after a ',' belongs to the row before: ``patchgd:patch_size=128,fill_mode=train``)."""
+    if ";" in text:
+        return [m for m in text.split(";") if m]
+    rows: list[str] = []
+    for part in filter(None, text.split(",")):
+        if rows and "=" in part and ":" not in part:
+            rows[-1] += "," + part
+        else:
+            rows.append(part)
+    return rows
+
+
 def split_variant(spec: str) -> tuple[str, list[str]]:
     """``patchgd-global:global_grad=1,fusion=add`` → the method and its extra ``--set``s (a row
     that changes one setting of a method's defaults, for ablations)."""
@@ -314,7 +328,7 @@ def main() -> None:
     # other --methods adds rows to the same table, and --methods '' republishes what is kept
     kept_file = root / f"results_{args.backbone}_{args.epochs}ep_{args.seeds}seeds.json"
     kept: dict[str, list[dict]] = json.loads(kept_file.read_text()) if kept_file.exists() else {}
-    specs = [m for m in args.methods.split(";" if ";" in args.methods else ",") if m]
+    specs = row_specs(args.methods)
     for spec in specs:
         method, extra = split_variant(spec)
         runs = list(kept.get(spec, []))[: args.seeds]  # seeds already measured are kept
