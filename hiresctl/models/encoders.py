@@ -1,7 +1,7 @@
 """Encoders the field starts from: any timm model (``timm:NAME``), any Hub model in timm's
 format or a transformers ViT (``hf-hub:ORG/REPO[@REVISION]``, ``hf_vit.py``) and short names
 for the pathology and natural-image encoders (``uni``, ``uni2-h``, ``virchow2``,
-``h-optimus-0``, ``phikon``, ``dinov2-s/b/l``, ``resnet50-trunc``), beside hiresctl's own backbones (``backbones.py``).
+``h-optimus-0``, ``conch``, ``phikon``, ``dinov2-s/b/l``, ``resnet50-trunc``; ``known.py``), beside hiresctl's own backbones (``backbones.py``).
 
 Nothing is ever downloaded. An encoder's weights come from, in this order:
 
@@ -26,7 +26,7 @@ is what a feature set or checkpoint records of it.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -34,151 +34,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hiresctl.models import hf_vit
+from hiresctl.models import conch, hf_vit
 from hiresctl.models.backbones import BACKBONES, Backbone, create_registered
+from hiresctl.models.known import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    KNOWN,
+    NOT_YET,
+    POOLINGS,
+    Known,
+    Transform,
+)
 from hiresctl.models.weights import Published, Weights, find_weights, read_state, weights_sha256
 from storage import UsageError
-
-# what the patch reader normalises every patch with (data/reader.py); an encoder with other
-# statistics renormalises
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-POOLINGS = ("cls", "cls+mean", "mean", "model")
-
-
-@dataclass(frozen=True)
-class Transform:
-    """What an encoder expects of its input: ``size`` (None: any side), the interpolation a
-    patch of another side is resized with, and the mean and standard deviation of [0, 1] RGB."""
-
-    size: int | None = None
-    interpolation: str = "bilinear"
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-
-
-@dataclass(frozen=True)
-class Known:
-    """A short name: where its weights are published and how its authors use it."""
-
-    hub: str  # the Hub repository its weights are published in
-    architecture: str  # the timm architecture a plain state dict loads into
-    kwargs: dict[str, Any]  # timm keyword arguments; layer classes by name (LAYERS)
-    transform: Transform
-    pooling: str  # cls | cls+mean (CLS beside the mean of the patch tokens) | mean
-    width: int  # the feature width that pooling gives
-    precision: str  # what its authors run it in
-    files: tuple[str, ...] = ("pytorch_model.bin",)
-    gated: bool = True  # the Hub asks for an agreement before it gives the files
-    trunk: str | None = None  # a CNN cut after this stage (resnet50-trunc)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-# Taken from each model's card: architecture and keyword arguments of its timm loading code,
-# the transform it documents, how its authors pool the tokens into one feature.
-KNOWN: dict[str, Known] = {
-    "uni": Known(
-        hub="MahmoodLab/UNI",
-        architecture="vit_large_patch16_224",
-        kwargs={"img_size": 224, "patch_size": 16, "init_values": 1e-5, "dynamic_img_size": True},
-        transform=Transform(224, "bilinear"),
-        pooling="cls",
-        width=1024,
-        precision="fp16",
-    ),
-    "uni2-h": Known(
-        hub="MahmoodLab/UNI2-h",
-        architecture="vit_giant_patch14_224",
-        kwargs={
-            "img_size": 224,
-            "patch_size": 14,
-            "depth": 24,
-            "num_heads": 24,
-            "init_values": 1e-5,
-            "embed_dim": 1536,
-            "mlp_ratio": 2.66667 * 2,
-            "no_embed_class": True,
-            "mlp_layer": "swiglu_packed",
-            "act_layer": "silu",
-            "reg_tokens": 8,
-            "dynamic_img_size": True,
-        },
-        transform=Transform(224, "bilinear"),
-        pooling="cls",
-        width=1536,
-        precision="bf16",
-    ),
-    "virchow2": Known(
-        hub="paige-ai/Virchow2",
-        architecture="vit_huge_patch14_224",
-        kwargs={
-            "img_size": 224,
-            "init_values": 1e-5,
-            "reg_tokens": 4,
-            "mlp_ratio": 5.3375,
-            "global_pool": "",
-            "dynamic_img_size": True,
-            "mlp_layer": "swiglu_packed",
-            "act_layer": "silu",
-        },
-        transform=Transform(224, "bicubic"),
-        pooling="cls+mean",
-        width=2560,
-        precision="fp16",
-    ),
-    "h-optimus-0": Known(
-        hub="bioptimus/H-optimus-0",
-        architecture="vit_giant_patch14_reg4_dinov2",
-        kwargs={"img_size": 224, "init_values": 1e-5, "dynamic_img_size": False},
-        transform=Transform(
-            224, "bicubic", (0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517)
-        ),
-        pooling="cls",
-        width=1536,
-        precision="fp16",
-    ),
-    **{
-        f"dinov2-{size}": Known(
-            hub=f"timm/vit_{arch}_patch14_dinov2.lvd142m",
-            architecture=f"vit_{arch}_patch14_dinov2",
-            kwargs={"img_size": 518, "dynamic_img_size": True},
-            transform=Transform(224, "bicubic"),
-            pooling="cls",
-            width=width,
-            precision="fp32",
-            files=("model.safetensors",),
-            gated=False,
-        )
-        for size, arch, width in (("s", "small", 384), ("b", "base", 768), ("l", "large", 1024))
-    },
-    # a transformers ViTModel (its Hub folder: config.json, model.safetensors), renamed to timm's
-    "phikon": Known(
-        hub="owkin/phikon",
-        architecture="vit_base_patch16_224",
-        kwargs={"img_size": 224, "norm_layer": "layernorm_eps12"},
-        transform=Transform(224, "bilinear"),
-        pooling="cls",
-        width=768,
-        precision="fp32",
-        files=("model.safetensors", "pytorch_model.bin"),
-        gated=False,
-    ),
-    "resnet50-trunc": Known(
-        hub="timm/resnet50.tv_in1k",
-        architecture="resnet50",
-        kwargs={},
-        transform=Transform(None, "bilinear"),
-        pooling="mean",
-        width=1024,
-        precision="fp32",
-        files=("model.safetensors",),
-        gated=False,
-        trunk="layer3",
-    ),
-}
-NOT_YET = {
-    "conch": "CONCH is an open_clip model of its own package (conch), not loadable through timm",
-}
 
 
 def create_backbone(
@@ -238,7 +106,7 @@ class Encoder(Backbone):
         self.provenance: dict[str, Any] = {}
         self.tokens = int(getattr(model, "num_prefix_tokens", 0))
         # a vision transformer (patch tokens through attention blocks), not a CNN
-        self.transformer = hasattr(model, "patch_embed")
+        self.transformer = hasattr(model, "patch_embed") or bool(getattr(model, "transformer", 0))
         imagenet = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
         mean, std = torch.tensor(transform.mean), torch.tensor(transform.std)
         # x·scale + shift turns an ImageNet-normalised patch into this encoder's normalisation
@@ -340,6 +208,8 @@ def create_encoder(name: str, pretrained: str | Path | None = None) -> Encoder:
         architecture = str(config["architecture"])
         model_args = dict(config.get("model_args") or {})
     trunk = known.trunk if known is not None else None
+    if known is not None and known.extra.get("package") == "conch":
+        return _conch_encoder(name, known, weights)
     model, body = _build(name, architecture, model_args, trunk)
     file = weights.file()
     if file is not None:
@@ -362,6 +232,23 @@ def create_encoder(name: str, pretrained: str | Path | None = None) -> Encoder:
         **provenance(name, architecture, weights, file, transform, pooling, width),
         "model_args": model_args,
         "trunk": trunk,
+    }
+    return encoder
+
+
+def _conch_encoder(name: str, known: Known, weights: Weights) -> Encoder:
+    """CONCH through its own package, its image tower loaded whole from the checkpoint."""
+    body = conch.build()
+    file = weights.file()
+    if file is not None:
+        _load(body, conch.image_state(read_state(file)), file)
+    encoder = Encoder(body, known.width, known.transform, known.pooling)
+    encoder.provenance = {
+        **provenance(
+            name, known.architecture, weights, file, known.transform, known.pooling, known.width
+        ),
+        "model_args": {},
+        "trunk": None,
     }
     return encoder
 
@@ -406,9 +293,12 @@ def encoder_from_record(record: dict[str, Any]) -> Encoder:
     try:
         t = record["transform"]
         transform = Transform(t["size"], t["interpolation"], tuple(t["mean"]), tuple(t["std"]))
-        _, body = _build(
-            record["encoder"], record["architecture"], record["model_args"], record.get("trunk")
-        )
+        if record["architecture"] == conch.CONFIG:
+            body: nn.Module = conch.build()
+        else:
+            _, body = _build(
+                record["encoder"], record["architecture"], record["model_args"], record.get("trunk")
+            )
         encoder = Encoder(body, int(record["width"]), transform, record["pooling"])
     except (KeyError, TypeError) as exc:
         raise UsageError(f"the checkpoint's encoder record lacks {exc}") from None

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from hiresctl.data.reader import normalize
 from hiresctl.models import create_backbone
+from hiresctl.models.conch import available as conch_available
 from storage import UsageError
 from tests.encoders import hub_folder, transformers_vit_folder
 
@@ -503,3 +504,71 @@ def test_embed_phikon_from_its_folder(tmp_path: Path, cli: Callable, unit: torch
     features, _, attrs = Dataset(store).feature_set("im000", "phikon")
     assert features.shape == (4, 768) and attrs["pooling"] == "cls"
     assert attrs["transform"]["size"] == 224 and attrs["transform"]["interpolation"] == "bilinear"
+
+
+def test_conch_without_its_package_says_how_to_install_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from hiresctl.models import conch
+
+    monkeypatch.setattr(conch, "available", lambda: False)
+    with pytest.raises(UsageError) as caught:
+        conch.build()
+    message = str(caught.value)
+    assert "github.com/mahmoodlab/CONCH" in message and "\n" not in message
+
+
+@pytest.mark.skipif(
+    not conch_available(),
+    reason="CONCH's package (installed from its repository, not on the index) is absent",
+)
+def test_conch_computes_what_conchs_own_package_computes(
+    tmp_path: Path, unit: torch.Tensor
+) -> None:
+    """`--encoder conch --pretrained DIR`: a CONCH checkpoint (random weights here, saved
+    whole as its Hub folder holds it) gives through the short name the feature CONCH's own
+    factory and ``encode_image(x, proj_contrast=False, normalize=False)`` compute from the same
+    file, at 448² (bicubic) with CLIP's statistics; an image tower missing a tensor is refused."""
+    import warnings
+
+    from hiresctl.models.encoders import encoder_from_record
+    from hiresctl.models.known import OPENAI_MEAN, OPENAI_STD
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import conch.open_clip_custom as package
+
+    config = json.loads(
+        (Path(package.__file__).parent / "model_configs" / "conch_ViT-B-16.json").read_text()
+    )
+    config.pop("custom_text", None)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        written = package.CoCa(**config)
+    folder = tmp_path / "CONCH"
+    folder.mkdir()
+    torch.save(written.state_dict(), folder / "pytorch_model.bin")
+    del written
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs_model = package.create_model(
+            "conch_ViT-B-16", checkpoint_path=str(folder / "pytorch_model.bin")
+        ).eval()
+    encoder = create_backbone("conch", folder).eval()
+    assert encoder.num_features == 512 and encoder.transform.size == 448
+    with torch.no_grad():
+        ours = encoder.forward_features(normalize(unit))
+        pixels = _resized(unit, 448, "bicubic", list(OPENAI_MEAN), list(OPENAI_STD))
+        theirs = theirs_model.encode_image(pixels, proj_contrast=False, normalize=False)
+    assert torch.allclose(ours, theirs, atol=1e-4)
+    # a checkpoint's record rebuilds it without the weights file (the checkpoint holds them)
+    rebuilt = encoder_from_record(encoder.provenance).eval()
+    rebuilt.load_state_dict(encoder.state_dict())
+    with torch.no_grad():
+        assert torch.equal(rebuilt.forward_features(normalize(unit)), ours)
+    state = torch.load(folder / "pytorch_model.bin")
+    del state["visual.ln_contrast.weight"]
+    torch.save(state, folder / "pytorch_model.bin")
+    with pytest.raises(UsageError, match=re.escape("ln_contrast.weight' absent from the file")):
+        create_backbone("conch", folder)
