@@ -204,6 +204,8 @@ def bare_steps(data: Path, method: str, repeats: int) -> list[float]:
     images, _ = task.images(dataset, "train", classes)
     run = build_run(recipe, dataset, classes, torch.device("cpu"))
     model = run.model
+    if method == "full":  # as hiresctl runs a whole image this large (WholeImage._layout)
+        model.to(memory_format=torch.contiguous_format)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay
     )

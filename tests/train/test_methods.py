@@ -110,6 +110,36 @@ def test_downsample_reads_no_level_0_patch(coord_store: Path) -> None:
     assert run.reader.patches_read == 0
 
 
+def test_full_runs_images_past_the_channels_last_limit_in_the_default_layout(
+    coord_store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a CPU, ``full`` fed an image over ``CHANNELS_LAST_MAX_PIXELS`` (where oneDNN's
+    channels-last convolution backward crawls) moves its network to the default layout and
+    keeps it there; images within the limit leave it channels-last."""
+    from hiresctl.train.classification import baselines
+
+    run = _run(coord_store, method="full")
+    ctx = step_context(run, None, None, 1)
+    conv = next(m for m in run.model.modules() if isinstance(m, nn.Conv2d))
+
+    def channels_last() -> bool:
+        return conv.weight.is_contiguous(memory_format=torch.channels_last) and not (
+            conv.weight.is_contiguous()
+        )
+
+    side = run.method.input_side("a")[0]
+    assert channels_last()
+    monkeypatch.setattr(baselines, "CHANNELS_LAST_MAX_PIXELS", side * side)
+    run.method.predict(ctx, ["a"], _reads(run, ["a"], train=False))
+    assert channels_last()  # at the limit: unchanged
+    monkeypatch.setattr(baselines, "CHANNELS_LAST_MAX_PIXELS", side * side - 1)
+    logits = run.method.predict(ctx, ["a"], _reads(run, ["a"], train=False))
+    assert not channels_last() and logits.shape == (1, 2)
+    monkeypatch.setattr(baselines, "CHANNELS_LAST_MAX_PIXELS", side * side)
+    run.method.predict(ctx, ["a"], _reads(run, ["a"], train=False))
+    assert not channels_last()  # kept
+
+
 class _Brightness(nn.Module):
     """Embedding = (mean brightness, 0, …): lets a test know which patch must score highest."""
 

@@ -26,9 +26,24 @@ from hiresctl.train.methods import (
 from hiresctl.train.registry import register_method
 from storage.errors import UsageError
 
+# oneDNN's channels-last convolution backward falls off a cliff on very large inputs: a ResNet-18
+# stem (3 -> 64, 7x7, stride 2) computed its weight gradient in 0.42 s at 2896² and in over a
+# minute at 4096² (2 CPU threads), where the default layout's whole ResNet-18 step took 32 s. A
+# network fed whole images larger than this on a CPU runs in the default layout (BENCHMARKS.md,
+# E1); patches and thumbnails stay channels-last, where it is 20-45% faster.
+CHANNELS_LAST_MAX_PIXELS = 2896 * 2896
+
 
 class WholeImage(ClassificationMethod):
     """Baselines that see the whole image at once: ``downsample`` (§6) and ``full``."""
+
+    def _layout(self, ctx: StepContext, images: list[torch.Tensor]) -> None:
+        """The default memory layout for the model from the first image over
+        :data:`CHANNELS_LAST_MAX_PIXELS` on a CPU (once: later steps keep it)."""
+        large = max(p.shape[-2] * p.shape[-1] for p in images) > CHANNELS_LAST_MAX_PIXELS
+        if large and ctx.device.type == "cpu" and not getattr(self, "_default_layout", False):
+            self.model.to(memory_format=torch.contiguous_format)
+            self._default_layout = True
 
     def build_model(self) -> nn.Module:
         return ImageClassifier(self.backbone(), self.num_classes)
@@ -47,6 +62,7 @@ class WholeImage(ClassificationMethod):
 
     def _forward(self, ctx: StepContext, reads: Reads) -> torch.Tensor:
         images = [p for _, p in reads]
+        self._layout(ctx, images)
         if len({tuple(p.shape) for p in images}) == 1:
             return self.model(torch.stack(images).to(ctx.device, non_blocking=True))
         return torch.cat([self.model(p.unsqueeze(0).to(ctx.device)) for p in images])
