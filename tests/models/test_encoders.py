@@ -472,13 +472,8 @@ def test_embed_phikon_from_its_folder(tmp_path: Path, cli: Callable, unit: torch
     wide, at 224² with ImageNet statistics and bilinear resizing."""
     from storage import Dataset
 
-    processor = {
-        "do_normalize": True,
-        "do_resize": True,
-        "image_mean": [0.485, 0.456, 0.406],
-        "image_std": [0.229, 0.224, 0.225],
-        "size": 224,
-    }
+    # Phikon's preprocessor_config.json: no "resample" (the processor's bilinear), side 224
+    processor = {k: v for k, v in IMAGENET_PROCESSOR.items() if k != "resample"} | {"size": 224}
     shape = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12}
     shape |= {"intermediate_size": 3072, "image_size": 224, "patch_size": 16}
     source = transformers_vit_folder(tmp_path / "phikon", processor, **shape)
