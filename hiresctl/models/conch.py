@@ -23,8 +23,12 @@ INSTALL = "pip install git+https://github.com/mahmoodlab/CONCH (its package is n
 
 
 def available() -> bool:
-    """Whether CONCH's package can be imported here."""
-    return importlib.util.find_spec("conch") is not None
+    """Whether CONCH's package can be imported here (its module that defines the network: a
+    folder left behind by an uninstall is only a namespace)."""
+    try:
+        return importlib.util.find_spec("conch.open_clip_custom") is not None
+    except ImportError:  # no package named conch at all
+        return False
 
 
 def _package() -> Any:
