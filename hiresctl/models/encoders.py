@@ -228,11 +228,9 @@ def create_encoder(name: str, pretrained: str | Path | None = None) -> Encoder:
         pooling = "cls"  # last_hidden_state[:, 0], as its users take it
     width = known.width if known is not None else int(getattr(model, "num_features"))  # noqa: B009
     encoder = Encoder(body, width, transform, pooling)
-    encoder.provenance = {
-        **provenance(name, architecture, weights, file, transform, pooling, width),
-        "model_args": model_args,
-        "trunk": trunk,
-    }
+    encoder.provenance = provenance(
+        name, architecture, weights, file, transform, pooling, width, model_args, trunk
+    )
     return encoder
 
 
@@ -243,13 +241,9 @@ def _conch_encoder(name: str, known: Known, weights: Weights) -> Encoder:
     if file is not None:
         _load(body, conch.image_state(read_state(file)), file)
     encoder = Encoder(body, known.width, known.transform, known.pooling)
-    encoder.provenance = {
-        **provenance(
-            name, known.architecture, weights, file, known.transform, known.pooling, known.width
-        ),
-        "model_args": {},
-        "trunk": None,
-    }
+    encoder.provenance = provenance(
+        name, known.architecture, weights, file, known.transform, known.pooling, known.width
+    )
     return encoder
 
 
@@ -361,9 +355,12 @@ def provenance(
     transform: Transform,
     pooling: str,
     width: int,
+    model_args: dict[str, Any] | None = None,
+    trunk: str | None = None,
 ) -> dict[str, Any]:
     """What a feature set or checkpoint records of its encoder: enough to refuse features
-    computed another way, and to say how they were computed."""
+    computed another way, to say how they were computed, and to rebuild it (``model_args``:
+    timm's keyword arguments; ``trunk``: the stage a CNN is cut after)."""
     import timm
 
     digest = weights_sha256(file)
@@ -380,4 +377,6 @@ def provenance(
         "width": width,
         "timm": timm.__version__,
         "torch": torch.__version__.split("+")[0],
+        "model_args": model_args or {},
+        "trunk": trunk,
     }
