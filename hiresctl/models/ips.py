@@ -33,6 +33,13 @@ class CrossAttentionAggregator(nn.Module):
     """Learnable query tokens attend over patch embeddings (no biases in the projections).
 
     ``x = LayerNorm(q + Dropout(out(attn · v)))`` then ``LayerNorm(x + Dropout(W2·ReLU(W1·x)))``.
+
+    Initialised so that the block starts close to a plain pooling of the patches: the value
+    and output projections orthogonal (they keep the embeddings' geometry), the feed-forward's
+    last layer zero (its residual starts as the identity). With PyTorch's default
+    initialisation, trained from scratch, IPS spent its first epochs near the class prior, as
+    slow with the attention forced uniform, while a mean of the same embeddings straight into
+    the classifier learned at once (docs/methods.md §3).
     """
 
     def __init__(
@@ -53,11 +60,14 @@ class CrossAttentionAggregator(nn.Module):
         self.w_v = nn.Linear(dim, heads * dim_value, bias=False)
         self.out = nn.Linear(heads * dim_value, dim, bias=False)
         self.norm_attention = nn.LayerNorm(dim)
-        self.feed_forward = nn.Sequential(
-            nn.Linear(dim, dim_inner), nn.ReLU(inplace=True), nn.Linear(dim_inner, dim)
-        )
+        last = nn.Linear(dim_inner, dim)
+        self.feed_forward = nn.Sequential(nn.Linear(dim, dim_inner), nn.ReLU(inplace=True), last)
         self.norm_feed_forward = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(dropout)
+        nn.init.orthogonal_(self.w_v.weight)
+        nn.init.orthogonal_(self.out.weight)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, D) → attention weights (B, heads, tokens, N)."""

@@ -184,6 +184,33 @@ def test_ips_keeps_the_patch_that_carries_the_signal(tmp_path: Path) -> None:
     assert float(patch.mean()) > 1.0
 
 
+@pytest.mark.parametrize(("heads", "dim_value"), [(4, 16), (8, 16), (2, 8)])
+def test_ips_aggregator_starts_as_a_pooling_of_its_inputs(heads: int, dim_value: int) -> None:
+    """docs/methods.md §3: at initialisation the value and output projections are orthogonal
+    and the feed-forward adds nothing: with the attention uniform, the query token is
+    LayerNorm(q + W_o W_v · mean of the patches), W_o W_v a rotation when it is square."""
+    from hiresctl.models.ips import CrossAttentionAggregator
+
+    torch.manual_seed(0)
+    dim = 64
+    aggregator = CrossAttentionAggregator(dim, heads, 16, dim_value, 128, dropout=0.0).eval()
+    for weight in (aggregator.w_v.weight, aggregator.out.weight):
+        short = min(weight.shape)
+        gram = weight @ weight.T if weight.shape[0] == short else weight.T @ weight
+        assert torch.allclose(gram, torch.eye(short), atol=1e-5)
+    x = torch.randn(3, 5, dim)
+    with torch.no_grad():
+        aggregator.queries.zero_()  # uniform attention: every head averages the patches
+        mean = x.mean(dim=1, keepdim=True)
+        value_path = aggregator.out(aggregator.w_v(mean))
+        if heads * dim_value == dim:
+            assert torch.allclose(value_path.norm(dim=-1), mean.norm(dim=-1), rtol=1e-4)
+        tokens = torch.randn(3, 1, dim)
+        assert torch.equal(aggregator.feed_forward(tokens), torch.zeros_like(tokens))
+        expected = aggregator.norm_feed_forward(aggregator.norm_attention(value_path))
+        assert torch.allclose(aggregator(x), expected, atol=1e-5)
+
+
 def test_fusion_is_the_same_in_training_and_evaluation(coord_store: Path) -> None:
     run = _run(coord_store, method="patchgd-global", fusion="add", dropout=0.0)
     model = run.model
