@@ -24,20 +24,26 @@ _STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
 def to_unit_rgb(pixels: np.ndarray) -> torch.Tensor:
     """(…, c, h, w) store pixels → float32 RGB in [0, 1] (grey repeated, alpha dropped)."""
+    return as_rgb(to_unit(pixels))
+
+
+def to_unit(pixels: np.ndarray) -> torch.Tensor:
+    """(…, c, h, w) store pixels → float32 in [0, 1], only the channels RGB is made of: the
+    grey channel (alpha dropped) or the first three (alpha and extra bands dropped)."""
     if pixels.dtype == np.uint8:
         scale = 255.0
     elif pixels.dtype == np.uint16:
         scale = 65535.0
     else:
         scale = 1.0
-    tensor = torch.from_numpy(np.ascontiguousarray(pixels)).float().div_(scale)
-    channels = tensor.shape[-3]
-    if channels == 1:
+    kept = pixels[..., :1, :, :] if pixels.shape[-3] <= 2 else pixels[..., :3, :, :]
+    return torch.from_numpy(np.ascontiguousarray(kept)).float().div_(scale)
+
+
+def as_rgb(tensor: torch.Tensor) -> torch.Tensor:
+    """(…, 1 or 3, h, w) of :func:`to_unit` → (…, 3, h, w), grey repeated."""
+    if tensor.shape[-3] == 1:
         tensor = tensor.expand(*tensor.shape[:-3], 3, *tensor.shape[-2:])
-    elif channels == 2:  # grey + alpha
-        tensor = tensor[..., :1, :, :].expand(*tensor.shape[:-3], 3, *tensor.shape[-2:])
-    elif channels >= 4:  # drop alpha / extra bands
-        tensor = tensor[..., :3, :, :]
     return tensor.contiguous()
 
 
@@ -82,6 +88,7 @@ class PatchReader:
         self._entries: dict[str, ImageEntry] = {}
         self._arrays: dict[tuple[str, int], Any] = {}
         self._direct: dict[tuple[str, int], DirectChunks | None] = {}
+        self._global_source: dict[tuple[str, int], tuple[Any, DirectChunks | None]] = {}
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max(1, threads)) if threads > 1 else None
         self.patches_read = 0
@@ -338,24 +345,45 @@ class PatchReader:
         on its longest side, so level 0 is never loaded.
         """
         entry = self.entry(image_id)
-        group = self.dataset.image_group(image_id)
-        candidates: list[Any] = [group[str(level)] for level in range(entry.levels)]
-        if "thumbnail" in group:
-            candidates.append(group["thumbnail"])
-        chosen = candidates[0]
-        for candidate in candidates:
-            if max(candidate.shape[1:]) >= size and candidate.size < chosen.size:
-                chosen = candidate
-        pixels = flip.pixels(np.asarray(chosen[...]))
+        pixels = flip.pixels(self._global_source_pixels(image_id, size))
         channels, height, width = pixels.shape
         side = max(height, width)
         square = np.full((channels, side, side), entry.fill_value, pixels.dtype)
         square[:, :height, :width] = pixels
-        tensor = to_unit_rgb(square).unsqueeze(0)
+        # resized before grey becomes RGB: a third of the work for a grey image (this runs in
+        # the read-ahead thread, beside the step's computation)
         resized = F.interpolate(
-            tensor, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+            to_unit(square).unsqueeze(0),
+            size=(size, size),
+            mode="bilinear",
+            antialias=True,
+            align_corners=False,
         )
-        return resized[0].clamp_(0.0, 1.0)
+        return as_rgb(resized[0].clamp_(0.0, 1.0))
+
+    def _global_source_pixels(self, image_id: str, size: int) -> np.ndarray:
+        """All of the coarsest pyramid level (or the thumbnail) of ``image_id`` that is still at
+        least ``size`` on its longest side. The choice is made once per image and size, and the
+        pixels are read by whole chunks where the layout allows: zarr's pipeline (Python, in
+        the read-ahead thread, beside the step) stays out of every later read."""
+        key = (image_id, size)
+        if key not in self._global_source:
+            levels = self.entry(image_id).levels
+            group = self.dataset.image_group(image_id)
+            candidates: list[Any] = [group[str(level)] for level in range(levels)]
+            if "thumbnail" in group:
+                candidates.append(group["thumbnail"])
+            chosen = candidates[0]
+            for candidate in candidates:
+                if max(candidate.shape[1:]) >= size and candidate.size < chosen.size:
+                    chosen = candidate
+            found = (chosen, DirectChunks.open(chosen))
+            with self._lock:
+                self._global_source[key] = found
+        array, direct = self._global_source[key]
+        _, height, width = array.shape
+        whole = direct.read_region(0, 0, height, width) if direct is not None else None
+        return whole if whole is not None else np.asarray(array[...])
 
     def close(self) -> None:
         if self._pool is not None:

@@ -8,11 +8,14 @@ them in the same order while the next requests are already being read.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -89,6 +92,49 @@ def _request_bytes(request: ReadRequest) -> int:
     return count * channels * request.grid.patch_size**2 * 4
 
 
+@functools.cache
+def _omp_set_num_threads() -> Any:
+    """``omp_set_num_threads`` of the OpenMP runtime torch uses (Linux), or None: the one in
+    torch's own folder, else the only one loaded (other packages bring their own copies, and
+    setting another copy's count changes nothing for torch)."""
+    try:
+        maps = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return None
+    runtimes = {
+        path
+        for line in maps
+        if Path(path := line.split()[-1]).name.startswith(("libgomp", "libomp", "libiomp5"))
+    }
+    home = Path(torch.__file__).parent
+    torch_own = [path for path in runtimes if Path(path).is_relative_to(home)]
+    chosen = torch_own or (sorted(runtimes) if len(runtimes) == 1 else [])
+    if len(chosen) != 1:
+        return None
+    try:
+        return ctypes.CDLL(chosen[0]).omp_set_num_threads
+    except (OSError, AttributeError):
+        return None
+
+
+def one_compute_thread() -> None:
+    """Run the calling thread's tensor work on one OpenMP thread, leaving every other thread's
+    count as it is.
+
+    The read-ahead thread converts and normalises pixels with torch while the step computes on
+    all cores. With torch's own count (every core) it starts a second team of OpenMP threads
+    that competes with the step's: on 2 cores a ResNet-18 step on a 256² image took 0.165 s
+    beside it and 0.135 s with it on one thread (BENCHMARKS.md, E1). DataLoader workers run
+    one thread each for the same reason. ``torch.set_num_threads`` cannot be used: it also
+    sets the count that threads started later take. The OpenMP setting is per thread; torch's
+    first parallel call in a thread resets it, so that call is made here first."""
+    set_threads = _omp_set_num_threads()
+    if set_threads is None:
+        return
+    torch.get_num_threads()  # torch sets this thread's OpenMP count on its first call
+    set_threads(1)
+
+
 def _threaded_reads(
     dataset: _RequestDataset, plan: Iterable[ReadRequest], ahead_bytes: int
 ) -> Iterator[tuple[ReadRequest, torch.Tensor]]:
@@ -96,7 +142,9 @@ def _threaded_reads(
     GIL), yielding in plan order. At most ``ahead_bytes`` of pixels wait (and always one
     request), so reading ahead never costs more memory than that, however large the requests."""
     requests = iter(plan)
-    with ThreadPoolExecutor(1, thread_name_prefix="hiresctl-read") as pool:
+    with ThreadPoolExecutor(
+        1, thread_name_prefix="hiresctl-read", initializer=one_compute_thread
+    ) as pool:
         pending: deque[tuple[int, Future[tuple[ReadRequest, torch.Tensor]]]] = deque()
         waiting = 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +75,41 @@ def test_global_patch_comes_from_the_pyramid_not_level_0(tmp_path: Path) -> None
     assert float(image[:, :, -3:].abs().sum()) == 0.0
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+def test_global_patch_equals_the_resize_of_zarrs_own_read(tmp_path: Path, channels: int) -> None:
+    """The global patch read by whole chunks, resized before grey becomes RGB, is zarr's own
+    read of the chosen level, letterboxed, made RGB and resized."""
+    import torch.nn.functional as F
+
+    from hiresctl.data.reader import to_unit_rgb
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (300, 200, channels), dtype=np.uint8)
+    if channels == 1:
+        pixels = pixels[..., 0]
+    store = make_store(tmp_path, {"a": pixels}, chunk=64, thumbnail_size=64)
+    reader = PatchReader(store)
+    for size in (32, 100):
+        got = reader.read_global_unit("a", size)
+        group = Dataset(store).image_group("a")
+        arrays = [group[k] for k in group.array_keys() if k == "thumbnail" or k.isdigit()]
+        chosen = min((a for a in arrays if max(a.shape[1:]) >= size), key=lambda a: a.size)
+        level = np.asarray(chosen[...])
+        side = max(level.shape[1:])
+        square = np.zeros((level.shape[0], side, side), level.dtype)
+        square[:, : level.shape[1], : level.shape[2]] = level
+        expected = F.interpolate(
+            to_unit_rgb(square).unsqueeze(0),
+            size=(size, size),
+            mode="bilinear",
+            antialias=True,
+            align_corners=False,
+        )[0].clamp(0.0, 1.0)
+        assert got.shape == (3, size, size)
+        assert torch.allclose(got, expected, atol=1e-6)
+        assert torch.equal(reader.read_global_unit("a", size), got)  # the second read alike
+
+
 def test_foreground_fraction_maps_mask_to_patches() -> None:
     grid = PatchGrid.of(128, 128, 32)  # 4×4 patches
     mask = np.zeros((1, 16, 16), np.uint8)  # thumbnail-resolution mask, 8 px per... 4 px per patch
@@ -109,6 +145,43 @@ def test_stream_yields_every_request_in_plan_order(tmp_path: Path, ahead_bytes: 
     assert [request.tag for request, _ in got] == list(range(13))
     for request, pixels in got[:-1]:
         assert torch.equal(pixels, reader.read_patches("a", grid, request.indices))
+
+
+def test_read_ahead_thread_computes_on_one_thread(tmp_path: Path) -> None:
+    """The read-ahead thread's tensor work runs on one OpenMP thread (as DataLoader workers'
+    does), while the thread that trains keeps its count, and so do threads started later."""
+    from hiresctl.data import PatchStream, ReadRequest
+    from hiresctl.data.stream import _omp_set_num_threads
+
+    if _omp_set_num_threads() is None:
+        pytest.skip("torch's OpenMP runtime is not found in this process (not Linux?)")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen: list[int] = []
+
+        class Recording:
+            def flip(self, image_id: str) -> Flip:
+                return Flip(vertical=False, horizontal=False)
+
+            def __call__(self, pixels: torch.Tensor, image_id: str) -> torch.Tensor:
+                seen.append(torch.get_num_threads())
+                return pixels
+
+        store = make_store(tmp_path, {"a": coord_pixels(64, 64)})
+        reader = PatchReader(store)
+        grid = reader.grid("a", 32)
+        plan = [ReadRequest("a", "patches", grid, np.array([i]), tag=i) for i in range(4)]
+        got = list(PatchStream(reader, augment=Recording())(plan))
+        assert len(got) == 4 and seen == [1, 1, 1, 1]
+        assert torch.get_num_threads() == 2
+        later: list[int] = []
+        thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+        assert later == [2]
+    finally:
+        torch.set_num_threads(threads)
 
 
 FLIPS = [Flip(vertical=v, horizontal=h) for v in (False, True) for h in (False, True)]
