@@ -36,8 +36,12 @@ class PlainCNN(nn.Module):
         num_classes: int,
         widths: tuple[int, ...] = (32, 64, 64, 128, 128),
         space_to_depth: bool = False,
+        pool: str = "max",
     ) -> None:
         super().__init__()
+        if pool not in ("max", "avg"):
+            raise SystemExit(f"pool: max or avg, not {pool!r}")
+        self.pool = pool
         layers: list[nn.Module] = [nn.PixelUnshuffle(2)] if space_to_depth else []
         cin = in_channels * (4 if space_to_depth else 1)
         for i, width in enumerate(widths):
@@ -53,17 +57,24 @@ class PlainCNN(nn.Module):
         self.classifier = nn.Linear(cin, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.amax(self.features(x), dim=(2, 3)))
+        features = self.features(x)
+        pooled = features.amax(dim=(2, 3)) if self.pool == "max" else features.mean(dim=(2, 3))
+        return self.classifier(pooled)
 
 
 def build_network(
-    net: str, in_channels: int, num_classes: int, widths: tuple[int, ...], space_to_depth: bool
+    net: str,
+    in_channels: int,
+    num_classes: int,
+    widths: tuple[int, ...],
+    space_to_depth: bool,
+    pool: str = "max",
 ) -> nn.Module:
     """``plain``: :class:`PlainCNN`; otherwise a torchvision classification network by name
     (``mobilenet_v2``, ``resnet18``…), random weights, as torchvision builds it (global
     average pooling, its own head)."""
     if net == "plain":
-        return PlainCNN(in_channels, num_classes, widths, space_to_depth)
+        return PlainCNN(in_channels, num_classes, widths, space_to_depth, pool)
     import torchvision
 
     network = getattr(torchvision.models, net)(weights=None, num_classes=num_classes)
@@ -116,6 +127,7 @@ def train_reference(
     log=print,
     space_to_depth: bool = False,
     net: str = "plain",
+    pool: str = "max",
 ) -> dict:
     """Train :func:`build_network`'s network on ``root``'s train split; the test accuracy of the epoch with the
     best validation accuracy, the curve, seconds and peak RSS."""
@@ -125,7 +137,7 @@ def train_reference(
     data = load_split(root)
     x, y = data["train"]
     num_classes = int(max(int(v[1].max()) for v in data.values())) + 1
-    model = build_network(net, x.shape[1], num_classes, widths, space_to_depth).to(
+    model = build_network(net, x.shape[1], num_classes, widths, space_to_depth, pool).to(
         memory_format=torch.channels_last
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
@@ -168,8 +180,20 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--net", default="plain", help="plain, or a torchvision network's name")
+    parser.add_argument("--widths", default="32,64,64,128,128", help="plain: conv widths")
+    parser.add_argument("--space-to-depth", action="store_true", help="plain: a 2×2 s2d stem")
+    parser.add_argument("--pool", default="max", help="plain: global max or avg pooling")
     args = parser.parse_args()
-    result = train_reference(args.root, args.epochs, args.batch_size, seed=args.seed, net=args.net)
+    result = train_reference(
+        args.root,
+        args.epochs,
+        args.batch_size,
+        seed=args.seed,
+        widths=tuple(int(w) for w in args.widths.split(",")),
+        space_to_depth=args.space_to_depth,
+        net=args.net,
+        pool=args.pool,
+    )
     print(json.dumps({k: v for k, v in result.items() if k != "curve"}))
 
 

@@ -306,8 +306,10 @@ def main() -> None:
         "",
         f"Command: `python benchmarks/steps.py --side {args.side} --images {args.images}`. One training "
         f"step (one {args.side}² synthetic UltraMNIST image, ResNet-18, patch 256, each method's "
-        "defaults, `calibration_batches=0`) in hiresctl's trainer against the same tensor work "
-        "written as a bare torch loop on pixels already in memory, same model modules, same "
+        "defaults, `calibration_batches=0`, float32) in hiresctl's trainer against the same "
+        "tensor work written as a bare torch loop on pixels already in memory, same model "
+        "modules (channels-last as hiresctl builds them; the default layout for `full`, as "
+        "hiresctl runs images this large), same "
         f"process, {result['threads']} threads. Medians over the steps (the trainer's first step "
         "left out); data wait: the share of the hiresctl epoch spent waiting for pixels.",
         "",
