@@ -124,7 +124,7 @@ def one_compute_thread() -> None:
     The read-ahead thread converts and normalises pixels with torch while the step computes on
     all cores. With torch's own count (every core) it starts a second team of OpenMP threads
     that competes with the step's: on 2 cores a ResNet-18 step on a 256² image took 0.165 s
-    beside it and 0.135 s with it on one thread (BENCHMARKS.md, E1). DataLoader workers run
+    beside it and 0.133 s with it on one thread (BENCHMARKS.md, E1). DataLoader workers run
     one thread each for the same reason. ``torch.set_num_threads`` cannot be used: it also
     sets the count that threads started later take. The OpenMP setting is per thread; torch's
     first parallel call in a thread resets it, so that call is made here first."""
