@@ -4,8 +4,11 @@ process and cached (docs/design.md, the store)."""
 
 from __future__ import annotations
 
+import resource
 import threading
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +16,7 @@ import numpy as np
 import zarr
 
 from storage.chunks import DirectChunks
-from storage.errors import NoSpaceError, SourceError, StoreError, no_space
+from storage.errors import FILES, NoSpaceError, SourceError, StoreError, no_space
 from storage.inputs import SourceSpec, TileOptions
 from storage.passthrough import source_tile
 from storage.pyramid import halve, halve_mode
@@ -41,7 +44,9 @@ class BlockJob:
 
 
 _cache_lock = threading.Lock()
-_readers: dict[tuple[SourceSpec, TileOptions], SourceReader] = {}
+_readers: OrderedDict[tuple[SourceSpec, TileOptions], SourceReader] = OrderedDict()
+_users: dict[tuple[SourceSpec, TileOptions], int] = {}  # tasks holding each reader now
+IDLE_READERS = 32
 _arrays: dict[tuple[str, str], zarr.Array] = {}
 _directs: dict[tuple[str, str], DirectChunks | None] = {}
 
@@ -54,9 +59,51 @@ def _cached(cache: dict[Any, Any], key: Any, make: Callable[[], Any]) -> Any:
         return cache[key]
 
 
-def cached_reader(spec: SourceSpec, options: TileOptions) -> SourceReader:
-    reader: SourceReader = _cached(_readers, (spec, options), lambda: spec.open(options))
-    return reader
+@contextmanager
+def borrowed_reader(spec: SourceSpec, options: TileOptions) -> Iterator[SourceReader]:
+    """The source's reader, opened once per process and shared by the tasks on its threads.
+
+    Readers nobody holds stay open for the next task, up to :data:`IDLE_READERS` of them; the
+    least recently used beyond that are closed, so a run over ten thousand files keeps a few
+    dozen open, never one (or four descriptors) per file."""
+    key = (spec, options)
+    with _cache_lock:
+        reader = _readers.get(key)
+        if reader is None:
+            reader = _readers[key] = _open(spec, options)
+        _readers.move_to_end(key)
+        _users[key] = _users.get(key, 0) + 1
+    try:
+        yield reader
+    finally:
+        with _cache_lock:
+            _users[key] -= 1
+            if not _users[key]:
+                del _users[key]
+            idle = [k for k in _readers if k not in _users]
+            for old in idle[: max(0, len(idle) - _idle_readers())]:  # oldest first
+                _readers.pop(old).close()
+
+
+def _idle_readers() -> int:
+    """How many readers nobody holds may stay open: :data:`IDLE_READERS`, fewer under a low
+    open-file limit (a reader holds a descriptor or two; the store's writes need theirs)."""
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return IDLE_READERS if limit == resource.RLIM_INFINITY else min(IDLE_READERS, limit // 32)
+
+
+def _open(spec: SourceSpec, options: TileOptions) -> SourceReader:
+    """Open a source; out of file descriptors, close the idle readers and try once more."""
+    try:
+        return spec.open(options)
+    except Exception as exc:
+        full = no_space(exc)
+        idle = [k for k in _readers if k not in _users]
+        if full is None or full.errno not in FILES or not idle:
+            raise
+    for key in idle:
+        _readers.pop(key).close()
+    return spec.open(options)
 
 
 def _array(store: str, path: str) -> zarr.Array:
@@ -92,17 +139,21 @@ def run_block(job: BlockJob) -> str | None:
     try:
         _run_block(job)
         return None
-    except SourceError as exc:
-        return exc.problem
     except Exception as exc:
         full = no_space(exc)
         if full is not None:  # every other task would fail the same way: stop the run
             raise NoSpaceError(f"{job.store}/{job.group}", full) from None
+        if isinstance(exc, SourceError):
+            return exc.problem
         return f"{type(exc).__name__}: {exc}"
 
 
 def _run_block(job: BlockJob) -> None:
-    _BlockPyramid(job).run()
+    if job.pass_index == 0:  # reads the source
+        with borrowed_reader(job.spec, job.options) as reader:
+            _BlockPyramid(job, reader).run()
+    else:  # reads the store
+        _BlockPyramid(job, None).run()
     progress = _array(job.store, f"{job.group}/_progress_{job.pass_index}")
     progress[job.row, job.col] = 1
 
@@ -115,8 +166,9 @@ class _BlockPyramid:
     (A class, not a recursive closure: a closure referring to itself is a reference cycle that
     would keep every task's encoded chunks alive until the garbage collector runs.)"""
 
-    def __init__(self, job: BlockJob) -> None:
+    def __init__(self, job: BlockJob, reader: SourceReader | None) -> None:
         self.job = job
+        self.reader = reader
         base_path = f"{job.group}/{job.base_level}"
         base = _array(job.store, base_path)
         self.chunk = int(base.chunks[1])
@@ -136,7 +188,7 @@ class _BlockPyramid:
         # copied levels are written as the source stores them; computing starts above the last
         self.copied = min(job.copied, self.top + 1)
         self.leaf_level = max(0, self.copied - 1)
-        self.leaf = _leaves(job, base, self.chunk, self.leaf_level)
+        self.leaf = _leaves(job, base, self.chunk, self.leaf_level, reader)
         self.shrink = halve_mode if job.labels else halve
 
     def run(self) -> None:
@@ -153,8 +205,8 @@ class _BlockPyramid:
 
     def copy(self, r: int) -> None:
         """Relative level ``r``'s chunks of this footprint: the source's tiles, undecoded."""
-        job, chunk = self.job, self.chunk
-        reader = cached_reader(job.spec, job.options)
+        job, chunk, reader = self.job, self.chunk, self.reader
+        assert reader is not None
         height, width = self.shapes[r]
         per_side = (job.block >> r) // chunk
         sink = self.sinks[r]
@@ -242,14 +294,14 @@ class _LevelSink:
 
 
 def _leaves(
-    job: BlockJob, base: zarr.Array, chunk: int, level: int = 0
+    job: BlockJob, base: zarr.Array, chunk: int, level: int, reader: SourceReader | None
 ) -> Callable[[int, int], np.ndarray]:
     """The base level's chunks (pass 0: the source's ``level``, the last copied one), full size
     (c, chunk, chunk) with the fill value past the edge, read in leaves: the smallest
     power-of-two multiple of the chunk that holds whole source tiles (a tile decoded once, not
     once per chunk), else the whole block."""
     if job.pass_index == 0:
-        reader = cached_reader(job.spec, job.options)
+        assert reader is not None
         unit = reader.read_unit if level == 0 else (chunk, chunk)
         side = _leaf_side(unit, chunk, job.block >> level)
 

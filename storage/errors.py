@@ -6,6 +6,7 @@ Every message names the file (or key) and the problem, so the CLI can print it a
 from __future__ import annotations
 
 import errno
+import resource
 
 __all__ = [
     "HiresError",
@@ -62,16 +63,23 @@ class NoSpaceError(HiresError):
             errno.EDQUOT: "the disk quota is exceeded",
             errno.EROFS: "the destination is read-only",
         }.get(cause.errno or 0, cause.strerror or str(cause))
+        if cause.errno in FILES:  # not the disk: the process's (or system's) open-file limit
+            limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            what = f"too many open files (this process may open {limit}; `ulimit -n` raises it)"
+            then = "what finished is kept and marked complete: run the same command again"
+            needed = None
         more = f"; about {needed / 1e6:.0f} MB more are needed" if needed else ""
         super().__init__(f"{self.path}: {what} (errno {cause.errno}){more}; {then}")
 
 
-FULL = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+FILES = (errno.EMFILE, errno.ENFILE)
+FULL = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, *FILES)  # nothing more can be written now
 
 
 def no_space(exc: BaseException | None) -> OSError | None:
-    """The OSError saying the destination is full, over quota or read-only that ``exc`` is
-    or was raised from (writers wrap it: zarr's stores, dask's tasks), else None."""
+    """The OSError saying the destination is full, over quota or read-only, or that no more
+    files may be open, that ``exc`` is or was raised from (writers wrap it: zarr's stores,
+    dask's tasks), else None: nothing further could be written, whichever input came next."""
     seen = 0
     while exc is not None and seen < 20:
         if isinstance(exc, OSError) and exc.errno in FULL:

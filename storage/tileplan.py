@@ -18,7 +18,7 @@ from zarr.codecs import ZstdCodec
 from storage.annotations import (
     Annotations,
 )
-from storage.blocks import BlockJob, cached_reader
+from storage.blocks import BlockJob, borrowed_reader
 from storage.boxes import annotation_file_id, boxes_for, write_boxes
 from storage.chunks import remove_partial_writes
 from storage.codecs import JpegCodec
@@ -54,7 +54,6 @@ class Plan:
     group: str = ""
     shapes: list[tuple[int, int]] = field(default_factory=list)
     passes: list[tuple[int, int, int]] = field(default_factory=list)  # (base, top, block)
-    reader: SourceReader | None = None
     failed: bool = False
     started: float = 0.0
     mask: SourceSpec | None = None  # the mask image tiled beside the image
@@ -143,8 +142,24 @@ def prepare(
     rois: MaskSet | None = None,
 ) -> Plan:
     plan = Plan(spec=spec, result=ImageResult(source=spec.name), started=time.perf_counter())
-    reader = spec.open(options)
-    plan.reader = reader
+    with borrowed_reader(spec, options) as reader:  # left open for the blocks' tasks, a while
+        _prepare(plan, reader, root, store, options, labels, taken, masks, annotations, rois)
+    return plan
+
+
+def _prepare(
+    plan: Plan,
+    reader: SourceReader,
+    root: zarr.Group,
+    store: str,
+    options: TileOptions,
+    labels: LabelTable | None,
+    taken: set[str],
+    masks: MaskSet | None,
+    annotations: Annotations | None,
+    rois: MaskSet | None,
+) -> None:
+    spec = plan.spec
     info = reader.info
     boxes = boxes_for(spec, reader, annotations) if annotations is not None else None
     label_row = labels.lookup(spec) if labels else None
@@ -226,11 +241,11 @@ def prepare(
             if attrs.get("status") == "complete":
                 plan.result.status = "skipped"
                 plan.result.note = None  # said when it was tiled
-                return plan
+                return
             plan.result.status = "resumed"
             remove_partial_writes(Path(store) / plan.group)  # a killed run's half-written files
             plan.copied = int(attrs.get("copied_levels", 0))
-            return plan
+            return
     if existing is not None:
         del root[plan.group]
     plan.result.status = "written"
@@ -266,10 +281,10 @@ def prepare(
     _create_levels(group, plan, options, info.channels, dtype, info.fill_value, codecs)
     for name, _, label_spec in plan.label_layers():
         label_group = group.require_group("labels").require_group(name)
-        label_dtype = np.dtype(cached_reader(label_spec, options).info.dtype)
+        with borrowed_reader(label_spec, options) as label_reader:
+            label_dtype = np.dtype(label_reader.info.dtype)
         zstd = {"compressors": [ZstdCodec(level=options.zstd_level)]}
         _create_levels(label_group, plan, options, 1, label_dtype, 0, [zstd] * len(plan.shapes))
-    return plan
 
 
 def _create_levels(

@@ -349,6 +349,13 @@ def tile(
         )
 
 
+def _failed(spec: SourceSpec, exc: Exception) -> Plan:
+    """The plan of a source that could not be prepared: its result says why."""
+    # an unexpected problem with one file must not stop the others either
+    error = exc.problem if isinstance(exc, SourceError) else f"{type(exc).__name__}: {exc}"
+    return Plan(spec=spec, result=ImageResult(source=spec.name, error=error), failed=True)
+
+
 def _tile_locked(
     sources: Iterable[SourceSpec],
     store: str,
@@ -367,18 +374,12 @@ def _tile_locked(
     for spec in sources:
         try:
             plan = prepare(root, store, spec, options, labels, taken, masks, annotations, rois)
-        except SourceError as exc:
-            plan = Plan(
-                spec=spec,
-                result=ImageResult(source=spec.name, error=exc.problem),
-                failed=True,
-            )
-        except Exception as exc:  # an unexpected problem with one file must not stop the others
-            plan = Plan(
-                spec=spec,
-                result=ImageResult(source=spec.name, error=f"{type(exc).__name__}: {exc}"),
-                failed=True,
-            )
+        except Exception as exc:
+            full = no_space(exc)
+            if full is None:
+                plan = _failed(spec, exc)
+            else:  # every later source would fail the same way: stop, keeping what is done
+                raise NoSpaceError(full.filename or spec.name, full) from None
         plans.append(plan)
         if plan.failed or plan.result.status == "skipped":
             plan.result.seconds = (
@@ -439,9 +440,6 @@ def _tile_locked(
         if plan.failed:
             plan.result.status = "failed"
         emit(plan.result)
-    for plan in plans:
-        if plan.reader is not None:
-            plan.reader.close()
     forget_cached(store)
     _write_manifest(root)
     return [p.result for p in plans]

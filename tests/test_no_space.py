@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -169,3 +170,71 @@ def test_writes_that_failed_beside_the_reported_one_print_no_traceback() -> None
     assert not echoes.filter(record("Future exception was never retrieved", full))
     assert echoes.filter(record("Task exception was never retrieved", ValueError("a bug")))
     assert echoes.filter(record("Exception in callback", full))
+
+
+# ------------------------------------------------------------------- the open-file limit
+
+
+def _tile_with_open_files(limit: int, src: Path, store: Path) -> subprocess.CompletedProcess[str]:
+    """``hiresctl tile`` in a process that may have ``limit`` files open at once."""
+
+    def lower() -> None:
+        resource.setrlimit(
+            resource.RLIMIT_NOFILE, (limit, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+        )
+
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hiresctl",
+            "tile",
+            str(src / "images"),
+            "--labels",
+            str(src / "labels.csv"),
+            "--out",
+            str(store),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        preexec_fn=lower,
+    )
+
+
+def _tiny_sources(folder: Path, count: int) -> Path:
+    rng = np.random.default_rng(0)
+    (folder / "images").mkdir(parents=True)
+    rows = ["source,label"]
+    for i in range(count):
+        tifffile.imwrite(
+            folder / "images" / f"im{i:03d}.tif", rng.integers(0, 255, (16, 16), np.uint8)
+        )
+        rows.append(f"im{i:03d}.tif,{i % 2}")
+    (folder / "labels.csv").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+def test_tiling_many_files_keeps_few_open(tmp_path: Path) -> None:
+    """Sources are opened as their blocks need them and closed again: 150 files tile in a
+    process that may hold 24 open (one open source per file would need hundreds)."""
+    src = _tiny_sources(tmp_path / "src", 150)
+    proc = _tile_with_open_files(24, src, tmp_path / "ds.zarr")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    entries = Dataset(tmp_path / "ds.zarr").entries()
+    assert len(entries) == 150 and all(e.complete for e in entries)
+
+
+def test_too_few_open_files_is_one_line_and_the_same_command_resumes(tmp_path: Path) -> None:
+    src = _tiny_sources(tmp_path / "src", 20)
+    store = tmp_path / "ds.zarr"
+    stopped = _tile_with_open_files(8, src, store)
+    assert stopped.returncode == 1, stopped.stderr
+    assert "Traceback" not in stopped.stderr
+    [line] = [li for li in stopped.stderr.splitlines() if li.startswith("error:")]
+    assert "too many open files (this process may open 8;" in line and "(errno 24)" in line, line
+    assert not [li for li in stopped.stdout.splitlines() if li.startswith("failed")]
+    resumed = _tile_with_open_files(1024, src, store)
+    assert resumed.returncode == 0, resumed.stderr
+    entries = Dataset(store).entries()
+    assert len(entries) == 20 and all(e.complete for e in entries)
