@@ -31,14 +31,17 @@ def synth_store(
 ) -> Path:
     """``root/ds.zarr`` of ``count`` images of ``hiresctl synth KIND`` (into ``root/synth``,
     with the ``synth`` options) tiled with the ``tile`` options (``{synth}`` in one stands for
-    the synth folder); made once, then reused."""
+    the synth folder); made once, then reused (an interrupted tiling is resumed)."""
     store, folder = root / "ds.zarr", root / "synth"
-    if not (store / "zarr.json").exists():
-        size = ["--count", str(count), "--size", str(side), "--seed", str(seed)]
-        hiresctl("synth", kind, str(folder), *size, *synth)
+    done = root / "ds.tiled"  # written once `tile` finished without an error
+    if not done.exists():
+        if not (folder / "synth.json").exists():
+            size = ["--count", str(count), "--size", str(side), "--seed", str(seed)]
+            hiresctl("synth", kind, str(folder), *size, *synth)
         labels = ["--labels", str(folder / "labels.csv")]
         extra = [part.replace("{synth}", str(folder)) for part in tile]
         hiresctl("tile", str(folder / "images"), *labels, *extra, "--out", str(store))
+        done.touch()
     return store
 
 

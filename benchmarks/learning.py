@@ -292,6 +292,12 @@ def main() -> None:
     )
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument(
+        "--section",
+        default=None,
+        help="the BENCHMARKS.md section to write (default: learning-<task>[-mnist][-<backbone>]; "
+        "name another to keep a table of another canvas size beside it)",
+    )
+    parser.add_argument(
         "--mnist",
         type=Path,
         default=None,
@@ -379,6 +385,8 @@ def kept_rows(root: Path, args: argparse.Namespace) -> list[tuple[str, dict]]:
 
 
 def section_name(args: argparse.Namespace) -> str:
+    if args.section:
+        return str(args.section)
     # one section per task and encoder: the tiny table and the cnn5 table stand side by side
     suffix = "" if args.backbone == "tiny" else f"-{args.backbone}"
     return f"learning-{args.task}{'-mnist' if args.mnist else ''}{suffix}"
@@ -418,6 +426,8 @@ def table(rows: list[tuple[str, dict]], side: int, args: argparse.Namespace) -> 
         command += f" --memory-budget {args.memory_budget}"
     if args.mnist:
         command += " --mnist MNIST_DIR"
+    if args.section:
+        command += f" --section {args.section}"
     by_seeds: dict[int, list[str]] = {}
     for spec, s in rows:
         by_seeds.setdefault(s["seeds"], []).append(spec)
