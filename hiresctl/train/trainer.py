@@ -29,7 +29,12 @@ from hiresctl.train.checkpoint import (
     load_weights_into,
 )
 from hiresctl.train.inputs import input_record
-from hiresctl.train.memory import MemoryPlan, PeakMemory, map_large_allocations
+from hiresctl.train.memory import (
+    MemoryPlan,
+    PeakMemory,
+    keep_large_allocations,
+    map_large_allocations,
+)
 from hiresctl.train.methods import BatchOutput, StepContext
 from hiresctl.train.progress import describe_epoch, describe_progress
 from hiresctl.train.recipe import Recipe, dump_recipe, lr_lambda
@@ -154,6 +159,8 @@ class Trainer:
                 "under a memory budget with a transformer encoder: allocations of 1 MiB or more "
                 "are mapped, so freed activations leave the process (slower; docs/encoders.md)"
             )
+        elif not recipe.memory_budget:
+            keep_large_allocations(self.device)  # freed activations reused, not faulted in again
         if recipe.memory_budget and not resume:
             self.memory_plan, checkpointed = budget_plan(
                 self.run, recipe.memory_budget, self.train_images

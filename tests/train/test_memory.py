@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -88,18 +91,31 @@ def test_a_phase_apart_from_the_patches_counts_as_the_larger_of_the_two() -> Non
         plan_memory(6 * GB, apart=5 * GB, **common)  # type: ignore[arg-type]
 
 
+MAPPED = [(-4, 1 << 24), (-3, 1 << 20)]  # mmap allowed again; from 1 MiB up
+KEPT = [(-4, 0), (-1, 1 << 30)]  # no mmap; freed memory trimmed only beyond 1 GiB
+
+
 @pytest.mark.parametrize(
-    "backbone,budget,mapped",
-    [("timm:test_vit", "8GiB", True), ("timm:test_vit", None, False), ("tiny", "8GiB", False)],
+    "backbone,budget,calls_made",
+    [
+        ("timm:test_vit", "8GiB", MAPPED),
+        ("timm:test_vit", None, KEPT),
+        ("tiny", "8GiB", []),
+        ("tiny", None, KEPT),
+    ],
 )
-def test_a_transformer_run_under_a_budget_maps_large_allocations(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backbone: str, budget: str | None, mapped: bool
+def test_how_a_run_has_glibc_allocate(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    backbone: str,
+    budget: str | None,
+    calls_made: list[tuple[int, int]],
 ) -> None:
     """Training a transformer encoder under ``--memory-budget`` maps allocations of 1 MiB and
     more (``mallopt(M_MMAP_THRESHOLD, 1 MiB)``), so freed activations leave the process and
     the peak stays near the plan (B1: a ViT-S PatchGD step at 2048² peaked at 2.48 GB mapped
-    against 3.0 GB). Without a budget (mapping is slower), or with a CNN, glibc keeps its own
-    threshold."""
+    against 3.0 GB). Without a budget every allocation stays in glibc's heap (no page faults
+    for the next step's activations); a CNN under a budget keeps glibc's defaults."""
     from hiresctl.train import memory
     from hiresctl.train.recipe import Recipe
     from hiresctl.train.trainer import Trainer
@@ -118,5 +134,39 @@ def test_a_transformer_run_under_a_budget_maps_large_allocations(
     recipe = Recipe(method="patchgd", backbone=backbone, patch_size=32, memory_budget=budget)
     lines: list[str] = []
     Trainer(store, tmp_path / "run", recipe, device="cpu", log=lines.append)
-    assert calls == ([(-3, 1 << 20)] if mapped else [])
-    assert any("are mapped" in line for line in lines) == mapped
+    assert calls == calls_made
+    assert any("are mapped" in line for line in lines) == (calls_made == MAPPED)
+
+
+_FAULTS = """
+import resource, sys, torch
+from hiresctl.train.memory import keep_large_allocations
+if sys.argv[1] == "keep":
+    assert keep_large_allocations(torch.device("cpu"))
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):  # 64 MiB, before counting (the heap grows to hold it)
+    x = torch.ones(16 << 20)
+    del x
+before = faults()
+for _ in range(5):
+    x = torch.ones(16 << 20)
+    del x
+print((faults() - before) // 5)
+"""
+
+
+def test_kept_allocations_are_reused_without_page_faults() -> None:
+    """With :func:`keep_large_allocations`, a freed 64 MiB activation's pages serve the next
+    one: none faulted in again (glibc's default maps and unmaps it: 16,384 faults of 4 KiB)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+
+    def per_allocation(mode: str) -> int:
+        proc = subprocess.run(
+            [sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, env=env
+        )
+        assert proc.returncode == 0, proc.stderr
+        return int(proc.stdout.split()[-1])
+
+    assert per_allocation("default") > 10_000
+    assert per_allocation("keep") < 100
