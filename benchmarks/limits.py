@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import platform
 import statistics
 import sys
@@ -251,20 +252,35 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-methods", action="store_true")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument(
+        "--allocator",
+        choices=("hiresctl", "glibc"),
+        default="hiresctl",
+        help="CPU: glibc's heap kept for large allocations as hiresctl trains without a memory "
+        "budget (hiresctl.train.memory.keep_large_allocations), or glibc's defaults",
+    )
     args = parser.parse_args()
     global DEVICE
     DEVICE = torch.device(args.device)
+    from hiresctl.train.memory import keep_large_allocations
+
+    if args.allocator == "glibc":  # what a MALLOC_* variable would say: the trainer leaves it
+        os.environ.setdefault("MALLOC_MMAP_MAX_", "65536")
+    kept = args.allocator == "hiresctl" and keep_large_allocations(DEVICE)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     gpu = DEVICE.type == "cuda"
     limit = ceilings(args.repeats)
     date = time.strftime("%Y-%m-%d")
     lines = [
-        f"## Machine limits (C1{', GPU' if gpu else ''}), {date}, {device_name()}"
+        f"## Machine limits (C1{', GPU' if gpu else ''}"
+        + (", glibc's default allocation" if args.allocator == "glibc" else "")
+        + f"), {date}, {device_name()}"
         + ("" if gpu else f", {args.threads} threads"),
         "",
         f"Command: `python benchmarks/limits.py --threads {args.threads} --batch {args.batch}"
         + (" --device cuda" if gpu else "")
+        + (" --allocator glibc" if args.allocator == "glibc" else "")
         + f"`. Ceilings measured in the same run (medians): matmul {matmul_side()}² "
         f"**{limit['matmul_fp32'] / 1e9:.0f} GFLOP/s** float32, "
         f"**{limit['matmul_bf16'] / 1e9:.0f}** bfloat16; 3×3 convolutions C→C on 16 images "
@@ -280,7 +296,15 @@ def main() -> None:
         f"{args.batch} patches: GFLOP/s counted by torch's flop counter and, in brackets, as a "
         "share of the convolution ceiling of the same precision; training = forward and "
         "backward, no-grad = a forward in inference mode. hiresctl runs encoders channels-last, "
-        "in bfloat16 autocast where the device computes it natively (`precision: auto`).",
+        "in bfloat16 autocast where the device computes it natively (`precision: auto`)"
+        + (
+            "; every row with glibc's heap kept for large allocations, as hiresctl trains "
+            "without a memory budget (docs/encoders.md)."
+            if kept
+            else "; glibc's default allocation (large tensors mapped and unmapped each time)."
+            if not gpu
+            else "."
+        ),
         "",
         "| encoder | patch | training, bf16 | no-grad, bf16 | training, fp32 | no-grad, fp32 | "
         "training, fp32 default layout | no-grad, fp32 default layout |",
@@ -298,7 +322,8 @@ def main() -> None:
             "|---|---|---|",
             *method_rows(args.repeats, limit),
         ]
-    publish(lines, "limits-gpu" if gpu else "limits")
+    section = "limits-gpu" if gpu else "limits"
+    publish(lines, section + ("-glibc" if args.allocator == "glibc" else ""))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import yaml
 
 from hiresctl.data import require_images
 from hiresctl.eval.common import result_header, save_result
-from hiresctl.train import Run, load_run, resolve_device
+from hiresctl.train import Run, inference_device, load_run
 from hiresctl.train.inputs import screen_inputs
 from hiresctl.train.task import TileHook
 from storage import Dataset, StoreError
@@ -40,7 +40,7 @@ def evaluate(
     ``RUN/eval-<split>.json``. ``on_tile``: segmentation's hook on every predicted tile with its
     truth; ``run``: the run already loaded from ``run_dir``, else it is loaded here."""
     dataset = Dataset(data)
-    torch_device = resolve_device(device)
+    torch_device = inference_device(device)
     run = run or load_run(run_dir, dataset, torch_device, checkpoint)
     images, problems = run.task.images(dataset, split, run.classes)
     screen = screen_inputs(

@@ -24,10 +24,10 @@ from hiresctl.eval import overlays
 from hiresctl.train import (
     Heatmap,
     Run,
+    inference_device,
     load_run,
     predict_images,
     predict_segmentation,
-    resolve_device,
 )
 from hiresctl.train.segmentation import SegmentationMethod
 from hiresctl.train.segmentation.base import PREDICT_TILE
@@ -86,7 +86,7 @@ def predict_masks(
     """Predict every complete image of ``data`` (or of ``split``) with a segmentation run;
     ``screen`` keeps the images the run can take (``PredictJob.screen``)."""
     dataset = Dataset(data)
-    torch_device = resolve_device(device)
+    torch_device = inference_device(device)
     run = load_run(run_dir, dataset, torch_device, checkpoint)
     if not isinstance(run.method, SegmentationMethod) or run.mask_values is None:
         raise UsageError(f"{run_dir}: a {run.recipe.task} run; predict writes masks of seg runs")

@@ -49,8 +49,8 @@ from hiresctl.eval.outputs import (
 )
 from hiresctl.train import (
     Run,
+    inference_device,
     load_run,
-    resolve_device,
 )
 from hiresctl.train.inputs import screen_inputs
 from storage import Dataset, StoreError, UsageError
@@ -205,7 +205,7 @@ class PredictJob:
     def load(self) -> tuple[Run, Dataset, list[Any]]:
         """The run, the store and its completely tiled images (of ``split``) the run can take."""
         dataset = Dataset(self.data)
-        run = load_run(self.run_dir, dataset, resolve_device(self.device), self.checkpoint)
+        run = load_run(self.run_dir, dataset, inference_device(self.device), self.checkpoint)
         entries = [e for e in dataset.entries(split=self.split) if e.complete]
         if not entries and not self.problems:
             raise StoreError(dataset.path, "no completely tiled images to predict")

@@ -22,9 +22,9 @@ from hiresctl.report.render import charts, render_html
 from hiresctl.train import (
     Run,
     get_task,
+    inference_device,
     load_run,
     read_metrics,
-    resolve_device,
 )
 from storage import Dataset, UsageError
 from storage.errors import NoSpaceError, no_space
@@ -212,7 +212,7 @@ def build_report(
             out.mkdir(parents=True, exist_ok=True)
             (out / "report.html").unlink(missing_ok=True)  # an earlier report is not this one
     dataset = Dataset(data)
-    torch_device = resolve_device(device)
+    torch_device = inference_device(device)
     reports: list[RunReport] = []
     for name, folder in zip(_names(runs), runs, strict=True):
         log(f"evaluating {name} on {data} [{split}]")

@@ -23,7 +23,7 @@ from hiresctl.train.context import (
     cpu_has_bf16,
     effective_precision,
 )
-from hiresctl.train.memory import PeakMemory
+from hiresctl.train.memory import PeakMemory, keep_large_allocations
 from hiresctl.train.methods import StepContext, create_method
 from hiresctl.train.recipe import Recipe
 from hiresctl.train.registry import task_class
@@ -58,6 +58,15 @@ def resolve_device(name: str, world: distributed.World | None = None) -> torch.d
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     return torch.device("cuda", world.local_rank if world else 0)
+
+
+def inference_device(name: str) -> torch.device:
+    """:func:`resolve_device` for a process that only runs models forward (eval, predict, the
+    report): on a CPU its large activations stay in glibc's heap between batches
+    (:func:`~hiresctl.train.memory.keep_large_allocations`), as training keeps them."""
+    device = resolve_device(name)
+    keep_large_allocations(device)
+    return device
 
 
 def seed_all(seed: int) -> None:
