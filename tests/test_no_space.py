@@ -55,18 +55,19 @@ def _hiresctl(*args: object) -> subprocess.CompletedProcess[str]:
     )
 
 
-def _sources(folder: Path, count: int) -> Path:
-    """``count`` incompressible 256² RGB images (about 200 KB each in any store) and labels."""
+def _sources(folder: Path, count: int, side: int = 256) -> Path:
+    """``count`` incompressible ``side``² RGB images (256²: about 200 KB each in any store) and
+    labels."""
     rng = np.random.default_rng(0)
     (folder / "images").mkdir(parents=True)
     rows = ["source,label,split"]
     for i in range(count):
         tifffile.imwrite(
-            folder / "images" / f"im{i:02d}.tif",
-            rng.integers(0, 255, (256, 256, 3), dtype=np.uint8),
+            folder / "images" / f"im{i:03d}.tif",
+            rng.integers(0, 255, (side, side, 3), dtype=np.uint8),
             photometric="rgb",
         )
-        rows.append(f"im{i:02d}.tif,{i % 2},{'train' if i < count - 2 else 'val'}")
+        rows.append(f"im{i:03d}.tif,{i % 2},{'train' if i < count - 2 else 'val'}")
     (folder / "labels.csv").write_text("\n".join(rows) + "\n")
     return folder
 
@@ -202,23 +203,10 @@ def _tile_with_open_files(limit: int, src: Path, store: Path) -> subprocess.Comp
     )
 
 
-def _tiny_sources(folder: Path, count: int) -> Path:
-    rng = np.random.default_rng(0)
-    (folder / "images").mkdir(parents=True)
-    rows = ["source,label"]
-    for i in range(count):
-        tifffile.imwrite(
-            folder / "images" / f"im{i:03d}.tif", rng.integers(0, 255, (16, 16), np.uint8)
-        )
-        rows.append(f"im{i:03d}.tif,{i % 2}")
-    (folder / "labels.csv").write_text("\n".join(rows) + "\n")
-    return folder
-
-
 def test_tiling_many_files_keeps_few_open(tmp_path: Path) -> None:
     """Sources are opened as their blocks need them and closed again: 150 files tile in a
     process that may hold 24 open (one open source per file would need hundreds)."""
-    src = _tiny_sources(tmp_path / "src", 150)
+    src = _sources(tmp_path / "src", 150, side=16)
     proc = _tile_with_open_files(24, src, tmp_path / "ds.zarr")
     assert proc.returncode == 0, proc.stderr[-2000:]
     entries = Dataset(tmp_path / "ds.zarr").entries()
@@ -226,7 +214,7 @@ def test_tiling_many_files_keeps_few_open(tmp_path: Path) -> None:
 
 
 def test_too_few_open_files_is_one_line_and_the_same_command_resumes(tmp_path: Path) -> None:
-    src = _tiny_sources(tmp_path / "src", 20)
+    src = _sources(tmp_path / "src", 20, side=16)
     store = tmp_path / "ds.zarr"
     stopped = _tile_with_open_files(8, src, store)
     assert stopped.returncode == 1, stopped.stderr
