@@ -168,6 +168,12 @@ class Dataset:
         self.problems: list[str] = []
         self._shapes: dict[str, list[int]] | None = None
         self._verified: set[tuple[str, str]] = set()  # arrays whose stored objects were checked
+        # Read-only: each image group and checked array opened once (each open reads its
+        # zarr.json through zarr's event loop, about a millisecond: seconds over 10,000 images,
+        # which a run would otherwise pay several times over as it lists, checks and reads them).
+        self._read_only = mode == "r"
+        self._groups: dict[str, zarr.Group] = {}
+        self._nodes: dict[tuple[str, str], Any] = {}
 
     def image_ids(self) -> list[str]:
         if IMAGES not in self.root:
@@ -230,6 +236,14 @@ class Dataset:
         return rows
 
     def image_group(self, image_id: str) -> zarr.Group:
+        group = self._groups.get(image_id)
+        if group is None:
+            group = self._open_group(image_id)
+            if self._read_only:
+                self._groups[image_id] = group
+        return group
+
+    def _open_group(self, image_id: str) -> zarr.Group:
         try:
             return self.root[f"{IMAGES}/{image_id}"]  # type: ignore[return-value]
         except KeyError as exc:
@@ -256,6 +270,9 @@ class Dataset:
         """An array of an image group, or :class:`StoreError` naming it when it is missing or its
         metadata is damaged or disagrees with what the tiler recorded (the image's attributes:
         shape, dtype, levels, chunking), checked before anything is sized from it."""
+        known = self._nodes.get((image_id, path))
+        if known is not None:
+            return known
         group = self.image_group(image_id)
         where = f"{self.path}/{IMAGES}/{image_id}/{path}"
         try:
@@ -271,6 +288,8 @@ class Dataset:
                 if problem:
                     raise StoreError(where, problem)
                 self._verified.add((image_id, path))
+                if self._read_only:
+                    self._nodes[(image_id, path)] = node
             return node
         except StoreError:
             raise
