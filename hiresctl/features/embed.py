@@ -28,7 +28,6 @@ from hiresctl.data import PatchReader, PatchStream, ReadRequest, ReadTag, kept_p
 from hiresctl.data.reader import IMAGENET_MEAN, IMAGENET_STD
 from hiresctl.models import create_backbone
 from hiresctl.models.weights import weights_sha256
-from hiresctl.train.memory import keep_large_allocations
 from storage import Dataset, StoreError, UsageError
 from storage.errors import NoSpaceError, no_space
 from storage.lock import WriterLock
@@ -114,7 +113,6 @@ def embed_store(
     if options.pretrained is not None and not Path(options.pretrained).exists():
         raise UsageError(f"{options.pretrained}: pretrained weights not found")
     rank, ranks = shard
-    keep_large_allocations(device)  # a batch's activations reused by the next, not re-faulted
     with WriterLock(data) if rank == 0 else contextlib.nullcontext():
         _barrier(ranks)  # no rank writes before rank 0 holds the lock
         dataset = Dataset(data, mode="r+")
