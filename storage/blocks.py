@@ -80,9 +80,14 @@ def borrowed_reader(spec: SourceSpec, options: TileOptions) -> Iterator[SourceRe
             _users[key] -= 1
             if not _users[key]:
                 del _users[key]
-            idle = [k for k in _readers if k not in _users]
+            idle = _idle()
             for old in idle[: max(0, len(idle) - _idle_readers())]:  # oldest first
                 _readers.pop(old).close()
+
+
+def _idle() -> list[tuple[SourceSpec, TileOptions]]:
+    """The open readers no task holds, least recently used first (under the cache's lock)."""
+    return [k for k in _readers if k not in _users]
 
 
 def _idle_readers() -> int:
@@ -98,7 +103,7 @@ def _open(spec: SourceSpec, options: TileOptions) -> SourceReader:
         return spec.open(options)
     except Exception as exc:
         full = no_space(exc)
-        idle = [k for k in _readers if k not in _users]
+        idle = _idle()
         if full is None or full.errno not in FILES or not idle:
             raise
     for key in idle:
