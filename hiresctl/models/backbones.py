@@ -14,6 +14,7 @@ import torch
 import torchvision
 from torch import nn
 
+from hiresctl.models.stages import ConvStack
 from hiresctl.models.weights import read_state
 from storage import UsageError
 
@@ -51,7 +52,7 @@ class Backbone(nn.Module):
         return self.forward_features(x)
 
 
-def _conv_pool_stack(widths: tuple[int, ...], space_to_depth: bool = False) -> nn.Sequential:
+def _conv_pool_stack(widths: tuple[int, ...], space_to_depth: bool = False) -> ConvStack:
     """3×3 conv → BatchNorm → ReLU per width, a 2×2 max-pool between consecutive ones.
 
     The first conv runs at full resolution, so strokes a few pixels wide survive it (a stride-2
@@ -59,7 +60,9 @@ def _conv_pool_stack(widths: tuple[int, ...], space_to_depth: bool = False) -> n
     ``space_to_depth`` every 2×2 block of pixels first becomes 12 channels (nothing is lost),
     and the first conv and pool are replaced by one conv at half resolution on them: a quarter
     of the pixels, none of their information dropped, and no full-resolution activation to
-    write, read and normalise (the full-resolution stage is memory-bound on a CPU)."""
+    write, read and normalise (the full-resolution stage is memory-bound on a CPU). On a CPU
+    each BatchNorm → ReLU → max-pool runs at the pooled resolution (``stages.py``: the same
+    function, parameters and state dict)."""
     layers: list[nn.Module] = []
     cin = 3
     if space_to_depth:
@@ -74,7 +77,7 @@ def _conv_pool_stack(widths: tuple[int, ...], space_to_depth: bool = False) -> n
         if i < len(widths) - 1 and not (space_to_depth and i == 0):
             layers.append(nn.MaxPool2d(2))
         cin = width
-    return nn.Sequential(*layers)
+    return ConvStack(*layers)
 
 
 def _tiny() -> Backbone:

@@ -1,0 +1,187 @@
+"""BatchNorm → ReLU → 2×2 max-pool computed at the pooled resolution (CPU).
+
+The small encoders (``tiny``, ``cnn5``) follow each convolution with BatchNorm, ReLU and a
+2×2 max-pool. Written as three modules this is three passes over the convolution's full-
+resolution output forward and four backward, and on a CPU those passes, not the convolutions,
+take most of a ``tiny`` step (docs/encoders.md). The same function needs far fewer:
+
+* BatchNorm followed by ReLU is, per channel, ``relu(a·x + b)`` with ``a = γ/σ`` and
+  ``b = β − a·μ``: monotonic in ``x`` (increasing where ``a ≥ 0``, decreasing where ``a < 0``).
+  The maximum of a monotonic function over a 2×2 window is the function of the window's
+  maximum (or minimum), so the block equals ``relu(a·maxpool(s·x)·s + b)`` with ``s = sign(a)``:
+  the affine map and the ReLU run on a quarter of the values.
+* In training the statistics ``μ, σ`` still come from every value: torch's own statistics
+  kernel, which also updates the running statistics.
+* Backward, BatchNorm's gradient ``γσ⁻¹(G − mean G − x̂·mean(G·x̂))`` needs ``G`` only where
+  the pool took its maximum and the ReLU passed it, so its sums run at the pooled resolution
+  and the full-resolution gradient is the pool's scatter plus a per-channel ``A·x + B``.
+
+Outputs and gradients equal the three modules' (to rounding; the gradient goes to the element
+the max-pool picks, as ``nn.MaxPool2d``'s does), the running statistics are updated as
+``nn.BatchNorm2d`` updates them, and the modules and their state dict are unchanged: the
+stack only calls them differently. It is used on CPU tensors only; elsewhere the modules run
+as they are, and in bfloat16, where torch's CPU kernels for the per-channel passes are slower
+than BatchNorm's own.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_DIMS = (0, 2, 3)
+_FUSED_TYPES = (torch.float32, torch.float64)
+
+
+def _channel(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return v.to(dtype).view(1, -1, 1, 1)
+
+
+def _pool(x: torch.Tensor, sign: torch.Tensor | None, indices: bool):
+    """2×2 max-pool of ``sign·x`` times ``sign`` (a min-pool where the sign is negative)."""
+    if sign is None:
+        return F.max_pool2d(x, 2, return_indices=indices)
+    s = _channel(sign, x.dtype)
+    out = F.max_pool2d(x * s, 2, return_indices=indices)
+    if indices:
+        return out[0] * s, out[1]
+    return out * s
+
+
+def _sign(a: torch.Tensor) -> torch.Tensor | None:
+    return torch.where(a < 0, -1.0, 1.0) if bool((a < 0).any()) else None
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _batch_forward(x, weight, bias, eps, running_mean, running_var, factor, indices):
+    """The forward on batch statistics: ``(y, picked, index, gain, mean, rstd)``."""
+    dtype = _compute_dtype(x)
+    # torch's own statistics kernel: the mean and biased variance BatchNorm normalises by, the
+    # running statistics updated as nn.BatchNorm2d updates them (with the unbiased variance)
+    mean, var = torch.batch_norm_update_stats(x, running_mean, running_var, factor)
+    mean, var = mean.double(), var.double()
+    rstd = (var + eps).rsqrt()
+    gain = weight.detach().double() * rstd
+    shift = bias.detach().double() - gain * mean
+    picked, index = _pool(x, _sign(gain), indices=indices), None
+    if indices:
+        picked, index = picked
+    y = torch.addcmul(_channel(shift, dtype), picked.to(dtype), _channel(gain, dtype)).relu_()
+    return y.to(x.dtype), picked, index, gain, mean, rstd
+
+
+class _TrainStage(torch.autograd.Function):
+    """BatchNorm on batch statistics, ReLU and a 2×2 max-pool, with the backward above.
+
+    Per-channel numbers are float64; the pooled values are computed in float32 or the input's
+    wider type. Full-resolution passes: torch's statistics kernel and one max-pool forward;
+    the pool's scatter and one ``A·x + B`` backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, running_mean, running_var, factor):  # type: ignore[override]
+        y, picked, index, gain, mean, rstd = _batch_forward(
+            x, weight, bias, eps, running_mean, running_var, factor, indices=True
+        )
+        ctx.save_for_backward(x, picked, index, y, gain, mean, rstd)
+        ctx.weight_dtype = weight.dtype
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):  # type: ignore[override]
+        x, picked, index, y, gain, mean, rstd = ctx.saved_tensors
+        n = x.numel() // x.shape[1]
+        dtype = _compute_dtype(x)
+        # G, the gradient at BatchNorm's output: non-zero only where the pool picked a value
+        # and the ReLU passed it
+        g = torch.where(y > 0, grad_y, 0).to(dtype)
+        g_bias = g.sum(_DIMS).double()
+        # Σ G·x̂ = σ⁻¹ (Σ G·x − μ Σ G)
+        g_weight = rstd * ((g * picked).sum(_DIMS).double() - mean * g_bias)
+        coef = -gain * rstd * g_weight / n
+        const = -gain * g_bias / n - coef * mean
+        grad_x = torch.ops.aten.max_pool2d_with_indices_backward(
+            (g * _channel(gain, dtype)).to(x.dtype), x, [2, 2], [2, 2], [0, 0], [1, 1], False, index
+        )
+        grad_x.addcmul_(x, _channel(coef, x.dtype)).add_(_channel(const, x.dtype))
+        return grad_x, g_weight.to(ctx.weight_dtype), g_bias.to(ctx.weight_dtype), *([None] * 4)
+
+
+def _momentum(norm: nn.BatchNorm2d) -> float:
+    """The running-average factor ``nn.BatchNorm2d`` uses for this training batch (it counts
+    the batch, as the module does)."""
+    if norm.num_batches_tracked is not None:
+        norm.num_batches_tracked.add_(1)
+        if norm.momentum is None:
+            return 1.0 / float(norm.num_batches_tracked)
+    return 0.0 if norm.momentum is None else norm.momentum
+
+
+def bn_relu_pool(x: torch.Tensor, norm: nn.BatchNorm2d) -> torch.Tensor:
+    """``max_pool2d(relu(norm(x)), 2)``, computed at the pooled resolution."""
+    dtype = _compute_dtype(x)
+    batch = norm.training or norm.running_mean is None
+    if not batch:  # running statistics: an affine map, applied after the pool
+        rstd = (norm.running_var.double() + norm.eps).rsqrt()
+        gain = (norm.weight.double() if norm.weight is not None else 1.0) * rstd
+        bias = norm.bias.double() if norm.bias is not None else 0.0
+        shift = bias - gain * norm.running_mean.double()
+        picked = _pool(x, _sign(gain.detach()), indices=False).to(dtype)
+        return torch.addcmul(_channel(shift, dtype), picked, _channel(gain, dtype)).relu_().to(x.dtype)
+    channels = x.shape[1]
+    weight = norm.weight if norm.weight is not None else x.new_ones(channels, dtype=dtype)
+    bias = norm.bias if norm.bias is not None else x.new_zeros(channels, dtype=dtype)
+    if norm.training and norm.track_running_stats and norm.running_mean is not None:
+        factor = _momentum(norm)
+        running_mean, running_var = norm.running_mean, norm.running_var
+    else:  # batch statistics without an update: scratch buffers
+        factor = 0.0
+        running_mean = x.new_zeros(channels, dtype=dtype)
+        running_var = x.new_ones(channels, dtype=dtype)
+    args = (x, weight, bias, norm.eps, running_mean, running_var, factor)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad):
+        return _TrainStage.apply(*args)
+    return _batch_forward(*args, indices=False)[0]  # nothing to differentiate: no indices
+
+
+def _fusable(modules: list[nn.Module], i: int) -> bool:
+    """Whether ``modules[i:i+3]`` is a plain BatchNorm2d, ReLU and a 2×2 max-pool without
+    hooks (a subclass such as SyncBatchNorm, or a hook that expects the module's own call,
+    keeps the modules' path)."""
+    if i + 2 >= len(modules):
+        return False
+    norm, relu, pool = modules[i : i + 3]
+    if type(norm) is not nn.BatchNorm2d or type(relu) is not nn.ReLU:
+        return False
+    if type(pool) is not nn.MaxPool2d:
+        return False
+    shape = (pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode)
+    if shape not in ((2, 2, 0, 1, False), ((2, 2), (2, 2), 0, 1, False)):
+        return False
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in (norm, relu, pool))
+
+
+class ConvStack(nn.Sequential):
+    """An ``nn.Sequential`` that runs each BatchNorm2d → ReLU → 2×2 MaxPool2d run of its
+    modules through :func:`bn_relu_pool` on CPU tensors: the same modules, parameters and
+    state dict, a faster call."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        modules = list(self)
+        fuse = x.device.type == "cpu" and not torch.nn.modules.module._global_forward_hooks
+        i = 0
+        while i < len(modules):
+            # float32 and float64 only (a convolution under bfloat16 autocast outputs bfloat16):
+            # in bfloat16 torch's CPU kernels for the per-channel passes (A·x + B over a
+            # broadcast channel vector) are slower than BatchNorm's own
+            if fuse and x.dtype in _FUSED_TYPES and x.dim() == 4 and _fusable(modules, i):
+                x = bn_relu_pool(x, modules[i])
+                i += 3
+            else:
+                x = modules[i](x)
+                i += 1
+        return x

@@ -1,0 +1,156 @@
+"""BatchNorm → ReLU → max-pool at the pooled resolution (hiresctl/models/stages.py): the same
+outputs, gradients and running statistics as the three modules, and the modules' own path
+wherever that computation does not apply."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from hiresctl.models import create_backbone
+from hiresctl.models.stages import ConvStack
+
+
+def _layers(**norm: object) -> list[nn.Module]:
+    torch.manual_seed(0)
+    layers = [
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8, **norm),  # type: ignore[arg-type]
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 6, 3, padding=1, bias=False),
+        nn.BatchNorm2d(6, **norm),  # type: ignore[arg-type]
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+    ]
+    for layer in layers:
+        if isinstance(layer, nn.BatchNorm2d) and layer.affine:
+            with torch.no_grad():  # negative scales too: the pool becomes a minimum there
+                layer.weight.uniform_(-1, 1)
+                layer.bias.uniform_(-0.5, 0.5)
+    return layers
+
+
+def _pair(**norm: object) -> tuple[nn.Sequential, ConvStack]:
+    modules = nn.Sequential(*_layers(**norm)).double()
+    return modules, ConvStack(*copy.deepcopy(list(modules)))
+
+
+def _no_module_batchnorm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make BatchNorm2d's own forward fail, so a test sees the stack compute without it."""
+
+    def refuse(self, x):  # type: ignore[no-untyped-def]
+        raise AssertionError("BatchNorm2d.forward ran")
+
+    monkeypatch.setattr(nn.BatchNorm2d, "forward", refuse)
+
+
+def _compare(modules: nn.Module, stack: nn.Module, x: torch.Tensor) -> None:
+    """Outputs, parameter gradients and state dicts agree; the stack ran without calling
+    BatchNorm2d (so the comparison is of the two computations)."""
+    a = modules(x)
+    grad = torch.randn_like(a)
+    ga = torch.autograd.grad(a, list(modules.parameters()), grad)
+    with pytest.MonkeyPatch.context() as patch:
+        _no_module_batchnorm(patch)
+        b = stack(x)
+        gb = torch.autograd.grad(b, list(stack.parameters()), grad)
+    torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+    for u, v in zip(ga, gb, strict=True):
+        torch.testing.assert_close(v, u, rtol=1e-9, atol=1e-11)
+    for (name, u), v in zip(modules.state_dict().items(), stack.state_dict().values(), strict=True):
+        torch.testing.assert_close(v, u, rtol=1e-12, atol=1e-14, msg=name)
+
+
+@pytest.mark.parametrize("side", [(32, 32), (34, 37)])  # odd sides: the pool drops the last row
+@pytest.mark.parametrize(
+    "norm",
+    [{}, {"momentum": None}, {"track_running_stats": False}, {"affine": False}],
+    ids=["default", "cumulative", "untracked", "not-affine"],
+)
+def test_training_equals_the_modules(side: tuple[int, int], norm: dict) -> None:
+    modules, stack = _pair(**norm)
+    for step in range(3):  # the running statistics move: each step compares them too
+        torch.manual_seed(step)
+        x = torch.randn(3, 3, *side, dtype=torch.float64)
+        _compare(modules, stack, x)
+
+
+def test_evaluation_and_no_grad_training_equal_the_modules() -> None:
+    modules, stack = _pair()
+    x = torch.randn(4, 3, 20, 20, dtype=torch.float64)
+    for _ in range(2):  # running statistics that are not 0 and 1
+        _compare(modules, stack, x)
+    # evaluation on the running statistics, with gradients to the parameters
+    _compare(modules.eval(), stack.eval(), torch.randn(2, 3, 20, 20, dtype=torch.float64))
+    # a no-grad pass on batch statistics (PatchGD's fill, IPS's selection): same output, same
+    # update of the running statistics
+    modules.train(), stack.train()
+    with torch.no_grad():
+        expected = modules(x)
+        with pytest.MonkeyPatch.context() as patch:
+            _no_module_batchnorm(patch)
+            torch.testing.assert_close(stack(x), expected, rtol=1e-10, atol=1e-12)
+    for u, v in zip(modules.state_dict().values(), stack.state_dict().values(), strict=True):
+        torch.testing.assert_close(v, u, rtol=1e-12, atol=1e-14)
+
+
+def test_input_gradient_equals_the_modules() -> None:
+    modules, stack = _pair()
+    x = torch.randn(2, 3, 18, 22, dtype=torch.float64, requires_grad=True)
+    y = x.detach().clone().requires_grad_()
+    grad = torch.randn(2, 6, 4, 5, dtype=torch.float64)
+    (ga,) = torch.autograd.grad(modules(x), x, grad)
+    with pytest.MonkeyPatch.context() as patch:
+        _no_module_batchnorm(patch)
+        (gb,) = torch.autograd.grad(stack(y), y, grad)
+    torch.testing.assert_close(gb, ga, rtol=1e-9, atol=1e-11)
+
+
+def test_float32_channels_last_matches_the_modules() -> None:
+    modules, stack = _pair()
+    modules, stack = modules.float(), stack.float()
+    x = torch.randn(8, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    a = modules(x)
+    with pytest.MonkeyPatch.context() as patch:
+        _no_module_batchnorm(patch)
+        b = stack(x)
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    grad = torch.randn_like(a)
+    for u, v in zip(
+        torch.autograd.grad(a, list(modules.parameters()), grad),
+        torch.autograd.grad(b, list(stack.parameters()), grad),
+        strict=True,
+    ):
+        torch.testing.assert_close(v, u, rtol=1e-3, atol=1e-4)
+
+
+def test_hooks_and_bfloat16_keep_the_modules(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hook on a module expects the module's call; in bfloat16 the modules are faster."""
+    _, stack = _pair()
+    stack = stack.float()
+    seen: list[str] = []
+    stack[1].register_forward_hook(lambda *_: seen.append("norm"))
+    stack(torch.randn(2, 3, 16, 16))
+    assert seen == ["norm"]
+    _, plain = _pair()
+    _no_module_batchnorm(monkeypatch)
+    with pytest.raises(AssertionError, match="BatchNorm2d.forward ran"):
+        with torch.autocast("cpu", torch.bfloat16):
+            plain.float()(torch.randn(2, 3, 16, 16))
+
+
+@pytest.mark.parametrize("name", ["tiny", "cnn5", "tiny-s2d"])
+def test_small_encoders_keep_their_state_dict(name: str) -> None:
+    """The stack is an nn.Sequential with the same modules: weights saved by a plain
+    Sequential of the same layers load, and the outputs agree."""
+    backbone = create_backbone(name).double()
+    assert isinstance(backbone.body, ConvStack)
+    plain = copy.deepcopy(backbone)
+    plain.body = nn.Sequential(*list(plain.body))
+    assert list(plain.state_dict()) == list(backbone.state_dict())
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    torch.testing.assert_close(backbone(x), plain(x), rtol=1e-10, atol=1e-12)
