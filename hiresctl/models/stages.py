@@ -98,7 +98,7 @@ class _TrainStage(torch.autograd.Function):
         dtype = _compute_dtype(x)
         # G, the gradient at BatchNorm's output: non-zero only where the pool picked a value
         # and the ReLU passed it
-        g = torch.where(y > 0, grad_y, 0).to(dtype)
+        g = torch.ops.aten.threshold_backward(grad_y, y, 0).to(dtype)  # one pass
         g_bias = g.sum(_DIMS).double()
         # Σ G·x̂ = σ⁻¹ (Σ G·x − μ Σ G)
         g_weight = rstd * ((g * picked).sum(_DIMS).double() - mean * g_bias)
