@@ -19,9 +19,9 @@ take most of a ``tiny`` step (docs/encoders.md). The same function needs far few
 Outputs and gradients equal the three modules' (to rounding; the gradient goes to the element
 the max-pool picks, as ``nn.MaxPool2d``'s does), the running statistics are updated as
 ``nn.BatchNorm2d`` updates them, and the modules and their state dict are unchanged: the
-stack only calls them differently. It is used on CPU tensors only; elsewhere the modules run
-as they are, and in bfloat16, where torch's CPU kernels for the per-channel passes are slower
-than BatchNorm's own.
+stack only calls them differently. It is used on CPU tensors in float32 and float64; on a GPU
+and in bfloat16 (where torch's CPU kernels for the per-channel passes are slower than
+BatchNorm's own) the modules run as they are.
 """
 
 from __future__ import annotations
