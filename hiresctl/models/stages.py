@@ -26,6 +26,8 @@ BatchNorm's own) the modules run as they are.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,15 +40,22 @@ def _channel(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return v.to(dtype).view(1, -1, 1, 1)
 
 
-def _pool(x: torch.Tensor, sign: torch.Tensor | None, indices: bool):
-    """2×2 max-pool of ``sign·x`` times ``sign`` (a min-pool where the sign is negative)."""
+def _pool(x: torch.Tensor, sign: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """2×2 max-pool of ``sign·x`` times ``sign`` (a min-pool where the sign is negative), and
+    the index of each picked value."""
     if sign is None:
-        return F.max_pool2d(x, 2, return_indices=indices)
+        return F.max_pool2d(x, 2, return_indices=True)
     s = _channel(sign, x.dtype)
-    out = F.max_pool2d(x * s, 2, return_indices=indices)
-    if indices:
-        return out[0] * s, out[1]
-    return out * s
+    picked, index = F.max_pool2d(x * s, 2, return_indices=True)
+    return picked * s, index
+
+
+def _pool_values(x: torch.Tensor, sign: torch.Tensor | None) -> torch.Tensor:
+    """:func:`_pool` without the indices (nothing to differentiate)."""
+    if sign is None:
+        return F.max_pool2d(x, 2)
+    s = _channel(sign, x.dtype)
+    return F.max_pool2d(x * s, 2) * s
 
 
 def _sign(a: torch.Tensor) -> torch.Tensor | None:
@@ -67,9 +76,8 @@ def _batch_forward(x, weight, bias, eps, running_mean, running_var, factor, indi
     rstd = (var + eps).rsqrt()
     gain = weight.detach().double() * rstd
     shift = bias.detach().double() - gain * mean
-    picked, index = _pool(x, _sign(gain), indices=indices), None
-    if indices:
-        picked, index = picked
+    sign = _sign(gain)
+    picked, index = _pool(x, sign) if indices else (_pool_values(x, sign), None)
     y = torch.addcmul(_channel(shift, dtype), picked.to(dtype), _channel(gain, dtype)).relu_()
     return y.to(x.dtype), picked, index, gain, mean, rstd
 
@@ -82,7 +90,7 @@ class _TrainStage(torch.autograd.Function):
     the pool's scatter and one ``A·x + B`` backward."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps, running_mean, running_var, factor):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, eps, running_mean, running_var, factor):
         y, picked, index, gain, mean, rstd = _batch_forward(
             x, weight, bias, eps, running_mean, running_var, factor, indices=True
         )
@@ -92,7 +100,7 @@ class _TrainStage(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_y):  # type: ignore[override]
+    def backward(ctx, grad_y):
         x, picked, index, y, gain, mean, rstd = ctx.saved_tensors
         n = x.numel() // x.shape[1]
         dtype = _compute_dtype(x)
@@ -124,14 +132,17 @@ def _momentum(norm: nn.BatchNorm2d) -> float:
 def bn_relu_pool(x: torch.Tensor, norm: nn.BatchNorm2d) -> torch.Tensor:
     """``max_pool2d(relu(norm(x)), 2)``, computed at the pooled resolution."""
     dtype = _compute_dtype(x)
-    batch = norm.training or norm.running_mean is None
-    if not batch:  # running statistics: an affine map, applied after the pool
-        rstd = (norm.running_var.double() + norm.eps).rsqrt()
+    mean, var = norm.running_mean, norm.running_var
+    if not norm.training and mean is not None and var is not None:
+        # running statistics: an affine map, applied after the pool
+        rstd = (var.double() + norm.eps).rsqrt()
         gain = (norm.weight.double() if norm.weight is not None else 1.0) * rstd
         bias = norm.bias.double() if norm.bias is not None else 0.0
-        shift = bias - gain * norm.running_mean.double()
-        picked = _pool(x, _sign(gain.detach()), indices=False).to(dtype)
-        return torch.addcmul(_channel(shift, dtype), picked, _channel(gain, dtype)).relu_().to(x.dtype)
+        shift = bias - gain * mean.double()
+        picked = _pool_values(x, _sign(gain.detach())).to(dtype)
+        return (
+            torch.addcmul(_channel(shift, dtype), picked, _channel(gain, dtype)).relu_().to(x.dtype)
+        )
     channels = x.shape[1]
     weight = norm.weight if norm.weight is not None else x.new_ones(channels, dtype=dtype)
     bias = norm.bias if norm.bias is not None else x.new_zeros(channels, dtype=dtype)
@@ -170,7 +181,7 @@ class ConvStack(nn.Sequential):
     modules through :func:`bn_relu_pool` on CPU tensors: the same modules, parameters and
     state dict, a faster call."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         modules = list(self)
         fuse = x.device.type == "cpu" and not torch.nn.modules.module._global_forward_hooks
         i = 0
@@ -179,7 +190,7 @@ class ConvStack(nn.Sequential):
             # in bfloat16 torch's CPU kernels for the per-channel passes (A·x + B over a
             # broadcast channel vector) are slower than BatchNorm's own
             if fuse and x.dtype in _FUSED_TYPES and x.dim() == 4 and _fusable(modules, i):
-                x = bn_relu_pool(x, modules[i])
+                x = bn_relu_pool(x, cast(nn.BatchNorm2d, modules[i]))
                 i += 3
             else:
                 x = modules[i](x)
