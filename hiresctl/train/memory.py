@@ -79,7 +79,7 @@ def _mallopt() -> Callable[[int, int], int] | None:
     return call
 
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4  # glibc's malloc.h
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -3, -4, -8  # malloc.h
 MAPPED_FROM = 1 << 20  # bytes: a transformer's larger activations, not a CNN's many small ones
 
 
@@ -102,12 +102,18 @@ def map_large_allocations(device: torch.device) -> bool:
     )
 
 
-_ALLOCATOR_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")
+_ALLOCATOR_VARIABLES = (
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_MMAP_MAX_",
+    "MALLOC_TRIM_THRESHOLD_",
+    "MALLOC_ARENA_MAX",
+)
 
 
 def keep_large_allocations(device: torch.device) -> bool:
     """Have glibc serve every CPU allocation from its heap and keep freed memory there for the
-    next one (``mallopt(M_MMAP_MAX, 0)`` and a 1 GiB ``M_TRIM_THRESHOLD``). By default glibc
+    next one (``mallopt(M_MMAP_MAX, 0)``, a 1 GiB ``M_TRIM_THRESHOLD``, and one arena for the
+    threads started after it, ``M_ARENA_MAX``). By default glibc
     maps each allocation above 32 MiB (a batch of 16 activations of 16 channels at 256² is
     64 MiB) and unmaps it when freed, so every training step faults all of its large
     activations in again, page by page, and the kernel zeroes them: 85,000-127,000 page faults
@@ -119,7 +125,15 @@ def keep_large_allocations(device: torch.device) -> bool:
     if device.type != "cpu" or any(v in os.environ for v in _ALLOCATOR_VARIABLES):
         return False
     call = _mallopt()
-    return call is not None and call(_M_MMAP_MAX, 0) == 1 and call(_M_TRIM_THRESHOLD, 1 << 30) == 1
+    return (
+        call is not None
+        and call(_M_MMAP_MAX, 0) == 1
+        and call(_M_TRIM_THRESHOLD, 1 << 30) == 1
+        # threads started later (the read-ahead thread) allocate in the main heap too: a
+        # thread's own arena is unmapped whenever it empties, and a whole 4096² image read
+        # there came back as fresh pages every step (BENCHMARKS.md, E1)
+        and call(_M_ARENA_MAX, 1) == 1
+    )
 
 
 def release_freed_memory(device: torch.device) -> None:

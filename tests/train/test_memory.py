@@ -92,7 +92,7 @@ def test_a_phase_apart_from_the_patches_counts_as_the_larger_of_the_two() -> Non
 
 
 MAPPED = [(-4, 1 << 24), (-3, 1 << 20)]  # mmap allowed again; from 1 MiB up
-KEPT = [(-4, 0), (-1, 1 << 30)]  # no mmap; freed memory trimmed only beyond 1 GiB
+KEPT = [(-4, 0), (-1, 1 << 30), (-8, 1)]  # no mmap; trimmed beyond 1 GiB; one arena
 
 
 @pytest.mark.parametrize(
