@@ -40,26 +40,26 @@ def _channel(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return v.to(dtype).view(1, -1, 1, 1)
 
 
-def _pool(x: torch.Tensor, sign: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """2×2 max-pool of ``sign·x`` times ``sign`` (a min-pool where the sign is negative), and
-    the index of each picked value."""
-    if sign is None:
-        return F.max_pool2d(x, 2, return_indices=True)
-    s = _channel(sign, x.dtype)
-    picked, index = F.max_pool2d(x * s, 2, return_indices=True)
-    return picked * s, index
+def _signed_pool(x: torch.Tensor, gain: torch.Tensor, indices: bool):
+    """2×2 max-pool of ``s·x`` times ``s``, ``s`` the sign of ``gain`` (a min-pool where it is
+    negative), and the index of each picked value (None without ``indices``)."""
+    negative = gain.detach() < 0
+    s = _channel(torch.where(negative, -1.0, 1.0), x.dtype) if bool(negative.any()) else None
+    source = x if s is None else x * s
+    if indices:
+        picked, index = F.max_pool2d(source, 2, return_indices=True)
+    else:
+        picked, index = F.max_pool2d(source, 2), None
+    return (picked if s is None else picked * s), index
 
 
-def _pool_values(x: torch.Tensor, sign: torch.Tensor | None) -> torch.Tensor:
-    """:func:`_pool` without the indices (nothing to differentiate)."""
-    if sign is None:
-        return F.max_pool2d(x, 2)
-    s = _channel(sign, x.dtype)
-    return F.max_pool2d(x * s, 2) * s
-
-
-def _sign(a: torch.Tensor) -> torch.Tensor | None:
-    return torch.where(a < 0, -1.0, 1.0) if bool((a < 0).any()) else None
+def _pooled_stage(x: torch.Tensor, gain: torch.Tensor, shift: torch.Tensor, indices: bool):
+    """``relu(gain·maxpool(x) + shift)`` per channel, the pool taken first:
+    ``(y, picked, index)``."""
+    dtype = _compute_dtype(x)
+    picked, index = _signed_pool(x, gain, indices)
+    y = torch.addcmul(_channel(shift, dtype), picked.to(dtype), _channel(gain, dtype)).relu_()
+    return y.to(x.dtype), picked, index
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -68,7 +68,6 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 def _batch_forward(x, weight, bias, eps, running_mean, running_var, factor, indices):
     """The forward on batch statistics: ``(y, picked, index, gain, mean, rstd)``."""
-    dtype = _compute_dtype(x)
     # torch's own statistics kernel: the mean and biased variance BatchNorm normalises by, the
     # running statistics updated as nn.BatchNorm2d updates them (with the unbiased variance)
     mean, var = torch.batch_norm_update_stats(x, running_mean, running_var, factor)
@@ -76,10 +75,8 @@ def _batch_forward(x, weight, bias, eps, running_mean, running_var, factor, indi
     rstd = (var + eps).rsqrt()
     gain = weight.detach().double() * rstd
     shift = bias.detach().double() - gain * mean
-    sign = _sign(gain)
-    picked, index = _pool(x, sign) if indices else (_pool_values(x, sign), None)
-    y = torch.addcmul(_channel(shift, dtype), picked.to(dtype), _channel(gain, dtype)).relu_()
-    return y.to(x.dtype), picked, index, gain, mean, rstd
+    y, picked, index = _pooled_stage(x, gain, shift, indices)
+    return y, picked, index, gain, mean, rstd
 
 
 class _TrainStage(torch.autograd.Function):
@@ -139,10 +136,7 @@ def bn_relu_pool(x: torch.Tensor, norm: nn.BatchNorm2d) -> torch.Tensor:
         gain = (norm.weight.double() if norm.weight is not None else 1.0) * rstd
         bias = norm.bias.double() if norm.bias is not None else 0.0
         shift = bias - gain * mean.double()
-        picked = _pool_values(x, _sign(gain.detach())).to(dtype)
-        return (
-            torch.addcmul(_channel(shift, dtype), picked, _channel(gain, dtype)).relu_().to(x.dtype)
-        )
+        return _pooled_stage(x, gain, shift, indices=False)[0]
     channels = x.shape[1]
     weight = norm.weight if norm.weight is not None else x.new_ones(channels, dtype=dtype)
     bias = norm.bias if norm.bias is not None else x.new_zeros(channels, dtype=dtype)
