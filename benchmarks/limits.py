@@ -2,7 +2,8 @@
 
     python benchmarks/limits.py [--threads 2] [--batch 16] [--repeats 5] [--device cuda]
 
-First the machine's ceilings, each the median of ``--repeats`` timings: fp32 matrix multiply
+First the machine's ceilings, each the median of at least ``--repeats`` timings (and at
+least one second of them, after three warm-up calls): fp32 matrix multiply
 (2048²), 3×3 convolutions (the best of 64, 128 and 256 channels on 16 images of 128², 64²
 and 32², channels-last, forward and backward) and memory bandwidth (a 256 MiB copy). Then every registered encoder,
 training (forward and backward of a batch of ``--batch`` patches) and without gradient (a
@@ -74,11 +75,14 @@ def device_name() -> str:
 
 
 def timed(run: Callable[[], object], repeats: int) -> float:
-    """Median seconds of ``run`` after one warm-up call (a GPU's queue drained each time)."""
-    run()
+    """Median seconds of ``run`` after three warm-up calls (the kernels' first-call setup, the
+    allocator's first pages), over at least ``repeats`` calls and at least one second, so a
+    10 ms step is timed as often as a 200 ms one is long (a GPU's queue drained each time)."""
+    for _ in range(3):
+        run()
     sync()
-    times = []
-    for _ in range(repeats):
+    times: list[float] = []
+    while len(times) < repeats or sum(times) < 1.0:
         start = time.perf_counter()
         run()
         sync()

@@ -19,9 +19,16 @@ take most of a ``tiny`` step (docs/encoders.md). The same function needs far few
 Outputs and gradients equal the three modules' (to rounding; the gradient goes to the element
 the max-pool picks, as ``nn.MaxPool2d``'s does), the running statistics are updated as
 ``nn.BatchNorm2d`` updates them, and the modules and their state dict are unchanged: the
-stack only calls them differently. It is used on CPU tensors in float32 and float64; on a GPU
-and in bfloat16 (where torch's CPU kernels for the per-channel passes are slower than
-BatchNorm's own) the modules run as they are.
+stack only calls them differently. It is used on CPU tensors in float32, float64 and bfloat16
+(what ``precision: auto`` trains in on CPUs with AMX or AVX-512 BF16); on a GPU the modules run
+as they are.
+
+Per-channel maps ``a·x + b`` over a bfloat16 tensor go through BatchNorm's own evaluation
+kernel (:func:`_affine`): it computes in float32 from float32 constants and rounds once, where
+torch's broadcast arithmetic would round the constants to bfloat16 first (the backward's
+``A·x + B`` nearly cancels, so that rounding would be the gradient's largest error) or, with
+float32 constants, promote the whole tensor; the kernel is also the fast one for a channels-last
+bfloat16 tensor (a per-channel broadcast in bfloat16 runs an order of magnitude slower).
 """
 
 from __future__ import annotations
@@ -33,48 +40,58 @@ import torch.nn.functional as F
 from torch import nn
 
 _DIMS = (0, 2, 3)
-_FUSED_TYPES = (torch.float32, torch.float64)
+_FUSED_TYPES = (torch.float32, torch.float64, torch.bfloat16)
+_FULL_TYPES = (torch.float32, torch.float64)
 
 
 def _channel(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return v.to(dtype).view(1, -1, 1, 1)
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _affine(x: torch.Tensor, gain: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``gain·x + shift`` per channel in one pass of BatchNorm's evaluation kernel (statistics 0
+    and 1, no epsilon): float32 arithmetic from float32 constants for a bfloat16 ``x``, one
+    rounding, the output in ``x``'s type and layout."""
+    dtype = _compute_dtype(x)
+    channels = x.shape[1]
+    zero, one = x.new_zeros(channels, dtype=dtype), x.new_ones(channels, dtype=dtype)
+    return F.batch_norm(x, zero, one, gain.to(dtype), shift.to(dtype), False, 0.0, 0.0)
+
+
 def _signed_pool(x: torch.Tensor, gain: torch.Tensor, indices: bool):
     """2×2 max-pool of ``s·x`` times ``s``, ``s`` the sign of ``gain`` (a min-pool where it is
     negative), and the index of each picked value (None without ``indices``)."""
     negative = gain.detach() < 0
-    s = _channel(torch.where(negative, -1.0, 1.0), x.dtype) if bool(negative.any()) else None
-    source = x if s is None else x * s
+    s = torch.where(negative, -1.0, 1.0).to(gain.dtype) if bool(negative.any()) else None
+    source = x if s is None else _affine(x, s, torch.zeros_like(s))
     if indices:
         picked, index = F.max_pool2d(source, 2, return_indices=True)
     else:
         picked, index = F.max_pool2d(source, 2), None
-    return (picked if s is None else picked * s), index
+    return (picked if s is None else _affine(picked, s, torch.zeros_like(s))), index
 
 
 def _pooled_stage(x: torch.Tensor, gain: torch.Tensor, shift: torch.Tensor, indices: bool):
     """``relu(gain·maxpool(x) + shift)`` per channel, the pool taken first:
     ``(y, picked, index)``."""
-    dtype = _compute_dtype(x)
     picked, index = _signed_pool(x, gain, indices)
-    y = torch.addcmul(_channel(shift, dtype), picked.to(dtype), _channel(gain, dtype)).relu_()
-    return y.to(x.dtype), picked, index
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)
+    return _affine(picked, gain, shift).relu_(), picked, index
 
 
 def _batch_forward(x, weight, bias, eps, running_mean, running_var, factor, indices):
     """The forward on batch statistics: ``(y, picked, index, gain, mean, rstd)``."""
     # torch's own statistics kernel: the mean and biased variance BatchNorm normalises by, the
     # running statistics updated as nn.BatchNorm2d updates them (with the unbiased variance)
+    dtype = _compute_dtype(x)
     mean, var = torch.batch_norm_update_stats(x, running_mean, running_var, factor)
-    mean, var = mean.double(), var.double()
+    mean, var = mean.to(dtype), var.to(dtype)
     rstd = (var + eps).rsqrt()
-    gain = weight.detach().double() * rstd
-    shift = bias.detach().double() - gain * mean
+    gain = weight.detach().to(dtype) * rstd
+    shift = bias.detach().to(dtype) - gain * mean
     y, picked, index = _pooled_stage(x, gain, shift, indices)
     return y, picked, index, gain, mean, rstd
 
@@ -82,9 +99,9 @@ def _batch_forward(x, weight, bias, eps, running_mean, running_var, factor, indi
 class _TrainStage(torch.autograd.Function):
     """BatchNorm on batch statistics, ReLU and a 2×2 max-pool, with the backward above.
 
-    Per-channel numbers are float64; the pooled values are computed in float32 or the input's
-    wider type. Full-resolution passes: torch's statistics kernel and one max-pool forward;
-    the pool's scatter and one ``A·x + B`` backward."""
+    Per-channel numbers and the backward's pooled sums are float32 (float64 for a float64
+    input), as BatchNorm's own kernels compute them. Full-resolution passes: torch's statistics
+    kernel and one max-pool forward; the pool's scatter and one ``A·x + B`` backward."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, running_mean, running_var, factor):
@@ -104,15 +121,18 @@ class _TrainStage(torch.autograd.Function):
         # G, the gradient at BatchNorm's output: non-zero only where the pool picked a value
         # and the ReLU passed it
         g = torch.ops.aten.threshold_backward(grad_y, y, 0).to(dtype)  # one pass
-        g_bias = g.sum(_DIMS).double()
+        g_bias = g.sum(_DIMS)
         # Σ G·x̂ = σ⁻¹ (Σ G·x − μ Σ G)
-        g_weight = rstd * ((g * picked).sum(_DIMS).double() - mean * g_bias)
+        g_weight = rstd * ((g * picked).sum(_DIMS) - mean * g_bias)
         coef = -gain * rstd * g_weight / n
         const = -gain * g_bias / n - coef * mean
         grad_x = torch.ops.aten.max_pool2d_with_indices_backward(
             (g * _channel(gain, dtype)).to(x.dtype), x, [2, 2], [2, 2], [0, 0], [1, 1], False, index
         )
-        grad_x.addcmul_(x, _channel(coef, x.dtype)).add_(_channel(const, x.dtype))
+        if x.dtype in _FULL_TYPES:  # in place, two passes without a temporary
+            grad_x.addcmul_(x, _channel(coef, x.dtype)).add_(_channel(const, x.dtype))
+        else:  # A·x + B computed in float32 and rounded once (its terms nearly cancel)
+            grad_x.add_(_affine(x, coef, const))
         return grad_x, g_weight.to(ctx.weight_dtype), g_bias.to(ctx.weight_dtype), *([None] * 4)
 
 
@@ -132,10 +152,10 @@ def bn_relu_pool(x: torch.Tensor, norm: nn.BatchNorm2d) -> torch.Tensor:
     mean, var = norm.running_mean, norm.running_var
     if not norm.training and mean is not None and var is not None:
         # running statistics: an affine map, applied after the pool
-        rstd = (var.double() + norm.eps).rsqrt()
-        gain = (norm.weight.double() if norm.weight is not None else 1.0) * rstd
-        bias = norm.bias.double() if norm.bias is not None else 0.0
-        shift = bias - gain * mean.double()
+        rstd = (var.to(dtype) + norm.eps).rsqrt()
+        gain = (norm.weight.to(dtype) if norm.weight is not None else 1.0) * rstd
+        bias = norm.bias.to(dtype) if norm.bias is not None else 0.0
+        shift = bias - gain * mean.to(dtype)
         return _pooled_stage(x, gain, shift, indices=False)[0]
     channels = x.shape[1]
     weight = norm.weight if norm.weight is not None else x.new_ones(channels, dtype=dtype)
@@ -180,9 +200,8 @@ class ConvStack(nn.Sequential):
         fuse = x.device.type == "cpu" and not torch.nn.modules.module._global_forward_hooks
         i = 0
         while i < len(modules):
-            # float32 and float64 only (a convolution under bfloat16 autocast outputs bfloat16):
-            # in bfloat16 torch's CPU kernels for the per-channel passes (A·x + B over a
-            # broadcast channel vector) are slower than BatchNorm's own
+            # float32, float64 and bfloat16 (what a convolution under bfloat16 autocast
+            # outputs); float16 keeps the modules
             if fuse and x.dtype in _FUSED_TYPES and x.dim() == 4 and _fusable(modules, i):
                 x = bn_relu_pool(x, cast(nn.BatchNorm2d, modules[i]))
                 i += 3
