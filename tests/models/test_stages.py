@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from hiresctl.models import create_backbone
+from hiresctl.models import create_backbone, stages
 from hiresctl.models.stages import ConvStack
 
 
@@ -144,12 +144,13 @@ def _errors(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> list[
     return [float((o.double() - r).abs().max() / r.abs().max()) for o, r in pairs]
 
 
-def test_bfloat16_is_as_accurate_as_the_modules() -> None:
+def test_bfloat16_is_as_accurate_as_the_modules(monkeypatch: pytest.MonkeyPatch) -> None:
     """In bfloat16 (what bfloat16 autocast gives BatchNorm on a CPU) the stack's output, input
     and parameter gradients and running statistics are as close to float64's as the modules'
     own bfloat16 computation. The input's mean is large beside its spread, so the backward's
     per-channel ``A·x + B`` nearly cancels: rounding its constants or an intermediate sum to
     bfloat16 would not pass (the median error of the input gradient's elements grows tenfold)."""
+    monkeypatch.setattr(stages, "BFLOAT16_MIN_VALUES", 0)  # a small tensor: the stage anyway
     torch.manual_seed(0)
     norm = nn.BatchNorm2d(8)
     with torch.no_grad():
@@ -186,10 +187,13 @@ def test_bfloat16_is_as_accurate_as_the_modules() -> None:
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-s2d"])
-def test_bfloat16_autocast_computes_at_the_pooled_resolution(name: str) -> None:
+def test_bfloat16_autocast_computes_at_the_pooled_resolution(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Under bfloat16 autocast (``precision: auto`` on CPUs with AMX or AVX-512 BF16) the
     encoders run their stages without the modules' calls (every max-pool is one of a stage), and
     the features stay those of the modules to bfloat16's precision."""
+    monkeypatch.setattr(stages, "BFLOAT16_MIN_VALUES", 0)
     torch.manual_seed(0)
     backbone = create_backbone(name).to(memory_format=torch.channels_last)
     plain = copy.deepcopy(backbone)
@@ -202,6 +206,25 @@ def test_bfloat16_autocast_computes_at_the_pooled_resolution(name: str) -> None:
             got = backbone(x).float().detach()
     error = float((got - expected).abs().max() / expected.abs().max())
     assert error < 0.03
+
+
+def test_small_bfloat16_tensors_keep_the_modules(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In bfloat16 the stage runs from BFLOAT16_MIN_VALUES values at the full resolution up;
+    below, BatchNorm's own kernels are as fast and the modules run. In float32 it always runs."""
+    _, stack = _pair()
+    x = torch.randn(2, 3, 16, 16)  # 2 × 8 × 16² values after the first convolution
+    monkeypatch.setattr(stages, "BFLOAT16_MIN_VALUES", 2 * 8 * 16 * 16 + 1)
+    _no_module_batchnorm(monkeypatch)
+    stack = stack.float()
+    stack(x)  # float32: no BatchNorm2d call
+    with torch.autocast("cpu", torch.bfloat16):
+        with pytest.raises(AssertionError, match=r"BatchNorm2d\.forward ran"):
+            stack(x)
+        monkeypatch.setattr(stages, "BFLOAT16_MIN_VALUES", 2 * 8 * 16 * 16 // 4)
+        with pytest.raises(AssertionError, match=r"BatchNorm2d\.forward ran"):
+            stack(x)  # the first stage pooled, the second (2 × 6 × 8² values) the modules'
+        monkeypatch.setattr(stages, "BFLOAT16_MIN_VALUES", 2 * 6 * 8 * 8)
+        assert stack(x).dtype == torch.bfloat16  # both stages pooled
 
 
 @pytest.mark.parametrize("name", ["tiny", "cnn5", "tiny-s2d"])
