@@ -41,8 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 _DIMS = (0, 2, 3)
-_FUSED_TYPES = (torch.float32, torch.float64, torch.bfloat16)
-_FULL_TYPES = (torch.float32, torch.float64)
+_FULL_TYPES = (torch.float32, torch.float64)  # the stage at every size; bfloat16 from a size
 # In bfloat16, below this many values at the full resolution (a batch of 16 × 16 channels ×
 # 64², 1M values) BatchNorm's own kernels are as fast as the passes the stage saves, and the
 # stage's per-channel calls cost more: measured on 2 cores, a 16-channel stage with its
@@ -200,9 +199,11 @@ def _fusable(modules: list[nn.Module], i: int) -> bool:
 
 def _pays(x: torch.Tensor) -> bool:
     """Whether computing a stage at the pooled resolution is the faster way for ``x``."""
-    if x.dim() != 4 or x.dtype not in _FUSED_TYPES:
+    if x.dim() != 4:
         return False
-    return x.dtype in _FULL_TYPES or x.numel() >= BFLOAT16_MIN_VALUES
+    if x.dtype in _FULL_TYPES:
+        return True
+    return x.dtype == torch.bfloat16 and x.numel() >= BFLOAT16_MIN_VALUES
 
 
 class ConvStack(nn.Sequential):
