@@ -238,3 +238,216 @@ def test_small_encoders_keep_their_state_dict(name: str) -> None:
     assert list(plain.state_dict()) == list(backbone.state_dict())
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     torch.testing.assert_close(backbone(x), plain(x), rtol=1e-10, atol=1e-12)
+
+
+# The compiled passes (stage_kernels.cpp): float32 and bfloat16, channels-last, 16·k channels
+
+
+def _compiled() -> object:
+    built = stages.kernels()
+    if built is None:
+        pytest.skip("the CPU kernels are not built here (no compiler or HIRESCTL_CPU_KERNELS=0)")
+    return built
+
+
+def test_kernels_build_where_a_compiler_is() -> None:
+    """On Linux with a C++ compiler the kernels build (a broken build would otherwise only show
+    as a slower encoder)."""
+    import shutil
+    import sys
+
+    if sys.platform != "linux" or shutil.which("c++") is None:
+        pytest.skip("no C++ compiler")
+    if stages.os.environ.get("HIRESCTL_CPU_KERNELS") == "0":
+        pytest.skip("HIRESCTL_CPU_KERNELS=0")
+    assert stages.kernels() is not None
+
+
+def _wide_layers(**norm: object) -> list[nn.Module]:
+    torch.manual_seed(0)
+    layers = [
+        nn.Conv2d(3, 16, 3, padding=1, bias=False),
+        nn.BatchNorm2d(16, **norm),  # type: ignore[arg-type]
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1, bias=False),
+        nn.BatchNorm2d(32, **norm),  # type: ignore[arg-type]
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+    ]
+    for layer in layers:
+        if isinstance(layer, nn.BatchNorm2d) and layer.affine:
+            with torch.no_grad():  # negative scales: the pool is a minimum there
+                layer.weight.uniform_(-1, 1)
+                layer.bias.uniform_(-0.5, 0.5)
+    return layers
+
+
+def _only_kernels(patch: pytest.MonkeyPatch) -> None:
+    """Neither the modules nor torch's pooled stage may run: what computes is the kernels."""
+    _no_module_batchnorm(patch)
+    patch.setattr(stages, "_batch_forward", _refuse_call)
+    patch.setattr(stages, "_pooled_stage", _refuse_call)
+
+
+def _refuse_call(*args: object, **kwargs: object) -> None:
+    raise AssertionError("torch's pooled stage ran")
+
+
+@pytest.mark.parametrize("side", [(32, 32), (34, 37)])
+@pytest.mark.parametrize(
+    "norm",
+    [{}, {"momentum": None}, {"track_running_stats": False}, {"affine": False}],
+    ids=["default", "cumulative", "untracked", "not-affine"],
+)
+def test_kernels_float32_equal_float64_modules(side: tuple[int, int], norm: dict) -> None:
+    """Output, input and parameter gradients and running statistics of the compiled passes in
+    float32 against the modules in float64, over three training steps, then in evaluation with
+    gradients (torch's pooled stage: the compiled backward is for batch statistics)."""
+    _compiled()
+    reference = nn.Sequential(*_layers_double(**norm))
+    stack = ConvStack(*copy.deepcopy(list(reference))).float()
+    for step in range(4):
+        if step == 3:
+            reference.eval(), stack.eval()
+        torch.manual_seed(step)
+        x64 = torch.randn(3, 3, *side, dtype=torch.float64) + 2
+        x64.requires_grad_()
+        x = x64.detach().float().contiguous(memory_format=torch.channels_last).requires_grad_()
+        a = reference(x64)
+        grad = torch.randn_like(a)
+        ga = torch.autograd.grad(a, [x64, *reference.parameters()], grad)
+        with pytest.MonkeyPatch.context() as patch:
+            _only_kernels(patch) if step < 3 else _no_module_batchnorm(patch)
+            b = stack(x)
+            gb = torch.autograd.grad(b, [x, *stack.parameters()], grad.float())
+        torch.testing.assert_close(b.double(), a, rtol=1e-4, atol=1e-5)
+        for u, v in zip(ga, gb, strict=True):
+            scale = float(u.abs().max()) or 1.0
+            torch.testing.assert_close(v.double() / scale, u / scale, rtol=0, atol=2e-5)
+        pairs = zip(reference.state_dict().items(), stack.state_dict().values(), strict=True)
+        for (name, u), v in pairs:
+            torch.testing.assert_close(v.double(), u.double(), rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _layers_double(**norm: object) -> list[nn.Module]:
+    return [layer.double() for layer in _wide_layers(**norm)]
+
+
+def test_kernels_no_grad_passes_equal_the_modules() -> None:
+    """A no-grad pass on batch statistics (PatchGD's fill) gives the modules' output and update
+    of the running statistics; one in evaluation (selection, prediction) their output."""
+    _compiled()
+    reference = nn.Sequential(*_layers_double())
+    stack = ConvStack(*copy.deepcopy(list(reference))).float()
+    x64 = torch.randn(4, 3, 20, 20, dtype=torch.float64)
+    x = x64.float().contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = reference(x64)
+        with pytest.MonkeyPatch.context() as patch:
+            _only_kernels(patch)
+            got = stack(x)
+        torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5)
+        reference.eval(), stack.eval()
+        expected = reference(x64)
+        with pytest.MonkeyPatch.context() as patch:
+            _only_kernels(patch)
+            got = stack(x)
+        torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5)
+    pairs = zip(reference.state_dict().values(), stack.state_dict().values(), strict=True)
+    for u, v in pairs:
+        torch.testing.assert_close(v.double(), u.double(), rtol=1e-5, atol=1e-6)
+
+
+def test_kernels_keep_nan_and_the_first_of_equal_values() -> None:
+    """A NaN reaches the output as it does through the modules, and of equal values in a window
+    the gradient goes to the first, as nn.MaxPool2d's does."""
+    _compiled()
+    layers = _wide_layers()[1:4]
+    modules, stack = nn.Sequential(*copy.deepcopy(layers)), ConvStack(*copy.deepcopy(layers))
+    x = torch.randn(2, 16, 8, 8)
+    x[:, :, 0:2, 0:2] = 3.0  # four equal values in the first window of every channel
+    nan = x.clone()
+    nan[1, 5, 4, 4] = float("nan")
+    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+        expected = modules(nan)
+        _only_kernels(patch)
+        got = stack(nan.contiguous(memory_format=torch.channels_last))
+    assert torch.equal(torch.isnan(got), torch.isnan(expected)) and bool(torch.isnan(got).any())
+    finite = ~torch.isnan(expected)
+    torch.testing.assert_close(got[finite], expected[finite], rtol=1e-5, atol=1e-5)
+    xa = x.clone().requires_grad_()
+    xb = x.clone().contiguous(memory_format=torch.channels_last).requires_grad_()
+    grad = torch.zeros(2, 16, 4, 4)
+    grad[0, :, 0, 0] = 1.0  # the gradient of the tied window only
+    (ga,) = torch.autograd.grad(modules(xa), xa, grad)
+    with pytest.MonkeyPatch.context() as patch:
+        _only_kernels(patch)
+        (gb,) = torch.autograd.grad(stack(xb), xb, grad)
+    # equal x: equal A·x + B over the window; what differs is where the pool sent G
+    window, expected_window = gb[0, :, 0:2, 0:2], ga[0, :, 0:2, 0:2]
+    picked = expected_window - expected_window.amin(dim=(1, 2), keepdim=True)
+    assert bool((picked.flatten(1).argmax(1) == 0).all())  # the modules: the first value
+    torch.testing.assert_close(window, expected_window, rtol=1e-4, atol=1e-5)
+
+
+def test_kernels_bfloat16_as_accurate_as_the_modules() -> None:
+    """The compiled passes in bfloat16 are as close to float64 as the modules' own bfloat16,
+    with the input's mean 40× its spread (as in the torch stage's test above)."""
+    _compiled()
+    torch.manual_seed(0)
+    norm = nn.BatchNorm2d(16)
+    with torch.no_grad():
+        norm.weight.uniform_(-1, 1)
+        norm.bias.uniform_(-0.5, 0.5)
+    layers = [norm, nn.ReLU(), nn.MaxPool2d(2)]
+    x = (20 + 0.5 * torch.randn(4, 16, 32, 32)).to(memory_format=torch.channels_last)
+    x = x.bfloat16()
+    grad = torch.randn(4, 16, 16, 16, dtype=torch.float64)
+
+    def run(net: nn.Module, source: torch.Tensor) -> list[torch.Tensor]:
+        source = source.detach().requires_grad_()
+        y = net(source)
+        grads = torch.autograd.grad(y, [source, *net.parameters()], grad.to(y.dtype))
+        return [y.detach(), *grads, net[0].running_mean.clone(), net[0].running_var.clone()]
+
+    reference = run(nn.Sequential(*copy.deepcopy(layers)).double(), x.double())
+    theirs = run(nn.Sequential(*copy.deepcopy(layers)), x)
+    with pytest.MonkeyPatch.context() as patch:
+        _only_kernels(patch)
+        ours = run(ConvStack(*copy.deepcopy(layers)), x)
+    names = ["output", "input gradient", "weight gradient", "bias gradient", "mean", "var"]
+    pairs = zip(names, _errors(ours, reference), _errors(theirs, reference), strict=True)
+    for name, error, bound in pairs:
+        assert error <= 2 * bound + 1e-6, (name, error, bound)
+    where = reference[1] != 0
+    median = ((ours[1].double() - reference[1]).abs() / reference[1].abs())[where].median()
+    bound = ((theirs[1].double() - reference[1]).abs() / reference[1].abs())[where].median()
+    assert median <= 2 * bound, (median, bound)
+
+
+def test_a_failed_build_falls_back_in_one_line(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A kernel source that does not compile: one line on stderr, and the encoders compute with
+    torch's kernels (nothing else changes)."""
+    broken = tmp_path / "stage_kernels.cpp"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(stages, "_SOURCE", broken)
+    monkeypatch.setenv("HIRESCTL_KERNEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(stages, "_kernels_tried", False)
+    monkeypatch.setattr(stages, "_kernels", None)
+    assert stages.kernels() is None
+    lines = [line for line in capsys.readouterr().err.splitlines() if "could not be built" in line]
+    assert len(lines) == 1 and str(tmp_path / "cache") in lines[0]
+    modules = nn.Sequential(*_wide_layers())
+    stack = ConvStack(*copy.deepcopy(list(modules)))
+    x = torch.randn(2, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(stack(x), modules(x), rtol=1e-4, atol=1e-5)
+
+
+def test_kernels_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HIRESCTL_CPU_KERNELS", "0")
+    monkeypatch.setattr(stages, "_kernels_tried", False)
+    monkeypatch.setattr(stages, "_kernels", None)
+    assert stages.kernels() is None
