@@ -24,7 +24,6 @@ typedef float vf __attribute__((vector_size(64)));
 typedef int32_t vi __attribute__((vector_size(64)));
 typedef uint32_t vu __attribute__((vector_size(64)));
 typedef uint16_t vh __attribute__((vector_size(32)));
-typedef uint8_t vb __attribute__((vector_size(16)));
 constexpr int64_t L = 16;
 
 inline vf load(const float* p) {
@@ -59,14 +58,13 @@ struct Shape {
 };
 
 // Per row pair (n, 2i..2i+1): the shifted sums of every value (when `sums`), and the 2x2
-// max-pool of sign*x: the picked value and its window position 0..3 (row-major, the first of
+// max-pool of sign*x: the picked value and its window position 0..3 (int32; row-major, the first of
 // equal values, NaN propagating, as torch's max_pool2d picks).
 template <typename T>
-void pool_pass(const T* xp, const float* sign, const float* shift, T* picked, uint8_t* index,
-               double* partial, bool sums, Shape s) {
+void pool_rows(const T* xp, const float* sign, const float* shift, T* picked, int32_t* index,
+               double* partial, const bool sums, const Shape s, int64_t begin, int64_t end) {
   const int64_t PH = (s.H + 1) / 2, B = s.C / L;
-  at::parallel_for(0, s.N * PH, 1, [=](int64_t begin, int64_t end) {
-    std::vector<vf> r1(B), r2(B);
+  {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / PH, ph = task % PH;
       if (sums) {
@@ -74,19 +72,17 @@ void pool_pass(const T* xp, const float* sign, const float* shift, T* picked, ui
         std::fill(out, out + 2 * s.C, 0.0);
         for (int64_t h = 2 * ph; h < std::min(2 * ph + 2, s.H); ++h) {
           const T* row = xp + (n * s.H + h) * s.W * s.C;
-          std::fill(r1.begin(), r1.end(), vf{});
-          std::fill(r2.begin(), r2.end(), vf{});
-          for (int64_t w = 0; w < s.W; ++w) {
-            for (int64_t b = 0; b < B; ++b) {
-              const vf v = load(row + w * s.C + b * L) - load(shift + b * L);
-              r1[b] += v;
-              r2[b] += v * v;
+          for (int64_t b = 0; b < B; ++b) {  // 16 channels along the row, in registers
+            const vf origin = load(shift + b * L);
+            vf r1 = vf{}, r2 = vf{};
+            for (int64_t w = 0; w < s.W; ++w) {
+              const vf v = load(row + w * s.C + b * L) - origin;
+              r1 += v;
+              r2 += v * v;
             }
-          }
-          for (int64_t b = 0; b < B; ++b) {
             for (int64_t j = 0; j < L; ++j) {
-              out[b * L + j] += r1[b][j];
-              out[s.C + b * L + j] += r2[b][j];
+              out[b * L + j] += r1[j];
+              out[s.C + b * L + j] += r2[j];
             }
           }
         }
@@ -114,13 +110,18 @@ void pool_pass(const T* xp, const float* sign, const float* shift, T* picked, ui
           best = t ? v : best;
           k = t ? 3 : k;
           store(picked + o + at, sg * best);
-          if (index != nullptr) {
-            const vb kb = __builtin_convertvector(k, vb);
-            std::memcpy(index + o + at, &kb, sizeof kb);
-          }
+          if (index != nullptr) std::memcpy(index + o + at, &k, sizeof k);
         }
       }
     }
+  }
+}
+
+template <typename T>
+void pool_pass(const T* xp, const float* sign, const float* shift, T* picked, int32_t* index,
+               double* partial, bool sums, Shape s) {
+  at::parallel_for(0, s.N * ((s.H + 1) / 2), 1, [=](int64_t begin, int64_t end) {
+    pool_rows<T>(xp, sign, shift, picked, index, partial, sums, s, begin, end);
   });
 }
 
@@ -167,11 +168,11 @@ void grad_sums(const T* gy, const T* y, const T* picked, const float* mean, doub
 
 // grad_x = coef * (x - mean) + base, plus gain * G where the pool picked the value
 template <typename T>
-void grad_pass(const T* xp, const uint8_t* index, const T* gy, const T* y, const float* coef,
-               const float* base, const float* mean, const float* gain, T* out, Shape s) {
+void grad_rows(const T* xp, const int32_t* index, const T* gy, const T* y, const float* coef,
+               const float* base, const float* mean, const float* gain, T* out, const Shape s,
+               int64_t begin, int64_t end) {
   const int64_t B = s.C / L;
-  at::parallel_for(0, s.N * s.H, 1, [=](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
+  for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / s.H, h = task % s.H;
       const T* row = xp + task * s.W * s.C;
       T* orow = out + task * s.W * s.C;
@@ -185,16 +186,24 @@ void grad_pass(const T* xp, const uint8_t* index, const T* gy, const T* y, const
           vf v = load(coef + c) * (load(row + w * s.C + c) - load(mean + c)) + load(base + c);
           if (pooled) {
             const int64_t at = o + (w / 2) * s.C + c;
-            vb kb;
-            std::memcpy(&kb, index + at, sizeof kb);
-            const vi hit = (__builtin_convertvector(kb, vi) == (rk + static_cast<int32_t>(w % 2))) &
-                           (load(y + at) > 0.f);
+            vi k;
+            std::memcpy(&k, index + at, sizeof k);
+            const vi hit = (k == (rk + static_cast<int32_t>(w % 2))) & (load(y + at) > 0.f);
             v += hit ? load(gain + c) * load(gy + at) : vf{};
           }
           store(orow + w * s.C + c, v);
         }
       }
-    }
+  }
+}
+
+template <typename T>
+void grad_pass(const T* xp, const int32_t* index, const T* gy, const T* y, const float* coef,
+               const float* base, const float* mean, const float* gain, T* out, Shape s) {
+  // the rows in a function of their own: its arguments stay in registers, where a lambda's
+  // captures are read again after every store
+  at::parallel_for(0, s.N * s.H, 1, [=](int64_t begin, int64_t end) {
+    grad_rows<T>(xp, index, gy, y, coef, base, mean, gain, out, s, begin, end);
   });
 }
 
@@ -223,7 +232,7 @@ std::vector<at::Tensor> forward_t(const at::Tensor& x, const at::Tensor& weight,
   const int64_t C = s.C;
   auto fopt = x.options().dtype(at::kFloat);
   auto picked = at::empty({s.N, C, s.OH, s.OW}, x.options(), at::MemoryFormat::ChannelsLast);
-  auto index = keep ? at::empty({s.N, s.OH, s.OW, C}, x.options().dtype(at::kByte)) : at::Tensor();
+  auto index = keep ? at::empty({s.N, s.OH, s.OW, C}, x.options().dtype(at::kInt)) : at::Tensor();
   auto mean = at::empty({C}, fopt), rstd = at::empty({C}, fopt);
   auto gain = at::empty({C}, fopt), shift = at::empty({C}, fopt);
   auto sign = at::empty({C}, fopt), origin = at::zeros({C}, fopt);
@@ -239,7 +248,7 @@ std::vector<at::Tensor> forward_t(const at::Tensor& x, const at::Tensor& weight,
     for (int64_t c0 = 0; c0 < C; c0 += L) store(org + c0, load(xp + c0));
     partial = at::empty({s.N * ((s.H + 1) / 2), 2, C}, x.options().dtype(at::kDouble));
   }
-  pool_pass<T>(xp, sg, org, ptr<T>(picked), keep ? index.data_ptr<uint8_t>() : nullptr,
+  pool_pass<T>(xp, sg, org, ptr<T>(picked), keep ? index.data_ptr<int32_t>() : nullptr,
                batch ? partial.data_ptr<double>() : nullptr, batch, s);
   if (batch) {
     const auto total = partial.sum(0);
@@ -271,7 +280,7 @@ std::vector<at::Tensor> forward_t(const at::Tensor& x, const at::Tensor& weight,
   }
   auto y = at::empty_like(picked, at::MemoryFormat::ChannelsLast);
   affine_relu<T>(ptr<T>(picked), g, sh, ptr<T>(y), s.N * s.OH * s.OW, C);
-  return {y, picked, keep ? index : at::empty({0}, x.options().dtype(at::kByte)), gain, mean, rstd};
+  return {y, picked, keep ? index : at::empty({0}, x.options().dtype(at::kInt)), gain, mean, rstd};
 }
 
 // (y, picked, index, gain, mean, rstd): the stage's output and what its backward needs.
@@ -314,7 +323,7 @@ std::vector<at::Tensor> backward_t(const at::Tensor& gy, const at::Tensor& x, co
     bs[c] = static_cast<float>(-g[c] * sum_g / n);
   }
   auto grad = at::empty_like(x, at::MemoryFormat::ChannelsLast);
-  grad_pass<T>(ptr<T>(x), index.data_ptr<uint8_t>(), ptr<T>(gy), ptr<T>(y), coef.data_ptr<float>(),
+  grad_pass<T>(ptr<T>(x), index.data_ptr<int32_t>(), ptr<T>(gy), ptr<T>(y), coef.data_ptr<float>(),
                base.data_ptr<float>(), fptr(mean), g, ptr<T>(grad), s);
   return {grad, g_weight, g_bias};
 }
