@@ -252,11 +252,11 @@ def _build() -> Any:
 
 def _kernel_fits(x: torch.Tensor, norm: nn.BatchNorm2d) -> bool:
     """Whether the compiled stage computes this call: float32 or bfloat16 channels-last with
-    16·k channels, float32 parameters and statistics, at least 2×2 values and, on batch
-    statistics, more than one value per channel (else BatchNorm's own error is raised)."""
+    16·k channels, float32 parameters and statistics, a non-empty batch of at least 2×2 values
+    (so more than one value per channel; an empty batch gets torch's own handling)."""
     if x.dim() != 4 or x.dtype not in _KERNEL_TYPES or x.shape[1] % 16:
         return False
-    if x.shape[2] < 2 or x.shape[3] < 2 or x.numel() == x.shape[1]:
+    if x.shape[0] == 0 or x.shape[2] < 2 or x.shape[3] < 2:
         return False
     if not x.is_contiguous(memory_format=torch.channels_last):
         return False
