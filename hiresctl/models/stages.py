@@ -349,7 +349,7 @@ def bn_relu_pool(x: torch.Tensor, norm: nn.BatchNorm2d) -> torch.Tensor:
         running_mean = x.new_zeros(channels, dtype=dtype)
         running_var = x.new_ones(channels, dtype=dtype)
     args = (x, weight, bias, norm.eps, running_mean, running_var, factor)
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad):
+    if _differentiable(x, norm):
         return _TrainStage.apply(*args)
     return _batch_forward(*args, indices=False)[0]  # nothing to differentiate: no indices
 
