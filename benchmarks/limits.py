@@ -1,6 +1,6 @@
 """How close training runs to the machine's own limits (C1), measured in one run.
 
-    python benchmarks/limits.py [--threads 2] [--batch 16] [--repeats 5] [--device cuda]
+    python benchmarks/limits.py [--threads 2] [--batch 16] [--repeats 5] [--processes 3] [--device cuda]
 
 First the machine's ceilings, each the median of at least ``--repeats`` timings (and at
 least one second of them, after three warm-up calls): fp32 matrix multiply
@@ -15,6 +15,12 @@ convolution ceiling. Last, one training step of each classification method (Mega
 with ``--device cuda``, the GPU: the same rows with the matrix multiply at 8192², the section
 "Machine limits (C1, GPU)"). The table replaces the "Machine limits (C1)" section of
 BENCHMARKS.md.
+
+Everything is measured in ``--processes`` fresh processes (default 3 on a CPU, 1 on a GPU), one
+after another, each timing its own ceilings before its rows; every cell is the median over the
+processes, every share is taken against the ceiling of the process that measured it, and the
+range of the shares follows it. On shared cores a process now and then runs every kernel about a
+third slower for its whole life, so one process is one draw, not the machine.
 """
 
 from __future__ import annotations
@@ -157,17 +163,17 @@ SETUPS = (
     ("fp32", torch.channels_last),
     ("fp32", torch.contiguous_format),
 )
+LAYOUTS = {torch.channels_last: "channels_last", torch.contiguous_format: "contiguous"}
 
 
-def encoder_rows(batch: int, repeats: int, limit: dict[str, float]) -> list[str]:
-    rows = []
+def encoder_rates(batch: int, repeats: int) -> dict[str, float]:
+    """FLOP/s of every encoder, side, setup and pass, keyed ``name|side|precision|layout|pass``."""
+    rates = {}
     for name, sides in ENCODERS.items():
         for side in sides:
-            cells = [f"`{name}`", f"{side}²"]
             for precision, layout in SETUPS:
                 model = encoder(name).to(DEVICE, memory_format=layout)
                 x = torch.randn(batch, 3, side, side, device=DEVICE).to(memory_format=layout)
-                conv = limit[f"conv_{precision}"]
 
                 def train_step(model=model, x=x, precision=precision) -> None:
                     model.train()
@@ -180,15 +186,18 @@ def encoder_rows(batch: int, repeats: int, limit: dict[str, float]) -> list[str]
                     with torch.inference_mode(), autocast(precision):
                         model(x)
 
-                for step in (train_step, no_grad):
-                    rate = flops(step) / timed(step, repeats)
-                    cells.append(f"{rate / 1e9:.0f} ({rate / conv:.0%})")
-            rows.append("| " + " | ".join(cells) + " |")
-    return rows
+                for kind, step in (("train", train_step), ("no_grad", no_grad)):
+                    key = f"{name}|{side}|{precision}|{LAYOUTS[layout]}|{kind}"
+                    rates[key] = flops(step) / timed(step, repeats)
+    return rates
 
 
-def method_rows(repeats: int, limit: dict[str, float]) -> list[str]:
-    """One training step of each classification method on Megapixel MNIST 512²."""
+METHODS = ("patchgd-global", "patchgd", "ips", "downsample", "full")
+
+
+def method_rates(repeats: int) -> dict[str, float]:
+    """Seconds and FLOP/s of one training step of each classification method on Megapixel
+    MNIST 512², keyed ``method|precision|seconds`` and ``method|precision|rate``."""
     import shutil
 
     source = DATA / "c1_mm512_src"
@@ -204,19 +213,17 @@ def method_rows(repeats: int, limit: dict[str, float]) -> list[str]:
             str(store),
         )
         shutil.rmtree(source)
-    rows = []
-    for method in ("patchgd-global", "patchgd", "ips", "downsample", "full"):
-        cells = [method]
+    out = {}
+    for method in METHODS:
         for precision in PRECISIONS:
-            cells.append(method_step(store, method, precision, repeats, limit))
-        rows.append("| " + " | ".join(cells) + " |")
-    return rows
+            seconds, rate = method_step(store, method, precision, repeats)
+            out[f"{method}|{precision}|seconds"] = seconds
+            out[f"{method}|{precision}|rate"] = rate
+    return out
 
 
-def method_step(
-    store: Path, method: str, precision: str, repeats: int, limit: dict[str, float]
-) -> str:
-    """``seconds, GFLOP/s (share of the ceiling)`` of one training step of ``method``."""
+def method_step(store: Path, method: str, precision: str, repeats: int) -> tuple[float, float]:
+    """Median seconds and FLOP/s of one training step of ``method``."""
     import shutil
 
     from hiresctl.train import Trainer, load_recipe
@@ -245,8 +252,71 @@ def method_step(
         run.method.train_batch(ctx, images, targets, iter(reads))
 
     seconds = timed(step, repeats)
-    rate = flops(step) / seconds
-    return f"{seconds:.2f} s, {rate / 1e9:.0f} ({rate / limit[f'conv_{precision}']:.0%})"
+    return seconds, flops(step) / seconds
+
+
+def measure(args: argparse.Namespace) -> dict[str, object]:
+    """One process's measurements: its ceilings, then every row, as numbers."""
+    from hiresctl.train.memory import keep_large_allocations
+
+    if args.allocator == "glibc":  # what a MALLOC_* variable would say: the trainer leaves it
+        os.environ.setdefault("MALLOC_MMAP_MAX_", "65536")
+    kept = args.allocator == "hiresctl" and keep_large_allocations(DEVICE)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    out: dict[str, object] = {"kept": kept, "ceilings": ceilings(args.repeats)}
+    out["encoders"] = encoder_rates(args.batch, args.repeats)
+    if not args.skip_methods:
+        out["methods"] = method_rates(args.repeats)
+    return out
+
+
+def measure_in_processes(args: argparse.Namespace) -> list[dict]:
+    """:func:`measure` in ``args.processes`` fresh processes, one after another (never two at
+    once: they would share the cores). On shared cores a process now and then runs every
+    kernel a third slower for its whole life, so one process's reading is one draw of that."""
+    import json
+    import subprocess
+    import tempfile
+
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for index in range(args.processes):
+            path = Path(tmp) / f"{index}.json"
+            command = [sys.executable, __file__, "--worker", str(path)]
+            command += ["--threads", str(args.threads), "--batch", str(args.batch)]
+            command += ["--repeats", str(args.repeats), "--device", args.device]
+            command += ["--allocator", args.allocator]
+            command += ["--skip-methods"] if args.skip_methods else []
+            print(f"process {index + 1} of {args.processes}", file=sys.stderr, flush=True)
+            subprocess.run(command, check=True)
+            results.append(json.loads(path.read_text()))
+    return results
+
+
+def spread(values: list[float]) -> str:
+    """``median`` as a share, and the range over processes where there are several."""
+    middle = statistics.median(values)
+    if len(values) == 1:
+        return f"{middle:.0%}"
+    return f"{middle:.0%}; {min(values):.0%}–{max(values):.0%}"
+
+
+def rate_cell(results: list[dict], group: str, key: str, ceiling: str) -> str:
+    """Median GFLOP/s over processes and, in brackets, the median share of each process's own
+    ceiling of the same precision (with its range)."""
+    rates = [r[group][key] for r in results]
+    shares = [r[group][key] / r["ceilings"][ceiling] for r in results]
+    return f"{statistics.median(rates) / 1e9:.0f} ({spread(shares)})"
+
+
+def ceiling(results: list[dict], key: str, digits: int = 0) -> str:
+    """Median GFLOP/s (or GB/s) of a ceiling over processes, with its range."""
+    values = [r["ceilings"][key] / 1e9 for r in results]
+    middle = f"{statistics.median(values):.{digits}f}"
+    if len(values) == 1:
+        return middle
+    return f"{middle} ({min(values):.{digits}f}–{max(values):.{digits}f})"
 
 
 def main() -> None:
@@ -254,6 +324,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=None,
+        help="measure everything in this many fresh processes, one after another, and report "
+        "the median with its range (default 3 on a CPU, 1 on a GPU)",
+    )
     parser.add_argument("--skip-methods", action="store_true")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument(
@@ -263,44 +340,61 @@ def main() -> None:
         help="CPU: glibc's heap kept for large allocations as hiresctl trains without a memory "
         "budget (hiresctl.train.memory.keep_large_allocations), or glibc's defaults",
     )
+    parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)  # measure, write JSON
     args = parser.parse_args()
     global DEVICE
     DEVICE = torch.device(args.device)
-    from hiresctl.train.memory import keep_large_allocations
-
-    if args.allocator == "glibc":  # what a MALLOC_* variable would say: the trainer leaves it
-        os.environ.setdefault("MALLOC_MMAP_MAX_", "65536")
-    kept = args.allocator == "hiresctl" and keep_large_allocations(DEVICE)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
     gpu = DEVICE.type == "cuda"
-    limit = ceilings(args.repeats)
+    if args.worker is not None:
+        import json
+
+        args.worker.write_text(json.dumps(measure(args)))
+        return
+    if args.processes is None:
+        args.processes = 1 if gpu else 3
+    if args.processes < 1:
+        parser.error("--processes must be at least 1")
+    results = measure_in_processes(args)
+    kept = all(r["kept"] for r in results)
+    many = args.processes > 1
     date = time.strftime("%Y-%m-%d")
+    command = f"python benchmarks/limits.py --threads {args.threads} --batch {args.batch}"
+    command += " --device cuda" if gpu else ""
+    command += f" --processes {args.processes}" if args.processes != (1 if gpu else 3) else ""
+    command += " --allocator glibc" if args.allocator == "glibc" else ""
     lines = [
         f"## Machine limits (C1{', GPU' if gpu else ''}"
         + (", glibc's default allocation" if args.allocator == "glibc" else "")
         + f"), {date}, {device_name()}"
         + ("" if gpu else f", {args.threads} threads"),
         "",
-        f"Command: `python benchmarks/limits.py --threads {args.threads} --batch {args.batch}"
-        + (" --device cuda" if gpu else "")
-        + (" --allocator glibc" if args.allocator == "glibc" else "")
-        + f"`. Ceilings measured in the same run (medians): matmul {matmul_side()}² "
-        f"**{limit['matmul_fp32'] / 1e9:.0f} GFLOP/s** float32, "
-        f"**{limit['matmul_bf16'] / 1e9:.0f}** bfloat16; 3×3 convolutions C→C on 16 images "
+        f"Command: `{command}`. "
+        + (
+            f"Everything below was measured in {args.processes} fresh processes, one after "
+            "another, each measuring its own ceilings and then every row; a cell gives the "
+            "median over the processes and, after the semicolon, the range of the shares (on "
+            "shared cores a process now and then runs every kernel a third slower for its "
+            "whole life). "
+            if many
+            else ""
+        )
+        + f"Ceilings (medians of the timings{', range over the processes' if many else ''}): "
+        f"matmul {matmul_side()}² **{ceiling(results, 'matmul_fp32')} GFLOP/s** float32, "
+        f"**{ceiling(results, 'matmul_bf16')}** bfloat16; 3×3 convolutions C→C on 16 images "
         "(channels-last, forward + backward), the best of "
         + ", ".join(
-            f"{c}→{c} at {side}² ({limit[f'conv_fp32_{c}'] / 1e9:.0f} / "
-            f"{limit[f'conv_bf16_{c}'] / 1e9:.0f})"
+            f"{c}→{c} at {side}² ({ceiling(results, f'conv_fp32_{c}')} / "
+            f"{ceiling(results, f'conv_bf16_{c}')})"
             for c, side in CONV_SHAPES
         )
-        + f": **{limit['conv_fp32'] / 1e9:.0f} GFLOP/s** "
-        f"float32, **{limit['conv_bf16'] / 1e9:.0f}** in bfloat16 autocast; memory bandwidth "
-        f"(256 MiB copy) **{limit['bandwidth'] / 1e9:.1f} GB/s**. Each encoder on a batch of "
+        + f": **{ceiling(results, 'conv_fp32')} GFLOP/s** "
+        f"float32, **{ceiling(results, 'conv_bf16')}** in bfloat16 autocast; memory bandwidth "
+        f"(256 MiB copy) **{ceiling(results, 'bandwidth', 1)} GB/s**. Each encoder on a batch of "
         f"{args.batch} patches: GFLOP/s counted by torch's flop counter and, in brackets, as a "
-        "share of the convolution ceiling of the same precision; training = forward and "
-        "backward, no-grad = a forward in inference mode. hiresctl runs encoders channels-last, "
-        "in bfloat16 autocast where the device computes it natively (`precision: auto`)"
+        "share of the convolution ceiling of the same precision measured in the same process; "
+        "training = forward and backward, no-grad = a forward in inference mode. hiresctl runs "
+        "encoders channels-last, in bfloat16 autocast where the device computes it natively "
+        "(`precision: auto`)"
         + (
             "; every row with glibc's heap kept for large allocations, as hiresctl trains "
             "without a memory budget (docs/encoders.md)."
@@ -313,8 +407,15 @@ def main() -> None:
         "| encoder | patch | training, bf16 | no-grad, bf16 | training, fp32 | no-grad, fp32 | "
         "training, fp32 default layout | no-grad, fp32 default layout |",
         "|---|---|---|---|---|---|---|---|",
-        *encoder_rows(args.batch, args.repeats, limit),
     ]
+    for name, sides in ENCODERS.items():
+        for side in sides:
+            cells = [f"`{name}`", f"{side}²"]
+            for precision, layout in SETUPS:
+                for kind in ("train", "no_grad"):
+                    key = f"{name}|{side}|{precision}|{LAYOUTS[layout]}|{kind}"
+                    cells.append(rate_cell(results, "encoders", key, f"conv_{precision}"))
+            lines.append("| " + " | ".join(cells) + " |")
     if not args.skip_methods:
         lines += [
             "",
@@ -324,8 +425,18 @@ def main() -> None:
             "",
             "| method | fp32 | bf16 |",
             "|---|---|---|",
-            *method_rows(args.repeats, limit),
         ]
+        for method in METHODS:
+            cells = [method]
+            for precision in PRECISIONS:
+                seconds = statistics.median(
+                    r["methods"][f"{method}|{precision}|seconds"] for r in results
+                )
+                rate = rate_cell(
+                    results, "methods", f"{method}|{precision}|rate", f"conv_{precision}"
+                )
+                cells.append(f"{seconds:.2f} s, {rate}")
+            lines.append("| " + " | ".join(cells) + " |")
     section = "limits-gpu" if gpu else "limits"
     publish(lines, section + ("-glibc" if args.allocator == "glibc" else ""))
 
