@@ -129,7 +129,8 @@ def write_section(text: str, name: str) -> None:
         old, tail = rest.split(end, 1)
         reading = [line for line in old.splitlines() if line.startswith("Reading it")]
         if reading and not any(line.startswith("Reading it") for line in text.splitlines()):
-            text = text.rstrip() + "\n" + "\n".join(reading)
+            # paragraphs of their own: a line right under a table would render as its row
+            text = text.rstrip() + "\n\n" + "\n\n".join(reading)
         block = f"{start}\n{text.rstrip()}\n{end}\n"
         current = head + block + tail.lstrip("\n")
     else:

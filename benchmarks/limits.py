@@ -19,8 +19,9 @@ BENCHMARKS.md.
 Everything is measured in ``--processes`` fresh processes (default 3 on a CPU, 1 on a GPU), one
 after another, each timing its own ceilings before its rows; every cell is the median over the
 processes, every share is taken against the ceiling of the process that measured it, and the
-range of the shares follows it. On shared cores a process now and then runs every kernel about a
-third slower for its whole life, so one process is one draw, not the machine.
+range of the shares follows it. On shared virtual cores the small encoders' steps run up to a
+third slower for stretches of seconds to minutes (the host's other work; a big convolution
+barely notices), so one process's reading is one draw of that, not the machine.
 """
 
 from __future__ import annotations
@@ -273,8 +274,7 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
 
 def measure_in_processes(args: argparse.Namespace) -> list[dict]:
     """:func:`measure` in ``args.processes`` fresh processes, one after another (never two at
-    once: they would share the cores). On shared cores a process now and then runs every
-    kernel a third slower for its whole life, so one process's reading is one draw of that."""
+    once: they would share the cores). Each is a draw of the cores' state during its minutes."""
     import json
     import subprocess
     import tempfile
@@ -373,8 +373,8 @@ def main() -> None:
             f"Everything below was measured in {args.processes} fresh processes, one after "
             "another, each measuring its own ceilings and then every row; a cell gives the "
             "median over the processes and, after the semicolon, the range of the shares (on "
-            "shared cores a process now and then runs every kernel a third slower for its "
-            "whole life). "
+            "shared virtual cores a small encoder's step runs up to a third slower for "
+            "stretches of seconds to minutes). "
             if many
             else ""
         )
