@@ -8,7 +8,7 @@
 # machine that has PyTorch but no index, its python3 with the wheels benchmarks/gpu_wheels.sh
 # put in .whl/ (installed into /tmp/site, nothing else touched).
 set -uo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 out="${OUT:-gpu-check}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
