@@ -137,14 +137,15 @@ class Pixels:
 def bare_patchgd(
     model: Any, recipe: Any, px: Pixels, target: torch.Tensor, use_global: bool
 ) -> None:
-    """Fill the latent without gradient (64 patches at a time, encoder in eval mode), then J
-    inner steps of k patches with gradient (and the global patch), the J losses averaged into
-    one optimizer step."""
+    """Fill the latent without gradient (``fill_batch`` patches at a time, the encoder's
+    BatchNorm on batch statistics where ``fill_mode`` is "train", as classification's default
+    is, else on running ones), then J inner steps of k patches with gradient (and the global
+    patch), the J losses averaged into one optimizer step."""
     encoder, n = model.encoder, len(px.patches)
     k = math.ceil(n * recipe.sample_fraction)
     inner = math.ceil(n / k)
     latent = torch.zeros(1, model.latent_dim, px.grid.rows, px.grid.cols)
-    encoder.eval()
+    encoder.train(recipe.fill_mode == "train")
     with torch.no_grad():
         for s in range(0, n, recipe.fill_batch):
             part = slice(s, s + recipe.fill_batch)
@@ -165,11 +166,13 @@ def bare_patchgd(
 
 
 def bare_ips(model: Any, recipe: Any, px: Pixels, target: torch.Tensor) -> None:
-    """Score M, then I at a time against the memory without gradient; keep the top M; encode
-    the M with gradient and classify them."""
+    """Score M, then I at a time against the memory without gradient (the aggregator in eval
+    mode, the encoder's BatchNorm on batch statistics where ``select_mode`` is "train", the
+    default); keep the top M; encode the M with gradient and classify them."""
     memory, step, cols = recipe.memory_size, recipe.iter_size, px.grid.cols
     order = torch.randperm(len(px.patches))
     model.eval()
+    model.encoder.train(recipe.select_mode == "train")
     with torch.no_grad():
         keep = order[:memory]
         emb = model.with_positions(model.encoder(px.patches[keep]), keep, cols)
