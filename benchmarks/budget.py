@@ -13,7 +13,8 @@ overshoots). Backbones: ResNet-18 (classification, detection with FPN 128), the 
 default; patches 256 (detection 512). The feature methods train on `hiresctl embed`'s
 ResNet-18 features of the same patches. The table replaces the "Memory budget (B1)" section of
 BENCHMARKS.md; every row measured is also kept in benchmarks/data/b1_results.json, so
-`--tasks det` measures detection again and the table keeps the other tasks' latest rows.
+`--tasks det` measures detection again and the table keeps the other tasks' latest rows, each with
+its own run's baseline and date (`--tasks ''` redraws the table from them alone).
 """
 
 from __future__ import annotations
@@ -155,7 +156,8 @@ def main() -> None:
     base = baseline_gb()
     kept = DATA / "b1_results.json"
     results = json.loads(kept.read_text()) if kept.exists() else {}
-    for task in args.tasks.split(","):
+    today = time.strftime("%Y-%m-%d")
+    for task in [t for t in args.tasks.split(",") if t]:  # --tasks '': the kept rows' table
         for side in sides:
             store = make_store(task, side)
             encoders = args.encoders.split(",") if task == "cls" else ["resnet18"]
@@ -166,7 +168,7 @@ def main() -> None:
                 summary = measure(task, method, store, side, encoder)
                 estimate, peak = summary["memory_estimate_gb"], summary["peak_memory_gb"]
                 name = f"{method} ({encoder})" if other else method
-                results[f"{task} {name} {side}"] = [task, name, side, estimate, peak]
+                results[f"{task} {name} {side}"] = [task, name, side, estimate, peak, base, today]
                 kept.write_text(json.dumps(results, indent=1))
                 print(
                     f"{task} {name} {side}: estimate {estimate:.2f} GB, peak {peak:.2f} GB, "
@@ -179,7 +181,7 @@ def main() -> None:
     measured_sides = ",".join(str(side) for side in sorted({r[2] for r in rows}))
     machine = f"{os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, {platform.machine()}, CPU only"
     lines = [
-        f"## Memory budget (B1), {time.strftime('%Y-%m-%d')}, {machine}",
+        f"## Memory budget (B1), {today}, {machine}",
         "",
         f"Command: `python benchmarks/budget.py --sides {measured_sides} --tasks {measured_tasks}"
         f"{' --encoders ' + args.encoders if args.encoders != 'resnet18' else ''}`. "
@@ -189,19 +191,25 @@ def main() -> None:
         "default network, patch 256; the feature methods on ResNet-18 features; a row "
         "`method (encoder)` trains classification with that encoder instead (random "
         "weights; a ViT's patches resized to its input side inside it). Estimate: the "
-        "plan's step peak; peak: the run's peak RSS; in brackets both above the process "
-        f"baseline of {base:.2f} GB (torch and hiresctl imported). Target: estimate / peak in "
+        "plan's step peak; peak: the run's peak RSS; in brackets both above the baseline "
+        "measured beside them, a process that has imported torch and hiresctl (this run's: "
+        f"{base:.2f} GB; it moves with how much of torch's libraries the page cache holds, "
+        "so each row keeps its own run's). Target: estimate / peak in "
         f"[{LOW}, {HIGH}].",
         "",
-        "| task | method | side | estimate GB | measured peak GB | estimate / peak | target |",
-        "|---|---|---|---|---|---|---|",
+        "| task | method | side | estimate GB | measured peak GB | estimate / peak | target "
+        "| measured |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for task, method, side, estimate, peak in rows:
+    for row in rows:  # rows kept from before baselines and dates were stored: this run's
+        task, method, side, estimate, peak = row[:5]
+        row_base = row[5] if len(row) > 5 else base
+        when = row[6] if len(row) > 6 else "earlier"
         ratio = estimate / peak
         verdict = "met" if LOW <= ratio <= HIGH else "not met"
         lines.append(
-            f"| {task} | {method} | {side}² | {estimate:.2f} (+{estimate - base:.2f}) | "
-            f"{peak:.2f} (+{peak - base:.2f}) | {ratio:.2f} | **{verdict}** |"
+            f"| {task} | {method} | {side}² | {estimate:.2f} (+{estimate - row_base:.2f}) | "
+            f"{peak:.2f} (+{peak - row_base:.2f}) | {ratio:.2f} | **{verdict}** | {when} |"
         )
     publish(lines, "budget")
 
