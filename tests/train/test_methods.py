@@ -179,9 +179,27 @@ def test_ips_keeps_the_patch_that_carries_the_signal(tmp_path: Path) -> None:
     request, patch = selected[0]
     grid = run.method.patches("p")[0]
     assert list(request.indices) == [grid.index(5, 6)]
-    # 64 patches: memory of 1 + ceil(63 / 7) = 9 streamed iterations, then the re-read of 1
-    assert run.reader.patches_read == 64 + 1
+    # 64 patches: memory of 1 + ceil(63 / 7) = 9 streamed iterations; the kept patch's pixels
+    # come from the memory buffer, not from a second read
+    assert run.reader.patches_read == 64
     assert float(patch.mean()) > 1.0
+
+
+@pytest.mark.parametrize(("memory_size", "iter_size"), [(3, 5), (5, 64), (64, 7)])
+def test_ips_trains_on_the_pixels_it_scored(
+    tmp_path: Path, memory_size: int, iter_size: int
+) -> None:
+    """The M kept patches' pixels come out of the selection in index order, equal to what the
+    store gives for those patches (augmented as the stream augments), with no second read."""
+    store = make_store(tmp_path, {"p": coord_pixels(32 * 8, 32 * 8)}, {"p": ("1", "train")})
+    run = _run(store, method="ips", memory_size=memory_size, iter_size=iter_size, augment="color")
+    ctx = step_context(run, None, None, 1)
+    selected = run.method._select(ctx, _reads(run, ["p"], train=True), 1, train=True)
+    assert run.reader.patches_read == 64
+    ((request, pixels),) = selected
+    assert len(request.indices) == min(memory_size, 64)
+    assert list(request.indices) == sorted(set(request.indices.tolist()))
+    assert torch.equal(pixels, ctx.read(request))  # the same patches, the same augmentation
 
 
 @pytest.mark.parametrize(("heads", "dim_value"), [(4, 16), (8, 16), (2, 8)])

@@ -101,8 +101,10 @@ class IPS(ClassificationMethod):
     def _select(
         self, ctx: StepContext, reads: Reads, count: int, train: bool = False
     ) -> list[tuple[ReadRequest, torch.Tensor]]:
-        """Per image, the M best-scoring patches' indices; pixels read again from the store.
-        Without gradient, the aggregator in eval mode; the encoder's BatchNorm in training as
+        """Per image, the M best-scoring patches, in index order, with their pixels: the
+        memory buffer keeps the pixels of the patches it keeps (the M + I that ``memory``
+        counts), so the pass with gradient reads nothing again from the store. Without
+        gradient, the aggregator in eval mode; the encoder's BatchNorm in training as
         ``select_mode`` says (batch statistics by default), in evaluation on running ones."""
         model = self.model
         model.eval()
@@ -111,31 +113,34 @@ class IPS(ClassificationMethod):
         selected: list[tuple[ReadRequest, torch.Tensor]] = []
         memory_emb: torch.Tensor | None = None
         memory_idx: torch.Tensor | None = None
+        memory_pixels: torch.Tensor | None = None
         for request, pixels in reads:
             indices = torch.as_tensor(request.indices, device=ctx.device)
             with torch.no_grad(), ctx.autocast():
                 emb = model.encoder(pixels.to(ctx.device, non_blocking=True)).float()
                 emb = model.with_positions(emb, indices, request.grid.cols)
-                if memory_emb is None or memory_idx is None:
-                    memory_emb, memory_idx = emb, indices
+                if memory_emb is None or memory_idx is None or memory_pixels is None:
+                    memory_emb, memory_idx, memory_pixels = emb, indices, pixels
                 else:
                     candidates = torch.cat([memory_emb, emb])
                     candidate_idx = torch.cat([memory_idx, indices])
                     scores = model.scores(candidates.unsqueeze(0))[0]
                     top = scores.topk(min(self.recipe.memory_size, len(scores))).indices
                     memory_emb, memory_idx = candidates[top], candidate_idx[top]
+                    memory_pixels = _rows_of_two(memory_pixels, pixels, top.cpu())
             if request.tag.last:  # last read of this image: selection done
-                assert memory_idx is not None
-                chosen = np.sort(memory_idx.cpu().numpy())
-                again = ReadRequest(
+                assert memory_idx is not None and memory_pixels is not None
+                order = memory_idx.argsort().cpu()
+                chosen = memory_idx.cpu().numpy()[order.numpy()]
+                kept = ReadRequest(
                     request.image_id,
                     "patches",
                     request.grid,
                     chosen,
                     ReadTag("selected", request.tag.image),
                 )
-                selected.append((again, ctx.read(again)))
-                memory_emb = memory_idx = None
+                selected.append((kept, memory_pixels[order]))
+                memory_emb = memory_idx = memory_pixels = None
         if len(selected) != count:
             raise RuntimeError(f"selection produced {len(selected)} of {count} images")
         return selected
@@ -193,6 +198,16 @@ class IPS(ClassificationMethod):
                     )
                 )
         return logits, maps
+
+
+def _rows_of_two(first: torch.Tensor, second: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``torch.cat([first, second])[index]`` without the concatenation: only the picked rows
+    are copied."""
+    out = first.new_empty((len(index), *first.shape[1:]))
+    inside = index < len(first)
+    out[inside] = first[index[inside]]
+    out[~inside] = second[index[~inside] - len(first)]
+    return out
 
 
 __all__ = ["IPS"]
