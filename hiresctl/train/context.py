@@ -66,8 +66,8 @@ def make_context(
     augment: PatchAugment | None = None,
 ) -> StepContext:
     """The loop's hooks for a method training or inferring with ``model``; ``augment``: reads
-    the plan could not know in advance (IPS's re-read of its selection) are augmented as the
-    planned ones are."""
+    a method makes beyond its plan (``ctx.read``, for pixels the plan could not know in
+    advance) are augmented as the planned ones are."""
     autocast = autocast_factory(device, recipe.precision)
     ctx: StepContext
 
