@@ -17,19 +17,32 @@ class FullDiskEchoes(logging.Filter):
     """Drops asyncio's "exception was never retrieved" of a write that found the disk full.
     Zarr writes chunks concurrently; on a full disk several writes fail, the first is reported
     as the command's one line, and the others would follow it as tracebacks when their tasks are
-    collected."""
+    collected. Once the disk was found full (``reported``), every such leftover is an echo of
+    it, whatever it raised: a write racing the failed one to the same key can end in
+    ``FileExistsError`` rather than the full disk's own error."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reported = False
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        echo = "never retrieved" in record.getMessage() and exc is not None
-        return not (echo and no_space(exc) is not None)
+        if "never retrieved" not in record.getMessage() or exc is None:
+            return True
+        if no_space(exc) is not None:
+            self.reported = True
+            return False
+        return not self.reported
+
+
+ECHOES = FullDiskEchoes()
 
 
 def main() -> None:
     """Console entry point: typed errors become one line and an exit code (usage: 2, input: 1)."""
     # a warning (e.g. a plugin that failed to load) is one line too, not its source line
     warnings.formatwarning = lambda message, category, *_, **__: f"warning: {message}\n"
-    logging.getLogger("asyncio").addFilter(FullDiskEchoes())
+    logging.getLogger("asyncio").addFilter(ECHOES)
     try:
         app()  # standalone: click reports its own usage errors and exits with 2
     except UsageError as exc:
@@ -42,6 +55,7 @@ def main() -> None:
         full = no_space(exc)
         if full is None:
             raise
+        ECHOES.reported = True  # the writes still pending are echoes of this one line
         where = full.filename or "the output"
         err.print(
             f"[bold red]error:[/] {NoSpaceError(where, full)}", highlight=False, soft_wrap=True
