@@ -42,6 +42,7 @@ def main() -> None:
     """Console entry point: typed errors become one line and an exit code (usage: 2, input: 1)."""
     # a warning (e.g. a plugin that failed to load) is one line too, not its source line
     warnings.formatwarning = lambda message, category, *_, **__: f"warning: {message}\n"
+    ECHOES.reported = False  # a second command in the same process starts unreported
     logging.getLogger("asyncio").addFilter(ECHOES)
     try:
         app()  # standalone: click reports its own usage errors and exits with 2

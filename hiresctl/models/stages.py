@@ -297,8 +297,11 @@ def _kernel_stage(x: torch.Tensor, norm: nn.BatchNorm2d) -> torch.Tensor:
     def ones() -> torch.Tensor:  # only where the layer has no such tensor
         return x.new_ones(channels, dtype=torch.float32)
 
+    def zeros() -> torch.Tensor:
+        return x.new_zeros(channels, dtype=torch.float32)
+
     weight = norm.weight if norm.weight is not None else ones()
-    bias = norm.bias if norm.bias is not None else torch.zeros_like(ones())
+    bias = norm.bias if norm.bias is not None else zeros()
     mean, var = norm.running_mean, norm.running_var
     if not norm.training and mean is not None and var is not None:  # running statistics
         return kernels().forward(
@@ -307,7 +310,7 @@ def _kernel_stage(x: torch.Tensor, norm: nn.BatchNorm2d) -> torch.Tensor:
     update = norm.training and norm.track_running_stats and mean is not None and var is not None
     factor = _momentum(norm) if update else 0.0
     if not update:
-        mean, var = torch.zeros_like(ones()), ones()
+        mean, var = zeros(), ones()
     if _differentiable(x, norm):
         return _KernelStage.apply(x, weight, bias, norm.eps, mean, var, factor, update)
     return kernels().forward(

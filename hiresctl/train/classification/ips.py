@@ -130,8 +130,9 @@ class IPS(ClassificationMethod):
                     memory_pixels = _rows_of_two(memory_pixels, pixels, top.cpu())
             if request.tag.last:  # last read of this image: selection done
                 assert memory_idx is not None and memory_pixels is not None
-                order = memory_idx.argsort().cpu()
-                chosen = memory_idx.cpu().numpy()[order.numpy()]
+                kept_idx = memory_idx.cpu()
+                order = kept_idx.argsort()
+                chosen = kept_idx[order].numpy()
                 kept = ReadRequest(
                     request.image_id,
                     "patches",
