@@ -46,6 +46,8 @@ class Backbone(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, F) pooled features."""
+        if isinstance(self.body, ConvStack):  # its last stage and the pool in one pass
+            return self.body.forward_max(x, self.pool)
         return self.pool(self.body(x)).flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

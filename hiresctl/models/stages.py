@@ -265,16 +265,18 @@ def _kernel_fits(x: torch.Tensor, norm: nn.BatchNorm2d) -> bool:
 
 
 class _KernelStage(torch.autograd.Function):
-    """:class:`_TrainStage` in the two fused passes of ``stage_kernels.cpp``."""
+    """:class:`_TrainStage` in the two fused passes of ``stage_kernels.cpp`` (``whole``: the
+    pool is a global max-pool, else 2×2)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps, running_mean, running_var, factor, update):
+    def forward(ctx, x, weight, bias, eps, running_mean, running_var, factor, update, whole):
         k = kernels()
         y, picked, index, gain, mean, rstd = k.forward(
             x, weight.detach(), bias.detach(), running_mean, running_var, eps, factor, True,
-            update, True,
+            update, True, whole,
         )  # fmt: skip
         ctx.save_for_backward(x, picked, index, y, gain, mean, rstd)
+        ctx.whole = whole
         return y
 
     @staticmethod
@@ -282,8 +284,10 @@ class _KernelStage(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, picked, index, y, gain, mean, rstd = ctx.saved_tensors
         grad_y = grad_y.to(x.dtype).contiguous(memory_format=torch.channels_last)
-        grad_x, g_weight, g_bias = kernels().backward(grad_y, x, picked, index, y, gain, mean, rstd)
-        return grad_x, g_weight, g_bias, *([None] * 5)
+        grad_x, g_weight, g_bias = kernels().backward(
+            grad_y, x, picked, index, y, gain, mean, rstd, ctx.whole
+        )
+        return grad_x, g_weight, g_bias, *([None] * 6)
 
 
 def _differentiable(x: torch.Tensor, norm: nn.BatchNorm2d) -> bool:
@@ -291,7 +295,8 @@ def _differentiable(x: torch.Tensor, norm: nn.BatchNorm2d) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
 
 
-def _kernel_stage(x: torch.Tensor, norm: nn.BatchNorm2d) -> torch.Tensor:
+def _kernel_stage(x: torch.Tensor, norm: nn.BatchNorm2d, whole: bool = False) -> torch.Tensor:
+    """The stage in the compiled passes; ``whole``: a global max-pool, (N, C, 1, 1) out."""
     channels = x.shape[1]
 
     def ones() -> torch.Tensor:  # only where the layer has no such tensor
@@ -305,16 +310,16 @@ def _kernel_stage(x: torch.Tensor, norm: nn.BatchNorm2d) -> torch.Tensor:
     mean, var = norm.running_mean, norm.running_var
     if not norm.training and mean is not None and var is not None:  # running statistics
         return kernels().forward(
-            x, weight.detach(), bias.detach(), mean, var, norm.eps, 0.0, False, False, False
+            x, weight.detach(), bias.detach(), mean, var, norm.eps, 0.0, False, False, False, whole
         )[0]
     update = norm.training and norm.track_running_stats and mean is not None and var is not None
     factor = _momentum(norm) if update else 0.0
     if not update:
         mean, var = zeros(), ones()
     if _differentiable(x, norm):
-        return _KernelStage.apply(x, weight, bias, norm.eps, mean, var, factor, update)
+        return _KernelStage.apply(x, weight, bias, norm.eps, mean, var, factor, update, whole)
     return kernels().forward(
-        x, weight.detach(), bias.detach(), mean, var, norm.eps, factor, True, update, False
+        x, weight.detach(), bias.detach(), mean, var, norm.eps, factor, True, update, False, whole
     )[0]
 
 
@@ -391,10 +396,13 @@ def _pays(x: torch.Tensor, norm: nn.BatchNorm2d) -> bool:
 class ConvStack(nn.Sequential):
     """An ``nn.Sequential`` that runs each BatchNorm2d → ReLU → 2×2 MaxPool2d run of its
     modules through :func:`bn_relu_pool` on CPU tensors: the same modules, parameters and
-    state dict, a faster call."""
+    state dict, a faster call. :meth:`forward_max` does the same for a last BatchNorm2d → ReLU
+    followed by a global max-pool."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        modules = list(self)
+        return self._run(list(self), x)
+
+    def _run(self, modules: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
         fuse = x.device.type == "cpu" and not torch.nn.modules.module._global_forward_hooks
         i = 0
         while i < len(modules):
@@ -407,3 +415,34 @@ class ConvStack(nn.Sequential):
                 x = modules[i](x)
                 i += 1
         return x
+
+    def forward_max(self, x: torch.Tensor, pool: nn.Module) -> torch.Tensor:
+        """``pool(self(x)).flatten(1)`` where ``pool`` is a global max-pool (a ``max``-pooled
+        backbone's features): on a CPU the stack's last BatchNorm2d → ReLU and the pool run as
+        one compiled stage where it fits, by the same algebra as the 2×2 stages (the maximum
+        over the plane is taken before the affine map and the ReLU); the same outputs,
+        gradients and running statistics."""
+        modules = list(self)
+        if not _fusable_tail(modules, pool, x):
+            return pool(self._run(modules, x)).flatten(1)
+        x = self._run(modules[:-2], x)
+        norm, relu = cast(nn.BatchNorm2d, modules[-2]), modules[-1]
+        compiled = norm.training or not _differentiable(x, norm)
+        if compiled and _kernel_fits(x, norm) and kernels() is not None:
+            return _kernel_stage(x, norm, whole=True).flatten(1)
+        return pool(relu(norm(x))).flatten(1)
+
+
+def _fusable_tail(modules: list[nn.Module], pool: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``modules`` ends in a plain BatchNorm2d and ReLU, ``pool`` is a plain global
+    max-pool and nothing hooks them (as :func:`_fusable`), for a CPU tensor."""
+    if x.device.type != "cpu" or torch.nn.modules.module._global_forward_hooks:
+        return False
+    if len(modules) < 2 or type(pool) is not nn.AdaptiveMaxPool2d or pool.return_indices:
+        return False
+    if pool.output_size not in (1, (1, 1)):
+        return False
+    norm, relu = modules[-2:]
+    if type(norm) is not nn.BatchNorm2d or type(relu) is not nn.ReLU:
+        return False
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in (norm, relu, pool))

@@ -213,6 +213,8 @@ def test_bfloat16_autocast_computes_at_the_pooled_resolution(
         expected = plain(x).float().detach()
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(nn.MaxPool2d, "forward", _refuse)
+            if stages.kernels() is not None:  # the last stage and the global pool in one pass
+                patch.setattr(nn.AdaptiveMaxPool2d, "forward", _refuse)
             got = backbone(x).float().detach()
     error = float((got - expected).abs().max() / expected.abs().max())
     assert error < 0.03
@@ -410,3 +412,108 @@ def test_kernels_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(stages, "_kernels_tried", False)
     monkeypatch.setattr(stages, "_kernels", None)
     assert stages.kernels() is None
+
+
+# The last stage of a max-pooled small encoder with the global max-pool (ConvStack.forward_max)
+
+
+def _tail_layers(**norm: object) -> list[nn.Module]:
+    """Conv → BatchNorm → ReLU → 2×2 pool, then conv → BatchNorm → ReLU (for a global max-pool
+    after it); 16 and 32 channels: the compiled passes."""
+    return _wide_layers(**norm)[:-1]
+
+
+@pytest.mark.parametrize("side", [(16, 16), (18, 29)])
+@pytest.mark.parametrize(
+    "norm",
+    [{}, {"momentum": None}, {"track_running_stats": False}, {"affine": False}],
+    ids=["default", "cumulative", "untracked", "not-affine"],
+)
+def test_kernels_global_max_tail_float32_equals_float64_modules(
+    side: tuple[int, int], norm: dict
+) -> None:
+    """``forward_max``: output, input and parameter gradients and running statistics of the
+    compiled last stage with the global max-pool in float32 against the modules in float64,
+    over three training steps, then in evaluation with gradients (the modules) and without
+    (the compiled pass on running statistics)."""
+    _compiled()
+    reference = nn.Sequential(*[layer.double() for layer in _tail_layers(**norm)])
+    stack = ConvStack(*copy.deepcopy(list(reference))).float()
+    pool = nn.AdaptiveMaxPool2d(1)
+    for step in range(5):
+        if step == 3:
+            reference.eval(), stack.eval()
+        torch.manual_seed(step)
+        x64 = (torch.randn(3, 3, *side, dtype=torch.float64) + 2).requires_grad_()
+        x = x64.detach().float().contiguous(memory_format=torch.channels_last).requires_grad_()
+        a = pool(reference(x64)).flatten(1)
+        if step == 4:  # no gradient, running statistics
+            with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+                _only_kernels(patch)
+                b = stack.forward_max(x, pool)
+            torch.testing.assert_close(b.double(), a.detach(), rtol=1e-4, atol=1e-5)
+            continue
+        grad = torch.randn_like(a)
+        ga = torch.autograd.grad(a, [x64, *reference.parameters()], grad)
+        with pytest.MonkeyPatch.context() as patch:
+            if step < 3:
+                _only_kernels(patch)
+            b = stack.forward_max(x, pool)
+            gb = torch.autograd.grad(b, [x, *stack.parameters()], grad.float())
+        torch.testing.assert_close(b.double(), a, rtol=1e-4, atol=1e-5)
+        for u, v in zip(ga, gb, strict=True):
+            scale = float(u.abs().max()) or 1.0
+            torch.testing.assert_close(v.double() / scale, u / scale, rtol=0, atol=2e-5)
+        pairs = zip(reference.state_dict().items(), stack.state_dict().values(), strict=True)
+        for (name, u), v in pairs:
+            torch.testing.assert_close(v.double(), u.double(), rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernels_global_max_keeps_nan_and_the_first_of_equal_values(dtype: torch.dtype) -> None:
+    """Of equal maxima in a plane the gradient goes to the first, as nn.AdaptiveMaxPool2d's
+    does; a NaN reaches the output as through the modules."""
+    _compiled()
+    torch.manual_seed(0)
+    layers = [nn.BatchNorm2d(16), nn.ReLU()]
+    with torch.no_grad():
+        layers[0].weight.uniform_(-1, 1)  # negative scales too: the maximum becomes a minimum
+    modules, stack = nn.Sequential(*copy.deepcopy(layers)), ConvStack(*copy.deepcopy(layers))
+    pool = nn.AdaptiveMaxPool2d(1)
+    x = torch.randn(2, 16, 6, 6).to(dtype)
+    x[:, :, 1, 2] = x[:, :, 4, 0] = 5.0  # two equal maxima of every plane
+    x[:, 8:, 1, 2] = x[:, 8:, 4, 0] = -5.0  # and two equal minima in half the channels
+    xa = x.float().requires_grad_()
+    xb = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    grad = torch.randn(2, 16)
+    (ga,) = torch.autograd.grad(pool(modules(xa)).flatten(1), xa, grad)
+    with pytest.MonkeyPatch.context() as patch:
+        _only_kernels(patch)
+        (gb,) = torch.autograd.grad(stack.forward_max(xb, pool), xb, grad.to(dtype))
+    tolerance = (
+        {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 0.02, "atol": 0.02}
+    )
+    torch.testing.assert_close(gb.float(), ga, **tolerance)  # the pool's term at the first one
+    nan = x.clone()
+    nan[1, 5, 3, 3] = float("nan")
+    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+        expected = pool(modules(nan.float())).flatten(1)
+        _only_kernels(patch)
+        got = stack.forward_max(nan.contiguous(memory_format=torch.channels_last), pool)
+    assert torch.equal(torch.isnan(got), torch.isnan(expected)) and bool(torch.isnan(got).any())
+
+
+def test_global_max_tail_keeps_the_modules_where_it_does_not_apply() -> None:
+    """A hook on the last BatchNorm or ReLU expects the module's call, and an average pool is
+    not a maximum: there ``forward_max`` is ``pool(stack(x)).flatten(1)`` as the modules run
+    it."""
+    reference = nn.Sequential(*_tail_layers())
+    x = torch.randn(2, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    average = nn.AdaptiveAvgPool2d(1)
+    stack = ConvStack(*copy.deepcopy(list(reference)))
+    torch.testing.assert_close(stack.forward_max(x, average), average(reference(x)).flatten(1))
+    seen: list[str] = []
+    stack[-2].register_forward_hook(lambda *_: seen.append("norm"))
+    stack[-1].register_forward_pre_hook(lambda *_: seen.append("relu"))
+    stack.forward_max(x, nn.AdaptiveMaxPool2d(1))
+    assert seen == ["norm", "relu"]
