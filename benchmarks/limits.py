@@ -18,10 +18,13 @@ BENCHMARKS.md.
 
 Everything is measured in ``--processes`` fresh processes (default 3 on a CPU, 1 on a GPU), one
 after another, each timing its own ceilings before its rows; every cell is the median over the
-processes, every share is taken against the ceiling of the process that measured it, and the
-range of the shares follows it. On shared virtual cores the small encoders' steps run up to a
-third slower for stretches of seconds to minutes (the host's other work; a big convolution
-barely notices), so one process's reading is one draw of that, not the machine.
+processes, and the range of the shares follows it. Each share is taken against the convolution
+ceiling timed right beside the row (:func:`beside`: three alternations of the ceiling's best
+convolution and the row's step): on shared virtual cores the speed drifts over seconds to
+minutes (the host's other work), and a ceiling timed minutes before a row would read that drift
+as a share (a process whose ceilings ran in a slow stretch gave shares above 100%). The small
+encoders' steps run up to a third slower in such stretches while a big convolution barely
+notices, so one process's reading is still one draw of that, not the machine.
 """
 
 from __future__ import annotations
@@ -81,15 +84,15 @@ def device_name() -> str:
     return torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else cpu_name()
 
 
-def timed(run: Callable[[], object], repeats: int) -> float:
-    """Median seconds of ``run`` after three warm-up calls (the kernels' first-call setup, the
-    allocator's first pages), over at least ``repeats`` calls and at least one second, so a
+def timed(run: Callable[[], object], repeats: int, seconds: float = 1.0, warm_up: int = 3) -> float:
+    """Median seconds of ``run`` after ``warm_up`` calls (the kernels' first-call setup, the
+    allocator's first pages), over at least ``repeats`` calls and at least ``seconds``, so a
     10 ms step is timed as often as a 200 ms one is long (a GPU's queue drained each time)."""
-    for _ in range(3):
+    for _ in range(warm_up):
         run()
     sync()
     times: list[float] = []
-    while len(times) < repeats or sum(times) < 1.0:
+    while len(times) < repeats or sum(times) < seconds:
         start = time.perf_counter()
         run()
         sync()
@@ -121,6 +124,11 @@ def matmul_side() -> int:
     return 8192 if DEVICE.type == "cuda" else 2048
 
 
+# precision -> (the step of its best convolution, its FLOP): the ceiling timed beside each row
+CEILING_STEPS: dict[str, tuple[Callable[[], None], int]] = {}
+ROUNDS = 3  # alternations of the ceiling's convolution and a row's step
+
+
 def ceilings(repeats: int) -> dict[str, float]:
     out = {}
     n = matmul_side()
@@ -142,14 +150,36 @@ def ceilings(repeats: int) -> dict[str, float]:
                     y = conv(x)
                 y.float().sum().backward()
 
-            rate = flops(conv_step) / timed(conv_step, repeats)
+            count = flops(conv_step)
+            rate = count / timed(conv_step, repeats)
             out[f"conv_{precision}_{channels}"] = rate
-            best = max(best, rate)
+            if rate > best:
+                best = rate
+                CEILING_STEPS[precision] = (conv_step, count)
         out[f"conv_{precision}"] = best
     big = torch.empty(64 * 2**20, dtype=torch.float32, device=DEVICE)
     other = torch.empty_like(big)
     out["bandwidth"] = 2 * big.numel() * 4 / timed(lambda: other.copy_(big), repeats)
     return out
+
+
+def beside(
+    step: Callable[[], object], count: int, precision: str, repeats: int
+) -> tuple[float, float]:
+    """FLOP/s of ``step`` (``count`` FLOP) and its share of the convolution ceiling of
+    ``precision`` timed right beside it: ``ROUNDS`` alternations of the ceiling's convolution
+    (at least 2 calls and 0.2 s) and the step (at least ``repeats / ROUNDS`` calls and 0.4 s),
+    a share per alternation, the median of those. On shared cores whose speed drifts over
+    seconds to minutes, a share against a ceiling timed minutes earlier reads the drift."""
+    conv_step, conv_count = CEILING_STEPS[precision]
+    calls = max(2, -(-repeats // ROUNDS))
+    times, shares = [], []
+    for index in range(ROUNDS):
+        ceiling_rate = conv_count / timed(conv_step, 2, 0.2, warm_up=1)
+        seconds = timed(step, calls, 0.4, warm_up=3 if index == 0 else 1)
+        times.append(seconds)
+        shares.append(count / seconds / ceiling_rate)
+    return count / statistics.median(times), statistics.median(shares)
 
 
 def encoder(name: str) -> torch.nn.Module:
@@ -189,7 +219,9 @@ def encoder_rates(batch: int, repeats: int) -> dict[str, float]:
 
                 for kind, step in (("train", train_step), ("no_grad", no_grad)):
                     key = f"{name}|{side}|{precision}|{LAYOUTS[layout]}|{kind}"
-                    rates[key] = flops(step) / timed(step, repeats)
+                    rates[key], rates[f"{key}|share"] = beside(
+                        step, flops(step), precision, repeats
+                    )
     return rates
 
 
@@ -217,14 +249,18 @@ def method_rates(repeats: int) -> dict[str, float]:
     out = {}
     for method in METHODS:
         for precision in PRECISIONS:
-            seconds, rate = method_step(store, method, precision, repeats)
+            seconds, rate, share = method_step(store, method, precision, repeats)
             out[f"{method}|{precision}|seconds"] = seconds
             out[f"{method}|{precision}|rate"] = rate
+            out[f"{method}|{precision}|rate|share"] = share
     return out
 
 
-def method_step(store: Path, method: str, precision: str, repeats: int) -> tuple[float, float]:
-    """Median seconds and FLOP/s of one training step of ``method``."""
+def method_step(
+    store: Path, method: str, precision: str, repeats: int
+) -> tuple[float, float, float]:
+    """Median seconds, FLOP/s and share of the ceiling (:func:`beside`) of one training step
+    of ``method``."""
     import shutil
 
     from hiresctl.train import Trainer, load_recipe
@@ -252,8 +288,9 @@ def method_step(store: Path, method: str, precision: str, repeats: int) -> tuple
     def step() -> None:  # pixels already in memory: the step's compute alone
         run.method.train_batch(ctx, images, targets, iter(reads))
 
-    seconds = timed(step, repeats)
-    return seconds, flops(step) / seconds
+    count = flops(step)
+    rate, share = beside(step, count, precision, repeats)
+    return count / rate, rate, share
 
 
 def measure(args: argparse.Namespace) -> dict[str, object]:
@@ -302,11 +339,11 @@ def spread(values: list[float]) -> str:
     return f"{middle:.0%}; {min(values):.0%}–{max(values):.0%}"
 
 
-def rate_cell(results: list[dict], group: str, key: str, ceiling: str) -> str:
-    """Median GFLOP/s over processes and, in brackets, the median share of each process's own
-    ceiling of the same precision (with its range)."""
+def rate_cell(results: list[dict], group: str, key: str) -> str:
+    """Median GFLOP/s over processes and, in brackets, the median of each process's share of
+    the ceiling timed beside the row (:func:`beside`), with its range."""
     rates = [r[group][key] for r in results]
-    shares = [r[group][key] / r["ceilings"][ceiling] for r in results]
+    shares = [r[group][f"{key}|share"] for r in results]
     return f"{statistics.median(rates) / 1e9:.0f} ({spread(shares)})"
 
 
@@ -391,7 +428,10 @@ def main() -> None:
         f"float32, **{ceiling(results, 'conv_bf16')}** in bfloat16 autocast; memory bandwidth "
         f"(256 MiB copy) **{ceiling(results, 'bandwidth', 1)} GB/s**. Each encoder on a batch of "
         f"{args.batch} patches: GFLOP/s counted by torch's flop counter and, in brackets, as a "
-        "share of the convolution ceiling of the same precision measured in the same process; "
+        "share of the convolution ceiling of the same precision timed right beside the row "
+        f"({ROUNDS} alternations of the ceiling's best convolution and the row's step, the "
+        "median of their shares), so a drift of the cores' speed between the ceilings above "
+        "and the row does not read as a share; "
         "training = forward and backward, no-grad = a forward in inference mode. hiresctl runs "
         "encoders channels-last, in bfloat16 autocast where the device computes it natively "
         "(`precision: auto`)"
@@ -414,7 +454,7 @@ def main() -> None:
             for precision, layout in SETUPS:
                 for kind in ("train", "no_grad"):
                     key = f"{name}|{side}|{precision}|{LAYOUTS[layout]}|{kind}"
-                    cells.append(rate_cell(results, "encoders", key, f"conv_{precision}"))
+                    cells.append(rate_cell(results, "encoders", key))
             lines.append("| " + " | ".join(cells) + " |")
     if not args.skip_methods:
         lines += [
@@ -432,9 +472,7 @@ def main() -> None:
                 seconds = statistics.median(
                     r["methods"][f"{method}|{precision}|seconds"] for r in results
                 )
-                rate = rate_cell(
-                    results, "methods", f"{method}|{precision}|rate", f"conv_{precision}"
-                )
+                rate = rate_cell(results, "methods", f"{method}|{precision}|rate")
                 cells.append(f"{seconds:.2f} s, {rate}")
             lines.append("| " + " | ".join(cells) + " |")
     section = "limits-gpu" if gpu else "limits"

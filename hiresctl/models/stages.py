@@ -30,7 +30,10 @@ statistics and the pool's choices; backward, one write gives the whole input gra
 per-channel ``A·x + B`` and the pool's scatter together). They take float32 or bfloat16
 channels-last tensors with 16·k channels (every width of ``tiny`` and ``cnn5``), are 2–3× faster
 than torch's own kernels for the same work on a CPU, and run at every size in bfloat16 too.
-Elsewhere, or where no compiler is, the torch version below computes the same.
+Elsewhere, or where no compiler is, the torch version below computes the same. The same passes
+take a max-pooled backbone's last BatchNorm → ReLU together with its global max-pool
+(:meth:`ConvStack.forward_max`: the maximum over the whole plane is taken first, by the same
+algebra); without the compiled passes that tail runs as the modules.
 
 Per-channel maps ``a·x + b`` over a bfloat16 tensor go through BatchNorm's own evaluation
 kernel (:func:`_affine`): it computes in float32 from float32 constants and rounds once, where
