@@ -461,7 +461,8 @@ def main() -> None:
             "",
             "One training step of each classification method, batch 4 of Megapixel MNIST 512² "
             "(`tiny-s2d`, patch 64, IPS M = 8, the methods' defaults; pixels already in memory): "
-            "median seconds, GFLOP/s and the share of the convolution ceiling of its precision.",
+            "median seconds, GFLOP/s and the share of the convolution ceiling of its precision, "
+            "timed beside it as above.",
             "",
             "| method | fp32 | bf16 |",
             "|---|---|---|",
