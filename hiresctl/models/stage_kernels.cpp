@@ -70,6 +70,15 @@ inline void store(uint16_t* p, vf v) {  // rounded to nearest even, as torch rou
 }
 inline vf relu(vf v) { return (v > 0.f) | (v != v) ? v : vf{}; }  // NaN passes, as torch's
 
+// A task's two per-channel sums, each kept in two accumulators, into its row of partial sums
+inline void put_sums(double* out, int64_t C, int64_t c, vf a1, vf b1, vf a2, vf b2) {
+  const vf s1 = a1 + b1, s2 = a2 + b2;
+  for (int64_t j = 0; j < L; ++j) {
+    out[c + j] = s1[j];
+    out[C + c + j] = s2[j];
+  }
+}
+
 // whole: the pool's window is the whole plane (a global max-pool), else 2x2 with stride 2
 struct Shape {
   int64_t N, C, H, W, OH, OW;
@@ -149,14 +158,7 @@ void pool_rows(const T* xp, const float* sign, const float* shift, T* picked, ui
           s2a += da * da;
         }
       }
-      if (sums) {
-        double* out = partial + task * 2 * C;
-        const vf s1 = s1a + s1b, s2 = s2a + s2b;
-        for (int64_t j = 0; j < L; ++j) {
-          out[c + j] = s1[j];
-          out[C + c + j] = s2[j];
-        }
-      }
+      if (sums) put_sums(partial + task * 2 * C, C, c, s1a, s1b, s2a, s2b);
     }
   }
 }
@@ -213,14 +215,7 @@ void global_rows(const T* xp, const float* sign, const float* shift, T* picked, 
       }
       store(picked + n * C + c, sg * best);
       if (index != nullptr) std::memcpy(index + n * C + c, &k, sizeof k);
-      if (sums) {
-        double* out = partial + n * 2 * C;
-        const vf s1 = s1a + s1b, s2 = s2a + s2b;
-        for (int64_t j = 0; j < L; ++j) {
-          out[c + j] = s1[j];
-          out[C + c + j] = s2[j];
-        }
-      }
+      if (sums) put_sums(partial + n * 2 * C, C, c, s1a, s1b, s2a, s2b);
     }
   }
 }
@@ -286,11 +281,7 @@ void grad_sums(const T* gy, const T* y, const T* picked, const float* mean, doub
           r1a += g0;
           r2a += g0 * (load(picked + at) - m);
         }
-        const vf r1 = r1a + r1b, r2 = r2a + r2b;
-        for (int64_t j = 0; j < L; ++j) {
-          out[c + j] = r1[j];
-          out[C + c + j] = r2[j];
-        }
+        put_sums(out, C, c, r1a, r1b, r2a, r2b);
       }
     }
   });

@@ -317,13 +317,26 @@ def test_kernels_float32_equal_float64_modules(side: tuple[int, int], norm: dict
             _only_kernels(patch) if step < 3 else _no_module_batchnorm(patch)
             b = stack(x)
             gb = torch.autograd.grad(b, [x, *stack.parameters()], grad.float())
-        torch.testing.assert_close(b.double(), a, rtol=1e-4, atol=1e-5)
-        for u, v in zip(ga, gb, strict=True):
-            scale = float(u.abs().max()) or 1.0
-            torch.testing.assert_close(v.double() / scale, u / scale, rtol=0, atol=2e-5)
-        pairs = zip(reference.state_dict().items(), stack.state_dict().values(), strict=True)
-        for (name, u), v in pairs:
-            torch.testing.assert_close(v.double(), u.double(), rtol=1e-5, atol=1e-6, msg=name)
+        _agrees_with_float64(a, b, ga, gb, reference, stack)
+
+
+def _agrees_with_float64(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    ga: tuple[torch.Tensor, ...],
+    gb: tuple[torch.Tensor, ...],
+    reference: nn.Module,
+    stack: nn.Module,
+) -> None:
+    """The float32 output ``b``, gradients ``gb`` and state dict agree with the float64
+    modules' (``a``, ``ga``, ``reference``)."""
+    torch.testing.assert_close(b.double(), a, rtol=1e-4, atol=1e-5)
+    for u, v in zip(ga, gb, strict=True):
+        scale = float(u.abs().max()) or 1.0
+        torch.testing.assert_close(v.double() / scale, u / scale, rtol=0, atol=2e-5)
+    pairs = zip(reference.state_dict().items(), stack.state_dict().values(), strict=True)
+    for (name, u), v in pairs:
+        torch.testing.assert_close(v.double(), u.double(), rtol=1e-5, atol=1e-6, msg=name)
 
 
 def _layers_double(**norm: object) -> list[nn.Module]:
@@ -460,13 +473,7 @@ def test_kernels_global_max_tail_float32_equals_float64_modules(
                 _only_kernels(patch)
             b = stack.forward_max(x, pool)
             gb = torch.autograd.grad(b, [x, *stack.parameters()], grad.float())
-        torch.testing.assert_close(b.double(), a, rtol=1e-4, atol=1e-5)
-        for u, v in zip(ga, gb, strict=True):
-            scale = float(u.abs().max()) or 1.0
-            torch.testing.assert_close(v.double() / scale, u / scale, rtol=0, atol=2e-5)
-        pairs = zip(reference.state_dict().items(), stack.state_dict().values(), strict=True)
-        for (name, u), v in pairs:
-            torch.testing.assert_close(v.double(), u.double(), rtol=1e-5, atol=1e-6, msg=name)
+        _agrees_with_float64(a, b, ga, gb, reference, stack)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
