@@ -298,6 +298,13 @@ def _differentiable(x: torch.Tensor, norm: nn.BatchNorm2d) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
 
 
+def _compiled_applies(x: torch.Tensor, norm: nn.BatchNorm2d) -> bool:
+    """Whether the compiled passes compute this call: on batch statistics with their backward,
+    or without a gradient, for a tensor they take, where they were built."""
+    compiled = norm.training or not _differentiable(x, norm)
+    return compiled and _kernel_fits(x, norm) and kernels() is not None
+
+
 def _kernel_stage(x: torch.Tensor, norm: nn.BatchNorm2d, whole: bool = False) -> torch.Tensor:
     """The stage in the compiled passes; ``whole``: a global max-pool, (N, C, 1, 1) out."""
     channels = x.shape[1]
@@ -339,9 +346,7 @@ def _momentum(norm: nn.BatchNorm2d) -> float:
 def bn_relu_pool(x: torch.Tensor, norm: nn.BatchNorm2d) -> torch.Tensor:
     """``max_pool2d(relu(norm(x)), 2)``, computed at the pooled resolution (in the compiled
     passes where they fit and were built)."""
-    # the compiled passes: on batch statistics with their backward, or without a gradient
-    compiled = norm.training or not _differentiable(x, norm)
-    if compiled and _kernel_fits(x, norm) and kernels() is not None:
+    if _compiled_applies(x, norm):
         return _kernel_stage(x, norm)
     dtype = _compute_dtype(x)
     mean, var = norm.running_mean, norm.running_var
@@ -368,6 +373,16 @@ def bn_relu_pool(x: torch.Tensor, norm: nn.BatchNorm2d) -> torch.Tensor:
     return _batch_forward(*args, indices=False)[0]  # nothing to differentiate: no indices
 
 
+def _fuses_on(x: torch.Tensor) -> bool:
+    """Whether stages are computed differently for ``x`` at all: a CPU tensor, and no global
+    forward hook that expects every module's own call."""
+    return x.device.type == "cpu" and not torch.nn.modules.module._global_forward_hooks
+
+
+def _unhooked(*modules: nn.Module) -> bool:
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
 def _fusable(modules: list[nn.Module], i: int) -> bool:
     """Whether ``modules[i:i+3]`` is a plain BatchNorm2d, ReLU and a 2×2 max-pool without
     hooks (a subclass such as SyncBatchNorm, or a hook that expects the module's own call,
@@ -382,7 +397,7 @@ def _fusable(modules: list[nn.Module], i: int) -> bool:
     shape = (pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode)
     if shape not in ((2, 2, 0, 1, False), ((2, 2), (2, 2), 0, 1, False)):
         return False
-    return not any(m._forward_hooks or m._forward_pre_hooks for m in (norm, relu, pool))
+    return _unhooked(norm, relu, pool)
 
 
 def _pays(x: torch.Tensor, norm: nn.BatchNorm2d) -> bool:
@@ -406,7 +421,7 @@ class ConvStack(nn.Sequential):
         return self._run(list(self), x)
 
     def _run(self, modules: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
-        fuse = x.device.type == "cpu" and not torch.nn.modules.module._global_forward_hooks
+        fuse = _fuses_on(x)
         i = 0
         while i < len(modules):
             # float32, float64 and bfloat16 (what a convolution under bfloat16 autocast
@@ -430,8 +445,7 @@ class ConvStack(nn.Sequential):
             return pool(self._run(modules, x)).flatten(1)
         x = self._run(modules[:-2], x)
         norm, relu = cast(nn.BatchNorm2d, modules[-2]), modules[-1]
-        compiled = norm.training or not _differentiable(x, norm)
-        if compiled and _kernel_fits(x, norm) and kernels() is not None:
+        if _compiled_applies(x, norm):
             return _kernel_stage(x, norm, whole=True).flatten(1)
         return pool(relu(norm(x))).flatten(1)
 
@@ -439,7 +453,7 @@ class ConvStack(nn.Sequential):
 def _fusable_tail(modules: list[nn.Module], pool: nn.Module, x: torch.Tensor) -> bool:
     """Whether ``modules`` ends in a plain BatchNorm2d and ReLU, ``pool`` is a plain global
     max-pool and nothing hooks them (as :func:`_fusable`), for a CPU tensor."""
-    if x.device.type != "cpu" or torch.nn.modules.module._global_forward_hooks:
+    if not _fuses_on(x):
         return False
     if len(modules) < 2 or type(pool) is not nn.AdaptiveMaxPool2d or pool.return_indices:
         return False
@@ -448,4 +462,4 @@ def _fusable_tail(modules: list[nn.Module], pool: nn.Module, x: torch.Tensor) ->
     norm, relu = modules[-2:]
     if type(norm) is not nn.BatchNorm2d or type(relu) is not nn.ReLU:
         return False
-    return not any(m._forward_hooks or m._forward_pre_hooks for m in (norm, relu, pool))
+    return _unhooked(norm, relu, pool)
